@@ -1,0 +1,1 @@
+"""The ``parley`` command line: a thin client of the library."""

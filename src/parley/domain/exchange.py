@@ -1,0 +1,87 @@
+"""An exchange: one client request, its upstream attempts and what the model answered.
+
+The gateway folds stream events into an ``Exchange``; the store writer turns it into rows
+(one request-log row per attempt, the conversation's new messages, a response row per
+assistant message). Times are UTC; durations are milliseconds.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from parley.domain.messages import Message, ToolCall
+from parley.domain.usage import Usage
+
+
+@dataclass(slots=True)
+class Attempt:
+    """One upstream attempt: a row of the request log."""
+
+    attempt: int
+    provider: str
+    model_used: str
+    started_at: datetime
+    success: bool = False
+    status_code: int | None = None
+    response_time_ms: float | None = None
+    time_to_first_token_ms: float | None = None
+    time_to_last_token_ms: float | None = None
+    tokens_per_second: float | None = None
+    finish_reason: str | None = None
+    error_type: str | None = None
+    error_message: str | None = None
+    usage: Usage = field(default_factory=Usage)
+    cost_usd: float | None = None
+    upstream_id: str | None = None
+
+
+@dataclass(slots=True)
+class Choice:
+    """One assistant answer (a choice) of the successful, or last, attempt."""
+
+    index: int
+    text: str = ""
+    reasoning: str = ""
+    tool_calls: tuple[ToolCall, ...] = ()
+    finish_reason: str | None = None
+
+    def message(self) -> Message:
+        return Message(
+            role="assistant",
+            content=self.text if self.text or not self.tool_calls else None,
+            tool_calls=self.tool_calls,
+        )
+
+
+@dataclass(slots=True)
+class Exchange:
+    """Everything recorded about one client request."""
+
+    model_requested: str
+    messages: tuple[Message, ...]
+    started_at: datetime
+    is_streaming: bool = False
+    endpoint: str = "chat"
+    client_protocol: str = "openai"
+    origin: str | None = None
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    attempts: list[Attempt] = field(default_factory=list)
+    choices: list[Choice] = field(default_factory=list)
+    user_id: int | None = None
+    api_key_id: int | None = None
+    chain_id: uuid.UUID = field(default_factory=uuid.uuid4)
+
+    @property
+    def message_count(self) -> int:
+        return len(self.messages)
+
+    @property
+    def succeeded(self) -> Attempt | None:
+        for attempt in self.attempts:
+            if attempt.success:
+                return attempt
+        return None

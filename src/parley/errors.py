@@ -1,0 +1,212 @@
+"""Every error parley raises on purpose, and how each maps to the client's protocol.
+
+The tree::
+
+    ParleyError                      status, OpenAI ``type`` / ``code``, recorded ``error_type``
+    ├── ConfigError                  bad settings or config file (raised at start, never per request)
+    ├── ClientError                  the caller sent something we refuse (4xx, never retried)
+    │   ├── InvalidRequest           400 malformed JSON, wrong types, missing fields
+    │   ├── AuthenticationFailed     401 missing or wrong credentials
+    │   ├── ModelNotFound            404 unknown model, alias or provider
+    │   └── BodyTooLarge             413 request body over the configured limit
+    ├── UpstreamError                an upstream attempt failed; ``retryable`` says whether
+    │   ├── UpstreamConnectError     could not connect (retryable)
+    │   ├── UpstreamTimeout          connect / first byte / idle-between-chunks timeout
+    │   ├── UpstreamHTTPError        upstream answered 4xx/5xx; 429 and 5xx are retryable
+    │   ├── UpstreamProtocolError    upstream sent something that is not its protocol
+    │   └── UpstreamInterrupted      the stream broke after it started (reset, EOF without end)
+    ├── ClientDisconnected           the client went away mid-stream (recorded, never sent)
+    └── StoreError                   the record could not be committed
+
+``error_type`` is the stable string stored in the request log; the OpenAI error JSON
+carries ``message``, ``type`` and ``code``. Messages never include secrets: upstream
+bodies are reduced to their ``error.message`` and scrubbed by the caller's redactor.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# The error taxonomy recorded in request_log.error_type. Later provider families map their
+# own errors onto these names, so reports can group across providers.
+ERROR_TYPES = (
+    "bad_request",
+    "authentication",
+    "permission",
+    "not_found",
+    "rate_limit",
+    "context_length",
+    "content_filter",
+    "overloaded",
+    "server_error",
+    "timeout",
+    "connection",
+    "protocol",
+    "interrupted",
+    "cancelled",
+    "internal",
+)
+
+
+class ParleyError(Exception):
+    """Base of every deliberate parley error."""
+
+    status: int = 500
+    openai_type: str = "server_error"
+    code: str | None = None
+    error_type: str = "internal"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def to_openai(self) -> dict[str, Any]:
+        """The OpenAI error body for this error."""
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.openai_type,
+                "param": None,
+                "code": self.code,
+            }
+        }
+
+    def headers(self) -> dict[str, str]:
+        """Extra response headers (Retry-After and the like)."""
+        return {}
+
+
+class ConfigError(ParleyError):
+    """Settings or the config file are wrong; raised at start."""
+
+    error_type = "internal"
+
+
+class ClientError(ParleyError):
+    status = 400
+    openai_type = "invalid_request_error"
+    error_type = "bad_request"
+
+
+class InvalidRequest(ClientError):
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+    def to_openai(self) -> dict[str, Any]:
+        body = super().to_openai()
+        body["error"]["param"] = self.param
+        return body
+
+
+class AuthenticationFailed(ClientError):
+    status = 401
+    openai_type = "invalid_request_error"
+    code = "invalid_api_key"
+    error_type = "authentication"
+
+
+class ModelNotFound(ClientError):
+    status = 404
+    code = "model_not_found"
+    error_type = "not_found"
+
+
+class BodyTooLarge(ClientError):
+    status = 413
+    code = "request_too_large"
+
+
+class UpstreamError(ParleyError):
+    """One upstream attempt failed."""
+
+    status = 502
+    openai_type = "api_error"
+    error_type = "server_error"
+    retryable = False
+
+    def __init__(self, message: str, *, status_code: int | None = None) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+
+
+class UpstreamConnectError(UpstreamError):
+    error_type = "connection"
+    retryable = True
+
+
+class UpstreamTimeout(UpstreamError):
+    status = 504
+    error_type = "timeout"
+
+    def __init__(self, phase: str, seconds: float) -> None:
+        super().__init__(f"upstream timed out ({phase}, {seconds:g}s)")
+        self.phase = phase
+        # Only a timeout before any byte arrived may be retried; an idle stream may not.
+        self.retryable = phase in ("connect", "first_byte")
+
+
+_STATUS_ERROR_TYPES = {
+    400: "bad_request",
+    401: "authentication",
+    403: "permission",
+    404: "not_found",
+    413: "context_length",
+    429: "rate_limit",
+    503: "overloaded",
+    529: "overloaded",
+}
+
+
+class UpstreamHTTPError(UpstreamError):
+    """The upstream answered with an error status."""
+
+    def __init__(
+        self,
+        status_code: int,
+        message: str,
+        *,
+        retry_after: float | None = None,
+        upstream_type: str | None = None,
+        upstream_code: str | None = None,
+    ) -> None:
+        super().__init__(message, status_code=status_code)
+        self.retry_after = retry_after
+        self.retryable = status_code == 429 or status_code >= 500
+        self.error_type = _STATUS_ERROR_TYPES.get(
+            status_code, "server_error" if status_code >= 500 else "bad_request"
+        )
+        if upstream_code == "context_length_exceeded":
+            self.error_type = "context_length"
+        elif upstream_code == "content_filter":
+            self.error_type = "content_filter"
+        # A client-side problem upstream (400, 404, 422) is the client's to see as such.
+        self.status = status_code if 400 <= status_code < 500 else 502
+        self.openai_type = upstream_type or (
+            "invalid_request_error" if 400 <= status_code < 500 else "api_error"
+        )
+        self.code = upstream_code
+
+    def headers(self) -> dict[str, str]:
+        if self.status_code == 429 and self.retry_after is not None:
+            return {"Retry-After": str(max(1, round(self.retry_after)))}
+        return {}
+
+
+class UpstreamProtocolError(UpstreamError):
+    error_type = "protocol"
+
+
+class UpstreamInterrupted(UpstreamError):
+    error_type = "interrupted"
+
+
+class ClientDisconnected(ParleyError):
+    status = 499
+    error_type = "cancelled"
+
+
+class StoreError(ParleyError):
+    status = 500
+    openai_type = "server_error"
+    error_type = "internal"

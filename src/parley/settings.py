@@ -1,0 +1,339 @@
+"""Settings: the only module that reads environment variables and the config file.
+
+``load_settings()`` reads the environment and the TOML config once and returns an
+immutable ``Settings``; everything else receives it explicitly. Environment variables
+override the file. Provider API keys are held in ``Secret`` so that no ``repr``, log line
+or error message can show them.
+
+Environment:
+    PARLEY_DATA_DIR          data directory (default ``./data``)
+    DATABASE_URL             SQLAlchemy URL (default ``sqlite:///<data dir>/parley.db``)
+    PARLEY_CONFIG            TOML config (default ``parley.toml`` in the working directory)
+    PARLEY_MASTER_KEY        bearer key required on every request when set
+    PARLEY_HOST, PARLEY_PORT where ``parley serve`` listens (127.0.0.1:8000)
+    PARLEY_MAX_BODY_BYTES    request body limit, 413 above it (default 10 MiB)
+    PARLEY_SQLITE_SYNCHRONOUS  FULL (default: durable on power loss) or NORMAL
+    PARLEY_RECORDING         durable (default: acknowledge after commit) or async
+    PARLEY_LOG_LEVEL         INFO by default
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from parley.domain.usage import Price
+from parley.errors import ConfigError
+
+PROVIDER_KINDS = frozenset({"openai", "anthropic", "gemini", "ollama", "huggingface"})
+
+
+class Secret:
+    """A string that never shows itself in ``repr``/``str``."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def get(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('**********')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    """Seconds. ``first_byte`` covers the wait for response headers and the first chunk;
+    ``idle`` the longest silence between chunks of a stream; ``total`` a whole attempt."""
+
+    connect: float = 10.0
+    first_byte: float = 120.0
+    idle: float = 60.0
+    total: float = 600.0
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """Retries per candidate before falling back to the next one."""
+
+    attempts: int = 2
+    backoff_base: float = 0.25
+    backoff_max: float = 8.0
+    # A Retry-After longer than this is not waited for; the next candidate is tried instead.
+    max_retry_after: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderConfig:
+    name: str
+    kind: str
+    base_url: str
+    api_key: Secret | None = None
+    models: tuple[str, ...] = ()
+    headers: Mapping[str, str] = field(default_factory=dict)
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    # Ask the upstream for usage in streams (stream_options.include_usage).
+    stream_usage: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    data_dir: Path
+    database_url: str
+    config_path: Path | None = None
+    master_key: Secret | None = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_body_bytes: int = 10 * 1024 * 1024
+    sqlite_synchronous: str = "FULL"
+    recording: str = "durable"
+    log_level: str = "INFO"
+    providers: tuple[ProviderConfig, ...] = ()
+    aliases: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    pricing: Mapping[str, Price] = field(default_factory=dict)
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    writer_batch_max: int = 512
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+    def provider(self, name: str) -> ProviderConfig | None:
+        for provider in self.providers:
+            if provider.name == name:
+                return provider
+        return None
+
+
+def load_settings(
+    env: Mapping[str, str] | None = None, cwd: Path | None = None, **overrides: Any
+) -> Settings:
+    """Build ``Settings`` from ``env`` (default ``os.environ``) and the config file."""
+    env = os.environ if env is None else env
+    cwd = cwd or Path.cwd()
+    config_path = _config_path(env, cwd)
+    config = _read_toml(config_path) if config_path else {}
+    server = _table(config, "server")
+
+    data_dir = Path(env.get("PARLEY_DATA_DIR") or server.get("data_dir") or cwd / "data")
+    if not data_dir.is_absolute():
+        data_dir = cwd / data_dir
+    database_url = env.get("DATABASE_URL") or str(
+        server.get("database_url") or f"sqlite:///{data_dir / 'parley.db'}"
+    )
+    master = env.get("PARLEY_MASTER_KEY") or server.get("master_key")
+    timeouts = _timeouts(_table(config, "timeouts"), Timeouts())
+    values: dict[str, Any] = {
+        "data_dir": data_dir,
+        "database_url": _normalise_db_url(database_url),
+        "config_path": config_path,
+        "master_key": Secret(str(master)) if master else None,
+        "host": env.get("PARLEY_HOST") or str(server.get("host", "127.0.0.1")),
+        "port": _int(env.get("PARLEY_PORT") or server.get("port", 8000), "port"),
+        "max_body_bytes": _int(
+            env.get("PARLEY_MAX_BODY_BYTES") or server.get("max_body_bytes", 10 * 1024 * 1024),
+            "max_body_bytes",
+        ),
+        "sqlite_synchronous": _choice(
+            env.get("PARLEY_SQLITE_SYNCHRONOUS") or server.get("sqlite_synchronous", "FULL"),
+            ("FULL", "NORMAL", "EXTRA"),
+            "sqlite_synchronous",
+        ).upper(),
+        "recording": _choice(
+            env.get("PARLEY_RECORDING") or server.get("recording", "durable"),
+            ("durable", "async"),
+            "recording",
+        ),
+        "log_level": (env.get("PARLEY_LOG_LEVEL") or str(server.get("log_level", "INFO"))).upper(),
+        "providers": tuple(_provider(p, env, timeouts) for p in _list(config, "providers")),
+        "aliases": _aliases(_table(config, "aliases")),
+        "pricing": _pricing(_table(config, "pricing")),
+        "retry": _retry(_table(config, "retry")),
+        "timeouts": timeouts,
+    }
+    values.update(overrides)
+    settings = Settings(**values)
+    _check_names(settings)
+    return settings
+
+
+def _config_path(env: Mapping[str, str], cwd: Path) -> Path | None:
+    explicit = env.get("PARLEY_CONFIG")
+    if explicit:
+        path = Path(explicit)
+        if not path.is_file():
+            raise ConfigError(f"PARLEY_CONFIG names {path}, which is not a file")
+        return path
+    default = cwd / "parley.toml"
+    return default if default.is_file() else None
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from exc
+
+
+def _table(config: Mapping[str, Any], key: str) -> dict[str, Any]:
+    value = config.get(key, {})
+    if not isinstance(value, dict):
+        raise ConfigError(f"config: [{key}] must be a table")
+    return value
+
+
+def _list(config: Mapping[str, Any], key: str) -> list[dict[str, Any]]:
+    value = config.get(key, [])
+    if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+        raise ConfigError(f"config: [[{key}]] must be an array of tables")
+    return value
+
+
+def _int(value: Any, name: str) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{name} must be an integer, got {value!r}") from exc
+
+
+def _float(value: Any, name: str) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{name} must be a number, got {value!r}") from exc
+
+
+def _choice(value: Any, choices: tuple[str, ...], name: str) -> str:
+    text = str(value)
+    if text.upper() not in {c.upper() for c in choices}:
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {text!r}")
+    return text if text in choices else text.lower() if text.lower() in choices else text
+
+
+def _normalise_db_url(url: str) -> str:
+    # Plain postgres URLs get the psycopg 3 driver, the one parley ships with.
+    for prefix in ("postgres://", "postgresql://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix) :]
+    return url
+
+
+def _timeouts(table: Mapping[str, Any], base: Timeouts) -> Timeouts:
+    known = {"connect", "first_byte", "idle", "total"}
+    unknown = set(table) - known
+    if unknown:
+        raise ConfigError(f"unknown timeout setting(s): {', '.join(sorted(unknown))}")
+    return Timeouts(
+        **{k: _float(table.get(k, getattr(base, k)), f"timeouts.{k}") for k in sorted(known)}
+    )
+
+
+def _retry(table: Mapping[str, Any]) -> RetryPolicy:
+    base = RetryPolicy()
+    return RetryPolicy(
+        attempts=_int(table.get("attempts", base.attempts), "retry.attempts"),
+        backoff_base=_float(table.get("backoff_base", base.backoff_base), "retry.backoff_base"),
+        backoff_max=_float(table.get("backoff_max", base.backoff_max), "retry.backoff_max"),
+        max_retry_after=_float(
+            table.get("max_retry_after", base.max_retry_after), "retry.max_retry_after"
+        ),
+    )
+
+
+def _provider(
+    table: Mapping[str, Any], env: Mapping[str, str], timeouts: Timeouts
+) -> ProviderConfig:
+    name = table.get("name")
+    if not isinstance(name, str) or not name or "/" in name:
+        raise ConfigError(f"provider name must be a non-empty string without '/': {name!r}")
+    kind = table.get("kind", "openai")
+    if kind not in PROVIDER_KINDS:
+        raise ConfigError(
+            f"provider {name}: kind must be one of {', '.join(sorted(PROVIDER_KINDS))}"
+        )
+    base_url = table.get("base_url")
+    if not isinstance(base_url, str) or not base_url.startswith(("http://", "https://")):
+        raise ConfigError(f"provider {name}: base_url must be an http(s) URL")
+    key: str | None = None
+    if "api_key_env" in table:
+        key = env.get(str(table["api_key_env"]))
+        if key is None:
+            raise ConfigError(
+                f"provider {name}: environment variable {table['api_key_env']} is not set"
+            )
+    elif "api_key" in table:
+        key = str(table["api_key"])
+    models = table.get("models", [])
+    if not isinstance(models, list) or not all(isinstance(m, str) for m in models):
+        raise ConfigError(f"provider {name}: models must be a list of strings")
+    headers = table.get("headers", {})
+    if not isinstance(headers, dict):
+        raise ConfigError(f"provider {name}: headers must be a table")
+    return ProviderConfig(
+        name=name,
+        kind=kind,
+        base_url=base_url.rstrip("/"),
+        api_key=Secret(key) if key else None,
+        models=tuple(models),
+        headers={str(k): str(v) for k, v in headers.items()},
+        timeouts=_timeouts(table.get("timeouts", {}), timeouts),
+        stream_usage=bool(table.get("stream_usage", True)),
+    )
+
+
+def _aliases(table: Mapping[str, Any]) -> dict[str, tuple[str, ...]]:
+    out: dict[str, tuple[str, ...]] = {}
+    for alias, targets in table.items():
+        if isinstance(targets, str):
+            targets = [targets]
+        if not isinstance(targets, list) or not targets or not all(
+            isinstance(t, str) and "/" in t for t in targets
+        ):
+            raise ConfigError(
+                f"alias {alias}: must be a non-empty list of 'provider/model' ids"
+            )
+        out[alias] = tuple(targets)
+    return out
+
+
+def _pricing(table: Mapping[str, Any]) -> dict[str, Price]:
+    out: dict[str, Price] = {}
+    for model, price in table.items():
+        if not isinstance(price, dict) or "input" not in price or "output" not in price:
+            raise ConfigError(f"pricing.{model}: needs input and output (USD per 1M tokens)")
+        cached = price.get("cached_input")
+        out[model] = Price(
+            input=_float(price["input"], f"pricing.{model}.input"),
+            output=_float(price["output"], f"pricing.{model}.output"),
+            cached_input=None if cached is None else _float(cached, f"pricing.{model}.cached"),
+        )
+    return out
+
+
+def _check_names(settings: Settings) -> None:
+    names = [p.name for p in settings.providers]
+    duplicates = {n for n in names if names.count(n) > 1}
+    if duplicates:
+        raise ConfigError(f"duplicate provider name(s): {', '.join(sorted(duplicates))}")
+    for alias, targets in settings.aliases.items():
+        if "/" in alias:
+            raise ConfigError(f"alias {alias}: an alias may not contain '/'")
+        for target in targets:
+            if target.split("/", 1)[0] not in names:
+                raise ConfigError(f"alias {alias}: unknown provider in {target!r}")

@@ -1,0 +1,1 @@
+"""The store: engine, schema and one repository per aggregate. The only package with SQL."""
