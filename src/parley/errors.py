@@ -3,11 +3,12 @@
 The tree::
 
     ParleyError                      status, OpenAI ``type`` / ``code``, recorded ``error_type``
-    ├── ConfigError                  bad settings or config file (raised at start, never per request)
+    ├── ConfigError                  bad settings or config file (raised at start)
     ├── ClientError                  the caller sent something we refuse (4xx, never retried)
     │   ├── InvalidRequest           400 malformed JSON, wrong types, missing fields
     │   ├── AuthenticationFailed     401 missing or wrong credentials
-    │   ├── ModelNotFound            404 unknown model, alias or provider
+    │   ├── NotFound                 404 no such endpoint or object
+    │   │   └── ModelNotFound        404 unknown model, alias or provider
     │   └── BodyTooLarge             413 request body over the configured limit
     ├── UpstreamError                an upstream attempt failed; ``retryable`` says whether
     │   ├── UpstreamConnectError     could not connect (retryable)
@@ -106,10 +107,14 @@ class AuthenticationFailed(ClientError):
     error_type = "authentication"
 
 
-class ModelNotFound(ClientError):
+class NotFound(ClientError):
     status = 404
-    code = "model_not_found"
+    code = "not_found"
     error_type = "not_found"
+
+
+class ModelNotFound(NotFound):
+    code = "model_not_found"
 
 
 class BodyTooLarge(ClientError):

@@ -1,10 +1,92 @@
-"""``parley db``: schema migrations (placeholder until the store lands)."""
+"""``parley db``: schema migrations, a thin client of ``parley.ops.migrate``.
+
+Every command reads settings the way the server does (``DATABASE_URL``, the config file),
+so it acts on the database the server would use. A ``ConfigError`` is one line on stderr
+and exit status 1, never a traceback.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TypeVar
+
 import click
+
+from parley.errors import ConfigError
+from parley.ops import migrate
+from parley.settings import Settings, load_settings
+
+T = TypeVar("T")
+
+
+def _run(action: Callable[[], T]) -> T:
+    try:
+        return action()
+    except ConfigError as exc:
+        click.echo(f"error: {exc.message}", err=True)
+        raise SystemExit(1) from None
+
+
+def _settings() -> Settings:
+    return _run(load_settings)
 
 
 @click.group()
 def db() -> None:
-    """Database schema migrations."""
+    """Database schema migrations (Alembic, shipped inside parley)."""
+
+
+@db.command()
+@click.argument("revision", default="head")
+def upgrade(revision: str) -> None:
+    """Migrate the database up to REVISION (default: head).
+
+    At head, the resulting schema is checked against parley's models before it is
+    committed; on any difference the whole upgrade is rolled back.
+    """
+    settings = _settings()
+    _run(lambda: migrate.upgrade(settings, revision))
+    click.echo(f"database at {_run(lambda: migrate.current(settings)) or 'base'}")
+
+
+@db.command()
+@click.argument("revision")
+def downgrade(revision: str) -> None:
+    """Migrate the database down to REVISION ("base" removes every parley table)."""
+    settings = _settings()
+    _run(lambda: migrate.downgrade(settings, revision))
+    click.echo(f"database at {_run(lambda: migrate.current(settings)) or 'base'}")
+
+
+@db.command()
+def current() -> None:
+    """Print the database's schema revision ("none" for an empty database)."""
+    settings = _settings()
+    revision = _run(lambda: migrate.current(settings))
+    heads = migrate.heads()
+    if revision is None:
+        click.echo("none")
+    else:
+        click.echo(f"{revision} (head)" if revision in heads else revision)
+
+
+@db.command()
+def history() -> None:
+    """List the schema revisions this parley ships, newest first."""
+    heads = set(migrate.heads())
+    for revision, down, doc in migrate.history():
+        marker = " (head)" if revision in heads else ""
+        click.echo(f"{down or 'base'} -> {revision}{marker}: {doc}")
+
+
+@db.command()
+def check() -> None:
+    """Compare the database's schema with parley's models; exit 1 on any difference."""
+    settings = _settings()
+    drift = _run(lambda: migrate.check(settings))
+    if not drift:
+        click.echo("no drift: the database matches the models")
+        return
+    for line in drift:
+        click.echo(line)
+    raise SystemExit(1)

@@ -1,10 +1,74 @@
-"""``parley serve`` (placeholder until the server lands)."""
+"""``parley serve``: run the HTTP server on the settings from the environment and config."""
 
 from __future__ import annotations
 
+import asyncio
+import ipaddress
+import logging
+import sys
+from typing import Any
+
 import click
+from aiohttp import web
+
+from parley.errors import ConfigError
+from parley.settings import Settings, load_settings
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_exposure(settings: Settings) -> None:
+    """Without a master key parley serves only on a loopback address."""
+    if settings.master_key is None and not is_loopback(settings.host):
+        raise ConfigError(
+            f"refusing to serve on {settings.host} without authentication: set "
+            "PARLEY_MASTER_KEY, or listen on 127.0.0.1"
+        )
 
 
 @click.command()
-def serve() -> None:
-    """Run the parley server."""
+@click.option("--host", default=None, help="Address to listen on (default 127.0.0.1).")
+@click.option("--port", default=None, type=int, help="Port to listen on (default 8000).")
+def serve(host: str | None, port: int | None) -> None:
+    """Run the parley server (migrates an empty database first)."""
+    from parley.server.app import create_app
+
+    try:
+        overrides: dict[str, Any] = {}
+        if host is not None:
+            overrides["host"] = host
+        if port is not None:
+            overrides["port"] = port
+        settings = load_settings(**overrides)
+        check_exposure(settings)
+    except ConfigError as exc:
+        click.echo(f"parley: {exc.message}", err=True)
+        sys.exit(1)
+    logging.basicConfig(
+        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    except ImportError:
+        pass
+    try:
+        web.run_app(
+            create_app(settings),
+            host=settings.host,
+            port=settings.port,
+            access_log=None,
+            print=lambda line: click.echo(f"parley: {line.strip()}", err=True),
+            shutdown_timeout=30.0,
+        )
+    except ConfigError as exc:
+        click.echo(f"parley: {exc.message}", err=True)
+        sys.exit(1)

@@ -1,1 +1,1 @@
-"""gateway"""
+"""The gateway: routing model ids to candidates, retries, fallbacks, timeouts, recording."""

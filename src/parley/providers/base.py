@@ -17,7 +17,7 @@ upstream's error message (never headers).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -44,7 +44,7 @@ class Provider(Protocol):
         """The client protocol this upstream speaks natively (``raw`` bytes are in it)."""
         ...
 
-    def chat(self, request: ChatRequest, model: str) -> AsyncIterator[Chunk]:
+    def chat(self, request: ChatRequest, model: str) -> AsyncGenerator[Chunk, None]:
         """Send ``request`` to ``model`` upstream; yield chunks as described above."""
         ...
 

@@ -1,0 +1,123 @@
+"""Writer throughput: commit N synthetic exchanges through the real group-commit Writer.
+
+Each exchange is one successful attempt, a system and a user message and one answer; one
+in ``--continue-every`` continues an earlier conversation (re-sending its history plus a
+new question), so the chain-hash lookup is exercised too. Prints one row per SQLite
+``synchronous`` mode (or one row for ``--database-url``). Goal: >= 10,000 exchanges/s.
+
+    python bench/writer_bench.py [--n 20000] [--batch 512] [--database-url URL]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+from sqlalchemy import func, select
+
+from parley.domain.exchange import Attempt, Choice, Exchange
+from parley.domain.messages import Message
+from parley.domain.usage import Usage
+from parley.ops.migrate import upgrade
+from parley.settings import Settings, load_settings
+from parley.store.engine import create_engine
+from parley.store.schema import conversations, messages, request_log, responses
+from parley.store.writer import Writer
+
+SYSTEM = Message("system", "You are a helpful assistant. Answer briefly.")
+
+
+def exchange(i: int, history: tuple[Message, ...] = ()) -> Exchange:
+    now = datetime.now(UTC)
+    question = Message("user", f"Question number {i}: what is {i} squared?")
+    return Exchange(
+        model_requested="gpt-bench",
+        messages=(*(history or (SYSTEM,)), question),
+        started_at=now,
+        attempts=[
+            Attempt(
+                1, "openai", "gpt-bench-2024", now, success=True, status_code=200,
+                response_time_ms=123.4, time_to_first_token_ms=45.6, finish_reason="stop",
+                usage=Usage(prompt_tokens=25, completion_tokens=12, total_tokens=37),
+            )
+        ],
+        choices=[Choice(0, f"{i} squared is {i * i}.", finish_reason="stop")],
+    )
+
+
+def workload(n: int, continue_every: int) -> list[Exchange]:
+    out: list[Exchange] = []
+    for i in range(n):
+        if continue_every and i % continue_every == continue_every - 1 and out:
+            # A stateless client re-sending an earlier exchange's history and answer.
+            earlier = out[i // 2]
+            answer = earlier.choices[0].message()
+            out.append(exchange(i, (*earlier.messages, answer)))
+        else:
+            out.append(exchange(i))
+    return out
+
+
+async def submit_all(writer: Writer, batch: list[Exchange]) -> None:
+    futures = [writer.submit(ex) for ex in batch]
+    await asyncio.gather(*futures)
+
+
+def run(settings: Settings, n: int, continue_every: int) -> tuple[int, int, float, int]:
+    upgrade(settings)
+    engine = create_engine(settings)
+    writer = Writer(engine, batch_max=settings.writer_batch_max)
+    # Built first so that the clock measures the store, not the bench.
+    work = workload(n, continue_every)
+    half = n // 2
+    writer.start()
+    try:
+        started = time.perf_counter()
+        # Two waves: the second one's continuations find the first one's rows stored.
+        asyncio.run(submit_all(writer, work[:half]))
+        asyncio.run(submit_all(writer, work[half:]))
+        seconds = time.perf_counter() - started
+    finally:
+        writer.stop(timeout=60)
+    with engine.connect() as conn:
+        rows = sum(
+            conn.execute(select(func.count()).select_from(t)).scalar_one()
+            for t in (request_log, conversations, messages, responses)
+        )
+    engine.dispose()
+    return writer.committed, writer.batches, seconds, rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--n", type=int, default=20000, help="exchanges to commit")
+    parser.add_argument("--batch", type=int, default=512, help="writer batch maximum")
+    parser.add_argument("--continue-every", type=int, default=10,
+                        help="every Nth exchange continues an earlier one (0: never)")
+    parser.add_argument("--database-url", help="benchmark this database instead of SQLite")
+    args = parser.parse_args()
+
+    print(f"{'database':<18}{'exchanges':>10}{'batches':>9}{'seconds':>9}"
+          f"{'exchanges/s':>13}{'rows/s':>10}")
+    modes = ["url"] if args.database_url else ["FULL", "NORMAL"]
+    for mode in modes:
+        with tempfile.TemporaryDirectory(prefix="parley-bench-") as tmp:
+            env = {"PARLEY_DATA_DIR": str(Path(tmp) / "data")}
+            if args.database_url:
+                env["DATABASE_URL"] = args.database_url
+            else:
+                env["PARLEY_SQLITE_SYNCHRONOUS"] = mode
+            settings = load_settings(env=env, cwd=Path(tmp), writer_batch_max=args.batch)
+            committed, batches, seconds, rows = run(settings, args.n, args.continue_every)
+            label = settings.database_url.split(":", 1)[0] if args.database_url else (
+                f"sqlite {mode}")
+            print(f"{label:<18}{committed:>10}{batches:>9}{seconds:>9.2f}"
+                  f"{committed / seconds:>13,.0f}{rows / seconds:>10,.0f}")
+
+
+if __name__ == "__main__":
+    main()

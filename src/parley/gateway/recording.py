@@ -1,0 +1,177 @@
+"""Folding one attempt's stream events into its ``Attempt`` row and the exchange's answers.
+
+A ``Fold`` watches every chunk that passes from an adapter to the client. It measures time
+to first token (the first chunk carrying text, reasoning or a tool call), time to last
+token and tokens per second, keeps usage and finish reasons, and reassembles the answers
+(text and tool calls per choice) so the store can save them as messages. It never alters
+the chunks.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from parley.domain.events import (
+    Chunk,
+    Finish,
+    ReasoningDelta,
+    ResponseStart,
+    TextDelta,
+    ToolCallDelta,
+    UsageReport,
+)
+from parley.domain.exchange import Attempt, Choice, Exchange
+from parley.domain.messages import ToolCall
+from parley.errors import ParleyError, UpstreamError
+from parley.gateway.pricing import PriceBook
+
+
+@dataclass(slots=True)
+class _ToolCallParts:
+    id: str | None = None
+    name: str | None = None
+    arguments: list[str] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class _ChoiceParts:
+    text: list[str] = field(default_factory=list)
+    reasoning: list[str] = field(default_factory=list)
+    tool_calls: dict[int, _ToolCallParts] = field(default_factory=dict)
+    finish_reason: str | None = None
+
+
+class Fold:
+    """Accumulates one attempt. ``feed`` every chunk, then exactly one of ``finish``,
+    ``fail`` or ``cancel``."""
+
+    __slots__ = (
+        "_choices",
+        "_first",
+        "_last",
+        "_prices",
+        "_sent_model",
+        "_start",
+        "attempt",
+        "exchange",
+    )
+
+    def __init__(self, exchange: Exchange, attempt: Attempt, prices: PriceBook) -> None:
+        self.exchange = exchange
+        self.attempt = attempt
+        self._prices = prices
+        # Priced by the name parley sent; the upstream may report a dated variant.
+        self._sent_model = attempt.model_used
+        self._start = time.perf_counter()
+        self._first: float | None = None
+        self._last: float | None = None
+        self._choices: dict[int, _ChoiceParts] = {}
+
+    def feed(self, chunk: Chunk) -> None:
+        if not chunk.events:
+            return
+        now = time.perf_counter()
+        for event in chunk.events:
+            if isinstance(event, TextDelta):
+                self._part(event.choice).text.append(event.text)
+                self._token_at(now)
+            elif isinstance(event, ToolCallDelta):
+                call = self._part(event.choice).tool_calls.setdefault(
+                    event.index, _ToolCallParts()
+                )
+                call.id = call.id or event.id
+                call.name = call.name or event.name
+                call.arguments.append(event.arguments)
+                self._token_at(now)
+            elif isinstance(event, ReasoningDelta):
+                self._part(event.choice).reasoning.append(event.text)
+                self._token_at(now)
+            elif isinstance(event, Finish):
+                self._part(event.choice).finish_reason = event.reason
+            elif isinstance(event, UsageReport):
+                self.attempt.usage = event.usage
+            elif isinstance(event, ResponseStart):
+                self.attempt.upstream_id = event.id or None
+                if event.model:
+                    self.attempt.model_used = event.model
+
+    def _part(self, index: int) -> _ChoiceParts:
+        part = self._choices.get(index)
+        if part is None:
+            part = self._choices[index] = _ChoiceParts()
+        return part
+
+    def _token_at(self, now: float) -> None:
+        if self._first is None:
+            self._first = now
+        self._last = now
+
+    def finish(self, status_code: int = 200) -> None:
+        """The attempt completed normally."""
+        self.attempt.success = True
+        self.attempt.status_code = status_code
+        self._close()
+
+    def fail(self, error: ParleyError, *, finish_reason: str | None = None) -> None:
+        """The attempt failed; ``finish_reason`` is set when a stream had started."""
+        self.attempt.success = False
+        if isinstance(error, UpstreamError):
+            self.attempt.status_code = error.status_code
+        self.attempt.error_type = error.error_type
+        self.attempt.error_message = error.message[:2000]
+        self.attempt.finish_reason = finish_reason
+        self._close()
+
+    def cancel(self, reason: str = "client_disconnected") -> None:
+        """The client went away mid-stream; the upstream call was cancelled."""
+        self.attempt.success = False
+        self.attempt.status_code = 200
+        self.attempt.error_type = "cancelled"
+        self.attempt.error_message = "client disconnected before the stream ended"
+        self.attempt.finish_reason = reason
+        self._close()
+
+    def _close(self) -> None:
+        end = time.perf_counter()
+        attempt = self.attempt
+        attempt.response_time_ms = (end - self._start) * 1000
+        if self._first is not None and self.exchange.is_streaming:
+            attempt.time_to_first_token_ms = (self._first - self._start) * 1000
+            attempt.time_to_last_token_ms = ((self._last or self._first) - self._start) * 1000
+        completion = attempt.usage.completion_tokens
+        if completion:
+            if (
+                self.exchange.is_streaming
+                and self._first is not None
+                and self._last is not None
+                and self._last > self._first
+            ):
+                attempt.tokens_per_second = completion / (self._last - self._first)
+            elif attempt.response_time_ms > 0:
+                attempt.tokens_per_second = completion / (attempt.response_time_ms / 1000)
+        price = self._prices.price(attempt.provider, self._sent_model) or self._prices.price(
+            attempt.provider, attempt.model_used
+        )
+        attempt.cost_usd = None if price is None else price.cost(attempt.usage)
+        if self._choices:
+            if attempt.finish_reason is None:
+                attempt.finish_reason = self._choices[min(self._choices)].finish_reason
+            self.exchange.choices = [
+                self._choice(index, parts, attempt.finish_reason)
+                for index, parts in sorted(self._choices.items())
+            ]
+
+    def _choice(self, index: int, parts: _ChoiceParts, fallback: str | None) -> Choice:
+        calls = tuple(
+            ToolCall(id=call.id or "", name=call.name or "", arguments="".join(call.arguments))
+            for _, call in sorted(parts.tool_calls.items())
+        )
+        return Choice(
+            index=index,
+            text="".join(parts.text),
+            reasoning="".join(parts.reasoning),
+            tool_calls=calls,
+            # A stream cut short keeps the reason it was cut as the answer's finish reason.
+            finish_reason=parts.finish_reason if self.attempt.success else fallback,
+        )

@@ -1,0 +1,77 @@
+"""Routing: a model id the client sent becomes an ordered list of upstream candidates.
+
+Ids are ``provider/model`` (split on the first ``/``, so ``openrouter/meta/llama`` goes
+to provider ``openrouter`` with model ``meta/llama``), an alias from config (its ordered
+fallback list), or a bare model name that exactly one provider lists. Unlisted model
+names still pass through when the provider is named. Anything else is ``ModelNotFound``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from parley.errors import ModelNotFound
+from parley.providers.base import Provider
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    provider_name: str
+    provider: Provider
+    model: str
+
+    @property
+    def id(self) -> str:
+        return f"{self.provider_name}/{self.model}"
+
+
+class Router:
+    def __init__(
+        self, providers: Mapping[str, Provider], aliases: Mapping[str, tuple[str, ...]]
+    ) -> None:
+        self._providers = dict(providers)
+        self._aliases = dict(aliases)
+        listed: dict[str, list[str]] = {}
+        for name, provider in self._providers.items():
+            for model in provider.config.models:
+                listed.setdefault(model, []).append(name)
+        self._listed = listed
+
+    def resolve(self, model: str) -> list[Candidate]:
+        """The candidates for ``model``, in the order to try them."""
+        targets = self._aliases.get(model)
+        if targets is not None:
+            return [self._one(target) for target in targets]
+        if "/" in model:
+            return [self._one(model)]
+        owners = self._listed.get(model, [])
+        if len(owners) == 1:
+            return [Candidate(owners[0], self._providers[owners[0]], model)]
+        if len(owners) > 1:
+            raise ModelNotFound(
+                f"model '{model}' is offered by several providers ({', '.join(owners)}); "
+                f"use 'provider/{model}'"
+            )
+        raise ModelNotFound(
+            f"The model '{model}' does not exist: use 'provider/model' or a configured alias"
+        )
+
+    def _one(self, target: str) -> Candidate:
+        provider_name, _, upstream_model = target.partition("/")
+        provider = self._providers.get(provider_name)
+        if provider is None:
+            raise ModelNotFound(f"unknown provider '{provider_name}' in model '{target}'")
+        if not upstream_model:
+            raise ModelNotFound(f"model '{target}' names no model after the provider")
+        return Candidate(provider_name, provider, upstream_model)
+
+    def model_ids(self) -> list[tuple[str, str]]:
+        """``(id, owner)`` for every configured model and alias, for ``/v1/models``."""
+        out = [
+            (f"{name}/{model}", name)
+            for name, provider in self._providers.items()
+            for model in provider.config.models
+        ]
+        out.extend((alias, "parley") for alias in self._aliases)
+        return out

@@ -1,0 +1,169 @@
+"""The gateway: run a request through its candidates with retries and fallbacks.
+
+``Gateway.stream`` yields the chunks of the one attempt that got through, and records every
+attempt (failed ones included) on the ``Exchange`` it is given. Invariants:
+
+- retries and fallbacks happen only before the first chunk of an attempt was yielded,
+  so nothing is ever retried after a byte went to the client;
+- a retry waits for exponential backoff with jitter, or the upstream's Retry-After when it
+  is no longer than ``RetryPolicy.max_retry_after`` (longer: go to the next candidate);
+- errors that are the client's (a 400 from upstream, a content filter) are not retried
+  or sent to another candidate: another model would refuse the same request;
+- when the consumer stops early (client disconnect), the upstream call is closed and the
+  attempt is recorded as cancelled with finish reason ``client_disconnected``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import AsyncGenerator, Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+from parley.domain.events import Chunk
+from parley.domain.exchange import Attempt, Exchange
+from parley.domain.messages import ChatRequest
+from parley.domain.usage import Usage
+from parley.errors import (
+    ModelNotFound,
+    ParleyError,
+    UpstreamError,
+    UpstreamHTTPError,
+    UpstreamInterrupted,
+    UpstreamProtocolError,
+)
+from parley.gateway.pricing import PriceBook
+from parley.gateway.recording import Fold
+from parley.gateway.router import Candidate, Router
+from parley.providers.base import EmbeddingsResult
+from parley.settings import RetryPolicy
+
+# Errors that another attempt cannot fix: the request itself is refused.
+_FINAL_ERROR_TYPES = frozenset({"bad_request", "content_filter"})
+
+
+class Gateway:
+    def __init__(self, router: Router, prices: PriceBook, retry: RetryPolicy) -> None:
+        self.router = router
+        self.prices = prices
+        self.retry = retry
+
+    async def stream(self, request: ChatRequest, exchange: Exchange) -> AsyncGenerator[Chunk, None]:
+        """Yield the chunks of the first attempt that starts; record every attempt."""
+        candidates = self.router.resolve(request.model)
+        last_error: UpstreamError | None = None
+        for candidate in candidates:
+            for try_number in range(max(1, self.retry.attempts)):
+                fold = self._begin(exchange, candidate)
+                upstream = candidate.provider.chat(request, candidate.model)
+                try:
+                    first = await anext(upstream)
+                except StopAsyncIteration:
+                    error: UpstreamError = UpstreamProtocolError("upstream sent no response")
+                    fold.fail(error)
+                    last_error = error
+                    break
+                except UpstreamError as exc:
+                    await upstream.aclose()
+                    fold.fail(exc)
+                    last_error = exc
+                    if exc.error_type in _FINAL_ERROR_TYPES:
+                        raise
+                    delay = self._delay(exc, try_number)
+                    if delay is None:
+                        break
+                    await asyncio.sleep(delay)
+                    continue
+                except BaseException:
+                    await upstream.aclose()
+                    fold.cancel()
+                    raise
+                # Committed to this attempt: from here on nothing is retried.
+                finished = False
+                try:
+                    fold.feed(first)
+                    chunk = first
+                    if chunk.final:
+                        # Recorded as complete before the final chunk is released, so the
+                        # server can commit the record and only then acknowledge.
+                        fold.finish()
+                        finished = True
+                    yield chunk
+                    while not chunk.final:
+                        chunk = await anext(upstream)
+                        fold.feed(chunk)
+                        if chunk.final:
+                            fold.finish()
+                            finished = True
+                        yield chunk
+                except StopAsyncIteration:
+                    error = UpstreamInterrupted("upstream stream ended without a final event")
+                    fold.fail(error, finish_reason="error")
+                    finished = True
+                    raise error from None
+                except ParleyError as exc:
+                    fold.fail(exc, finish_reason="error")
+                    finished = True
+                    raise
+                finally:
+                    if not finished:
+                        fold.cancel()
+                    await upstream.aclose()
+                return
+        if last_error is None:
+            raise ModelNotFound(f"no upstream candidate for model '{request.model}'")
+        raise last_error
+
+    def _begin(self, exchange: Exchange, candidate: Candidate) -> Fold:
+        attempt = Attempt(
+            attempt=len(exchange.attempts) + 1,
+            provider=candidate.provider_name,
+            model_used=candidate.model,
+            started_at=datetime.now(UTC),
+        )
+        exchange.attempts.append(attempt)
+        return Fold(exchange, attempt, self.prices)
+
+    def _delay(self, error: UpstreamError, try_number: int) -> float | None:
+        """Seconds to wait before retrying this candidate, or None to move on."""
+        if not error.retryable or try_number + 1 >= self.retry.attempts:
+            return None
+        if isinstance(error, UpstreamHTTPError) and error.retry_after is not None:
+            if error.retry_after > self.retry.max_retry_after:
+                return None
+            return float(error.retry_after)
+        backoff = min(self.retry.backoff_max, self.retry.backoff_base * (2.0**try_number))
+        return backoff * (0.5 + random.random() / 2)
+
+    async def embeddings(
+        self, body: Mapping[str, Any], model: str, exchange: Exchange
+    ) -> EmbeddingsResult:
+        """Create embeddings through the candidates of ``model``, recording each attempt."""
+        last_error: UpstreamError | None = None
+        for candidate in self.router.resolve(model):
+            for try_number in range(max(1, self.retry.attempts)):
+                fold = self._begin(exchange, candidate)
+                try:
+                    result = await candidate.provider.embeddings(body, candidate.model)
+                except UpstreamError as exc:
+                    fold.fail(exc)
+                    last_error = exc
+                    if exc.error_type in _FINAL_ERROR_TYPES:
+                        raise
+                    delay = self._delay(exc, try_number)
+                    if delay is None:
+                        break
+                    await asyncio.sleep(delay)
+                    continue
+                fold.attempt.usage = Usage(
+                    prompt_tokens=result.usage.prompt_tokens,
+                    completion_tokens=0 if result.usage.prompt_tokens is not None else None,
+                    total_tokens=result.usage.total_tokens,
+                )
+                fold.attempt.model_used = result.model or candidate.model
+                fold.finish()
+                return result
+        if last_error is None:
+            raise ModelNotFound(f"no upstream candidate for model '{model}'")
+        raise last_error

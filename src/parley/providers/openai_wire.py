@@ -1,0 +1,379 @@
+"""The OpenAI wire format, read: SSE framing, response JSON to events, error bodies.
+
+Pure functions and small parsers with no I/O, so that the adapter in ``openai`` holds only
+HTTP, timeouts and connection lifecycle. Everything here is on the hot path: each frame is
+parsed once with orjson, raw bytes are never re-serialised, and no regex is used.
+
+Invariants:
+
+- ``SSEDecoder`` returns exactly the events a conforming SSE reader dispatches, whatever
+  the read boundaries (LF, CRLF or CR line ends; multi-line ``data`` joined by LF;
+  comments and other fields dropped; events without data not dispatched), and refuses an
+  event over ``MAX_EVENT_BYTES`` instead of buffering without bound.
+- ``StreamFrames.chunk`` forwards a frame as ``data: <the JSON bytes as received>\\n\\n``.
+- Error messages built here are cut to 500 characters and pass through the caller's
+  ``scrub`` (which removes keys an upstream might echo); they never hold request headers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable, Mapping
+from datetime import UTC
+from email.utils import parsedate_to_datetime
+from typing import Any
+
+import orjson
+
+from parley.domain.events import (
+    Chunk,
+    Event,
+    Finish,
+    ReasoningDelta,
+    ResponseStart,
+    TextDelta,
+    ToolCallDelta,
+    UsageReport,
+)
+from parley.domain.usage import Usage
+from parley.errors import (
+    UpstreamError,
+    UpstreamHTTPError,
+    UpstreamInterrupted,
+    UpstreamProtocolError,
+)
+
+PROTOCOL = "openai"
+DONE = b"data: [DONE]\n\n"
+DONE_CHUNK = Chunk(events=(), raw=DONE, protocol=PROTOCOL, final=True)
+MAX_MESSAGE = 500
+# One SSE event larger than this is not a chat chunk: refuse it rather than buffer forever.
+MAX_EVENT_BYTES = 16 * 1024 * 1024
+
+Scrub = Callable[[str], str]
+
+
+class SSEDecoder:
+    """Incremental Server-Sent Events decoder: bytes in, each event's data out."""
+
+    __slots__ = ("_buf", "_cr")
+
+    def __init__(self) -> None:
+        # The start of an event still waiting for its blank line (usually empty).
+        self._buf = bytearray()
+        # A CR ending a read may be half of a CRLF: held until the next read shows.
+        self._cr = False
+
+    def feed(self, data: bytes) -> list[bytes]:
+        """The data of every event completed by ``data``."""
+        if self._cr:
+            data = b"\r" + data
+            self._cr = False
+        if b"\r" in data:
+            if data.endswith(b"\r"):
+                data = data[:-1]
+                self._cr = True
+            data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        if self._buf:
+            pending = self._buf
+            # Only the new bytes (and a blank line split across reads) can end an event,
+            # so a big event arriving in many reads is appended, not re-copied and
+            # re-scanned each time.
+            ends = b"\n\n" in data or (pending.endswith(b"\n") and data.startswith(b"\n"))
+            pending += data
+            if len(pending) > MAX_EVENT_BYTES:
+                raise UpstreamProtocolError("upstream sent an SSE event larger than 16 MiB")
+            if not ends:
+                return []
+            buf = bytes(pending)
+            pending.clear()
+        else:
+            buf = data
+        out: list[bytes] = []
+        start = 0
+        find = buf.find
+        while (end := find(b"\n\n", start)) >= 0:
+            if buf.startswith(b"data: ", start) and find(b"\n", start, end) < 0:
+                out.append(buf[start + 6 : end])  # the usual one-line event
+            else:
+                payload = _event_data(buf[start:end])
+                if payload is not None:
+                    out.append(payload)
+            start = end + 2
+        if start < len(buf):
+            self._buf += memoryview(buf)[start:]
+        return out
+
+    def close(self) -> list[bytes]:
+        """At end of stream: an event whose last line ended but whose blank line never
+        came is kept (some servers omit it); a line cut off mid-way is dropped."""
+        tail = bytes(self._buf) + b"\n" if self._cr else bytes(self._buf)
+        self._buf.clear()
+        self._cr = False
+        if not tail.endswith(b"\n"):
+            return []
+        payload = _event_data(tail.rstrip(b"\n"))
+        return [] if payload is None else [payload]
+
+
+def _event_data(block: bytes) -> bytes | None:
+    lines: list[bytes] = []
+    for line in block.split(b"\n"):
+        if line.startswith(b"data"):
+            rest = line[4:]
+            if not rest:
+                lines.append(b"")
+            elif rest.startswith(b":"):
+                lines.append(rest[2:] if rest.startswith(b": ") else rest[1:])
+            # "dataX: ..." is another field: dropped like any other.
+    return b"\n".join(lines) if lines else None
+
+
+class StreamFrames:
+    """What one stream has seen so far, and the parse of each of its frames."""
+
+    __slots__ = ("finished", "hide_usage", "model", "scrub", "started")
+
+    def __init__(self, model: str, hide_usage: bool, scrub: Scrub) -> None:
+        self.model = model
+        # The client did not ask for usage: the usage-only frame is parley's, not its.
+        self.hide_usage = hide_usage
+        self.scrub = scrub
+        self.started = False
+        self.finished: set[int] = set()
+
+    def chunk(self, payload: bytes, yielded: bool) -> Chunk:
+        """The chunk for one ``data`` payload (not ``[DONE]``)."""
+        try:
+            obj = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            raise UpstreamProtocolError("upstream sent a stream frame that is not JSON") from None
+        if type(obj) is not dict:
+            raise UpstreamProtocolError("upstream sent a stream frame that is not an object")
+        choices = obj.get("choices")
+        if not choices and obj.get("error"):
+            raise error_object(obj["error"], yielded, self.scrub)
+        events: list[Event] = []
+        try:
+            if not self.started and ("id" in obj or "model" in obj):
+                self.started = True
+                events.append(response_start(obj, self.model))
+            if choices:
+                for choice in choices:
+                    self._choice(choice, events)
+            usage = obj.get("usage")
+            if usage:
+                events.append(UsageReport(usage_from(usage)))
+        except (AttributeError, TypeError, ValueError) as exc:
+            raise UpstreamProtocolError("upstream stream frame has an unexpected shape") from exc
+        if b"\n" in payload:
+            # A multi-line data field: in JSON those newlines can only be whitespace.
+            payload = payload.replace(b"\n", b" ")
+        return Chunk(
+            events=tuple(events),
+            raw=b"data: " + payload + b"\n\n",
+            protocol=PROTOCOL,
+            internal=self.hide_usage and not choices and bool(usage),
+        )
+
+    def _choice(self, choice: dict[str, Any], events: list[Event]) -> None:
+        index = choice.get("index", 0)
+        delta = choice.get("delta")
+        if delta:
+            text = delta.get("content")
+            if text:
+                events.append(TextDelta(index, text))
+            reasoning = delta.get("reasoning_content") or delta.get("reasoning")
+            if reasoning and isinstance(reasoning, str):
+                events.append(ReasoningDelta(index, reasoning))
+            calls = delta.get("tool_calls")
+            if calls:
+                events.extend(tool_call(index, call, 0) for call in calls)
+        reason = choice.get("finish_reason")
+        if reason:
+            self.finished.add(index)
+            events.append(Finish(index, reason))
+
+
+def completion_events(obj: dict[str, Any], model: str) -> tuple[Event, ...]:
+    """Events of a whole (non-streaming) chat completion body."""
+    events: list[Event] = [response_start(obj, model)]
+    for position, choice in enumerate(obj["choices"]):
+        index = choice.get("index", position)
+        message = choice.get("message") or {}
+        content = message.get("content")
+        if isinstance(content, list):
+            content = "".join(str(p.get("text", "")) for p in content if p.get("type") == "text")
+        if content:
+            events.append(TextDelta(index, content))
+        reasoning = message.get("reasoning_content") or message.get("reasoning")
+        if reasoning and isinstance(reasoning, str):
+            events.append(ReasoningDelta(index, reasoning))
+        for n, call in enumerate(message.get("tool_calls") or ()):
+            events.append(tool_call(index, call, n))
+        events.append(Finish(index, choice.get("finish_reason") or "stop"))
+    if obj.get("usage"):
+        events.append(UsageReport(usage_from(obj["usage"])))
+    return tuple(events)
+
+
+def response_start(obj: dict[str, Any], model: str) -> ResponseStart:
+    created = obj.get("created")
+    return ResponseStart(
+        id=str(obj.get("id") or ""),
+        model=str(obj.get("model") or model),
+        created=created if type(created) is int else 0,
+    )
+
+
+def tool_call(choice: int, call: dict[str, Any], position: int) -> ToolCallDelta:
+    function = call.get("function") or {}
+    arguments = function.get("arguments") or ""
+    if not isinstance(arguments, str):
+        # A few servers send the arguments as an object; clients expect a JSON string.
+        arguments = orjson.dumps(arguments).decode()
+    return ToolCallDelta(
+        choice=choice,
+        index=call.get("index", position),
+        id=call.get("id"),
+        name=function.get("name"),
+        arguments=arguments,
+    )
+
+
+def usage_from(raw: Any) -> Usage:
+    if not isinstance(raw, dict):
+        return Usage()
+    prompt = count(raw.get("prompt_tokens"))
+    completion = count(raw.get("completion_tokens"))
+    total = count(raw.get("total_tokens"))
+    if total is None and prompt is not None and completion is not None:
+        total = prompt + completion
+    prompt_details = raw.get("prompt_tokens_details")
+    completion_details = raw.get("completion_tokens_details")
+    cached = (
+        count(prompt_details.get("cached_tokens"))
+        if isinstance(prompt_details, dict)
+        else count(raw.get("prompt_cache_hit_tokens"))  # DeepSeek's spelling
+    )
+    reasoning = (
+        count(completion_details.get("reasoning_tokens"))
+        if isinstance(completion_details, dict)
+        else None
+    )
+    return Usage(prompt, completion, total, cached, reasoning)
+
+
+def count(value: Any) -> int | None:
+    return value if type(value) is int else None
+
+
+def dumps(body: Mapping[str, Any]) -> bytes:
+    return orjson.dumps(body, default=_json_default)
+
+
+def _json_default(value: object) -> object:
+    # Neutral requests hold read-only mappings (message parts, tools); orjson wants dicts.
+    if isinstance(value, Mapping):
+        return dict(value)
+    raise TypeError(f"cannot serialise {type(value).__name__}")
+
+
+def loads_object(raw: bytes, what: str) -> dict[str, Any]:
+    try:
+        obj = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise UpstreamProtocolError(f"upstream {what} is not JSON") from None
+    if not isinstance(obj, dict):
+        raise UpstreamProtocolError(f"upstream {what} is not a JSON object")
+    return obj
+
+
+# -- errors -----------------------------------------------------------------------------
+
+
+def http_error(
+    status: int, body: bytes, headers: Mapping[str, str], scrub: Scrub
+) -> UpstreamHTTPError:
+    """The error for a non-2xx answer."""
+    message, error_type, code = error_fields(body)
+    return UpstreamHTTPError(
+        status,
+        scrub(message or f"upstream returned HTTP {status}"),
+        retry_after=retry_after(headers),
+        upstream_type=error_type,
+        upstream_code=code,
+    )
+
+
+def error_object(error: Any, yielded: bool, scrub: Scrub) -> UpstreamError:
+    """The error for an ``{"error": ...}`` inside a 200 answer (stream frame or body).
+
+    Once chunks were yielded it is an interruption; before, an HTTP error whose status is
+    the object's ``code`` when that is an HTTP status (vLLM sends 400), else 500.
+    """
+    message, error_type, code = error_fields(orjson.dumps({"error": error}))
+    message = scrub(message or "upstream reported an error")
+    if yielded:
+        return UpstreamInterrupted(f"upstream error mid-stream: {message}")
+    raw_code = error.get("code") if isinstance(error, dict) else None
+    status = raw_code if type(raw_code) is int and 400 <= raw_code < 600 else 500
+    return UpstreamHTTPError(status, message, upstream_type=error_type, upstream_code=code)
+
+
+def error_fields(body: bytes) -> tuple[str, str | None, str | None]:
+    """(message, type, code) from an OpenAI-style error body, else a short text excerpt."""
+    try:
+        obj = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        obj = None
+    if isinstance(obj, dict):
+        error = obj.get("error")
+        if isinstance(error, dict):
+            code = error.get("code")
+            return (
+                _short(error.get("message")),
+                _opt_str(error.get("type")),
+                None if code is None else str(code),
+            )
+        if isinstance(error, str):  # HF TGI: {"error": "...", "error_type": "..."}
+            return _short(error), _opt_str(obj.get("error_type")), None
+        for key in ("message", "detail"):
+            if key in obj:
+                return _short(obj[key]), None, None
+    excerpt = body[: MAX_MESSAGE * 4].decode("utf-8", "replace").strip()
+    return excerpt[:MAX_MESSAGE], None, None
+
+
+def _short(value: Any) -> str:
+    text = value if isinstance(value, str) else "" if value is None else str(value)
+    return text[:MAX_MESSAGE]
+
+
+def _opt_str(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
+def retry_after(headers: Mapping[str, str]) -> float | None:
+    """Seconds to wait, from ``retry-after-ms`` or ``Retry-After`` (seconds or HTTP date)."""
+    millis = headers.get("retry-after-ms")
+    if millis:
+        with contextlib.suppress(ValueError):
+            value = float(millis) / 1000
+            if math.isfinite(value):
+                return max(0.0, value)
+    text = headers.get("Retry-After")
+    if not text:
+        return None
+    with contextlib.suppress(ValueError):
+        value = float(text)
+        return max(0.0, value) if math.isfinite(value) else None
+    try:
+        when = parsedate_to_datetime(text)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, when.timestamp() - time.time())

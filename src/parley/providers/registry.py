@@ -1,0 +1,49 @@
+"""The one registry of provider adapters: provider ``kind`` -> adapter factory.
+
+Adding a provider family is one new adapter module plus one line in ``_adapters``.
+``ADAPTERS`` is a read-only view built once by that function; nothing here changes after
+import. ``build_providers`` turns the configured providers into adapters over the shared
+HTTP session, and refuses to start (``ConfigError``) when a configured kind has no adapter
+yet, so a typo or an unsupported family is caught at start, never on a request.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
+
+import aiohttp
+
+from parley.errors import ConfigError
+from parley.providers.base import Provider
+from parley.providers.openai import OpenAIProvider
+from parley.settings import ProviderConfig, Settings
+
+ProviderFactory = Callable[[ProviderConfig, aiohttp.ClientSession], Provider]
+
+
+def _adapters() -> Mapping[str, ProviderFactory]:
+    return MappingProxyType(
+        {
+            "openai": OpenAIProvider,
+            # HF TGI and Inference Endpoints serve the OpenAI chat route.
+            "huggingface": OpenAIProvider,
+        }
+    )
+
+
+ADAPTERS: Mapping[str, ProviderFactory] = _adapters()
+
+
+def build_providers(settings: Settings, session: aiohttp.ClientSession) -> dict[str, Provider]:
+    """One adapter per configured provider, keyed by provider name."""
+    providers: dict[str, Provider] = {}
+    for config in settings.providers:
+        factory = ADAPTERS.get(config.kind)
+        if factory is None:
+            raise ConfigError(
+                f"provider {config.name}: kind {config.kind!r} is not supported yet "
+                f"(supported kinds: {', '.join(sorted(ADAPTERS))})"
+            )
+        providers[config.name] = factory(config, session)
+    return providers

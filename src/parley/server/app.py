@@ -1,0 +1,144 @@
+"""The aiohttp application: ``create_app(settings)`` and its lifespan.
+
+The lifespan prepares the database (an empty one is migrated), opens the engine, starts
+the group-commit writer and one pooled upstream HTTP session, and builds the gateway. On
+shutdown aiohttp first lets in-flight requests finish, then the session is closed and the
+writer commits everything queued before the engine is disposed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import aiohttp
+import orjson
+from aiohttp import web
+from aiohttp.typedefs import Middleware
+
+from parley.errors import AuthenticationFailed, NotFound, ParleyError
+from parley.gateway.pricing import PriceBook, shipped_prices
+from parley.gateway.router import Router
+from parley.gateway.service import Gateway
+from parley.ops.migrate import prepare_on_start
+from parley.providers.registry import build_providers
+from parley.server import openai_api
+from parley.server.state import SERVICES, Services
+from parley.settings import Settings
+from parley.store.engine import create_engine
+from parley.store.writer import Writer
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+SETTINGS = web.AppKey("settings", Settings)
+
+_OPEN_PATHS = frozenset({"/healthz"})
+
+
+def create_app(settings: Settings) -> web.Application:
+    app = web.Application(
+        middlewares=[_errors, _auth(settings)],
+        # The body limit is checked again in read_body for a clear 413 in OpenAI shape.
+        client_max_size=settings.max_body_bytes,
+    )
+    app[SETTINGS] = settings
+    app.cleanup_ctx.append(_lifespan)
+    app.router.add_post("/v1/chat/completions", openai_api.chat_completions)
+    app.router.add_get("/v1/models", openai_api.list_models)
+    app.router.add_post("/v1/embeddings", openai_api.embeddings)
+    app.router.add_get("/healthz", _healthz)
+    return app
+
+
+async def _lifespan(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    await asyncio.to_thread(prepare_on_start, settings)
+    engine = create_engine(settings)
+    writer = Writer(engine, batch_max=settings.writer_batch_max)
+    writer.start()
+    session = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0, limit_per_host=0, ttl_dns_cache=300),
+        timeout=aiohttp.ClientTimeout(total=None),
+        # Upstream bodies are passed through byte for byte, so they are not re-encoded.
+        auto_decompress=True,
+    )
+    try:
+        providers = build_providers(settings, session)
+        gateway = Gateway(
+            Router(providers, settings.aliases),
+            PriceBook(settings.pricing, shipped_prices()),
+            settings.retry,
+        )
+        app[SERVICES] = Services(
+            settings=settings, gateway=gateway, writer=writer, started_at=time.time()
+        )
+        yield
+    finally:
+        await session.close()
+        await asyncio.to_thread(writer.stop, 60.0)
+        engine.dispose()
+
+
+def _auth(settings: Settings) -> Middleware:
+    key = settings.master_key.get().encode() if settings.master_key else None
+
+    @web.middleware
+    async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if key is not None and request.path not in _OPEN_PATHS:
+            presented = _presented_key(request)
+            if presented is None:
+                raise AuthenticationFailed(
+                    "missing API key: send 'Authorization: Bearer <key>'"
+                )
+            if not hmac.compare_digest(presented.encode(), key):
+                raise AuthenticationFailed("invalid API key")
+        return await handler(request)
+
+    return auth
+
+
+def _presented_key(request: web.Request) -> str | None:
+    header = request.headers.get("Authorization")
+    if header:
+        scheme, _, value = header.partition(" ")
+        if scheme.lower() == "bearer" and value.strip():
+            return value.strip()
+        return None
+    return request.headers.get("x-api-key")
+
+
+@web.middleware
+async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except ParleyError as exc:
+        return openai_api.error_response(exc)
+    except web.HTTPNotFound:
+        return openai_api.error_response(
+            NotFound(f"no such endpoint: {request.method} {request.path}")
+        )
+    except web.HTTPException as exc:
+        body = {"error": {"message": exc.reason, "type": "invalid_request_error",
+                          "param": None, "code": None}}
+        return web.Response(
+            body=orjson.dumps(body), status=exc.status, content_type="application/json"
+        )
+    except Exception:
+        # The traceback goes to the log, never to the client.
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        body = {"error": {"message": "internal server error", "type": "server_error",
+                          "param": None, "code": None}}
+        return web.Response(body=orjson.dumps(body), status=500, content_type="application/json")
+
+
+async def _healthz(request: web.Request) -> web.Response:
+    services = request.app[SERVICES]
+    alive = services.writer.is_alive()
+    body = {"status": "ok" if alive else "degraded", "writer": "running" if alive else "stopped"}
+    return web.Response(
+        body=orjson.dumps(body), status=200 if alive else 503, content_type="application/json"
+    )

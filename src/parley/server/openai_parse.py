@@ -1,0 +1,185 @@
+"""Parsing and validating OpenAI wire requests into provider-neutral values.
+
+Validation is strict about what parley itself relies on (model, messages, roles, the types
+of sampling parameters) and lenient about everything else: unknown fields are kept and
+passed through to upstreams that understand them. Every refusal is an ``InvalidRequest``
+naming the offending parameter, which the server turns into OpenAI error JSON.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import orjson
+
+from parley.domain.messages import ROLES, ChatRequest, Message, ToolCall
+from parley.errors import InvalidRequest
+
+# Fields modelled by ChatRequest; everything else goes to ``extra`` untouched.
+_MODELLED = frozenset(
+    {
+        "model",
+        "messages",
+        "stream",
+        "max_tokens",
+        "max_completion_tokens",
+        "temperature",
+        "top_p",
+        "n",
+        "stop",
+        "tools",
+        "tool_choice",
+        "stream_options",
+        "user",
+    }
+)
+
+
+def parse_json_object(body: bytes) -> dict[str, Any]:
+    if not body:
+        raise InvalidRequest("request body is empty: expected a JSON object")
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidRequest(f"request body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise InvalidRequest("request body must be a JSON object")
+    return data
+
+
+def parse_chat_request(data: dict[str, Any]) -> ChatRequest:
+    model = data.get("model")
+    if not isinstance(model, str) or not model.strip():
+        raise InvalidRequest("'model' is required and must be a non-empty string", "model")
+    raw_messages = data.get("messages")
+    if not isinstance(raw_messages, list) or not raw_messages:
+        raise InvalidRequest("'messages' must be a non-empty array", "messages")
+    messages = tuple(_message(m, i) for i, m in enumerate(raw_messages))
+    stream = data.get("stream", False)
+    if stream is not None and not isinstance(stream, bool):
+        raise InvalidRequest("'stream' must be a boolean", "stream")
+    stream_options = data.get("stream_options")
+    if stream_options is not None and not isinstance(stream_options, dict):
+        raise InvalidRequest("'stream_options' must be an object", "stream_options")
+    max_tokens = _int(data, "max_completion_tokens")
+    if max_tokens is None:
+        max_tokens = _int(data, "max_tokens")
+    tools = data.get("tools")
+    if tools is not None and (
+        not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools)
+    ):
+        raise InvalidRequest("'tools' must be an array of objects", "tools")
+    user = data.get("user")
+    if user is not None and not isinstance(user, str):
+        raise InvalidRequest("'user' must be a string", "user")
+    return ChatRequest(
+        model=model,
+        messages=messages,
+        stream=bool(stream),
+        max_tokens=max_tokens,
+        temperature=_number(data, "temperature", 0.0, 2.0),
+        top_p=_number(data, "top_p", 0.0, 1.0),
+        n=_int(data, "n", minimum=1),
+        stop=_stop(data.get("stop")),
+        tools=tuple(tools or ()),
+        tool_choice=data.get("tool_choice"),
+        include_usage=bool(stream_options and stream_options.get("include_usage")),
+        extra={k: v for k, v in data.items() if k not in _MODELLED},
+        raw=data,
+        client_protocol="openai",
+        user=user,
+    )
+
+
+def _message(raw: Any, index: int) -> Message:
+    param = f"messages[{index}]"
+    if not isinstance(raw, dict):
+        raise InvalidRequest(f"'{param}' must be an object", param)
+    role = raw.get("role")
+    if role not in ROLES:
+        raise InvalidRequest(
+            f"'{param}.role' must be one of {', '.join(sorted(ROLES))}", f"{param}.role"
+        )
+    content = raw.get("content")
+    parts: str | tuple[Mapping[str, Any], ...] | None
+    if content is None or isinstance(content, str):
+        parts = content
+    elif isinstance(content, list) and all(
+        isinstance(p, dict) and isinstance(p.get("type"), str) for p in content
+    ):
+        parts = tuple(content)
+    else:
+        raise InvalidRequest(
+            f"'{param}.content' must be a string or an array of content parts",
+            f"{param}.content",
+        )
+    if parts is None and role in ("user", "system", "developer"):
+        raise InvalidRequest(f"'{param}.content' is required for role {role}", param)
+    name = raw.get("name")
+    if name is not None and not isinstance(name, str):
+        raise InvalidRequest(f"'{param}.name' must be a string", f"{param}.name")
+    tool_call_id = raw.get("tool_call_id")
+    if tool_call_id is not None and not isinstance(tool_call_id, str):
+        raise InvalidRequest(f"'{param}.tool_call_id' must be a string", param)
+    return Message(
+        role=role,
+        content=parts,
+        name=name,
+        tool_calls=_tool_calls(raw.get("tool_calls"), param),
+        tool_call_id=tool_call_id,
+    )
+
+
+def _tool_calls(raw: Any, param: str) -> tuple[ToolCall, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise InvalidRequest(f"'{param}.tool_calls' must be an array", f"{param}.tool_calls")
+    calls = []
+    for call in raw:
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise InvalidRequest(
+                f"'{param}.tool_calls' entries need function.name", f"{param}.tool_calls"
+            )
+        arguments = function.get("arguments", "")
+        calls.append(
+            ToolCall(
+                id=str(call.get("id", "")),
+                name=function["name"],
+                arguments=arguments if isinstance(arguments, str) else orjson.dumps(
+                    arguments
+                ).decode(),
+                type=str(call.get("type", "function")),
+            )
+        )
+    return tuple(calls)
+
+
+def _int(data: Mapping[str, Any], key: str, minimum: int = 0) -> int | None:
+    value = data.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise InvalidRequest(f"'{key}' must be an integer >= {minimum}", key)
+    return value
+
+
+def _number(data: Mapping[str, Any], key: str, low: float, high: float) -> float | None:
+    value = data.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
+        raise InvalidRequest(f"'{key}' must be a number between {low:g} and {high:g}", key)
+    return float(value)
+
+
+def _stop(value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return tuple(value)
+    raise InvalidRequest("'stop' must be a string or an array of strings", "stop")

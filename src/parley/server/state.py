@@ -1,0 +1,65 @@
+"""What the request handlers share: the services built in the app's lifespan.
+
+``Services`` is created by ``create_app``'s lifespan and reached through ``app[SERVICES]``;
+there is no module-level state. Recording goes through here so that every handler obeys
+the same rule: in ``durable`` mode ``record`` returns only once the exchange is committed.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from parley.domain.exchange import Exchange
+from parley.errors import BodyTooLarge, StoreError
+from parley.gateway.service import Gateway
+from parley.settings import Settings
+from parley.store.writer import Writer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class Services:
+    settings: Settings
+    gateway: Gateway
+    writer: Writer
+    started_at: float
+
+    async def record(self, exchange: Exchange) -> None:
+        """Commit ``exchange`` (durable mode) or queue it (async mode)."""
+        if self.settings.recording == "async":
+            self.writer.submit_nowait(exchange)
+            return
+        try:
+            await self.writer.submit(exchange)
+        except StoreError:
+            raise
+        except Exception as exc:
+            log.exception("recording failed")
+            raise StoreError("the exchange could not be recorded") from exc
+
+    async def record_quietly(self, exchange: Exchange) -> None:
+        """Record an exchange whose client already gets an error; a store failure is logged."""
+        try:
+            await self.record(exchange)
+        except StoreError:
+            log.error("could not record a failed exchange (chain %s)", exchange.chain_id)
+
+    def record_in_background(self, exchange: Exchange) -> None:
+        """Record without waiting: the client is gone, nobody is waiting for the ack."""
+        self.writer.submit_nowait(exchange)
+
+
+SERVICES = web.AppKey("services", Services)
+
+
+async def read_body(request: web.Request, limit: int) -> bytes:
+    if request.content_length is not None and request.content_length > limit:
+        raise BodyTooLarge(f"request body is larger than the limit of {limit} bytes")
+    try:
+        return await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise BodyTooLarge(f"request body is larger than the limit of {limit} bytes") from None

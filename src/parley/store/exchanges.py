@@ -1,0 +1,397 @@
+"""The exchange repository: every SQL write of an ``Exchange``, and the reads tests need.
+
+``write_batch`` records many exchanges in the caller's transaction. Invariants:
+
+- every upstream attempt is one ``request_log`` row; the attempts of one exchange share
+  its ``chain_id`` and carry the request-level fields (model requested, sampling, owner);
+- a chat exchange threads into a conversation. The request's messages are chain-hashed;
+  the deepest message already stored (or written earlier in the same batch) with the same
+  chain hash, owned by the same user (or, without a user, the same API key), is where the
+  request continues, and only the messages after it are inserted. A match continues a
+  conversation only if the matched prefix holds an assistant message: a prefix of system
+  and user messages alone ("Hi") says nothing about which conversation it belongs to, so
+  two clients sending the same greeting get two conversations. Among equal matches the
+  newest row wins;
+- each answer (a ``Choice``) is a new assistant message, a child of the request's last
+  message with the chain hash the client will send back, plus a ``responses`` row pointing
+  at the attempt that produced it. Identical answers are sibling rows, never merged;
+- nothing the user sent is lost: an exchange that failed everywhere still records its
+  attempts and its messages; its answers are kept only if they hold partial output;
+- embeddings (and any endpoint other than chat) record only their attempts.
+
+Speed (the writer's goal is 10,000 exchanges/s on SQLite) shapes the code: one
+chain-hash lookup per batch; every row, id and link decided in Python first (ids are
+reserved up front), then one driver-level ``executemany`` per table (``store.bulk``).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+from sqlalchemy import Connection, Row, bindparam, select, update
+
+from parley.domain.exchange import Attempt, Exchange
+from parley.domain.messages import chain_hash
+from parley.store.bulk import assign_ids, bulk_insert, new_public_id
+from parley.store.schema import conversations, messages, request_log, responses
+
+# request_log columns copied from the request, from each attempt and from its usage.
+_REQUEST_FIELDS = (
+    "endpoint", "client_protocol", "model_requested", "origin", "is_streaming", "max_tokens",
+    "temperature", "top_p", "message_count", "user_id", "api_key_id",
+)
+_ATTEMPT_FIELDS = (
+    "attempt", "success", "status_code", "response_time_ms", "provider", "finish_reason",
+    "time_to_first_token_ms", "time_to_last_token_ms", "tokens_per_second", "error_type",
+    "error_message", "cost_usd", "upstream_id",
+)
+_USAGE_FIELDS = (
+    "prompt_tokens", "completion_tokens", "total_tokens", "cached_tokens", "reasoning_tokens",
+)
+
+# Bound parameters per IN (...) lookup: far below SQLite's and PostgreSQL's limits.
+_LOOKUP_CHUNK = 500
+
+# Who may continue a conversation: the user, or the API key when there is no user.
+_Owner = tuple[str, int | None]
+# A stored message a request may continue from: (id, conversation id, conversation public id).
+_Stored = tuple[int, int, uuid.UUID]
+
+
+@dataclass(frozen=True, slots=True)
+class Recorded:
+    """What one exchange became in the store. Public ids are the ones clients may see."""
+
+    chain_id: uuid.UUID
+    request_public_ids: tuple[uuid.UUID, ...]
+    conversation_public_id: uuid.UUID | None
+    answer_public_ids: tuple[uuid.UUID, ...]
+    request_ids: tuple[int, ...]
+    conversation_id: int | None
+    message_ids: tuple[int, ...]
+
+
+@dataclass(slots=True, eq=False)
+class _Conv:
+    public_id: uuid.UUID
+    id: int | None = None
+    new_row: dict[str, Any] | None = None
+
+
+@dataclass(slots=True, eq=False)
+class _Node:
+    """A message row to insert; its parent is a stored id, another new row, or nothing."""
+
+    row: dict[str, Any]
+    parent: _Node | int | None
+    conv: _Conv
+
+
+@dataclass(slots=True, eq=False)
+class _Plan:
+    exchange: Exchange
+    attempt_rows: list[dict[str, Any]]
+    # The attempt the messages and answers point at: the success, else the last one.
+    answer_attempt: int | None
+    conv: _Conv | None = None
+    nodes: list[_Node] = field(default_factory=list)
+    answers: list[tuple[_Node, dict[str, Any]]] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class _Hashed:
+    """A chat request's message hashes, computed once per exchange."""
+
+    content_hashes: list[str]
+    chains: list[str]
+    first_assistant: int | None
+    owner: _Owner
+
+
+def write_batch(conn: Connection, batch: Sequence[Exchange]) -> list[Recorded]:
+    """Insert the rows of every exchange in ``batch``, in the caller's transaction.
+
+    On SQLite the transaction must hold the write lock (``BEGIN IMMEDIATE``, as the
+    writer's connection does) for ids reserved here to stay free until the inserts.
+    """
+    now = datetime.now(UTC)
+    hashed = [_hash(exchange) for exchange in batch]
+    planner = _Planner(now, _stored_matches(conn, hashed))
+    plans = [planner.plan(exchange, h) for exchange, h in zip(batch, hashed, strict=True)]
+
+    # A conversation started in this batch may be continued in it too: one row, once.
+    new_convs = {id(p.conv): p.conv for p in plans if p.conv and p.conv.new_row is not None}
+    conv_rows = [c.new_row for c in new_convs.values() if c.new_row is not None]
+    assign_ids(conn, conversations, conv_rows)
+    for conv, conv_row in zip(new_convs.values(), conv_rows, strict=True):
+        conv.id = conv_row["id"]
+    attempt_rows = [row for plan in plans for row in plan.attempt_rows]
+    assign_ids(conn, request_log, attempt_rows)
+    message_rows = [node.row for plan in plans for node in plan.nodes]
+    assign_ids(conn, messages, message_rows)
+    response_rows = [row for plan in plans for row in _link(plan)]
+
+    # Parents first: ids grow in planning order, and a parent is always planned first.
+    bulk_insert(conn, conversations, conv_rows)
+    bulk_insert(conn, request_log, attempt_rows)
+    bulk_insert(conn, messages, message_rows)
+    bulk_insert(conn, responses, response_rows)
+    if planner.continued:
+        conn.execute(
+            update(conversations)
+            .where(conversations.c.id == bindparam("b_id"))
+            .values(updated_at=bindparam("b_updated_at")),
+            [{"b_id": conv_id, "b_updated_at": now} for conv_id in planner.continued],
+        )
+    return [_recorded(plan) for plan in plans]
+
+
+def list_requests(conn: Connection, limit: int = 100) -> Sequence[Row[Any]]:
+    """The newest request-log rows first."""
+    return conn.execute(select(request_log).order_by(request_log.c.id.desc()).limit(limit)).all()
+
+
+def conversation_messages(
+    conn: Connection, conversation_public_id: uuid.UUID
+) -> Sequence[Row[Any]]:
+    """A conversation's messages in insertion order, each with its response, if any."""
+    query = (
+        select(
+            messages,
+            responses.c.request_id.label("response_request_id"),
+            responses.c.model_used,
+            responses.c.finish_reason,
+            responses.c.prompt_tokens,
+            responses.c.completion_tokens,
+        )
+        .join(conversations, conversations.c.id == messages.c.conversation_id)
+        .outerjoin(responses, responses.c.message_id == messages.c.id)
+        .where(conversations.c.public_id == conversation_public_id)
+        .order_by(messages.c.id)
+    )
+    return conn.execute(query).all()
+
+
+def _link(plan: _Plan) -> list[dict[str, Any]]:
+    """Fill in the ids that tie a planned exchange's rows together; its response rows."""
+    conv_id = plan.conv.id if plan.conv is not None else None
+    for row in plan.attempt_rows:
+        row["conversation_id"] = conv_id
+    request_id = (
+        None if plan.answer_attempt is None else plan.attempt_rows[plan.answer_attempt]["id"]
+    )
+    for node in plan.nodes:
+        parent = node.parent
+        node.row["parent_id"] = parent.row["id"] if isinstance(parent, _Node) else parent
+        node.row["conversation_id"] = node.conv.id
+        node.row["request_id"] = request_id
+    for node, response in plan.answers:
+        response["message_id"] = node.row["id"]
+        response["request_id"] = request_id
+    return [response for _node, response in plan.answers]
+
+
+class _Planner:
+    """Decides, in Python, every row of a batch and how the rows link to each other."""
+
+    def __init__(self, now: datetime, stored: dict[tuple[str, _Owner], _Stored]) -> None:
+        self.now = now
+        self.stored = stored
+        # Messages planned earlier in this batch, by (chain hash, owner): newest wins.
+        self.planned: dict[tuple[str, _Owner], _Node] = {}
+        self.existing: dict[int, _Conv] = {}
+        self.continued: list[int] = []
+
+    def plan(self, exchange: Exchange, hashed: _Hashed | None) -> _Plan:
+        plan = _Plan(exchange, _attempt_rows(exchange), _answer_attempt(exchange.attempts))
+        if hashed is None:
+            return plan
+        depth, parent, conv = self._match(hashed)
+        started = _utc(exchange.started_at)
+        if conv is None:
+            conv = _Conv(new_public_id())
+            conv.new_row = {
+                "public_id": conv.public_id, "created_at": started, "updated_at": self.now,
+                "title": None, "source": "api", "default_model": exchange.model_requested,
+                "user_id": exchange.user_id, "api_key_id": exchange.api_key_id,
+            }
+        plan.conv = conv
+        for i in range(depth + 1, len(exchange.messages)):
+            message = exchange.messages[i]
+            parent = self._node(plan, parent, hashed.owner, {
+                "public_id": new_public_id(),
+                "role": message.role,
+                "content": message.text(),
+                "payload": orjson.dumps(message.canonical()).decode(),
+                "content_hash": hashed.content_hashes[i],
+                "chain_hash": hashed.chains[i],
+                "created_at": started,
+            })
+        self._plan_answers(plan, parent, hashed)
+        return plan
+
+    def _match(self, hashed: _Hashed) -> tuple[int, _Node | int | None, _Conv | None]:
+        """The deepest message the request continues: (index, parent, conversation)."""
+        if hashed.first_assistant is None:
+            return -1, None, None
+        for i in range(len(hashed.chains) - 1, hashed.first_assistant - 1, -1):
+            key = (hashed.chains[i], hashed.owner)
+            node = self.planned.get(key)
+            if node is not None:
+                return i, node, node.conv
+            stored = self.stored.get(key)
+            if stored is not None:
+                message_id, conv_id, conv_public_id = stored
+                conv = self.existing.get(conv_id)
+                if conv is None:
+                    conv = self.existing[conv_id] = _Conv(conv_public_id, conv_id)
+                    self.continued.append(conv_id)
+                return i, message_id, conv
+        return -1, None, None
+
+    def _plan_answers(self, plan: _Plan, parent: _Node | int | None, hashed: _Hashed) -> None:
+        exchange = plan.exchange
+        attempt = None if plan.answer_attempt is None else exchange.attempts[plan.answer_attempt]
+        success = attempt is not None and attempt.success
+        usage = attempt.usage if attempt is not None else None
+        for choice in exchange.choices:
+            if not success and not (choice.text or choice.reasoning or choice.tool_calls):
+                continue
+            message = choice.message()
+            payload = message.canonical()
+            if choice.reasoning:
+                # Not part of the hash (clients do not send it back), but never dropped.
+                payload["reasoning_content"] = choice.reasoning
+            content_hash = message.content_hash()
+            node = self._node(plan, parent, hashed.owner, {
+                "public_id": new_public_id(),
+                "role": "assistant",
+                "content": message.text(),
+                "payload": orjson.dumps(payload).decode(),
+                "content_hash": content_hash,
+                "chain_hash": chain_hash(hashed.chains[-1], content_hash),
+                "created_at": self.now,
+            })
+            # Token counts are the attempt's; with n > 1 choices they are shared, so
+            # totals are summed over request_log, never over responses.
+            plan.answers.append((node, {
+                "model_used": attempt.model_used if attempt else exchange.model_requested,
+                "prompt_tokens": usage.prompt_tokens if usage else None,
+                "completion_tokens": usage.completion_tokens if usage else None,
+                "total_tokens": usage.total_tokens if usage else None,
+                "completion_time_ms": attempt.response_time_ms if attempt else None,
+                "finish_reason": choice.finish_reason,
+                "created_at": self.now,
+            }))
+
+    def _node(
+        self, plan: _Plan, parent: _Node | int | None, owner: _Owner, row: dict[str, Any]
+    ) -> _Node:
+        assert plan.conv is not None
+        node = _Node(row, parent, plan.conv)
+        plan.nodes.append(node)
+        self.planned[(row["chain_hash"], owner)] = node
+        return node
+
+
+def _hash(exchange: Exchange) -> _Hashed | None:
+    if exchange.endpoint != "chat" or not exchange.messages:
+        return None
+    content_hashes = [m.content_hash() for m in exchange.messages]
+    chains: list[str] = []
+    parent: str | None = None
+    for content_hash in content_hashes:
+        parent = chain_hash(parent, content_hash)
+        chains.append(parent)
+    first_assistant = next(
+        (i for i, m in enumerate(exchange.messages) if m.role == "assistant"), None
+    )
+    return _Hashed(
+        content_hashes, chains, first_assistant, _owner(exchange.user_id, exchange.api_key_id)
+    )
+
+
+def _owner(user_id: int | None, api_key_id: int | None) -> _Owner:
+    return ("user", user_id) if user_id is not None else ("key", api_key_id)
+
+
+def _stored_matches(
+    conn: Connection, hashed: Iterable[_Hashed | None]
+) -> dict[tuple[str, _Owner], _Stored]:
+    """Stored messages a request of this batch might continue from, in one pass."""
+    wanted: set[str] = set()
+    for h in hashed:
+        # Only a prefix holding an assistant message may continue a conversation, so
+        # shorter prefixes are never looked up (a new chat costs no query at all).
+        if h is not None and h.first_assistant is not None:
+            wanted.update(h.chains[h.first_assistant :])
+    found: dict[tuple[str, _Owner], _Stored] = {}
+    ordered = sorted(wanted)
+    for start in range(0, len(ordered), _LOOKUP_CHUNK):
+        query = (
+            select(
+                messages.c.chain_hash,
+                messages.c.id,
+                messages.c.conversation_id,
+                conversations.c.public_id,
+                conversations.c.user_id,
+                conversations.c.api_key_id,
+            )
+            .join(conversations, conversations.c.id == messages.c.conversation_id)
+            .where(messages.c.chain_hash.in_(ordered[start : start + _LOOKUP_CHUNK]))
+        )
+        for chain, message_id, conv_id, conv_public_id, user_id, api_key_id in conn.execute(
+            query
+        ):
+            key = (chain, _owner(user_id, api_key_id))
+            if key not in found or found[key][0] < message_id:
+                found[key] = (message_id, conv_id, conv_public_id)
+    return found
+
+
+def _answer_attempt(attempts: Sequence[Attempt]) -> int | None:
+    for i, attempt in enumerate(attempts):
+        if attempt.success:
+            return i
+    return len(attempts) - 1 if attempts else None
+
+
+def _attempt_rows(exchange: Exchange) -> list[dict[str, Any]]:
+    """One request_log row per attempt; the request's own fields repeat on each."""
+    request = {name: getattr(exchange, name) for name in _REQUEST_FIELDS}
+    request["chain_id"] = exchange.chain_id
+    rows = []
+    for attempt in exchange.attempts:
+        row = {name: getattr(attempt, name) for name in _ATTEMPT_FIELDS}
+        row.update({name: getattr(attempt.usage, name) for name in _USAGE_FIELDS})
+        row.update(request)
+        row["public_id"] = new_public_id()
+        row["created_at"] = _utc(attempt.started_at)
+        row["model"] = attempt.model_used
+        rows.append(row)
+    return rows
+
+
+def _recorded(plan: _Plan) -> Recorded:
+    conv = plan.conv
+    return Recorded(
+        chain_id=plan.exchange.chain_id,
+        request_public_ids=tuple(r["public_id"] for r in plan.attempt_rows),
+        conversation_public_id=conv.public_id if conv is not None else None,
+        answer_public_ids=tuple(node.row["public_id"] for node, _ in plan.answers),
+        request_ids=tuple(r["id"] for r in plan.attempt_rows),
+        conversation_id=conv.id if conv is not None else None,
+        message_ids=tuple(node.row["id"] for node in plan.nodes),
+    )
+
+
+def _utc(moment: datetime) -> datetime:
+    """``moment`` in UTC: SQLite keeps no offset, so every stored time must be UTC."""
+    if moment.tzinfo is None:
+        return moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC) if moment.utcoffset() else moment

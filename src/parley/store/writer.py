@@ -1,0 +1,274 @@
+"""The group-commit writer: the one place exchanges are committed, many per transaction.
+
+A dedicated thread owns one connection. Callers on event loops hand it exchanges through a
+``queue.SimpleQueue`` (``submit`` costs a future and a put, nothing else). The thread
+blocks for one item, takes whatever else is already queued (up to ``batch_max`` in all),
+writes the lot in one transaction and commits, then resolves that batch's futures with a
+single ``call_soon_threadsafe`` per event loop: one commit and one wake-up serve the
+whole batch.
+
+Invariants:
+- a future resolves only after its exchange is committed, or with a ``StoreError``;
+  nothing submitted is dropped without a result or a log line;
+- one bad exchange cannot sink its batch: a failed batch is rolled back and retried one
+  exchange per transaction, and only the exchanges that fail alone get the error;
+- items are committed in submission order, so ``drain`` (a marker in the queue) resolves
+  once everything submitted before it is committed;
+- ``stop`` commits everything queued before it, then joins the thread; ``submit`` after
+  ``stop`` raises ``StoreError``.
+
+The event loop is taken at submit time, so one writer may serve several loops over its
+life (tests run one loop per test).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy
+from sqlalchemy.exc import InterfaceError, OperationalError
+
+from parley.domain.exchange import Exchange
+from parley.errors import StoreError
+from parley.store.engine import writer_connection
+from parley.store.exchanges import Recorded, write_batch
+
+log = logging.getLogger(__name__)
+
+_Outcome = Recorded | BaseException | None
+
+
+@dataclass(slots=True)
+class _Item:
+    # None marks a drain request: it resolves when everything before it is committed.
+    exchange: Exchange | None
+    future: asyncio.Future[Any] | None
+    loop: asyncio.AbstractEventLoop | None
+
+
+_STOP = object()
+
+
+class Writer:
+    """Commits exchanges in batches from one thread; see the module docstring."""
+
+    def __init__(self, engine: sqlalchemy.Engine, *, batch_max: int = 512) -> None:
+        if batch_max < 1:
+            raise ValueError("batch_max must be at least 1")
+        self._engine = engine
+        self._batch_max = batch_max
+        self._queue: queue.SimpleQueue[_Item | object] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        # Guards "not stopping" + put against stop's put of the stop marker, so nothing
+        # can be queued behind the marker and wait forever.
+        self._lock = threading.Lock()
+        self._stopping = False
+        # Written only by the writer thread; read anywhere (ints are safe to read).
+        self.committed = 0
+        self.failed = 0
+        self.batches = 0
+
+    def start(self) -> None:
+        if self._thread is not None or self._stopping:
+            raise RuntimeError("a writer starts once")
+        self._thread = threading.Thread(target=self._run, name="parley-writer", daemon=True)
+        self._thread.start()
+
+    def submit(self, exchange: Exchange) -> asyncio.Future[Recorded]:
+        """Queue ``exchange``; the future resolves once it is committed (or failed)."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Recorded] = loop.create_future()
+        self._put(_Item(exchange, future, loop))
+        return future
+
+    def submit_nowait(self, exchange: Exchange) -> None:
+        """Queue ``exchange`` without waiting for it (a failure is logged)."""
+        self._put(_Item(exchange, None, None))
+
+    async def drain(self) -> None:
+        """Return once everything submitted before this call is committed (or failed)."""
+        if not self.is_alive():
+            raise StoreError("the store writer is not running")
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        self._put(_Item(None, future, loop))
+        await future
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Commit everything queued, then end the thread.
+
+        Blocks: from an event loop, call it through ``asyncio.to_thread``.
+        """
+        with self._lock:
+            if not self._stopping:
+                self._stopping = True
+                self._queue.put(_STOP)
+        thread = self._thread
+        if thread is None:
+            self._fail_queued(StoreError("the store writer was stopped before it started"))
+            return
+        thread.join(timeout)
+        if thread.is_alive():
+            raise StoreError(f"the store writer did not finish within {timeout}s")
+
+    def is_alive(self) -> bool:
+        """Whether the writer thread is running (health checks report it)."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def _put(self, item: _Item) -> None:
+        with self._lock:
+            if self._stopping:
+                raise StoreError("the store writer is stopped")
+            self._queue.put(item)
+
+    def _run(self) -> None:
+        conn: sqlalchemy.Connection | None = None
+        batch: list[_Item] = []
+        try:
+            while True:
+                batch, stop = self._next_batch()
+                if batch:
+                    # Connected lazily, so a database that is down at start (or goes
+                    # away) fails batches, not the writer.
+                    if conn is None or conn.closed:
+                        conn = self._connect(batch)
+                    if conn is not None:
+                        self._process(conn, batch)
+                batch = []
+                if stop:
+                    return
+        except BaseException as exc:
+            # Nothing may be left waiting forever if the thread itself dies.
+            log.critical("store writer stopped on an unexpected error", exc_info=exc)
+            with self._lock:
+                self._stopping = True
+            error = StoreError(f"the store writer stopped: {type(exc).__name__}")
+            self._resolve([(item, error) for item in batch])
+            self._fail_queued(error)
+            raise
+        finally:
+            if conn is not None:
+                conn.close()
+
+    def _connect(self, batch: list[_Item]) -> sqlalchemy.Connection | None:
+        try:
+            return writer_connection(self._engine)
+        except Exception as exc:
+            log.error("store writer cannot connect to the database", exc_info=exc)
+            self.failed += sum(1 for item in batch if item.exchange is not None)
+            error = StoreError(f"the database is unavailable: {type(exc).__name__}")
+            self._resolve([(item, error) for item in batch])
+            return None
+
+    def _next_batch(self) -> tuple[list[_Item], bool]:
+        batch: list[_Item] = []
+        item = self._queue.get()
+        while True:
+            if item is _STOP:
+                return batch, True
+            assert isinstance(item, _Item)
+            batch.append(item)
+            if len(batch) >= self._batch_max:
+                return batch, False
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return batch, False
+
+    def _process(self, conn: sqlalchemy.Connection, batch: list[_Item]) -> None:
+        work = [item for item in batch if item.exchange is not None]
+        exchanges = [item.exchange for item in work if item.exchange is not None]
+        outcomes: list[_Outcome]
+        if exchanges:
+            try:
+                with conn.begin():
+                    outcomes = list(write_batch(conn, exchanges))
+                self.batches += 1
+                self.committed += len(exchanges)
+            except Exception as exc:
+                log.warning(
+                    "store batch of %d failed (%s); retrying one by one", len(exchanges), exc
+                )
+                outcomes = self._one_by_one(conn, exchanges)
+        else:
+            outcomes = []
+        results = dict(zip(map(id, work), outcomes, strict=True))
+        self._resolve([(item, results.get(id(item))) for item in batch])
+
+    def _one_by_one(
+        self, conn: sqlalchemy.Connection, exchanges: list[Exchange]
+    ) -> list[_Outcome]:
+        outcomes: list[_Outcome] = []
+        for i, exchange in enumerate(exchanges):
+            outcome = self._one(conn, exchange)
+            outcomes.append(outcome)
+            if isinstance(outcome, StoreError) and isinstance(
+                outcome.__cause__, OperationalError | InterfaceError
+            ):
+                # The database failed, not this record (locked past the busy timeout,
+                # gone, disk full): retrying the rest would wait that long for each one.
+                rest = len(exchanges) - i - 1
+                self.failed += rest
+                outcomes.extend(StoreError(outcome.message) for _ in range(rest))
+                break
+        return outcomes
+
+    def _one(self, conn: sqlalchemy.Connection, exchange: Exchange) -> _Outcome:
+        try:
+            with conn.begin():
+                (recorded,) = write_batch(conn, [exchange])
+        except Exception as exc:
+            self.failed += 1
+            log.error(
+                "could not record exchange %s (model %r)",
+                exchange.chain_id,
+                exchange.model_requested,
+                exc_info=exc,
+            )
+            error = StoreError(f"could not record the exchange: {type(exc).__name__}")
+            error.__cause__ = exc
+            return error
+        self.batches += 1
+        self.committed += 1
+        return recorded
+
+    def _resolve(self, outcomes: list[tuple[_Item, _Outcome]]) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[_Outcome], _Outcome]]]
+        by_loop = {}
+        for item, outcome in outcomes:
+            if item.future is not None and item.loop is not None:
+                by_loop.setdefault(item.loop, []).append((item.future, outcome))
+        for loop, pairs in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_settle, pairs)
+            except RuntimeError:
+                # The loop closed while its exchanges were being written; they are
+                # committed (or logged), there is just nobody left to tell.
+                log.debug("event loop closed before %d results were delivered", len(pairs))
+
+    def _fail_queued(self, error: StoreError) -> None:
+        pending: list[tuple[_Item, _Outcome]] = []
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(item, _Item):
+                pending.append((item, error))
+        self._resolve(pending)
+
+
+def _settle(pairs: list[tuple[asyncio.Future[_Outcome], _Outcome]]) -> None:
+    """Runs on the submitting loop: hand every future its result."""
+    for future, outcome in pairs:
+        if future.done():  # cancelled by its caller; the record is committed anyway
+            continue
+        if isinstance(outcome, BaseException):
+            future.set_exception(outcome)
+        else:
+            future.set_result(outcome)

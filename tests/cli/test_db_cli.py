@@ -1,0 +1,69 @@
+"""``parley db`` end to end through click, against a real database."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner, Result
+
+from parley.cli.main import cli
+
+COMMANDS = ("upgrade", "downgrade", "current", "history", "check")
+
+
+@pytest.fixture(autouse=True)
+def _in_tmp_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Settings read parley.toml from the working directory: keep the repository's out.
+    monkeypatch.chdir(tmp_path)
+
+
+def run(tmp_path: Path, database_url: str, *args: str) -> Result:
+    env = {"DATABASE_URL": database_url, "PARLEY_DATA_DIR": str(tmp_path / "data")}
+    return CliRunner().invoke(cli, ["db", *args], env=env)
+
+
+def test_upgrade_current_history_check_downgrade(tmp_path: Path, database_url: str) -> None:
+    result = run(tmp_path, database_url, "current")
+    assert (result.exit_code, result.output) == (0, "none\n")
+
+    result = run(tmp_path, database_url, "upgrade")
+    assert (result.exit_code, result.output) == (0, "database at 0001\n")
+
+    result = run(tmp_path, database_url, "current")
+    assert (result.exit_code, result.output) == (0, "0001 (head)\n")
+
+    result = run(tmp_path, database_url, "history")
+    assert result.exit_code == 0
+    assert result.output.startswith("base -> 0001 (head): Initial schema")
+
+    result = run(tmp_path, database_url, "check")
+    assert (result.exit_code, result.output) == (0, "no drift: the database matches the models\n")
+
+    result = run(tmp_path, database_url, "downgrade", "base")
+    assert (result.exit_code, result.output) == (0, "database at base\n")
+
+    result = run(tmp_path, database_url, "check")
+    assert result.exit_code == 1
+    assert "table request_log is missing from the database" in result.output
+
+
+def test_errors_are_one_line_without_traceback(tmp_path: Path) -> None:
+    result = run(tmp_path, "mysql://nobody@localhost/parley", "upgrade")
+    assert result.exit_code == 1
+    assert result.stderr == "error: unsupported database 'mysql': use sqlite:/// or postgresql://\n"
+    assert "Traceback" not in result.output
+
+
+def test_downgrade_needs_a_revision(tmp_path: Path) -> None:
+    result = run(tmp_path, "sqlite:///unused.db", "downgrade")
+    assert result.exit_code == 2
+    assert "Missing argument 'REVISION'" in result.stderr
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_is_documented(command: str) -> None:
+    result = CliRunner().invoke(cli, ["db", command, "--help"])
+    assert result.exit_code == 0
+    summary = result.output.split("\n\n")[1].strip()
+    assert len(summary) > 20, f"`parley db {command}` has no help text"

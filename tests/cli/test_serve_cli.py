@@ -1,0 +1,55 @@
+"""``parley serve`` refuses unsafe exposure and starts on its embedded defaults."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+
+from tests.harness import free_port, serve_subprocess
+
+
+def test_refuses_a_public_address_without_a_master_key(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "PARLEY_MASTER_KEY"}
+    env["PARLEY_DATA_DIR"] = str(tmp_path / "data")
+    result = subprocess.run(
+        [sys.executable, "-m", "parley", "serve", "--host", "0.0.0.0", "--port", "0"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert "PARLEY_MASTER_KEY" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "data").exists()
+
+
+def test_starts_on_embedded_defaults_in_a_fresh_directory(tmp_path: Path) -> None:
+    # No config file, no DATABASE_URL: SQLite in ./data under the working directory.
+    env = {"PARLEY_DATA_DIR": "", "DATABASE_URL": ""}
+    with serve_subprocess(tmp_path, env, free_port()) as process:
+        assert process.poll() is None
+        port = int(process.args[-1])  # type: ignore[index]
+        models = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=5).json()
+        assert models == {"object": "list", "data": []}
+    assert (tmp_path / "data" / "parley.db").is_file()
+
+
+def test_bad_config_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "parley.toml").write_text('[[providers]]\nname = "x"\nkind = "nope"\n')
+    env = {**os.environ, "PARLEY_DATA_DIR": str(tmp_path / "data")}
+    result = subprocess.run(
+        [sys.executable, "-m", "parley", "serve", "--port", str(free_port())],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert "kind must be one of" in result.stderr and "Traceback" not in result.stderr

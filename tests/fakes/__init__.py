@@ -1,0 +1,1 @@
+"""Fake upstreams for tests and benchmarks: real servers speaking real HTTP and SSE."""

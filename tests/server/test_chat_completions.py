@@ -1,0 +1,357 @@
+"""/v1/chat/completions end to end: the official openai SDK -> parley -> a fake upstream.
+
+Every test runs a real parley server on loopback in front of a real fake upstream server,
+and checks what the client saw and what the store holds, on SQLite and PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from tests.fakes.openai_upstream import FakeOpenAI
+from tests.harness import (
+    ParleyServer,
+    as_datetime,
+    rows,
+    settings_for,
+    wait_for,
+    write_config,
+)
+
+
+@pytest.fixture
+def upstream() -> Iterator[FakeOpenAI]:
+    with FakeOpenAI() as fake:
+        yield fake
+
+
+@pytest.fixture
+def server(tmp_path: Path, database_url: str, upstream: FakeOpenAI) -> Iterator[ParleyServer]:
+    write_config(
+        tmp_path,
+        [
+            {
+                "name": "up",
+                "kind": "openai",
+                "base_url": upstream.base_url,
+                "models": ["gpt-4o-mini"],
+                "timeouts": {"connect": 2.0, "first_byte": 0.5, "idle": 0.5},
+            }
+        ],
+        aliases={
+            "fast": ["up/fail-500", "up/gpt-4o-mini"],
+            "never": ["up/fail-503"],
+        },
+        extra="[retry]\nattempts = 2\nbackoff_base = 0.01\n",
+    )
+    with ParleyServer(settings_for(tmp_path, database_url)) as running:
+        yield running
+
+
+def client(server: ParleyServer) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0)
+
+
+def test_non_streaming_answer_is_recorded(server: ParleyServer, database_url: str) -> None:
+    reply = client(server).chat.completions.create(
+        model="up/gpt-4o-mini",
+        messages=[{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}],
+        temperature=0.5,
+        max_tokens=50,
+    )
+    assert reply.choices[0].message.content == "echo: hi"
+    assert reply.usage is not None and reply.usage.completion_tokens == 2
+
+    [req] = rows(database_url, "SELECT * FROM request_log")
+    assert req["success"] and req["status_code"] == 200
+    assert (req["provider"], req["model"], req["model_requested"]) == (
+        "up",
+        "gpt-4o-mini",
+        "up/gpt-4o-mini",
+    )
+    assert (req["prompt_tokens"], req["completion_tokens"], req["total_tokens"]) == (3, 2, 5)
+    assert req["temperature"] == 0.5 and req["max_tokens"] == 50 and req["message_count"] == 2
+    assert req["is_streaming"] is False or req["is_streaming"] == 0
+    assert req["finish_reason"] == "stop" and req["client_protocol"] == "openai"
+    # gpt-4o-mini is priced in the shipped table: 3 * 0.15 + 2 * 0.60 per million.
+    assert req["cost_usd"] == pytest.approx((3 * 0.15 + 2 * 0.60) / 1e6)
+    assert req["response_time_ms"] > 0 and req["time_to_first_token_ms"] is None
+
+    messages = rows(database_url, "SELECT * FROM messages ORDER BY id")
+    assert [m["role"] for m in messages] == ["system", "user", "assistant"]
+    assert messages[2]["content"] == "echo: hi"
+    [response] = rows(database_url, "SELECT * FROM responses")
+    assert response["message_id"] == messages[2]["id"] and response["request_id"] == req["id"]
+
+
+def test_streaming_with_usage_and_timings(server: ParleyServer, database_url: str) -> None:
+    stream = client(server).chat.completions.create(
+        model="up/gpt-4o-mini",
+        messages=[{"role": "user", "content": "tell me a story"}],
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == "echo: tell me a story"
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 5
+
+    [req] = rows(database_url, "SELECT * FROM request_log")
+    assert req["success"] and req["completion_tokens"] == 5
+    assert 0 < req["time_to_first_token_ms"] <= req["time_to_last_token_ms"]
+    assert req["time_to_last_token_ms"] <= req["response_time_ms"]
+    assert req["tokens_per_second"] is not None and req["tokens_per_second"] > 0
+
+
+def test_stream_without_usage_request_hides_usage_but_records_it(
+    server: ParleyServer, database_url: str, upstream: FakeOpenAI
+) -> None:
+    chunks = list(
+        client(server).chat.completions.create(
+            model="up/gpt-4o-mini", messages=[{"role": "user", "content": "a b c"}], stream=True
+        )
+    )
+    assert all(c.usage is None for c in chunks)
+    # parley asked the upstream for usage anyway, and recorded it.
+    assert upstream.received[-1][2]["stream_options"] == {"include_usage": True}
+    [req] = rows(database_url, "SELECT completion_tokens FROM request_log")
+    assert req["completion_tokens"] == 4  # "echo: a b c"
+
+
+def test_async_client_streaming_and_not(server: ParleyServer, database_url: str) -> None:
+    async def run() -> tuple[str, str]:
+        async with openai.AsyncOpenAI(
+            base_url=server.base_url, api_key="unused", max_retries=0
+        ) as aclient:
+            plain = await aclient.chat.completions.create(
+                model="up/gpt-4o-mini", messages=[{"role": "user", "content": "one"}]
+            )
+            stream = await aclient.chat.completions.create(
+                model="up/gpt-4o-mini",
+                messages=[{"role": "user", "content": "two"}],
+                stream=True,
+            )
+            parts = [c.choices[0].delta.content or "" async for c in stream if c.choices]
+            return plain.choices[0].message.content or "", "".join(parts)
+
+    assert asyncio.run(run()) == ("echo: one", "echo: two")
+    assert len(rows(database_url, "SELECT id FROM request_log")) == 2
+
+
+def test_every_field_passes_through(server: ParleyServer, upstream: FakeOpenAI) -> None:
+    client(server).chat.completions.create(
+        model="up/gpt-4o-mini",
+        messages=[{"role": "user", "content": "hi"}],
+        seed=7,
+        n=1,
+        stop=["\n\n"],
+        logprobs=True,
+        top_logprobs=2,
+        response_format={"type": "json_object"},
+        user="alice",
+        extra_body={"vendor_knob": {"x": 1}},
+    )
+    body = upstream.received[-1][2]
+    assert body["model"] == "gpt-4o-mini"
+    for key, value in {
+        "seed": 7,
+        "n": 1,
+        "stop": ["\n\n"],
+        "logprobs": True,
+        "top_logprobs": 2,
+        "response_format": {"type": "json_object"},
+        "user": "alice",
+        "vendor_knob": {"x": 1},
+    }.items():
+        assert body[key] == value, key
+
+
+def test_tool_call_round_trip_lands_in_one_conversation(
+    server: ParleyServer, database_url: str
+) -> None:
+    tools = [
+        {
+            "type": "function",
+            "function": {
+                "name": "get_weather",
+                "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+            },
+        }
+    ]
+    history: list[dict[str, object]] = [{"role": "user", "content": "weather in Paris?"}]
+    first = client(server).chat.completions.create(
+        model="up/tool-call", messages=history, tools=tools  # type: ignore[arg-type]
+    )
+    call = first.choices[0].message.tool_calls[0]  # type: ignore[index]
+    assert first.choices[0].finish_reason == "tool_calls"
+    assert call.function.name == "get_weather"  # type: ignore[union-attr]
+    assert call.function.arguments == '{"city": "Paris"}'  # type: ignore[union-attr]
+    history.append(first.choices[0].message.model_dump(exclude_none=True))
+    history.append({"role": "tool", "tool_call_id": call.id, "content": "sunny"})
+    second = client(server).chat.completions.create(
+        model="up/tool-call", messages=history, tools=tools  # type: ignore[arg-type]
+    )
+    assert second.choices[0].message.content == "tool said: sunny"
+
+    conversations = rows(database_url, "SELECT id FROM conversations")
+    assert len(conversations) == 1
+    roles = [m["role"] for m in rows(database_url, "SELECT role FROM messages ORDER BY id")]
+    assert roles == ["user", "assistant", "tool", "assistant"]
+
+
+def test_streamed_tool_call(server: ParleyServer) -> None:
+    chunks = list(
+        client(server).chat.completions.create(
+            model="up/tool-call",
+            messages=[{"role": "user", "content": "weather?"}],
+            tools=[{"type": "function", "function": {"name": "get_weather"}}],
+            stream=True,
+        )
+    )
+    arguments = "".join(
+        (c.choices[0].delta.tool_calls or [])[0].function.arguments or ""  # type: ignore[union-attr]
+        for c in chunks
+        if c.choices and c.choices[0].delta.tool_calls
+    )
+    assert arguments == '{"city": "Paris"}'
+
+
+def test_images_reach_the_upstream(server: ParleyServer, upstream: FakeOpenAI) -> None:
+    content = [
+        {"type": "text", "text": "what is this?"},
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}},
+    ]
+    client(server).chat.completions.create(
+        model="up/gpt-4o-mini", messages=[{"role": "user", "content": content}]  # type: ignore[typeddict-item]
+    )
+    assert upstream.received[-1][2]["messages"][0]["content"] == content
+
+
+def test_upstream_400_is_the_clients_error(server: ParleyServer, database_url: str) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        client(server).chat.completions.create(
+            model="up/fail-400", messages=[{"role": "user", "content": "x"}]
+        )
+    assert caught.value.status_code == 400
+    [req] = rows(database_url, "SELECT * FROM request_log")
+    assert not req["success"] and req["error_type"] == "bad_request"
+    assert req["status_code"] == 400
+    # What the user sent is kept even when the upstream refused it.
+    assert [m["role"] for m in rows(database_url, "SELECT role FROM messages")] == ["user"]
+
+
+def test_429_is_retried_after_retry_after_then_returned(
+    server: ParleyServer, database_url: str
+) -> None:
+    response = httpx.post(
+        f"{server.base_url}/chat/completions",
+        json={"model": "up/fail-429", "messages": [{"role": "user", "content": "x"}]},
+        timeout=30,
+    )
+    assert response.status_code == 429
+    assert response.headers["Retry-After"] == "1"
+    assert response.json()["error"]["type"] == "rate_limit_error"
+    attempts = rows(database_url, "SELECT * FROM request_log ORDER BY attempt")
+    assert [a["attempt"] for a in attempts] == [1, 2]
+    assert {a["error_type"] for a in attempts} == {"rate_limit"}
+    # The retry waited for Retry-After (1 s) before the second attempt.
+    gap = as_datetime(attempts[1]["created_at"]) - as_datetime(attempts[0]["created_at"])
+    assert gap.total_seconds() >= 0.95
+
+
+def test_5xx_then_success_on_the_same_candidate(server: ParleyServer, database_url: str) -> None:
+    reply = client(server).chat.completions.create(
+        model="up/flaky-1", messages=[{"role": "user", "content": "x"}], user="retry-test"
+    )
+    assert reply.choices[0].message.content == "echo: x"
+    attempts = rows(database_url, "SELECT * FROM request_log ORDER BY attempt")
+    assert [(a["attempt"], a["success"]) for a in attempts] == [(1, False), (2, True)]
+    assert attempts[0]["chain_id"] == attempts[1]["chain_id"]
+
+
+def test_alias_falls_back_and_links_the_chain(server: ParleyServer, database_url: str) -> None:
+    reply = client(server).chat.completions.create(
+        model="fast", messages=[{"role": "user", "content": "x"}]
+    )
+    assert reply.choices[0].message.content == "echo: x"
+    attempts = rows(database_url, "SELECT * FROM request_log ORDER BY attempt")
+    assert [(a["model"], a["success"]) for a in attempts] == [
+        ("fail-500", False),
+        ("fail-500", False),
+        ("gpt-4o-mini", True),
+    ]
+    assert len({a["chain_id"] for a in attempts}) == 1
+    assert {a["model_requested"] for a in attempts} == {"fast"}
+    [response] = rows(database_url, "SELECT request_id FROM responses")
+    assert response["request_id"] == attempts[2]["id"]
+
+
+def test_all_candidates_failing_gives_a_502(server: ParleyServer, database_url: str) -> None:
+    with pytest.raises(openai.APIStatusError) as caught:
+        client(server).chat.completions.create(
+            model="never", messages=[{"role": "user", "content": "x"}]
+        )
+    assert caught.value.status_code == 502
+    assert len(rows(database_url, "SELECT id FROM request_log")) == 2
+
+
+def test_stall_before_first_byte_times_out(server: ParleyServer, database_url: str) -> None:
+    with pytest.raises(openai.APIStatusError) as caught:
+        client(server).chat.completions.create(
+            model="up/stall-first-byte", messages=[{"role": "user", "content": "x"}]
+        )
+    assert caught.value.status_code == 504
+    attempts = rows(database_url, "SELECT error_type FROM request_log")
+    assert [a["error_type"] for a in attempts] == ["timeout", "timeout"]
+
+
+@pytest.mark.parametrize(
+    ("model", "error_type"),
+    [("stall-mid", "timeout"), ("reset-mid", "interrupted"), ("malformed", "protocol"),
+     ("eof-mid", "interrupted")],
+)
+def test_broken_stream_ends_in_an_error_event(
+    server: ParleyServer, database_url: str, model: str, error_type: str
+) -> None:
+    received = []
+    with pytest.raises(openai.APIError):
+        for chunk in client(server).chat.completions.create(
+            model=f"up/{model}", messages=[{"role": "user", "content": "a b c d"}], stream=True
+        ):
+            received.append(chunk)
+    assert received, "the first chunks reached the client before the failure"
+    [req] = rows(database_url, "SELECT * FROM request_log")
+    assert not req["success"] and req["error_type"] == error_type
+    assert req["finish_reason"] == "error"
+    # The partial answer is kept with the request.
+    assistant = rows(database_url, "SELECT content FROM messages WHERE role = 'assistant'")
+    assert assistant and assistant[0]["content"]
+
+
+def test_client_disconnect_cancels_and_records_partial(
+    server: ParleyServer, database_url: str, upstream: FakeOpenAI
+) -> None:
+    with httpx.stream(
+        "POST",
+        f"{server.base_url}/chat/completions",
+        json={
+            "model": "up/slow-stream",
+            "stream": True,
+            "messages": [{"role": "user", "content": "one two three four five"}],
+        },
+        timeout=10,
+    ) as response:
+        for line in response.iter_lines():
+            if line.startswith("data:"):
+                break  # leave after the first chunk
+    [req] = wait_for(
+        lambda: rows(database_url, "SELECT * FROM request_log WHERE finish_reason IS NOT NULL")
+    )
+    assert req["finish_reason"] == "client_disconnected"
+    assert req["error_type"] == "cancelled" and not req["success"]

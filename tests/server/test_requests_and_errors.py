@@ -1,0 +1,186 @@
+"""Bad input, authentication, secrets, model listing and embeddings through a real server."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from tests.fakes.openai_upstream import FakeOpenAI
+from tests.harness import ParleyServer, rows, settings_for, write_config
+
+CANARY = "sk-canary-7f3a9c1e5b2d4f60"
+MASTER = "parley-master-test-key"
+
+
+@pytest.fixture
+def upstream() -> Iterator[FakeOpenAI]:
+    with FakeOpenAI(api_key=CANARY) as fake:
+        yield fake
+
+
+def _config(tmp_path: Path, upstream: FakeOpenAI) -> None:
+    write_config(
+        tmp_path,
+        [
+            {
+                "name": "up",
+                "kind": "openai",
+                "base_url": upstream.base_url,
+                "api_key_env": "UP_KEY",
+                "models": ["gpt-4o-mini", "text-embedding-3-small"],
+            },
+            {
+                "name": "wrongkey",
+                "kind": "openai",
+                "base_url": upstream.base_url,
+                "api_key": "sk-not-the-right-one",
+            },
+        ],
+        aliases={"fast": ["up/gpt-4o-mini"]},
+    )
+
+
+@pytest.fixture
+def server(tmp_path: Path, database_url: str, upstream: FakeOpenAI) -> Iterator[ParleyServer]:
+    _config(tmp_path, upstream)
+    settings = settings_for(
+        tmp_path, database_url, UP_KEY=CANARY, PARLEY_MAX_BODY_BYTES="20000"
+    )
+    with ParleyServer(settings) as running:
+        yield running
+
+
+def post(server: ParleyServer, content: bytes | str, **headers: str) -> httpx.Response:
+    return httpx.post(
+        f"{server.base_url}/chat/completions",
+        content=content,
+        headers={"Content-Type": "application/json", **headers},
+        timeout=10,
+    )
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "fragment"),
+    [
+        (b"{not json", 400, "not valid JSON"),
+        (b"", 400, "empty"),
+        (b"[1, 2]", 400, "JSON object"),
+        (b'{"messages": [{"role": "user", "content": "x"}]}', 400, "'model'"),
+        (b'{"model": "up/gpt-4o-mini"}', 400, "'messages'"),
+        (b'{"model": "up/gpt-4o-mini", "messages": "hi"}', 400, "'messages'"),
+        (b'{"model": "up/gpt-4o-mini", "messages": [{"role": "robot", "content": "x"}]}',
+         400, "role"),
+        (b'{"model": "up/gpt-4o-mini", "messages": [{"role": "user", "content": 5}]}',
+         400, "content"),
+        (b'{"model": "up/gpt-4o-mini", "temperature": "hot", '
+         b'"messages": [{"role": "user", "content": "x"}]}', 400, "temperature"),
+        (b'{"model": "up/gpt-4o-mini", "max_tokens": -1, '
+         b'"messages": [{"role": "user", "content": "x"}]}', 400, "max_tokens"),
+        (b'{"model": "up/gpt-4o-mini", "stream": "yes", '
+         b'"messages": [{"role": "user", "content": "x"}]}', 400, "stream"),
+        (b'{"model": "nonexistent", "messages": [{"role": "user", "content": "x"}]}',
+         404, "does not exist"),
+        (b'{"model": "nope/gpt-4o-mini", "messages": [{"role": "user", "content": "x"}]}',
+         404, "unknown provider"),
+    ],
+)
+def test_bad_input_gets_openai_errors_and_stores_nothing(
+    server: ParleyServer, database_url: str, body: bytes, status: int, fragment: str
+) -> None:
+    response = post(server, body)
+    assert response.status_code == status
+    error = response.json()["error"]
+    assert fragment in error["message"]
+    assert error["type"] == "invalid_request_error"
+    assert "Traceback" not in response.text
+    assert rows(database_url, "SELECT id FROM request_log") == []
+    assert rows(database_url, "SELECT id FROM messages") == []
+
+
+def test_body_over_the_limit_is_413(server: ParleyServer, database_url: str) -> None:
+    big = '{"model": "up/gpt-4o-mini", "messages": [{"role": "user", "content": "%s"}]}' % (
+        "x" * 30000
+    )
+    response = post(server, big)
+    assert response.status_code == 413
+    assert response.json()["error"]["code"] == "request_too_large"
+    assert rows(database_url, "SELECT id FROM messages") == []
+
+
+def test_unknown_endpoint_is_an_openai_404(server: ParleyServer) -> None:
+    response = httpx.get(f"{server.base_url}/nothing-here", timeout=5)
+    assert response.status_code == 404
+    assert response.json()["error"]["message"].startswith("no such endpoint")
+
+
+def test_models_lists_configured_models_and_aliases(server: ParleyServer) -> None:
+    ids = {m.id for m in openai.OpenAI(base_url=server.base_url, api_key="x").models.list()}
+    assert ids == {"up/gpt-4o-mini", "up/text-embedding-3-small", "fast"}
+
+
+def test_embeddings_are_routed_and_recorded(server: ParleyServer, database_url: str) -> None:
+    result = openai.OpenAI(base_url=server.base_url, api_key="x").embeddings.create(
+        model="up/text-embedding-3-small", input=["hello world", "goodbye"]
+    )
+    assert len(result.data) == 2 and len(result.data[0].embedding) > 0
+    [req] = rows(database_url, "SELECT * FROM request_log")
+    assert req["endpoint"] == "embeddings" and req["success"]
+    assert req["prompt_tokens"] == result.usage.prompt_tokens
+    assert rows(database_url, "SELECT id FROM messages") == []
+
+
+def test_canary_key_never_leaks(
+    server: ParleyServer,
+    database_url: str,
+    upstream: FakeOpenAI,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    sdk = openai.OpenAI(base_url=server.base_url, api_key="x", max_retries=0)
+    bodies = []
+    sdk.chat.completions.create(model="up/gpt-4o-mini", messages=[{"role": "user", "content": "a"}])
+    for model in ("up/fail-401", "up/fail-500", "wrongkey/gpt-4o-mini", "up/malformed"):
+        response = httpx.post(
+            f"{server.base_url}/chat/completions",
+            json={"model": model, "stream": True, "messages": [{"role": "user", "content": "a"}]},
+            timeout=10,
+        )
+        bodies.append(response.text)
+    # The key did reach the upstream, so the test would see it if it leaked.
+    assert any(h.get("Authorization") == f"Bearer {CANARY}" for _, h, _ in upstream.received)
+    stored = rows(database_url, "SELECT * FROM request_log") + rows(
+        database_url, "SELECT * FROM messages"
+    )
+    everything = "\n".join(bodies) + repr(stored) + caplog.text
+    assert CANARY not in everything
+    assert len(stored) >= 5
+
+
+def test_master_key_is_required_when_set(
+    tmp_path: Path, database_url: str, upstream: FakeOpenAI
+) -> None:
+    _config(tmp_path, upstream)
+    settings = settings_for(tmp_path, database_url, UP_KEY=CANARY, PARLEY_MASTER_KEY=MASTER)
+    with ParleyServer(settings) as server:
+        body = {"model": "up/gpt-4o-mini", "messages": [{"role": "user", "content": "x"}]}
+        missing = httpx.post(f"{server.base_url}/chat/completions", json=body, timeout=5)
+        assert missing.status_code == 401
+        assert missing.json()["error"]["code"] == "invalid_api_key"
+        wrong = httpx.post(
+            f"{server.base_url}/chat/completions",
+            json=body,
+            headers={"Authorization": "Bearer nope"},
+            timeout=5,
+        )
+        assert wrong.status_code == 401 and MASTER not in wrong.text
+        ok = openai.OpenAI(base_url=server.base_url, api_key=MASTER).chat.completions.create(
+            model="up/gpt-4o-mini", messages=[{"role": "user", "content": "x"}]
+        )
+        assert ok.choices[0].message.content == "echo: x"
+        assert httpx.get(f"{server.root}/healthz", timeout=5).status_code == 200
+    assert len(rows(database_url, "SELECT id FROM request_log")) == 1

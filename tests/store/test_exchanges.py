@@ -1,0 +1,280 @@
+"""The exchange repository on SQLite and PostgreSQL: threading, attempts, nothing lost."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+import sqlalchemy as sa
+
+from parley.domain.exchange import Attempt, Choice, Exchange
+from parley.domain.messages import Message, ToolCall, chain_hashes
+from parley.domain.usage import Usage
+from parley.store.engine import writer_connection
+from parley.store.exchanges import (
+    Recorded,
+    conversation_messages,
+    list_requests,
+    write_batch,
+)
+
+SYSTEM = Message("system", "Be brief.")
+
+
+def attempt(number: int = 1, *, ok: bool = True, **fields: Any) -> Attempt:
+    base: dict[str, Any] = {
+        "provider": "openai",
+        "model_used": "gpt-test-2024",
+        "started_at": datetime.now(UTC),
+        "success": ok,
+        "status_code": 200 if ok else 500,
+        "response_time_ms": 250.0,
+        "usage": Usage(prompt_tokens=11, completion_tokens=7, total_tokens=18),
+    }
+    base.update(fields)
+    return Attempt(number, **base)
+
+
+def chat(
+    messages: Sequence[Message],
+    answers: Sequence[str] = ("ok",),
+    attempts: Sequence[Attempt] | None = None,
+    **fields: Any,
+) -> Exchange:
+    return Exchange(
+        model_requested=fields.pop("model_requested", "gpt-test"),
+        messages=tuple(messages),
+        started_at=datetime.now(UTC),
+        attempts=list(attempts) if attempts is not None else [attempt()],
+        choices=[Choice(i, text, finish_reason="stop") for i, text in enumerate(answers)],
+        **fields,
+    )
+
+
+def answer(text: str) -> Message:
+    return Choice(0, text).message()
+
+
+def write(engine: sa.Engine, *exchanges: Exchange) -> list[Recorded]:
+    with writer_connection(engine) as conn, conn.begin():
+        return write_batch(conn, exchanges)
+
+
+def rows(engine: sa.Engine, sql: str) -> list[dict[str, Any]]:
+    with engine.connect() as conn:
+        return [dict(row._mapping) for row in conn.exec_driver_sql(sql)]
+
+
+def stateless_rounds() -> list[Exchange]:
+    """A client that re-sends its whole history each time, as OpenAI SDK users do."""
+    history: list[Message] = [SYSTEM]
+    out = []
+    for n in (1, 2, 3):
+        history.append(Message("user", f"question {n}"))
+        out.append(chat(history, [f"answer {n}"]))
+        history.append(answer(f"answer {n}"))
+    return out
+
+
+def assert_one_threaded_conversation(engine: sa.Engine, recorded: list[Recorded]) -> None:
+    [conversation] = rows(engine, "SELECT * FROM conversations")
+    assert {r.conversation_id for r in recorded} == {conversation["id"]}
+    messages = rows(engine, "SELECT * FROM messages ORDER BY id")
+    assert [(m["role"], m["content"]) for m in messages] == [
+        ("system", "Be brief."),
+        ("user", "question 1"),
+        ("assistant", "answer 1"),
+        ("user", "question 2"),
+        ("assistant", "answer 2"),
+        ("user", "question 3"),
+        ("assistant", "answer 3"),
+    ]
+    # One chain: every message's parent is the one before it.
+    assert [m["parent_id"] for m in messages] == [None] + [m["id"] for m in messages[:-1]]
+    assert {m["conversation_id"] for m in messages} == {conversation["id"]}
+    # The stored chain hashes are the ones the client's next request will carry.
+    history = [Message(m["role"], m["content"]) for m in messages]
+    assert [m["chain_hash"] for m in messages] == chain_hashes(history)
+    # Every answer links to the request row of its own exchange.
+    responses = rows(engine, "SELECT * FROM responses ORDER BY id")
+    assistants = [m for m in messages if m["role"] == "assistant"]
+    assert [r["message_id"] for r in responses] == [m["id"] for m in assistants]
+    assert [r["request_id"] for r in responses] == [r.request_ids[0] for r in recorded]
+    assert [m["request_id"] for m in assistants] == [r.request_ids[0] for r in recorded]
+    requests = rows(engine, "SELECT * FROM request_log ORDER BY id")
+    assert [r["conversation_id"] for r in requests] == [conversation["id"]] * 3
+
+
+def test_stateless_client_resending_history_threads_one_conversation(
+    migrated_engine: sa.Engine,
+) -> None:
+    recorded = [write(migrated_engine, exchange)[0] for exchange in stateless_rounds()]
+    assert_one_threaded_conversation(migrated_engine, recorded)
+    assert [len(r.message_ids) for r in recorded] == [3, 2, 2]
+
+
+def test_threading_works_within_one_batch(migrated_engine: sa.Engine) -> None:
+    recorded = write(migrated_engine, *stateless_rounds())
+    assert_one_threaded_conversation(migrated_engine, recorded)
+
+
+def test_two_clients_saying_hi_get_two_conversations(migrated_engine: sa.Engine) -> None:
+    hi = [Message("user", "Hi")]
+    first = write(migrated_engine, chat(hi, ["Hello!"]))[0]
+    second = write(migrated_engine, chat(hi, ["Hello!"]))[0]
+    assert first.conversation_id != second.conversation_id
+    assert len(rows(migrated_engine, "SELECT id FROM conversations")) == 2
+    # A follow-up re-sending "Hi", "Hello!" continues the newest of the two.
+    follow = write(migrated_engine, chat([*hi, answer("Hello!"), Message("user", "Bye")]))[0]
+    assert follow.conversation_id == second.conversation_id
+
+
+def test_identical_histories_of_two_users_never_merge(migrated_engine: sa.Engine) -> None:
+    history = [Message("user", "Hi"), answer("Hello!"), Message("user", "Weather?")]
+    alice = write(migrated_engine, chat(history[:1], ["Hello!"], user_id=1))[0]
+    bob = write(migrated_engine, chat(history[:1], ["Hello!"], user_id=2))[0]
+    alice_next = write(migrated_engine, chat(history, user_id=1))[0]
+    bob_next = write(migrated_engine, chat(history, user_id=2))[0]
+    assert alice_next.conversation_id == alice.conversation_id
+    assert bob_next.conversation_id == bob.conversation_id != alice.conversation_id
+
+
+def test_resending_the_same_request_adds_a_sibling_answer(migrated_engine: sa.Engine) -> None:
+    history = [Message("user", "Hi"), answer("Hello!"), Message("user", "Joke?")]
+    write(migrated_engine, chat(history[:1], ["Hello!"]))
+    first = write(migrated_engine, chat(history, ["Knock knock."]))[0]
+    again = write(migrated_engine, chat(history, ["Why did the chicken..."]))[0]
+    assert again.conversation_id == first.conversation_id
+    assert len(again.message_ids) == 1  # only the new answer
+    by_id = {m["id"]: m for m in rows(migrated_engine, "SELECT * FROM messages")}
+    assert by_id[again.message_ids[0]]["parent_id"] == by_id[first.message_ids[-1]]["parent_id"]
+
+
+def test_fallback_chain_records_every_attempt(migrated_engine: sa.Engine) -> None:
+    exchange = chat(
+        [Message("user", "Hi")],
+        ["Hello from the fallback"],
+        attempts=[
+            attempt(1, ok=False, status_code=429, error_type="rate_limit",
+                    error_message="slow down", provider="primary", usage=Usage()),
+            attempt(2, provider="backup", model_used="backup-model"),
+        ],
+    )
+    [recorded] = write(migrated_engine, exchange)
+    requests = rows(migrated_engine, "SELECT * FROM request_log ORDER BY attempt")
+    summary = [(r["attempt"], bool(r["success"]), r["error_type"], r["provider"]) for r in requests]
+    assert summary == [
+        (1, False, "rate_limit", "primary"),
+        (2, True, None, "backup"),
+    ]
+    assert {str(r["chain_id"]).replace("-", "") for r in requests} == {exchange.chain_id.hex}
+    assert [r["id"] for r in requests] == list(recorded.request_ids)
+    [response] = rows(migrated_engine, "SELECT * FROM responses")
+    assert response["request_id"] == requests[1]["id"]
+    assert response["model_used"] == "backup-model"
+    assert (response["prompt_tokens"], response["completion_tokens"]) == (11, 7)
+    messages = rows(migrated_engine, "SELECT * FROM messages ORDER BY id")
+    assert {m["request_id"] for m in messages} == {requests[1]["id"]}
+    assert {r["conversation_id"] for r in requests} == {recorded.conversation_id}
+
+
+def test_failed_exchange_keeps_what_the_user_sent(migrated_engine: sa.Engine) -> None:
+    failed = chat(
+        [SYSTEM, Message("user", "Are you there?")],
+        answers=[],
+        attempts=[attempt(1, ok=False, error_type="server_error", error_message="boom")],
+    )
+    [recorded] = write(migrated_engine, failed)
+    [request] = rows(migrated_engine, "SELECT * FROM request_log")
+    assert not request["success"] and request["error_message"] == "boom"
+    messages = rows(migrated_engine, "SELECT * FROM messages ORDER BY id")
+    assert [(m["role"], m["content"]) for m in messages] == [
+        ("system", "Be brief."),
+        ("user", "Are you there?"),
+    ]
+    assert {m["request_id"] for m in messages} == {request["id"]}
+    assert rows(migrated_engine, "SELECT * FROM responses") == []
+    assert recorded.answer_public_ids == ()
+
+
+def test_disconnect_mid_stream_keeps_the_partial_answer(migrated_engine: sa.Engine) -> None:
+    cut = chat([Message("user", "Tell me a story")],
+               attempts=[attempt(1, ok=False, error_type="cancelled")])
+    cut.choices = [
+        Choice(0, "Once upon a", finish_reason="cancelled"),
+        Choice(1, "", finish_reason="cancelled"),  # nothing arrived: nothing to keep
+    ]
+    write(migrated_engine, cut)
+    assistant = rows(migrated_engine, "SELECT * FROM messages WHERE role = 'assistant'")
+    assert [m["content"] for m in assistant] == ["Once upon a"]
+    [response] = rows(migrated_engine, "SELECT * FROM responses")
+    assert response["finish_reason"] == "cancelled"
+
+
+def test_embeddings_write_only_the_request_log(migrated_engine: sa.Engine) -> None:
+    exchange = chat([Message("user", "embed me")], answers=[], endpoint="embeddings")
+    [recorded] = write(migrated_engine, exchange)
+    assert recorded.conversation_id is None and recorded.message_ids == ()
+    [request] = rows(migrated_engine, "SELECT * FROM request_log")
+    assert request["endpoint"] == "embeddings" and request["conversation_id"] is None
+    assert rows(migrated_engine, "SELECT * FROM conversations") == []
+    assert rows(migrated_engine, "SELECT * FROM messages") == []
+
+
+def test_request_fields_usage_and_payload_are_stored(migrated_engine: sa.Engine) -> None:
+    tool_call = ToolCall(id="call_1", name="lookup", arguments='{"q": "x"}')
+    exchange = chat(
+        [Message("user", ({"type": "text", "text": "look"}, {"type": "image_url", "x": 1}))],
+        model_requested="alias",
+        is_streaming=True,
+        max_tokens=64,
+        temperature=0.5,
+        top_p=0.9,
+        origin="203.0.113.7",
+        user_id=7,
+        api_key_id=3,
+    )
+    exchange.choices = [Choice(0, "", reasoning="thinking", tool_calls=(tool_call,),
+                               finish_reason="tool_calls")]
+    write(migrated_engine, exchange)
+    [request] = rows(migrated_engine, "SELECT * FROM request_log")
+    assert {k: request[k] for k in (
+        "model_requested", "max_tokens", "temperature", "top_p", "message_count",
+        "endpoint", "client_protocol", "origin", "user_id", "api_key_id", "model",
+        "prompt_tokens", "completion_tokens", "total_tokens",
+    )} == {
+        "model_requested": "alias", "max_tokens": 64, "temperature": 0.5, "top_p": 0.9,
+        "message_count": 1, "endpoint": "chat", "client_protocol": "openai",
+        "origin": "203.0.113.7", "user_id": 7, "api_key_id": 3, "model": "gpt-test-2024",
+        "prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18,
+    }
+    assert bool(request["is_streaming"])
+    user, assistant = rows(migrated_engine, "SELECT * FROM messages ORDER BY id")
+    assert user["content"] == "look"
+    assert orjson.loads(user["payload"])["content"][1] == {"type": "image_url", "x": 1}
+    payload = orjson.loads(assistant["payload"])
+    assert payload["tool_calls"][0]["function"] == {"name": "lookup", "arguments": '{"q": "x"}'}
+    assert payload["reasoning_content"] == "thinking"
+    [conversation] = rows(migrated_engine, "SELECT * FROM conversations")
+    assert (conversation["source"], conversation["default_model"]) == ("api", "alias")
+    assert (conversation["user_id"], conversation["api_key_id"]) == (7, 3)
+    assert conversation["title"] is None
+
+
+def test_read_helpers_return_what_was_written(migrated_engine: sa.Engine) -> None:
+    recorded = write(migrated_engine, *stateless_rounds())
+    with migrated_engine.connect() as conn:
+        requests = list_requests(conn, limit=2)
+        assert [r.id for r in requests] == [recorded[2].request_ids[0], recorded[1].request_ids[0]]
+        assert requests[0].public_id == recorded[2].request_public_ids[0]
+        public_id = recorded[0].conversation_public_id
+        assert public_id is not None
+        thread = conversation_messages(conn, public_id)
+    assert [m.role for m in thread] == ["system", "user", "assistant"] * 1 + [
+        "user", "assistant", "user", "assistant"]
+    answers = [m for m in thread if m.role == "assistant"]
+    assert [m.public_id for m in answers] == [r.answer_public_ids[0] for r in recorded]
+    assert [m.response_request_id for m in answers] == [r.request_ids[0] for r in recorded]
+    assert {m.model_used for m in answers} == {"gpt-test-2024"}

@@ -1,0 +1,269 @@
+"""Migrations and the engine, on SQLite and PostgreSQL: what an operator relies on at start."""
+
+from __future__ import annotations
+
+import shutil
+import stat
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from parley.errors import ConfigError
+from parley.ops import migrate
+from parley.settings import Settings
+from parley.store.engine import create_engine, writer_connection
+
+MakeSettings = Callable[..., Settings]
+
+HEAD = "0001"
+
+EXTRA_REVISION = '''"""Test-only revision {revision}: adds a table{failing}."""
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "{revision}"
+down_revision = "{down}"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    op.create_table("extra_{revision}", sa.Column("id", sa.Integer(), primary_key=True))
+    if {fail}:
+        raise RuntimeError("migration {revision} fails half way")
+
+
+def downgrade() -> None:
+    op.drop_table("extra_{revision}")
+'''
+
+
+RECREATE_REVISION = '''"""Test-only revision 0002: rebuilds conversations (copy, drop, rename)."""
+
+from alembic import op
+
+revision = "0002"
+down_revision = "0001"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    with op.batch_alter_table("conversations", recreate="always"):
+        pass
+
+
+def downgrade() -> None:
+    pass
+'''
+
+
+def tables(settings: Settings) -> set[str]:
+    engine = create_engine(settings)
+    try:
+        with engine.connect() as conn:
+            return set(sa.inspect(conn).get_table_names())
+    finally:
+        engine.dispose()
+
+
+def execute(settings: Settings, sql: str) -> None:
+    engine = create_engine(settings)
+    try:
+        with engine.begin() as conn:
+            conn.exec_driver_sql(sql)
+    finally:
+        engine.dispose()
+
+
+@pytest.fixture
+def extra_revision(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A copy of the shipped migrations; tests add revisions after 0001 to it."""
+    location = tmp_path / "migrations"
+    shutil.copytree(
+        migrate.script_location(), location, ignore=shutil.ignore_patterns("__pycache__")
+    )
+    monkeypatch.setattr(migrate, "script_location", lambda: str(location))
+    return location
+
+
+def add_revision(location: Path, revision: str, *, fail: bool = False) -> None:
+    text = EXTRA_REVISION.format(
+        revision=revision, down=HEAD, fail=fail, failing=" and fails" if fail else ""
+    )
+    (location / "versions" / f"{revision}_extra.py").write_text(text)
+
+
+def test_upgrade_downgrade_upgrade_round_trip(settings: Settings) -> None:
+    assert migrate.current(settings) is None
+    migrate.upgrade(settings)
+    assert migrate.current(settings) == HEAD
+    assert migrate.check(settings) == []
+    assert {"request_log", "conversations", "messages", "responses"} <= tables(settings)
+
+    migrate.downgrade(settings, "base")
+    assert migrate.current(settings) is None
+    assert tables(settings) <= {"alembic_version"}
+
+    migrate.upgrade(settings)
+    assert migrate.current(settings) == HEAD
+    assert migrate.check(settings) == []
+
+
+def test_heads_and_history_name_the_initial_revision() -> None:
+    assert migrate.heads() == [HEAD]
+    [(revision, down, doc)] = migrate.history()
+    assert (revision, down) == (HEAD, None)
+    assert doc.startswith("Initial schema")
+
+
+def test_check_names_a_missing_index(settings: Settings) -> None:
+    migrate.upgrade(settings)
+    execute(settings, "DROP INDEX ix_messages_chain_hash")
+    drift = migrate.check(settings)
+    assert drift == ["index ix_messages_chain_hash on messages is missing from the database"]
+
+
+def test_prepare_on_start_creates_an_empty_database(settings: Settings) -> None:
+    assert migrate.prepare_on_start(settings) == HEAD
+    assert migrate.current(settings) == HEAD
+    # A second start finds it at head and leaves it alone.
+    assert migrate.prepare_on_start(settings) == HEAD
+
+
+def test_prepare_on_start_refuses_a_database_behind_head(
+    settings: Settings, extra_revision: Path
+) -> None:
+    migrate.upgrade(settings)
+    add_revision(extra_revision, "0002")
+    with pytest.raises(ConfigError) as refused:
+        migrate.prepare_on_start(settings)
+    assert str(refused.value) == (
+        "database schema is at 0001, code expects 0002: run `parley db upgrade`"
+    )
+    assert migrate.current(settings) == HEAD
+    assert "extra_0002" not in tables(settings)
+
+
+def test_prepare_on_start_and_upgrade_refuse_a_newer_database(settings: Settings) -> None:
+    migrate.upgrade(settings)
+    execute(settings, "UPDATE alembic_version SET version_num = '0099_future'")
+    for attempt in (migrate.prepare_on_start, migrate.upgrade):
+        with pytest.raises(ConfigError, match=r"at revision 0099_future, which this version"):
+            attempt(settings)
+    assert migrate.current(settings) == "0099_future"
+
+
+def test_prepare_on_start_refuses_a_database_that_is_not_parleys(settings: Settings) -> None:
+    execute(settings, "CREATE TABLE invoices (id INTEGER PRIMARY KEY)")
+    with pytest.raises(ConfigError, match=r"has tables \(invoices\) but no parley schema"):
+        migrate.prepare_on_start(settings)
+    assert tables(settings) == {"invoices"}
+
+
+def test_prepare_on_start_refuses_drift(settings: Settings) -> None:
+    migrate.upgrade(settings)
+    execute(settings, "DROP INDEX ix_request_log_chain_id")
+    with pytest.raises(ConfigError, match="ix_request_log_chain_id on request_log is missing"):
+        migrate.prepare_on_start(settings)
+
+
+def test_a_failing_migration_leaves_nothing_behind(
+    settings: Settings, extra_revision: Path
+) -> None:
+    add_revision(extra_revision, "0002", fail=True)
+    with pytest.raises(ConfigError, match="rolled back: RuntimeError: migration 0002 fails"):
+        migrate.upgrade(settings)
+    # Both revisions ran in one transaction: the tables of 0001 are gone too.
+    assert migrate.current(settings) is None
+    assert tables(settings) <= {"alembic_version"}
+
+
+def test_an_upgrade_that_drifts_from_the_models_is_rolled_back(
+    settings: Settings, extra_revision: Path
+) -> None:
+    add_revision(extra_revision, "0002")  # creates a table the models do not have
+    migrate.upgrade(settings, HEAD)
+    with pytest.raises(ConfigError, match="table extra_0002 is in the database but not in"):
+        migrate.upgrade(settings)
+    assert migrate.current(settings) == HEAD
+    assert "extra_0002" not in tables(settings)
+
+
+def test_sqlite_rebuilding_a_parent_table_keeps_its_children(
+    make_settings: MakeSettings, tmp_path: Path, extra_revision: Path
+) -> None:
+    # With foreign keys on, SQLite's DROP of the old table would cascade into messages.
+    settings = make_settings(tmp_path)
+    migrate.upgrade(settings)
+    execute(settings, "INSERT INTO conversations (id, public_id, created_at, updated_at, source)"
+            " VALUES (1, '00000000000000000000000000000001', '2026-01-01', '2026-01-01', 'api')")
+    execute(settings, "INSERT INTO messages (id, public_id, conversation_id, role, content,"
+            " payload, content_hash, chain_hash, created_at) VALUES (1, "
+            "'00000000000000000000000000000002', 1, 'user', 'hi', '{}', 'h', 'c', '2026-01-01')")
+    (extra_revision / "versions" / "0002_recreate.py").write_text(RECREATE_REVISION)
+    migrate.upgrade(settings)
+    assert migrate.current(settings) == "0002"
+    engine = create_engine(settings)
+    try:
+        with engine.connect() as conn:
+            assert conn.exec_driver_sql("SELECT count(*) FROM messages").scalar() == 1
+            assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+    finally:
+        engine.dispose()
+
+
+def test_unreachable_database_is_a_config_error(
+    make_settings: MakeSettings, tmp_path: Path
+) -> None:
+    settings = make_settings(
+        tmp_path, "postgresql+psycopg://postgres@127.0.0.1:1/nothing_listens_here"
+    )
+    with pytest.raises(ConfigError, match="cannot connect to the database"):
+        migrate.prepare_on_start(settings)
+
+
+@pytest.mark.parametrize("synchronous", ["FULL", "NORMAL"])
+def test_sqlite_connections_carry_the_pragmas(
+    make_settings: MakeSettings, tmp_path: Path, synchronous: str
+) -> None:
+    settings = make_settings(tmp_path, sqlite_synchronous=synchronous)
+    engine = create_engine(settings)
+    try:
+        for conn in (engine.connect(), writer_connection(engine)):
+            with conn:
+                pragma = {
+                    name: conn.exec_driver_sql(f"PRAGMA {name}").scalar()
+                    for name in ("journal_mode", "foreign_keys", "synchronous", "busy_timeout")
+                }
+                assert pragma == {
+                    "journal_mode": "wal",
+                    "foreign_keys": 1,
+                    "synchronous": {"FULL": 2, "NORMAL": 1}[synchronous],
+                    "busy_timeout": 5000,
+                }
+        with writer_connection(engine) as conn:
+            # The writer's own tuning (see store.engine.writer_connection).
+            assert conn.exec_driver_sql("PRAGMA cache_size").scalar() == -65536
+            assert conn.exec_driver_sql("PRAGMA wal_autocheckpoint").scalar() == 10000
+    finally:
+        engine.dispose()
+    data_dir = tmp_path / "data"
+    assert data_dir.is_dir()
+    assert stat.S_IMODE(data_dir.stat().st_mode) == 0o700
+
+
+def test_sqlite_ddl_rolls_back(make_settings: MakeSettings, tmp_path: Path) -> None:
+    # Without the BEGIN recipe, sqlite3 commits before DDL and this table would survive.
+    engine = create_engine(make_settings(tmp_path))
+    try:
+        with engine.connect() as conn:
+            transaction = conn.begin()
+            conn.exec_driver_sql("CREATE TABLE doomed (id INTEGER)")
+            transaction.rollback()
+            assert "doomed" not in sa.inspect(conn).get_table_names()
+    finally:
+        engine.dispose()

@@ -1,0 +1,141 @@
+"""The group-commit writer on SQLite and PostgreSQL: every submission answered, once."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from parley.domain.exchange import Attempt, Choice, Exchange
+from parley.domain.messages import Message
+from parley.errors import StoreError
+from parley.store.exchanges import Recorded
+from parley.store.writer import Writer
+
+
+def exchange(i: int, model_used: Any = "gpt-test-2024") -> Exchange:
+    now = datetime.now(UTC)
+    return Exchange(
+        model_requested="gpt-test",
+        messages=(Message("system", "Be brief."), Message("user", f"question {i}")),
+        started_at=now,
+        attempts=[Attempt(1, "openai", model_used, now, success=True, status_code=200)],
+        choices=[Choice(0, f"answer {i}", finish_reason="stop")],
+    )
+
+
+def count(engine: sa.Engine, table: str) -> int:
+    with engine.connect() as conn:
+        return int(conn.exec_driver_sql(f"SELECT count(*) FROM {table}").scalar_one())
+
+
+@pytest.fixture
+def writer(migrated_engine: sa.Engine) -> Iterator[Writer]:
+    writer = Writer(migrated_engine, batch_max=256)
+    yield writer
+    writer.stop(timeout=30)
+
+
+async def test_concurrent_submissions_share_commits(
+    writer: Writer, migrated_engine: sa.Engine
+) -> None:
+    writer.start()
+
+    async def client(i: int) -> Recorded:
+        await asyncio.sleep(0)
+        return await writer.submit(exchange(i))
+
+    results = await asyncio.gather(*(client(i) for i in range(2000)))
+    assert len({r.request_ids[0] for r in results}) == 2000
+    assert writer.committed == 2000 and writer.failed == 0
+    assert writer.batches < 2000 / 4  # group commit happened
+    assert count(migrated_engine, "request_log") == 2000
+    assert count(migrated_engine, "conversations") == 2000
+    assert count(migrated_engine, "messages") == 6000
+    assert count(migrated_engine, "responses") == 2000
+
+
+async def test_a_poisoned_exchange_fails_alone(
+    writer: Writer, migrated_engine: sa.Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Queued before the thread starts, so all ten land in the same batch.
+    futures = [writer.submit(exchange(i, model_used=None if i == 4 else "m")) for i in range(10)]
+    writer.start()
+    with caplog.at_level(logging.ERROR, logger="parley.store.writer"):
+        outcomes = await asyncio.gather(*futures, return_exceptions=True)
+    assert [isinstance(o, StoreError) for o in outcomes] == [i == 4 for i in range(10)]
+    assert all(isinstance(o, Recorded) for i, o in enumerate(outcomes) if i != 4)
+    assert (writer.committed, writer.failed) == (9, 1)
+    assert count(migrated_engine, "request_log") == 9
+    assert count(migrated_engine, "messages") == 27
+    assert any("could not record exchange" in r.message for r in caplog.records)
+
+
+def test_stop_commits_what_is_queued(writer: Writer, migrated_engine: sa.Engine) -> None:
+    for i in range(300):
+        writer.submit_nowait(exchange(i))
+    writer.start()
+    writer.stop(timeout=30)
+    assert not writer.is_alive()
+    assert count(migrated_engine, "request_log") == 300
+    with pytest.raises(StoreError, match="stopped"):
+        writer.submit_nowait(exchange(301))
+
+
+def test_one_writer_serves_several_event_loops(
+    writer: Writer, migrated_engine: sa.Engine
+) -> None:
+    writer.start()
+
+    async def record(i: int) -> Recorded:
+        return await writer.submit(exchange(i))
+
+    first = asyncio.run(record(1))
+    second = asyncio.run(record(2))
+    assert first.request_ids != second.request_ids
+    assert count(migrated_engine, "request_log") == 2
+
+
+async def test_drain_waits_for_fire_and_forget_records(
+    writer: Writer, migrated_engine: sa.Engine
+) -> None:
+    writer.start()
+    for i in range(50):
+        writer.submit_nowait(exchange(i))
+    await writer.drain()
+    assert count(migrated_engine, "request_log") == 50
+
+
+async def test_a_cancelled_waiter_still_gets_its_record(
+    writer: Writer, migrated_engine: sa.Engine
+) -> None:
+    future = writer.submit(exchange(1))
+    future.cancel()
+    writer.start()
+    await writer.drain()
+    assert count(migrated_engine, "request_log") == 1
+
+
+async def test_an_unreachable_database_fails_submissions_not_the_writer() -> None:
+    broken = Writer(sa.create_engine("postgresql+psycopg://postgres@127.0.0.1:1/none"))
+    broken.start()
+    try:
+        with pytest.raises(StoreError, match="unavailable"):
+            await broken.submit(exchange(1))
+        assert broken.is_alive() and broken.failed == 1
+    finally:
+        broken.stop(timeout=10)
+
+
+async def test_stop_before_start_fails_what_was_queued(migrated_engine: sa.Engine) -> None:
+    writer = Writer(migrated_engine)
+    future = writer.submit(exchange(1))
+    writer.stop()
+    with pytest.raises(StoreError, match="stopped before it started"):
+        await future
+    assert count(migrated_engine, "request_log") == 0
