@@ -138,7 +138,16 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
 async def _healthz(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
     alive = services.writer.is_alive()
-    body = {"status": "ok" if alive else "degraded", "writer": "running" if alive else "stopped"}
+    writer = services.writer
+    body = {
+        "status": "ok" if alive else "degraded",
+        "writer": {
+            "running": alive,
+            "committed": writer.committed,
+            "failed": writer.failed,
+            "batches": writer.batches,
+        },
+    }
     return web.Response(
         body=orjson.dumps(body), status=200 if alive else 503, content_type="application/json"
     )
