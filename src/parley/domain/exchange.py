@@ -73,7 +73,8 @@ class Exchange:
     choices: list[Choice] = field(default_factory=list)
     user_id: int | None = None
     api_key_id: int | None = None
-    chain_id: uuid.UUID = field(default_factory=uuid.uuid4)
+    # Links the attempts of one client request; the store assigns it when it is None.
+    chain_id: uuid.UUID | None = None
 
     @property
     def message_count(self) -> int:

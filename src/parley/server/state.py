@@ -46,7 +46,7 @@ class Services:
         try:
             await self.record(exchange)
         except StoreError:
-            log.error("could not record a failed exchange (chain %s)", exchange.chain_id)
+            log.error("could not record a failed exchange (model %s)", exchange.model_requested)
 
     def record_in_background(self, exchange: Exchange) -> None:
         """Record without waiting: the client is gone, nobody is waiting for the ack."""

@@ -37,7 +37,7 @@ from sqlalchemy import Connection, Row, bindparam, select, update
 
 from parley.domain.exchange import Attempt, Exchange
 from parley.domain.messages import chain_hash
-from parley.store.bulk import assign_ids, bulk_insert, new_public_id
+from parley.store.bulk import PublicIds, assign_ids, bulk_insert
 from parley.store.schema import conversations, messages, request_log, responses
 
 # request_log columns copied from the request, from each attempt and from its usage.
@@ -54,7 +54,7 @@ _Stored = tuple[int, int, uuid.UUID]
 class Recorded:
     """What one exchange became in the store. Public ids are the ones clients may see."""
 
-    chain_id: uuid.UUID
+    chain_id: uuid.UUID | None
     request_public_ids: tuple[uuid.UUID, ...]
     conversation_public_id: uuid.UUID | None
     answer_public_ids: tuple[uuid.UUID, ...]
@@ -188,6 +188,7 @@ class _Planner:
 
     def __init__(self, now: datetime, stored: dict[tuple[str, _Owner], _Stored]) -> None:
         self.now = now
+        self.ids = PublicIds()
         self.stored = stored
         # Messages planned earlier in this batch, by (chain hash, owner): newest wins.
         self.planned: dict[tuple[str, _Owner], _Node] = {}
@@ -195,13 +196,15 @@ class _Planner:
         self.continued: list[int] = []
 
     def plan(self, exchange: Exchange, hashed: _Hashed | None) -> _Plan:
-        plan = _Plan(exchange, _attempt_rows(exchange), _answer_attempt(exchange.attempts))
+        plan = _Plan(
+            exchange, _attempt_rows(exchange, self.ids), _answer_attempt(exchange.attempts)
+        )
         if hashed is None:
             return plan
         depth, parent, conv = self._match(hashed)
         started = _utc(exchange.started_at)
         if conv is None:
-            conv = _Conv(new_public_id())
+            conv = _Conv(self.ids.new())
             conv.new_row = {
                 "public_id": conv.public_id, "created_at": started, "updated_at": self.now,
                 "title": None, "source": "api", "default_model": exchange.model_requested,
@@ -211,7 +214,7 @@ class _Planner:
         for i in range(depth + 1, len(exchange.messages)):
             message = exchange.messages[i]
             parent = self._node(plan, parent, hashed.owner, {
-                "public_id": new_public_id(),
+                "public_id": self.ids.new(),
                 "role": message.role,
                 "content": message.text(),
                 "payload": orjson.dumps(message.canonical()).decode(),
@@ -256,7 +259,7 @@ class _Planner:
                 payload["reasoning_content"] = choice.reasoning
             content_hash = message.content_hash()
             node = self._node(plan, parent, hashed.owner, {
-                "public_id": new_public_id(),
+                "public_id": self.ids.new(),
                 "role": "assistant",
                 "content": message.text(),
                 "payload": orjson.dumps(payload).decode(),
@@ -348,8 +351,11 @@ def _answer_attempt(attempts: Sequence[Attempt]) -> int | None:
     return len(attempts) - 1 if attempts else None
 
 
-def _attempt_rows(exchange: Exchange) -> list[dict[str, Any]]:
+def _attempt_rows(exchange: Exchange, ids: PublicIds) -> list[dict[str, Any]]:
     """One request_log row per attempt; the request's own fields repeat on each."""
+    if exchange.chain_id is None:
+        # Assigned here rather than on the hot path, where the random read would cost.
+        exchange.chain_id = ids.new()
     # Spelled out rather than built with getattr over field lists: this runs for every
     # attempt and the literal is several times faster.
     e = exchange
@@ -374,7 +380,7 @@ def _attempt_rows(exchange: Exchange) -> list[dict[str, Any]]:
             "temperature": e.temperature, "top_p": e.top_p,
             "message_count": len(e.messages), "user_id": e.user_id,
             "api_key_id": e.api_key_id, "chain_id": e.chain_id,
-            "public_id": new_public_id(), "created_at": _utc(a.started_at),
+            "public_id": ids.new(), "created_at": _utc(a.started_at),
             "model": a.model_used,
         })
     return rows
