@@ -48,7 +48,10 @@ def server(tmp_path: Path, database_url: str, upstream: FakeOpenAI) -> Iterator[
             "fast": ["up/fail-500", "up/gpt-4o-mini"],
             "never": ["up/fail-503"],
         },
-        extra="[retry]\nattempts = 2\nbackoff_base = 0.01\n",
+        extra=(
+            "[retry]\nattempts = 2\nbackoff_base = 0.01\n"
+            '[pricing."up/tool-call"]\ninput = 1.0\noutput = 2.0\n'
+        ),
     )
     with ParleyServer(settings_for(tmp_path, database_url)) as running:
         yield running
@@ -201,6 +204,11 @@ def test_tool_call_round_trip_lands_in_one_conversation(
 
     conversations = rows(database_url, "SELECT id FROM conversations")
     assert len(conversations) == 1
+    # Priced by the config override (USD per million tokens), not the shipped table.
+    costs = rows(database_url, "SELECT prompt_tokens, completion_tokens, cost_usd FROM request_log")
+    for cost in costs:
+        expected = (cost["prompt_tokens"] * 1.0 + cost["completion_tokens"] * 2.0) / 1e6
+        assert cost["cost_usd"] == pytest.approx(expected)
     roles = [m["role"] for m in rows(database_url, "SELECT role FROM messages ORDER BY id")]
     assert roles == ["user", "assistant", "tool", "assistant"]
 
@@ -273,6 +281,8 @@ def test_5xx_then_success_on_the_same_candidate(server: ParleyServer, database_u
     attempts = rows(database_url, "SELECT * FROM request_log ORDER BY attempt")
     assert [(a["attempt"], a["success"]) for a in attempts] == [(1, False), (2, True)]
     assert attempts[0]["chain_id"] == attempts[1]["chain_id"]
+    # "flaky-1" has no price anywhere: its cost is unknown (NULL), never zero.
+    assert attempts[1]["completion_tokens"] == 2 and attempts[1]["cost_usd"] is None
 
 
 def test_alias_falls_back_and_links_the_chain(server: ParleyServer, database_url: str) -> None:

@@ -71,3 +71,6 @@ class Chunk:
     # True when the frame is only there because parley asked for usage and the client
     # did not: the server must not forward it.
     internal: bool = False
+    # True when the next chunk was already read with this one: the server may hold this
+    # one back and write both at once (one send instead of two).
+    more: bool = False

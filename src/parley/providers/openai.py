@@ -197,12 +197,14 @@ class OpenAIProvider:
                         (deadline, "idle") if deadline < total_at else (total_at, "total")
                     )
                 data = await self._read(content, deadline, phase, yielded)
-                for payload in decoder.feed(data) if data else decoder.close():
+                payloads = decoder.feed(data) if data else decoder.close()
+                last = len(payloads) - 1
+                for i, payload in enumerate(payloads):
                     if payload == b"[DONE]":
                         yield wire.DONE_CHUNK
                         await _drain(content)
                         return
-                    chunk = frames.chunk(payload, yielded)
+                    chunk = frames.chunk(payload, yielded, more=i < last)
                     yielded = True
                     yield chunk
                 if not data:

@@ -144,7 +144,7 @@ class StreamFrames:
         self.started = False
         self.finished: set[int] = set()
 
-    def chunk(self, payload: bytes, yielded: bool) -> Chunk:
+    def chunk(self, payload: bytes, yielded: bool, more: bool = False) -> Chunk:
         """The chunk for one ``data`` payload (not ``[DONE]``)."""
         try:
             obj = orjson.loads(payload)
@@ -176,6 +176,7 @@ class StreamFrames:
             raw=b"data: " + payload + b"\n\n",
             protocol=PROTOCOL,
             internal=self.hide_usage and not choices and bool(usage),
+            more=more,
         )
 
     def _choice(self, choice: dict[str, Any], events: list[Event]) -> None:

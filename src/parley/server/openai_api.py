@@ -103,16 +103,21 @@ async def _stream(
     response = web.StreamResponse(headers=_SSE_HEADERS)
     await response.prepare(request)
     chunk = first
+    # Frames read together are written together: one send per upstream read.
+    pending: list[bytes] = []
     try:
         while not chunk.final:
             if not chunk.internal:
-                await response.write(_body(chunk))
+                pending.append(_body(chunk))
+            if pending and not chunk.more:
+                await response.write(pending[0] if len(pending) == 1 else b"".join(pending))
+                pending.clear()
             chunk = await anext(chunks)
     except ParleyError as exc:
         # The upstream broke after the stream began: record it, then tell the client.
         await chunks.aclose()
         await services.record_quietly(exchange)
-        await _write_quietly(response, _sse_error(exc))
+        await _write_quietly(response, b"".join(pending) + _sse_error(exc))
         return response
     except (ConnectionError, OSError):
         # The client went away: closing the stream cancels the upstream call and marks
@@ -128,9 +133,9 @@ async def _stream(
     try:
         await services.record(exchange)
     except StoreError as exc:
-        await _write_quietly(response, _sse_error(exc))
+        await _write_quietly(response, b"".join(pending) + _sse_error(exc))
         return response
-    await _write_quietly(response, _body(chunk))
+    await _write_quietly(response, b"".join(pending) + _body(chunk))
     return response
 
 
