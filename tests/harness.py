@@ -51,7 +51,9 @@ class ParleyServer:
         return self
 
     async def _start(self) -> None:
-        self._runner = web.AppRunner(create_app(self.settings), access_log=None)
+        self._runner = web.AppRunner(
+            create_app(self.settings), access_log=None, handler_cancellation=True
+        )
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
         await site.start()

@@ -16,8 +16,8 @@ The tree::
     │   ├── UpstreamHTTPError        upstream answered 4xx/5xx; 429 and 5xx are retryable
     │   ├── UpstreamProtocolError    upstream sent something that is not its protocol
     │   └── UpstreamInterrupted      the stream broke after it started (reset, EOF without end)
-    ├── ClientDisconnected           the client went away mid-stream (recorded, never sent)
     └── StoreError                   the record could not be committed
+        └── StoreUnavailable         503 the writer is down; refused before any upstream call
 
 ``error_type`` is the stable string stored in the request log; the OpenAI error JSON
 carries ``message``, ``type`` and ``code``. Messages never include secrets: upstream
@@ -185,10 +185,15 @@ class UpstreamHTTPError(UpstreamError):
             self.error_type = "context_length"
         elif upstream_code == "content_filter":
             self.error_type = "content_filter"
-        # A client-side problem upstream (400, 404, 422) is the client's to see as such.
-        self.status = status_code if 400 <= status_code < 500 else 502
-        self.openai_type = upstream_type or (
-            "invalid_request_error" if 400 <= status_code < 500 else "api_error"
+        # A client-side problem upstream (400, 404, 422) is the client's to see as such;
+        # a refused key (401, 403) is parley's configuration, never the caller's key.
+        client_side = 400 <= status_code < 500 and status_code not in (401, 403)
+        self.status = status_code if client_side else 502
+        if status_code in (401, 403):
+            self.message = f"the upstream rejected parley's credentials: {message}"
+            self.args = (self.message,)
+        self.openai_type = (upstream_type if client_side else None) or (
+            "invalid_request_error" if client_side else "api_error"
         )
         self.code = upstream_code
 
@@ -206,12 +211,13 @@ class UpstreamInterrupted(UpstreamError):
     error_type = "interrupted"
 
 
-class ClientDisconnected(ParleyError):
-    status = 499
-    error_type = "cancelled"
-
-
 class StoreError(ParleyError):
     status = 500
     openai_type = "server_error"
     error_type = "internal"
+
+
+class StoreUnavailable(StoreError):
+    """The writer is not running: refuse before spending upstream tokens."""
+
+    status = 503

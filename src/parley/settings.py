@@ -84,7 +84,8 @@ class ProviderConfig:
     base_url: str
     api_key: Secret | None = None
     models: tuple[str, ...] = ()
-    headers: Mapping[str, str] = field(default_factory=dict)
+    # May carry credentials (custom auth headers): kept out of repr.
+    headers: Mapping[str, str] = field(default_factory=dict, repr=False)
     timeouts: Timeouts = field(default_factory=Timeouts)
     # Ask the upstream for usage in streams (stream_options.include_usage).
     stream_usage: bool = True

@@ -290,16 +290,28 @@ async def test_flaky_upstream_fails_then_answers(
     assert text(await collect(provider.chat(request(user="flaky-user"), "flaky-2")))
 
 
-@pytest.mark.parametrize("stream", [False, True])
-async def test_stall_before_first_byte_times_out(
-    fake: FakeOpenAI, session: aiohttp.ClientSession, stream: bool
+async def test_stream_stall_before_first_byte_times_out(
+    fake: FakeOpenAI, session: aiohttp.ClientSession
 ) -> None:
     provider = make_provider(session, fake.base_url, first_byte=0.3)
     started = time.monotonic()
     with pytest.raises(UpstreamTimeout) as caught:
-        await collect(provider.chat(request(stream=stream), "stall-first-byte"))
+        await collect(provider.chat(request(stream=True), "stall-first-byte"))
     assert 0.25 < time.monotonic() - started < 2.0
     assert caught.value.phase == "first_byte" and caught.value.retryable
+
+
+async def test_non_streaming_stall_is_bounded_by_total_only(
+    fake: FakeOpenAI, session: aiohttp.ClientSession
+) -> None:
+    # Headers of a non-streaming answer come when the answer is done, so first_byte does
+    # not apply; total does, and its timeout is not retryable (a retry would bill twice).
+    provider = make_provider(session, fake.base_url, first_byte=0.1, total=0.4)
+    started = time.monotonic()
+    with pytest.raises(UpstreamTimeout) as caught:
+        await collect(provider.chat(request(stream=False), "stall-first-byte"))
+    assert 0.35 < time.monotonic() - started < 2.0
+    assert caught.value.phase == "total" and not caught.value.retryable
 
 
 async def test_stall_mid_stream_is_an_idle_timeout_after_chunks(

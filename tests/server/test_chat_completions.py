@@ -41,7 +41,7 @@ def server(tmp_path: Path, database_url: str, upstream: FakeOpenAI) -> Iterator[
                 "kind": "openai",
                 "base_url": upstream.base_url,
                 "models": ["gpt-4o-mini"],
-                "timeouts": {"connect": 2.0, "first_byte": 0.5, "idle": 0.5},
+                "timeouts": {"connect": 2.0, "first_byte": 0.5, "idle": 0.5, "total": 2.0},
             }
         ],
         aliases={
@@ -311,14 +311,51 @@ def test_all_candidates_failing_gives_a_502(server: ParleyServer, database_url: 
     assert len(rows(database_url, "SELECT id FROM request_log")) == 2
 
 
-def test_stall_before_first_byte_times_out(server: ParleyServer, database_url: str) -> None:
+def test_stream_stall_before_first_byte_is_retried_then_504(
+    server: ParleyServer, database_url: str
+) -> None:
+    with pytest.raises(openai.APIStatusError) as caught:
+        client(server).chat.completions.create(
+            model="up/stall-first-byte", messages=[{"role": "user", "content": "x"}], stream=True
+        )
+    assert caught.value.status_code == 504
+    attempts = rows(database_url, "SELECT error_type, error_message FROM request_log")
+    assert [a["error_type"] for a in attempts] == ["timeout", "timeout"]
+    assert "first_byte" in attempts[0]["error_message"]
+
+
+def test_non_streaming_stall_is_bounded_by_total_and_not_retried(
+    server: ParleyServer, database_url: str
+) -> None:
+    # A non-streaming upstream sends headers only when its answer is done: retrying a
+    # slow one would pay for it twice, so only the total timeout applies, once.
     with pytest.raises(openai.APIStatusError) as caught:
         client(server).chat.completions.create(
             model="up/stall-first-byte", messages=[{"role": "user", "content": "x"}]
         )
     assert caught.value.status_code == 504
-    attempts = rows(database_url, "SELECT error_type FROM request_log")
-    assert [a["error_type"] for a in attempts] == ["timeout", "timeout"]
+    [attempt] = rows(database_url, "SELECT error_type, error_message FROM request_log")
+    assert attempt["error_type"] == "timeout" and "total" in attempt["error_message"]
+
+
+def test_client_leaving_before_the_first_byte_is_recorded(
+    server: ParleyServer, database_url: str
+) -> None:
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(
+            f"{server.base_url}/chat/completions",
+            json={
+                "model": "up/stall-first-byte",
+                "stream": True,
+                "messages": [{"role": "user", "content": "are you there?"}],
+            },
+            timeout=0.2,
+        )
+    [req] = wait_for(lambda: rows(database_url, "SELECT * FROM request_log"))
+    assert req["finish_reason"] == "client_disconnected" and req["error_type"] == "cancelled"
+    assert [m["content"] for m in rows(database_url, "SELECT content FROM messages")] == [
+        "are you there?"
+    ]
 
 
 @pytest.mark.parametrize(

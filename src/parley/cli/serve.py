@@ -54,6 +54,8 @@ def serve(host: str | None, port: int | None) -> None:
     logging.basicConfig(
         level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    # Alembic narrates its plugin set-up at INFO on every start; migrations still log.
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
     try:
         import uvloop
 
@@ -68,6 +70,8 @@ def serve(host: str | None, port: int | None) -> None:
             access_log=None,
             print=lambda line: click.echo(f"parley: {line.strip()}", err=True),
             shutdown_timeout=30.0,
+            # A client that hangs up cancels its handler, and so its upstream call.
+            handler_cancellation=True,
         )
     except ConfigError as exc:
         click.echo(f"parley: {exc.message}", err=True)

@@ -16,6 +16,7 @@ attempt (failed ones included) on the ``Exchange`` it is given. Invariants:
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 from collections.abc import AsyncGenerator, Mapping
 from datetime import UTC, datetime
@@ -38,6 +39,8 @@ from parley.gateway.recording import Fold
 from parley.gateway.router import Candidate, Router
 from parley.providers.base import EmbeddingsResult
 from parley.settings import RetryPolicy
+
+log = logging.getLogger(__name__)
 
 # Errors that another attempt cannot fix: the request itself is refused.
 _FINAL_ERROR_TYPES = frozenset({"bad_request", "content_filter"})
@@ -75,7 +78,15 @@ class Gateway:
                         break
                     await asyncio.sleep(delay)
                     continue
+                except Exception as exc:
+                    # A bug or an upstream answer of an unexpected shape: an error of this
+                    # attempt, never a traceback for the client.
+                    await upstream.aclose()
+                    error = _unreadable(candidate, exc)
+                    fold.fail(error)
+                    raise error from exc
                 except BaseException:
+                    # Cancelled: the client went away while we waited for the upstream.
                     await upstream.aclose()
                     fold.cancel()
                     raise
@@ -97,15 +108,26 @@ class Gateway:
                             fold.finish()
                             finished = True
                         yield chunk
+                    # The consumer came back after the final chunk: let the adapter read
+                    # to the end of the response so its connection returns to the pool.
+                    async for _ in upstream:
+                        pass
                 except StopAsyncIteration:
                     error = UpstreamInterrupted("upstream stream ended without a final event")
                     fold.fail(error, finish_reason="error")
                     finished = True
                     raise error from None
                 except ParleyError as exc:
-                    fold.fail(exc, finish_reason="error")
-                    finished = True
+                    if not finished:
+                        fold.fail(exc, finish_reason="error")
+                        finished = True
                     raise
+                except Exception as exc:
+                    error = _unreadable(candidate, exc)
+                    if not finished:
+                        fold.fail(error, finish_reason="error")
+                        finished = True
+                    raise error from exc
                 finally:
                     if not finished:
                         fold.cancel()
@@ -167,3 +189,10 @@ class Gateway:
         if last_error is None:
             raise ModelNotFound(f"no upstream candidate for model '{model}'")
         raise last_error
+
+
+def _unreadable(candidate: Candidate, exc: Exception) -> UpstreamProtocolError:
+    log.error("could not process the answer of %s", candidate.id, exc_info=exc)
+    return UpstreamProtocolError(
+        f"could not process the answer of {candidate.id} ({type(exc).__name__})"
+    )

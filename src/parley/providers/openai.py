@@ -160,7 +160,10 @@ class OpenAIProvider:
 
     async def _complete(self, request: ChatRequest, model: str) -> AsyncGenerator[Chunk, None]:
         data = wire.dumps(self.chat_body(request, model))
-        deadline, phase = self._first_deadline()
+        # A non-streaming upstream sends its headers only once the whole answer is made,
+        # so only ``total`` bounds it; such a timeout is not retried (it would bill twice).
+        deadline = asyncio.get_running_loop().time() + self.config.timeouts.total
+        phase = "total"
         _, raw = await self._open(self._chat_url, data, deadline, phase, whole=True)
         obj = wire.loads_object(raw, "response")
         if not isinstance(obj.get("choices"), list):
@@ -201,6 +204,10 @@ class OpenAIProvider:
                 last = len(payloads) - 1
                 for i, payload in enumerate(payloads):
                     if payload == b"[DONE]":
+                        if not yielded:
+                            raise UpstreamProtocolError(
+                                f"upstream {self.config.name} ended the stream before any frame"
+                            )
                         yield wire.DONE_CHUNK
                         await _drain(content)
                         return

@@ -9,6 +9,7 @@ away mid-stream cancels the upstream call; the partial exchange is still recorde
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncGenerator
 from datetime import UTC, datetime
@@ -68,6 +69,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     exchange.temperature = chat.temperature
     exchange.top_p = chat.top_p
 
+    services.check_recording()
     stream = services.gateway.stream(chat, exchange)
     try:
         first = await anext(stream)
@@ -76,15 +78,36 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         if exchange.attempts:
             await services.record_quietly(exchange)
         return error_response(exc)
+    except asyncio.CancelledError:
+        # The client left while the upstream was thinking; the gateway cancelled it.
+        services.record_in_background(exchange)
+        raise
 
     if not chat.stream:
         try:
-            await stream.aclose()
+            body = _body(first)
+        except ParleyError as exc:
+            await _finish(stream)
+            await services.record_quietly(exchange)
+            return error_response(exc)
+        await _finish(stream)
+        try:
             await services.record(exchange)
         except StoreError as exc:
             return error_response(exc)
-        return web.Response(body=_body(first), content_type="application/json")
+        return web.Response(body=body, content_type="application/json")
     return await _stream(request, services, exchange, stream, first)
+
+
+async def _finish(chunks: AsyncGenerator[Chunk, None]) -> None:
+    """Run a stream whose answer is complete to its end (its connection is reused)."""
+    try:
+        async for _ in chunks:
+            pass
+    except ParleyError as exc:
+        log.info("upstream misbehaved after its answer was complete: %s", exc.message)
+    finally:
+        await chunks.aclose()
 
 
 def _body(chunk: Chunk) -> bytes:
@@ -101,11 +124,11 @@ async def _stream(
     first: Chunk,
 ) -> web.StreamResponse:
     response = web.StreamResponse(headers=_SSE_HEADERS)
-    await response.prepare(request)
     chunk = first
     # Frames read together are written together: one send per upstream read.
     pending: list[bytes] = []
     try:
+        await response.prepare(request)
         while not chunk.final:
             if not chunk.internal:
                 pending.append(_body(chunk))
@@ -113,6 +136,7 @@ async def _stream(
                 await response.write(pending[0] if len(pending) == 1 else b"".join(pending))
                 pending.clear()
             chunk = await anext(chunks)
+        final = _body(chunk)
     except ParleyError as exc:
         # The upstream broke after the stream began: record it, then tell the client.
         await chunks.aclose()
@@ -125,17 +149,27 @@ async def _stream(
         await chunks.aclose()
         services.record_in_background(exchange)
         return response
+    except Exception:
+        # Headers are sent: the error middleware cannot answer any more, so this stream
+        # must end in an error event itself.
+        log.exception("stream failed")
+        await chunks.aclose()
+        await services.record_quietly(exchange)
+        error = ParleyError("internal error while streaming")
+        await _write_quietly(response, b"".join(pending) + _sse_error(error))
+        return response
     except BaseException:
         await chunks.aclose()
         services.record_in_background(exchange)
         raise
-    await chunks.aclose()
     try:
         await services.record(exchange)
     except StoreError as exc:
+        await chunks.aclose()
         await _write_quietly(response, b"".join(pending) + _sse_error(exc))
         return response
-    await _write_quietly(response, b"".join(pending) + _body(chunk))
+    await _write_quietly(response, b"".join(pending) + final)
+    await _finish(chunks)
     return response
 
 
@@ -168,6 +202,7 @@ async def embeddings(request: web.Request) -> web.Response:
     items = data.get("input")
     if not isinstance(items, str) and not (isinstance(items, list) and items):
         raise InvalidRequest("'input' must be a string or a non-empty array", "input")
+    services.check_recording()
     exchange = _new_exchange(request, "embeddings")
     exchange.model_requested = model
     exchange.messages = ()

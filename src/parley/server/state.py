@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from parley.domain.exchange import Exchange
-from parley.errors import BodyTooLarge, StoreError
+from parley.errors import BodyTooLarge, StoreError, StoreUnavailable
 from parley.gateway.service import Gateway
 from parley.settings import Settings
 from parley.store.writer import Writer
@@ -27,6 +27,11 @@ class Services:
     gateway: Gateway
     writer: Writer
     started_at: float
+
+    def check_recording(self) -> None:
+        """Refuse before any upstream call when the answer could not be recorded."""
+        if self.settings.recording == "durable" and not self.writer.is_alive():
+            raise StoreUnavailable("the store writer is not running; try again later")
 
     async def record(self, exchange: Exchange) -> None:
         """Commit ``exchange`` (durable mode) or queue it (async mode)."""
@@ -50,7 +55,10 @@ class Services:
 
     def record_in_background(self, exchange: Exchange) -> None:
         """Record without waiting: the client is gone, nobody is waiting for the ack."""
-        self.writer.submit_nowait(exchange)
+        try:
+            self.writer.submit_nowait(exchange)
+        except StoreError:
+            log.error("could not queue the record of an abandoned exchange")
 
 
 SERVICES = web.AppKey("services", Services)

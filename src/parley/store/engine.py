@@ -65,6 +65,8 @@ def sqlite_path(settings: Settings) -> Path | None:
 def create_engine(settings: Settings, **kwargs: Any) -> sqlalchemy.Engine:
     """The engine for ``settings.database_url``; extra ``kwargs`` go to SQLAlchemy."""
     url = make_url(settings.database_url)
+    # Bound values are prompts and answers: they never belong in an exception or a log.
+    kwargs.setdefault("hide_parameters", True)
     if url.get_backend_name() == "sqlite":
         return _sqlite_engine(settings, **kwargs)
     if url.get_backend_name() == "postgresql":

@@ -207,7 +207,8 @@ class _Planner:
             conv = _Conv(self.ids.new())
             conv.new_row = {
                 "public_id": conv.public_id, "created_at": started, "updated_at": self.now,
-                "title": None, "source": "api", "default_model": exchange.model_requested,
+                "title": None, "source": "api",
+                "default_model": _clip(exchange.model_requested, 255),
                 "user_id": exchange.user_id, "api_key_id": exchange.api_key_id,
             }
         plan.conv = conv
@@ -270,12 +271,14 @@ class _Planner:
             # Token counts are the attempt's; with n > 1 choices they are shared, so
             # totals are summed over request_log, never over responses.
             plan.answers.append((node, {
-                "model_used": attempt.model_used if attempt else exchange.model_requested,
+                "model_used": _clip(
+                    attempt.model_used if attempt else exchange.model_requested, 255
+                ),
                 "prompt_tokens": usage.prompt_tokens if usage else None,
                 "completion_tokens": usage.completion_tokens if usage else None,
                 "total_tokens": usage.total_tokens if usage else None,
                 "completion_time_ms": attempt.response_time_ms if attempt else None,
-                "finish_reason": choice.finish_reason,
+                "finish_reason": _clip(choice.finish_reason, 64),
                 "created_at": self.now,
             }))
 
@@ -364,24 +367,25 @@ def _attempt_rows(exchange: Exchange, ids: PublicIds) -> list[dict[str, Any]]:
         u = a.usage
         rows.append({
             "attempt": a.attempt, "success": a.success, "status_code": a.status_code,
-            "response_time_ms": a.response_time_ms, "provider": a.provider,
-            "finish_reason": a.finish_reason,
+            "response_time_ms": a.response_time_ms, "provider": _clip(a.provider, 128),
+            "finish_reason": _clip(a.finish_reason, 64),
             "time_to_first_token_ms": a.time_to_first_token_ms,
             "time_to_last_token_ms": a.time_to_last_token_ms,
-            "tokens_per_second": a.tokens_per_second, "error_type": a.error_type,
+            "tokens_per_second": a.tokens_per_second, "error_type": _clip(a.error_type, 64),
             "error_message": a.error_message, "cost_usd": a.cost_usd,
-            "upstream_id": a.upstream_id,
+            "upstream_id": _clip(a.upstream_id, 255),
             "prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
             "total_tokens": u.total_tokens, "cached_tokens": u.cached_tokens,
             "reasoning_tokens": u.reasoning_tokens,
             "endpoint": e.endpoint, "client_protocol": e.client_protocol,
-            "model_requested": e.model_requested, "origin": e.origin,
+            "model_requested": _clip(e.model_requested, 255),
+            "origin": _clip(e.origin, 255),
             "is_streaming": e.is_streaming, "max_tokens": e.max_tokens,
             "temperature": e.temperature, "top_p": e.top_p,
             "message_count": len(e.messages), "user_id": e.user_id,
             "api_key_id": e.api_key_id, "chain_id": e.chain_id,
             "public_id": ids.new(), "created_at": _utc(a.started_at),
-            "model": a.model_used,
+            "model": _clip(a.model_used, 255),
         })
     return rows
 
@@ -404,3 +408,12 @@ def _utc(moment: datetime) -> datetime:
     if moment.tzinfo is None:
         return moment.replace(tzinfo=UTC)
     return moment.astimezone(UTC) if moment.utcoffset() else moment
+
+
+def _clip(value: object, length: int) -> Any:
+    """A value for a bounded text column: PostgreSQL refuses what SQLite would keep, and a
+    client- or upstream-chosen string must never make a paid answer fail to commit."""
+    if value is None:
+        return None
+    text = value if isinstance(value, str) else str(value)
+    return text[:length]
