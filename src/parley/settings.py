@@ -12,7 +12,8 @@ Environment:
     PARLEY_MASTER_KEY        bearer key required on every request when set
     PARLEY_HOST, PARLEY_PORT where ``parley serve`` listens (127.0.0.1:8000)
     PARLEY_MAX_BODY_BYTES    request body limit, 413 above it (default 10 MiB)
-    PARLEY_SQLITE_SYNCHRONOUS  FULL (default: durable on power loss) or NORMAL
+    PARLEY_SQLITE_SYNCHRONOUS  NORMAL (default: WAL commits survive a crash of parley)
+                             or FULL (they also survive a power loss or OS crash)
     PARLEY_RECORDING         durable (default: acknowledge after commit) or async
     PARLEY_LOG_LEVEL         INFO by default
 """
@@ -100,7 +101,7 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 8000
     max_body_bytes: int = 10 * 1024 * 1024
-    sqlite_synchronous: str = "FULL"
+    sqlite_synchronous: str = "NORMAL"
     recording: str = "durable"
     log_level: str = "INFO"
     providers: tuple[ProviderConfig, ...] = ()
@@ -151,7 +152,7 @@ def load_settings(
             "max_body_bytes",
         ),
         "sqlite_synchronous": _choice(
-            env.get("PARLEY_SQLITE_SYNCHRONOUS") or server.get("sqlite_synchronous", "FULL"),
+            env.get("PARLEY_SQLITE_SYNCHRONOUS") or server.get("sqlite_synchronous", "NORMAL"),
             ("FULL", "NORMAL", "EXTRA"),
             "sqlite_synchronous",
         ).upper(),

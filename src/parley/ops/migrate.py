@@ -30,7 +30,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from alembic.script.revision import RevisionError
 from alembic.util.exc import CommandError
-from sqlalchemy import Connection, inspect, text
+from sqlalchemy import Connection, inspect
 from sqlalchemy.exc import OperationalError
 
 from parley.errors import ConfigError
@@ -39,7 +39,6 @@ from parley.store.engine import create_engine, migration_transaction
 from parley.store.schema import metadata
 
 # pg_advisory_xact_lock key shared by every parley process migrating one database.
-_PG_LOCK_KEY = 0x7061726C6579  # "parley"
 
 
 def script_location() -> str:
@@ -231,8 +230,6 @@ def _migrating(settings: Settings) -> Iterator[Connection]:
     try:
         _connect(engine.connect).close()  # an unreachable database: one clear error
         with migration_transaction(engine) as conn:
-            if conn.dialect.name == "postgresql":
-                conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_LOCK_KEY})
             yield conn
     finally:
         engine.dispose()

@@ -97,6 +97,9 @@ def writer_connection(engine: sqlalchemy.Engine) -> sqlalchemy.Connection:
     return conn
 
 
+_PG_MIGRATION_LOCK = 0x7061726C6579  # "parley"
+
+
 @contextmanager
 def migration_transaction(engine: sqlalchemy.Engine) -> Iterator[sqlalchemy.Connection]:
     """One write transaction for a schema change; commits only if the body returns.
@@ -115,6 +118,10 @@ def migration_transaction(engine: sqlalchemy.Engine) -> Iterator[sqlalchemy.Conn
             dbapi_connection.execute("PRAGMA foreign_keys=OFF")
         try:
             with conn.begin():
+                if not sqlite:
+                    # One migrator at a time across processes: the others wait here (on
+                    # SQLite, BEGIN IMMEDIATE already serialises them).
+                    conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_PG_MIGRATION_LOCK})")
                 yield conn
                 if sqlite:
                     broken = conn.exec_driver_sql("PRAGMA foreign_key_check").all()
