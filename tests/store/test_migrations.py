@@ -248,7 +248,7 @@ def test_sqlite_connections_carry_the_pragmas(
         with writer_connection(engine) as conn:
             # The writer's own tuning (see store.engine.writer_connection).
             assert conn.exec_driver_sql("PRAGMA cache_size").scalar() == -65536
-            assert conn.exec_driver_sql("PRAGMA wal_autocheckpoint").scalar() == 10000
+            assert conn.exec_driver_sql("PRAGMA wal_autocheckpoint").scalar() == 1000
     finally:
         engine.dispose()
     data_dir = tmp_path / "data"
