@@ -76,6 +76,8 @@ class _Upstream:
         self.flaky: dict[tuple[str, str | None], int] = {}
         self.tasks: set[asyncio.Task[Any]] = set()
         self.runner: web.AppRunner | None = None
+        # Streams whose client (parley) hung up before the answer was complete.
+        self.abandoned = 0
 
     async def start(self, host: str, port: int) -> int:
         app = web.Application()
@@ -171,13 +173,17 @@ class _Upstream:
             return _json(answer.completion())
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
-        for index, frame in enumerate(answer.frames(5 if model == "slow-stream" else 4)):
-            if model == "slow-stream" and index:
-                await asyncio.sleep(0.1)
-            if index == BREAK_AT.get(model):
-                await self._break(model, request, response)
-                return response
-            await response.write(b"data: " + orjson.dumps(frame) + b"\n\n")
+        try:
+            for index, frame in enumerate(answer.frames(5 if model == "slow-stream" else 4)):
+                if model == "slow-stream" and index:
+                    await asyncio.sleep(0.1)
+                if index == BREAK_AT.get(model):
+                    await self._break(model, request, response)
+                    return response
+                await response.write(b"data: " + orjson.dumps(frame) + b"\n\n")
+        except (ConnectionError, asyncio.CancelledError):
+            self.abandoned += 1
+            raise
         if usage_wanted:
             await response.write(b"data: " + orjson.dumps(answer.usage_frame()) + b"\n\n")
         if model != "no-done":
@@ -345,6 +351,11 @@ class FakeOpenAI:
         """(path, headers, parsed JSON body) of every request so far, oldest first."""
         with self._upstream.lock:
             return list(self._upstream.received)
+
+    @property
+    def abandoned(self) -> int:
+        """How many streams the client hung up on before they were complete."""
+        return self._upstream.abandoned
 
     def clear(self) -> None:
         with self._upstream.lock:

@@ -402,3 +402,8 @@ def test_client_disconnect_cancels_and_records_partial(
     )
     assert req["finish_reason"] == "client_disconnected"
     assert req["error_type"] == "cancelled" and not req["success"]
+    # parley hung up on the upstream too, long before its 0.5 s answer was done.
+    wait_for(lambda: upstream.abandoned == 1, timeout=2.0)
+    # The part of the answer that had arrived is kept.
+    [partial] = rows(database_url, "SELECT content FROM messages WHERE role = 'assistant'")
+    assert partial["content"] and "five" not in partial["content"]
