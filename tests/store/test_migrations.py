@@ -122,9 +122,9 @@ def test_heads_and_history_name_the_initial_revision() -> None:
 
 def test_check_names_a_missing_index(settings: Settings) -> None:
     migrate.upgrade(settings)
-    execute(settings, "DROP INDEX ix_messages_chain_hash")
+    execute(settings, "DROP INDEX ix_messages_chain_key")
     drift = migrate.check(settings)
-    assert drift == ["index ix_messages_chain_hash on messages is missing from the database"]
+    assert drift == ["index ix_messages_chain_key on messages is missing from the database"]
 
 
 def test_prepare_on_start_creates_an_empty_database(settings: Settings) -> None:
@@ -202,8 +202,9 @@ def test_sqlite_rebuilding_a_parent_table_keeps_its_children(
     execute(settings, "INSERT INTO conversations (id, public_id, created_at, updated_at, source)"
             " VALUES (1, '00000000000000000000000000000001', '2026-01-01', '2026-01-01', 'api')")
     execute(settings, "INSERT INTO messages (id, public_id, conversation_id, role, content,"
-            " payload, content_hash, chain_hash, created_at) VALUES (1, "
-            "'00000000000000000000000000000002', 1, 'user', 'hi', '{}', 'h', 'c', '2026-01-01')")
+            " payload, content_hash, chain_hash, chain_key, created_at) VALUES (1, "
+            "'00000000000000000000000000000002', 1, 'user', 'hi', '{}', 'h', 'c', 7,"
+            " '2026-01-01')")
     (extra_revision / "versions" / "0002_recreate.py").write_text(RECREATE_REVISION)
     migrate.upgrade(settings)
     assert migrate.current(settings) == "0002"

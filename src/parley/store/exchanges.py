@@ -221,6 +221,7 @@ class _Planner:
                 "payload": orjson.dumps(message.canonical()).decode(),
                 "content_hash": hashed.content_hashes[i],
                 "chain_hash": hashed.chains[i],
+                "chain_key": chain_key(hashed.chains[i]),
                 "created_at": started,
             })
         self._plan_answers(plan, parent, hashed)
@@ -259,13 +260,15 @@ class _Planner:
                 # Not part of the hash (clients do not send it back), but never dropped.
                 payload["reasoning_content"] = choice.reasoning
             content_hash = message.content_hash()
+            answer_chain = chain_hash(hashed.chains[-1], content_hash)
             node = self._node(plan, parent, hashed.owner, {
                 "public_id": self.ids.new(),
                 "role": "assistant",
                 "content": message.text(),
                 "payload": orjson.dumps(payload).decode(),
                 "content_hash": content_hash,
-                "chain_hash": chain_hash(hashed.chains[-1], content_hash),
+                "chain_hash": answer_chain,
+                "chain_key": chain_key(answer_chain),
                 "created_at": self.now,
             })
             # Token counts are the attempt's; with n > 1 choices they are shared, so
@@ -324,7 +327,7 @@ def _stored_matches(
         if h is not None and h.first_assistant is not None:
             wanted.update(h.chains[h.first_assistant :])
     found: dict[tuple[str, _Owner], _Stored] = {}
-    ordered = sorted(wanted)
+    ordered = sorted({chain_key(chain) for chain in wanted})
     for start in range(0, len(ordered), _LOOKUP_CHUNK):
         query = (
             select(
@@ -336,11 +339,13 @@ def _stored_matches(
                 conversations.c.api_key_id,
             )
             .join(conversations, conversations.c.id == messages.c.conversation_id)
-            .where(messages.c.chain_hash.in_(ordered[start : start + _LOOKUP_CHUNK]))
+            .where(messages.c.chain_key.in_(ordered[start : start + _LOOKUP_CHUNK]))
         )
         for chain, message_id, conv_id, conv_public_id, user_id, api_key_id in conn.execute(
             query
         ):
+            if chain not in wanted:
+                continue  # another chain with the same 64-bit key
             key = (chain, _owner(user_id, api_key_id))
             if key not in found or found[key][0] < message_id:
                 found[key] = (message_id, conv_id, conv_public_id)
@@ -417,3 +422,9 @@ def _clip(value: object, length: int) -> Any:
         return None
     text = value if isinstance(value, str) else str(value)
     return text[:length]
+
+
+def chain_key(chain: str) -> int:
+    """The first 64 bits of a chain hash as a signed integer (the indexed lookup key)."""
+    value = int(chain[:16], 16)
+    return value - (1 << 64) if value >= 1 << 63 else value

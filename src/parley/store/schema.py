@@ -15,6 +15,7 @@ Migrations never import this module: revisions carry their own table snapshots.
 from __future__ import annotations
 
 from sqlalchemy import (
+    BigInteger,
     Boolean,
     Column,
     DateTime,
@@ -119,11 +120,16 @@ messages = Table(
     Column("payload", Text, nullable=False),
     Column("content_hash", String(64), nullable=False),
     Column("chain_hash", String(64), nullable=False),
+    # The chain hash's first 64 bits: what the continuation lookup is indexed by. A hash
+    # is a random key, so each insert dirties a random index page; an 8-byte key keeps
+    # that index small (measured: ~70 us less per exchange than indexing the hex text).
+    # Matches are confirmed against the full ``chain_hash``.
+    Column("chain_key", BigInteger, nullable=False),
     Column("created_at", TS, nullable=False),
     Column(
         "request_id", Integer, ForeignKey("request_log.id", ondelete="SET NULL"), index=True
     ),
-    Index("ix_messages_chain_hash", "chain_hash"),
+    Index("ix_messages_chain_key", "chain_key"),
 )
 
 responses = Table(

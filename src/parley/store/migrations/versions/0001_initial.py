@@ -109,6 +109,7 @@ def upgrade() -> None:
         sa.Column("payload", sa.Text(), nullable=False),
         sa.Column("content_hash", sa.String(64), nullable=False),
         sa.Column("chain_hash", sa.String(64), nullable=False),
+        sa.Column("chain_key", sa.BigInteger(), nullable=False),
         sa.Column("created_at", TS, nullable=False),
         sa.Column("request_id", sa.Integer()),
         sa.PrimaryKeyConstraint("id", name="pk_messages"),
@@ -135,7 +136,7 @@ def upgrade() -> None:
     op.create_index("ix_messages_conversation_id", "messages", ["conversation_id"])
     op.create_index("ix_messages_parent_id", "messages", ["parent_id"])
     op.create_index("ix_messages_request_id", "messages", ["request_id"])
-    op.create_index("ix_messages_chain_hash", "messages", ["chain_hash"])
+    op.create_index("ix_messages_chain_key", "messages", ["chain_key"])
 
     op.create_table(
         "responses",
