@@ -71,13 +71,9 @@ class Gateway:
                     await upstream.aclose()
                     fold.fail(exc)
                     last_error = exc
-                    if exc.error_type in _FINAL_ERROR_TYPES:
-                        raise
-                    delay = self._delay(exc, try_number)
-                    if delay is None:
-                        break
-                    await asyncio.sleep(delay)
-                    continue
+                    if await self._wait_to_retry(exc, try_number):
+                        continue
+                    break
                 except Exception as exc:
                     # A bug or an upstream answer of an unexpected shape: an error of this
                     # attempt, never a traceback for the client.
@@ -147,6 +143,17 @@ class Gateway:
         exchange.attempts.append(attempt)
         return Fold(exchange, attempt, self.prices)
 
+    async def _wait_to_retry(self, error: UpstreamError, try_number: int) -> bool:
+        """After a failed attempt: raise if no attempt can help, wait and return True to
+        retry the same candidate, or return False to move on to the next one."""
+        if error.error_type in _FINAL_ERROR_TYPES:
+            raise error
+        delay = self._delay(error, try_number)
+        if delay is None:
+            return False
+        await asyncio.sleep(delay)
+        return True
+
     def _delay(self, error: UpstreamError, try_number: int) -> float | None:
         """Seconds to wait before retrying this candidate, or None to move on."""
         if not error.retryable or try_number + 1 >= self.retry.attempts:
@@ -171,13 +178,9 @@ class Gateway:
                 except UpstreamError as exc:
                     fold.fail(exc)
                     last_error = exc
-                    if exc.error_type in _FINAL_ERROR_TYPES:
-                        raise
-                    delay = self._delay(exc, try_number)
-                    if delay is None:
-                        break
-                    await asyncio.sleep(delay)
-                    continue
+                    if await self._wait_to_retry(exc, try_number):
+                        continue
+                    break
                 fold.attempt.usage = Usage(
                     prompt_tokens=result.usage.prompt_tokens,
                     completion_tokens=0 if result.usage.prompt_tokens is not None else None,
