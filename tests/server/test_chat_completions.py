@@ -407,3 +407,15 @@ def test_client_disconnect_cancels_and_records_partial(
     # The part of the answer that had arrived is kept.
     [partial] = rows(database_url, "SELECT content FROM messages WHERE role = 'assistant'")
     assert partial["content"] and "five" not in partial["content"]
+
+
+def test_overlong_names_are_clipped_not_lost(server: ParleyServer, database_url: str) -> None:
+    # PostgreSQL refuses a value longer than its column; the answer must still commit.
+    model = "up/" + "m" * 300
+    reply = client(server).chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "long"}]
+    )
+    assert reply.choices[0].message.content == "echo: long"
+    [req] = rows(database_url, "SELECT model, model_requested, success FROM request_log")
+    assert req["success"] and req["model_requested"] == model[:255]
+    assert req["model"] == ("m" * 300)[:255]

@@ -180,12 +180,12 @@ class StreamFrames:
         )
 
     def _choice(self, choice: dict[str, Any], events: list[Event]) -> None:
-        index = choice.get("index", 0)
+        index = whole(choice.get("index", 0))
         delta = choice.get("delta")
         if delta:
             text = delta.get("content")
             if text:
-                events.append(TextDelta(index, text))
+                events.append(TextDelta(index, text_of(text)))
             reasoning = delta.get("reasoning_content") or delta.get("reasoning")
             if reasoning and isinstance(reasoning, str):
                 events.append(ReasoningDelta(index, reasoning))
@@ -195,26 +195,26 @@ class StreamFrames:
         reason = choice.get("finish_reason")
         if reason:
             self.finished.add(index)
-            events.append(Finish(index, reason))
+            events.append(Finish(index, text_of(reason)))
 
 
 def completion_events(obj: dict[str, Any], model: str) -> tuple[Event, ...]:
     """Events of a whole (non-streaming) chat completion body."""
     events: list[Event] = [response_start(obj, model)]
     for position, choice in enumerate(obj["choices"]):
-        index = choice.get("index", position)
+        index = whole(choice.get("index", position))
         message = choice.get("message") or {}
         content = message.get("content")
         if isinstance(content, list):
             content = "".join(str(p.get("text", "")) for p in content if p.get("type") == "text")
         if content:
-            events.append(TextDelta(index, content))
+            events.append(TextDelta(index, text_of(content)))
         reasoning = message.get("reasoning_content") or message.get("reasoning")
         if reasoning and isinstance(reasoning, str):
             events.append(ReasoningDelta(index, reasoning))
         for n, call in enumerate(message.get("tool_calls") or ()):
             events.append(tool_call(index, call, n))
-        events.append(Finish(index, choice.get("finish_reason") or "stop"))
+        events.append(Finish(index, text_of(choice.get("finish_reason") or "stop")))
     if obj.get("usage"):
         events.append(UsageReport(usage_from(obj["usage"])))
     return tuple(events)
@@ -235,13 +235,29 @@ def tool_call(choice: int, call: dict[str, Any], position: int) -> ToolCallDelta
     if not isinstance(arguments, str):
         # A few servers send the arguments as an object; clients expect a JSON string.
         arguments = orjson.dumps(arguments).decode()
+    call_id = call.get("id")
+    name = function.get("name")
     return ToolCallDelta(
         choice=choice,
-        index=call.get("index", position),
-        id=call.get("id"),
-        name=function.get("name"),
+        index=whole(call.get("index", position)),
+        id=None if call_id is None else text_of(call_id),
+        name=None if name is None else text_of(name),
         arguments=arguments,
     )
+
+
+def whole(value: Any) -> int:
+    """An index from the upstream; anything but an integer is a protocol error."""
+    if type(value) is not int:
+        raise ValueError(f"expected an integer index, got {type(value).__name__}")
+    return value
+
+
+def text_of(value: Any) -> str:
+    """A text field from the upstream; anything but a string is a protocol error."""
+    if not isinstance(value, str):
+        raise ValueError(f"expected a string, got {type(value).__name__}")
+    return value
 
 
 def usage_from(raw: Any) -> Usage:
