@@ -40,8 +40,10 @@ _OPEN_PATHS = frozenset({"/healthz"})
 
 
 def create_app(settings: Settings) -> web.Application:
+    # Without a master key there is nothing to check: no middleware on the hot path.
+    middlewares = [_errors] if settings.master_key is None else [_errors, _auth(settings)]
     app = web.Application(
-        middlewares=[_errors, _auth(settings)],
+        middlewares=middlewares,
         # The body limit is checked again in read_body for a clear 413 in OpenAI shape.
         client_max_size=settings.max_body_bytes,
     )
@@ -84,11 +86,12 @@ async def _lifespan(app: web.Application) -> AsyncIterator[None]:
 
 
 def _auth(settings: Settings) -> Middleware:
-    key = settings.master_key.get().encode() if settings.master_key else None
+    assert settings.master_key is not None
+    key = settings.master_key.get().encode()
 
     @web.middleware
     async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if key is not None and request.path not in _OPEN_PATHS:
+        if request.path not in _OPEN_PATHS:
             presented = _presented_key(request)
             if presented is None:
                 raise AuthenticationFailed(
