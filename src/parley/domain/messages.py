@@ -79,13 +79,18 @@ def chain_hash(parent_chain: str | None, content_hash: str) -> str:
     return hashlib.sha256(f"{parent_chain or ''}:{content_hash}".encode()).hexdigest()
 
 
-def chain_hashes(messages: Sequence[Message]) -> list[str]:
+def chain_of(content_hashes: Sequence[str]) -> list[str]:
+    """The chain hash of every message of a thread, from their content hashes."""
     out: list[str] = []
     parent: str | None = None
-    for message in messages:
-        parent = chain_hash(parent, message.content_hash())
+    for content_hash in content_hashes:
+        parent = chain_hash(parent, content_hash)
         out.append(parent)
     return out
+
+
+def chain_hashes(messages: Sequence[Message]) -> list[str]:
+    return chain_of([message.content_hash() for message in messages])
 
 
 @dataclass(slots=True)

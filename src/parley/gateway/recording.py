@@ -43,11 +43,12 @@ class _ChoiceParts:
 
 
 class Fold:
-    """Accumulates one attempt. ``feed`` every chunk, then exactly one of ``finish``,
-    ``fail`` or ``cancel``."""
+    """Accumulates one attempt. ``feed`` every chunk, then ``finish``, ``fail`` or
+    ``cancel``: the first of them decides the outcome, later calls change nothing."""
 
     __slots__ = (
         "_choices",
+        "_closed",
         "_first",
         "_last",
         "_prices",
@@ -67,6 +68,7 @@ class Fold:
         self._first: float | None = None
         self._last: float | None = None
         self._choices: dict[int, _ChoiceParts] = {}
+        self._closed = False
 
     def feed(self, chunk: Chunk) -> None:
         if not chunk.events:
@@ -109,12 +111,16 @@ class Fold:
 
     def finish(self, status_code: int = 200) -> None:
         """The attempt completed normally."""
+        if self._closed:
+            return
         self.attempt.success = True
         self.attempt.status_code = status_code
         self._close()
 
     def fail(self, error: ParleyError, *, finish_reason: str | None = None) -> None:
         """The attempt failed; ``finish_reason`` is set when a stream had started."""
+        if self._closed:
+            return
         self.attempt.success = False
         if isinstance(error, UpstreamError):
             self.attempt.status_code = error.status_code
@@ -125,6 +131,8 @@ class Fold:
 
     def cancel(self, reason: str = "client_disconnected") -> None:
         """The client went away mid-stream; the upstream call was cancelled."""
+        if self._closed:
+            return
         self.attempt.success = False
         self.attempt.status_code = 200
         self.attempt.error_type = "cancelled"
@@ -133,6 +141,7 @@ class Fold:
         self._close()
 
     def _close(self) -> None:
+        self._closed = True
         end = time.perf_counter()
         attempt = self.attempt
         attempt.response_time_ms = (end - self._start) * 1000

@@ -87,23 +87,18 @@ class Gateway:
                     fold.cancel()
                     raise
                 # Committed to this attempt: from here on nothing is retried.
-                finished = False
                 try:
-                    fold.feed(first)
                     chunk = first
-                    if chunk.final:
-                        # Recorded as complete before the final chunk is released, so the
-                        # server can commit the record and only then acknowledge.
-                        fold.finish()
-                        finished = True
-                    yield chunk
-                    while not chunk.final:
-                        chunk = await anext(upstream)
+                    while True:
                         fold.feed(chunk)
                         if chunk.final:
+                            # Recorded as complete before the final chunk is released, so
+                            # the server can commit the record and only then acknowledge.
                             fold.finish()
-                            finished = True
                         yield chunk
+                        if chunk.final:
+                            break
+                        chunk = await anext(upstream)
                     # The consumer came back after the final chunk: let the adapter read
                     # to the end of the response so its connection returns to the pool.
                     async for _ in upstream:
@@ -111,22 +106,17 @@ class Gateway:
                 except StopAsyncIteration:
                     error = UpstreamInterrupted("upstream stream ended without a final event")
                     fold.fail(error, finish_reason="error")
-                    finished = True
                     raise error from None
                 except ParleyError as exc:
-                    if not finished:
-                        fold.fail(exc, finish_reason="error")
-                        finished = True
+                    fold.fail(exc, finish_reason="error")
                     raise
                 except Exception as exc:
                     error = _unreadable(candidate, exc)
-                    if not finished:
-                        fold.fail(error, finish_reason="error")
-                        finished = True
+                    fold.fail(error, finish_reason="error")
                     raise error from exc
                 finally:
-                    if not finished:
-                        fold.cancel()
+                    # Left early (client gone): cancelled. After an outcome, a no-op.
+                    fold.cancel()
                     await upstream.aclose()
                 return
         if last_error is None:

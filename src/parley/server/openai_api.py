@@ -19,6 +19,7 @@ from aiohttp import web
 
 from parley.domain.events import Chunk
 from parley.domain.exchange import Exchange
+from parley.domain.messages import Message
 from parley.errors import InvalidRequest, ParleyError, StoreError, UpstreamProtocolError
 from parley.server.openai_parse import parse_chat_request, parse_json_object
 from parley.server.state import SERVICES, Services, read_body
@@ -46,14 +47,28 @@ def _sse_error(error: ParleyError) -> bytes:
     return b"data: " + orjson.dumps(error.to_openai()) + b"\n\n"
 
 
-def _new_exchange(request: web.Request, endpoint: str) -> Exchange:
+def _new_exchange(
+    request: web.Request,
+    endpoint: str,
+    model: str,
+    messages: tuple[Message, ...] = (),
+    *,
+    is_streaming: bool = False,
+    max_tokens: int | None = None,
+    temperature: float | None = None,
+    top_p: float | None = None,
+) -> Exchange:
     return Exchange(
-        model_requested="",
-        messages=(),
+        model_requested=model,
+        messages=messages,
         started_at=datetime.now(UTC),
         endpoint=endpoint,
         origin=request.remote,
         client_protocol="openai",
+        is_streaming=is_streaming,
+        max_tokens=max_tokens,
+        temperature=temperature,
+        top_p=top_p,
     )
 
 
@@ -61,13 +76,16 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     services = request.app[SERVICES]
     data = parse_json_object(await read_body(request, services.settings.max_body_bytes))
     chat = parse_chat_request(data)
-    exchange = _new_exchange(request, "chat")
-    exchange.model_requested = chat.model
-    exchange.messages = chat.messages
-    exchange.is_streaming = chat.stream
-    exchange.max_tokens = chat.max_tokens
-    exchange.temperature = chat.temperature
-    exchange.top_p = chat.top_p
+    exchange = _new_exchange(
+        request,
+        "chat",
+        chat.model,
+        chat.messages,
+        is_streaming=chat.stream,
+        max_tokens=chat.max_tokens,
+        temperature=chat.temperature,
+        top_p=chat.top_p,
+    )
 
     services.check_recording()
     stream = services.gateway.stream(chat, exchange)
@@ -75,8 +93,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         first = await anext(stream)
     except ParleyError as exc:
         # Every upstream candidate failed before answering: the attempts are still facts.
-        if exchange.attempts:
-            await services.record_quietly(exchange)
+        await services.record_quietly(exchange)
         return error_response(exc)
     except asyncio.CancelledError:
         # The client left while the upstream was thinking; the gateway cancelled it.
@@ -203,14 +220,11 @@ async def embeddings(request: web.Request) -> web.Response:
     if not isinstance(items, str) and not (isinstance(items, list) and items):
         raise InvalidRequest("'input' must be a string or a non-empty array", "input")
     services.check_recording()
-    exchange = _new_exchange(request, "embeddings")
-    exchange.model_requested = model
-    exchange.messages = ()
+    exchange = _new_exchange(request, "embeddings", model)
     try:
         result = await services.gateway.embeddings(data, model, exchange)
     except ParleyError as exc:
-        if exchange.attempts:
-            await services.record_quietly(exchange)
+        await services.record_quietly(exchange)
         return error_response(exc)
     try:
         await services.record(exchange)

@@ -47,7 +47,12 @@ class Services:
             raise StoreError("the exchange could not be recorded") from exc
 
     async def record_quietly(self, exchange: Exchange) -> None:
-        """Record an exchange whose client already gets an error; a store failure is logged."""
+        """Record an exchange whose client already gets an error; a store failure is logged.
+
+        An exchange that never reached an upstream (refused by routing) has nothing to keep.
+        """
+        if not exchange.attempts:
+            return
         try:
             await self.record(exchange)
         except StoreError:

@@ -36,11 +36,10 @@ import orjson
 from sqlalchemy import Connection, Row, bindparam, select, update
 
 from parley.domain.exchange import Attempt, Exchange
-from parley.domain.messages import chain_hash
+from parley.domain.messages import chain_hash, chain_of
 from parley.store.bulk import PublicIds, assign_ids, bulk_insert
 from parley.store.schema import conversations, messages, request_log, responses
 
-# request_log columns copied from the request, from each attempt and from its usage.
 # Bound parameters per IN (...) lookup: far below SQLite's and PostgreSQL's limits.
 _LOOKUP_CHUNK = 500
 
@@ -299,11 +298,7 @@ def _hash(exchange: Exchange) -> _Hashed | None:
     if exchange.endpoint != "chat" or not exchange.messages:
         return None
     content_hashes = [m.content_hash() for m in exchange.messages]
-    chains: list[str] = []
-    parent: str | None = None
-    for content_hash in content_hashes:
-        parent = chain_hash(parent, content_hash)
-        chains.append(parent)
+    chains = chain_of(content_hashes)
     first_assistant = next(
         (i for i, m in enumerate(exchange.messages) if m.role == "assistant"), None
     )
