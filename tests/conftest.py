@@ -31,9 +31,7 @@ PG_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 MakeSettings = Callable[..., Settings]
 
 
-def _make_settings(
-    tmp_path: Path, database_url: str | None = None, **overrides: Any
-) -> Settings:
+def _make_settings(tmp_path: Path, database_url: str | None = None, **overrides: Any) -> Settings:
     env = {"PARLEY_DATA_DIR": str(tmp_path / "data")}
     if database_url is not None:
         env["DATABASE_URL"] = database_url

@@ -174,7 +174,10 @@ class UpstreamHTTPError(UpstreamError):
         retry_after: float | None = None,
         upstream_type: str | None = None,
         upstream_code: str | None = None,
+        error_type: str | None = None,
     ) -> None:
+        """``error_type``, when the adapter knows it (one of ``ERROR_TYPES``), overrides
+        the one derived from the status and the OpenAI-style ``upstream_code``."""
         super().__init__(message, status_code=status_code)
         self.retry_after = retry_after
         self.retryable = status_code == 429 or status_code >= 500
@@ -185,6 +188,8 @@ class UpstreamHTTPError(UpstreamError):
             self.error_type = "context_length"
         elif upstream_code == "content_filter":
             self.error_type = "content_filter"
+        if error_type is not None:
+            self.error_type = error_type
         # A client-side problem upstream (400, 404, 422) is the client's to see as such;
         # a refused key (401, 403) is parley's configuration, never the caller's key.
         client_side = 400 <= status_code < 500 and status_code not in (401, 403)

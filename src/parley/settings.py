@@ -304,12 +304,12 @@ def _aliases(table: Mapping[str, Any]) -> dict[str, tuple[str, ...]]:
     for alias, targets in table.items():
         if isinstance(targets, str):
             targets = [targets]
-        if not isinstance(targets, list) or not targets or not all(
-            isinstance(t, str) and "/" in t for t in targets
+        if (
+            not isinstance(targets, list)
+            or not targets
+            or not all(isinstance(t, str) and "/" in t for t in targets)
         ):
-            raise ConfigError(
-                f"alias {alias}: must be a non-empty list of 'provider/model' ids"
-            )
+            raise ConfigError(f"alias {alias}: must be a non-empty list of 'provider/model' ids")
         out[alias] = tuple(targets)
     return out
 

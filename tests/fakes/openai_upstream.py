@@ -48,14 +48,20 @@ STALL_SECONDS = 30.0
 CREATED = 1_700_000_000
 MODELS = ("gpt-4o-mini", "tool-call", "text-embedding-3-small", "bench")
 # status -> (type, code, message, extra headers)
-FAILURES = MappingProxyType({
-    400: ("invalid_request_error", "invalid_value", "Invalid value for 'messages'.", ()),
-    401: ("invalid_request_error", "invalid_api_key", "Incorrect API key provided.", ()),
-    429: ("rate_limit_error", "rate_limit_exceeded", "Rate limit reached for requests.",
-          (("Retry-After", "1"),)),
-    500: ("server_error", None, "The server had an error processing your request.", ()),
-    503: ("server_error", None, "The engine is currently overloaded.", ()),
-})
+FAILURES = MappingProxyType(
+    {
+        400: ("invalid_request_error", "invalid_value", "Invalid value for 'messages'.", ()),
+        401: ("invalid_request_error", "invalid_api_key", "Incorrect API key provided.", ()),
+        429: (
+            "rate_limit_error",
+            "rate_limit_exceeded",
+            "Rate limit reached for requests.",
+            (("Retry-After", "1"),),
+        ),
+        500: ("server_error", None, "The server had an error processing your request.", ()),
+        503: ("server_error", None, "The engine is currently overloaded.", ()),
+    }
+)
 TOOL_ARGUMENTS = ('{"city": ', '"Paris"}')
 # model -> index of the stream frame sent in place of the rest of the answer
 BREAK_AT = MappingProxyType(
@@ -121,8 +127,9 @@ class _Upstream:
     async def models(self, request: web.Request) -> web.Response:
         if (denied := self._note(request, None)) is not None:
             return denied
-        data = [{"id": m, "object": "model", "created": CREATED, "owned_by": "fake"}
-                for m in MODELS]
+        data = [
+            {"id": m, "object": "model", "created": CREATED, "owned_by": "fake"} for m in MODELS
+        ]
         return _json({"object": "list", "data": data})
 
     async def embeddings(self, request: web.Request) -> web.Response:
@@ -141,8 +148,14 @@ class _Upstream:
             vectors = [base64.b64encode(array("f", v).tobytes()).decode() for v in vectors]
         data = [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)]
         words = sum(len(str(item).split()) for item in inputs)
-        return _json({"object": "list", "data": data, "model": model,
-                      "usage": {"prompt_tokens": words, "total_tokens": words}})
+        return _json(
+            {
+                "object": "list",
+                "data": data,
+                "model": model,
+                "usage": {"prompt_tokens": words, "total_tokens": words},
+            }
+        )
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         body = orjson.loads(await request.read())
@@ -223,10 +236,13 @@ class _Answer:
         self.id = f"chatcmpl-{digest[:24]}"
         prompt = sum(len(_text(m).split()) for m in messages)
         completion = 5 if self.tool_call else len(self.text.split())
-        self.usage = {"prompt_tokens": prompt, "completion_tokens": completion,
-                      "total_tokens": prompt + completion,
-                      "prompt_tokens_details": {"cached_tokens": 0},
-                      "completion_tokens_details": {"reasoning_tokens": 0}}
+        self.usage = {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": 0},
+            "completion_tokens_details": {"reasoning_tokens": 0},
+        }
 
     def _head(self, kind: str) -> dict[str, Any]:
         return {"id": self.id, "object": kind, "created": CREATED, "model": self.model}
@@ -234,39 +250,69 @@ class _Answer:
     def completion(self) -> dict[str, Any]:
         message: dict[str, Any] = {"role": "assistant", "content": self.text}
         if self.tool_call:
-            message = {"role": "assistant", "content": None, "tool_calls": [
-                {"id": "call_fake_1", "type": "function",
-                 "function": {"name": "get_weather", "arguments": "".join(TOOL_ARGUMENTS)}}
-            ]}
-        choice = {"index": 0, "message": message, "logprobs": None,
-                  "finish_reason": "tool_calls" if self.tool_call else "stop"}
+            message = {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {
+                        "id": "call_fake_1",
+                        "type": "function",
+                        "function": {"name": "get_weather", "arguments": "".join(TOOL_ARGUMENTS)},
+                    }
+                ],
+            }
+        choice = {
+            "index": 0,
+            "message": message,
+            "logprobs": None,
+            "finish_reason": "tool_calls" if self.tool_call else "stop",
+        }
         return {**self._head("chat.completion"), "choices": [choice], "usage": self.usage}
 
     def frames(self, pieces: int) -> Iterator[dict[str, Any]]:
         """Content frames (``pieces`` of them for text), then the finish frame."""
         if self.tool_call:
-            deltas: list[dict[str, Any]] = [{"role": "assistant", "content": None, "tool_calls": [
-                {"index": 0, "id": "call_fake_1", "type": "function",
-                 "function": {"name": "get_weather", "arguments": ""}}]}]
-            deltas += [{"tool_calls": [{"index": 0, "function": {"arguments": fragment}}]}
-                       for fragment in TOOL_ARGUMENTS]
+            deltas: list[dict[str, Any]] = [
+                {
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": [
+                        {
+                            "index": 0,
+                            "id": "call_fake_1",
+                            "type": "function",
+                            "function": {"name": "get_weather", "arguments": ""},
+                        }
+                    ],
+                }
+            ]
+            deltas += [
+                {"tool_calls": [{"index": 0, "function": {"arguments": fragment}}]}
+                for fragment in TOOL_ARGUMENTS
+            ]
         else:
             deltas = [{"content": piece} for piece in _split(self.text, pieces)]
             deltas[0] = {"role": "assistant", **deltas[0]}
         for delta in deltas:
-            yield {**self._head("chat.completion.chunk"),
-                   "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}
+            yield {
+                **self._head("chat.completion.chunk"),
+                "choices": [{"index": 0, "delta": delta, "finish_reason": None}],
+            }
         reason = "tool_calls" if self.tool_call else "stop"
-        yield {**self._head("chat.completion.chunk"),
-               "choices": [{"index": 0, "delta": {}, "finish_reason": reason}]}
+        yield {
+            **self._head("chat.completion.chunk"),
+            "choices": [{"index": 0, "delta": {}, "finish_reason": reason}],
+        }
 
     def usage_frame(self) -> dict[str, Any]:
         return {**self._head("chat.completion.chunk"), "choices": [], "usage": self.usage}
 
 
 async def _bench(request: web.Request, stream: bool, usage_wanted: bool) -> web.StreamResponse:
-    head = b'{"id":"chatcmpl-bench","object":"chat.completion%s","created":1700000000,' \
+    head = (
+        b'{"id":"chatcmpl-bench","object":"chat.completion%s","created":1700000000,'
         b'"model":"bench","choices":'
+    )
     usage = b'{"prompt_tokens":3,"completion_tokens":1,"total_tokens":4}'
     if not stream:
         return web.Response(

@@ -157,8 +157,12 @@ async def test_usage_is_requested_upstream_but_hidden_from_a_client_that_did_not
     fake: FakeOpenAI, session: aiohttp.ClientSession
 ) -> None:
     provider = make_provider(session, fake.base_url)
-    raw = {"model": "fake/x", "stream": True, "stream_options": {"vendor_flag": 1},
-           "messages": [{"role": "user", "content": "hi"}]}
+    raw = {
+        "model": "fake/x",
+        "stream": True,
+        "stream_options": {"vendor_flag": 1},
+        "messages": [{"role": "user", "content": "hi"}],
+    }
     chunks = await collect(provider.chat(request("hi", stream=True, raw=raw), "m"))
     assert fake.received[-1][2]["stream_options"] == {"vendor_flag": 1, "include_usage": True}
     assert raw["stream_options"] == {"vendor_flag": 1}, "the client's body is not mutated"
@@ -181,12 +185,21 @@ async def test_every_client_field_passes_through(
 ) -> None:
     raw = {
         "model": "fake/gpt-4o-mini",
-        "messages": [{"role": "system", "content": "be brief"},
-                     {"role": "user", "content": "hi", "name": "ann"}],
+        "messages": [
+            {"role": "system", "content": "be brief"},
+            {"role": "user", "content": "hi", "name": "ann"},
+        ],
         "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}],
-        "tool_choice": "auto", "response_format": {"type": "json_object"}, "n": 2,
-        "stop": ["\n"], "seed": 42, "logprobs": True, "top_logprobs": 2, "user": "u-1",
-        "metadata": {"k": "v"}, "x_vendor_extension": {"deep": [1, 2]},
+        "tool_choice": "auto",
+        "response_format": {"type": "json_object"},
+        "n": 2,
+        "stop": ["\n"],
+        "seed": 42,
+        "logprobs": True,
+        "top_logprobs": 2,
+        "user": "u-1",
+        "metadata": {"k": "v"},
+        "x_vendor_extension": {"deep": [1, 2]},
     }
     await collect(make_provider(session, fake.base_url).chat(request(raw=raw), "gpt-4o-mini"))
     assert fake.received[-1][2] == {**raw, "model": "gpt-4o-mini"}
@@ -196,13 +209,26 @@ async def test_a_neutral_request_becomes_an_openai_body(
     fake: FakeOpenAI, session: aiohttp.ClientSession
 ) -> None:
     tool = MappingProxyType({"type": "function", "function": {"name": "f"}})
-    neutral = request(max_tokens=5, temperature=0.5, stop=("x",), tools=(tool,),
-                      tool_choice="none", user="u-2", extra={"seed": 7})
+    neutral = request(
+        max_tokens=5,
+        temperature=0.5,
+        stop=("x",),
+        tools=(tool,),
+        tool_choice="none",
+        user="u-2",
+        extra={"seed": 7},
+    )
     await collect(make_provider(session, fake.base_url).chat(neutral, "m"))
     assert fake.received[-1][2] == {
-        "model": "m", "messages": [{"role": "user", "content": "hello big world"}],
-        "max_tokens": 5, "temperature": 0.5, "stop": ["x"], "tool_choice": "none",
-        "tools": [{"type": "function", "function": {"name": "f"}}], "user": "u-2", "seed": 7,
+        "model": "m",
+        "messages": [{"role": "user", "content": "hello big world"}],
+        "max_tokens": 5,
+        "temperature": 0.5,
+        "stop": ["x"],
+        "tool_choice": "none",
+        "tools": [{"type": "function", "function": {"name": "f"}}],
+        "user": "u-2",
+        "seed": 7,
     }
 
 
@@ -223,8 +249,11 @@ async def test_tool_call_round_trip(fake: FakeOpenAI, session: aiohttp.ClientSes
 
     history = (
         Message("user", "weather?"),
-        Message("assistant", None, tool_calls=(
-            ToolCall("call_fake_1", "get_weather", '{"city": "Paris"}'),)),
+        Message(
+            "assistant",
+            None,
+            tool_calls=(ToolCall("call_fake_1", "get_weather", '{"city": "Paris"}'),),
+        ),
         Message("tool", "18C and sunny", tool_call_id="call_fake_1"),
     )
     answer = ChatRequest(model="fake/tool-call", messages=history, stream=True)
@@ -239,9 +268,12 @@ async def test_images_reach_the_upstream_intact(
 ) -> None:
     parts = (
         MappingProxyType({"type": "text", "text": "what is this?"}),
-        MappingProxyType({"type": "image_url",
-                          "image_url": {"url": "data:image/png;base64,iVBORw0KGgo=",
-                                        "detail": "low"}}),
+        MappingProxyType(
+            {
+                "type": "image_url",
+                "image_url": {"url": "data:image/png;base64,iVBORw0KGgo=", "detail": "low"},
+            }
+        ),
     )
     provider = make_provider(session, fake.base_url)
     neutral = ChatRequest(model="fake/x", messages=(Message("user", parts),))
@@ -265,8 +297,13 @@ async def test_images_reach_the_upstream_intact(
     ],
 )
 async def test_http_errors_are_mapped(
-    fake: FakeOpenAI, session: aiohttp.ClientSession,
-    model: str, status: int, error_type: str, retryable: bool, stream: bool,
+    fake: FakeOpenAI,
+    session: aiohttp.ClientSession,
+    model: str,
+    status: int,
+    error_type: str,
+    retryable: bool,
+    stream: bool,
 ) -> None:
     provider = make_provider(session, fake.base_url)
     with pytest.raises(UpstreamHTTPError) as caught:
@@ -339,8 +376,12 @@ async def test_total_timeout_cuts_a_slow_stream(
 
 @pytest.mark.parametrize(
     ("model", "error"),
-    [("reset-mid", UpstreamInterrupted), ("eof-mid", UpstreamInterrupted),
-     ("error-mid", UpstreamInterrupted), ("malformed", UpstreamProtocolError)],
+    [
+        ("reset-mid", UpstreamInterrupted),
+        ("eof-mid", UpstreamInterrupted),
+        ("error-mid", UpstreamInterrupted),
+        ("malformed", UpstreamProtocolError),
+    ],
 )
 async def test_broken_streams_raise_after_their_first_chunks(
     fake: FakeOpenAI, session: aiohttp.ClientSession, model: str, error: type[Exception]
@@ -357,8 +398,9 @@ async def test_broken_streams_raise_after_their_first_chunks(
 async def test_a_stream_without_done_but_finished_still_ends_cleanly(
     fake: FakeOpenAI, session: aiohttp.ClientSession
 ) -> None:
-    chunks = await collect(make_provider(session, fake.base_url).chat(request(stream=True),
-                                                                     "no-done"))
+    chunks = await collect(
+        make_provider(session, fake.base_url).chat(request(stream=True), "no-done")
+    )
     assert text(chunks) == "echo: hello big world"
     assert chunks[-1].final and chunks[-1].raw == DONE
 
@@ -455,8 +497,16 @@ async def test_the_api_key_never_appears_in_errors(session: aiohttp.ClientSessio
             failures.append(caught.value)
         failures.append(await _error_of(denied.embeddings({"input": "x"}, "e")))
         provider = make_provider(session, fake.base_url, key=CANARY, first_byte=0.3, idle=0.3)
-        for model in ("fail-400", "fail-429", "stall-first-byte", "stall-mid", "reset-mid",
-                      "malformed", "eof-mid", "error-mid"):
+        for model in (
+            "fail-400",
+            "fail-429",
+            "stall-first-byte",
+            "stall-mid",
+            "reset-mid",
+            "malformed",
+            "eof-mid",
+            "error-mid",
+        ):
             failures.append(await _error_of(collect(provider.chat(request(stream=True), model))))
         refused = make_provider(session, closed_port_url(), key=CANARY)
         failures.append(await _error_of(collect(refused.chat(request(), "m"))))
@@ -473,7 +523,7 @@ async def _error_of(awaitable: Any) -> BaseException:
 
 
 def test_retry_after_forms() -> None:
-    from parley.providers.openai_wire import retry_after
+    from parley.providers.wire import retry_after
 
     assert retry_after({"Retry-After": "2"}) == 2.0
     assert retry_after({"retry-after-ms": "1500", "Retry-After": "9"}) == 1.5
@@ -486,12 +536,19 @@ def test_error_bodies_of_other_servers() -> None:
     from parley.providers.openai_wire import error_fields
 
     assert error_fields(b'{"error": "Input validation error", "error_type": "validation"}') == (
-        "Input validation error", "validation", None)
+        "Input validation error",
+        "validation",
+        None,
+    )
     assert error_fields(b'{"detail": "Not Found"}') == ("Not Found", None, None)
     assert error_fields(b"<html>Bad Gateway</html>" + b"x" * 2000)[0] == (
-        "<html>Bad Gateway</html>" + "x" * 476)
+        "<html>Bad Gateway</html>" + "x" * 476
+    )
     assert error_fields(b'{"error": {"message": "m", "type": "t", "code": 400}}') == (
-        "m", "t", "400")
+        "m",
+        "t",
+        "400",
+    )
 
 
 def test_an_error_object_before_any_chunk_is_an_http_error() -> None:
@@ -518,18 +575,18 @@ def test_a_multi_line_data_field_is_forwarded_as_one_line() -> None:
 
 SSE_STREAM = (
     b": keep-alive comment\r\n\r\n"
-    b"event: message\r\nid: 1\r\ndata: {\"a\": 1}\r\n\r\n"
-    b"data: {\"b\":\ndata:  2}\n\n"
+    b'event: message\r\nid: 1\r\ndata: {"a": 1}\r\n\r\n'
+    b'data: {"b":\ndata:  2}\n\n'
     b"retry: 100\n\n"
     b"data:no-space\rdata\r\r"
-    b"dataX: not a data field\ndata: {\"c\": 3}\n\n"
+    b'dataX: not a data field\ndata: {"c": 3}\n\n'
     b"data: [DONE]\n\n"
 )
 SSE_EVENTS = [b'{"a": 1}', b'{"b":\n 2}', b"no-space\n", b'{"c": 3}', b"[DONE]"]
 
 
 def decode(pieces: list[bytes]) -> list[bytes]:
-    from parley.providers.openai_wire import SSEDecoder
+    from parley.providers.sse import SSEDecoder
 
     decoder = SSEDecoder()
     out = [payload for piece in pieces for payload in decoder.feed(piece)]
@@ -547,7 +604,7 @@ def test_sse_decoder_split_at_every_boundary() -> None:
 
 
 def test_sse_decoder_refuses_an_endless_event() -> None:
-    from parley.providers.openai_wire import MAX_EVENT_BYTES, SSEDecoder
+    from parley.providers.sse import MAX_EVENT_BYTES, SSEDecoder
 
     decoder = SSEDecoder()
     with pytest.raises(UpstreamProtocolError):
@@ -558,7 +615,7 @@ def test_sse_decoder_refuses_an_endless_event() -> None:
 def test_sse_decoder_end_of_stream() -> None:
     # A last event missing its blank line is kept; a line cut off mid-way is not.
     assert decode([b"data: 1\n\ndata: 2\n"]) == [b"1", b"2"]
-    assert decode([b"data: 1\n\ndata: {\"trunc"]) == [b"1"]
+    assert decode([b'data: 1\n\ndata: {"trunc']) == [b"1"]
     assert decode([b"data: 1\r"]) == [b"1"]
 
 
@@ -578,8 +635,10 @@ def test_registry_builds_configured_providers_and_refuses_unsupported_kinds() ->
     from parley.settings import Settings
 
     session: Any = SimpleNamespace()
-    configs = (ProviderConfig(name="a", kind="openai", base_url="http://a/v1"),
-               ProviderConfig(name="h", kind="huggingface", base_url="http://h/v1"))
+    configs = (
+        ProviderConfig(name="a", kind="openai", base_url="http://a/v1"),
+        ProviderConfig(name="h", kind="huggingface", base_url="http://h/v1"),
+    )
     settings = Settings(data_dir=Path("."), database_url="sqlite://", providers=configs)
     built = build_providers(settings, session)
     assert sorted(built) == ["a", "h"]
@@ -589,5 +648,6 @@ def test_registry_builds_configured_providers_and_refuses_unsupported_kinds() ->
         ADAPTERS["ollama"] = OpenAIProvider  # type: ignore[index]
     ollama = ProviderConfig(name="o", kind="ollama", base_url="http://o")
     with pytest.raises(ConfigError, match="not supported yet"):
-        build_providers(Settings(data_dir=Path("."), database_url="sqlite://",
-                                 providers=(ollama,)), session)
+        build_providers(
+            Settings(data_dir=Path("."), database_url="sqlite://", providers=(ollama,)), session
+        )

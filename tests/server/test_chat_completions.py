@@ -189,7 +189,9 @@ def test_tool_call_round_trip_lands_in_one_conversation(
     ]
     history: list[dict[str, object]] = [{"role": "user", "content": "weather in Paris?"}]
     first = client(server).chat.completions.create(
-        model="up/tool-call", messages=history, tools=tools  # type: ignore[arg-type]
+        model="up/tool-call",
+        messages=history,
+        tools=tools,  # type: ignore[arg-type]
     )
     call = first.choices[0].message.tool_calls[0]  # type: ignore[index]
     assert first.choices[0].finish_reason == "tool_calls"
@@ -198,7 +200,9 @@ def test_tool_call_round_trip_lands_in_one_conversation(
     history.append(first.choices[0].message.model_dump(exclude_none=True))
     history.append({"role": "tool", "tool_call_id": call.id, "content": "sunny"})
     second = client(server).chat.completions.create(
-        model="up/tool-call", messages=history, tools=tools  # type: ignore[arg-type]
+        model="up/tool-call",
+        messages=history,
+        tools=tools,  # type: ignore[arg-type]
     )
     assert second.choices[0].message.content == "tool said: sunny"
 
@@ -236,7 +240,8 @@ def test_images_reach_the_upstream(server: ParleyServer, upstream: FakeOpenAI) -
         {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}},
     ]
     client(server).chat.completions.create(
-        model="up/gpt-4o-mini", messages=[{"role": "user", "content": content}]  # type: ignore[typeddict-item]
+        model="up/gpt-4o-mini",
+        messages=[{"role": "user", "content": content}],  # type: ignore[typeddict-item]
     )
     assert upstream.received[-1][2]["messages"][0]["content"] == content
 
@@ -360,8 +365,12 @@ def test_client_leaving_before_the_first_byte_is_recorded(
 
 @pytest.mark.parametrize(
     ("model", "error_type"),
-    [("stall-mid", "timeout"), ("reset-mid", "interrupted"), ("malformed", "protocol"),
-     ("eof-mid", "interrupted")],
+    [
+        ("stall-mid", "timeout"),
+        ("reset-mid", "interrupted"),
+        ("malformed", "protocol"),
+        ("eof-mid", "interrupted"),
+    ],
 )
 def test_broken_stream_ends_in_an_error_event(
     server: ParleyServer, database_url: str, model: str, error_type: str

@@ -79,9 +79,7 @@ def test_a_stop_under_load_loses_no_acknowledged_exchange(
         if sig == signal.SIGTERM:
             # A graceful stop: in-flight requests finish, the writer drains, exit 0.
             assert returncode == 0, (tmp_path / "server.log").read_text()
-        stored = {
-            r["content"] for r in rows(database_url, "SELECT content FROM messages")
-        }
+        stored = {r["content"] for r in rows(database_url, "SELECT content FROM messages")}
         lost = [m for m in acked if m not in stored or f"echo: {m}" not in stored]
         assert lost == [], f"{len(lost)} of {len(acked)} acknowledged exchanges were lost"
         requests = rows(database_url, "SELECT count(*) AS n FROM request_log")[0]["n"]

@@ -48,9 +48,7 @@ def _config(tmp_path: Path, upstream: FakeOpenAI) -> None:
 @pytest.fixture
 def server(tmp_path: Path, database_url: str, upstream: FakeOpenAI) -> Iterator[ParleyServer]:
     _config(tmp_path, upstream)
-    settings = settings_for(
-        tmp_path, database_url, UP_KEY=CANARY, PARLEY_MAX_BODY_BYTES="20000"
-    )
+    settings = settings_for(tmp_path, database_url, UP_KEY=CANARY, PARLEY_MAX_BODY_BYTES="20000")
     with ParleyServer(settings) as running:
         yield running
 
@@ -73,20 +71,44 @@ def post(server: ParleyServer, content: bytes | str, **headers: str) -> httpx.Re
         (b'{"messages": [{"role": "user", "content": "x"}]}', 400, "'model'"),
         (b'{"model": "up/gpt-4o-mini"}', 400, "'messages'"),
         (b'{"model": "up/gpt-4o-mini", "messages": "hi"}', 400, "'messages'"),
-        (b'{"model": "up/gpt-4o-mini", "messages": [{"role": "robot", "content": "x"}]}',
-         400, "role"),
-        (b'{"model": "up/gpt-4o-mini", "messages": [{"role": "user", "content": 5}]}',
-         400, "content"),
-        (b'{"model": "up/gpt-4o-mini", "temperature": "hot", '
-         b'"messages": [{"role": "user", "content": "x"}]}', 400, "temperature"),
-        (b'{"model": "up/gpt-4o-mini", "max_tokens": -1, '
-         b'"messages": [{"role": "user", "content": "x"}]}', 400, "max_tokens"),
-        (b'{"model": "up/gpt-4o-mini", "stream": "yes", '
-         b'"messages": [{"role": "user", "content": "x"}]}', 400, "stream"),
-        (b'{"model": "nonexistent", "messages": [{"role": "user", "content": "x"}]}',
-         404, "does not exist"),
-        (b'{"model": "nope/gpt-4o-mini", "messages": [{"role": "user", "content": "x"}]}',
-         404, "unknown provider"),
+        (
+            b'{"model": "up/gpt-4o-mini", "messages": [{"role": "robot", "content": "x"}]}',
+            400,
+            "role",
+        ),
+        (
+            b'{"model": "up/gpt-4o-mini", "messages": [{"role": "user", "content": 5}]}',
+            400,
+            "content",
+        ),
+        (
+            b'{"model": "up/gpt-4o-mini", "temperature": "hot", '
+            b'"messages": [{"role": "user", "content": "x"}]}',
+            400,
+            "temperature",
+        ),
+        (
+            b'{"model": "up/gpt-4o-mini", "max_tokens": -1, '
+            b'"messages": [{"role": "user", "content": "x"}]}',
+            400,
+            "max_tokens",
+        ),
+        (
+            b'{"model": "up/gpt-4o-mini", "stream": "yes", '
+            b'"messages": [{"role": "user", "content": "x"}]}',
+            400,
+            "stream",
+        ),
+        (
+            b'{"model": "nonexistent", "messages": [{"role": "user", "content": "x"}]}',
+            404,
+            "does not exist",
+        ),
+        (
+            b'{"model": "nope/gpt-4o-mini", "messages": [{"role": "user", "content": "x"}]}',
+            404,
+            "unknown provider",
+        ),
     ],
 )
 def test_bad_input_gets_openai_errors_and_stores_nothing(

@@ -157,8 +157,15 @@ def test_fallback_chain_records_every_attempt(migrated_engine: sa.Engine) -> Non
         [Message("user", "Hi")],
         ["Hello from the fallback"],
         attempts=[
-            attempt(1, ok=False, status_code=429, error_type="rate_limit",
-                    error_message="slow down", provider="primary", usage=Usage()),
+            attempt(
+                1,
+                ok=False,
+                status_code=429,
+                error_type="rate_limit",
+                error_message="slow down",
+                provider="primary",
+                usage=Usage(),
+            ),
             attempt(2, provider="backup", model_used="backup-model"),
         ],
     )
@@ -200,8 +207,10 @@ def test_failed_exchange_keeps_what_the_user_sent(migrated_engine: sa.Engine) ->
 
 
 def test_disconnect_mid_stream_keeps_the_partial_answer(migrated_engine: sa.Engine) -> None:
-    cut = chat([Message("user", "Tell me a story")],
-               attempts=[attempt(1, ok=False, error_type="cancelled")])
+    cut = chat(
+        [Message("user", "Tell me a story")],
+        attempts=[attempt(1, ok=False, error_type="cancelled")],
+    )
     cut.choices = [
         Choice(0, "Once upon a", finish_reason="cancelled"),
         Choice(1, "", finish_reason="cancelled"),  # nothing arrived: nothing to keep
@@ -236,19 +245,44 @@ def test_request_fields_usage_and_payload_are_stored(migrated_engine: sa.Engine)
         user_id=7,
         api_key_id=3,
     )
-    exchange.choices = [Choice(0, "", reasoning="thinking", tool_calls=(tool_call,),
-                               finish_reason="tool_calls")]
+    exchange.choices = [
+        Choice(0, "", reasoning="thinking", tool_calls=(tool_call,), finish_reason="tool_calls")
+    ]
     write(migrated_engine, exchange)
     [request] = rows(migrated_engine, "SELECT * FROM request_log")
-    assert {k: request[k] for k in (
-        "model_requested", "max_tokens", "temperature", "top_p", "message_count",
-        "endpoint", "client_protocol", "origin", "user_id", "api_key_id", "model",
-        "prompt_tokens", "completion_tokens", "total_tokens",
-    )} == {
-        "model_requested": "alias", "max_tokens": 64, "temperature": 0.5, "top_p": 0.9,
-        "message_count": 1, "endpoint": "chat", "client_protocol": "openai",
-        "origin": "203.0.113.7", "user_id": 7, "api_key_id": 3, "model": "gpt-test-2024",
-        "prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18,
+    assert {
+        k: request[k]
+        for k in (
+            "model_requested",
+            "max_tokens",
+            "temperature",
+            "top_p",
+            "message_count",
+            "endpoint",
+            "client_protocol",
+            "origin",
+            "user_id",
+            "api_key_id",
+            "model",
+            "prompt_tokens",
+            "completion_tokens",
+            "total_tokens",
+        )
+    } == {
+        "model_requested": "alias",
+        "max_tokens": 64,
+        "temperature": 0.5,
+        "top_p": 0.9,
+        "message_count": 1,
+        "endpoint": "chat",
+        "client_protocol": "openai",
+        "origin": "203.0.113.7",
+        "user_id": 7,
+        "api_key_id": 3,
+        "model": "gpt-test-2024",
+        "prompt_tokens": 11,
+        "completion_tokens": 7,
+        "total_tokens": 18,
     }
     assert bool(request["is_streaming"])
     user, assistant = rows(migrated_engine, "SELECT * FROM messages ORDER BY id")
@@ -273,7 +307,11 @@ def test_read_helpers_return_what_was_written(migrated_engine: sa.Engine) -> Non
         assert public_id is not None
         thread = conversation_messages(conn, public_id)
     assert [m.role for m in thread] == ["system", "user", "assistant"] * 1 + [
-        "user", "assistant", "user", "assistant"]
+        "user",
+        "assistant",
+        "user",
+        "assistant",
+    ]
     answers = [m for m in thread if m.role == "assistant"]
     assert [m.public_id for m in answers] == [r.answer_public_ids[0] for r in recorded]
     assert [m.response_request_id for m in answers] == [r.request_ids[0] for r in recorded]

@@ -199,12 +199,18 @@ def test_sqlite_rebuilding_a_parent_table_keeps_its_children(
     # With foreign keys on, SQLite's DROP of the old table would cascade into messages.
     settings = make_settings(tmp_path)
     migrate.upgrade(settings)
-    execute(settings, "INSERT INTO conversations (id, public_id, created_at, updated_at, source)"
-            " VALUES (1, '00000000000000000000000000000001', '2026-01-01', '2026-01-01', 'api')")
-    execute(settings, "INSERT INTO messages (id, public_id, conversation_id, role, content,"
-            " payload, content_hash, chain_hash, chain_key, created_at) VALUES (1, "
-            "'00000000000000000000000000000002', 1, 'user', 'hi', '{}', 'h', 'c', 7,"
-            " '2026-01-01')")
+    execute(
+        settings,
+        "INSERT INTO conversations (id, public_id, created_at, updated_at, source)"
+        " VALUES (1, '00000000000000000000000000000001', '2026-01-01', '2026-01-01', 'api')",
+    )
+    execute(
+        settings,
+        "INSERT INTO messages (id, public_id, conversation_id, role, content,"
+        " payload, content_hash, chain_hash, chain_key, created_at) VALUES (1, "
+        "'00000000000000000000000000000002', 1, 'user', 'hi', '{}', 'h', 'c', 7,"
+        " '2026-01-01')",
+    )
     (extra_revision / "versions" / "0002_recreate.py").write_text(RECREATE_REVISION)
     migrate.upgrade(settings)
     assert migrate.current(settings) == "0002"

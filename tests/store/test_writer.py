@@ -87,9 +87,7 @@ def test_stop_commits_what_is_queued(writer: Writer, migrated_engine: sa.Engine)
         writer.submit_nowait(exchange(301))
 
 
-def test_one_writer_serves_several_event_loops(
-    writer: Writer, migrated_engine: sa.Engine
-) -> None:
+def test_one_writer_serves_several_event_loops(writer: Writer, migrated_engine: sa.Engine) -> None:
     writer.start()
 
     async def record(i: int) -> Recorded:

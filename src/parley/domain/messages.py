@@ -50,9 +50,7 @@ class Message:
     def canonical(self) -> dict[str, Any]:
         """The message as a plain dict in OpenAI wire shape (stable for hashing and storage)."""
         out: dict[str, Any] = {"role": self.role}
-        out["content"] = (
-            list(self.content) if isinstance(self.content, tuple) else self.content
-        )
+        out["content"] = list(self.content) if isinstance(self.content, tuple) else self.content
         if self.name is not None:
             out["name"] = self.name
         if self.tool_calls:

@@ -79,9 +79,7 @@ class Fold:
                 self._part(event.choice).text.append(event.text)
                 self._token_at(now)
             elif isinstance(event, ToolCallDelta):
-                call = self._part(event.choice).tool_calls.setdefault(
-                    event.index, _ToolCallParts()
-                )
+                call = self._part(event.choice).tool_calls.setdefault(event.index, _ToolCallParts())
                 call.id = call.id or event.id
                 call.name = call.name or event.name
                 call.arguments.append(event.arguments)

@@ -120,8 +120,7 @@ def prepare_on_start(settings: Settings) -> str:
         elif revision != head:
             _known(conn)
             raise ConfigError(
-                f"database schema is at {revision}, code expects {head}: "
-                "run `parley db upgrade`"
+                f"database schema is at {revision}, code expects {head}: run `parley db upgrade`"
             )
         _refuse_drift(conn)
         return head
@@ -177,9 +176,7 @@ def _alembic(run: Callable[..., Any], settings: Settings, conn: Connection, *arg
 def _refuse_drift(conn: Connection) -> None:
     drift = _drift(conn)
     if drift:
-        raise ConfigError(
-            "database schema does not match parley's models: " + "; ".join(drift)
-        )
+        raise ConfigError("database schema does not match parley's models: " + "; ".join(drift))
 
 
 def _drift(conn: Connection) -> list[str]:

@@ -49,5 +49,11 @@ class Provider(Protocol):
         ...
 
     async def embeddings(self, body: Mapping[str, Any], model: str) -> EmbeddingsResult:
-        """Create embeddings for an OpenAI-shaped embeddings body."""
+        """Create embeddings for an OpenAI-shaped embeddings body; ``raw`` is always an
+        OpenAI embeddings response (adapters of other families build it)."""
+        ...
+
+    async def list_models(self) -> list[str]:
+        """The model names the upstream itself lists; raises ``UpstreamError`` when it
+        cannot answer (the caller keeps the configured list)."""
         ...

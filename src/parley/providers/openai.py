@@ -29,8 +29,6 @@ Invariants:
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 from collections.abc import AsyncGenerator, Mapping
 from typing import Any
 
@@ -39,23 +37,13 @@ import aiohttp
 from parley.domain.events import Chunk
 from parley.domain.messages import ChatRequest
 from parley.domain.usage import Usage
-from parley.errors import (
-    UpstreamConnectError,
-    UpstreamError,
-    UpstreamInterrupted,
-    UpstreamProtocolError,
-    UpstreamTimeout,
-)
+from parley.errors import UpstreamError, UpstreamProtocolError
 from parley.providers import openai_wire as wire
 from parley.providers.base import EmbeddingsResult
+from parley.providers.http import UpstreamHTTP, drain, finish
+from parley.providers.sse import SSEDecoder
+from parley.providers.wire import count, dumps, loads_object
 from parley.settings import ProviderConfig
-
-# How long to wait, after [DONE], for the end of the HTTP response so that the connection
-# can go back to the pool; a lingering upstream only costs the connection.
-_DRAIN_GRACE = 1.0
-_ERROR_BODY_LIMIT = 64 * 1024
-_SECRET_HEADER_HINTS = ("auth", "key", "token", "secret")
-_TRANSPORT_ERRORS = (aiohttp.ClientError, OSError)
 
 
 class OpenAIProvider:
@@ -63,27 +51,12 @@ class OpenAIProvider:
 
     def __init__(self, config: ProviderConfig, session: aiohttp.ClientSession) -> None:
         self.config = config
-        self._session = session
         self._chat_url = f"{config.base_url}/chat/completions"
         self._embeddings_url = f"{config.base_url}/embeddings"
+        self._models_url = f"{config.base_url}/models"
         key = config.api_key.get() if config.api_key is not None else ""
-        headers = {"Content-Type": "application/json"}
-        if key:
-            headers["Authorization"] = f"Bearer {key}"
-        headers.update(config.headers)
-        self._headers = headers
-        # An upstream may echo what it was sent (a wrong key, a custom auth header): those
-        # values are scrubbed out of every message we raise.
-        self._secrets = tuple(
-            value
-            for name, value in (("authorization", key), *config.headers.items())
-            if len(value) >= 6 and any(hint in name.lower() for hint in _SECRET_HEADER_HINTS)
-        )
-        # ``total=None``: aiohttp's default 300 s total would cut long streams; first byte,
-        # idle and total are enforced here, per phase.
-        self._client_timeout = aiohttp.ClientTimeout(
-            total=None, connect=config.timeouts.connect, sock_connect=config.timeouts.connect
-        )
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        self._http = UpstreamHTTP(config, session, headers, (key,))
 
     @property
     def protocol(self) -> str:
@@ -97,11 +70,16 @@ class OpenAIProvider:
         """POST an OpenAI embeddings body (``model`` replaced); ``raw`` is the answer as is."""
         payload = dict(body)
         payload["model"] = model
-        deadline, phase = self._first_deadline()
-        _, raw = await self._open(
-            self._embeddings_url, wire.dumps(payload), deadline, phase, whole=True
+        deadline, phase = self._http.first_deadline()
+        _, raw = await self._http.open(
+            self._embeddings_url,
+            dumps(payload),
+            deadline,
+            phase,
+            self._error_for,
+            whole=True,
         )
-        obj = wire.loads_object(raw, "embeddings response")
+        obj = loads_object(raw, "embeddings response")
         data = obj.get("data")
         if not isinstance(data, list):
             raise self._body_error(obj, "embeddings response has no data list")
@@ -113,11 +91,26 @@ class OpenAIProvider:
             protocol=wire.PROTOCOL,
             model=returned_model if isinstance(returned_model, str) else model,
             usage=Usage(
-                prompt_tokens=wire.count(usage.get("prompt_tokens")),
-                total_tokens=wire.count(usage.get("total_tokens")),
+                prompt_tokens=count(usage.get("prompt_tokens")),
+                total_tokens=count(usage.get("total_tokens")),
             ),
             count=len(data),
         )
+
+    async def list_models(self) -> list[str]:
+        """``GET /models``: the ids the upstream serves."""
+        deadline, phase = self._http.first_deadline()
+        _, raw = await self._http.open(
+            self._models_url, None, deadline, phase, self._error_for, whole=True, method="GET"
+        )
+        data = loads_object(raw, "model list").get("data")
+        if not isinstance(data, list):
+            raise UpstreamProtocolError(f"upstream {self.config.name}: model list has no data")
+        return [
+            item["id"]
+            for item in data
+            if isinstance(item, dict) and isinstance(item.get("id"), str)
+        ]
 
     # -- chat -------------------------------------------------------------------------
 
@@ -159,13 +152,14 @@ class OpenAIProvider:
         return body
 
     async def _complete(self, request: ChatRequest, model: str) -> AsyncGenerator[Chunk, None]:
-        data = wire.dumps(self.chat_body(request, model))
+        data = dumps(self.chat_body(request, model))
         # A non-streaming upstream sends its headers only once the whole answer is made,
         # so only ``total`` bounds it; such a timeout is not retried (it would bill twice).
-        deadline = asyncio.get_running_loop().time() + self.config.timeouts.total
-        phase = "total"
-        _, raw = await self._open(self._chat_url, data, deadline, phase, whole=True)
-        obj = wire.loads_object(raw, "response")
+        deadline, phase = self._http.total_deadline()
+        _, raw = await self._http.open(
+            self._chat_url, data, deadline, phase, self._error_for, whole=True
+        )
+        obj = loads_object(raw, "response")
         if not isinstance(obj.get("choices"), list):
             raise self._body_error(obj, "response has no choices")
         try:
@@ -178,28 +172,24 @@ class OpenAIProvider:
         body = self.chat_body(request, model)
         n = body.get("n")
         expected = n if type(n) is int and n > 1 else 1
-        loop = asyncio.get_running_loop()
-        idle = self.config.timeouts.idle
-        total_at = loop.time() + self.config.timeouts.total
-        deadline, phase = self._first_deadline()
-        resp, _ = await self._open(self._chat_url, wire.dumps(body), deadline, phase)
+        http = self._http
+        total_at = http.now() + self.config.timeouts.total
+        deadline, phase = http.first_deadline()
+        resp, _ = await http.open(self._chat_url, dumps(body), deadline, phase, self._error_for)
         try:
             if resp.content_type == "application/json":
                 # Some servers answer a stream request with a JSON body (often an error).
-                raw = await self._read_all(resp, deadline, phase)
-                obj = wire.loads_object(raw, "response")
+                raw = await http.read_all(resp, deadline, phase)
+                obj = loads_object(raw, "response")
                 raise self._body_error(obj, "upstream answered a stream request with JSON")
             content = resp.content
-            decoder = wire.SSEDecoder()
-            frames = wire.StreamFrames(model, not request.include_usage, self._scrub)
+            decoder = SSEDecoder()
+            frames = wire.StreamFrames(model, not request.include_usage, http.scrub)
             yielded = False
             while True:
                 if yielded:
-                    deadline = loop.time() + idle
-                    deadline, phase = (
-                        (deadline, "idle") if deadline < total_at else (total_at, "total")
-                    )
-                data = await self._read(content, deadline, phase, yielded)
+                    deadline, phase = http.next_deadline(total_at)
+                data = await http.read(content, deadline, phase, yielded)
                 payloads = decoder.feed(data) if data else decoder.close()
                 last = len(payloads) - 1
                 for i, payload in enumerate(payloads):
@@ -209,7 +199,7 @@ class OpenAIProvider:
                                 f"upstream {self.config.name} ended the stream before any frame"
                             )
                         yield wire.DONE_CHUNK
-                        await _drain(content)
+                        await drain(content)
                         return
                     chunk = frames.chunk(payload, yielded, more=i < last)
                     yielded = True
@@ -220,151 +210,14 @@ class OpenAIProvider:
                         # answer is whole and the client still gets its terminator.
                         yield wire.DONE_CHUNK
                         return
-                    raise self._broken("the stream ended before it was finished", yielded)
+                    raise http.broken("the stream ended before it was finished", yielded)
         finally:
-            _finish(resp)
+            finish(resp)
 
-    # -- HTTP -------------------------------------------------------------------------
-
-    def _first_deadline(self) -> tuple[float, str]:
-        timeouts = self.config.timeouts
-        now = asyncio.get_running_loop().time()
-        if timeouts.first_byte < timeouts.total:
-            return now + timeouts.first_byte, "first_byte"
-        return now + timeouts.total, "total"
-
-    async def _open(
-        self, url: str, data: bytes, deadline: float, phase: str, *, whole: bool = False
-    ) -> tuple[aiohttp.ClientResponse, bytes]:
-        """POST and wait for a 2xx answer's headers, and its body too when ``whole`` (the
-        response is then finished); any other answer raises."""
-        body = b""
-        try:
-            # One timer for headers and body: this is the per-request hot path.
-            async with asyncio.timeout_at(deadline):
-                resp = await self._session.post(
-                    url,
-                    data=data,
-                    headers=self._headers,
-                    timeout=self._client_timeout,
-                    allow_redirects=False,
-                )
-                if whole and 200 <= resp.status < 300:
-                    try:
-                        body = await resp.read()
-                    finally:
-                        _finish(resp)
-        except aiohttp.ConnectionTimeoutError:
-            raise UpstreamTimeout("connect", self.config.timeouts.connect) from None
-        except TimeoutError:
-            raise self._timeout(phase) from None
-        except aiohttp.ClientResponseError:
-            # ``from None``: this exception's repr carries the request headers (the key).
-            raise UpstreamProtocolError(
-                f"upstream {self.config.name} sent a malformed HTTP response"
-            ) from None
-        except _TRANSPORT_ERRORS as exc:
-            # Nothing reached the client yet, so this attempt may be retried.
-            raise UpstreamConnectError(
-                f"no answer from upstream {self.config.name}: {_describe(exc)}"
-            ) from exc
-        if 200 <= resp.status < 300:
-            return resp, body
-        try:
-            error = await _error_body(resp, deadline)
-        finally:
-            _finish(resp)
-        raise wire.http_error(resp.status, error, resp.headers, self._scrub)
-
-    async def _read_all(
-        self, resp: aiohttp.ClientResponse, deadline: float, phase: str
-    ) -> bytes:
-        try:
-            async with asyncio.timeout_at(deadline):
-                return await resp.read()
-        except TimeoutError:
-            raise self._timeout(phase) from None
-        except _TRANSPORT_ERRORS as exc:
-            raise self._broken(_describe(exc), yielded=False) from exc
-
-    async def _read(
-        self, content: aiohttp.StreamReader, deadline: float, phase: str, yielded: bool
-    ) -> bytes:
-        """The next bytes of the stream; b"" at its end."""
-        try:
-            # Bytes already buffered need no timer: the common case under load.
-            data = content.read_nowait()
-            if data or content.at_eof():
-                return data
-            async with asyncio.timeout_at(deadline):
-                return await content.readany()
-        except TimeoutError:
-            raise self._timeout(phase) from None
-        except _TRANSPORT_ERRORS as exc:
-            raise self._broken(_describe(exc), yielded) from exc
-
-    # -- errors -----------------------------------------------------------------------
-
-    def _timeout(self, phase: str) -> UpstreamTimeout:
-        seconds: float = getattr(self.config.timeouts, phase)
-        return UpstreamTimeout(phase, seconds)
-
-    def _broken(self, why: str, yielded: bool) -> UpstreamError:
-        if yielded:
-            return UpstreamInterrupted(f"upstream {self.config.name} stream broke: {why}")
-        # Nothing reached the client yet, so this attempt may be retried like a connect error.
-        return UpstreamConnectError(
-            f"upstream {self.config.name} dropped the connection before answering: {why}"
-        )
-
-    def _scrub(self, text: str) -> str:
-        for secret in self._secrets:
-            if secret in text:
-                text = text.replace(secret, "[redacted]")
-        return text
+    def _error_for(self, status: int, body: bytes, headers: Mapping[str, str]) -> UpstreamError:
+        return wire.http_error(status, body, headers, self._http.scrub)
 
     def _body_error(self, obj: dict[str, Any], otherwise: str) -> UpstreamError:
         if obj.get("error"):
-            return wire.error_object(obj["error"], False, self._scrub)
+            return wire.error_object(obj["error"], False, self._http.scrub)
         return UpstreamProtocolError(f"upstream {self.config.name}: {otherwise}")
-
-
-def _describe(exc: BaseException) -> str:
-    # The class and OS reason only: aiohttp's own messages may name proxies and URLs.
-    reason = getattr(exc, "strerror", None)
-    return f"{type(exc).__name__} ({reason})" if reason else type(exc).__name__
-
-
-def _finish(resp: aiohttp.ClientResponse) -> None:
-    if resp.content.at_eof():
-        resp.release()
-    else:
-        # Half-read: close rather than hand a dirty connection back to the pool.
-        resp.close()
-
-
-async def _error_body(resp: aiohttp.ClientResponse, deadline: float) -> bytes:
-    parts: list[bytes] = []
-    size = 0
-    # A slow or broken error body must not hide the status: keep whatever arrived.
-    with contextlib.suppress(TimeoutError, *_TRANSPORT_ERRORS):
-        async with asyncio.timeout_at(deadline):
-            while size < _ERROR_BODY_LIMIT:
-                part = await resp.content.read(_ERROR_BODY_LIMIT - size)
-                if not part:
-                    break
-                parts.append(part)
-                size += len(part)
-    return b"".join(parts)
-
-
-async def _drain(content: aiohttp.StreamReader) -> None:
-    """Read past [DONE] to the end of the response so the connection can be reused."""
-    if content.at_eof():
-        return
-    # The answer is already complete: an upstream that lingers or breaks after [DONE]
-    # only costs the connection, which ``_finish`` then closes.
-    with contextlib.suppress(TimeoutError, *_TRANSPORT_ERRORS):
-        async with asyncio.timeout(_DRAIN_GRACE):
-            while await content.readany():
-                pass

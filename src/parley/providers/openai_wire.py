@@ -1,4 +1,4 @@
-"""The OpenAI wire format, read: SSE framing, response JSON to events, error bodies.
+"""The OpenAI wire format, read: response JSON and stream frames to events, error bodies.
 
 Pure functions and small parsers with no I/O, so that the adapter in ``openai`` holds only
 HTTP, timeouts and connection lifecycle. Everything here is on the hot path: each frame is
@@ -6,10 +6,6 @@ parsed once with orjson, raw bytes are never re-serialised, and no regex is used
 
 Invariants:
 
-- ``SSEDecoder`` returns exactly the events a conforming SSE reader dispatches, whatever
-  the read boundaries (LF, CRLF or CR line ends; multi-line ``data`` joined by LF;
-  comments and other fields dropped; events without data not dispatched), and refuses an
-  event over ``MAX_EVENT_BYTES`` instead of buffering without bound.
 - ``StreamFrames.chunk`` forwards a frame as ``data: <the JSON bytes as received>\\n\\n``.
 - Error messages built here are cut to 500 characters and pass through the caller's
   ``scrub`` (which removes keys an upstream might echo); they never hold request headers.
@@ -17,12 +13,7 @@ Invariants:
 
 from __future__ import annotations
 
-import contextlib
-import math
-import time
-from collections.abc import Callable, Mapping
-from datetime import UTC
-from email.utils import parsedate_to_datetime
+from collections.abc import Mapping
 from typing import Any
 
 import orjson
@@ -44,91 +35,20 @@ from parley.errors import (
     UpstreamInterrupted,
     UpstreamProtocolError,
 )
+from parley.providers.wire import (
+    MAX_MESSAGE,
+    Scrub,
+    count,
+    opt_str,
+    retry_after,
+    short,
+    text_of,
+    whole,
+)
 
 PROTOCOL = "openai"
 DONE = b"data: [DONE]\n\n"
 DONE_CHUNK = Chunk(events=(), raw=DONE, protocol=PROTOCOL, final=True)
-MAX_MESSAGE = 500
-# One SSE event larger than this is not a chat chunk: refuse it rather than buffer forever.
-MAX_EVENT_BYTES = 16 * 1024 * 1024
-
-Scrub = Callable[[str], str]
-
-
-class SSEDecoder:
-    """Incremental Server-Sent Events decoder: bytes in, each event's data out."""
-
-    __slots__ = ("_buf", "_cr")
-
-    def __init__(self) -> None:
-        # The start of an event still waiting for its blank line (usually empty).
-        self._buf = bytearray()
-        # A CR ending a read may be half of a CRLF: held until the next read shows.
-        self._cr = False
-
-    def feed(self, data: bytes) -> list[bytes]:
-        """The data of every event completed by ``data``."""
-        if self._cr:
-            data = b"\r" + data
-            self._cr = False
-        if b"\r" in data:
-            if data.endswith(b"\r"):
-                data = data[:-1]
-                self._cr = True
-            data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-        if self._buf:
-            pending = self._buf
-            # Only the new bytes (and a blank line split across reads) can end an event,
-            # so a big event arriving in many reads is appended, not re-copied and
-            # re-scanned each time.
-            ends = b"\n\n" in data or (pending.endswith(b"\n") and data.startswith(b"\n"))
-            pending += data
-            if len(pending) > MAX_EVENT_BYTES:
-                raise UpstreamProtocolError("upstream sent an SSE event larger than 16 MiB")
-            if not ends:
-                return []
-            buf = bytes(pending)
-            pending.clear()
-        else:
-            buf = data
-        out: list[bytes] = []
-        start = 0
-        find = buf.find
-        while (end := find(b"\n\n", start)) >= 0:
-            if buf.startswith(b"data: ", start) and find(b"\n", start, end) < 0:
-                out.append(buf[start + 6 : end])  # the usual one-line event
-            else:
-                payload = _event_data(buf[start:end])
-                if payload is not None:
-                    out.append(payload)
-            start = end + 2
-        if start < len(buf):
-            self._buf += memoryview(buf)[start:]
-        return out
-
-    def close(self) -> list[bytes]:
-        """At end of stream: an event whose last line ended but whose blank line never
-        came is kept (some servers omit it); a line cut off mid-way is dropped."""
-        tail = bytes(self._buf) + b"\n" if self._cr else bytes(self._buf)
-        self._buf.clear()
-        self._cr = False
-        if not tail.endswith(b"\n"):
-            return []
-        payload = _event_data(tail.rstrip(b"\n"))
-        return [] if payload is None else [payload]
-
-
-def _event_data(block: bytes) -> bytes | None:
-    lines: list[bytes] = []
-    for line in block.split(b"\n"):
-        if line.startswith(b"data"):
-            rest = line[4:]
-            if not rest:
-                lines.append(b"")
-            elif rest.startswith(b":"):
-                lines.append(rest[2:] if rest.startswith(b": ") else rest[1:])
-            # "dataX: ..." is another field: dropped like any other.
-    return b"\n".join(lines) if lines else None
 
 
 class StreamFrames:
@@ -246,20 +166,6 @@ def tool_call(choice: int, call: dict[str, Any], position: int) -> ToolCallDelta
     )
 
 
-def whole(value: Any) -> int:
-    """An index from the upstream; anything but an integer is a protocol error."""
-    if type(value) is not int:
-        raise ValueError(f"expected an integer index, got {type(value).__name__}")
-    return value
-
-
-def text_of(value: Any) -> str:
-    """A text field from the upstream; anything but a string is a protocol error."""
-    if not isinstance(value, str):
-        raise ValueError(f"expected a string, got {type(value).__name__}")
-    return value
-
-
 def usage_from(raw: Any) -> Usage:
     if not isinstance(raw, dict):
         return Usage()
@@ -281,31 +187,6 @@ def usage_from(raw: Any) -> Usage:
         else None
     )
     return Usage(prompt, completion, total, cached, reasoning)
-
-
-def count(value: Any) -> int | None:
-    return value if type(value) is int else None
-
-
-def dumps(body: Mapping[str, Any]) -> bytes:
-    return orjson.dumps(body, default=_json_default)
-
-
-def _json_default(value: object) -> object:
-    # Neutral requests hold read-only mappings (message parts, tools); orjson wants dicts.
-    if isinstance(value, Mapping):
-        return dict(value)
-    raise TypeError(f"cannot serialise {type(value).__name__}")
-
-
-def loads_object(raw: bytes, what: str) -> dict[str, Any]:
-    try:
-        obj = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        raise UpstreamProtocolError(f"upstream {what} is not JSON") from None
-    if not isinstance(obj, dict):
-        raise UpstreamProtocolError(f"upstream {what} is not a JSON object")
-    return obj
 
 
 # -- errors -----------------------------------------------------------------------------
@@ -351,46 +232,14 @@ def error_fields(body: bytes) -> tuple[str, str | None, str | None]:
         if isinstance(error, dict):
             code = error.get("code")
             return (
-                _short(error.get("message")),
-                _opt_str(error.get("type")),
+                short(error.get("message")),
+                opt_str(error.get("type")),
                 None if code is None else str(code),
             )
         if isinstance(error, str):  # HF TGI: {"error": "...", "error_type": "..."}
-            return _short(error), _opt_str(obj.get("error_type")), None
+            return short(error), opt_str(obj.get("error_type")), None
         for key in ("message", "detail"):
             if key in obj:
-                return _short(obj[key]), None, None
+                return short(obj[key]), None, None
     excerpt = body[: MAX_MESSAGE * 4].decode("utf-8", "replace").strip()
     return excerpt[:MAX_MESSAGE], None, None
-
-
-def _short(value: Any) -> str:
-    text = value if isinstance(value, str) else "" if value is None else str(value)
-    return text[:MAX_MESSAGE]
-
-
-def _opt_str(value: Any) -> str | None:
-    return value if isinstance(value, str) and value else None
-
-
-def retry_after(headers: Mapping[str, str]) -> float | None:
-    """Seconds to wait, from ``retry-after-ms`` or ``Retry-After`` (seconds or HTTP date)."""
-    millis = headers.get("retry-after-ms")
-    if millis:
-        with contextlib.suppress(ValueError):
-            value = float(millis) / 1000
-            if math.isfinite(value):
-                return max(0.0, value)
-    text = headers.get("Retry-After")
-    if not text:
-        return None
-    with contextlib.suppress(ValueError):
-        value = float(text)
-        return max(0.0, value) if math.isfinite(value) else None
-    try:
-        when = parsedate_to_datetime(text)
-    except (TypeError, ValueError, IndexError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, when.timestamp() - time.time())

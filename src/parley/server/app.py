@@ -94,9 +94,7 @@ def _auth(settings: Settings) -> Middleware:
         if request.path not in _OPEN_PATHS:
             presented = _presented_key(request)
             if presented is None:
-                raise AuthenticationFailed(
-                    "missing API key: send 'Authorization: Bearer <key>'"
-                )
+                raise AuthenticationFailed("missing API key: send 'Authorization: Bearer <key>'")
             if not hmac.compare_digest(presented.encode(), key):
                 raise AuthenticationFailed("invalid API key")
         return await handler(request)
@@ -125,16 +123,28 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
             NotFound(f"no such endpoint: {request.method} {request.path}")
         )
     except web.HTTPException as exc:
-        body = {"error": {"message": exc.reason, "type": "invalid_request_error",
-                          "param": None, "code": None}}
+        body = {
+            "error": {
+                "message": exc.reason,
+                "type": "invalid_request_error",
+                "param": None,
+                "code": None,
+            }
+        }
         return web.Response(
             body=orjson.dumps(body), status=exc.status, content_type="application/json"
         )
     except Exception:
         # The traceback goes to the log, never to the client.
         log.exception("unhandled error on %s %s", request.method, request.path)
-        body = {"error": {"message": "internal server error", "type": "server_error",
-                          "param": None, "code": None}}
+        body = {
+            "error": {
+                "message": "internal server error",
+                "type": "server_error",
+                "param": None,
+                "code": None,
+            }
+        }
         return web.Response(body=orjson.dumps(body), status=500, content_type="application/json")
 
 

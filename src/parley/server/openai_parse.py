@@ -148,9 +148,9 @@ def _tool_calls(raw: Any, param: str) -> tuple[ToolCall, ...]:
             ToolCall(
                 id=str(call.get("id", "")),
                 name=function["name"],
-                arguments=arguments if isinstance(arguments, str) else orjson.dumps(
-                    arguments
-                ).decode(),
+                arguments=arguments
+                if isinstance(arguments, str)
+                else orjson.dumps(arguments).decode(),
                 type=str(call.get("type", "function")),
             )
         )

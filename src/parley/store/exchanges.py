@@ -205,24 +205,33 @@ class _Planner:
         if conv is None:
             conv = _Conv(self.ids.new())
             conv.new_row = {
-                "public_id": conv.public_id, "created_at": started, "updated_at": self.now,
-                "title": None, "source": "api",
+                "public_id": conv.public_id,
+                "created_at": started,
+                "updated_at": self.now,
+                "title": None,
+                "source": "api",
                 "default_model": _clip(exchange.model_requested, 255),
-                "user_id": exchange.user_id, "api_key_id": exchange.api_key_id,
+                "user_id": exchange.user_id,
+                "api_key_id": exchange.api_key_id,
             }
         plan.conv = conv
         for i in range(depth + 1, len(exchange.messages)):
             message = exchange.messages[i]
-            parent = self._node(plan, parent, hashed.owner, {
-                "public_id": self.ids.new(),
-                "role": message.role,
-                "content": message.text(),
-                "payload": orjson.dumps(message.canonical()).decode(),
-                "content_hash": hashed.content_hashes[i],
-                "chain_hash": hashed.chains[i],
-                "chain_key": chain_key(hashed.chains[i]),
-                "created_at": started,
-            })
+            parent = self._node(
+                plan,
+                parent,
+                hashed.owner,
+                {
+                    "public_id": self.ids.new(),
+                    "role": message.role,
+                    "content": message.text(),
+                    "payload": orjson.dumps(message.canonical()).decode(),
+                    "content_hash": hashed.content_hashes[i],
+                    "chain_hash": hashed.chains[i],
+                    "chain_key": chain_key(hashed.chains[i]),
+                    "created_at": started,
+                },
+            )
         self._plan_answers(plan, parent, hashed)
         return plan
 
@@ -260,29 +269,39 @@ class _Planner:
                 payload["reasoning_content"] = choice.reasoning
             content_hash = message.content_hash()
             answer_chain = chain_hash(hashed.chains[-1], content_hash)
-            node = self._node(plan, parent, hashed.owner, {
-                "public_id": self.ids.new(),
-                "role": "assistant",
-                "content": message.text(),
-                "payload": orjson.dumps(payload).decode(),
-                "content_hash": content_hash,
-                "chain_hash": answer_chain,
-                "chain_key": chain_key(answer_chain),
-                "created_at": self.now,
-            })
+            node = self._node(
+                plan,
+                parent,
+                hashed.owner,
+                {
+                    "public_id": self.ids.new(),
+                    "role": "assistant",
+                    "content": message.text(),
+                    "payload": orjson.dumps(payload).decode(),
+                    "content_hash": content_hash,
+                    "chain_hash": answer_chain,
+                    "chain_key": chain_key(answer_chain),
+                    "created_at": self.now,
+                },
+            )
             # Token counts are the attempt's; with n > 1 choices they are shared, so
             # totals are summed over request_log, never over responses.
-            plan.answers.append((node, {
-                "model_used": _clip(
-                    attempt.model_used if attempt else exchange.model_requested, 255
-                ),
-                "prompt_tokens": usage.prompt_tokens if usage else None,
-                "completion_tokens": usage.completion_tokens if usage else None,
-                "total_tokens": usage.total_tokens if usage else None,
-                "completion_time_ms": attempt.response_time_ms if attempt else None,
-                "finish_reason": _clip(choice.finish_reason, 64),
-                "created_at": self.now,
-            }))
+            plan.answers.append(
+                (
+                    node,
+                    {
+                        "model_used": _clip(
+                            attempt.model_used if attempt else exchange.model_requested, 255
+                        ),
+                        "prompt_tokens": usage.prompt_tokens if usage else None,
+                        "completion_tokens": usage.completion_tokens if usage else None,
+                        "total_tokens": usage.total_tokens if usage else None,
+                        "completion_time_ms": attempt.response_time_ms if attempt else None,
+                        "finish_reason": _clip(choice.finish_reason, 64),
+                        "created_at": self.now,
+                    },
+                )
+            )
 
     def _node(
         self, plan: _Plan, parent: _Node | int | None, owner: _Owner, row: dict[str, Any]
@@ -336,9 +355,7 @@ def _stored_matches(
             .join(conversations, conversations.c.id == messages.c.conversation_id)
             .where(messages.c.chain_key.in_(ordered[start : start + _LOOKUP_CHUNK]))
         )
-        for chain, message_id, conv_id, conv_public_id, user_id, api_key_id in conn.execute(
-            query
-        ):
+        for chain, message_id, conv_id, conv_public_id, user_id, api_key_id in conn.execute(query):
             if chain not in wanted:
                 continue  # another chain with the same 64-bit key
             key = (chain, _owner(user_id, api_key_id))
@@ -365,28 +382,43 @@ def _attempt_rows(exchange: Exchange, ids: PublicIds) -> list[dict[str, Any]]:
     rows = []
     for a in exchange.attempts:
         u = a.usage
-        rows.append({
-            "attempt": a.attempt, "success": a.success, "status_code": a.status_code,
-            "response_time_ms": a.response_time_ms, "provider": _clip(a.provider, 128),
-            "finish_reason": _clip(a.finish_reason, 64),
-            "time_to_first_token_ms": a.time_to_first_token_ms,
-            "time_to_last_token_ms": a.time_to_last_token_ms,
-            "tokens_per_second": a.tokens_per_second, "error_type": _clip(a.error_type, 64),
-            "error_message": a.error_message, "cost_usd": a.cost_usd,
-            "upstream_id": _clip(a.upstream_id, 255),
-            "prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
-            "total_tokens": u.total_tokens, "cached_tokens": u.cached_tokens,
-            "reasoning_tokens": u.reasoning_tokens,
-            "endpoint": e.endpoint, "client_protocol": e.client_protocol,
-            "model_requested": _clip(e.model_requested, 255),
-            "origin": _clip(e.origin, 255),
-            "is_streaming": e.is_streaming, "max_tokens": e.max_tokens,
-            "temperature": e.temperature, "top_p": e.top_p,
-            "message_count": len(e.messages), "user_id": e.user_id,
-            "api_key_id": e.api_key_id, "chain_id": e.chain_id,
-            "public_id": ids.new(), "created_at": _utc(a.started_at),
-            "model": _clip(a.model_used, 255),
-        })
+        rows.append(
+            {
+                "attempt": a.attempt,
+                "success": a.success,
+                "status_code": a.status_code,
+                "response_time_ms": a.response_time_ms,
+                "provider": _clip(a.provider, 128),
+                "finish_reason": _clip(a.finish_reason, 64),
+                "time_to_first_token_ms": a.time_to_first_token_ms,
+                "time_to_last_token_ms": a.time_to_last_token_ms,
+                "tokens_per_second": a.tokens_per_second,
+                "error_type": _clip(a.error_type, 64),
+                "error_message": a.error_message,
+                "cost_usd": a.cost_usd,
+                "upstream_id": _clip(a.upstream_id, 255),
+                "prompt_tokens": u.prompt_tokens,
+                "completion_tokens": u.completion_tokens,
+                "total_tokens": u.total_tokens,
+                "cached_tokens": u.cached_tokens,
+                "reasoning_tokens": u.reasoning_tokens,
+                "endpoint": e.endpoint,
+                "client_protocol": e.client_protocol,
+                "model_requested": _clip(e.model_requested, 255),
+                "origin": _clip(e.origin, 255),
+                "is_streaming": e.is_streaming,
+                "max_tokens": e.max_tokens,
+                "temperature": e.temperature,
+                "top_p": e.top_p,
+                "message_count": len(e.messages),
+                "user_id": e.user_id,
+                "api_key_id": e.api_key_id,
+                "chain_id": e.chain_id,
+                "public_id": ids.new(),
+                "created_at": _utc(a.started_at),
+                "model": _clip(a.model_used, 255),
+            }
+        )
     return rows
 
 

@@ -126,9 +126,7 @@ messages = Table(
     # Matches are confirmed against the full ``chain_hash``.
     Column("chain_key", BigInteger, nullable=False),
     Column("created_at", TS, nullable=False),
-    Column(
-        "request_id", Integer, ForeignKey("request_log.id", ondelete="SET NULL"), index=True
-    ),
+    Column("request_id", Integer, ForeignKey("request_log.id", ondelete="SET NULL"), index=True),
     Index("ix_messages_chain_key", "chain_key"),
 )
 
@@ -143,9 +141,7 @@ responses = Table(
         nullable=False,
         unique=True,
     ),
-    Column(
-        "request_id", Integer, ForeignKey("request_log.id", ondelete="SET NULL"), index=True
-    ),
+    Column("request_id", Integer, ForeignKey("request_log.id", ondelete="SET NULL"), index=True),
     Column("model_used", String(255), nullable=False),
     Column("prompt_tokens", Integer),
     Column("completion_tokens", Integer),

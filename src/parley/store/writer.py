@@ -200,9 +200,7 @@ class Writer:
         results = dict(zip(map(id, work), outcomes, strict=True))
         self._resolve([(item, results.get(id(item))) for item in batch])
 
-    def _one_by_one(
-        self, conn: sqlalchemy.Connection, exchanges: list[Exchange]
-    ) -> list[_Outcome]:
+    def _one_by_one(self, conn: sqlalchemy.Connection, exchanges: list[Exchange]) -> list[_Outcome]:
         outcomes: list[_Outcome] = []
         for i, exchange in enumerate(exchanges):
             outcome = self._one(conn, exchange)
