@@ -27,6 +27,7 @@ from parley.domain.exchange import Attempt, Exchange
 from parley.domain.messages import ChatRequest
 from parley.domain.usage import Usage
 from parley.errors import (
+    ClientError,
     ModelNotFound,
     ParleyError,
     UpstreamError,
@@ -74,6 +75,12 @@ class Gateway:
                     if await self._wait_to_retry(exc, try_number):
                         continue
                     break
+                except ClientError as exc:
+                    # The adapter refused the request before sending it (a part its
+                    # upstream cannot take): no other attempt would do better.
+                    await upstream.aclose()
+                    fold.fail(exc)
+                    raise
                 except Exception as exc:
                     # A bug or an upstream answer of an unexpected shape: an error of this
                     # attempt, never a traceback for the client.

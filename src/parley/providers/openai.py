@@ -116,7 +116,7 @@ class OpenAIProvider:
 
     def chat_body(self, request: ChatRequest, model: str) -> dict[str, Any]:
         """The upstream JSON body for ``request`` (public for tests and dry runs)."""
-        if request.raw is not None:
+        if request.raw is not None and request.client_protocol == wire.PROTOCOL:
             # The client spoke OpenAI: every field it sent goes through, known or not.
             body = dict(request.raw)
         else:
