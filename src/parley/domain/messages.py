@@ -66,10 +66,17 @@ class Message:
             out["tool_call_id"] = self.tool_call_id
         return out
 
+    def canonical_json(self) -> bytes:
+        """``canonical()`` as JSON with sorted keys: what ``content_hash`` hashes."""
+        return orjson.dumps(self.canonical(), option=orjson.OPT_SORT_KEYS)
+
     def content_hash(self) -> str:
-        return hashlib.sha256(
-            orjson.dumps(self.canonical(), option=orjson.OPT_SORT_KEYS)
-        ).hexdigest()
+        return content_hash_of(self.canonical_json())
+
+
+def content_hash_of(canonical_json: bytes) -> str:
+    """The content hash of a message, from its ``canonical_json()``."""
+    return hashlib.sha256(canonical_json).hexdigest()
 
 
 def chain_hash(parent_chain: str | None, content_hash: str) -> str:

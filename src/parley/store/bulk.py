@@ -27,6 +27,9 @@ from typing import Any
 
 from sqlalchemy import Connection, Dialect, Table, insert
 
+# Looked up once: reading an Enum member costs a descriptor call each time.
+_UNKNOWN_SAFETY = uuid.SafeUUID.unknown
+
 
 def _uuid7(rand: int) -> uuid.UUID:
     value = (
@@ -40,7 +43,7 @@ def _uuid7(rand: int) -> uuid.UUID:
     # value is in range by construction, and this runs several times per exchange.
     public_id = object.__new__(uuid.UUID)
     object.__setattr__(public_id, "int", value)
-    object.__setattr__(public_id, "is_safe", uuid.SafeUUID.unknown)
+    object.__setattr__(public_id, "is_safe", _UNKNOWN_SAFETY)
     return public_id
 
 

@@ -36,7 +36,7 @@ import orjson
 from sqlalchemy import Connection, Row, bindparam, select, update
 
 from parley.domain.exchange import Attempt, Exchange
-from parley.domain.messages import chain_hash, chain_of
+from parley.domain.messages import chain_hash, chain_of, content_hash_of
 from parley.store.bulk import PublicIds, assign_ids, bulk_insert
 from parley.store.schema import conversations, messages, request_log, responses
 
@@ -49,17 +49,47 @@ _Owner = tuple[str, int | None]
 _Stored = tuple[int, int, uuid.UUID]
 
 
-@dataclass(frozen=True, slots=True)
 class Recorded:
-    """What one exchange became in the store. Public ids are the ones clients may see."""
+    """What one exchange became in the store. Public ids are the ones clients may see.
 
-    chain_id: uuid.UUID | None
-    request_public_ids: tuple[uuid.UUID, ...]
-    conversation_public_id: uuid.UUID | None
-    answer_public_ids: tuple[uuid.UUID, ...]
-    request_ids: tuple[int, ...]
-    conversation_id: int | None
-    message_ids: tuple[int, ...]
+    Read from the exchange's plan when asked: the writer returns one per exchange and
+    most callers only wait for it, so nothing is copied out on the commit path.
+    """
+
+    __slots__ = ("_plan",)
+
+    def __init__(self, plan: _Plan) -> None:
+        self._plan = plan
+
+    @property
+    def chain_id(self) -> uuid.UUID | None:
+        return self._plan.exchange.chain_id
+
+    @property
+    def request_public_ids(self) -> tuple[uuid.UUID, ...]:
+        return tuple(row["public_id"] for row in self._plan.attempt_rows)
+
+    @property
+    def conversation_public_id(self) -> uuid.UUID | None:
+        conv = self._plan.conv
+        return conv.public_id if conv is not None else None
+
+    @property
+    def answer_public_ids(self) -> tuple[uuid.UUID, ...]:
+        return tuple(node.row["public_id"] for node, _ in self._plan.answers)
+
+    @property
+    def request_ids(self) -> tuple[int, ...]:
+        return tuple(row["id"] for row in self._plan.attempt_rows)
+
+    @property
+    def conversation_id(self) -> int | None:
+        conv = self._plan.conv
+        return conv.id if conv is not None else None
+
+    @property
+    def message_ids(self) -> tuple[int, ...]:
+        return tuple(node.row["id"] for node in self._plan.nodes)
 
 
 @dataclass(slots=True, eq=False)
@@ -93,6 +123,9 @@ class _Plan:
 class _Hashed:
     """A chat request's message hashes, computed once per exchange."""
 
+    # Each message's canonical JSON (sorted keys), stored as its payload: the bytes the
+    # content hash is made of, serialised once.
+    payloads: list[str]
     content_hashes: list[str]
     chains: list[str]
     first_assistant: int | None
@@ -134,7 +167,7 @@ def write_batch(conn: Connection, batch: Sequence[Exchange]) -> list[Recorded]:
             .values(updated_at=bindparam("b_updated_at")),
             [{"b_id": conv_id, "b_updated_at": now} for conv_id in planner.continued],
         )
-    return [_recorded(plan) for plan in plans]
+    return [Recorded(plan) for plan in plans]
 
 
 def list_requests(conn: Connection, limit: int = 100) -> Sequence[Row[Any]]:
@@ -225,7 +258,7 @@ class _Planner:
                     "public_id": self.ids.new(),
                     "role": message.role,
                     "content": message.text(),
-                    "payload": orjson.dumps(message.canonical()).decode(),
+                    "payload": hashed.payloads[i],
                     "content_hash": hashed.content_hashes[i],
                     "chain_hash": hashed.chains[i],
                     "chain_key": chain_key(hashed.chains[i]),
@@ -316,13 +349,18 @@ class _Planner:
 def _hash(exchange: Exchange) -> _Hashed | None:
     if exchange.endpoint != "chat" or not exchange.messages:
         return None
-    content_hashes = [m.content_hash() for m in exchange.messages]
+    canonical = [m.canonical_json() for m in exchange.messages]
+    content_hashes = [content_hash_of(raw) for raw in canonical]
     chains = chain_of(content_hashes)
     first_assistant = next(
         (i for i, m in enumerate(exchange.messages) if m.role == "assistant"), None
     )
     return _Hashed(
-        content_hashes, chains, first_assistant, _owner(exchange.user_id, exchange.api_key_id)
+        [raw.decode() for raw in canonical],
+        content_hashes,
+        chains,
+        first_assistant,
+        _owner(exchange.user_id, exchange.api_key_id),
     )
 
 
@@ -420,19 +458,6 @@ def _attempt_rows(exchange: Exchange, ids: PublicIds) -> list[dict[str, Any]]:
             }
         )
     return rows
-
-
-def _recorded(plan: _Plan) -> Recorded:
-    conv = plan.conv
-    return Recorded(
-        chain_id=plan.exchange.chain_id,
-        request_public_ids=tuple(r["public_id"] for r in plan.attempt_rows),
-        conversation_public_id=conv.public_id if conv is not None else None,
-        answer_public_ids=tuple(node.row["public_id"] for node, _ in plan.answers),
-        request_ids=tuple(r["id"] for r in plan.attempt_rows),
-        conversation_id=conv.id if conv is not None else None,
-        message_ids=tuple(node.row["id"] for node in plan.nodes),
-    )
 
 
 def _utc(moment: datetime) -> datetime:
