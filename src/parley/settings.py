@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from parley.domain.capabilities import Capabilities, capabilities_from
 from parley.domain.usage import Price
 from parley.errors import ConfigError
 
@@ -90,6 +91,8 @@ class ProviderConfig:
     timeouts: Timeouts = field(default_factory=Timeouts)
     # Ask the upstream for usage in streams (stream_options.include_usage).
     stream_usage: bool = True
+    # Merge the upstream's own model list into /v1/models.
+    list_models: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +113,9 @@ class Settings:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     timeouts: Timeouts = field(default_factory=Timeouts)
     writer_batch_max: int = 512
+    capabilities: Mapping[str, Capabilities] = field(default_factory=dict)
+    # How long a provider's own model list (``/v1/models``) is reused before asking again.
+    models_ttl: float = 300.0
 
     @property
     def is_sqlite(self) -> bool:
@@ -167,6 +173,8 @@ def load_settings(
         "pricing": _pricing(_table(config, "pricing")),
         "retry": _retry(_table(config, "retry")),
         "timeouts": timeouts,
+        "capabilities": capabilities_from(_table(config, "capabilities"), "capabilities"),
+        "models_ttl": _float(server.get("models_ttl", 300.0), "models_ttl"),
     }
     values.update(overrides)
     settings = Settings(**values)
@@ -296,6 +304,7 @@ def _provider(
         headers={str(k): str(v) for k, v in headers.items()},
         timeouts=_timeouts(table.get("timeouts", {}), timeouts),
         stream_usage=bool(table.get("stream_usage", True)),
+        list_models=bool(table.get("list_models", True)),
     )
 
 

@@ -22,12 +22,14 @@ from collections.abc import AsyncGenerator, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
+from parley.domain.capabilities import needs_of
 from parley.domain.events import Chunk
 from parley.domain.exchange import Attempt, Exchange
 from parley.domain.messages import ChatRequest
 from parley.domain.usage import Usage
 from parley.errors import (
     ClientError,
+    InvalidRequest,
     ModelNotFound,
     ParleyError,
     UpstreamError,
@@ -35,6 +37,7 @@ from parley.errors import (
     UpstreamInterrupted,
     UpstreamProtocolError,
 )
+from parley.gateway.capabilities import CapabilityBook
 from parley.gateway.pricing import PriceBook
 from parley.gateway.recording import Fold
 from parley.gateway.router import Candidate, Router
@@ -48,14 +51,21 @@ _FINAL_ERROR_TYPES = frozenset({"bad_request", "content_filter"})
 
 
 class Gateway:
-    def __init__(self, router: Router, prices: PriceBook, retry: RetryPolicy) -> None:
+    def __init__(
+        self,
+        router: Router,
+        prices: PriceBook,
+        retry: RetryPolicy,
+        capabilities: CapabilityBook | None = None,
+    ) -> None:
         self.router = router
         self.prices = prices
         self.retry = retry
+        self.capabilities = capabilities or CapabilityBook({}, {})
 
     async def stream(self, request: ChatRequest, exchange: Exchange) -> AsyncGenerator[Chunk, None]:
         """Yield the chunks of the first attempt that starts; record every attempt."""
-        candidates = self.router.resolve(request.model)
+        candidates = self.capable(request, self.router.resolve(request.model))
         last_error: UpstreamError | None = None
         for candidate in candidates:
             for try_number in range(max(1, self.retry.attempts)):
@@ -129,6 +139,25 @@ class Gateway:
         if last_error is None:
             raise ModelNotFound(f"no upstream candidate for model '{request.model}'")
         raise last_error
+
+    def capable(self, request: ChatRequest, candidates: list[Candidate]) -> list[Candidate]:
+        """The candidates able to serve ``request``; ``InvalidRequest`` when none is, so
+        a request a model cannot take is refused before any upstream call."""
+        needs = needs_of(request)
+        able: list[Candidate] = []
+        refusals: list[str] = []
+        for candidate in candidates:
+            unmet = needs.unmet(self.capabilities.of(candidate.provider_name, candidate.model))
+            if unmet:
+                refusals.append(f"{candidate.id} {' and '.join(unmet)}")
+            else:
+                able.append(candidate)
+        if candidates and not able:
+            raise InvalidRequest(
+                f"model '{request.model}' cannot serve this request: {'; '.join(refusals)}",
+                "model",
+            )
+        return able
 
     def _begin(self, exchange: Exchange, candidate: Candidate) -> Fold:
         attempt = Attempt(
