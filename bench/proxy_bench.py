@@ -4,7 +4,9 @@ Starts a fake OpenAI upstream, the floor passthrough proxy (``bench/floor_proxy.
 ``parley serve`` (SQLite, durable recording on) as separate processes, drives each with
 ``wrk`` at concurrency 1, 16 and 64, streaming and not, and prints requests/s, p50 and
 p99 latency, the p50 each adds over the direct upstream, and parley's throughput as a
-fraction of the floor's.
+fraction of the floor's. The ``anthropic`` row drives parley's Anthropic Messages front
+door (``/v1/messages``) against the same OpenAI upstream, so every event is re-encoded;
+its last column is its throughput as a fraction of parley's OpenAI passthrough.
 
     .venv/bin/python bench/proxy_bench.py [--duration 8] [--concurrency 1,16,64]
 
@@ -33,6 +35,11 @@ BODY = (
     '{{"model": "{model}", "stream": {stream}, '
     '"messages": [{{"role": "user", "content": "hello there"}}]}}'
 )
+ANTHROPIC_BODY = (
+    '{{"model": "{model}", "stream": {stream}, "max_tokens": 256, '
+    '"messages": [{{"role": "user", "content": "hello there"}}]}}'
+)
+TARGETS = ("direct", "floor", "parley", "anthropic")
 
 
 def free_port() -> int:
@@ -134,15 +141,17 @@ def main() -> None:
         spawn([python, "-m", "parley", "serve", "--port", str(parley_port)],
               f"http://127.0.0.1:{parley_port}/healthz", env=parley_env, cwd=work),
     ):
+        parley = f"http://127.0.0.1:{parley_port}"
         targets = {
-            "direct": (f"{upstream}/v1/chat/completions", "bench"),
-            "floor": (f"http://127.0.0.1:{floor_port}/v1/chat/completions", "bench"),
-            "parley": (f"http://127.0.0.1:{parley_port}/v1/chat/completions", "up/bench"),
+            "direct": (f"{upstream}/v1/chat/completions", "bench", BODY),
+            "floor": (f"http://127.0.0.1:{floor_port}/v1/chat/completions", "bench", BODY),
+            "parley": (f"{parley}/v1/chat/completions", "up/bench", BODY),
+            "anthropic": (f"{parley}/v1/messages", "up/bench", ANTHROPIC_BODY),
         }
         for stream in (False, True):
             for connections in levels:
-                for name, (url, model) in targets.items():
-                    body = BODY.format(model=model, stream="true" if stream else "false")
+                for name, (url, model, template) in targets.items():
+                    body = template.format(model=model, stream="true" if stream else "false")
                     wrk(url, body, connections, 1.0)  # warm up
                     results[(name, stream, connections)] = wrk(
                         url, body, connections, args.duration
@@ -154,18 +163,20 @@ def main() -> None:
 def print_table(
     results: dict[tuple[str, bool, int], tuple[float, float, float]], levels: list[int]
 ) -> None:
-    print(f"{'mode':<7} {'conc':>4} {'target':<7} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} "
-          f"{'+p50 ms':>8} {'vs floor':>8}")
+    print(f"{'mode':<7} {'conc':>4} {'target':<9} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} "
+          f"{'+p50 ms':>8} {'vs floor':>8} {'vs parley':>9}")
     for stream in (False, True):
         for connections in levels:
             direct = results[("direct", stream, connections)]
             floor = results[("floor", stream, connections)]
-            for name in ("direct", "floor", "parley"):
+            passthrough = results[("parley", stream, connections)]
+            for name in TARGETS:
                 rps, p50, p99 = results[(name, stream, connections)]
                 added = f"{p50 - direct[1]:8.2f}" if name != "direct" else f"{'':>8}"
-                ratio = f"{rps / floor[0]:8.0%}" if name == "parley" else f"{'':>8}"
-                print(f"{'stream' if stream else 'json':<7} {connections:>4} {name:<7} "
-                      f"{rps:9.0f} {p50:8.2f} {p99:8.2f} {added} {ratio}")
+                ratio = f"{rps / floor[0]:8.0%}" if name in ("parley", "anthropic") else " " * 8
+                versus = f"{rps / passthrough[0]:9.0%}" if name == "anthropic" else " " * 9
+                print(f"{'stream' if stream else 'json':<7} {connections:>4} {name:<9} "
+                      f"{rps:9.0f} {p50:8.2f} {p99:8.2f} {added} {ratio} {versus}")
 
 
 if __name__ == "__main__":

@@ -33,6 +33,19 @@ from parley.errors import ConfigError
 
 PROVIDER_KINDS = frozenset({"openai", "anthropic", "gemini", "ollama", "huggingface"})
 
+# Per kind: the public endpoint used when ``base_url`` is not given, and the environment
+# variable a key is read from when neither ``api_key`` nor ``api_key_env`` is given (a
+# variable that is not set then means no key, not an error).
+KIND_DEFAULTS: Mapping[str, tuple[str, str | None]] = {
+    "openai": ("https://api.openai.com/v1", "OPENAI_API_KEY"),
+    "anthropic": ("https://api.anthropic.com", "ANTHROPIC_API_KEY"),
+    "gemini": ("https://generativelanguage.googleapis.com/v1beta", "GEMINI_API_KEY"),
+    "ollama": ("http://127.0.0.1:11434", None),
+    # Hugging Face's Inference Providers router speaks OpenAI's chat route; TGI and
+    # Inference Endpoints do too, at their own ``.../v1``.
+    "huggingface": ("https://router.huggingface.co/v1", "HF_TOKEN"),
+}
+
 
 class Secret:
     """A string that never shows itself in ``repr``/``str``."""
@@ -277,7 +290,8 @@ def _provider(
         raise ConfigError(
             f"provider {name}: kind must be one of {', '.join(sorted(PROVIDER_KINDS))}"
         )
-    base_url = table.get("base_url")
+    default_url, default_key_env = KIND_DEFAULTS[kind]
+    base_url = table.get("base_url", default_url)
     if not isinstance(base_url, str) or not base_url.startswith(("http://", "https://")):
         raise ConfigError(f"provider {name}: base_url must be an http(s) URL")
     key: str | None = None
@@ -289,6 +303,8 @@ def _provider(
             )
     elif "api_key" in table:
         key = str(table["api_key"])
+    elif default_key_env is not None:
+        key = env.get(default_key_env)
     models = table.get("models", [])
     if not isinstance(models, list) or not all(isinstance(m, str) for m in models):
         raise ConfigError(f"provider {name}: models must be a list of strings")

@@ -1,0 +1,57 @@
+"""Settings: defaults per provider kind, keys from the environment, clear config errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from parley.errors import ConfigError
+from parley.settings import KIND_DEFAULTS, load_settings
+
+
+def _load(tmp_path: Path, toml: str) -> object:
+    config = tmp_path / "parley.toml"
+    config.write_text(toml)
+    return load_settings(env={"PARLEY_CONFIG": str(config)}, cwd=tmp_path)
+
+
+def test_each_kind_has_a_default_endpoint_and_key_variable(tmp_path: Path) -> None:
+    toml = "".join(f'[[providers]]\nname = "{kind}"\nkind = "{kind}"\n' for kind in KIND_DEFAULTS)
+    (tmp_path / "parley.toml").write_text(toml)
+    settings = load_settings(
+        env={
+            "PARLEY_CONFIG": str(tmp_path / "parley.toml"),
+            "ANTHROPIC_API_KEY": "sk-ant-canary",
+            "HF_TOKEN": "hf_canary_token",
+        },
+        cwd=tmp_path,
+    )
+    by_name = {p.name: p for p in settings.providers}
+    assert by_name["gemini"].base_url == "https://generativelanguage.googleapis.com/v1beta"
+    assert by_name["ollama"].base_url == "http://127.0.0.1:11434"
+    assert by_name["huggingface"].base_url == "https://router.huggingface.co/v1"
+    anthropic_key = by_name["anthropic"].api_key
+    assert anthropic_key is not None and anthropic_key.get() == "sk-ant-canary"
+    hf_key = by_name["huggingface"].api_key
+    assert hf_key is not None and hf_key.get() == "hf_canary_token"
+    # A default variable that is not set means no key, not an error.
+    assert by_name["openai"].api_key is None and by_name["gemini"].api_key is None
+    # Keys never show in a repr.
+    assert "canary" not in repr(settings)
+
+
+def test_an_explicit_key_variable_must_exist(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="MISSING_KEY is not set"):
+        _load(
+            tmp_path, '[[providers]]\nname = "a"\nkind = "anthropic"\napi_key_env = "MISSING_KEY"\n'
+        )
+
+
+def test_bad_kind_and_base_url_are_named(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="kind must be one of"):
+        _load(tmp_path, '[[providers]]\nname = "a"\nkind = "bard"\n')
+    with pytest.raises(ConfigError, match="base_url must be an http"):
+        _load(
+            tmp_path, '[[providers]]\nname = "a"\nkind = "ollama"\nbase_url = "localhost:11434"\n'
+        )
