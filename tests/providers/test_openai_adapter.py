@@ -645,9 +645,10 @@ def test_registry_builds_configured_providers_and_refuses_unsupported_kinds() ->
     assert all(isinstance(p, OpenAIProvider) for p in built.values())
     assert build_providers(Settings(data_dir=Path("."), database_url="sqlite://"), session) == {}
     with pytest.raises(TypeError):
-        ADAPTERS["ollama"] = OpenAIProvider  # type: ignore[index]
-    ollama = ProviderConfig(name="o", kind="ollama", base_url="http://o")
-    with pytest.raises(ConfigError, match="not supported yet"):
+        ADAPTERS["nonexistent"] = OpenAIProvider  # type: ignore[index]
+    # Settings refuse unknown kinds; a config built in code is refused here too.
+    bogus = ProviderConfig(name="o", kind="nonexistent", base_url="http://o")
+    with pytest.raises(ConfigError, match="not supported"):
         build_providers(
-            Settings(data_dir=Path("."), database_url="sqlite://", providers=(ollama,)), session
+            Settings(data_dir=Path("."), database_url="sqlite://", providers=(bogus,)), session
         )

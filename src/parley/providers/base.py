@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from parley.domain.events import Chunk
 from parley.domain.messages import ChatRequest
@@ -56,4 +56,14 @@ class Provider(Protocol):
     async def list_models(self) -> list[str]:
         """The model names the upstream itself lists; raises ``UpstreamError`` when it
         cannot answer (the caller keeps the configured list)."""
+        ...
+
+
+@runtime_checkable
+class TokenCounter(Protocol):
+    """A provider whose upstream can count the input tokens of a request without running it
+    (Anthropic's ``/v1/messages/count_tokens`` and the like)."""
+
+    async def count_tokens(self, request: ChatRequest, model: str) -> int:
+        """The number of input tokens ``request`` would use on ``model``."""
         ...

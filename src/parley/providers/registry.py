@@ -15,7 +15,9 @@ from types import MappingProxyType
 import aiohttp
 
 from parley.errors import ConfigError
+from parley.providers.anthropic import AnthropicProvider
 from parley.providers.base import Provider
+from parley.providers.ollama import OllamaProvider
 from parley.providers.openai import OpenAIProvider
 from parley.settings import ProviderConfig, Settings
 
@@ -26,6 +28,8 @@ def _adapters() -> Mapping[str, ProviderFactory]:
     return MappingProxyType(
         {
             "openai": OpenAIProvider,
+            "anthropic": AnthropicProvider,
+            "ollama": OllamaProvider,
             # HF TGI and Inference Endpoints serve the OpenAI chat route.
             "huggingface": OpenAIProvider,
         }
@@ -42,7 +46,7 @@ def build_providers(settings: Settings, session: aiohttp.ClientSession) -> dict[
         factory = ADAPTERS.get(config.kind)
         if factory is None:
             raise ConfigError(
-                f"provider {config.name}: kind {config.kind!r} is not supported yet "
+                f"provider {config.name}: kind {config.kind!r} is not supported "
                 f"(supported kinds: {', '.join(sorted(ADAPTERS))})"
             )
         providers[config.name] = factory(config, session)
