@@ -17,6 +17,7 @@ import aiohttp
 from parley.errors import ConfigError
 from parley.providers.anthropic import AnthropicProvider
 from parley.providers.base import Provider
+from parley.providers.gemini import GeminiProvider
 from parley.providers.ollama import OllamaProvider
 from parley.providers.openai import OpenAIProvider
 from parley.settings import ProviderConfig, Settings
@@ -29,6 +30,7 @@ def _adapters() -> Mapping[str, ProviderFactory]:
         {
             "openai": OpenAIProvider,
             "anthropic": AnthropicProvider,
+            "gemini": GeminiProvider,
             "ollama": OllamaProvider,
             # HF TGI and Inference Endpoints serve the OpenAI chat route.
             "huggingface": OpenAIProvider,

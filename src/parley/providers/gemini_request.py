@@ -1,0 +1,309 @@
+"""Neutral requests to Gemini ``generateContent`` bodies (pure functions, no I/O).
+
+Requests (``request_body``): system and developer messages become ``systemInstruction``;
+user -> role ``user``, assistant -> role ``model``; tool results become ``functionResponse``
+parts of a ``user`` turn, named after the earlier tool call with the same id (a JSON object
+result is sent as is, anything else as ``{"content": text}``); consecutive turns of the
+same role are merged, as Gemini wants turns to alternate. Images: data URLs become
+``inlineData``, http(s) URLs ``fileData`` (MIME type guessed from the extension, else
+``image/jpeg``); anything Gemini cannot take raises ``InvalidRequest`` before any call.
+JSON schemas (tool parameters, ``response_format``) are reduced to the OpenAPI subset
+Gemini accepts (``clean_schema``). Gemini 3 and later refuse a replayed function call
+without its thought signature; the neutral history cannot carry one, so the first call of
+each assistant turn gets Google's documented placeholder ``skip_thought_signature_validator``.
+"""
+
+from __future__ import annotations
+
+import mimetypes
+from collections.abc import Mapping, Sequence
+from typing import Any
+from urllib.parse import urlsplit
+
+import orjson
+
+from parley.domain.messages import ChatRequest, Message
+from parley.errors import (
+    InvalidRequest,
+)
+
+# No client speaks Gemini today; a body in its own format would pass through as is.
+PROTOCOL = "gemini"
+SKIP_SIGNATURE = "skip_thought_signature_validator"
+
+# The OpenAPI subset Gemini's ``Schema`` accepts; any other key is a 400 upstream.
+_SCHEMA_KEYS = frozenset(
+    {
+        "type",
+        "format",
+        "title",
+        "description",
+        "nullable",
+        "enum",
+        "default",
+        "example",
+        "required",
+        "propertyOrdering",
+        "minItems",
+        "maxItems",
+        "minLength",
+        "maxLength",
+        "minProperties",
+        "maxProperties",
+        "minimum",
+        "maximum",
+        "pattern",
+    }
+)
+_TOOL_CHOICES = {"auto": "AUTO", "none": "NONE", "required": "ANY"}
+
+
+def request_body(request: ChatRequest, model: str) -> dict[str, Any]:
+    """The ``generateContent`` body for ``request`` (the model and streaming are in the URL)."""
+    if request.raw is not None and request.client_protocol == PROTOCOL:
+        return dict(request.raw)
+    system, contents = _contents(request.messages, _needs_signature(model))
+    body: dict[str, Any] = {"contents": contents}
+    if system:
+        body["systemInstruction"] = {"parts": system}
+    if request.tools:
+        body["tools"] = [{"functionDeclarations": [_declaration(t) for t in request.tools]}]
+        # Gemini refuses a function calling config without function declarations.
+        if request.tool_choice is not None:
+            body["toolConfig"] = {"functionCallingConfig": _calling_config(request.tool_choice)}
+    config = _generation_config(request)
+    if config:
+        body["generationConfig"] = config
+    return body
+
+
+def _needs_signature(model: str) -> bool:
+    name = model.removeprefix("models/")
+    if not name.startswith("gemini-"):
+        return False
+    digits = ""
+    for char in name[7:]:
+        if not char.isdigit():
+            break
+        digits += char
+    return bool(digits) and int(digits) >= 3
+
+
+def _contents(
+    messages: Sequence[Message], sign: bool
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    system: list[dict[str, Any]] = []
+    contents: list[dict[str, Any]] = []
+    names: dict[str, str] = {}  # tool call id -> function name, latest call wins
+    for position, message in enumerate(messages):
+        if message.role in ("system", "developer"):
+            if text := message.text():
+                system.append({"text": text})
+            continue
+        if message.role == "assistant":
+            role, parts = "model", _assistant_parts(message, names, sign, position)
+        elif message.role in ("tool", "function"):
+            role, parts = "user", [_function_response(message, names, position)]
+        else:
+            role, parts = "user", _user_parts(message, position)
+        if not parts:
+            continue
+        if contents and contents[-1]["role"] == role:
+            contents[-1]["parts"].extend(parts)
+        else:
+            contents.append({"role": role, "parts": parts})
+    return system, contents
+
+
+def _user_parts(message: Message, position: int) -> list[dict[str, Any]]:
+    if isinstance(message.content, str):
+        return [{"text": message.content}]
+    parts: list[dict[str, Any]] = []
+    for part in message.content or ():
+        kind = part.get("type")
+        param = f"messages[{position}].content"
+        if kind == "text":
+            parts.append({"text": _str(part.get("text"), param)})
+        elif kind == "image_url":
+            image = part.get("image_url")
+            url = image.get("url") if isinstance(image, Mapping) else image
+            parts.append(_media(_str(url, param), param))
+        elif kind == "input_audio" and isinstance(audio := part.get("input_audio"), Mapping):
+            audio_format = _str(audio.get("format"), param)
+            data = _str(audio.get("data"), param)
+            parts.append({"inlineData": {"mimeType": f"audio/{audio_format}", "data": data}})
+        elif kind == "file" and isinstance(file := part.get("file"), Mapping):
+            if not isinstance(file.get("file_data"), str):
+                raise InvalidRequest("Gemini takes files only as inline data", param)
+            parts.append(_media(file["file_data"], param))
+        else:
+            raise InvalidRequest(f"content parts of type {kind!r} cannot be sent to Gemini", param)
+    return parts
+
+
+def _media(url: str, param: str) -> dict[str, Any]:
+    if url.startswith("data:"):
+        header, comma, data = url[5:].partition(",")
+        mime, _, encoding = header.partition(";")
+        if not comma or encoding != "base64" or not mime:
+            raise InvalidRequest("data URLs sent to Gemini must be base64 with a type", param)
+        return {"inlineData": {"mimeType": mime, "data": data}}
+    if url.startswith(("https://", "http://")):
+        guessed, _ = mimetypes.guess_type(urlsplit(url).path)
+        return {"fileData": {"mimeType": guessed or "image/jpeg", "fileUri": url}}
+    raise InvalidRequest("Gemini takes images as data URLs or http(s) URLs", param)
+
+
+def _assistant_parts(
+    message: Message, names: dict[str, str], sign: bool, position: int
+) -> list[dict[str, Any]]:
+    parts: list[dict[str, Any]] = []
+    if text := message.text():
+        parts.append({"text": text})
+    for number, call in enumerate(message.tool_calls):
+        try:
+            args = orjson.loads(call.arguments) if call.arguments.strip() else {}
+        except orjson.JSONDecodeError:
+            args = None
+        if not isinstance(args, dict):
+            raise InvalidRequest(
+                f"tool call {call.id!r} has arguments that are not a JSON object",
+                f"messages[{position}].tool_calls",
+            )
+        names[call.id] = call.name
+        part: dict[str, Any] = {"functionCall": {"name": call.name, "args": args}}
+        if sign and number == 0:
+            part["thoughtSignature"] = SKIP_SIGNATURE
+        parts.append(part)
+    return parts
+
+
+def _function_response(message: Message, names: dict[str, str], position: int) -> dict[str, Any]:
+    call_id = message.tool_call_id
+    name = (names.get(call_id) if call_id is not None else None) or message.name
+    if not name:
+        raise InvalidRequest(
+            f"tool result for {call_id!r} follows no assistant tool call with that id",
+            f"messages[{position}].tool_call_id",
+        )
+    text = message.text()
+    try:
+        result = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        result = None
+    response = result if isinstance(result, dict) else {"content": text}
+    return {"functionResponse": {"name": name, "response": response}}
+
+
+def _declaration(tool: Mapping[str, Any]) -> dict[str, Any]:
+    function = tool.get("function")
+    if tool.get("type", "function") != "function" or not isinstance(function, Mapping):
+        raise InvalidRequest("Gemini takes only tools of type 'function'", "tools")
+    declaration: dict[str, Any] = {"name": _str(function.get("name"), "tools")}
+    if isinstance(description := function.get("description"), str):
+        declaration["description"] = description
+    parameters = clean_schema(function.get("parameters"))
+    # Gemini refuses an OBJECT without properties: a function without arguments has none.
+    if parameters and (parameters.get("properties") or parameters.get("type") != "object"):
+        declaration["parameters"] = parameters
+    return declaration
+
+
+def _calling_config(choice: Any) -> dict[str, Any]:
+    if isinstance(choice, str) and choice in _TOOL_CHOICES:
+        return {"mode": _TOOL_CHOICES[choice]}
+    function = choice.get("function") if isinstance(choice, Mapping) else None
+    if isinstance(function, Mapping) and isinstance(function.get("name"), str):
+        return {"mode": "ANY", "allowedFunctionNames": [function["name"]]}
+    raise InvalidRequest("tool_choice must be auto, none, required or a function", "tool_choice")
+
+
+def _generation_config(request: ChatRequest) -> dict[str, Any]:
+    config: dict[str, Any] = {}
+    for key, value in (
+        ("temperature", request.temperature),
+        ("topP", request.top_p),
+        ("maxOutputTokens", request.max_tokens),
+        ("candidateCount", request.n),
+        ("seed", request.extra.get("seed")),
+        ("presencePenalty", request.extra.get("presence_penalty")),
+        ("frequencyPenalty", request.extra.get("frequency_penalty")),
+    ):
+        if value is not None:
+            config[key] = value
+    if request.stop:
+        config["stopSequences"] = list(request.stop)
+    response_format = request.extra.get("response_format")
+    kind = response_format.get("type") if isinstance(response_format, Mapping) else None
+    if kind in ("json_object", "json_schema"):
+        config["responseMimeType"] = "application/json"
+        spec = response_format.get("json_schema") if isinstance(response_format, Mapping) else None
+        schema = spec.get("schema") if isinstance(spec, Mapping) else None
+        if isinstance(schema, Mapping):
+            config["responseSchema"] = clean_schema(schema)
+    return config
+
+
+def clean_schema(schema: Any) -> dict[str, Any]:
+    """A JSON schema reduced to what Gemini's ``Schema`` accepts, recursively.
+
+    Keys outside the OpenAPI subset (``additionalProperties``, ``$schema``, ``strict``,
+    ``exclusiveMinimum``...) are dropped; local ``$ref``s into ``$defs``/``definitions``
+    are inlined (a recursive one becomes a bare object); ``oneOf`` becomes ``anyOf``;
+    ``"type": [x, "null"]`` and a ``{"type": "null"}`` branch become ``nullable``; a
+    string ``const`` becomes a one-value ``enum``.
+    """
+    if not isinstance(schema, Mapping):
+        return {}
+    definitions: dict[str, Any] = {}
+    for key in ("definitions", "$defs"):
+        if isinstance(found := schema.get(key), Mapping):
+            definitions.update(found)
+    return _clean(schema, definitions, ())
+
+
+def _clean(schema: Any, definitions: Mapping[str, Any], seen: tuple[str, ...]) -> dict[str, Any]:
+    if not isinstance(schema, Mapping):
+        return {}
+    ref = schema.get("$ref")
+    if isinstance(ref, str):
+        name = ref.rsplit("/", 1)[-1]
+        target = definitions.get(name)
+        if not isinstance(target, Mapping) or name in seen:
+            return {"type": "object"}
+        merged = {**target, **{k: v for k, v in schema.items() if k != "$ref"}}
+        return _clean(merged, definitions, (*seen, name))
+    out: dict[str, Any] = {}
+    for key, value in schema.items():
+        if key == "properties" and isinstance(value, Mapping):
+            out[key] = {name: _clean(sub, definitions, seen) for name, sub in value.items()}
+        elif key == "items":
+            out[key] = _clean(value, definitions, seen)
+        elif key in ("anyOf", "oneOf") and isinstance(value, list):
+            branches = [_clean(sub, definitions, seen) for sub in value]
+            others = [b for b in branches if b != {"type": "null"}]
+            if len(others) < len(branches):
+                out["nullable"] = True
+            if len(others) == 1:
+                out.update({k: v for k, v in others[0].items() if k not in out})
+            elif others:
+                out["anyOf"] = others
+        elif key == "type" and isinstance(value, list):
+            types = [t for t in value if t != "null"]
+            if len(types) < len(value):
+                out["nullable"] = True
+            if len(types) == 1:
+                out["type"] = types[0]
+            elif types:
+                out["anyOf"] = [{"type": t} for t in types]
+        elif key == "const" and isinstance(value, str):
+            out["enum"] = [value]
+        elif key in _SCHEMA_KEYS:
+            out[key] = value
+    return out
+
+
+def _str(value: Any, param: str) -> str:
+    if not isinstance(value, str):
+        raise InvalidRequest("expected a string", param)
+    return value
