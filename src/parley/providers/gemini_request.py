@@ -1,6 +1,6 @@
 """Neutral requests to Gemini ``generateContent`` bodies (pure functions, no I/O).
 
-Requests (``request_body``): system and developer messages become ``systemInstruction``;
+``request_body``: system and developer messages become ``systemInstruction``;
 user -> role ``user``, assistant -> role ``model``; tool results become ``functionResponse``
 parts of a ``user`` turn, named after the earlier tool call with the same id (a JSON object
 result is sent as is, anything else as ``{"content": text}``); consecutive turns of the
@@ -23,9 +23,7 @@ from urllib.parse import urlsplit
 import orjson
 
 from parley.domain.messages import ChatRequest, Message
-from parley.errors import (
-    InvalidRequest,
-)
+from parley.errors import InvalidRequest
 
 # No client speaks Gemini today; a body in its own format would pass through as is.
 PROTOCOL = "gemini"
