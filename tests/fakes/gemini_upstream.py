@@ -556,6 +556,10 @@ class FakeGemini:
         with self._upstream.lock:
             return list(self._upstream.received)
 
+    def clear(self) -> None:
+        with self._upstream.lock:
+            self._upstream.received.clear()
+
     def start(self) -> FakeGemini:
         loop = asyncio.new_event_loop()
         self._loop = loop

@@ -52,3 +52,13 @@ def test_well_typed_frame_still_parses() -> None:
     chunk = frames().chunk(payload, yielded=False)
     assert chunk.raw == b"data: " + payload + b"\n\n"
     assert any(getattr(e, "text", None) == "hi" for e in chunk.events)
+
+
+def test_tool_call_argument_spacing_does_not_change_a_message_hash() -> None:
+    from parley.domain.messages import Message, ToolCall
+
+    spaced = Message("assistant", None, tool_calls=(ToolCall("c1", "f", '{"city": "Paris"}'),))
+    compact = Message("assistant", None, tool_calls=(ToolCall("c1", "f", '{"city":"Paris"}'),))
+    assert spaced.content_hash() == compact.content_hash()
+    broken = Message("assistant", None, tool_calls=(ToolCall("c1", "f", '{"city": '),))
+    assert broken.canonical()["tool_calls"][0]["function"]["arguments"] == '{"city": '

@@ -10,7 +10,7 @@ import httpx
 import openai
 import pytest
 
-from tests.fakes.openai_upstream import FakeOpenAI
+from tests.fakes.openai_upstream import MODELS, FakeOpenAI
 from tests.harness import ParleyServer, rows, settings_for, write_config
 
 CANARY = "sk-canary-7f3a9c1e5b2d4f60"
@@ -140,9 +140,24 @@ def test_unknown_endpoint_is_an_openai_404(server: ParleyServer) -> None:
     assert response.json()["error"]["message"].startswith("no such endpoint")
 
 
-def test_models_lists_configured_models_and_aliases(server: ParleyServer) -> None:
-    ids = {m.id for m in openai.OpenAI(base_url=server.base_url, api_key="x").models.list()}
-    assert ids == {"up/gpt-4o-mini", "up/text-embedding-3-small", "fast"}
+def test_models_lists_configured_upstream_listed_models_and_aliases(
+    server: ParleyServer, upstream: FakeOpenAI, caplog: pytest.LogCaptureFixture
+) -> None:
+    models = openai.OpenAI(base_url=server.base_url, api_key="x").models.list().data
+    # The provider whose key is refused cannot list its models: the listing still works.
+    assert [m.id for m in models] == [
+        "up/gpt-4o-mini",
+        "up/text-embedding-3-small",
+        *(f"up/{m}" for m in MODELS if m not in ("gpt-4o-mini", "text-embedding-3-small")),
+        "fast",
+    ]
+    assert [r[0] for r in upstream.received].count("/v1/models") == 2  # up and wrongkey
+    assert "could not list its models" in caplog.text and CANARY not in caplog.text
+    # Shipped capabilities come along (parley's addition to OpenAI's model object).
+    by_id = {m.id: m for m in models}
+    assert by_id["up/gpt-4o-mini"].model_extra == {
+        "capabilities": {"vision": True, "tools": True, "json_mode": True, "context_window": 128000}
+    }
 
 
 def test_embeddings_are_routed_and_recorded(server: ParleyServer, database_url: str) -> None:

@@ -32,8 +32,9 @@ class Capabilities:
         known = {f.name: getattr(self, f.name) for f in fields(self)}
         return replace(base, **{name: value for name, value in known.items() if value is not None})
 
-    def as_dict(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+    def known(self) -> dict[str, Any]:
+        """The fields somebody configured, by name."""
+        return {f.name: v for f in fields(self) if (v := getattr(self, f.name)) is not None}
 
 
 @dataclass(frozen=True, slots=True)

@@ -67,11 +67,38 @@ class Message:
         return out
 
     def canonical_json(self) -> bytes:
-        """``canonical()`` as JSON with sorted keys: what ``content_hash`` hashes."""
-        return orjson.dumps(self.canonical(), option=orjson.OPT_SORT_KEYS)
+        """What ``content_hash`` hashes: ``canonical()`` as JSON with sorted keys, tool-call
+        arguments made compact (an Anthropic client sends them back as an object, so
+        their spacing must not change the hash). Without tool calls it is also the
+        message's stored payload."""
+        canonical = self.canonical()
+        if self.tool_calls:
+            for call in canonical["tool_calls"]:
+                call["function"]["arguments"] = _compact(call["function"]["arguments"])
+        return orjson.dumps(canonical, option=orjson.OPT_SORT_KEYS)
 
     def content_hash(self) -> str:
         return content_hash_of(self.canonical_json())
+
+
+def arguments_object(arguments: str) -> dict[str, Any] | None:
+    """Tool-call arguments (a JSON string, OpenAI's form) as the object other protocols
+    want: ``{}`` when empty, None when they are not a JSON object."""
+    if not arguments.strip():
+        return {}
+    try:
+        value = orjson.loads(arguments)
+    except orjson.JSONDecodeError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _compact(arguments: str) -> str:
+    """Tool-call arguments as compact JSON; invalid JSON is kept as is."""
+    try:
+        return orjson.dumps(orjson.loads(arguments)).decode()
+    except orjson.JSONDecodeError:
+        return arguments
 
 
 def content_hash_of(canonical_json: bytes) -> str:

@@ -65,13 +65,3 @@ class Router:
         if not upstream_model:
             raise ModelNotFound(f"model '{target}' names no model after the provider")
         return Candidate(provider_name, provider, upstream_model)
-
-    def model_ids(self) -> list[tuple[str, str]]:
-        """``(id, owner)`` for every configured model and alias, for ``/v1/models``."""
-        out = [
-            (f"{name}/{model}", name)
-            for name, provider in self._providers.items()
-            for model in provider.config.models
-        ]
-        out.extend((alias, "parley") for alias in self._aliases)
-        return out

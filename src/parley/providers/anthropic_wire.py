@@ -37,7 +37,7 @@ from parley.domain.events import (
     ToolCallDelta,
     UsageReport,
 )
-from parley.domain.messages import ChatRequest, Message, ToolCall
+from parley.domain.messages import ChatRequest, Message, ToolCall, arguments_object
 from parley.domain.usage import Usage
 from parley.errors import (
     InvalidRequest,
@@ -199,11 +199,8 @@ def image_block(image: Any) -> dict[str, Any]:
 
 def tool_use(call: ToolCall) -> dict[str, Any]:
     """An assistant tool call; Anthropic wants its arguments as a JSON object."""
-    try:
-        arguments = orjson.loads(call.arguments) if call.arguments.strip() else {}
-    except orjson.JSONDecodeError:
-        arguments = None
-    if not isinstance(arguments, dict):
+    arguments = arguments_object(call.arguments)
+    if arguments is None:
         raise InvalidRequest(
             f"the arguments of tool call {call.id!r} are not a JSON object", param="messages"
         )

@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 
 import orjson
 
-from parley.domain.messages import ChatRequest, Message
+from parley.domain.messages import ChatRequest, Message, arguments_object
 from parley.errors import InvalidRequest
 
 # No client speaks Gemini today; a body in its own format would pass through as is.
@@ -159,11 +159,8 @@ def _assistant_parts(
     if text := message.text():
         parts.append({"text": text})
     for number, call in enumerate(message.tool_calls):
-        try:
-            args = orjson.loads(call.arguments) if call.arguments.strip() else {}
-        except orjson.JSONDecodeError:
-            args = None
-        if not isinstance(args, dict):
+        args = arguments_object(call.arguments)
+        if args is None:
             raise InvalidRequest(
                 f"tool call {call.id!r} has arguments that are not a JSON object",
                 f"messages[{position}].tool_calls",

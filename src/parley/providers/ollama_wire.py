@@ -42,7 +42,7 @@ from parley.domain.events import (
     ToolCallDelta,
     UsageReport,
 )
-from parley.domain.messages import ChatRequest, Message
+from parley.domain.messages import ChatRequest, Message, arguments_object
 from parley.domain.usage import Usage
 from parley.errors import (
     InvalidRequest,
@@ -179,13 +179,8 @@ def _image(image_url: Any, param: str) -> str:
 
 def _arguments(arguments: str, param: str) -> dict[str, Any]:
     """Tool-call arguments as the object Ollama wants (OpenAI sends a JSON string)."""
-    if not arguments.strip():
-        return {}
-    try:
-        parsed = orjson.loads(arguments)
-    except orjson.JSONDecodeError:
-        parsed = None
-    if not isinstance(parsed, dict):
+    parsed = arguments_object(arguments)
+    if parsed is None:
         raise InvalidRequest(
             f"'{param}.tool_calls' has arguments that are not a JSON object: Ollama takes "
             "tool-call arguments only as an object",

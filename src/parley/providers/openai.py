@@ -45,6 +45,8 @@ from parley.providers.sse import SSEDecoder
 from parley.providers.wire import count, dumps, loads_object
 from parley.settings import ProviderConfig
 
+_FOREIGN_FIELDS = frozenset({"thinking"})
+
 
 class OpenAIProvider:
     """The provider seam (``providers.base.Provider``) over one OpenAI-compatible base URL."""
@@ -120,7 +122,9 @@ class OpenAIProvider:
             # The client spoke OpenAI: every field it sent goes through, known or not.
             body = dict(request.raw)
         else:
-            body = dict(request.extra)
+            # Fields of another protocol (Anthropic's ``thinking`` object) no OpenAI
+            # server takes; ``top_k`` stays: vLLM and llama.cpp honour it.
+            body = {k: v for k, v in request.extra.items() if k not in _FOREIGN_FIELDS}
             body["messages"] = [m.canonical() for m in request.messages]
             for key, value in (
                 ("max_tokens", request.max_tokens),

@@ -19,13 +19,15 @@ import orjson
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
-from parley.errors import AuthenticationFailed, NotFound, ParleyError
+from parley.errors import AuthenticationFailed, ClientError, NotFound, ParleyError
+from parley.gateway.capabilities import CapabilityBook, shipped_capabilities
+from parley.gateway.catalog import ModelCatalog
 from parley.gateway.pricing import PriceBook, shipped_prices
 from parley.gateway.router import Router
 from parley.gateway.service import Gateway
 from parley.ops.migrate import prepare_on_start
 from parley.providers.registry import build_providers
-from parley.server import openai_api
+from parley.server import anthropic_api, openai_api
 from parley.server.state import SERVICES, Services
 from parley.settings import Settings
 from parley.store.engine import create_engine
@@ -52,6 +54,8 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_post("/v1/chat/completions", openai_api.chat_completions)
     app.router.add_get("/v1/models", openai_api.list_models)
     app.router.add_post("/v1/embeddings", openai_api.embeddings)
+    app.router.add_post("/v1/messages", anthropic_api.messages)
+    app.router.add_post("/v1/messages/count_tokens", anthropic_api.count_tokens)
     app.router.add_get("/healthz", _healthz)
     return app
 
@@ -70,13 +74,20 @@ async def _lifespan(app: web.Application) -> AsyncIterator[None]:
     )
     try:
         providers = build_providers(settings, session)
+        capabilities = CapabilityBook(settings.capabilities, shipped_capabilities())
         gateway = Gateway(
             Router(providers, settings.aliases),
             PriceBook(settings.pricing, shipped_prices()),
             settings.retry,
+            capabilities,
         )
+        catalog = ModelCatalog(providers, settings.aliases, capabilities, settings.models_ttl)
         app[SERVICES] = Services(
-            settings=settings, gateway=gateway, writer=writer, started_at=time.time()
+            settings=settings,
+            gateway=gateway,
+            catalog=catalog,
+            writer=writer,
+            started_at=time.time(),
         )
         yield
     finally:
@@ -94,7 +105,9 @@ def _auth(settings: Settings) -> Middleware:
         if request.path not in _OPEN_PATHS:
             presented = _presented_key(request)
             if presented is None:
-                raise AuthenticationFailed("missing API key: send 'Authorization: Bearer <key>'")
+                raise AuthenticationFailed(
+                    "missing API key: send 'Authorization: Bearer <key>' or 'x-api-key: <key>'"
+                )
             if not hmac.compare_digest(presented.encode(), key):
                 raise AuthenticationFailed("invalid API key")
         return await handler(request)
@@ -114,38 +127,36 @@ def _presented_key(request: web.Request) -> str | None:
 
 @web.middleware
 async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every error as JSON in the protocol of the endpoint: Anthropic's on /v1/messages*,
+    OpenAI's everywhere else."""
     try:
         return await handler(request)
     except ParleyError as exc:
-        return openai_api.error_response(exc)
+        return _error_response(request, exc)
     except web.HTTPNotFound:
-        return openai_api.error_response(
-            NotFound(f"no such endpoint: {request.method} {request.path}")
+        return _error_response(
+            request, NotFound(f"no such endpoint: {request.method} {request.path}")
         )
     except web.HTTPException as exc:
-        body = {
-            "error": {
-                "message": exc.reason,
-                "type": "invalid_request_error",
-                "param": None,
-                "code": None,
-            }
-        }
-        return web.Response(
-            body=orjson.dumps(body), status=exc.status, content_type="application/json"
-        )
+        return _error_response(request, _HTTPError(exc.status, exc.reason))
     except Exception:
         # The traceback goes to the log, never to the client.
         log.exception("unhandled error on %s %s", request.method, request.path)
-        body = {
-            "error": {
-                "message": "internal server error",
-                "type": "server_error",
-                "param": None,
-                "code": None,
-            }
-        }
-        return web.Response(body=orjson.dumps(body), status=500, content_type="application/json")
+        return _error_response(request, ParleyError("internal server error"))
+
+
+class _HTTPError(ClientError):
+    """An aiohttp refusal (405, 413...) answered in the endpoint's protocol."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _error_response(request: web.Request, error: ParleyError) -> web.Response:
+    if anthropic_api.is_anthropic_path(request.path):
+        return anthropic_api.error_response(error)
+    return openai_api.error_response(error)
 
 
 async def _healthz(request: web.Request) -> web.Response:

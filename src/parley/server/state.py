@@ -14,6 +14,7 @@ from aiohttp import web
 
 from parley.domain.exchange import Exchange
 from parley.errors import BodyTooLarge, StoreError, StoreUnavailable
+from parley.gateway.catalog import ModelCatalog
 from parley.gateway.service import Gateway
 from parley.settings import Settings
 from parley.store.writer import Writer
@@ -25,6 +26,7 @@ log = logging.getLogger(__name__)
 class Services:
     settings: Settings
     gateway: Gateway
+    catalog: ModelCatalog
     writer: Writer
     started_at: float
 

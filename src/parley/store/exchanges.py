@@ -17,7 +17,8 @@
   at the attempt that produced it. Identical answers are sibling rows, never merged;
 - nothing the user sent is lost: an exchange that failed everywhere still records its
   attempts and its messages; its answers are kept only if they hold partial output;
-- embeddings (and any endpoint other than chat) record only their attempts.
+- embeddings (any endpoint but chat completions and Anthropic messages) record only
+  their attempts.
 
 Speed (the writer's goal is 10,000 exchanges/s on SQLite) shapes the code: one
 chain-hash lookup per batch; every row, id and link decided in Python first (ids are
@@ -40,6 +41,8 @@ from parley.domain.messages import chain_hash, chain_of, content_hash_of
 from parley.store.bulk import PublicIds, assign_ids, bulk_insert
 from parley.store.schema import conversations, messages, request_log, responses
 
+# Endpoints whose exchanges are conversations: OpenAI chat completions, Anthropic messages.
+_CHAT_ENDPOINTS = frozenset({"chat", "messages"})
 # Bound parameters per IN (...) lookup: far below SQLite's and PostgreSQL's limits.
 _LOOKUP_CHUNK = 500
 
@@ -123,8 +126,8 @@ class _Plan:
 class _Hashed:
     """A chat request's message hashes, computed once per exchange."""
 
-    # Each message's canonical JSON (sorted keys), stored as its payload: the bytes the
-    # content hash is made of, serialised once.
+    # Each message's stored payload: the bytes its content hash is made of (serialised
+    # once), except for tool calls, whose arguments are stored exactly as sent.
     payloads: list[str]
     content_hashes: list[str]
     chains: list[str]
@@ -347,7 +350,7 @@ class _Planner:
 
 
 def _hash(exchange: Exchange) -> _Hashed | None:
-    if exchange.endpoint != "chat" or not exchange.messages:
+    if exchange.endpoint not in _CHAT_ENDPOINTS or not exchange.messages:
         return None
     canonical = [m.canonical_json() for m in exchange.messages]
     content_hashes = [content_hash_of(raw) for raw in canonical]
@@ -356,7 +359,10 @@ def _hash(exchange: Exchange) -> _Hashed | None:
         (i for i, m in enumerate(exchange.messages) if m.role == "assistant"), None
     )
     return _Hashed(
-        [raw.decode() for raw in canonical],
+        [
+            orjson.dumps(m.canonical()).decode() if m.tool_calls else raw.decode()
+            for m, raw in zip(exchange.messages, canonical, strict=True)
+        ],
         content_hashes,
         chains,
         first_assistant,

@@ -1,0 +1,206 @@
+"""Answering a chat request in the client's protocol, whatever protocol the upstream spoke.
+
+Both front doors (OpenAI ``/v1/chat/completions`` and Anthropic ``/v1/messages``) parse
+their request into a neutral ``ChatRequest`` and hand it here with a ``Front``: the
+client's protocol, an encoder for upstreams that speak another one, and the protocol's
+error response. A chunk in the client's protocol is forwarded as its raw bytes (no
+encoder work on that path); any other chunk is encoded from its events.
+
+Durability: in the default ``durable`` recording mode a non-streaming body, or the final
+frame of a stream (``data: [DONE]``, ``event: message_stop``), is sent only after the
+exchange's record is committed. If the commit fails the client gets an error instead of
+an acknowledgement. An upstream that dies mid-stream gives the client an error event,
+never a clean end. A client that goes away mid-stream cancels the upstream call; the
+partial exchange is still recorded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncGenerator, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Protocol
+
+from aiohttp import web
+
+from parley.domain.events import Chunk
+from parley.domain.exchange import Exchange
+from parley.domain.messages import ChatRequest
+from parley.errors import ParleyError, StoreError
+from parley.server.state import Services
+
+log = logging.getLogger(__name__)
+
+SSE_HEADERS = {
+    "Content-Type": "text/event-stream",
+    "Cache-Control": "no-cache",
+    "X-Accel-Buffering": "no",
+}
+
+
+class Encoder(Protocol):
+    """Builds one response in the client's protocol from neutral events."""
+
+    def body(self, chunk: Chunk) -> bytes:
+        """The whole body of a non-streaming answer (one final chunk)."""
+        ...
+
+    def frames(self, chunk: Chunk) -> bytes:
+        """The stream frames for one chunk; for the final chunk, ending with the final frame."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class Front:
+    """How one client protocol answers."""
+
+    protocol: str
+    encoder: Encoder
+    error_response: Callable[[ParleyError], web.Response]
+    sse_error: Callable[[ParleyError], bytes]
+
+
+def exchange_for(request: web.Request, endpoint: str, chat: ChatRequest) -> Exchange:
+    return Exchange(
+        model_requested=chat.model,
+        messages=chat.messages,
+        started_at=datetime.now(UTC),
+        endpoint=endpoint,
+        origin=request.remote,
+        client_protocol=chat.client_protocol,
+        is_streaming=chat.stream,
+        max_tokens=chat.max_tokens,
+        temperature=chat.temperature,
+        top_p=chat.top_p,
+    )
+
+
+async def answer(
+    request: web.Request,
+    services: Services,
+    chat: ChatRequest,
+    exchange: Exchange,
+    front: Front,
+) -> web.StreamResponse:
+    """Run ``chat`` through the gateway and answer the client, recording the exchange."""
+    services.check_recording()
+    stream = services.gateway.stream(chat, exchange)
+    try:
+        first = await anext(stream)
+    except ParleyError as exc:
+        # Every upstream candidate failed before answering: the attempts are still facts.
+        await services.record_quietly(exchange)
+        return front.error_response(exc)
+    except asyncio.CancelledError:
+        # The client left while the upstream was thinking; the gateway cancelled it.
+        services.record_in_background(exchange)
+        raise
+
+    if not chat.stream:
+        try:
+            body = (
+                first.raw
+                if first.raw is not None and first.protocol == front.protocol
+                else front.encoder.body(first)
+            )
+        except ParleyError as exc:
+            await finish(stream)
+            await services.record_quietly(exchange)
+            return front.error_response(exc)
+        await finish(stream)
+        try:
+            await services.record(exchange)
+        except StoreError as exc:
+            return front.error_response(exc)
+        return web.Response(body=body, content_type="application/json")
+    return await _stream(request, services, exchange, stream, first, front)
+
+
+async def finish(chunks: AsyncGenerator[Chunk, None]) -> None:
+    """Run a stream whose answer is complete to its end (its connection is reused)."""
+    try:
+        async for _ in chunks:
+            pass
+    except ParleyError as exc:
+        log.info("upstream misbehaved after its answer was complete: %s", exc.message)
+    finally:
+        await chunks.aclose()
+
+
+async def _stream(
+    request: web.Request,
+    services: Services,
+    exchange: Exchange,
+    chunks: AsyncGenerator[Chunk, None],
+    first: Chunk,
+    front: Front,
+) -> web.StreamResponse:
+    response = web.StreamResponse(headers=SSE_HEADERS)
+    protocol = front.protocol
+    encoder = front.encoder
+    chunk = first
+    # Frames read together are written together: one send per upstream read.
+    pending: list[bytes] = []
+    try:
+        await response.prepare(request)
+        while not chunk.final:
+            raw = chunk.raw
+            if raw is not None and chunk.protocol == protocol:
+                if not chunk.internal:
+                    pending.append(raw)
+            else:
+                # Internal chunks are encoded too: usage the client did not ask for
+                # still feeds the encoder (Anthropic's message_delta needs it).
+                data = encoder.frames(chunk)
+                if data:
+                    pending.append(data)
+            if pending and not chunk.more:
+                await response.write(pending[0] if len(pending) == 1 else b"".join(pending))
+                pending.clear()
+            chunk = await anext(chunks)
+        raw = chunk.raw
+        final = raw if raw is not None and chunk.protocol == protocol else encoder.frames(chunk)
+    except ParleyError as exc:
+        # The upstream broke after the stream began: record it, then tell the client.
+        await chunks.aclose()
+        await services.record_quietly(exchange)
+        await _write_quietly(response, b"".join(pending) + front.sse_error(exc))
+        return response
+    except (ConnectionError, OSError):
+        # The client went away: closing the stream cancels the upstream call and marks
+        # the attempt client_disconnected; the partial answer is still recorded.
+        await chunks.aclose()
+        services.record_in_background(exchange)
+        return response
+    except Exception:
+        # Headers are sent: the error middleware cannot answer any more, so this stream
+        # must end in an error event itself.
+        log.exception("stream failed")
+        await chunks.aclose()
+        await services.record_quietly(exchange)
+        error = ParleyError("internal error while streaming")
+        await _write_quietly(response, b"".join(pending) + front.sse_error(error))
+        return response
+    except BaseException:
+        await chunks.aclose()
+        services.record_in_background(exchange)
+        raise
+    try:
+        await services.record(exchange)
+    except StoreError as exc:
+        await chunks.aclose()
+        await _write_quietly(response, b"".join(pending) + front.sse_error(exc))
+        return response
+    await _write_quietly(response, b"".join(pending) + final)
+    await finish(chunks)
+    return response
+
+
+async def _write_quietly(response: web.StreamResponse, data: bytes) -> None:
+    try:
+        await response.write(data)
+        await response.write_eof()
+    except (ConnectionError, OSError):
+        log.info("client left before the end of its stream")
