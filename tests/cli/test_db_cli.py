@@ -28,14 +28,15 @@ def test_upgrade_current_history_check_downgrade(tmp_path: Path, database_url: s
     assert (result.exit_code, result.output) == (0, "none\n")
 
     result = run(tmp_path, database_url, "upgrade")
-    assert (result.exit_code, result.output) == (0, "database at 0001\n")
+    assert (result.exit_code, result.output) == (0, "database at 0002\n")
 
     result = run(tmp_path, database_url, "current")
-    assert (result.exit_code, result.output) == (0, "0001 (head)\n")
+    assert (result.exit_code, result.output) == (0, "0002 (head)\n")
 
     result = run(tmp_path, database_url, "history")
     assert result.exit_code == 0
-    assert result.output.startswith("base -> 0001 (head): Initial schema")
+    assert result.output.startswith("0001 -> 0002 (head): Users, API keys")
+    assert "base -> 0001: Initial schema" in result.output
 
     result = run(tmp_path, database_url, "check")
     assert (result.exit_code, result.output) == (0, "no drift: the database matches the models\n")

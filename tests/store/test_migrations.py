@@ -17,7 +17,7 @@ from parley.store.engine import create_engine, writer_connection
 
 MakeSettings = Callable[..., Settings]
 
-HEAD = "0001"
+HEAD = "0002"
 
 EXTRA_REVISION = '''"""Test-only revision {revision}: adds a table{failing}."""
 
@@ -41,12 +41,12 @@ def downgrade() -> None:
 '''
 
 
-RECREATE_REVISION = '''"""Test-only revision 0002: rebuilds conversations (copy, drop, rename)."""
+RECREATE_REVISION = '''"""Test-only revision 0003: rebuilds conversations (copy, drop, rename)."""
 
 from alembic import op
 
-revision = "0002"
-down_revision = "0001"
+revision = "0003"
+down_revision = "0002"
 branch_labels = None
 depends_on = None
 
@@ -81,7 +81,7 @@ def execute(settings: Settings, sql: str) -> None:
 
 @pytest.fixture
 def extra_revision(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A copy of the shipped migrations; tests add revisions after 0001 to it."""
+    """A copy of the shipped migrations; tests add revisions after the head to it."""
     location = tmp_path / "migrations"
     shutil.copytree(
         migrate.script_location(), location, ignore=shutil.ignore_patterns("__pycache__")
@@ -113,11 +113,15 @@ def test_upgrade_downgrade_upgrade_round_trip(settings: Settings) -> None:
     assert migrate.check(settings) == []
 
 
-def test_heads_and_history_name_the_initial_revision() -> None:
+def test_heads_and_history_name_every_revision() -> None:
     assert migrate.heads() == [HEAD]
-    [(revision, down, doc)] = migrate.history()
-    assert (revision, down) == (HEAD, None)
-    assert doc.startswith("Initial schema")
+    history = migrate.history()
+    assert [(revision, down) for revision, down, _doc in history] == [
+        ("0002", "0001"),
+        ("0001", None),
+    ]
+    assert history[1][2].startswith("Initial schema")
+    assert history[0][2].startswith("Users, API keys")
 
 
 def test_check_names_a_missing_index(settings: Settings) -> None:
@@ -138,14 +142,14 @@ def test_prepare_on_start_refuses_a_database_behind_head(
     settings: Settings, extra_revision: Path
 ) -> None:
     migrate.upgrade(settings)
-    add_revision(extra_revision, "0002")
+    add_revision(extra_revision, "0003")
     with pytest.raises(ConfigError) as refused:
         migrate.prepare_on_start(settings)
     assert str(refused.value) == (
-        "database schema is at 0001, code expects 0002: run `parley db upgrade`"
+        "database schema is at 0002, code expects 0003: run `parley db upgrade`"
     )
     assert migrate.current(settings) == HEAD
-    assert "extra_0002" not in tables(settings)
+    assert "extra_0003" not in tables(settings)
 
 
 def test_prepare_on_start_and_upgrade_refuse_a_newer_database(settings: Settings) -> None:
@@ -174,10 +178,10 @@ def test_prepare_on_start_refuses_drift(settings: Settings) -> None:
 def test_a_failing_migration_leaves_nothing_behind(
     settings: Settings, extra_revision: Path
 ) -> None:
-    add_revision(extra_revision, "0002", fail=True)
-    with pytest.raises(ConfigError, match="rolled back: RuntimeError: migration 0002 fails"):
+    add_revision(extra_revision, "0003", fail=True)
+    with pytest.raises(ConfigError, match="rolled back: RuntimeError: migration 0003 fails"):
         migrate.upgrade(settings)
-    # Both revisions ran in one transaction: the tables of 0001 are gone too.
+    # All revisions ran in one transaction: the tables of 0001 are gone too.
     assert migrate.current(settings) is None
     assert tables(settings) <= {"alembic_version"}
 
@@ -185,12 +189,12 @@ def test_a_failing_migration_leaves_nothing_behind(
 def test_an_upgrade_that_drifts_from_the_models_is_rolled_back(
     settings: Settings, extra_revision: Path
 ) -> None:
-    add_revision(extra_revision, "0002")  # creates a table the models do not have
+    add_revision(extra_revision, "0003")  # creates a table the models do not have
     migrate.upgrade(settings, HEAD)
-    with pytest.raises(ConfigError, match="table extra_0002 is in the database but not in"):
+    with pytest.raises(ConfigError, match="table extra_0003 is in the database but not in"):
         migrate.upgrade(settings)
     assert migrate.current(settings) == HEAD
-    assert "extra_0002" not in tables(settings)
+    assert "extra_0003" not in tables(settings)
 
 
 def test_sqlite_rebuilding_a_parent_table_keeps_its_children(
@@ -198,7 +202,9 @@ def test_sqlite_rebuilding_a_parent_table_keeps_its_children(
 ) -> None:
     # With foreign keys on, SQLite's DROP of the old table would cascade into messages.
     settings = make_settings(tmp_path)
-    migrate.upgrade(settings)
+    # Rows written at 0001, then 0002 (which rebuilds conversations and messages on
+    # SQLite to add columns) and a test revision that rebuilds conversations again.
+    migrate.upgrade(settings, "0001")
     execute(
         settings,
         "INSERT INTO conversations (id, public_id, created_at, updated_at, source)"
@@ -211,9 +217,9 @@ def test_sqlite_rebuilding_a_parent_table_keeps_its_children(
         "'00000000000000000000000000000002', 1, 'user', 'hi', '{}', 'h', 'c', 7,"
         " '2026-01-01')",
     )
-    (extra_revision / "versions" / "0002_recreate.py").write_text(RECREATE_REVISION)
+    (extra_revision / "versions" / "0003_recreate.py").write_text(RECREATE_REVISION)
     migrate.upgrade(settings)
-    assert migrate.current(settings) == "0002"
+    assert migrate.current(settings) == "0003"
     engine = create_engine(settings)
     try:
         with engine.connect() as conn:

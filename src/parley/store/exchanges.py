@@ -266,6 +266,8 @@ class _Planner:
                     "chain_hash": hashed.chains[i],
                     "chain_key": chain_key(hashed.chains[i]),
                     "created_at": started,
+                    "user_id": exchange.user_id,
+                    "api_key_id": exchange.api_key_id,
                 },
             )
         self._plan_answers(plan, parent, hashed)
@@ -318,6 +320,8 @@ class _Planner:
                     "chain_hash": answer_chain,
                     "chain_key": chain_key(answer_chain),
                     "created_at": self.now,
+                    "user_id": exchange.user_id,
+                    "api_key_id": exchange.api_key_id,
                 },
             )
             # Token counts are the attempt's; with n > 1 choices they are shared, so

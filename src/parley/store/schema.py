@@ -7,7 +7,11 @@ Invariants:
   its whole history, so a client re-sending the history matches rows already stored;
 - every upstream attempt is one ``request_log`` row; attempts of one client request share
   ``chain_id``; an assistant message's ``responses`` row points at the attempt that made it;
-- owner columns (``user_id``, ``api_key_id``) are nullable until users arrive.
+- owner columns (``user_id``, ``api_key_id``) of the request log, conversations and
+  messages are plain integers without foreign keys: the request log outlives the users and
+  keys it names (accounting), and deleting a user's history is explicit;
+- secrets are never stored in plain text: passwords as argon2 hashes, API keys and session
+  tokens as SHA-256 (they are random, high-entropy strings), provider keys encrypted.
 
 Migrations never import this module: revisions carry their own table snapshots.
 """
@@ -27,7 +31,10 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    UniqueConstraint,
     Uuid,
+    false,
+    true,
 )
 
 NAMING = {
@@ -99,6 +106,19 @@ conversations = Table(
     Column("default_model", String(255)),
     Column("user_id", Integer),
     Column("api_key_id", Integer),
+    Column("archived", Boolean, nullable=False, server_default=false()),
+    Column("pinned", Boolean, nullable=False, server_default=false()),
+    Column("is_active", Boolean, nullable=False, server_default=true()),
+    Column("system_prompt", Text),
+    Column(
+        "provider_config_id",
+        Integer,
+        ForeignKey("provider_configs.id", ondelete="SET NULL"),
+    ),
+    # The last message of the branch the chat continues (None: the newest leaf).
+    Column("active_leaf_id", Integer),
+    # The sidebar: a user's conversations, newest activity first.
+    Index("ix_conversations_user_id", "user_id", "updated_at"),
 )
 
 messages = Table(
@@ -127,6 +147,8 @@ messages = Table(
     Column("chain_key", BigInteger, nullable=False),
     Column("created_at", TS, nullable=False),
     Column("request_id", Integer, ForeignKey("request_log.id", ondelete="SET NULL"), index=True),
+    Column("user_id", Integer),
+    Column("api_key_id", Integer),
     Index("ix_messages_chain_key", "chain_key"),
 )
 
@@ -148,5 +170,115 @@ responses = Table(
     Column("total_tokens", Integer),
     Column("completion_time_ms", Float),
     Column("finish_reason", String(64)),
+    Column("created_at", TS, nullable=False),
+)
+
+users = Table(
+    "users",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("public_id", Uuid, nullable=False, unique=True),
+    # Stored lower-cased: unique whatever case the user types.
+    Column("email", String(320), nullable=False, unique=True),
+    Column("username", String(64), nullable=False, unique=True),
+    Column("full_name", Text),
+    Column("password_hash", Text, nullable=False),
+    Column("role", String(16), nullable=False),
+    Column("is_active", Boolean, nullable=False),
+    Column("preferences", Text, nullable=False),
+    Column("created_at", TS, nullable=False),
+    Column("updated_at", TS, nullable=False),
+    Column("last_active_at", TS),
+)
+
+api_keys = Table(
+    "api_keys",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("public_id", Uuid, nullable=False, unique=True),
+    Column(
+        "user_id", Integer, ForeignKey("users.id", ondelete="CASCADE"), nullable=False, index=True
+    ),
+    Column("name", String(128), nullable=False),
+    # The first characters of the key, shown so that a user can tell keys apart.
+    Column("prefix", String(16), nullable=False),
+    Column("key_hash", String(64), nullable=False, unique=True),
+    Column("created_at", TS, nullable=False),
+    Column("expires_at", TS),
+    Column("revoked_at", TS),
+    Column("last_used_at", TS),
+)
+
+web_sessions = Table(
+    "web_sessions",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("token_hash", String(64), nullable=False, unique=True),
+    Column("csrf_token", String(64), nullable=False),
+    Column(
+        "user_id", Integer, ForeignKey("users.id", ondelete="CASCADE"), nullable=False, index=True
+    ),
+    Column("created_at", TS, nullable=False),
+    Column("expires_at", TS, nullable=False),
+    Column("last_seen_at", TS, nullable=False),
+)
+
+provider_configs = Table(
+    "provider_configs",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("public_id", Uuid, nullable=False, unique=True),
+    Column("name", String(128), nullable=False, unique=True),
+    Column("kind", String(32), nullable=False),
+    Column("model", String(255), nullable=False),
+    Column("system_prompt", Text),
+    Column("temperature", Float),
+    Column("max_tokens", Integer),
+    Column("top_p", Float),
+    Column("frequency_penalty", Float),
+    Column("presence_penalty", Float),
+    Column("is_active", Boolean, nullable=False),
+    Column("base_url", Text),
+    Column("api_key_ciphertext", Text),
+    # Extra request parameters, as JSON.
+    Column("extra", Text, nullable=False),
+    Column("created_at", TS, nullable=False),
+    Column("updated_at", TS, nullable=False),
+)
+
+provider_keys = Table(
+    "provider_keys",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("user_id", Integer, ForeignKey("users.id", ondelete="CASCADE"), nullable=False),
+    # The provider name (as configured) the key is for.
+    Column("provider", String(128), nullable=False),
+    Column("ciphertext", Text, nullable=False),
+    Column("created_at", TS, nullable=False),
+    Column("updated_at", TS, nullable=False),
+    UniqueConstraint("user_id", "provider"),
+)
+
+attachments = Table(
+    "attachments",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("public_id", Uuid, nullable=False, unique=True),
+    Column(
+        "user_id", Integer, ForeignKey("users.id", ondelete="CASCADE"), nullable=False, index=True
+    ),
+    Column(
+        "conversation_id",
+        Integer,
+        ForeignKey("conversations.id", ondelete="CASCADE"),
+        index=True,
+    ),
+    Column("message_id", Integer, ForeignKey("messages.id", ondelete="SET NULL"), index=True),
+    # The name the user gave: metadata only, never a path.
+    Column("filename", Text, nullable=False),
+    Column("mime_type", String(128), nullable=False),
+    Column("size", Integer, nullable=False),
+    # The blob's name in the content-addressed blob directory.
+    Column("sha256", String(64), nullable=False, index=True),
     Column("created_at", TS, nullable=False),
 )
