@@ -28,6 +28,7 @@ from parley.gateway.service import Gateway
 from parley.ops.migrate import prepare_on_start
 from parley.providers.registry import build_providers
 from parley.server import anthropic_api, openai_api
+from parley.server.identity import IDENTITY_KEY, LOCAL_MODE, MASTER
 from parley.server.state import SERVICES, Services
 from parley.settings import Settings
 from parley.store.engine import create_engine
@@ -50,6 +51,7 @@ def create_app(settings: Settings) -> web.Application:
         client_max_size=settings.max_body_bytes,
     )
     app[SETTINGS] = settings
+    app[LOCAL_MODE] = settings.master_key is None
     app.cleanup_ctx.append(_lifespan)
     app.router.add_post("/v1/chat/completions", openai_api.chat_completions)
     app.router.add_get("/v1/models", openai_api.list_models)
@@ -110,6 +112,7 @@ def _auth(settings: Settings) -> Middleware:
                 )
             if not hmac.compare_digest(presented.encode(), key):
                 raise AuthenticationFailed("invalid API key")
+            request[IDENTITY_KEY] = MASTER
         return await handler(request)
 
     return auth
