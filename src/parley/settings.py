@@ -16,6 +16,11 @@ Environment:
                              or FULL (they also survive a power loss or OS crash)
     PARLEY_RECORDING         durable (default: acknowledge after commit) or async
     PARLEY_LOG_LEVEL         INFO by default
+    PARLEY_SECRET_KEY        the master secret that encrypts provider keys at rest (default:
+                             a key file ``secret.key`` in the data directory, made with mode
+                             0600 on first run)
+    PARLEY_SESSION_HOURS     web session lifetime (default 168: a week)
+    PARLEY_MAX_UPLOAD_BYTES  attachment size limit, 413 above it (default 20 MiB)
 """
 
 from __future__ import annotations
@@ -127,8 +132,21 @@ class Settings:
     timeouts: Timeouts = field(default_factory=Timeouts)
     writer_batch_max: int = 512
     capabilities: Mapping[str, Capabilities] = field(default_factory=dict)
+    secret_key: Secret | None = None
+    session_hours: float = 168.0
+    max_upload_bytes: int = 20 * 1024 * 1024
     # How long a provider's own model list (``/v1/models``) is reused before asking again.
     models_ttl: float = 300.0
+
+    @property
+    def secret_key_file(self) -> Path:
+        """Where the master secret is kept when ``PARLEY_SECRET_KEY`` is not set."""
+        return self.data_dir / "secret.key"
+
+    @property
+    def blob_dir(self) -> Path:
+        """The content-addressed store of attachment and document bytes."""
+        return self.data_dir / "blobs"
 
     @property
     def is_sqlite(self) -> bool:
@@ -188,11 +206,23 @@ def load_settings(
         "timeouts": timeouts,
         "capabilities": capabilities_from(_table(config, "capabilities"), "capabilities"),
         "models_ttl": _float(server.get("models_ttl", 300.0), "models_ttl"),
+        "secret_key": _secret(env.get("PARLEY_SECRET_KEY") or server.get("secret_key")),
+        "session_hours": _float(
+            env.get("PARLEY_SESSION_HOURS") or server.get("session_hours", 168.0), "session_hours"
+        ),
+        "max_upload_bytes": _int(
+            env.get("PARLEY_MAX_UPLOAD_BYTES") or server.get("max_upload_bytes", 20 * 1024 * 1024),
+            "max_upload_bytes",
+        ),
     }
     values.update(overrides)
     settings = Settings(**values)
     _check_names(settings)
     return settings
+
+
+def _secret(value: Any) -> Secret | None:
+    return Secret(str(value)) if value else None
 
 
 def _config_path(env: Mapping[str, str], cwd: Path) -> Path | None:

@@ -27,7 +27,14 @@ from parley.gateway.router import Router
 from parley.gateway.service import Gateway
 from parley.ops.migrate import prepare_on_start
 from parley.providers.registry import build_providers
-from parley.server import anthropic_api, openai_api
+from parley.server import (
+    anthropic_api,
+    chat_api,
+    files_api,
+    openai_api,
+    providers_api,
+    users_api,
+)
 from parley.server.identity import IDENTITY_KEY, LOCAL_MODE, MASTER
 from parley.server.state import SERVICES, Services
 from parley.settings import Settings
@@ -58,6 +65,9 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_post("/v1/embeddings", openai_api.embeddings)
     app.router.add_post("/v1/messages", anthropic_api.messages)
     app.router.add_post("/v1/messages/count_tokens", anthropic_api.count_tokens)
+    # The chat API (/api): each module registers its own routes.
+    for module in (users_api, chat_api, files_api, providers_api):
+        module.add_routes(app)
     app.router.add_get("/healthz", _healthz)
     return app
 
