@@ -36,6 +36,7 @@ class ParleyServer:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._runner: web.AppRunner | None = None
+        self.app: web.Application | None = None
 
     @property
     def base_url(self) -> str:
@@ -51,9 +52,8 @@ class ParleyServer:
         return self
 
     async def _start(self) -> None:
-        self._runner = web.AppRunner(
-            create_app(self.settings), access_log=None, handler_cancellation=True
-        )
+        self.app = create_app(self.settings)
+        self._runner = web.AppRunner(self.app, access_log=None, handler_cancellation=True)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
         await site.start()

@@ -7,6 +7,7 @@ The tree::
     ├── ClientError                  the caller sent something we refuse (4xx, never retried)
     │   ├── InvalidRequest           400 malformed JSON, wrong types, missing fields
     │   ├── AuthenticationFailed     401 missing or wrong credentials
+    │   ├── PermissionDenied         403 authenticated, but this channel may not (CSRF)
     │   ├── NotFound                 404 no such endpoint or object
     │   │   └── ModelNotFound        404 unknown model, alias or provider
     │   └── BodyTooLarge             413 request body over the configured limit
@@ -105,6 +106,12 @@ class AuthenticationFailed(ClientError):
     openai_type = "invalid_request_error"
     code = "invalid_api_key"
     error_type = "authentication"
+
+
+class PermissionDenied(ClientError):
+    status = 403
+    code = "permission_denied"
+    error_type = "permission"
 
 
 class NotFound(ClientError):

@@ -107,20 +107,26 @@ def server(tmp_path: Path, database_url: str, fakes: Fakes) -> Iterator[ParleySe
         yield running
 
 
-def oa_client(server: ParleyServer) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0)
+@pytest.fixture
+def oa(server: ParleyServer) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0) as client:
+        yield client
 
 
-def an_client(server: ParleyServer) -> anthropic.Anthropic:
-    return anthropic.Anthropic(base_url=server.root, api_key="unused", max_retries=0)
+@pytest.fixture
+def an(server: ParleyServer) -> Iterator[anthropic.Anthropic]:
+    with anthropic.Anthropic(base_url=server.root, api_key="unused", max_retries=0) as client:
+        yield client
 
 
 FAMILIES = ["an/claude-fake-sonnet", "ge/gemini-2.0-flash", "ol/llama3.2:latest"]
 
 
 @pytest.mark.parametrize("model", FAMILIES)
-def test_openai_sdk_reads_every_family(server: ParleyServer, database_url: str, model: str) -> None:
-    client = oa_client(server)
+def test_openai_sdk_reads_every_family(
+    server: ParleyServer, oa: openai.OpenAI, database_url: str, model: str
+) -> None:
+    client = oa
     messages: Any = [
         {"role": "system", "content": "be brief"},
         {"role": "user", "content": "hello there"},
@@ -152,9 +158,9 @@ def test_openai_sdk_reads_every_family(server: ParleyServer, database_url: str, 
     [("an/tool-use", "anthropic"), ("ge/tool-call", "gemini"), ("ol/tool-call", "ollama")],
 )
 def test_openai_sdk_tool_round_trip_on_every_family(
-    server: ParleyServer, fakes: Fakes, model: str, family: str
+    server: ParleyServer, oa: openai.OpenAI, fakes: Fakes, model: str, family: str
 ) -> None:
-    client = oa_client(server)
+    client = oa
     messages: Any = [{"role": "user", "content": "weather in Paris?"}]
     first = client.chat.completions.create(model=model, messages=messages, tools=[WEATHER_TOOL])
     choice = first.choices[0]
@@ -192,9 +198,9 @@ def test_openai_sdk_tool_round_trip_on_every_family(
 
 
 def test_anthropic_sdk_passes_through_to_anthropic(
-    server: ParleyServer, database_url: str, fakes: Fakes
+    server: ParleyServer, an: anthropic.Anthropic, database_url: str, fakes: Fakes
 ) -> None:
-    client = an_client(server)
+    client = an
     reply = client.messages.create(
         model="an/claude-fake-haiku",
         max_tokens=64,
@@ -228,9 +234,9 @@ def test_anthropic_sdk_passes_through_to_anthropic(
 
 
 def test_one_conversation_switches_provider_every_turn(
-    server: ParleyServer, database_url: str, fakes: Fakes
+    server: ParleyServer, oa: openai.OpenAI, database_url: str, fakes: Fakes
 ) -> None:
-    client = oa_client(server)
+    client = oa
     messages: Any = [{"role": "system", "content": "be brief"}]
     for word, model in zip(("one", "two", "three"), FAMILIES, strict=True):
         messages.append({"role": "user", "content": word})
@@ -281,8 +287,10 @@ def test_one_conversation_switches_provider_every_turn(
     assert [m["provider"] for m in stored if m["role"] == "assistant"] == ["an", "ge", "ol"]
 
 
-def test_a_429_falls_back_to_another_family(server: ParleyServer, database_url: str) -> None:
-    reply = oa_client(server).chat.completions.create(
+def test_a_429_falls_back_to_another_family(
+    server: ParleyServer, oa: openai.OpenAI, database_url: str
+) -> None:
+    reply = oa.chat.completions.create(
         model="resilient", messages=[{"role": "user", "content": "anyone?"}]
     )
     assert reply.choices[0].message.content == "echo: anyone?"
@@ -296,8 +304,10 @@ def test_a_429_falls_back_to_another_family(server: ParleyServer, database_url: 
 
 
 @pytest.mark.parametrize("model", ["ge/text-embedding-004", "ol/nomic-embed-text:latest"])
-def test_embeddings_across_families(server: ParleyServer, database_url: str, model: str) -> None:
-    result = oa_client(server).embeddings.create(model=model, input=["alpha", "beta gamma"])
+def test_embeddings_across_families(
+    server: ParleyServer, oa: openai.OpenAI, database_url: str, model: str
+) -> None:
+    result = oa.embeddings.create(model=model, input=["alpha", "beta gamma"])
     assert [item.index for item in result.data] == [0, 1]
     assert len(result.data[0].embedding) > 0
     [logged] = rows(database_url, "SELECT * FROM request_log")
@@ -313,18 +323,18 @@ def test_embeddings_across_families(server: ParleyServer, database_url: str, mod
         assert logged["prompt_tokens"] is None
 
 
-def test_model_listing_merges_what_providers_list(server: ParleyServer) -> None:
-    listed = {m.id for m in oa_client(server).models.list()}
+def test_model_listing_merges_what_providers_list(server: ParleyServer, oa: openai.OpenAI) -> None:
+    listed = {m.id for m in oa.models.list()}
     assert {"ol/llama3.2:latest", "ge/gemini-2.0-flash", "an/claude-fake-opus"} <= listed
     assert "oa/gpt-4o-mini" in listed and "resilient" in listed
 
 
 def test_a_capability_the_model_lacks_is_refused_before_any_call(
-    server: ParleyServer, fakes: Fakes, database_url: str
+    server: ParleyServer, oa: openai.OpenAI, fakes: Fakes, database_url: str
 ) -> None:
     image = {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{PIXEL}"}}
     with pytest.raises(openai.BadRequestError) as caught:
-        oa_client(server).chat.completions.create(
+        oa.chat.completions.create(
             model="ol/llama3.2:latest",
             messages=[{"role": "user", "content": [{"type": "text", "text": "what?"}, image]}],
         )
@@ -355,9 +365,9 @@ def test_a_capability_the_model_lacks_is_refused_before_any_call(
 
 
 def test_an_anthropic_client_tool_round_trip_stays_in_one_conversation(
-    server: ParleyServer, database_url: str
+    server: ParleyServer, an: anthropic.Anthropic, database_url: str
 ) -> None:
-    client = an_client(server)
+    client = an
     tools: Any = [{"name": "get_weather", "input_schema": WEATHER_TOOL["function"]["parameters"]}]
     history: Any = [{"role": "user", "content": "weather in Paris?"}]
     # The OpenAI upstream spaces its argument JSON; the client sends back an object.

@@ -7,6 +7,8 @@ import click
 from parley import __version__
 from parley.cli.db import db
 from parley.cli.serve import serve
+from parley.cli.transfer import export_command, import_command
+from parley.cli.users import users
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -17,6 +19,9 @@ def cli() -> None:
 
 cli.add_command(serve)
 cli.add_command(db)
+cli.add_command(users)
+cli.add_command(export_command)
+cli.add_command(import_command)
 
 
 def main() -> None:

@@ -3,6 +3,10 @@
 The gateway folds stream events into an ``Exchange``; the store writer turns it into rows
 (one request-log row per attempt, the conversation's new messages, a response row per
 assistant message). Times are UTC; durations are milliseconds.
+
+An exchange of ``/v1`` traffic finds its conversation by chain hash; one of the chat API
+names it (``ReplyTo``): its request's messages are already stored, so only the answers are
+added, as children of the message answered.
 """
 
 from __future__ import annotations
@@ -55,6 +59,24 @@ class Choice:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class ReplyTo:
+    """Where the answers of a chat-API exchange go (store ids, never shown to clients).
+
+    The request's messages are already stored, the last of them being ``parent_message_id``
+    (None: the answers start the conversation); each answer becomes its child, chained
+    from ``parent_chain_hash``, and the conversation's active branch moves to the first.
+    ``answer_public_ids`` (by choice index) are the public ids the answers get, chosen up
+    front so that the client can be told before the record is read back.
+    """
+
+    conversation_id: int
+    conversation_public_id: uuid.UUID
+    parent_message_id: int | None
+    parent_chain_hash: str | None
+    answer_public_ids: tuple[uuid.UUID, ...] = ()
+
+
 @dataclass(slots=True)
 class Exchange:
     """Everything recorded about one client request."""
@@ -75,6 +97,8 @@ class Exchange:
     api_key_id: int | None = None
     # Links the attempts of one client request; the store assigns it when it is None.
     chain_id: uuid.UUID | None = None
+    # Set by the chat API: the conversation and message answered (no chain-hash lookup).
+    reply_to: ReplyTo | None = None
 
     @property
     def message_count(self) -> int:

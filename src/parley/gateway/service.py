@@ -10,7 +10,10 @@ attempt (failed ones included) on the ``Exchange`` it is given. Invariants:
 - errors that are the client's (a 400 from upstream, a content filter) are not retried
   or sent to another candidate: another model would refuse the same request;
 - when the consumer stops early (client disconnect), the upstream call is closed and the
-  attempt is recorded as cancelled with finish reason ``client_disconnected``.
+  attempt is recorded as cancelled with finish reason ``client_disconnected``;
+- candidates come from ``candidates``: the router's, after the directory of database
+  configurations was refreshed if the model may need it and it is stale, with the
+  caller's own provider keys (``Exchange.user_id``, BYOK) swapped in.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from parley.errors import (
     UpstreamInterrupted,
     UpstreamProtocolError,
 )
+from parley.gateway.byok import UserKeys
 from parley.gateway.capabilities import CapabilityBook
 from parley.gateway.pricing import PriceBook
 from parley.gateway.recording import Fold
@@ -57,15 +61,28 @@ class Gateway:
         prices: PriceBook,
         retry: RetryPolicy,
         capabilities: CapabilityBook | None = None,
+        user_keys: UserKeys | None = None,
     ) -> None:
         self.router = router
         self.prices = prices
         self.retry = retry
         self.capabilities = capabilities or CapabilityBook({}, {})
+        self.user_keys = user_keys
+
+    async def candidates(self, model: str, user_id: int | None) -> list[Candidate]:
+        """The candidates for ``model`` as the caller ``user_id`` gets them (their own
+        provider keys in place of the configured ones)."""
+        directory = self.router.directory
+        if directory is not None and directory.stale() and self.router.needs_directory(model):
+            await directory.refresh()
+        candidates = self.router.resolve(model)
+        if self.user_keys is not None:
+            candidates = await self.user_keys.personal(user_id, candidates)
+        return candidates
 
     async def stream(self, request: ChatRequest, exchange: Exchange) -> AsyncGenerator[Chunk, None]:
         """Yield the chunks of the first attempt that starts; record every attempt."""
-        candidates = self.capable(request, self.router.resolve(request.model))
+        candidates = self.capable(request, await self.candidates(request.model, exchange.user_id))
         last_error: UpstreamError | None = None
         for candidate in candidates:
             for try_number in range(max(1, self.retry.attempts)):
@@ -196,7 +213,7 @@ class Gateway:
     ) -> EmbeddingsResult:
         """Create embeddings through the candidates of ``model``, recording each attempt."""
         last_error: UpstreamError | None = None
-        for candidate in self.router.resolve(model):
+        for candidate in await self.candidates(model, exchange.user_id):
             for try_number in range(max(1, self.retry.attempts)):
                 fold = self._begin(exchange, candidate)
                 try:

@@ -5,6 +5,8 @@ Adding a provider family is one new adapter module plus one line in ``_adapters`
 import. ``build_providers`` turns the configured providers into adapters over the shared
 HTTP session, and refuses to start (``ConfigError``) when a configured kind has no adapter
 yet, so a typo or an unsupported family is caught at start, never on a request.
+``build_provider`` builds one adapter: the gateway also makes them for database
+configurations and for users' own keys (BYOK), always through this one table.
 """
 
 from __future__ import annotations
@@ -43,13 +45,16 @@ ADAPTERS: Mapping[str, ProviderFactory] = _adapters()
 
 def build_providers(settings: Settings, session: aiohttp.ClientSession) -> dict[str, Provider]:
     """One adapter per configured provider, keyed by provider name."""
-    providers: dict[str, Provider] = {}
-    for config in settings.providers:
-        factory = ADAPTERS.get(config.kind)
-        if factory is None:
-            raise ConfigError(
-                f"provider {config.name}: kind {config.kind!r} is not supported "
-                f"(supported kinds: {', '.join(sorted(ADAPTERS))})"
-            )
-        providers[config.name] = factory(config, session)
-    return providers
+    return {config.name: build_provider(config, session) for config in settings.providers}
+
+
+def build_provider(config: ProviderConfig, session: aiohttp.ClientSession) -> Provider:
+    """The adapter for one provider: config-file ones at start, database configurations
+    when they are loaded, and one per user key for a user who brought their own."""
+    factory = ADAPTERS.get(config.kind)
+    if factory is None:
+        raise ConfigError(
+            f"provider {config.name}: kind {config.kind!r} is not supported "
+            f"(supported kinds: {', '.join(sorted(ADAPTERS))})"
+        )
+    return factory(config, session)

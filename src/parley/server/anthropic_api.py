@@ -20,6 +20,7 @@ from aiohttp import web
 
 from parley.errors import InvalidRequest, ModelNotFound, ParleyError
 from parley.providers.base import TokenCounter
+from parley.server import identity
 from parley.server.anthropic_encode import AnthropicEncoder, error_body, sse_error
 from parley.server.anthropic_parse import PROTOCOL, parse_messages_request
 from parley.server.openai_parse import parse_json_object
@@ -58,7 +59,7 @@ async def count_tokens(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
     data = parse_json_object(await read_body(request, services.settings.max_body_bytes))
     chat = parse_messages_request(data, require_max_tokens=False)
-    candidates = services.gateway.router.resolve(chat.model)
+    candidates = await services.gateway.candidates(chat.model, identity.current(request).user_id)
     if not candidates:
         raise ModelNotFound(f"no upstream candidate for model '{chat.model}'")
     candidate = candidates[0]

@@ -9,7 +9,6 @@ writer commits everything queued before the engine is disposed.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -17,11 +16,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import aiohttp
 import orjson
 from aiohttp import web
-from aiohttp.typedefs import Middleware
 
-from parley.errors import AuthenticationFailed, ClientError, NotFound, ParleyError
+from parley.errors import ClientError, NotFound, ParleyError
 from parley.gateway.capabilities import CapabilityBook, shipped_capabilities
 from parley.gateway.catalog import ModelCatalog
+from parley.gateway.directory import open_directory
 from parley.gateway.pricing import PriceBook, shipped_prices
 from parley.gateway.router import Router
 from parley.gateway.service import Gateway
@@ -29,13 +28,15 @@ from parley.ops.migrate import prepare_on_start
 from parley.providers.registry import build_providers
 from parley.server import (
     anthropic_api,
+    auth,
     chat_api,
     files_api,
     openai_api,
+    openapi,
     providers_api,
     users_api,
 )
-from parley.server.identity import IDENTITY_KEY, LOCAL_MODE, MASTER
+from parley.server.identity import LOCAL_MODE
 from parley.server.state import SERVICES, Services
 from parley.settings import Settings
 from parley.store.engine import create_engine
@@ -46,27 +47,26 @@ log = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 SETTINGS = web.AppKey("settings", Settings)
 
-_OPEN_PATHS = frozenset({"/healthz"})
-
 
 def create_app(settings: Settings) -> web.Application:
-    # Without a master key there is nothing to check: no middleware on the hot path.
-    middlewares = [_errors] if settings.master_key is None else [_errors, _auth(settings)]
     app = web.Application(
-        middlewares=middlewares,
+        middlewares=[_errors],
         # The body limit is checked again in read_body for a clear 413 in OpenAI shape.
         client_max_size=settings.max_body_bytes,
     )
     app[SETTINGS] = settings
     app[LOCAL_MODE] = settings.master_key is None
     app.cleanup_ctx.append(_lifespan)
+    # The identity repository; with a master key, the auth middleware after _errors.
+    # Without one there is nothing to check: no middleware on the hot path.
+    auth.install(app, settings)
     app.router.add_post("/v1/chat/completions", openai_api.chat_completions)
     app.router.add_get("/v1/models", openai_api.list_models)
     app.router.add_post("/v1/embeddings", openai_api.embeddings)
     app.router.add_post("/v1/messages", anthropic_api.messages)
     app.router.add_post("/v1/messages/count_tokens", anthropic_api.count_tokens)
     # The chat API (/api): each module registers its own routes.
-    for module in (users_api, chat_api, files_api, providers_api):
+    for module in (users_api, chat_api, files_api, providers_api, openapi):
         module.add_routes(app)
     app.router.add_get("/healthz", _healthz)
     return app
@@ -86,56 +86,31 @@ async def _lifespan(app: web.Application) -> AsyncIterator[None]:
     )
     try:
         providers = build_providers(settings, session)
+        # Provider configurations in the database, and users' own keys (issue 4).
+        directory, user_keys = await open_directory(settings, engine, session)
         capabilities = CapabilityBook(settings.capabilities, shipped_capabilities())
         gateway = Gateway(
-            Router(providers, settings.aliases),
+            Router(providers, settings.aliases, directory),
             PriceBook(settings.pricing, shipped_prices()),
             settings.retry,
             capabilities,
+            user_keys,
         )
         catalog = ModelCatalog(providers, settings.aliases, capabilities, settings.models_ttl)
         app[SERVICES] = Services(
             settings=settings,
+            engine=engine,
             gateway=gateway,
             catalog=catalog,
             writer=writer,
             started_at=time.time(),
+            directory=directory,
         )
         yield
     finally:
         await session.close()
         await asyncio.to_thread(writer.stop, 60.0)
         engine.dispose()
-
-
-def _auth(settings: Settings) -> Middleware:
-    assert settings.master_key is not None
-    key = settings.master_key.get().encode()
-
-    @web.middleware
-    async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.path not in _OPEN_PATHS:
-            presented = _presented_key(request)
-            if presented is None:
-                raise AuthenticationFailed(
-                    "missing API key: send 'Authorization: Bearer <key>' or 'x-api-key: <key>'"
-                )
-            if not hmac.compare_digest(presented.encode(), key):
-                raise AuthenticationFailed("invalid API key")
-            request[IDENTITY_KEY] = MASTER
-        return await handler(request)
-
-    return auth
-
-
-def _presented_key(request: web.Request) -> str | None:
-    header = request.headers.get("Authorization")
-    if header:
-        scheme, _, value = header.partition(" ")
-        if scheme.lower() == "bearer" and value.strip():
-            return value.strip()
-        return None
-    return request.headers.get("x-api-key")
 
 
 @web.middleware

@@ -1,9 +1,493 @@
-"""Placeholder: routes arrive with issue 4 (see the module that replaces this)."""
+"""The chat API's conversations and messages (``/api/conversations``): HTTP only.
+
+Handlers parse and validate JSON, ask ``identity.current`` who calls, and hand the work
+to ``chat.service`` (sending) or the conversation repository (everything else); neither
+is called with anything a handler has not validated. Invariants:
+
+- every id in a URL or a body is a public UUID; a malformed, unknown or not-yours id is
+  the same 404 (``Viewer.may_see`` decides, in the repository);
+- a message send answers as SSE (``event: message`` with the stored message answered,
+  ``event: delta`` per text piece, then ``event: done`` with the stored answer or
+  ``event: error``) or, with ``"stream": false``, as one JSON body. ``done`` is sent only
+  once the answer is committed (durable recording), as on ``/v1``;
+- a client that goes away mid-stream cancels the upstream call (closing the event
+  stream does it, see ``chat.service``); what was received is recorded;
+- deleting a conversation sweeps, after the commit, the blobs its attachments named that
+  no other attachment names (``files_api``'s attachment store).
+
+The service is built in a cleanup context that runs after the app's lifespan has made
+``Services`` (whose engine it shares).
+"""
 
 from __future__ import annotations
 
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+import orjson
 from aiohttp import web
+
+from parley.chat.service import ChatService, Delta, Done, Failed, Options, Reply
+from parley.domain.messages import Message
+from parley.errors import InvalidRequest, NotFound, ParleyError
+from parley.server import identity
+from parley.server.files_api import FILES
+from parley.server.openai_parse import parse_json_object
+from parley.server.relay import SSE_HEADERS
+from parley.server.state import SERVICES, read_body
+from parley.store.conversations import (
+    ACTIVE_LEAF,
+    MAX_PAGE,
+    Conversation,
+    Conversations,
+    Parent,
+    StoredMessage,
+    Tree,
+)
+
+CHAT = web.AppKey("parley.chat", ChatService)
+
+MAX_TITLE = 500
+_CREATE_FIELDS = frozenset({"title", "default_model", "system_prompt"})
+_SEND_FIELDS = frozenset({"content", "parent_id", "model", "stream", "temperature", "max_tokens"})
+_REGENERATE_FIELDS = frozenset({"model", "stream", "temperature", "max_tokens"})
 
 
 def add_routes(app: web.Application) -> None:
     """Register this module's routes on ``app``."""
+    app.router.add_post("/api/conversations", create_conversation)
+    app.router.add_get("/api/conversations", list_conversations)
+    app.router.add_get("/api/conversations/{id}", get_conversation)
+    app.router.add_patch("/api/conversations/{id}", update_conversation)
+    app.router.add_delete("/api/conversations/{id}", delete_conversation)
+    app.router.add_post("/api/conversations/{id}/messages", send_message)
+    app.router.add_post(
+        "/api/conversations/{id}/messages/{message_id}/regenerate", regenerate_message
+    )
+    app.cleanup_ctx.append(_chat_service)
+
+
+async def _chat_service(app: web.Application) -> AsyncIterator[None]:
+    services = app[SERVICES]
+    chat = ChatService(
+        Conversations(services.engine),
+        services.gateway,
+        services,
+        durable=services.settings.recording == "durable",
+    )
+    app[CHAT] = chat
+    try:
+        yield
+    finally:
+        await chat.close()
+
+
+# -- conversations -----------------------------------------------------------------------
+
+
+async def create_conversation(request: web.Request) -> web.Response:
+    """Create a conversation.
+
+    Body: ``default_model`` (``provider/model`` or an alias; unknown: 400), ``title?``,
+    ``system_prompt?``. 201 with the conversation.
+    """
+    caller = identity.current(request)
+    chat = request.app[CHAT]
+    body = await _body(request, _CREATE_FIELDS)
+    model = _string(body, "default_model", required=True)
+    assert model is not None
+    conversation = await asyncio.to_thread(
+        chat.store.create,
+        user_id=caller.user_id,
+        api_key_id=caller.api_key_id,
+        default_model=await chat.check_model(model, "default_model"),
+        title=_title(body),
+        system_prompt=_string(body, "system_prompt", empty_ok=True),
+    )
+    return _json(conversation_json(conversation), status=201)
+
+
+async def list_conversations(request: web.Request) -> web.Response:
+    """List your conversations: pinned first, then newest activity first.
+
+    Query: ``limit`` (1-200, default 50), ``cursor`` (a page's ``next_cursor``),
+    ``archived`` (false by default, true, all), ``pinned`` (true, false, all by default),
+    ``q`` (title substring). ``{"data": [...], "next_cursor": ...}``; conversations that
+    ``/v1`` traffic made are listed too, with ``source`` ``api``.
+    """
+    caller = identity.current(request)
+    query = request.query
+    page = await asyncio.to_thread(
+        request.app[CHAT].store.list_page,
+        caller,
+        limit=_limit(query.get("limit")),
+        cursor=query.get("cursor") or None,
+        archived=_flag(query, "archived", default=False),
+        pinned=_flag(query, "pinned", default=None),
+        q=query.get("q") or None,
+    )
+    return _json(
+        {"data": [conversation_json(c) for c in page.items], "next_cursor": page.next_cursor}
+    )
+
+
+async def get_conversation(request: web.Request) -> web.Response:
+    """A conversation with every message of every branch.
+
+    ``messages`` (oldest first, each with its ``parent_id``), ``active_path`` (ids from
+    the root to the active leaf) and ``active_leaf_id``.
+    """
+    caller = identity.current(request)
+    tree = await asyncio.to_thread(request.app[CHAT].store.load, caller, _path_id(request))
+    if tree is None:
+        raise _missing()
+    return _json(tree_json(tree))
+
+
+async def update_conversation(request: web.Request) -> web.Response:
+    """Change a conversation's settings or select a branch.
+
+    Body: any of ``title``, ``default_model``, ``archived``, ``pinned``, ``is_active``,
+    ``system_prompt``, ``active_leaf_id`` (a message of this conversation, or null).
+    """
+    caller = identity.current(request)
+    chat = request.app[CHAT]
+    body = await _body(request, frozenset(_PATCHERS))
+    changes = {name: _PATCHERS[name](chat, body) for name in body}
+    if "default_model" in changes:
+        # The only check that may consult the provider directory, hence async.
+        changes["default_model"] = await changes["default_model"]
+    conversation = await asyncio.to_thread(chat.store.update, caller, _path_id(request), changes)
+    if conversation is None:
+        raise _missing()
+    return _json(conversation_json(conversation))
+
+
+async def delete_conversation(request: web.Request) -> web.Response:
+    """Delete a conversation with its messages and attachments (204).
+
+    The request log keeps its rows, unlinked from the conversation.
+    """
+    caller = identity.current(request)
+    blobs = await asyncio.to_thread(request.app[CHAT].store.delete, caller, _path_id(request))
+    if blobs is None:
+        raise _missing()
+    files = request.app.get(FILES)
+    if blobs and files is not None:
+        # After the commit: a blob goes once no attachment row names it any more.
+        await asyncio.to_thread(files.attachments.sweep, blobs)
+    return web.Response(status=204)
+
+
+# -- messages ----------------------------------------------------------------------------
+
+
+async def send_message(request: web.Request) -> web.StreamResponse:
+    """Send a user message and get the answer, streamed as SSE by default.
+
+    Body: ``content`` (a string or OpenAI content parts), ``parent_id?`` (default: the
+    active leaf; null: a new root; a message's parent: an edit, a new branch), ``model?``
+    (this message only), ``stream?``, ``temperature?``, ``max_tokens?``. The user message
+    is stored before the model is called. Events: ``message``, ``delta``..., then
+    ``done`` or ``error``; with ``stream`` false, ``{user_message, assistant_message}``.
+    """
+    caller = identity.current(request)
+    conversation_id = _path_id(request)
+    body = await _body(request, _SEND_FIELDS)
+    message = Message("user", _content(body.get("content")))
+    parent: Parent = ACTIVE_LEAF
+    if "parent_id" in body:
+        raw = body["parent_id"]
+        parent = None if raw is None else _body_id(raw, "parent_id")
+    options = _options(request, body)
+    reply = await request.app[CHAT].send(caller, conversation_id, message, options, parent)
+    return await _answer(request, reply, options.stream)
+
+
+async def regenerate_message(request: web.Request) -> web.StreamResponse:
+    """Answer again: a new sibling of an answer (or a new answer to a user message).
+
+    Body (optional): ``model?``, ``stream?``, ``temperature?``, ``max_tokens?``. Answers
+    like a send; the old answer stays and remains selectable.
+    """
+    caller = identity.current(request)
+    conversation_id = _path_id(request)
+    try:
+        message_id = uuid.UUID(request.match_info["message_id"])
+    except ValueError:
+        raise _missing() from None
+    body = await _body(request, _REGENERATE_FIELDS, allow_empty=True)
+    options = _options(request, body)
+    reply = await request.app[CHAT].regenerate(caller, conversation_id, message_id, options)
+    return await _answer(request, reply, options.stream)
+
+
+async def _answer(request: web.Request, reply: Reply, stream: bool) -> web.StreamResponse:
+    events = reply.events
+    if not stream:
+        try:
+            async for event in events:
+                if isinstance(event, Done):
+                    return _json(
+                        {
+                            "user_message": message_json(reply.message),
+                            "assistant_message": message_json(event.message),
+                        }
+                    )
+                if isinstance(event, Failed):
+                    body = event.error.to_openai()
+                    body["user_message"] = message_json(reply.message)
+                    return _json(body, status=event.error.status, headers=event.error.headers())
+        finally:
+            await events.aclose()
+        raise ParleyError("the answer ended without a result")
+    response = web.StreamResponse(headers=SSE_HEADERS)
+    try:
+        await response.prepare(request)
+        await response.write(_frame("message", message_json(reply.message)))
+        async for event in events:
+            if isinstance(event, Delta):
+                await response.write(_frame("delta", {"text": event.text}))
+            elif isinstance(event, Done):
+                await response.write(_frame("done", message_json(event.message)))
+            else:
+                await response.write(_frame("error", _error_json(event.error)))
+        await response.write_eof()
+    except (ConnectionError, OSError):
+        pass  # the client left; closing the events below cancels the upstream call
+    finally:
+        await events.aclose()
+    return response
+
+
+# -- JSON shapes -------------------------------------------------------------------------
+
+
+def conversation_json(conversation: Conversation) -> dict[str, Any]:
+    c = conversation
+    return {
+        "id": c.public_id,
+        "title": c.title,
+        "default_model": c.default_model,
+        "source": c.source,
+        "archived": c.archived,
+        "pinned": c.pinned,
+        "is_active": c.is_active,
+        "system_prompt": c.system_prompt,
+        "message_count": c.message_count,
+        "last_message_at": c.last_message_at,
+        "created_at": c.created_at,
+        "updated_at": c.updated_at,
+    }
+
+
+def message_json(message: StoredMessage) -> dict[str, Any]:
+    m = message
+    usage = None
+    if m.prompt_tokens is not None or m.completion_tokens is not None:
+        usage = {
+            "prompt_tokens": m.prompt_tokens,
+            "completion_tokens": m.completion_tokens,
+            "total_tokens": m.total_tokens,
+        }
+    return {
+        "id": m.public_id,
+        "parent_id": m.parent_public_id,
+        "role": m.role,
+        "content": m.content,
+        # Stored as JSON text; embedded as it is rather than parsed and written again.
+        "payload": orjson.Fragment(m.payload),
+        "created_at": m.created_at,
+        "model_used": m.model_used,
+        "usage": usage,
+        "finish_reason": m.finish_reason,
+    }
+
+
+def tree_json(tree: Tree) -> dict[str, Any]:
+    public_of = {m.id: m.public_id for m in tree.messages}
+    path = [public_of[key] for key in tree.active_path]
+    body = conversation_json(tree.conversation)
+    body["active_leaf_id"] = path[-1] if path else None
+    body["active_path"] = path
+    body["messages"] = [message_json(m) for m in tree.messages]
+    return body
+
+
+def _frame(event: str, data: Mapping[str, Any]) -> bytes:
+    return b"event: " + event.encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n"
+
+
+def _error_json(error: ParleyError) -> dict[str, Any]:
+    return {"message": error.message, "type": error.error_type, "status": error.status}
+
+
+def _json(
+    body: Any, *, status: int = 200, headers: Mapping[str, str] | None = None
+) -> web.Response:
+    return web.Response(
+        body=orjson.dumps(body), status=status, content_type="application/json", headers=headers
+    )
+
+
+# -- input -------------------------------------------------------------------------------
+
+
+async def _body(
+    request: web.Request, fields: frozenset[str], *, allow_empty: bool = False
+) -> dict[str, Any]:
+    raw = await read_body(request, request.app[SERVICES].settings.max_body_bytes)
+    if allow_empty and not raw.strip():
+        return {}
+    data = parse_json_object(raw)
+    unknown = set(data) - fields
+    if unknown:
+        raise InvalidRequest(
+            f"unknown field(s): {', '.join(sorted(unknown))}; expected {', '.join(sorted(fields))}"
+        )
+    return data
+
+
+def _missing() -> NotFound:
+    return NotFound("no such conversation")
+
+
+def _path_id(request: web.Request) -> uuid.UUID:
+    try:
+        return uuid.UUID(request.match_info["id"])
+    except ValueError:
+        raise _missing() from None
+
+
+def _body_id(value: Any, param: str) -> uuid.UUID:
+    if not isinstance(value, str):
+        raise InvalidRequest(f"'{param}' must be a message id (a UUID string) or null", param)
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        raise InvalidRequest(f"'{param}' is not a message id", param) from None
+
+
+def _string(
+    body: Mapping[str, Any], key: str, *, required: bool = False, empty_ok: bool = False
+) -> str | None:
+    value = body.get(key)
+    if value is None:
+        if required:
+            raise InvalidRequest(f"'{key}' is required", key)
+        return None
+    if not isinstance(value, str) or (not empty_ok and not value.strip()):
+        raise InvalidRequest(f"'{key}' must be a non-empty string", key)
+    return value
+
+
+def _title(body: Mapping[str, Any]) -> str | None:
+    value = body.get("title")
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise InvalidRequest("'title' must be a string or null", "title")
+    value = " ".join(value.split())
+    if len(value) > MAX_TITLE:
+        raise InvalidRequest(f"'title' is longer than {MAX_TITLE} characters", "title")
+    return value or None
+
+
+def _bool(body: Mapping[str, Any], key: str) -> bool:
+    value = body.get(key)
+    if not isinstance(value, bool):
+        raise InvalidRequest(f"'{key}' must be true or false", key)
+    return value
+
+
+async def _patch_model(chat: ChatService, body: Mapping[str, Any]) -> str:
+    model = _string(body, "default_model", required=True)
+    assert model is not None
+    return await chat.check_model(model, "default_model")
+
+
+def _patch_leaf(_chat: ChatService, body: Mapping[str, Any]) -> uuid.UUID | None:
+    value = body.get("active_leaf_id")
+    return None if value is None else _body_id(value, "active_leaf_id")
+
+
+_PATCHERS: dict[str, Any] = {
+    "title": lambda _chat, body: _title(body),
+    "default_model": _patch_model,
+    "archived": lambda _chat, body: _bool(body, "archived"),
+    "pinned": lambda _chat, body: _bool(body, "pinned"),
+    "is_active": lambda _chat, body: _bool(body, "is_active"),
+    "system_prompt": lambda _chat, body: _string(body, "system_prompt", empty_ok=True),
+    "active_leaf_id": _patch_leaf,
+}
+
+
+def _content(value: Any) -> str | tuple[Mapping[str, Any], ...]:
+    if isinstance(value, str):
+        if not value.strip():
+            raise InvalidRequest("'content' must not be empty", "content")
+        return value
+    if (
+        isinstance(value, list)
+        and value
+        and all(isinstance(p, dict) and isinstance(p.get("type"), str) for p in value)
+    ):
+        return tuple(value)
+    raise InvalidRequest(
+        "'content' must be a non-empty string or an array of OpenAI content parts", "content"
+    )
+
+
+def _options(request: web.Request, body: Mapping[str, Any]) -> Options:
+    model = _string(body, "model")
+    stream = body.get("stream", True)
+    if not isinstance(stream, bool):
+        raise InvalidRequest("'stream' must be true or false", "stream")
+    temperature = body.get("temperature")
+    if temperature is not None and (
+        isinstance(temperature, bool)
+        or not isinstance(temperature, int | float)
+        or not 0 <= temperature <= 2
+    ):
+        raise InvalidRequest("'temperature' must be a number between 0 and 2", "temperature")
+    max_tokens = body.get("max_tokens")
+    if max_tokens is not None and (
+        isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1
+    ):
+        raise InvalidRequest("'max_tokens' must be an integer >= 1", "max_tokens")
+    return Options(
+        model=model,
+        stream=stream,
+        temperature=None if temperature is None else float(temperature),
+        max_tokens=max_tokens,
+        origin=request.remote,
+    )
+
+
+def _limit(value: str | None) -> int:
+    if value is None or value == "":
+        return 50
+    try:
+        limit = int(value)
+    except ValueError:
+        raise InvalidRequest("'limit' must be an integer", "limit") from None
+    if not 1 <= limit <= MAX_PAGE:
+        raise InvalidRequest(f"'limit' must be between 1 and {MAX_PAGE}", "limit")
+    return limit
+
+
+def _flag(query: Mapping[str, str], key: str, *, default: bool | None) -> bool | None:
+    """A filter: true, false, or all (None)."""
+    value = query.get(key)
+    if value is None or value == "":
+        return default
+    lowered = value.lower()
+    if lowered in ("true", "1"):
+        return True
+    if lowered in ("false", "0"):
+        return False
+    if lowered == "all":
+        return None
+    raise InvalidRequest(f"'{key}' must be true, false or all", key)

@@ -16,6 +16,7 @@ from aiohttp import web
 
 from parley.domain.exchange import Exchange
 from parley.errors import InvalidRequest, ParleyError, StoreError
+from parley.server import identity
 from parley.server.openai_encode import OpenAIEncoder, sse_error
 from parley.server.openai_parse import parse_chat_request, parse_json_object
 from parley.server.relay import Front, answer, exchange_for
@@ -75,12 +76,15 @@ async def embeddings(request: web.Request) -> web.Response:
     if not isinstance(items, str) and not (isinstance(items, list) and items):
         raise InvalidRequest("'input' must be a string or a non-empty array", "input")
     services.check_recording()
+    caller = identity.current(request)
     exchange = Exchange(
         model_requested=model,
         messages=(),
         started_at=datetime.now(UTC),
         endpoint="embeddings",
         origin=request.remote,
+        user_id=caller.user_id,
+        api_key_id=caller.api_key_id,
     )
     try:
         result = await services.gateway.embeddings(data, model, exchange)

@@ -29,6 +29,7 @@ from parley.domain.events import Chunk
 from parley.domain.exchange import Exchange
 from parley.domain.messages import ChatRequest
 from parley.errors import ParleyError, StoreError
+from parley.server import identity
 from parley.server.state import Services
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,7 @@ class Front:
 
 
 def exchange_for(request: web.Request, endpoint: str, chat: ChatRequest) -> Exchange:
+    caller = identity.current(request)
     return Exchange(
         model_requested=chat.model,
         messages=chat.messages,
@@ -74,6 +76,8 @@ def exchange_for(request: web.Request, endpoint: str, chat: ChatRequest) -> Exch
         max_tokens=chat.max_tokens,
         temperature=chat.temperature,
         top_p=chat.top_p,
+        user_id=caller.user_id,
+        api_key_id=caller.api_key_id,
     )
 
 

@@ -8,13 +8,15 @@ the same rule: in ``durable`` mode ``record`` returns only once the exchange is 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import sqlalchemy
 from aiohttp import web
 
 from parley.domain.exchange import Exchange
 from parley.errors import BodyTooLarge, StoreError, StoreUnavailable
 from parley.gateway.catalog import ModelCatalog
+from parley.gateway.directory import ProviderDirectory
 from parley.gateway.service import Gateway
 from parley.settings import Settings
 from parley.store.writer import Writer
@@ -25,10 +27,15 @@ log = logging.getLogger(__name__)
 @dataclass(slots=True)
 class Services:
     settings: Settings
+    # The one engine (and pool) of the process: every repository reads through it.
+    engine: sqlalchemy.Engine
     gateway: Gateway
     catalog: ModelCatalog
     writer: Writer
     started_at: float
+    # Provider configurations in the database (and the vault for their keys); None only
+    # in an app built without them (the admin provider API then answers 503).
+    directory: ProviderDirectory | None = field(default=None, kw_only=True)
 
     def check_recording(self) -> None:
         """Refuse before any upstream call when the answer could not be recorded."""

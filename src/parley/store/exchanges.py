@@ -15,6 +15,10 @@
 - each answer (a ``Choice``) is a new assistant message, a child of the request's last
   message with the chain hash the client will send back, plus a ``responses`` row pointing
   at the attempt that produced it. Identical answers are sibling rows, never merged;
+- a chat-API exchange names its conversation and the message it answers
+  (``Exchange.reply_to``): its request's messages are already stored, so nothing is looked
+  up or inserted but its answers, children of that message; the conversation's
+  ``updated_at`` and active branch (``active_leaf_id``) move to the first answer;
 - nothing the user sent is lost: an exchange that failed everywhere still records its
   attempts and its messages; its answers are kept only if they hold partial output;
 - embeddings (any endpoint but chat completions and Anthropic messages) record only
@@ -170,6 +174,19 @@ def write_batch(conn: Connection, batch: Sequence[Exchange]) -> list[Recorded]:
             .values(updated_at=bindparam("b_updated_at")),
             [{"b_id": conv_id, "b_updated_at": now} for conv_id in planner.continued],
         )
+    replied = [
+        {"b_id": plan.conv.id, "b_updated_at": now, "b_leaf": plan.answers[0][0].row["id"]}
+        for plan in plans
+        if plan.exchange.reply_to is not None and plan.conv is not None and plan.answers
+    ]
+    if replied:
+        # In batch order: of two answers in one conversation, the later one is active.
+        conn.execute(
+            update(conversations)
+            .where(conversations.c.id == bindparam("b_id"))
+            .values(updated_at=bindparam("b_updated_at"), active_leaf_id=bindparam("b_leaf")),
+            replied,
+        )
     return [Recorded(plan) for plan in plans]
 
 
@@ -234,6 +251,17 @@ class _Planner:
         plan = _Plan(
             exchange, _attempt_rows(exchange, self.ids), _answer_attempt(exchange.attempts)
         )
+        target = exchange.reply_to
+        if target is not None:
+            plan.conv = _Conv(target.conversation_public_id, target.conversation_id)
+            self._plan_answers(
+                plan,
+                target.parent_message_id,
+                target.parent_chain_hash,
+                _owner(exchange.user_id, exchange.api_key_id),
+                target.answer_public_ids,
+            )
+            return plan
         if hashed is None:
             return plan
         depth, parent, conv = self._match(hashed)
@@ -270,7 +298,7 @@ class _Planner:
                     "api_key_id": exchange.api_key_id,
                 },
             )
-        self._plan_answers(plan, parent, hashed)
+        self._plan_answers(plan, parent, hashed.chains[-1], hashed.owner)
         return plan
 
     def _match(self, hashed: _Hashed) -> tuple[int, _Node | int | None, _Conv | None]:
@@ -292,7 +320,16 @@ class _Planner:
                 return i, message_id, conv
         return -1, None, None
 
-    def _plan_answers(self, plan: _Plan, parent: _Node | int | None, hashed: _Hashed) -> None:
+    def _plan_answers(
+        self,
+        plan: _Plan,
+        parent: _Node | int | None,
+        parent_chain: str | None,
+        owner: _Owner,
+        public_ids: Sequence[uuid.UUID] = (),
+    ) -> None:
+        """An assistant message and a response row per answer, children of ``parent``;
+        ``public_ids`` (by choice index) name them when the caller chose their ids."""
         exchange = plan.exchange
         attempt = None if plan.answer_attempt is None else exchange.attempts[plan.answer_attempt]
         success = attempt is not None and attempt.success
@@ -306,13 +343,15 @@ class _Planner:
                 # Not part of the hash (clients do not send it back), but never dropped.
                 payload["reasoning_content"] = choice.reasoning
             content_hash = message.content_hash()
-            answer_chain = chain_hash(hashed.chains[-1], content_hash)
+            answer_chain = chain_hash(parent_chain, content_hash)
             node = self._node(
                 plan,
                 parent,
-                hashed.owner,
+                owner,
                 {
-                    "public_id": self.ids.new(),
+                    "public_id": public_ids[choice.index]
+                    if choice.index < len(public_ids)
+                    else self.ids.new(),
                     "role": "assistant",
                     "content": message.text(),
                     "payload": orjson.dumps(payload).decode(),
@@ -354,7 +393,11 @@ class _Planner:
 
 
 def _hash(exchange: Exchange) -> _Hashed | None:
-    if exchange.endpoint not in _CHAT_ENDPOINTS or not exchange.messages:
+    if (
+        exchange.endpoint not in _CHAT_ENDPOINTS
+        or not exchange.messages
+        or exchange.reply_to is not None
+    ):
         return None
     canonical = [m.canonical_json() for m in exchange.messages]
     content_hashes = [content_hash_of(raw) for raw in canonical]

@@ -117,8 +117,9 @@ conversations = Table(
     ),
     # The last message of the branch the chat continues (None: the newest leaf).
     Column("active_leaf_id", Integer),
-    # The sidebar: a user's conversations, newest activity first.
-    Index("ix_conversations_user_id", "user_id", "updated_at"),
+    # The sidebar: a user's conversations (archived apart), pinned first, then newest
+    # activity, then the public id; pages are keyed by the last three (store.conversations).
+    Index("ix_conversations_sidebar", "user_id", "archived", "pinned", "updated_at", "public_id"),
 )
 
 messages = Table(
@@ -264,9 +265,8 @@ attachments = Table(
     metadata,
     Column("id", Integer, primary_key=True),
     Column("public_id", Uuid, nullable=False, unique=True),
-    Column(
-        "user_id", Integer, ForeignKey("users.id", ondelete="CASCADE"), nullable=False, index=True
-    ),
+    # NULL: the local admin's (local mode or the master key), as for conversations.
+    Column("user_id", Integer, ForeignKey("users.id", ondelete="CASCADE"), index=True),
     Column(
         "conversation_id",
         Integer,

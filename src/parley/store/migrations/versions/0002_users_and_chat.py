@@ -5,9 +5,10 @@ Why: issue 4 gives parley identities (users with roles, hashed API keys, cookie
 sessions), provider configurations kept in the database with their keys encrypted, users'
 own provider keys (BYOK), attachments stored as content-addressed blobs, and the chat
 API's view of a conversation (archived, pinned, active, its configuration and system
-prompt, the branch being continued). Owner columns of ``request_log``, ``conversations``
-and ``messages`` stay plain integers without foreign keys: the request log must outlive
-the users and keys it names (accounting), and deletes of a user's history are explicit.
+prompt, the branch being continued), with an index for the sidebar. Owner columns of
+``request_log``, ``conversations`` and ``messages`` stay plain integers without foreign
+keys: the request log must outlive the users and keys it names (accounting), and deletes
+of a user's history are explicit. An attachment without an owner is the local admin's.
 
 Revision ID: 0002
 Revises: 0001
@@ -144,7 +145,13 @@ def upgrade() -> None:
             ["id"],
             ondelete="SET NULL",
         )
-    op.create_index("ix_conversations_user_id", "conversations", ["user_id", "updated_at"])
+    # The sidebar: a user's conversations (archived apart), pinned first, then newest
+    # activity, then the public id (pages are keyed by the last three).
+    op.create_index(
+        "ix_conversations_sidebar",
+        "conversations",
+        ["user_id", "archived", "pinned", "updated_at", "public_id"],
+    )
     with op.batch_alter_table("messages") as batch:
         batch.add_column(sa.Column("user_id", sa.Integer()))
         batch.add_column(sa.Column("api_key_id", sa.Integer()))
@@ -152,7 +159,8 @@ def upgrade() -> None:
         "attachments",
         sa.Column("id", sa.Integer(), nullable=False),
         sa.Column("public_id", sa.Uuid(), nullable=False),
-        sa.Column("user_id", sa.Integer(), nullable=False),
+        # NULL: the local admin's (local mode or the master key), as for conversations.
+        sa.Column("user_id", sa.Integer()),
         sa.Column("conversation_id", sa.Integer()),
         sa.Column("message_id", sa.Integer()),
         sa.Column("filename", sa.Text(), nullable=False),
@@ -189,7 +197,7 @@ def downgrade() -> None:
     with op.batch_alter_table("messages") as batch:
         batch.drop_column("api_key_id")
         batch.drop_column("user_id")
-    op.drop_index("ix_conversations_user_id", "conversations")
+    op.drop_index("ix_conversations_sidebar", "conversations")
     with op.batch_alter_table("conversations") as batch:
         batch.drop_constraint(
             "fk_conversations_provider_config_id_provider_configs", type_="foreignkey"

@@ -1,0 +1,1 @@
+"""The conversation service: context building, titles, attachments, export and import."""

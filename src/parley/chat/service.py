@@ -1,0 +1,382 @@
+"""The conversation service: what the chat API does between HTTP and the gateway.
+
+``ChatService.send`` commits the user message (``store.conversations``) and only then
+returns the answer as an async stream of neutral events (``Delta``, then ``Done`` or
+``Failed``) that the server encodes; ``regenerate`` answers a stored message again.
+
+Invariants:
+- the user message is committed before any upstream call: an upstream failure, a client
+  that leaves or a crash loses only the answer;
+- the context sent upstream is one branch: the system prompt (the conversation's own,
+  else its provider configuration's), then the messages from the root to the message
+  answered; other branches never reach the model;
+- the exchange names its conversation and parent (``ReplyTo``), so the writer adds only
+  the answer, linked to its request rows like any ``/v1`` exchange. Recording follows
+  ``server/relay.py``: ``Done`` comes only after the record is committed (durable mode);
+  a failure records the attempts and then yields ``Failed``; a consumer that stops
+  early (client gone) cancels the upstream call and the partial answer is recorded in
+  the background;
+- titles: after the first answer of an untitled conversation, a background task asks
+  the conversation's model for a short title of the message answered,
+  recorded as an exchange of its own (endpoint ``title``, outside the conversation), and
+  stored only if nobody set a title meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import uuid
+from collections.abc import AsyncGenerator, Coroutine
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+import orjson
+
+from parley.domain.events import Chunk, TextDelta
+from parley.domain.exchange import Exchange, ReplyTo
+from parley.domain.messages import ChatRequest, Message
+from parley.errors import InvalidRequest, ModelNotFound, NotFound, ParleyError, StoreError
+from parley.gateway.service import Gateway
+from parley.store.bulk import new_public_id
+from parley.store.conversations import (
+    ACTIVE_LEAF,
+    Conversation,
+    Conversations,
+    Parent,
+    StoredMessage,
+    Turn,
+    Viewer,
+)
+
+log = logging.getLogger(__name__)
+
+# What the chat API's exchanges are recorded as (request_log.client_protocol).
+PROTOCOL = "parley"
+TITLE_PROMPT = (
+    "Write a short title (at most six words) for the conversation that begins with the "
+    "user's message below. Answer with the title only: no quotes, no final period."
+)
+MAX_TITLE = 80
+# Quotes and markup models wrap titles in (typographic quotes by code point).
+_QUOTES = "\"'`*# \u201c\u201d\u2018\u2019"
+# How much of the first message the title model reads.
+_TITLE_INPUT = 2000
+# How long shutdown waits for titles being made before it cancels them.
+_TITLE_GRACE_SECONDS = 5.0
+
+
+class Caller(Viewer, Protocol):
+    """Who sends (``server.identity.Identity`` is one)."""
+
+    @property
+    def api_key_id(self) -> int | None: ...
+
+
+class Recorder(Protocol):
+    """How exchanges are recorded (``server.state.Services`` is one)."""
+
+    def check_recording(self) -> None: ...
+
+    async def record(self, exchange: Exchange) -> None: ...
+
+    async def record_quietly(self, exchange: Exchange) -> None: ...
+
+    def record_in_background(self, exchange: Exchange) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Options:
+    """Per-request choices; ``model`` None: the conversation's default model."""
+
+    model: str | None = None
+    stream: bool = True
+    temperature: float | None = None
+    max_tokens: int | None = None
+    origin: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Delta:
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class Done:
+    """The answer, as stored (committed, in durable mode)."""
+
+    message: StoredMessage
+
+
+@dataclass(frozen=True, slots=True)
+class Failed:
+    """No (complete) answer; what was received is recorded."""
+
+    error: ParleyError
+
+
+ChatEvent = Delta | Done | Failed
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    # The message answered: the new user message (send), or the one answered again.
+    message: StoredMessage
+    events: AsyncGenerator[ChatEvent, None]
+
+
+class ChatService:
+    def __init__(
+        self, store: Conversations, gateway: Gateway, recorder: Recorder, *, durable: bool
+    ) -> None:
+        self.store = store
+        self._gateway = gateway
+        self._recorder = recorder
+        self._durable = durable
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def check_model(self, model: str, param: str = "model") -> str:
+        """``model`` if the router knows it (a ``provider/model`` id, an alias or a
+        provider configuration); a 400 otherwise: for the chat API a model is a field of
+        the body, not the endpoint."""
+        try:
+            await self._gateway.candidates(model, None)
+        except ModelNotFound as exc:
+            raise InvalidRequest(exc.message, param) from None
+        return model
+
+    async def send(
+        self,
+        caller: Caller,
+        conversation_id: uuid.UUID,
+        message: Message,
+        options: Options,
+        parent: Parent = ACTIVE_LEAF,
+    ) -> Reply:
+        """Commit ``message`` under ``parent`` (see ``Conversations.add_user_message``),
+        then answer it."""
+        if options.model is not None:
+            await self.check_model(options.model)
+        # Refused before the message is stored: the caller knows nothing was kept.
+        self._recorder.check_recording()
+        turn = await asyncio.to_thread(
+            self.store.add_user_message,
+            caller,
+            conversation_id,
+            message,
+            parent=parent,
+            user_id=caller.user_id,
+            api_key_id=caller.api_key_id,
+        )
+        if turn is None:
+            raise NotFound("no such conversation")
+        return Reply(turn.message, self._answer(caller, turn, options))
+
+    async def regenerate(
+        self, caller: Caller, conversation_id: uuid.UUID, message_id: uuid.UUID, options: Options
+    ) -> Reply:
+        """A new answer to what ``message_id`` answered (or to ``message_id`` itself, a
+        user message): a sibling branch; the old answer stays."""
+        if options.model is not None:
+            await self.check_model(options.model)
+        self._recorder.check_recording()
+        turn = await asyncio.to_thread(self.store.answer_again, caller, conversation_id, message_id)
+        if turn is None:
+            raise NotFound("no such conversation")
+        return Reply(turn.message, self._answer(caller, turn, options))
+
+    async def close(self) -> None:
+        """Let titles being made finish (briefly), then cancel the rest."""
+        if not self._tasks:
+            return
+        _, pending = await asyncio.wait(set(self._tasks), timeout=_TITLE_GRACE_SECONDS)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+
+    async def _answer(
+        self, caller: Caller, turn: Turn, options: Options
+    ) -> AsyncGenerator[ChatEvent, None]:
+        conversation = turn.conversation
+        model = options.model or conversation.default_model
+        if model is None:
+            yield Failed(InvalidRequest("the conversation has no default model: pass 'model'"))
+            return
+        context = _context(turn)
+        chat = ChatRequest(
+            model=model,
+            messages=context,
+            stream=options.stream,
+            max_tokens=options.max_tokens,
+            temperature=options.temperature,
+            client_protocol=PROTOCOL,
+        )
+        answer_id = new_public_id()
+        exchange = Exchange(
+            model_requested=model,
+            messages=context,
+            started_at=datetime.now(UTC),
+            is_streaming=options.stream,
+            endpoint="chat",
+            client_protocol=PROTOCOL,
+            origin=options.origin,
+            max_tokens=options.max_tokens,
+            temperature=options.temperature,
+            user_id=caller.user_id,
+            api_key_id=caller.api_key_id,
+            reply_to=ReplyTo(
+                conversation_id=conversation.id,
+                conversation_public_id=conversation.public_id,
+                parent_message_id=turn.message.id,
+                parent_chain_hash=turn.chain_hash,
+                answer_public_ids=(answer_id,),
+            ),
+        )
+        stream = self._gateway.stream(chat, exchange)
+        failure: ParleyError | None = None
+        try:
+            chunk = await anext(stream)
+            while True:
+                text = _text(chunk)
+                if text:
+                    yield Delta(text)
+                if chunk.final:
+                    break
+                chunk = await anext(stream)
+        except ModelNotFound as exc:
+            # The conversation's model left the configuration: the body's fault (400),
+            # not a missing conversation (404).
+            failure = InvalidRequest(exc.message, "model")
+        except ParleyError as exc:
+            failure = exc
+        except BaseException:
+            # The consumer stopped (client gone) or the task was cancelled: closing the
+            # stream cancels the upstream call; the partial answer is still recorded.
+            await stream.aclose()
+            self._recorder.record_in_background(exchange)
+            raise
+        # From here on the exchange is recorded once, whatever the consumer does.
+        if failure is not None:
+            await stream.aclose()
+            await self._recorder.record_quietly(exchange)
+            yield Failed(failure)
+            return
+        try:
+            await self._recorder.record(exchange)
+        except StoreError as exc:
+            await stream.aclose()
+            yield Failed(exc)
+            return
+        await _drain(stream)
+        if turn.needs_title:
+            self._spawn(self._make_title(caller, conversation, turn.message.content))
+        yield Done(await self._stored_answer(turn, exchange, answer_id))
+
+    async def _stored_answer(
+        self, turn: Turn, exchange: Exchange, answer_id: uuid.UUID
+    ) -> StoredMessage:
+        """The answer as ``GET`` will show it: read back when committed, else (async
+        recording) made from the exchange."""
+        if self._durable:
+            found = await asyncio.to_thread(self.store.get_message, turn.conversation.id, answer_id)
+            if found is not None:
+                return found
+        choice = exchange.choices[0] if exchange.choices else None
+        attempt = exchange.succeeded
+        usage = attempt.usage if attempt is not None else None
+        message = choice.message() if choice is not None else Message("assistant", "")
+        return StoredMessage(
+            id=0,
+            public_id=answer_id,
+            parent_id=turn.message.id,
+            parent_public_id=turn.message.public_id,
+            role="assistant",
+            content=message.text(),
+            payload=orjson.dumps(message.canonical()).decode(),
+            created_at=datetime.now(UTC),
+            model_used=attempt.model_used if attempt is not None else exchange.model_requested,
+            prompt_tokens=usage.prompt_tokens if usage else None,
+            completion_tokens=usage.completion_tokens if usage else None,
+            total_tokens=usage.total_tokens if usage else None,
+            finish_reason=choice.finish_reason if choice is not None else None,
+        )
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(_logged(work))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _make_title(self, caller: Caller, conversation: Conversation, first: str) -> None:
+        model = conversation.default_model
+        if model is None or not first.strip():
+            return
+        messages = (Message("system", TITLE_PROMPT), Message("user", first[:_TITLE_INPUT]))
+        exchange = Exchange(
+            model_requested=model,
+            messages=messages,
+            started_at=datetime.now(UTC),
+            endpoint="title",
+            client_protocol=PROTOCOL,
+            user_id=caller.user_id,
+            api_key_id=caller.api_key_id,
+        )
+        request = ChatRequest(model=model, messages=messages, client_protocol=PROTOCOL)
+        try:
+            async for _ in self._gateway.stream(request, exchange):
+                pass
+        except ParleyError as exc:
+            log.info("no title for a conversation: %s", exc.message)
+            await self._recorder.record_quietly(exchange)
+            return
+        try:
+            await self._recorder.record(exchange)
+        except StoreError:
+            log.error("could not record a title exchange (model %s)", model)
+        title = clean_title(exchange.choices[0].text) if exchange.choices else None
+        if title is not None:
+            await asyncio.to_thread(self.store.set_generated_title, conversation.id, title)
+
+
+async def _logged(work: Coroutine[Any, Any, None]) -> None:
+    """A background task: nobody awaits it, so its failure is logged here."""
+    try:
+        await work
+    except Exception:
+        log.exception("a background task of the chat service failed")
+
+
+def clean_title(text: str) -> str | None:
+    """A model's title as a sidebar shows it: first line, no quotes, no "Title:", no final
+    period, single spaces, at most ``MAX_TITLE`` characters; None when nothing is left."""
+    line = next((part for part in text.splitlines() if part.strip()), "")
+    line = re.sub(r"^\s*title\s*:\s*", "", line, flags=re.IGNORECASE)
+    line = re.sub(r"\s+", " ", line).strip().strip(_QUOTES).rstrip(".").strip()
+    return line[:MAX_TITLE].rstrip() or None
+
+
+def _context(turn: Turn) -> tuple[Message, ...]:
+    branch = [stored.message() for stored in turn.path]
+    if turn.system_prompt:
+        return (Message("system", turn.system_prompt), *branch)
+    return tuple(branch)
+
+
+def _text(chunk: Chunk) -> str:
+    """The answer's text in ``chunk`` (the first choice: the chat API asks for one)."""
+    parts = [e.text for e in chunk.events if isinstance(e, TextDelta) and e.choice == 0]
+    return parts[0] if len(parts) == 1 else "".join(parts)
+
+
+async def _drain(chunks: AsyncGenerator[Chunk, None]) -> None:
+    """Run a stream whose answer is complete to its end, so its connection is reused
+    (what ``server.relay.finish`` does for the ``/v1`` front doors: the chat layer sits
+    below the server and cannot import it)."""
+    try:
+        async for _ in chunks:
+            pass
+    except ParleyError as exc:
+        log.info("upstream misbehaved after its answer was complete: %s", exc.message)
+    finally:
+        await chunks.aclose()

@@ -1,0 +1,175 @@
+"""``parley users``: manage users from the shell, a thin client of ``parley.store.users``.
+
+This is how the first admin is made (``parley users create --admin``); the other way is
+the master key over HTTP (``POST /api/admin/users``). Commands read settings the way the
+server does and prepare the database the way server start does (an empty one is
+migrated). A password is never an argument (it would land in the shell history and the
+process list): it is prompted for twice, or read from stdin with ``--password-stdin``.
+Errors are one line on stderr and exit status 1, never a traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import datetime
+from typing import TypeVar
+
+import click
+
+from parley.domain.users import User
+from parley.errors import ParleyError
+from parley.ops.migrate import prepare_on_start
+from parley.settings import load_settings
+from parley.store.engine import create_engine
+from parley.store.users import Users
+
+T = TypeVar("T")
+
+
+def _run(action: Callable[[], T]) -> T:
+    try:
+        return action()
+    except ParleyError as exc:
+        click.echo(f"error: {exc.message}", err=True)
+        raise SystemExit(1) from None
+
+
+@contextmanager
+def _repository() -> Iterator[Users]:
+    settings = _run(load_settings)
+    _run(lambda: prepare_on_start(settings))
+    engine = _run(lambda: create_engine(settings))
+    try:
+        yield Users(engine)
+    finally:
+        engine.dispose()
+
+
+def _find(users: Users, ref: str) -> User:
+    user = users.find_user(ref)
+    if user is None:
+        click.echo(f"error: no user {ref!r} (give a username or an email)", err=True)
+        raise SystemExit(1)
+    return user
+
+
+def _password(from_stdin: bool) -> str:
+    if from_stdin:
+        line = sys.stdin.readline()
+        return line.removesuffix("\n").removesuffix("\r")
+    value: str = click.prompt("Password", hide_input=True, confirmation_prompt=True)
+    return value
+
+
+@click.group()
+def users() -> None:
+    """Users: create them, list them, change roles, disable them, reset passwords."""
+
+
+@users.command()
+@click.option("--email", required=True, help="Email address (stored lower-cased).")
+@click.option("--username", required=True, help="3 to 64 letters, digits, '_', '.' or '-'.")
+@click.option("--full-name", default=None, help="Display name.")
+@click.option("--admin", is_flag=True, help="Make the user an admin.")
+@click.option(
+    "--password-stdin", is_flag=True, help="Read the password from stdin instead of a prompt."
+)
+def create(
+    email: str, username: str, full_name: str | None, admin: bool, password_stdin: bool
+) -> None:
+    """Create a user; the password is prompted for (twice) or read from stdin."""
+    with _repository() as repo:
+        password = _password(password_stdin)
+        user = _run(
+            lambda: repo.create_user(
+                email=email,
+                username=username,
+                password=password,
+                full_name=full_name,
+                role="admin" if admin else "user",
+            )
+        )
+    click.echo(f"created {user.role} {user.username} <{user.email}> (id {user.public_id})")
+
+
+@users.command("list")
+def list_users() -> None:
+    """List every user: username, email, role, state, creation and last activity."""
+    with _repository() as repo:
+        everyone: list[User] = []
+        after = None
+        while True:
+            page, more = repo.list_users(limit=200, after=after)
+            everyone.extend(page)
+            if not more:
+                break
+            after = page[-1].public_id
+    if not everyone:
+        click.echo("no users yet: create one with `parley users create --admin`")
+        return
+    header = ("USERNAME", "EMAIL", "ROLE", "STATE", "CREATED", "LAST ACTIVE")
+    table = [header] + [
+        (
+            u.username,
+            u.email,
+            u.role,
+            "active" if u.is_active else "disabled",
+            _when(u.created_at),
+            _when(u.last_active_at),
+        )
+        for u in everyone
+    ]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    for row in table:
+        click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+
+
+@users.command("set-role")
+@click.argument("user")
+@click.argument("role", type=click.Choice(["admin", "user"]))
+def set_role(user: str, role: str) -> None:
+    """Make USER (username or email) an admin or a plain user."""
+    with _repository() as repo:
+        found = _find(repo, user)
+        _run(lambda: repo.update_user(found.id, role=role))
+    click.echo(f"{found.username} is now {'an admin' if role == 'admin' else 'a user'}")
+
+
+@users.command()
+@click.argument("user")
+def disable(user: str) -> None:
+    """Disable USER: their logins, sessions (ended now) and API keys stop working."""
+    with _repository() as repo:
+        found = _find(repo, user)
+        _run(lambda: repo.update_user(found.id, is_active=False, end_sessions=True))
+    click.echo(f"{found.username} is disabled; their sessions are ended")
+
+
+@users.command()
+@click.argument("user")
+def enable(user: str) -> None:
+    """Enable USER again (their API keys that are not revoked work again)."""
+    with _repository() as repo:
+        found = _find(repo, user)
+        _run(lambda: repo.update_user(found.id, is_active=True))
+    click.echo(f"{found.username} is enabled")
+
+
+@users.command("reset-password")
+@click.argument("user")
+@click.option(
+    "--password-stdin", is_flag=True, help="Read the password from stdin instead of a prompt."
+)
+def reset_password(user: str, password_stdin: bool) -> None:
+    """Set a new password for USER; their web sessions end (API keys keep working)."""
+    with _repository() as repo:
+        found = _find(repo, user)
+        password = _password(password_stdin)
+        _run(lambda: repo.update_user(found.id, password=password, end_sessions=True))
+    click.echo(f"password of {found.username} changed; their sessions are ended")
+
+
+def _when(moment: datetime | None) -> str:
+    return moment.strftime("%Y-%m-%d %H:%M") if moment is not None else "-"

@@ -1,0 +1,381 @@
+"""The conversation repository: the chat API's conversations and messages (all of its SQL).
+
+Invariants:
+- a caller sees a conversation only if ``viewer.may_see(its user_id)``; any other reads
+  as missing (None), so ids cannot be probed. A listing shows the viewer's own
+  conversations: ``user_id`` equal to the viewer's (NULL for the local or master admin);
+- the sidebar order is pinned first, then newest activity (``updated_at``), then the
+  public id (a UUIDv7: time-ordered like the internal id) as the tie-break. A cursor is
+  the position of a page's last row in that order, never an internal id; a page after it
+  holds exactly the rows after that position;
+- ``updated_at`` is the time of the newest message: this module moves it for user
+  messages, the exchange writer for answers. Settings (title, pinned...) leave it alone,
+  so renaming a conversation does not reorder the sidebar;
+- ``active_leaf_id`` is the last message of the branch the chat continues; NULL means the
+  newest message, which is always a leaf (a child is stored after its parent);
+- message counts and last message times are computed for the rows of a page only;
+- a user message is committed in its own transaction, before any upstream call, so it
+  survives whatever happens to its answer;
+- deleting a conversation goes by foreign keys: its messages, responses and attachments
+  rows cascade; request-log rows stay, with ``conversation_id`` NULL. The attachments'
+  blobs are the caller's to sweep after the commit (``delete`` names them).
+
+Every method blocks: call it through ``asyncio.to_thread`` from the event loop.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from typing import Any, Final
+
+import sqlalchemy
+from sqlalchemy import Connection, delete, insert, select, tuple_, update
+
+from parley.domain.messages import Message, chain_hash
+from parley.errors import InvalidRequest
+from parley.store.bulk import new_public_id
+from parley.store.conversation_rows import (
+    ACTIVE_LEAF,
+    MESSAGES,
+    RESPONSES,
+    ActiveLeaf,
+    Anchor,
+    Conversation,
+    Page,
+    Parent,
+    StoredMessage,
+    Tree,
+    Turn,
+    Viewer,
+    active_leaf,
+    anchor,
+    conversation_of,
+    counted,
+    decode_cursor,
+    encode_cursor,
+    messages_of,
+    needs_title,
+    one_row,
+    path_to,
+    system_prompt_of,
+    visible_row,
+)
+from parley.store.engine import IMMEDIATE
+from parley.store.exchanges import chain_key
+from parley.store.schema import attachments, conversations, messages, responses
+
+__all__ = [
+    "ACTIVE_LEAF",
+    "FIELDS",
+    "MAX_PAGE",
+    "Conversation",
+    "Conversations",
+    "Page",
+    "Parent",
+    "StoredMessage",
+    "Tree",
+    "Turn",
+    "Viewer",
+]
+
+# Settings a caller may change (``update``); ``active_leaf_id`` is a message's public id.
+FIELDS: Final = frozenset(
+    {
+        "title",
+        "default_model",
+        "archived",
+        "pinned",
+        "is_active",
+        "system_prompt",
+        "active_leaf_id",
+    }
+)
+MAX_PAGE: Final = 200
+
+_C = conversations.c
+_M = messages.c
+_R = responses.c
+
+
+class Conversations:
+    """Conversations and their messages on one engine."""
+
+    def __init__(self, engine: sqlalchemy.Engine) -> None:
+        self._engine = engine
+
+    # -- conversations ----------------------------------------------------------------
+
+    def create(
+        self,
+        *,
+        user_id: int | None,
+        api_key_id: int | None,
+        default_model: str,
+        title: str | None = None,
+        system_prompt: str | None = None,
+        source: str = "chat",
+    ) -> Conversation:
+        now = datetime.now(UTC)
+        row = {
+            "public_id": new_public_id(),
+            "created_at": now,
+            "updated_at": now,
+            "title": title,
+            "source": source,
+            "default_model": default_model,
+            "user_id": user_id,
+            "api_key_id": api_key_id,
+            "archived": False,
+            "pinned": False,
+            "is_active": True,
+            "system_prompt": system_prompt,
+        }
+        with self._writing() as conn:
+            key = conn.execute(insert(conversations).values(row)).inserted_primary_key
+            assert key is not None
+            return conversation_of(one_row(conn, _C.id == key[0]))
+
+    def list_page(
+        self,
+        viewer: Viewer,
+        *,
+        limit: int = 50,
+        cursor: str | None = None,
+        archived: bool | None = False,
+        pinned: bool | None = None,
+        q: str | None = None,
+    ) -> Page:
+        """A page of the viewer's conversations in sidebar order (see the module
+        docstring). ``archived`` / ``pinned`` None: either; ``q``: title substring."""
+        limit = max(1, min(limit, MAX_PAGE))
+        owner = _C.user_id.is_(None) if viewer.user_id is None else _C.user_id == viewer.user_id
+        query = select(conversations).where(owner)
+        if archived is not None:
+            query = query.where(_C.archived == archived)
+        if pinned is not None:
+            query = query.where(_C.pinned == pinned)
+        if q:
+            query = query.where(_C.title.icontains(q, autoescape=True))
+        if cursor is not None:
+            after = decode_cursor(cursor)
+            query = query.where(tuple_(_C.pinned, _C.updated_at, _C.public_id) < after)
+        query = query.order_by(_C.pinned.desc(), _C.updated_at.desc(), _C.public_id.desc())
+        with self._engine.connect() as conn:
+            rows = conn.execute(query.limit(limit + 1)).all()
+            more = len(rows) > limit
+            items = counted(conn, rows[:limit])
+        next_cursor = encode_cursor(items[-1]) if more else None
+        return Page(items, next_cursor)
+
+    def get(self, viewer: Viewer, public_id: uuid.UUID) -> Conversation | None:
+        with self._engine.connect() as conn:
+            row = visible_row(conn, viewer, public_id)
+            return counted(conn, [row])[0] if row is not None else None
+
+    def load(self, viewer: Viewer, public_id: uuid.UUID) -> Tree | None:
+        """The conversation with its message tree, or None (missing or not visible)."""
+        with self._engine.connect() as conn:
+            row = visible_row(conn, viewer, public_id)
+            if row is None:
+                return None
+            rows = conn.execute(MESSAGES.where(_M.conversation_id == row.id)).all()
+            answers = {r[0]: r for r in conn.execute(RESPONSES.where(_M.conversation_id == row.id))}
+        listed = messages_of(rows, answers)
+        last = max((m.created_at for m in listed), default=None)
+        parent_of = {m.id: m.parent_id for m in listed}
+        leaf = row.active_leaf_id
+        if leaf not in parent_of:
+            leaf = listed[-1].id if listed else None
+        path: list[int] = []
+        while leaf is not None:
+            path.append(leaf)
+            leaf = parent_of.get(leaf)
+        path.reverse()
+        return Tree(conversation_of(row, len(listed), last), listed, path)
+
+    def update(
+        self, viewer: Viewer, public_id: uuid.UUID, changes: Mapping[str, Any]
+    ) -> Conversation | None:
+        """Apply ``changes`` (keys of ``FIELDS``, values already validated by type); None
+        when the conversation is missing or not visible. ``active_leaf_id`` must name a
+        message of this conversation (None: back to the newest message)."""
+        unknown = set(changes) - FIELDS
+        if unknown:
+            raise InvalidRequest(f"unknown field(s): {', '.join(sorted(unknown))}")
+        with self._writing() as conn:
+            row = visible_row(conn, viewer, public_id)
+            if row is None:
+                return None
+            values = dict(changes)
+            if values.get("active_leaf_id") is not None:
+                leaf = anchor(conn, row.id, _M.public_id == values["active_leaf_id"])
+                if leaf is None:
+                    raise InvalidRequest(
+                        "'active_leaf_id' must be a message of this conversation",
+                        "active_leaf_id",
+                    )
+                values["active_leaf_id"] = leaf.id
+            if values:
+                conn.execute(update(conversations).where(_C.id == row.id).values(values))
+            return counted(conn, [one_row(conn, _C.id == row.id)])[0]
+
+    def delete(self, viewer: Viewer, public_id: uuid.UUID) -> set[str] | None:
+        """Delete the conversation (rows go by foreign keys); the blob hashes its
+        attachments named, for the caller to sweep once this is committed, or None when
+        it is missing or not visible."""
+        with self._writing() as conn:
+            row = visible_row(conn, viewer, public_id)
+            if row is None:
+                return None
+            named = select(attachments.c.sha256).where(attachments.c.conversation_id == row.id)
+            blobs = set(conn.execute(named.distinct()).scalars())
+            conn.execute(delete(conversations).where(_C.id == row.id))
+            return blobs
+
+    def set_generated_title(self, conversation_id: int, title: str) -> bool:
+        """Store a generated title unless somebody set one meanwhile."""
+        with self._writing() as conn:
+            done = conn.execute(
+                update(conversations)
+                .where(_C.id == conversation_id, _C.title.is_(None))
+                .values(title=title)
+            )
+            return done.rowcount == 1
+
+    # -- messages ---------------------------------------------------------------------
+
+    def add_user_message(
+        self,
+        viewer: Viewer,
+        public_id: uuid.UUID,
+        message: Message,
+        *,
+        parent: Parent = ACTIVE_LEAF,
+        user_id: int | None,
+        api_key_id: int | None,
+    ) -> Turn | None:
+        """Commit ``message`` under ``parent`` (a message's public id; None: a new root;
+        ``ACTIVE_LEAF``: the end of the active branch) and make it the active leaf. None
+        when the conversation is missing or not visible."""
+        with self._writing() as conn:
+            row = visible_row(conn, viewer, public_id)
+            if row is None:
+                return None
+            above: Anchor | None
+            if isinstance(parent, ActiveLeaf):
+                above = active_leaf(conn, row.id, row.active_leaf_id)
+            elif parent is None:
+                above = None
+            else:
+                above = anchor(conn, row.id, _M.public_id == parent)
+                if above is None:
+                    raise InvalidRequest(
+                        "'parent_id' must be a message of this conversation", "parent_id"
+                    )
+            now = datetime.now(UTC)
+            content_hash = message.content_hash()
+            chain = chain_hash(above.chain_hash if above else None, content_hash)
+            values: dict[str, Any] = {
+                "public_id": new_public_id(),
+                "conversation_id": row.id,
+                "parent_id": above.id if above else None,
+                "role": message.role,
+                "content": message.text(),
+                "payload": message.canonical_json().decode(),
+                "content_hash": content_hash,
+                "chain_hash": chain,
+                "chain_key": chain_key(chain),
+                "created_at": now,
+                "user_id": user_id,
+                "api_key_id": api_key_id,
+            }
+            key = conn.execute(insert(messages).values(values)).inserted_primary_key
+            assert key is not None
+            conn.execute(
+                update(conversations)
+                .where(_C.id == row.id)
+                .values(updated_at=now, active_leaf_id=key[0])
+            )
+            stored = StoredMessage(
+                id=key[0],
+                public_id=values["public_id"],
+                parent_id=values["parent_id"],
+                parent_public_id=above.public_id if above else None,
+                role=message.role,
+                content=values["content"],
+                payload=values["payload"],
+                created_at=now,
+            )
+            path = [*path_to(conn, above.id), stored] if above else [stored]
+            return Turn(
+                conversation_of(row),
+                stored,
+                chain,
+                path,
+                system_prompt_of(conn, row),
+                needs_title(conn, row),
+            )
+
+    def answer_again(
+        self, viewer: Viewer, public_id: uuid.UUID, message_id: uuid.UUID
+    ) -> Turn | None:
+        """The turn that regenerates ``message_id``: an answer is asked again of its
+        parent; a user message is answered (again). None when the conversation is
+        missing or not visible; ``InvalidRequest`` for a message it does not hold."""
+        with self._engine.connect() as conn:
+            row = visible_row(conn, viewer, public_id)
+            if row is None:
+                return None
+            target = anchor(conn, row.id, _M.public_id == message_id)
+            if target is None:
+                raise InvalidRequest("no such message in this conversation", "message_id")
+            if target.role == "assistant":
+                answered = (
+                    anchor(conn, row.id, _M.id == target.parent_id)
+                    if target.parent_id is not None
+                    else None
+                )
+                if answered is None:
+                    raise InvalidRequest("this answer has no message to answer again")
+            elif target.role == "user":
+                answered = target
+            else:
+                raise InvalidRequest("only answers and user messages can be regenerated")
+            path = path_to(conn, answered.id)
+            return Turn(
+                conversation_of(row),
+                path[-1],
+                answered.chain_hash,
+                path,
+                system_prompt_of(conn, row),
+                needs_title(conn, row),
+            )
+
+    def get_message(self, conversation_id: int, public_id: uuid.UUID) -> StoredMessage | None:
+        """A message of a conversation, with its response row."""
+        with self._engine.connect() as conn:
+            row = conn.execute(
+                MESSAGES.where(_M.public_id == public_id, _M.conversation_id == conversation_id)
+            ).first()
+            if row is None:
+                return None
+            answer = conn.execute(RESPONSES.where(_R.message_id == row[0])).first()
+            parents: dict[int, uuid.UUID] = {}
+            if row[2] is not None:
+                parents[row[2]] = conn.execute(
+                    select(_M.public_id).where(_M.id == row[2])
+                ).scalar_one()
+        return messages_of([row], {} if answer is None else {row[0]: answer}, parents)[0]
+
+    @contextmanager
+    def _writing(self) -> Iterator[Connection]:
+        # BEGIN IMMEDIATE on SQLite: these transactions read, then write, alongside the
+        # exchange writer; a deferred one could fail to upgrade its lock instead of waiting.
+        with (
+            self._engine.connect().execution_options(**{IMMEDIATE: True}) as conn,
+            conn.begin(),
+        ):
+            yield conn

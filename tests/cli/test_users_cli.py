@@ -1,0 +1,185 @@
+"""``parley users`` end to end through click, against a real database."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner, Result
+
+from parley.cli.main import cli
+from parley.security import tokens
+from parley.settings import load_settings
+from parley.store.engine import create_engine
+from parley.store.users import Users
+from tests.harness import rows
+
+COMMANDS = ("create", "list", "set-role", "disable", "enable", "reset-password")
+PASSWORD = "the admin's password"
+
+
+@pytest.fixture(autouse=True)
+def _in_tmp_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Settings read parley.toml from the working directory: keep the repository's out.
+    monkeypatch.chdir(tmp_path)
+
+
+def run(tmp_path: Path, database_url: str, *args: str, stdin: str | None = None) -> Result:
+    env = {"DATABASE_URL": database_url, "PARLEY_DATA_DIR": str(tmp_path / "data")}
+    return CliRunner().invoke(cli, ["users", *args], env=env, input=stdin)
+
+
+@contextmanager
+def repository(tmp_path: Path, database_url: str) -> Iterator[Users]:
+    """The repository the CLI writes to, to check what the commands did."""
+    env = {"DATABASE_URL": database_url, "PARLEY_DATA_DIR": str(tmp_path / "data")}
+    engine = create_engine(load_settings(env=env, cwd=tmp_path))
+    try:
+        yield Users(engine)
+    finally:
+        engine.dispose()
+
+
+def test_create_list_set_role_disable_enable(tmp_path: Path, database_url: str) -> None:
+    result = run(tmp_path, database_url, "list")
+    # An empty database is prepared the way server start prepares it.
+    assert (result.exit_code, result.output) == (
+        0,
+        "no users yet: create one with `parley users create --admin`\n",
+    )
+    result = run(
+        tmp_path,
+        database_url,
+        "create",
+        "--email",
+        "Root@Example.org",
+        "--username",
+        "root",
+        "--full-name",
+        "The Root",
+        "--admin",
+        stdin=f"{PASSWORD}\n{PASSWORD}\n",
+    )
+    assert result.exit_code == 0, result.output
+    assert "created admin root <root@example.org>" in result.output
+    assert PASSWORD not in result.output  # the prompt hides what is typed
+    result = run(
+        tmp_path,
+        database_url,
+        "create",
+        "--email",
+        "u@example.org",
+        "--username",
+        "someone",
+        "--password-stdin",
+        stdin="someone's password\n",
+    )
+    assert result.exit_code == 0 and "created user someone" in result.output
+
+    listed = run(tmp_path, database_url, "list").output.splitlines()
+    assert listed[0].split() == ["USERNAME", "EMAIL", "ROLE", "STATE", "CREATED", "LAST", "ACTIVE"]
+    assert [line.split()[:4] for line in listed[1:]] == [
+        ["root", "root@example.org", "admin", "active"],
+        ["someone", "u@example.org", "user", "active"],
+    ]
+
+    assert run(tmp_path, database_url, "set-role", "someone", "admin").exit_code == 0
+    assert run(tmp_path, database_url, "set-role", "root@example.org", "user").exit_code == 0
+    found = rows(database_url, "SELECT username, role FROM users ORDER BY id")
+    assert [(r["username"], r["role"]) for r in found] == [("root", "user"), ("someone", "admin")]
+
+    with repository(tmp_path, database_url) as repo:
+        check_disable_and_enable(tmp_path, database_url, repo)
+
+
+def check_disable_and_enable(tmp_path: Path, database_url: str, repo: Users) -> None:
+    user = repo.find_user("someone")
+    assert user is not None
+    session = repo.create_session(user.id, hours=1)
+    _, key = repo.create_key(user.id, "k")
+    result = run(tmp_path, database_url, "disable", "someone")
+    assert result.exit_code == 0 and "disabled" in result.output
+    assert repo.resolve_session(tokens.digest(session.token)) is None
+    assert repo.resolve_key(tokens.digest(key)) is None
+    assert repo.check_login("someone", "someone's password") is None
+    assert "disabled" in run(tmp_path, database_url, "list").output
+    assert run(tmp_path, database_url, "enable", "someone").exit_code == 0
+    assert repo.resolve_key(tokens.digest(key)) is not None
+    assert repo.check_login("someone", "someone's password") is not None
+
+
+def test_reset_password(tmp_path: Path, database_url: str) -> None:
+    args = ("create", "--email", "a@example.org", "--username", "ann", "--password-stdin")
+    assert run(tmp_path, database_url, *args, stdin="first password\n").exit_code == 0
+    with repository(tmp_path, database_url) as repo:
+        check_reset_password(tmp_path, database_url, repo)
+
+
+def check_reset_password(tmp_path: Path, database_url: str, repo: Users) -> None:
+    user = repo.find_user("ann")
+    assert user is not None
+    session = repo.create_session(user.id, hours=1)
+
+    result = run(tmp_path, database_url, "reset-password", "ann", stdin="second pw\nsecond pw\n")
+    assert result.exit_code == 0 and "password of ann changed" in result.output
+    assert repo.check_login("ann", "first password") is None
+    assert repo.check_login("ann", "second pw") is not None
+    assert repo.resolve_session(tokens.digest(session.token)) is None
+    mismatch = run(tmp_path, database_url, "reset-password", "ann", stdin="third pw1\nthird pw2\n")
+    assert mismatch.exit_code != 0
+    assert repo.check_login("ann", "second pw") is not None
+    by_stdin = run(
+        tmp_path, database_url, "reset-password", "a@example.org", "--password-stdin", stdin="x" * 9
+    )
+    assert by_stdin.exit_code == 0 and repo.check_login("ann", "x" * 9) is not None
+
+
+def test_errors_are_one_line_without_traceback(tmp_path: Path, database_url: str) -> None:
+    create = ("create", "--email", "b@example.org", "--username", "bea", "--password-stdin")
+    short = run(tmp_path, database_url, *create, stdin="short\n")
+    assert (short.exit_code, short.stderr) == (
+        1,
+        "error: 'password' must be at least 8 characters long\n",
+    )
+    assert run(tmp_path, database_url, *create, stdin="long enough\n").exit_code == 0
+    again = run(tmp_path, database_url, *create, stdin="long enough\n")
+    assert (again.exit_code, again.stderr) == (1, "error: a user with this email already exists\n")
+    for args in (("disable", "nobody"), ("set-role", "nobody", "admin"), ("enable", "x@y.z")):
+        missing = run(tmp_path, database_url, *args)
+        assert missing.exit_code == 1, args
+        assert missing.stderr.startswith("error: no user ") and missing.stderr.count("\n") == 1
+        assert "Traceback" not in missing.output
+    bad_email = run(
+        tmp_path,
+        database_url,
+        "create",
+        "--email",
+        "nope",
+        "--username",
+        "bob",
+        "--password-stdin",
+        stdin="long enough\n",
+    )
+    assert bad_email.stderr == "error: 'email' is not a valid email address\n"
+    bad_role = run(tmp_path, database_url, "set-role", "bea", "root")
+    assert bad_role.exit_code == 2  # click's usage error names the choices
+    unreachable = CliRunner().invoke(
+        cli, ["users", "list"], env={"DATABASE_URL": "mysql://nobody@localhost/parley"}
+    )
+    assert unreachable.exit_code == 1 and unreachable.stderr.startswith("error: unsupported")
+
+
+def test_password_is_never_an_argument() -> None:
+    result = CliRunner().invoke(cli, ["users", "create", "--help"])
+    assert "--password-stdin" in result.output
+    assert "--password " not in result.output and "--password=" not in result.output
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_is_documented(command: str) -> None:
+    result = CliRunner().invoke(cli, ["users", command, "--help"])
+    assert result.exit_code == 0
+    summary = result.output.split("\n\n")[1].strip()
+    assert len(summary) > 20, f"`parley users {command}` has no help text"

@@ -1,0 +1,578 @@
+"""The chat API's conversations and messages over real HTTP: a real parley in front of the
+fake OpenAI upstream, on a SQLite file and on PostgreSQL.
+
+Callers are the local admin (local mode) or, through a test-only middleware that stands
+in for API keys and sessions, users 1 and 2: ownership is decided by ``Identity`` alone,
+whichever channel made it.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Awaitable, Callable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+import sqlalchemy as sa
+from aiohttp import web
+
+from parley.chat.service import clean_title
+from parley.server.app import create_app
+from parley.server.identity import IDENTITY_KEY, Identity
+from tests.fakes.openai_upstream import FakeOpenAI
+from tests.harness import ParleyServer, rows, settings_for, wait_for, write_config
+
+Events = list[tuple[str, dict[str, Any]]]
+
+
+@web.middleware
+async def _test_user(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """``X-Test-User: <n>`` makes the caller user n (a plain user, not an admin)."""
+    who = request.headers.get("X-Test-User")
+    if who is not None:
+        request[IDENTITY_KEY] = Identity(
+            user_id=int(who), api_key_id=100 + int(who), role="user", via="api_key"
+        )
+    return await handler(request)
+
+
+class Server(ParleyServer):
+    """``ParleyServer`` with the test-only identity middleware innermost."""
+
+    async def _start(self) -> None:
+        app = create_app(self.settings)
+        app.middlewares.append(_test_user)
+        self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        server = site._server
+        assert server is not None
+        self.port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+
+@pytest.fixture
+def upstream() -> Iterator[FakeOpenAI]:
+    with FakeOpenAI() as fake:
+        yield fake
+
+
+def _config(tmp_path: Path, upstream: FakeOpenAI) -> None:
+    provider = {
+        "kind": "openai",
+        "base_url": upstream.base_url,
+        "models": ["gpt-4o-mini"],
+        "list_models": False,
+        "timeouts": {"connect": 2.0, "first_byte": 2.0, "idle": 2.0, "total": 5.0},
+    }
+    write_config(
+        tmp_path,
+        [{"name": "up", **provider}, {"name": "alt", **provider, "models": []}],
+        aliases={"fast": ["up/gpt-4o-mini"]},
+        # Retries off: a failing model fails at once.
+        extra="[retry]\nattempts = 1\n",
+    )
+
+
+@pytest.fixture
+def server(tmp_path: Path, database_url: str, upstream: FakeOpenAI) -> Iterator[Server]:
+    _config(tmp_path, upstream)
+    with Server(settings_for(tmp_path, database_url)) as running:
+        yield running
+
+
+class Api:
+    """A caller of the chat API (``user`` None: the local admin)."""
+
+    opened: list[httpx.Client] = []
+
+    def __init__(self, server: ParleyServer, user: int | None = None, **headers: str) -> None:
+        if user is not None:
+            headers["X-Test-User"] = str(user)
+        self.http = httpx.Client(base_url=f"{server.root}/api", headers=headers, timeout=10)
+        Api.opened.append(self.http)
+
+    def create(self, **body: Any) -> dict[str, Any]:
+        body.setdefault("default_model", "up/gpt-4o-mini")
+        response = self.http.post("/conversations", json=body)
+        assert response.status_code == 201, response.text
+        created: dict[str, Any] = response.json()
+        return created
+
+    def get(self, conversation_id: str) -> dict[str, Any]:
+        response = self.http.get(f"/conversations/{conversation_id}")
+        assert response.status_code == 200, response.text
+        got: dict[str, Any] = response.json()
+        return got
+
+    def send(self, conversation_id: str, content: Any = "hello", **body: Any) -> Events:
+        return self.stream(f"/conversations/{conversation_id}/messages", content=content, **body)
+
+    def regenerate(self, conversation_id: str, message_id: str, **body: Any) -> Events:
+        path = f"/conversations/{conversation_id}/messages/{message_id}/regenerate"
+        return self.stream(path, **body)
+
+    def stream(self, path: str, **body: Any) -> Events:
+        """POST and read the SSE answer: (event, data) pairs."""
+        events: Events = []
+        with self.http.stream("POST", path, json=body) as response:
+            assert response.status_code == 200, response.read()
+            assert response.headers["content-type"].startswith("text/event-stream")
+            event = None
+            for line in response.iter_lines():
+                if line.startswith("event: "):
+                    event = line.removeprefix("event: ")
+                elif line.startswith("data: "):
+                    assert event is not None
+                    events.append((event, orjson.loads(line.removeprefix("data: "))))
+                    event = None
+        return events
+
+
+@pytest.fixture(autouse=True)
+def _close_clients() -> Iterator[None]:
+    yield
+    while Api.opened:
+        Api.opened.pop().close()
+
+
+def text_of(events: Events) -> str:
+    return "".join(data["text"] for event, data in events if event == "delta")
+
+
+def last(events: Events, name: str) -> dict[str, Any]:
+    found = [data for event, data in events if event == name]
+    assert found, f"no {name} event in {events}"
+    return found[-1]
+
+
+def test_create_list_get_update_delete(server: Server, database_url: str) -> None:
+    api = Api(server)
+    created = api.create(title="  Trip   plans ", system_prompt="Be brief.")
+    assert created["title"] == "Trip plans" and created["source"] == "chat"
+    assert created["default_model"] == "up/gpt-4o-mini" and created["message_count"] == 0
+    assert uuid.UUID(created["id"]) and created["last_message_at"] is None
+    cid = created["id"]
+
+    bad = api.http.post("/conversations", json={"default_model": "nope/model"})
+    assert bad.status_code == 400 and "nope" in bad.json()["error"]["message"]
+    assert api.http.post("/conversations", json={}).status_code == 400
+    assert (
+        api.http.post("/conversations", json={"default_model": "fast", "x": 1}).status_code == 400
+    )
+    alias = api.create(default_model="fast")
+
+    listed = api.http.get("/conversations").json()
+    assert [c["id"] for c in listed["data"]] == [alias["id"], cid]
+    assert listed["next_cursor"] is None
+
+    patched = api.http.patch(
+        f"/conversations/{cid}", json={"title": "Lyon", "pinned": True, "default_model": "fast"}
+    )
+    assert patched.status_code == 200, patched.text
+    assert (patched.json()["title"], patched.json()["pinned"]) == ("Lyon", True)
+    for body in ({"pinned": "yes"}, {"default_model": "nope/x"}, {"owner": 1}):
+        assert api.http.patch(f"/conversations/{cid}", json=body).status_code == 400, body
+    # Pinned first; archived ones only when asked for.
+    assert [c["id"] for c in api.http.get("/conversations").json()["data"]] == [cid, alias["id"]]
+    api.http.patch(f"/conversations/{alias['id']}", json={"archived": True})
+    assert [c["id"] for c in api.http.get("/conversations").json()["data"]] == [cid]
+    archived = api.http.get("/conversations", params={"archived": "true"}).json()["data"]
+    assert [c["id"] for c in archived] == [alias["id"]]
+    assert [c["id"] for c in api.http.get("/conversations?q=LYO").json()["data"]] == [cid]
+    assert api.http.get("/conversations?limit=0").status_code == 400
+
+    got = api.get(cid)
+    assert got["messages"] == [] and got["active_path"] == [] and got["active_leaf_id"] is None
+
+    assert api.http.delete(f"/conversations/{cid}").status_code == 204
+    assert api.http.get(f"/conversations/{cid}").status_code == 404
+    assert api.http.delete(f"/conversations/{cid}").status_code == 404
+    assert rows(database_url, "SELECT count(*) AS n FROM conversations")[0]["n"] == 1
+
+
+def test_pages_have_no_duplicates_or_gaps_newest_activity_first(server: Server) -> None:
+    api = Api(server)
+    made = [api.create(title=f"c{i}")["id"] for i in range(11)]
+    # Activity moves a conversation to the top.
+    api.send(made[3], "bump")
+    expected = [made[3], *reversed([c for c in made if c != made[3]])]
+    seen: list[str] = []
+    cursor = None
+    while True:
+        params: dict[str, Any] = {"limit": 4}
+        if cursor:
+            params["cursor"] = cursor
+        page = api.http.get("/conversations", params=params).json()
+        seen += [c["id"] for c in page["data"]]
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert seen == expected
+    top = api.http.get("/conversations", params={"limit": 1}).json()["data"][0]
+    assert top["message_count"] == 2 and top["last_message_at"] is not None
+    assert api.http.get("/conversations", params={"cursor": "garbage"}).status_code == 400
+
+
+def test_streaming_chat_end_to_end(server: Server, database_url: str, upstream: FakeOpenAI) -> None:
+    api = Api(server)
+    cid = api.create(title="Story", system_prompt="Be brief.")["id"]
+    events = api.send(cid, "tell me a story", temperature=0.5, max_tokens=50)
+
+    names = [name for name, _ in events]
+    assert names[0] == "message" and names[-1] == "done"
+    user = last(events, "message")
+    assert (user["role"], user["content"], user["parent_id"]) == ("user", "tell me a story", None)
+    assert text_of(events) == "echo: tell me a story"
+    done = last(events, "done")
+    assert done["role"] == "assistant" and done["content"] == "echo: tell me a story"
+    assert done["parent_id"] == user["id"] and done["model_used"] == "gpt-4o-mini"
+    assert done["finish_reason"] == "stop"
+    assert done["usage"] == {"prompt_tokens": 6, "completion_tokens": 5, "total_tokens": 11}
+    assert done["payload"] == {"role": "assistant", "content": "echo: tell me a story"}
+
+    # The upstream got the system prompt, then the branch.
+    body = upstream.received[-1][2]
+    assert body["messages"] == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "tell me a story"},
+    ]
+    assert (body["temperature"], body["max_tokens"], body["stream"]) == (0.5, 50, True)
+
+    got = api.get(cid)
+    assert [m["id"] for m in got["messages"]] == [user["id"], done["id"]]
+    assert got["messages"][1] == done
+    assert got["active_path"] == [user["id"], done["id"]] and got["active_leaf_id"] == done["id"]
+    assert got["message_count"] == 2
+
+    # The answer links to its request row exactly as /v1 traffic does.
+    [req] = rows(database_url, "SELECT * FROM request_log WHERE endpoint = 'chat'")
+    assert req["success"] and req["client_protocol"] == "parley" and req["is_streaming"]
+    assert (req["provider"], req["model"], req["model_requested"]) == (
+        "up",
+        "gpt-4o-mini",
+        "up/gpt-4o-mini",
+    )
+    assert req["time_to_first_token_ms"] is not None and req["message_count"] == 2
+    [conv] = rows(database_url, "SELECT id FROM conversations")
+    assert req["conversation_id"] == conv["id"]
+    [answer] = rows(database_url, "SELECT * FROM messages WHERE role = 'assistant'")
+    [response] = rows(database_url, "SELECT * FROM responses")
+    assert response["message_id"] == answer["id"] and response["request_id"] == req["id"]
+    assert answer["request_id"] == req["id"]
+
+    # Not streamed: one JSON body with both messages; content parts are accepted.
+    plain = api.http.post(
+        f"/conversations/{cid}/messages",
+        json={"content": [{"type": "text", "text": "and then?"}], "stream": False},
+    )
+    assert plain.status_code == 200, plain.text
+    assert plain.json()["user_message"]["parent_id"] == done["id"]
+    assert plain.json()["assistant_message"]["content"] == "echo: and then?"
+    assert upstream.received[-1][2]["messages"][-2:] == [
+        {"role": "assistant", "content": "echo: tell me a story"},
+        {"role": "user", "content": [{"type": "text", "text": "and then?"}]},
+    ]
+    for bad in ({"content": ""}, {"content": 3}, {"content": "x", "stream": "no"}, {}):
+        response = api.http.post(f"/conversations/{cid}/messages", json=bad)
+        assert response.status_code == 400, bad
+
+
+def test_the_user_message_survives_a_failing_upstream(server: Server, database_url: str) -> None:
+    api = Api(server)
+    cid = api.create(default_model="up/fail-500")["id"]
+    events = api.send(cid, "are you there?")
+    assert [e for e, _ in events] == ["message", "error"]
+    error = last(events, "error")
+    assert error["type"] == "server_error" and error["status"] == 502 and error["message"]
+    got = api.get(cid)
+    assert [(m["role"], m["content"]) for m in got["messages"]] == [("user", "are you there?")]
+    [req] = rows(database_url, "SELECT * FROM request_log")
+    assert not req["success"] and req["status_code"] == 500 and req["conversation_id"]
+
+    plain = api.http.post(
+        f"/conversations/{cid}/messages", json={"content": "again?", "stream": False}
+    )
+    assert plain.status_code == 502
+    assert plain.json()["error"]["type"] == "api_error"
+    assert plain.json()["user_message"]["content"] == "again?"
+    assert len(api.get(cid)["messages"]) == 2
+    # Regenerating with a model that works answers the kept message.
+    regenerated = api.regenerate(cid, plain.json()["user_message"]["id"], model="up/gpt-4o-mini")
+    assert last(regenerated, "done")["content"] == "echo: again?"
+    # That first answer asks the conversation's own model for a title: it fails, and
+    # the attempt is recorded like any other.
+    [title] = wait_for(
+        lambda: rows(database_url, "SELECT * FROM request_log WHERE endpoint = 'title'")
+    )
+    assert not title["success"] and api.get(cid)["title"] is None
+
+
+def test_per_message_model_override(server: Server, database_url: str) -> None:
+    api = Api(server)
+    cid = api.create()["id"]
+    done = last(api.send(cid, "hi", model="alt/other-model"), "done")
+    assert done["model_used"] == "other-model"
+    req = rows(database_url, "SELECT * FROM request_log WHERE endpoint = 'chat'")[-1]
+    assert (req["provider"], req["model"], req["model_requested"]) == (
+        "alt",
+        "other-model",
+        "alt/other-model",
+    )
+    # The conversation keeps its default; an unknown override is refused before anything
+    # is stored.
+    assert api.get(cid)["default_model"] == "up/gpt-4o-mini"
+    refused = api.http.post(f"/conversations/{cid}/messages", json={"content": "x", "model": "zz"})
+    assert refused.status_code == 400
+    assert len(api.get(cid)["messages"]) == 2
+    # A default model that left the configuration is the request's fault, not a 404.
+    engine = sa.create_engine(database_url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(sa.text("UPDATE conversations SET default_model = 'gone/model'"))
+    finally:
+        engine.dispose()
+    error = last(api.send(cid, "still there?"), "error")
+    assert (error["status"], error["type"]) == (400, "bad_request") and "gone" in error["message"]
+
+
+def test_edit_and_regenerate_make_branches(server: Server, upstream: FakeOpenAI) -> None:
+    api = Api(server)
+    cid = api.create(title="Branches")["id"]
+    u1 = last(events := api.send(cid, "one"), "message")
+    a1 = last(events, "done")
+    u2 = last(events := api.send(cid, "two"), "message")
+    a2 = last(events, "done")
+    assert u2["parent_id"] == a1["id"]
+
+    # Edit "two": a new user message under its parent is a new branch.
+    edited = api.send(cid, "two, edited", parent_id=a1["id"])
+    u2b, a2b = last(edited, "message"), last(edited, "done")
+    assert u2b["parent_id"] == a1["id"]
+    # Regenerate the edited answer: a sibling of it, with the same parent.
+    regenerated = api.regenerate(cid, a2b["id"])
+    assert last(regenerated, "message")["id"] == u2b["id"]
+    a2c = last(regenerated, "done")
+    assert a2c["parent_id"] == u2b["id"] and a2c["id"] != a2b["id"]
+    # Only the selected branch went upstream.
+    assert [m["content"] for m in upstream.received[-1][2]["messages"]] == [
+        "one",
+        "echo: one",
+        "two, edited",
+    ]
+
+    got = api.get(cid)
+    assert len(got["messages"]) == 7  # every branch kept
+    assert got["active_path"] == [u1["id"], a1["id"], u2b["id"], a2c["id"]]
+    siblings = [m["id"] for m in got["messages"] if m["parent_id"] == u2b["id"]]
+    assert siblings == [a2b["id"], a2c["id"]]
+
+    # Select the old branch; the next message continues it.
+    selected = api.http.patch(f"/conversations/{cid}", json={"active_leaf_id": a2["id"]})
+    assert selected.status_code == 200
+    assert api.get(cid)["active_path"] == [u1["id"], a1["id"], u2["id"], a2["id"]]
+    u3 = last(api.send(cid, "three"), "message")
+    assert u3["parent_id"] == a2["id"]
+    assert [m["content"] for m in upstream.received[-1][2]["messages"]] == [
+        "one",
+        "echo: one",
+        "two",
+        "echo: two",
+        "three",
+    ]
+    # Unknown or foreign message ids are refused.
+    other = api.create()["id"]
+    other_message = last(api.send(other, "elsewhere"), "message")["id"]
+    for bad in (str(uuid.uuid4()), other_message, "not-a-uuid"):
+        response = api.http.patch(f"/conversations/{cid}", json={"active_leaf_id": bad})
+        assert response.status_code == 400, bad
+        sent = api.http.post(
+            f"/conversations/{cid}/messages", json={"content": "x", "parent_id": bad}
+        )
+        assert sent.status_code == 400, bad
+    assert (
+        api.http.post(f"/conversations/{cid}/messages/{other_message}/regenerate").status_code
+        == 400
+    )
+    # A new root: parent_id null.
+    root = last(api.send(cid, "from scratch", parent_id=None), "message")
+    assert root["parent_id"] is None
+
+
+def test_title_is_made_after_the_first_exchange_unless_set(
+    server: Server, database_url: str, upstream: FakeOpenAI
+) -> None:
+    api = Api(server)
+    cid = api.create()["id"]
+    api.send(cid, "plan a trip to Lyon")
+    titled = wait_for(lambda: api.get(cid)["title"])
+    assert titled == "echo: plan a trip to Lyon"
+    [title_req] = rows(database_url, "SELECT * FROM request_log WHERE endpoint = 'title'")
+    assert title_req["success"] and title_req["conversation_id"] is None
+    assert title_req["model_requested"] == "up/gpt-4o-mini"
+    title_body = next(
+        body for _, _, body in upstream.received if body["messages"][0]["role"] == "system"
+    )
+    assert title_body["messages"][-1] == {"role": "user", "content": "plan a trip to Lyon"}
+    # Later exchanges make no other title; the user's own title stays.
+    api.send(cid, "by train")
+    api.http.patch(f"/conversations/{cid}", json={"title": "Lyon"})
+    # A conversation titled by its user never gets a generated one.
+    mine = api.create(title="Mine")["id"]
+    api.send(mine, "hello")
+    # (A third conversation's title marks the moment all earlier titles are done.)
+    marker = api.create()["id"]
+    api.send(marker, "marker")
+    wait_for(lambda: api.get(marker)["title"])
+    assert len(rows(database_url, "SELECT id FROM request_log WHERE endpoint = 'title'")) == 2
+    assert api.get(cid)["title"] == "Lyon" and api.get(mine)["title"] == "Mine"
+    # The titles' exchanges never became messages of any conversation.
+    assert len(api.get(cid)["messages"]) == 4
+
+
+def test_v1_traffic_conversations_are_listed_as_api(server: Server) -> None:
+    response = httpx.post(
+        f"{server.base_url}/chat/completions",
+        json={"model": "up/gpt-4o-mini", "messages": [{"role": "user", "content": "sdk"}]},
+        timeout=10,
+    )
+    assert response.status_code == 200
+    api = Api(server)
+    api.create(title="chat")
+    listed = api.http.get("/conversations").json()["data"]
+    assert [(c["source"], c["message_count"]) for c in listed] == [("chat", 0), ("api", 2)]
+    got = api.get(listed[1]["id"])
+    assert [m["content"] for m in got["messages"]] == ["sdk", "echo: sdk"]
+    # The chat continues it under its newest message.
+    assert (
+        last(api.send(listed[1]["id"], "more"), "message")["parent_id"] == got["messages"][1]["id"]
+    )
+
+
+def test_another_users_conversation_is_a_404_on_every_route(server: Server) -> None:
+    alice, bob = Api(server, user=1), Api(server, user=2)
+    cid = alice.create(title="Alice's")["id"]
+    events = alice.send(cid, "secret")
+    user_message, answer = last(events, "message")["id"], last(events, "done")["id"]
+    attempts = [
+        ("GET", f"/conversations/{cid}", None),
+        ("PATCH", f"/conversations/{cid}", {"title": "Bob's now"}),
+        ("DELETE", f"/conversations/{cid}", None),
+        ("POST", f"/conversations/{cid}/messages", {"content": "hi", "stream": False}),
+        ("POST", f"/conversations/{cid}/messages", {"content": "hi"}),
+        ("POST", f"/conversations/{cid}/messages/{answer}/regenerate", {}),
+        ("POST", f"/conversations/{cid}/messages/{user_message}/regenerate", {}),
+    ]
+    missing = str(uuid.uuid4())
+    for method, path, body in attempts:
+        theirs = bob.http.request(method, path, json=body)
+        nobodys = bob.http.request(method, path.replace(cid, missing), json=body)
+        malformed = bob.http.request(method, path.replace(cid, "12"), json=body)
+        for response in (theirs, nobodys, malformed):
+            assert response.status_code == 404, (method, path, response.text)
+        # Same answer whether the id exists or not: nothing to probe.
+        assert theirs.json() == nobodys.json()
+    assert bob.http.get("/conversations").json()["data"] == []
+    # Alice's conversation is untouched and still hers; the local admin may read it.
+    got = alice.get(cid)
+    assert got["title"] == "Alice's" and len(got["messages"]) == 2
+    assert Api(server).get(cid)["id"] == cid
+    assert [c["id"] for c in alice.http.get("/conversations").json()["data"]] == [cid]
+
+
+def test_master_key_protects_the_chat_api(
+    tmp_path: Path, database_url: str, upstream: FakeOpenAI
+) -> None:
+    _config(tmp_path, upstream)
+    settings = settings_for(tmp_path, database_url, PARLEY_MASTER_KEY="sk-master")
+    with ParleyServer(settings) as running:
+        assert httpx.get(f"{running.root}/api/conversations").status_code == 401
+        api = Api(running, Authorization="Bearer sk-master")
+        cid = api.create()["id"]
+        assert last(api.send(cid, "hi"), "done")["content"] == "echo: hi"
+        assert [c["id"] for c in api.http.get("/conversations").json()["data"]] == [cid]
+
+
+def test_client_leaving_mid_stream_cancels_and_keeps_the_partial_answer(
+    server: Server, database_url: str, upstream: FakeOpenAI
+) -> None:
+    api = Api(server)
+    cid = api.create(default_model="up/slow-stream", title="t")["id"]
+    path = f"/conversations/{cid}/messages"
+    with api.http.stream("POST", path, json={"content": "one two three four five"}) as response:
+        for line in response.iter_lines():
+            if line.startswith("event: delta"):
+                break  # leave after the first piece of the answer
+    [req] = wait_for(
+        lambda: rows(database_url, "SELECT * FROM request_log WHERE finish_reason IS NOT NULL")
+    )
+    assert req["finish_reason"] == "client_disconnected" and req["error_type"] == "cancelled"
+    wait_for(lambda: upstream.abandoned == 1, timeout=2.0)
+    got = api.get(cid)
+    assert got["messages"][0]["content"] == "one two three four five"
+    [partial] = [m for m in got["messages"] if m["role"] == "assistant"]
+    assert partial["content"] and "five" not in partial["content"]
+
+
+def test_deleting_a_conversation_deletes_its_attachments_blobs(
+    server: Server, database_url: str, tmp_path: Path
+) -> None:
+    # Attachments belong to a user row; the test-only identity is user 1.
+    engine = sa.create_engine(database_url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(
+                sa.text(
+                    "INSERT INTO users (id, public_id, email, username, password_hash, role,"
+                    " is_active, preferences, created_at, updated_at) VALUES (1, :p,"
+                    " 'a@example.org', 'alice', 'x', 'user', :t, '{}', :n, :n)"
+                ),
+                {"p": uuid.uuid4().hex, "t": True, "n": datetime.now(UTC)},
+            )
+    finally:
+        engine.dispose()
+    alice = Api(server, user=1)
+    kept, doomed = alice.create()["id"], alice.create()["id"]
+
+    def upload(conversation_id: str, data: bytes) -> str:
+        response = alice.http.post(
+            "/attachments",
+            files={"file": ("notes.txt", data, "text/plain")},
+            data={"conversation_id": conversation_id},
+        )
+        assert response.status_code == 201, response.text
+        sha256: str = response.json()["sha256"]
+        return sha256
+
+    only_here = upload(doomed, b"only in the deleted conversation\n")
+    shared = upload(doomed, b"in both conversations\n")
+    assert upload(kept, b"in both conversations\n") == shared
+    blob_dir = tmp_path / "data" / "blobs"
+    assert (blob_dir / only_here[:2] / only_here).exists()
+
+    assert alice.http.delete(f"/conversations/{doomed}").status_code == 204
+    assert not (blob_dir / only_here[:2] / only_here).exists()
+    # Bytes another conversation's attachment still names stay.
+    assert (blob_dir / shared[:2] / shared).exists()
+    # The other conversation's attachment row is untouched.
+    assert len(rows(database_url, "SELECT id FROM attachments")) == 1
+
+
+@pytest.mark.parametrize(
+    ("answer", "title"),
+    [
+        ('"Trip to Lyon."', "Trip to Lyon"),
+        ("Title: **Budget   plan**\nHere is why...", "Budget plan"),
+        ("\u201cSmart quotes\u201d", "Smart quotes"),
+        ("  \n ", None),
+        ("word " * 40, ("word " * 16).strip()),
+    ],
+)
+def test_generated_titles_are_cleaned_up(answer: str, title: str | None) -> None:
+    assert clean_title(answer) == title
