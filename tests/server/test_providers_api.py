@@ -107,6 +107,9 @@ def test_admin_crud(server: ParleyServer, upstream: FakeOpenAI) -> None:
         assert created["base_url"] == "https://api.openai.com/v1"  # the kind's
         assert created["is_active"] is True and created["extra"] == {"seed": 7}
         assert uuid.UUID(created["id"])
+        # An active configuration is a model clients may name: /v1/models lists it.
+        listed = {m["id"]: m for m in http.get("/v1/models").json()["data"]}
+        assert listed[HOUSE["name"]]["owned_by"] == "parley"
         path = f"/api/admin/providers/{created['id']}"
         assert http.get(path).json() == created
         assert http.get("/api/admin/providers").json()["data"] == [created]

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from parley.domain.capabilities import Capabilities
 from parley.errors import ParleyError
 from parley.gateway.capabilities import CapabilityBook
+from parley.gateway.directory import ProviderDirectory
 from parley.providers.base import Provider
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,8 @@ _RETRY_FAILED = 30.0
 class ModelEntry:
     id: str
     owned_by: str
-    # "config" (declared in parley.toml), "upstream" (the provider listed it), "alias".
+    # "config" (declared in parley.toml), "upstream" (the provider listed it), "alias",
+    # "configuration" (a provider configuration in the database: its default model).
     source: str
     capabilities: Capabilities
 
@@ -49,11 +51,13 @@ class ModelCatalog:
         aliases: Mapping[str, tuple[str, ...]],
         capabilities: CapabilityBook,
         ttl: float,
+        directory: ProviderDirectory | None = None,
     ) -> None:
         self._providers = dict(providers)
         self._aliases = dict(aliases)
         self._capabilities = capabilities
         self._ttl = ttl
+        self._directory = directory
         self._listings = {name: _Listing() for name in self._providers}
         self._locks = {name: asyncio.Lock() for name in self._providers}
 
@@ -74,6 +78,26 @@ class ModelCatalog:
         for alias, targets in self._aliases.items():
             first, _, model = targets[0].partition("/")
             out.append(ModelEntry(alias, "parley", "alias", self._capabilities.of(first, model)))
+        out.extend(await self._configurations())
+        return out
+
+    async def _configurations(self) -> list[ModelEntry]:
+        directory = self._directory
+        if directory is None:
+            return []
+        if directory.stale():
+            await directory.refresh()
+        out = []
+        for name in directory.names():
+            try:
+                provider = directory.provider(name)
+            except ParleyError:
+                continue  # unusable (e.g. its key cannot be decrypted): not offered
+            if provider is not None:
+                model = provider.defaults.model
+                out.append(
+                    ModelEntry(name, "parley", "configuration", self._capabilities.of(name, model))
+                )
         return out
 
     async def _listed(self, name: str) -> tuple[str, ...]:

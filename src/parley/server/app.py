@@ -96,7 +96,9 @@ async def _lifespan(app: web.Application) -> AsyncIterator[None]:
             capabilities,
             user_keys,
         )
-        catalog = ModelCatalog(providers, settings.aliases, capabilities, settings.models_ttl)
+        catalog = ModelCatalog(
+            providers, settings.aliases, capabilities, settings.models_ttl, directory
+        )
         app[SERVICES] = Services(
             settings=settings,
             engine=engine,
