@@ -10,6 +10,13 @@ Invariants:
 - the context sent upstream is one branch: the system prompt (the conversation's own,
   else its provider configuration's), then the messages from the root to the message
   answered; other branches never reach the model;
+- files: a message carries only its sender's own uploads (any other id is the 404 of a
+  missing one, before anything is stored), linked to it in the transaction that commits
+  it. Their bytes are read from the blob store whenever a context is built and become
+  content parts after the message's text (``chat.attachments.content_part``: images as
+  data URLs, text files as text); they are never copied into a stored message. A model
+  known not to take images refuses such a context in the gateway (``Gateway.capable``),
+  before any upstream call: a ``Failed`` 400 after the user message was committed;
 - the exchange names its conversation and parent (``ReplyTo``), so the writer adds only
   the answer, linked to its request rows like any ``/v1`` exchange. Recording follows
   ``server/relay.py``: ``Done`` comes only after the record is committed (durable mode);
@@ -28,18 +35,20 @@ import asyncio
 import logging
 import re
 import uuid
-from collections.abc import AsyncGenerator, Coroutine
-from dataclasses import dataclass
+from collections.abc import AsyncGenerator, Callable, Coroutine, Mapping, Sequence
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import orjson
 
+from parley.chat.attachments import Attachments
 from parley.domain.events import Chunk, TextDelta
 from parley.domain.exchange import Exchange, ReplyTo
 from parley.domain.messages import ChatRequest, Message
 from parley.errors import InvalidRequest, ModelNotFound, NotFound, ParleyError, StoreError
 from parley.gateway.service import Gateway
+from parley.store.attachments import AttachmentRow
 from parley.store.bulk import new_public_id
 from parley.store.conversations import (
     ACTIVE_LEAF,
@@ -66,6 +75,8 @@ _QUOTES = "\"'`*# \u201c\u201d\u2018\u2019"
 _TITLE_INPUT = 2000
 # How long shutdown waits for titles being made before it cancels them.
 _TITLE_GRACE_SECONDS = 5.0
+
+Part = dict[str, Any]
 
 
 class Caller(Viewer, Protocol):
@@ -128,13 +139,23 @@ class Reply:
 
 
 class ChatService:
+    """``attachments``: how to reach the attachment service (the server builds it after
+    this one, so it is asked for when a message needs it)."""
+
     def __init__(
-        self, store: Conversations, gateway: Gateway, recorder: Recorder, *, durable: bool
+        self,
+        store: Conversations,
+        gateway: Gateway,
+        recorder: Recorder,
+        *,
+        durable: bool,
+        attachments: Callable[[], Attachments],
     ) -> None:
         self.store = store
         self._gateway = gateway
         self._recorder = recorder
         self._durable = durable
+        self._attachments = attachments
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def check_model(self, model: str, param: str = "model") -> str:
@@ -154,13 +175,25 @@ class ChatService:
         message: Message,
         options: Options,
         parent: Parent = ACTIVE_LEAF,
+        attachments: Sequence[uuid.UUID] = (),
     ) -> Reply:
-        """Commit ``message`` under ``parent`` (see ``Conversations.add_user_message``),
+        """Commit ``message`` under ``parent`` (see ``Conversations.add_user_message``)
+        with the uploads ``attachments`` (the caller's own: any other is ``NotFound``),
         then answer it."""
         if options.model is not None:
             await self.check_model(options.model)
         # Refused before the message is stored: the caller knows nothing was kept.
         self._recorder.check_recording()
+        rows: list[AttachmentRow] = []
+        parts: list[Part] = []
+        if attachments:
+            files = self._attachments()
+            # Only the sender's own files, admins included: a file goes into a
+            # conversation by the hand of whoever uploaded it.
+            rows = await asyncio.to_thread(
+                files.for_message, attachments, lambda owner: owner == caller.user_id
+            )
+            parts = await asyncio.to_thread(files.parts, rows)
         turn = await asyncio.to_thread(
             self.store.add_user_message,
             caller,
@@ -169,10 +202,12 @@ class ChatService:
             parent=parent,
             user_id=caller.user_id,
             api_key_id=caller.api_key_id,
+            attachments=rows,
+            hashed_as=carrying(message, parts) if parts else None,
         )
         if turn is None:
             raise NotFound("no such conversation")
-        return Reply(turn.message, self._answer(caller, turn, options))
+        return Reply(turn.message, self._answer(caller, turn, options, {turn.message.id: parts}))
 
     async def regenerate(
         self, caller: Caller, conversation_id: uuid.UUID, message_id: uuid.UUID, options: Options
@@ -197,14 +232,23 @@ class ChatService:
         await asyncio.gather(*pending, return_exceptions=True)
 
     async def _answer(
-        self, caller: Caller, turn: Turn, options: Options
+        self,
+        caller: Caller,
+        turn: Turn,
+        options: Options,
+        known: Mapping[int, list[Part]] | None = None,
     ) -> AsyncGenerator[ChatEvent, None]:
+        """``known``: content parts already read, by message id."""
         conversation = turn.conversation
         model = options.model or conversation.default_model
         if model is None:
             yield Failed(InvalidRequest("the conversation has no default model: pass 'model'"))
             return
-        context = _context(turn)
+        try:
+            context = await self._context(turn, known or {})
+        except ParleyError as exc:
+            yield Failed(exc)
+            return
         chat = ChatRequest(
             model=model,
             messages=context,
@@ -273,6 +317,33 @@ class ChatService:
         if turn.needs_title:
             self._spawn(self._make_title(caller, conversation, turn.message.content))
         yield Done(await self._stored_answer(turn, exchange, answer_id))
+
+    async def _context(
+        self, turn: Turn, known: Mapping[int, list[Part]]
+    ) -> tuple[Message, ...]:
+        """The system prompt, then the branch, each message with its files as content
+        parts after its text."""
+        unread = [m for m in turn.path if m.attachments and m.id not in known]
+        parts = dict(known)
+        if unread:
+            parts.update(await asyncio.to_thread(self._read_parts, unread))
+        branch = [carrying(stored.message(), parts.get(stored.id, ())) for stored in turn.path]
+        if turn.system_prompt:
+            return (Message("system", turn.system_prompt), *branch)
+        return tuple(branch)
+
+    def _read_parts(self, messages: Sequence[StoredMessage]) -> dict[int, list[Part]]:
+        files = self._attachments()
+        out: dict[int, list[Part]] = {}
+        for stored in messages:
+            try:
+                out[stored.id] = files.parts(stored.attachments)
+            except NotFound:
+                # The row is there and its blob is not: the store's fault, not the caller's.
+                raise StoreError(
+                    "a file attached to this conversation is missing from the blob store"
+                ) from None
+        return out
 
     async def _stored_answer(
         self, turn: Turn, exchange: Exchange, answer_id: uuid.UUID
@@ -356,11 +427,17 @@ def clean_title(text: str) -> str | None:
     return line[:MAX_TITLE].rstrip() or None
 
 
-def _context(turn: Turn) -> tuple[Message, ...]:
-    branch = [stored.message() for stored in turn.path]
-    if turn.system_prompt:
-        return (Message("system", turn.system_prompt), *branch)
-    return tuple(branch)
+def carrying(message: Message, parts: Sequence[Part]) -> Message:
+    """``message`` with the content parts of its files after its text (an empty text
+    is left out: a message may be its files alone)."""
+    if not parts:
+        return message
+    content = message.content
+    if isinstance(content, str):
+        head: tuple[Any, ...] = ({"type": "text", "text": content},) if content else ()
+    else:
+        head = tuple(content or ())
+    return replace(message, content=(*head, *parts))
 
 
 def _text(chunk: Chunk) -> str:

@@ -37,6 +37,7 @@ from parley.server import (
     users_api,
 )
 from parley.server.identity import LOCAL_MODE
+from parley.server.local_guard import local_guard
 from parley.server.state import SERVICES, Services
 from parley.settings import Settings
 from parley.store.engine import create_engine
@@ -50,7 +51,8 @@ SETTINGS = web.AppKey("settings", Settings)
 
 def create_app(settings: Settings) -> web.Application:
     app = web.Application(
-        middlewares=[_errors],
+        # Local mode: no credentials, so only programs on this machine (local_guard).
+        middlewares=[_errors] if settings.master_key is not None else [_errors, local_guard],
         # The body limit is checked again in read_body for a clear 413 in OpenAI shape.
         client_max_size=settings.max_body_bytes,
     )
@@ -58,7 +60,6 @@ def create_app(settings: Settings) -> web.Application:
     app[LOCAL_MODE] = settings.master_key is None
     app.cleanup_ctx.append(_lifespan)
     # The identity repository; with a master key, the auth middleware after _errors.
-    # Without one there is nothing to check: no middleware on the hot path.
     auth.install(app, settings)
     app.router.add_post("/v1/chat/completions", openai_api.chat_completions)
     app.router.add_get("/v1/models", openai_api.list_models)

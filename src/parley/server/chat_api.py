@@ -12,6 +12,9 @@ is called with anything a handler has not validated. Invariants:
   once the answer is committed (durable recording), as on ``/v1``;
 - a client that goes away mid-stream cancels the upstream call (closing the event
   stream does it, see ``chat.service``); what was received is recorded;
+- a send may carry ``attachments``: ids of the caller's own uploads (any other id is the
+  404 of a missing one, before anything is stored); messages show their files as
+  metadata (id, file name, MIME type, size), never their bytes;
 - deleting a conversation sweeps, after the commit, the blobs its attachments named that
   no other attachment names (``files_api``'s attachment store).
 
@@ -51,7 +54,11 @@ CHAT = web.AppKey("parley.chat", ChatService)
 
 MAX_TITLE = 500
 _CREATE_FIELDS = frozenset({"title", "default_model", "system_prompt"})
-_SEND_FIELDS = frozenset({"content", "parent_id", "model", "stream", "temperature", "max_tokens"})
+_SEND_FIELDS = frozenset(
+    {"content", "attachments", "parent_id", "model", "stream", "temperature", "max_tokens"}
+)
+# Files one message may carry.
+MAX_ATTACHMENTS = 20
 _REGENERATE_FIELDS = frozenset({"model", "stream", "temperature", "max_tokens"})
 
 
@@ -76,6 +83,8 @@ async def _chat_service(app: web.Application) -> AsyncIterator[None]:
         services.gateway,
         services,
         durable=services.settings.recording == "durable",
+        # files_api's lifespan runs after this one: its service is looked up when needed.
+        attachments=lambda: app[FILES].attachments,
     )
     app[CHAT] = chat
     try:
@@ -187,22 +196,27 @@ async def delete_conversation(request: web.Request) -> web.Response:
 async def send_message(request: web.Request) -> web.StreamResponse:
     """Send a user message and get the answer, streamed as SSE by default.
 
-    Body: ``content`` (a string or OpenAI content parts), ``parent_id?`` (default: the
-    active leaf; null: a new root; a message's parent: an edit, a new branch), ``model?``
-    (this message only), ``stream?``, ``temperature?``, ``max_tokens?``. The user message
-    is stored before the model is called. Events: ``message``, ``delta``..., then
-    ``done`` or ``error``; with ``stream`` false, ``{user_message, assistant_message}``.
+    Body: ``content`` (a string or OpenAI content parts; may be empty with attachments),
+    ``attachments?`` (ids of your uploads: images reach the model as image parts, text
+    files as text), ``parent_id?`` (default: the active leaf; null: a new root; a
+    message's parent: an edit, a new branch), ``model?`` (this message only), ``stream?``,
+    ``temperature?``, ``max_tokens?``. The user message is stored, with its attachments,
+    before the model is called. Events: ``message``, ``delta``..., then ``done`` or
+    ``error``; with ``stream`` false, ``{user_message, assistant_message}``.
     """
     caller = identity.current(request)
     conversation_id = _path_id(request)
     body = await _body(request, _SEND_FIELDS)
-    message = Message("user", _content(body.get("content")))
+    attachments = _attachment_ids(body.get("attachments"))
+    message = Message("user", _content(body.get("content"), empty_ok=bool(attachments)))
     parent: Parent = ACTIVE_LEAF
     if "parent_id" in body:
         raw = body["parent_id"]
         parent = None if raw is None else _body_id(raw, "parent_id")
     options = _options(request, body)
-    reply = await request.app[CHAT].send(caller, conversation_id, message, options, parent)
+    reply = await request.app[CHAT].send(
+        caller, conversation_id, message, options, parent, attachments
+    )
     return await _answer(request, reply, options.stream)
 
 
@@ -303,6 +317,10 @@ def message_json(message: StoredMessage) -> dict[str, Any]:
         "model_used": m.model_used,
         "usage": usage,
         "finish_reason": m.finish_reason,
+        "attachments": [
+            {"id": a.public_id, "filename": a.filename, "mime_type": a.mime_type, "size": a.size}
+            for a in m.attachments
+        ],
     }
 
 
@@ -424,7 +442,10 @@ _PATCHERS: dict[str, Any] = {
 }
 
 
-def _content(value: Any) -> str | tuple[Mapping[str, Any], ...]:
+def _content(value: Any, *, empty_ok: bool = False) -> str | tuple[Mapping[str, Any], ...]:
+    """The message's content; ``empty_ok`` (it carries files): missing or blank is ""."""
+    if empty_ok and (value is None or (isinstance(value, str) and not value.strip())):
+        return ""
     if isinstance(value, str):
         if not value.strip():
             raise InvalidRequest("'content' must not be empty", "content")
@@ -438,6 +459,29 @@ def _content(value: Any) -> str | tuple[Mapping[str, Any], ...]:
     raise InvalidRequest(
         "'content' must be a non-empty string or an array of OpenAI content parts", "content"
     )
+
+
+def _attachment_ids(value: Any) -> list[uuid.UUID]:
+    """Upload ids, in order: a list of strings, each at most once; one that is not a
+    UUID is as missing as an unknown one (404)."""
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise InvalidRequest("'attachments' must be an array of attachment ids", "attachments")
+    if len(value) > MAX_ATTACHMENTS:
+        raise InvalidRequest(
+            f"a message carries at most {MAX_ATTACHMENTS} attachments", "attachments"
+        )
+    ids: list[uuid.UUID] = []
+    for raw in value:
+        try:
+            public_id = uuid.UUID(raw)
+        except ValueError:
+            raise NotFound(f"no such attachment: {raw[:64]}") from None
+        if public_id in ids:
+            raise InvalidRequest(f"attachment {public_id} is listed twice", "attachments")
+        ids.append(public_id)
+    return ids
 
 
 def _options(request: web.Request, body: Mapping[str, Any]) -> Options:

@@ -7,7 +7,9 @@ Invariants:
 - ``user_id`` is the owner (NULL: the local admin, as for conversations); callers check
   ownership with ``Identity.may_see(row.user_id)`` and answer 404 otherwise;
 - deleting a conversation deletes its attachment rows (foreign key cascade); the caller
-  takes ``conversation_blobs`` first and sweeps them after the commit.
+  takes ``conversation_blobs`` first and sweeps them after the commit;
+- a row is on at most one message (``message_id``): ``attach`` links a free row and
+  copies one already on another message (a new row naming the same blob).
 
 Every function runs in the caller's transaction; writes need a write transaction
 (``store.engine.writer_connection``).
@@ -17,13 +19,14 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import Connection, delete, insert, select, update
 from sqlalchemy.sql import Select
 
+from parley.errors import NotFound
 from parley.store.bulk import new_public_id
 from parley.store.schema import attachments, conversations, messages
 
@@ -143,6 +146,83 @@ def link_to_message(
             .where(attachments.c.id.in_(list(attachment_ids)))
             .values(conversation_id=conversation_id, message_id=message_id)
         )
+
+
+def attach(
+    conn: Connection,
+    rows: Sequence[AttachmentRow],
+    conversation: ConversationRef,
+    message_id: int,
+    message_public_id: uuid.UUID,
+) -> list[AttachmentRow]:
+    """Put ``rows`` (read before this transaction) on a new message of ``conversation``,
+    in the caller's transaction; the rows as linked, in the order given.
+
+    A free row (on no message yet) is linked, wherever it was uploaded. A row already on
+    another message (a message edited into a new branch, sent again with its files) is
+    copied: a new row for the same blob, so the old branch keeps its own. A row deleted
+    since it was read is ``NotFound``, and the caller's transaction rolls back.
+    """
+    out: list[AttachmentRow] = []
+
+    def placed(row: AttachmentRow) -> AttachmentRow:
+        return replace(
+            row,
+            conversation_id=conversation.id,
+            conversation_public_id=conversation.public_id,
+            message_id=message_id,
+            message_public_id=message_public_id,
+        )
+
+    for row in rows:
+        # Only while free: of two messages sending one file at once, the second copies.
+        linked = conn.execute(
+            update(attachments)
+            .where(attachments.c.id == row.id, attachments.c.message_id.is_(None))
+            .values(conversation_id=conversation.id, message_id=message_id)
+        ).rowcount
+        if linked:
+            out.append(placed(row))
+            continue
+        current = get_attachment(conn, row.public_id)
+        if current is None:
+            raise NotFound(f"no such attachment: {row.public_id}")
+        copy = insert_attachment(
+            conn,
+            user_id=current.user_id,
+            conversation=conversation,
+            filename=current.filename,
+            mime_type=current.mime_type,
+            size=current.size,
+            sha256=current.sha256,
+        )
+        conn.execute(
+            update(attachments).where(attachments.c.id == copy.id).values(message_id=message_id)
+        )
+        out.append(placed(copy))
+    return out
+
+
+def of_messages(conn: Connection, message_ids: Sequence[int]) -> dict[int, list[AttachmentRow]]:
+    """The files on each of ``message_ids`` (those that have any), in upload order."""
+    found: dict[int, list[AttachmentRow]] = {}
+    for start in range(0, len(message_ids), _CHUNK):
+        chunk = list(message_ids[start : start + _CHUNK])
+        query = _select().where(attachments.c.message_id.in_(chunk)).order_by(attachments.c.id)
+        for row in conn.execute(query):
+            found.setdefault(row.message_id, []).append(_row(row))
+    return found
+
+
+def on_messages_of(conn: Connection, conversation_id: int) -> dict[int, list[AttachmentRow]]:
+    """The files on the messages of a conversation, by message id, in upload order."""
+    query = _select().where(
+        attachments.c.conversation_id == conversation_id, attachments.c.message_id.is_not(None)
+    )
+    found: dict[int, list[AttachmentRow]] = {}
+    for row in conn.execute(query.order_by(attachments.c.id)):
+        found.setdefault(row.message_id, []).append(_row(row))
+    return found
 
 
 def delete_attachment(conn: Connection, attachment_id: int) -> None:

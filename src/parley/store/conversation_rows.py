@@ -22,6 +22,8 @@ from sqlalchemy.types import NullType
 
 from parley.domain.messages import Message, ToolCall
 from parley.errors import InvalidRequest
+from parley.store import attachments as files
+from parley.store.attachments import AttachmentRow
 from parley.store.schema import conversations, messages, provider_configs, responses
 
 _C = conversations.c
@@ -76,7 +78,8 @@ class Conversation:
 # times slower to build, and a loaded conversation builds a thousand of these.
 @dataclass(slots=True)
 class StoredMessage:
-    """One message with its parent's public id and, for an answer, its response row."""
+    """One message with its parent's public id, for an answer its response row, and
+    the files it carries (``attachments``: filled in by the reads that need them)."""
 
     id: int
     public_id: uuid.UUID
@@ -92,9 +95,12 @@ class StoredMessage:
     completion_tokens: int | None = None
     total_tokens: int | None = None
     finish_reason: str | None = None
+    # Files attached to the message, in upload order; their bytes are never in ``payload``.
+    attachments: tuple[AttachmentRow, ...] = ()
 
     def message(self) -> Message:
-        """The message as a request carries it (reasoning is not sent back)."""
+        """The message as stored, without its files (``chat.service`` adds them as content
+        parts); reasoning is not sent back."""
         data = orjson.loads(self.payload)
         content = data.get("content")
         return Message(
@@ -227,7 +233,8 @@ def anchor(conn: Connection, conversation_id: int, where: Any) -> Anchor | None:
 
 
 def path_to(conn: Connection, leaf: int) -> list[StoredMessage]:
-    """The messages from the root to ``leaf``, inclusive (one recursive query)."""
+    """The messages from the root to ``leaf``, inclusive (one recursive query), with
+    their files."""
     up = (
         select(_M.id, _M.parent_id, literal(0).label("depth"))
         .where(_M.id == leaf)
@@ -239,10 +246,20 @@ def path_to(conn: Connection, leaf: int) -> list[StoredMessage]:
     rows = conn.execute(
         MESSAGES.join(up, up.c.id == _M.id).order_by(None).order_by(up.c.depth.desc())
     ).all()
-    answers = {
-        r[0]: r for r in conn.execute(RESPONSES.where(_R.message_id.in_([row[0] for row in rows])))
-    }
-    return messages_of(rows, answers)
+    ids = [row[0] for row in rows]
+    answers = {r[0]: r for r in conn.execute(RESPONSES.where(_R.message_id.in_(ids)))}
+    path = messages_of(rows, answers)
+    with_files(path, files.of_messages(conn, ids))
+    return path
+
+
+def with_files(listed: Sequence[StoredMessage], found: Mapping[int, list[AttachmentRow]]) -> None:
+    """Put each message's files (``store.attachments`` rows by message id) on it."""
+    if found:
+        for message in listed:
+            rows = found.get(message.id)
+            if rows:
+                message.attachments = tuple(rows)
 
 
 def system_prompt_of(conn: Connection, conversation: Row[Any]) -> str | None:

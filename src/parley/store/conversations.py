@@ -15,7 +15,11 @@ Invariants:
   newest message, which is always a leaf (a child is stored after its parent);
 - message counts and last message times are computed for the rows of a page only;
 - a user message is committed in its own transaction, before any upstream call, so it
-  survives whatever happens to its answer;
+  survives whatever happens to its answer; the files it carries are linked to it
+  (``attachments.message_id`` and ``conversation_id``) in that same transaction. Its row
+  keeps its text only (no file bytes in ``payload``); its content hash is that of the
+  message as the model gets it, files included (``hashed_as``), so that a ``/v1`` client
+  re-sending that history threads onto it;
 - deleting a conversation goes by foreign keys: its messages, responses and attachments
   rows cascade; request-log rows stay, with ``conversation_id`` NULL. The attachments'
   blobs are the caller's to sweep after the commit (``delete`` names them).
@@ -26,7 +30,7 @@ Every method blocks: call it through ``asyncio.to_thread`` from the event loop.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any, Final
@@ -36,6 +40,8 @@ from sqlalchemy import Connection, delete, insert, select, tuple_, update
 
 from parley.domain.messages import Message, chain_hash
 from parley.errors import InvalidRequest
+from parley.store import attachments as files
+from parley.store.attachments import AttachmentRow, ConversationRef
 from parley.store.bulk import new_public_id
 from parley.store.conversation_rows import (
     ACTIVE_LEAF,
@@ -62,6 +68,7 @@ from parley.store.conversation_rows import (
     path_to,
     system_prompt_of,
     visible_row,
+    with_files,
 )
 from parley.store.engine import IMMEDIATE
 from parley.store.exchanges import chain_key
@@ -183,7 +190,9 @@ class Conversations:
                 return None
             rows = conn.execute(MESSAGES.where(_M.conversation_id == row.id)).all()
             answers = {r[0]: r for r in conn.execute(RESPONSES.where(_M.conversation_id == row.id))}
+            attached = files.on_messages_of(conn, row.id)
         listed = messages_of(rows, answers)
+        with_files(listed, attached)
         last = max((m.created_at for m in listed), default=None)
         parent_of = {m.id: m.parent_id for m in listed}
         leaf = row.active_leaf_id
@@ -256,10 +265,17 @@ class Conversations:
         parent: Parent = ACTIVE_LEAF,
         user_id: int | None,
         api_key_id: int | None,
+        attachments: Sequence[AttachmentRow] = (),
+        hashed_as: Message | None = None,
     ) -> Turn | None:
         """Commit ``message`` under ``parent`` (a message's public id; None: a new root;
         ``ACTIVE_LEAF``: the end of the active branch) and make it the active leaf. None
-        when the conversation is missing or not visible."""
+        when the conversation is missing or not visible.
+
+        ``attachments``: uploads the caller may attach (checked by the caller), linked to
+        the message in this transaction (``store.attachments.attach``: one already on
+        another message is copied); ``hashed_as``: the message as the model gets it, with
+        its files as content parts, for the content hash (default: ``message``)."""
         with self._writing() as conn:
             row = visible_row(conn, viewer, public_id)
             if row is None:
@@ -276,7 +292,7 @@ class Conversations:
                         "'parent_id' must be a message of this conversation", "parent_id"
                     )
             now = datetime.now(UTC)
-            content_hash = message.content_hash()
+            content_hash = (hashed_as or message).content_hash()
             chain = chain_hash(above.chain_hash if above else None, content_hash)
             values: dict[str, Any] = {
                 "public_id": new_public_id(),
@@ -294,6 +310,13 @@ class Conversations:
             }
             key = conn.execute(insert(messages).values(values)).inserted_primary_key
             assert key is not None
+            linked = files.attach(
+                conn,
+                attachments,
+                ConversationRef(row.id, row.public_id, row.user_id),
+                key[0],
+                values["public_id"],
+            )
             conn.execute(
                 update(conversations)
                 .where(_C.id == row.id)
@@ -308,6 +331,7 @@ class Conversations:
                 content=values["content"],
                 payload=values["payload"],
                 created_at=now,
+                attachments=tuple(linked),
             )
             path = [*path_to(conn, above.id), stored] if above else [stored]
             return Turn(

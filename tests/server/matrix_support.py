@@ -1,0 +1,319 @@
+"""The world of the authorization matrix (``test_authorization_matrix.py``).
+
+``build_world`` starts a real parley with ``PARLEY_MASTER_KEY`` in front of a fake OpenAI
+upstream (provider ``up``), makes users through the master key's admin API (admin A0,
+users A and B, user C who is then disabled), their API keys and web sessions, and gives
+A things to own: a conversation made through the chat API (with an answer), one made by
+``/v1`` traffic, an attachment, a BYOK provider key, request rows; plus a revoked key, an
+expired key and an expired session of A. An admin provider configuration (``house``)
+holds a key too. Every secret is a canary looked for afterwards in logs, rows and bodies.
+
+``World.call`` is the only way the matrix talks to parley: one ``Caller`` (a channel with
+its credentials), one request; every answer is kept for the canary search.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import sqlalchemy as sa
+
+from parley.security import tokens
+from parley.store.schema import api_keys, web_sessions
+from tests.fakes.openai_upstream import FakeOpenAI
+from tests.harness import ParleyServer, rows, settings_for, write_config
+
+MODEL = "up/gpt-4o-mini"
+# Canaries: none may show up in plain text outside the request that carries it.
+MASTER_KEY = "mk-canary-MASTER-3f9a1c7e5b2d4f60a8"
+A_PASSWORD = "pw-canary-ALPHA-8c1e2f3a4b5d6e7f"
+BYOK_KEY = "sk-canary-BYOK-ALPHA-6a5b4c3d2e1f0a9b"
+CONFIG_KEY = "sk-canary-CONFIG-HOUSE-9e8d7c6b5a4f3e2d"
+OTHER_PASSWORD = "an ordinary long password"
+# What A's things say: none of it may reach B.
+A_TITLE = "alpha-private-title-51f0"
+A_TEXT = "alpha private chat text 7d2c"
+A_API_TEXT = "alpha api question 0b9e"
+A_FILE_NAME = "alpha-private-notes-33aa.txt"
+A_FILE_BYTES = b"alpha private file bytes c4e1\n"
+
+DENIED, OTHER, OWNER, ADMIN, MASTER = "denied", "other", "owner", "admin", "master"
+WRITES = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+
+@dataclass(frozen=True)
+class Caller:
+    """One way of calling: a channel and its credentials."""
+
+    name: str
+    group: str  # DENIED (401), OTHER (user B), OWNER (user A), ADMIN (user A0), MASTER
+    channel: str  # none | bearer | x-api-key | session
+    secret: str = ""
+    csrf: str = ""
+    login: str = ""  # the username, to open a fresh session of the same user
+
+    def headers(self, method: str) -> dict[str, str]:
+        if self.channel == "bearer":
+            return {"Authorization": f"Bearer {self.secret}"}
+        if self.channel == "x-api-key":
+            return {"x-api-key": self.secret}
+        if self.channel == "session":
+            headers = {"Cookie": f"parley_session={self.secret}"}
+            if method in WRITES:
+                headers["X-CSRF-Token"] = self.csrf
+            return headers
+        return {}
+
+
+# Every caller of the matrix, by name and group (the credentials come with the world).
+CALLERS: dict[str, str] = {
+    "anonymous": DENIED,
+    "unknown_key": DENIED,
+    "A_revoked_bearer": DENIED,
+    "A_revoked_xkey": DENIED,
+    "A_expired_bearer": DENIED,
+    "A_expired_xkey": DENIED,
+    "A_expired_session": DENIED,
+    "C_disabled_bearer": DENIED,
+    "C_disabled_xkey": DENIED,
+    "C_ended_session": DENIED,
+    "B_bearer": OTHER,
+    "B_xkey": OTHER,
+    "B_session": OTHER,
+    "A_bearer": OWNER,
+    "A_session": OWNER,
+    "A0_bearer": ADMIN,
+    "A0_session": ADMIN,
+    "master_bearer": MASTER,
+    "master_xkey": MASTER,
+}
+
+
+class LogCapture(logging.Handler):
+    """Every record of the parley and aiohttp loggers, at DEBUG, for the whole module (a
+    ``caplog`` lives for one test only; the world outlives many)."""
+
+    LOGGERS = ("parley", "aiohttp")
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.setFormatter(logging.Formatter("%(levelname)s %(name)s %(message)s"))
+        self.lines: list[str] = []
+        self._levels: dict[str, int] = {}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(self.format(record))
+
+    def __enter__(self) -> LogCapture:
+        for name in self.LOGGERS:
+            logger = logging.getLogger(name)
+            self._levels[name] = logger.level
+            logger.setLevel(logging.DEBUG)
+            logger.addHandler(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for name in self.LOGGERS:
+            logger = logging.getLogger(name)
+            logger.removeHandler(self)
+            logger.setLevel(self._levels[name])
+
+    @property
+    def text(self) -> str:
+        return "\n".join(self.lines)
+
+
+@dataclass
+class World:
+    server: ParleyServer
+    upstream: FakeOpenAI
+    database_url: str
+    logs: LogCapture
+    http: httpx.Client
+    callers: dict[str, Caller] = field(default_factory=dict)
+    ids: dict[str, str] = field(default_factory=dict)  # target name -> public id
+    plain_keys: dict[str, str] = field(default_factory=dict)  # every API key made
+    session_tokens: list[str] = field(default_factory=list)
+    # Every answer parley gave (bodies and headers but Set-Cookie), for the canary search.
+    seen: list[str] = field(default_factory=list)
+    baseline: dict[str, Any] = field(default_factory=dict)
+    requests: int = 0
+    ran: set[str] = field(default_factory=set)  # the matrix cases done so far
+
+    def call(self, caller: Caller | str, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        who = self.callers[caller] if isinstance(caller, str) else caller
+        headers = {**who.headers(method), **kwargs.pop("headers", {})}
+        # No cookie jar: a caller sends only its own credentials.
+        self.http.cookies.clear()
+        response = self.http.request(method, path, headers=headers, **kwargs)
+        self.http.cookies.clear()
+        self.requests += 1
+        shown = {k: v for k, v in response.headers.items() if k.lower() != "set-cookie"}
+        self.seen.append(f"{method} {path} -> {response.status_code}\n{shown}\n{response.text}")
+        return response
+
+    def ok(self, caller: str, method: str, path: str, status: int = 200, **kw: Any) -> Any:
+        response = self.call(caller, method, path, **kw)
+        assert response.status_code == status, (method, path, response.text)
+        return response.json() if response.content else None
+
+    # -- fresh things of A, for the calls that succeed and would spend A's own ----------
+
+    def fresh_conversation(self, *, answered: bool = False) -> tuple[str, str | None]:
+        """A new conversation of A (and the id of its answer, when ``answered``)."""
+        made = self.ok(
+            "A_bearer",
+            "POST",
+            "/api/conversations",
+            201,
+            json={"default_model": MODEL, "title": "fresh"},
+        )
+        if not answered:
+            return made["id"], None
+        sent = self.ok(
+            "A_bearer",
+            "POST",
+            f"/api/conversations/{made['id']}/messages",
+            json={"content": "fresh question", "stream": False},
+        )
+        return made["id"], sent["assistant_message"]["id"]
+
+    def fresh_attachment(self) -> str:
+        made = self.ok(
+            "A_bearer",
+            "POST",
+            "/api/attachments",
+            201,
+            files={"file": ("fresh.txt", b"fresh bytes", "text/plain")},
+        )
+        return str(made["id"])
+
+    def fresh_key(self) -> str:
+        return str(self.ok("A_bearer", "POST", "/api/keys", 201, json={"name": "fresh"})["id"])
+
+    def fresh_config(self) -> str:
+        made = self.ok(
+            "master_bearer",
+            "POST",
+            "/api/admin/providers",
+            201,
+            json={"name": f"cfg-{uuid.uuid4().hex[:10]}", "kind": "openai", "model": "m"},
+        )
+        return str(made["id"])
+
+    def fresh_session(self, caller: Caller) -> Caller:
+        """The same user in a new web session (for a logout that must not end the world's)."""
+        password = A_PASSWORD if caller.login == "alpha" else OTHER_PASSWORD
+        reply = self.http.post(
+            "/api/auth/login", json={"login": caller.login, "password": password}
+        )
+        assert reply.status_code == 200, reply.text
+        token = reply.cookies["parley_session"]
+        self.http.cookies.clear()
+        self.session_tokens.append(token)
+        self.seen.append(reply.text)
+        return replace(caller, secret=token, csrf=reply.json()["csrf_token"])
+
+    # -- A's things, as the master key sees them -----------------------------------------
+
+    def snapshot(self, family: str) -> Any:
+        """What a denied write must leave exactly as it was."""
+        ids = self.ids
+        if family == "conversation":
+            chat = self.ok("master_bearer", "GET", f"/api/conversations/{ids['chat']}")
+            api = self.ok("master_bearer", "GET", f"/api/conversations/{ids['api']}")
+            return [_tree(chat), _tree(api)]
+        if family == "attachment":
+            meta = self.ok("master_bearer", "GET", f"/api/attachments/{ids['attachment']}")
+            content = self.call("master_bearer", "GET", f"/api/attachments/{meta['id']}/content")
+            return meta, content.status_code, content.content
+        if family == "keys":
+            listed = self.ok("master_bearer", "GET", "/api/admin/keys", params={"user": "alpha"})
+            mine = {k["id"]: k["status"] for k in listed["data"] if k["id"] in self.baseline_keys}
+            works = self.call("A_bearer", "GET", "/api/me").status_code
+            return mine, works
+        if family == "user":
+            user = self.ok("master_bearer", "GET", f"/api/admin/users/{ids['user']}")
+            return {k: user[k] for k in ("email", "username", "full_name", "role", "is_active")}
+        if family == "provider_keys":
+            listed = self.ok("A_bearer", "GET", "/api/me/provider-keys")["data"]
+            return [k for k in listed if k["provider"] == "up"]
+        if family == "config":
+            return self.ok("master_bearer", "GET", f"/api/admin/providers/{ids['config']}")
+        if family == "session":
+            return self.call("A_session", "GET", "/api/me").status_code
+        raise AssertionError(f"unknown snapshot family {family}")
+
+    @property
+    def baseline_keys(self) -> set[str]:
+        return {self.ids["key"], self.ids["revoked_key"], self.ids["expired_key"]}
+
+    def assert_intact(self, family: str) -> None:
+        assert self.snapshot(family) == self.baseline[family], f"A's {family} changed"
+
+    def a_markers(self) -> list[str]:
+        """Things of A that no answer to B may contain."""
+        names = ("user", "chat", "api", "user_message", "answer", "attachment", "key")
+        return [
+            *(self.ids[n] for n in names),
+            self.ids["key_prefix"],
+            A_TITLE,
+            A_TEXT,
+            A_FILE_NAME,
+            A_FILE_BYTES.decode().strip(),
+            "alpha@example.org",
+            "alpha",
+        ]
+
+
+def _tree(conversation: dict[str, Any]) -> dict[str, Any]:
+    keep = ("title", "archived", "pinned", "is_active", "system_prompt", "default_model")
+    return {
+        **{k: conversation[k] for k in keep},
+        "messages": [(m["id"], m["role"], m["content"]) for m in conversation["messages"]],
+        "active_leaf_id": conversation["active_leaf_id"],
+    }
+
+
+# -- building the world ------------------------------------------------------------------
+
+
+@dataclass
+class _Maker:
+    world: World
+
+    def user(self, username: str, password: str, role: str = "user") -> dict[str, Any]:
+        body = {
+            "email": f"{username}@example.org",
+            "username": username,
+            "password": password,
+            "full_name": f"{username.title()} Person",
+            "role": role,
+        }
+        made: dict[str, Any] = self.world.ok("master_bearer", "POST", "/api/admin/users", 201, json=body)
+        return made
+
+    def key(self, username: str, name: str, **extra: Any) -> dict[str, Any]:
+        body = {"name": name, "user": username, **extra}
+        made: dict[str, Any] = self.world.ok("master_bearer", "POST", "/api/keys", 201, json=body)
+        self.world.plain_keys[f"{username}/{name}"] = made["key"]
+        return made
+
+    def login(self, username: str, password: str) -> tuple[str, str]:
+        reply = self.world.http.post(
+            "/api/auth/login", json={"login": username, "password": password}
+        )
+        assert reply.status_code == 200, reply.text
+        token = reply.cookies["parley_session"]
+        self.world.http.cookies.clear()
+        self.world.session_tokens.append(token)
+        self.world.seen.append(reply.text)
+        return token, str(reply.json()["csrf_token"])
+
