@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -28,7 +29,7 @@ import sqlalchemy as sa
 from parley.security import tokens
 from parley.store.schema import api_keys, web_sessions
 from tests.fakes.openai_upstream import FakeOpenAI
-from tests.harness import ParleyServer, rows, settings_for, write_config
+from tests.harness import ParleyServer, rows, settings_for, wait_for, write_config
 
 MODEL = "up/gpt-4o-mini"
 # Canaries: none may show up in plain text outside the request that carries it.
@@ -134,6 +135,8 @@ class LogCapture(logging.Handler):
 class World:
     server: ParleyServer
     upstream: FakeOpenAI
+    # The configuration's upstream: it takes only CONFIG_KEY and names a wrong key it gets.
+    house_upstream: FakeOpenAI
     database_url: str
     logs: LogCapture
     http: httpx.Client
@@ -143,6 +146,7 @@ class World:
     session_tokens: list[str] = field(default_factory=list)
     # Every answer parley gave (bodies and headers but Set-Cookie), for the canary search.
     seen: list[str] = field(default_factory=list)
+    creations: list[str] = field(default_factory=list)  # the answers that made the keys
     baseline: dict[str, Any] = field(default_factory=dict)
     requests: int = 0
     ran: set[str] = field(default_factory=set)  # the matrix cases done so far
@@ -297,13 +301,17 @@ class _Maker:
             "full_name": f"{username.title()} Person",
             "role": role,
         }
-        made: dict[str, Any] = self.world.ok("master_bearer", "POST", "/api/admin/users", 201, json=body)
+        made: dict[str, Any] = self.world.ok(
+            "master_bearer", "POST", "/api/admin/users", 201, json=body
+        )
         return made
 
     def key(self, username: str, name: str, **extra: Any) -> dict[str, Any]:
         body = {"name": name, "user": username, **extra}
         made: dict[str, Any] = self.world.ok("master_bearer", "POST", "/api/keys", 201, json=body)
         self.world.plain_keys[f"{username}/{name}"] = made["key"]
+        # The one answer that shows the key, by design: kept apart from the others.
+        self.world.creations.append(self.world.seen.pop())
         return made
 
     def login(self, username: str, password: str) -> tuple[str, str]:
@@ -317,3 +325,244 @@ class _Maker:
         self.world.seen.append(reply.text)
         return token, str(reply.json()["csrf_token"])
 
+
+@contextmanager
+def build_world(tmp_path: Path, database_url: str) -> Iterator[World]:
+    """The running server with everything in place; stopped on exit."""
+    with LogCapture() as logs, FakeOpenAI() as upstream, FakeOpenAI(api_key=CONFIG_KEY) as house:
+        write_config(
+            tmp_path,
+            [
+                {
+                    "name": "up",
+                    "kind": "openai",
+                    "base_url": upstream.base_url,
+                    "models": ["gpt-4o-mini"],
+                    "list_models": False,
+                }
+            ],
+            extra="[retry]\nattempts = 1\n",
+        )
+        settings = settings_for(tmp_path, database_url, PARLEY_MASTER_KEY=MASTER_KEY)
+        server = ParleyServer(settings).start()
+        try:
+            with httpx.Client(base_url=server.root, timeout=30) as http:
+                world = World(server, upstream, house, database_url, logs, http)
+                _populate(world)
+                yield world
+        finally:
+            server.stop()
+
+
+def _populate(w: World) -> None:
+    w.callers["master_bearer"] = Caller("master_bearer", MASTER, "bearer", MASTER_KEY)
+    w.callers["master_xkey"] = Caller("master_xkey", MASTER, "x-api-key", MASTER_KEY)
+    w.callers["anonymous"] = Caller("anonymous", DENIED, "none")
+    make = _Maker(w)
+    make.user("a0admin", OTHER_PASSWORD, role="admin")
+    alpha = make.user("alpha", A_PASSWORD)
+    make.user("bravo", OTHER_PASSWORD)
+    charlie = make.user("charlie", OTHER_PASSWORD)
+    keys = {
+        "A": make.key("alpha", "main"),
+        "A_revoked": make.key("alpha", "revoked"),
+        "A_expired": make.key("alpha", "expired", expires_in_days=1),
+        "B": make.key("bravo", "main"),
+        "A0": make.key("a0admin", "main"),
+        "C": make.key("charlie", "main"),
+    }
+    w.ok("master_bearer", "DELETE", f"/api/keys/{keys['A_revoked']['id']}")
+    past = datetime.now(UTC) - timedelta(minutes=1)
+    _set_expiry(
+        w.database_url, api_keys, api_keys.c.public_id == uuid.UUID(keys["A_expired"]["id"]), past
+    )
+    sessions = {
+        "A": make.login("alpha", A_PASSWORD),
+        "A_old": make.login("alpha", A_PASSWORD),
+        "B": make.login("bravo", OTHER_PASSWORD),
+        "A0": make.login("a0admin", OTHER_PASSWORD),
+        "C": make.login("charlie", OTHER_PASSWORD),
+    }
+    old = web_sessions.c.token_hash == tokens.digest(sessions["A_old"][0])
+    _set_expiry(w.database_url, web_sessions, old, past)
+    # Disabling C ends C's sessions and refuses C's keys.
+    w.ok("master_bearer", "PATCH", f"/api/admin/users/{charlie['id']}", json={"is_active": False})
+
+    a_key = keys["A"]["key"]
+    # Well formed, and nearly A's key: an echo of it would show.
+    unknown = a_key[:-4] + ("AAAA" if not a_key.endswith("AAAA") else "BBBB")
+    for name, channel, secret, csrf, login in (
+        ("unknown_key", "bearer", unknown, "", ""),
+        ("A_revoked_bearer", "bearer", keys["A_revoked"]["key"], "", ""),
+        ("A_revoked_xkey", "x-api-key", keys["A_revoked"]["key"], "", ""),
+        ("A_expired_bearer", "bearer", keys["A_expired"]["key"], "", ""),
+        ("A_expired_xkey", "x-api-key", keys["A_expired"]["key"], "", ""),
+        ("A_expired_session", "session", *sessions["A_old"], "alpha"),
+        ("C_disabled_bearer", "bearer", keys["C"]["key"], "", ""),
+        ("C_disabled_xkey", "x-api-key", keys["C"]["key"], "", ""),
+        ("C_ended_session", "session", *sessions["C"], "charlie"),
+        ("B_bearer", "bearer", keys["B"]["key"], "", ""),
+        ("B_xkey", "x-api-key", keys["B"]["key"], "", ""),
+        ("B_session", "session", *sessions["B"], "bravo"),
+        ("A_bearer", "bearer", a_key, "", ""),
+        ("A_session", "session", *sessions["A"], "alpha"),
+        ("A0_bearer", "bearer", keys["A0"]["key"], "", ""),
+        ("A0_session", "session", *sessions["A0"], "a0admin"),
+    ):
+        w.callers[name] = Caller(name, CALLERS[name], channel, secret, csrf, login)
+    assert set(w.callers) == set(CALLERS)
+
+    _give_a_things(w)
+    _provoke_logs(w)
+    w.ids.update(
+        user=alpha["id"],
+        key=keys["A"]["id"],
+        key_prefix=keys["A"]["prefix"],
+        revoked_key=keys["A_revoked"]["id"],
+        expired_key=keys["A_expired"]["id"],
+        missing=str(uuid.uuid4()),
+    )
+    families = ("conversation", "attachment", "keys", "user", "provider_keys", "config", "session")
+    w.baseline = {family: w.snapshot(family) for family in families}
+    assert w.baseline["keys"][0] == {
+        keys["A"]["id"]: "active",
+        keys["A_revoked"]["id"]: "revoked",
+        keys["A_expired"]["id"]: "expired",
+    }
+
+
+def _give_a_things(w: World) -> None:
+    """A's conversations (chat API and /v1), attachment, BYOK key; the admin's
+    configuration with its key."""
+    w.ok("A_bearer", "PUT", "/api/me/provider-keys/up", json={"api_key": BYOK_KEY})
+    chat = w.ok(
+        "A_bearer",
+        "POST",
+        "/api/conversations",
+        201,
+        json={"default_model": MODEL, "title": A_TITLE, "system_prompt": "Be brief."},
+    )
+    sent = w.ok(
+        "A_bearer",
+        "POST",
+        f"/api/conversations/{chat['id']}/messages",
+        json={"content": A_TEXT, "stream": False},
+    )
+    attachment = w.ok(
+        "A_bearer",
+        "POST",
+        "/api/attachments",
+        201,
+        files={"file": (A_FILE_NAME, A_FILE_BYTES, "text/plain")},
+        data={"conversation_id": chat["id"]},
+    )
+    body = {"model": MODEL, "messages": [{"role": "user", "content": A_API_TEXT}]}
+    answer = w.ok("A_bearer", "POST", "/v1/chat/completions", json=body)
+    listed = w.ok("A_bearer", "GET", "/api/conversations")["data"]
+    [api] = [c["id"] for c in listed if c["source"] == "api"]
+    # A's requests go out with A's own key.
+    assert upstream_key(w, A_API_TEXT) == BYOK_KEY
+    house = w.ok(
+        "master_bearer",
+        "POST",
+        "/api/admin/providers",
+        201,
+        json={
+            "name": "house",
+            "kind": "openai",
+            "model": "gpt-4o-mini",
+            "base_url": w.house_upstream.base_url,
+            # Wrong at first: the upstream names it in its refusal.
+            "api_key": CONFIG_KEY + "-first",
+        },
+    )
+    question = "through the house configuration"
+    used = {"model": "house", "messages": [{"role": "user", "content": question}]}
+    refused = w.call("master_bearer", "POST", "/v1/chat/completions", json=used)
+    assert refused.status_code == 502 and "[redacted]" in refused.text, refused.text
+    path = f"/api/admin/providers/{house['id']}"
+    w.ok("master_bearer", "PATCH", path, json={"api_key": CONFIG_KEY})
+    w.ok("master_bearer", "POST", "/v1/chat/completions", json=used)
+    assert upstream_key(w, question) == CONFIG_KEY
+    w.ids.update(
+        chat=chat["id"],
+        user_message=sent["user_message"]["id"],
+        answer=sent["assistant_message"]["id"],
+        attachment=attachment["id"],
+        api=api,
+        api_answer=answer["choices"][0]["message"]["content"],
+        config=house["id"],
+    )
+    request_rows = rows(w.database_url, "SELECT count(*) AS n FROM request_log")
+    assert request_rows[0]["n"] >= 3
+
+
+def _provoke_logs(w: World) -> None:
+    """Upstream failures with A's BYOK key and the configuration's key in use, and a
+    client that leaves mid-stream: the paths that log, for the canary search."""
+    for caller, model in (
+        ("A_bearer", "up/error-mid"),
+        ("A_bearer", "up/reset-mid"),
+        ("A_bearer", "up/malformed"),
+        ("A_bearer", "up/fail-401"),
+        ("master_bearer", "house/error-mid"),
+        ("master_bearer", "house/fail-500"),
+    ):
+        body = {"model": model, "stream": True, "messages": [{"role": "user", "content": "x"}]}
+        w.call(caller, "POST", "/v1/chat/completions", json=body)
+    conversation, _ = w.fresh_conversation()
+    path = f"/api/conversations/{conversation}/messages"
+    w.call("A_bearer", "POST", path, json={"content": "x", "model": "up/reset-mid"})
+    # A's own key for the configuration is one its upstream refuses, and names.
+    w.ok("A_bearer", "PUT", "/api/me/provider-keys/house", json={"api_key": BYOK_KEY})
+    body = {"model": "house", "messages": [{"role": "user", "content": "x"}]}
+    refused = w.call("A_bearer", "POST", "/v1/chat/completions", json=body)
+    assert refused.status_code == 502 and "[redacted]" in refused.text, refused.text
+    # A conversation whose title is asked of that model fails in the background (logged).
+    made = w.ok("A_bearer", "POST", "/api/conversations", 201, json={"default_model": "house"})
+    sent = {"content": "untitled", "model": MODEL, "stream": False}
+    w.ok("A_bearer", "POST", f"/api/conversations/{made['id']}/messages", json=sent)
+    wait_for(lambda: "no title" in w.logs.text)
+    w.ok("A_bearer", "DELETE", "/api/me/provider-keys/house", 204)
+    headers = w.callers["A_bearer"].headers("POST")
+    body = {
+        "model": "up/slow-stream",
+        "stream": True,
+        "messages": [{"role": "user", "content": "x"}],
+    }
+    with w.http.stream("POST", "/v1/chat/completions", json=body, headers=headers) as stream:
+        next(stream.iter_bytes())  # then gone
+
+
+def upstream_key(w: World, text: str) -> str | None:
+    """The key parley sent upstream with the (last) request whose messages hold ``text``."""
+    for _, headers, body in reversed(w.upstream.received + w.house_upstream.received):
+        if text in str(body):
+            auth = headers.get("Authorization", "")
+            return auth.removeprefix("Bearer ") or None
+    raise AssertionError(f"the upstream never got {text!r}")
+
+
+def _set_expiry(database_url: str, table: sa.Table, where: Any, moment: datetime) -> None:
+    engine = sa.create_engine(database_url)
+    try:
+        with engine.begin() as conn:
+            done = conn.execute(sa.update(table).where(where).values(expires_at=moment))
+            assert done.rowcount == 1
+    finally:
+        engine.dispose()
+
+
+def dump_tables(database_url: str) -> str:
+    """Every row of every table of the database, as text."""
+    engine = sa.create_engine(database_url)
+    try:
+        names = sa.inspect(engine).get_table_names()
+        with engine.connect() as conn:
+            return "\n".join(
+                f"{name}: {row!r}"
+                for name in names
+                for row in conn.execute(sa.text(f'SELECT * FROM "{name}"'))
+            )
+    finally:
+        engine.dispose()

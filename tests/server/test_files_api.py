@@ -208,7 +208,7 @@ def test_a_client_gone_mid_upload_leaves_no_temporary_file(server: ParleyServer)
     )
     with socket.create_connection(("127.0.0.1", server.port)) as sock:
         sock.sendall(
-            b"POST /api/attachments HTTP/1.1\r\nHost: parley\r\n"
+            b"POST /api/attachments HTTP/1.1\r\nHost: 127.0.0.1\r\n"
             b"Content-Type: multipart/form-data; boundary=b\r\n"
             + f"Content-Length: {LIMIT}\r\n\r\n".encode()
             + part

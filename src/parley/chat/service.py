@@ -318,9 +318,7 @@ class ChatService:
             self._spawn(self._make_title(caller, conversation, turn.message.content))
         yield Done(await self._stored_answer(turn, exchange, answer_id))
 
-    async def _context(
-        self, turn: Turn, known: Mapping[int, list[Part]]
-    ) -> tuple[Message, ...]:
+    async def _context(self, turn: Turn, known: Mapping[int, list[Part]]) -> tuple[Message, ...]:
         """The system prompt, then the branch, each message with its files as content
         parts after its text."""
         unread = [m for m in turn.path if m.attachments and m.id not in known]
