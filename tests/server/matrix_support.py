@@ -6,7 +6,9 @@ users A and B, user C who is then disabled), their API keys and web sessions, an
 A things to own: a conversation made through the chat API (with an answer), one made by
 ``/v1`` traffic, an attachment, a BYOK provider key, request rows; plus a revoked key, an
 expired key and an expired session of A. An admin provider configuration (``house``)
-holds a key too. Every secret is a canary looked for afterwards in logs, rows and bodies.
+holds a key too; its own upstream takes only that key and names any other it gets, as
+OpenAI does, so that the paths that scrub keys from errors (and log) are taken. Every
+secret is a canary looked for afterwards in logs, rows and bodies.
 
 ``World.call`` is the only way the matrix talks to parley: one ``Caller`` (a channel with
 its credentials), one request; every answer is kept for the canary search.
@@ -185,7 +187,7 @@ class World:
             "A_bearer",
             "POST",
             f"/api/conversations/{made['id']}/messages",
-            json={"content": "fresh question", "stream": False},
+            json={"content": f"fresh question {uuid.uuid4().hex[:8]}", "stream": False},
         )
         return made["id"], sent["assistant_message"]["id"]
 
@@ -257,14 +259,14 @@ class World:
 
     @property
     def baseline_keys(self) -> set[str]:
-        return {self.ids["key"], self.ids["revoked_key"], self.ids["expired_key"]}
+        return {self.ids[k] for k in ("key", "revoked_key", "expired_key", "late_key")}
 
     def assert_intact(self, family: str) -> None:
         assert self.snapshot(family) == self.baseline[family], f"A's {family} changed"
 
     def a_markers(self) -> list[str]:
         """Things of A that no answer to B may contain."""
-        names = ("user", "chat", "api", "user_message", "answer", "attachment", "key")
+        names = ("user", "chat", "api", "user_message", "answer", "attachment", "key", "late_key")
         return [
             *(self.ids[n] for n in names),
             self.ids["key_prefix"],
@@ -370,6 +372,8 @@ def _populate(w: World) -> None:
         "B": make.key("bravo", "main"),
         "A0": make.key("a0admin", "main"),
         "C": make.key("charlie", "main"),
+        # Newer than B's key: B's keys come before it in the order of keys.
+        "A_late": make.key("alpha", "late"),
     }
     w.ok("master_bearer", "DELETE", f"/api/keys/{keys['A_revoked']['id']}")
     past = datetime.now(UTC) - timedelta(minutes=1)
@@ -420,6 +424,7 @@ def _populate(w: World) -> None:
         key_prefix=keys["A"]["prefix"],
         revoked_key=keys["A_revoked"]["id"],
         expired_key=keys["A_expired"]["id"],
+        late_key=keys["A_late"]["id"],
         missing=str(uuid.uuid4()),
     )
     families = ("conversation", "attachment", "keys", "user", "provider_keys", "config", "session")
@@ -428,6 +433,7 @@ def _populate(w: World) -> None:
         keys["A"]["id"]: "active",
         keys["A_revoked"]["id"]: "revoked",
         keys["A_expired"]["id"]: "expired",
+        keys["A_late"]["id"]: "active",
     }
 
 
@@ -442,12 +448,6 @@ def _give_a_things(w: World) -> None:
         201,
         json={"default_model": MODEL, "title": A_TITLE, "system_prompt": "Be brief."},
     )
-    sent = w.ok(
-        "A_bearer",
-        "POST",
-        f"/api/conversations/{chat['id']}/messages",
-        json={"content": A_TEXT, "stream": False},
-    )
     attachment = w.ok(
         "A_bearer",
         "POST",
@@ -456,6 +456,13 @@ def _give_a_things(w: World) -> None:
         files={"file": (A_FILE_NAME, A_FILE_BYTES, "text/plain")},
         data={"conversation_id": chat["id"]},
     )
+    sent = w.ok(
+        "A_bearer",
+        "POST",
+        f"/api/conversations/{chat['id']}/messages",
+        json={"content": A_TEXT, "attachments": [attachment["id"]], "stream": False},
+    )
+    assert [a["id"] for a in sent["user_message"]["attachments"]] == [attachment["id"]]
     body = {"model": MODEL, "messages": [{"role": "user", "content": A_API_TEXT}]}
     answer = w.ok("A_bearer", "POST", "/v1/chat/completions", json=body)
     listed = w.ok("A_bearer", "GET", "/api/conversations")["data"]

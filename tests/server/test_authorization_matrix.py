@@ -63,6 +63,10 @@ from tests.server.matrix_support import (
     upstream_key,
 )
 
+# Route kinds: OWNED, a thing of A's named by id (B is told it does not exist); ADMIN_ONLY,
+# /api/admin/* and admin powers (users are told the route does not exist); SELF, the
+# caller's own things; FOREIGN, the caller's own thing with an id of A's inside (the same
+# answer as for a missing id, whoever calls); V1, the /v1 API; OPEN, no credentials needed.
 OWNED, ADMIN_ONLY, SELF, FOREIGN, V1, OPEN = "owned", "admin", "self", "foreign", "v1", "open"
 ALL = frozenset({DENIED, OTHER, OWNER, ADMIN, MASTER})
 UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
@@ -95,6 +99,8 @@ class Route:
     variant: str = ""
     protects: tuple[str, ...] = ()  # A's things a refused write must leave as they were
     groups: frozenset[str] = ALL
+    # Who must be told the thing does not exist (default: by ``kind``).
+    hidden_from: frozenset[str] | None = None
     check: Check | None = None
     custom: Callable[[World, Caller], None] | None = None
 
@@ -105,10 +111,6 @@ class Route:
 
 def target_id(w: World, target: str) -> str:
     return str(w.ids[target])
-
-
-def _json(make: Callable[[World, Caller, bool], Any]) -> Callable[..., dict[str, Any]]:
-    return lambda w, c, allowed: {"json": make(w, c, allowed)}
 
 
 def own_conversation(w: World, caller: Caller) -> str:
@@ -148,8 +150,8 @@ def regenerate(w: World, c: Caller, target: str, allowed: bool) -> Req:
     }[target]
     cid, mid = target_id(w, conv), target_id(w, message)
     if allowed and target != "missing":
-        fresh, answer = w.fresh_conversation(answered=True)
-        cid, mid = fresh, (answer if target == "chat" else mid)
+        fresh, answer = w.fresh_conversation(answered=target == "chat")
+        cid, mid = fresh, (answer or mid)
     path = f"/api/conversations/{cid}/messages/{mid}/regenerate"
     return Req(path, {"json": {"stream": False}})
 
@@ -184,6 +186,12 @@ def key_for_user(w: World, c: Caller, target: str, allowed: bool) -> Req:
 def admin_keys_of(w: World, c: Caller, target: str, allowed: bool) -> Req:
     user = target_id(w, target)
     return Req("/api/admin/keys", {"params": {"user": user}}, names=(user,))
+
+
+def keys_after(w: World, c: Caller, target: str, allowed: bool) -> Req:
+    """The caller's own keys, paged after a key of A's (or a missing one)."""
+    after = target_id(w, target)
+    return Req("/api/keys", {"params": {"after": after}}, names=(after,))
 
 
 def upload_into(w: World, c: Caller, target: str, allowed: bool) -> Req:
@@ -237,12 +245,15 @@ def import_document(w: World, c: Caller, target: str, allowed: bool) -> Req:
     return Req("/api/import", {"json": document})
 
 
-def provider_key(fresh: bool) -> Build:
+def provider_key(*, put: bool = False, fresh: bool = False) -> Build:
+    """The caller's own key for provider ``target``: set (``put``) or deleted, when
+    ``fresh`` a key the caller first sets itself."""
+
     def build(w: World, c: Caller, target: str, allowed: bool) -> Req:
         if fresh and allowed and c.group != MASTER:
-            put = w.call(c, "PUT", f"/api/me/provider-keys/{target}", json={"api_key": "sk-x"})
-            assert put.status_code == 200, put.text
-        body = {"json": {"api_key": f"sk-own-key-of-{c.name}"}} if not fresh else {}
+            made = w.call(c, "PUT", f"/api/me/provider-keys/{target}", json={"api_key": "sk-x"})
+            assert made.status_code == 200, made.text
+        body = {"json": {"api_key": f"sk-own-key-of-{c.name}"}} if put else {}
         return Req(f"/api/me/provider-keys/{target}", body, names=(target,))
 
     return build
@@ -258,6 +269,15 @@ def foreign(suffix: str, body: Callable[[str], Any]) -> Build:
         return Req(path, kwargs, names=(mid,))
 
     return build
+
+
+def send_with_attachment(w: World, c: Caller, target: str, allowed: bool) -> Req:
+    """A send into the caller's own conversation carrying A's upload (or a missing one)."""
+    fresh = allowed and target != "missing"
+    attachment = w.fresh_attachment() if fresh else target_id(w, target)
+    body = {"content": "with a file", "attachments": [attachment], "stream": False}
+    path = f"/api/conversations/{own_conversation(w, c)}/messages"
+    return Req(path, {"json": body}, names=(attachment,))
 
 
 def v1_chat(w: World, c: Caller, target: str, allowed: bool) -> Req:
@@ -336,18 +356,17 @@ def gets_the_bytes(w: World, c: Caller, responses: dict[str, httpx.Response]) ->
     assert got.headers["Content-Disposition"].startswith("attachment;")
 
 
-def lists(key: str, *, a_sees: tuple[str, ...], others_see_none: bool = True) -> Check:
-    """A list answer: A's own things in A's list, none of them in anybody else's."""
+def lists(key: str, *, a_sees: tuple[str, ...]) -> Check:
+    """A list of the caller's own: A's things in A's, none of them in anybody else's
+    (admins included: these lists are the caller's own)."""
 
     def check(w: World, c: Caller, responses: dict[str, httpx.Response]) -> None:
         listed = {str(item[key]) for item in _body(responses, "self")["data"]}
         wanted = {w.ids.get(name, name) for name in a_sees}
         if c.group == OWNER:
             assert wanted <= listed
-        elif others_see_none:
-            assert not wanted & listed
         else:
-            assert wanted <= listed
+            assert not wanted & listed
 
     return check
 
@@ -384,6 +403,15 @@ def not_with_a_key(w: World, c: Caller, responses: dict[str, httpx.Response]) ->
     assert (upstream_key(w, text) == BYOK_KEY) is (c.group == OWNER)
 
 
+def answers_with_own_key(w: World, c: Caller, responses: dict[str, httpx.Response]) -> None:
+    """Whoever sends or regenerates in A's conversation, A's BYOK key goes upstream for
+    A's requests only."""
+    for response in responses.values():
+        if response.status_code == 200:
+            text = response.json()["user_message"]["content"]
+            assert (upstream_key(w, text) == BYOK_KEY) is (c.group == OWNER), c.name
+
+
 def cannot_count(w: World, c: Caller, responses: dict[str, httpx.Response]) -> None:
     assert "cannot count tokens" in responses["self"].json()["error"]["message"]
 
@@ -401,11 +429,21 @@ def admin_sees(*names: str, key: str = "id") -> Check:
 CONV = "/api/conversations/{id}"
 REGEN = "/api/conversations/{id}/messages/{message_id}/regenerate"
 CONV_TARGETS = ("chat", "api", "missing")
-NOTE = {"content": "a note", "stream": False}
+
+
+def note(c: Caller) -> dict[str, Any]:
+    return {"content": f"a note from {c.name} {uuid.uuid4().hex[:8]}", "stream": False}
+
 
 ROUTES: tuple[Route, ...] = (
     # Sessions and the caller.
-    Route("POST", "/api/auth/login", OPEN, plain("/"), custom=lambda w, c: login_case(w, c)),
+    Route(
+        "POST",
+        "/api/auth/login",
+        OPEN,
+        plain("/api/auth/login"),
+        custom=lambda w, c: login_case(w, c),
+    ),
     Route("POST", "/api/auth/logout", SELF, logout, ok=(204, 204, 204), check=logged_out),
     Route("GET", "/api/auth/session", SELF, plain("/api/auth/session"), check=is_caller),
     Route("GET", "/api/me", SELF, plain("/api/me"), check=is_caller),
@@ -419,6 +457,16 @@ ROUTES: tuple[Route, ...] = (
     ),
     # API keys.
     Route("GET", "/api/keys", SELF, plain("/api/keys"), check=lists("id", a_sees=("key",))),
+    Route(
+        "GET",
+        "/api/keys",
+        FOREIGN,
+        keys_after,
+        ("late_key", "missing"),
+        variant="?after= A's key",
+        # A pages through A's own keys; admins may see A's keys anyway.
+        groups=frozenset({DENIED, OTHER}),
+    ),
     Route(
         "POST",
         "/api/keys",
@@ -537,9 +585,21 @@ ROUTES: tuple[Route, ...] = (
         "POST",
         CONV + "/messages",
         OWNED,
-        conversation("/messages", NOTE, fresh=True),
+        conversation("/messages", note, fresh=True),
         CONV_TARGETS,
         protects=("conversation",),
+        check=answers_with_own_key,
+    ),
+    Route(
+        "POST",
+        CONV + "/messages",
+        OWNED,
+        send_with_attachment,
+        ("attachment", "missing"),
+        variant="own conversation, carrying A's upload",
+        # Only one's own uploads go into a message, admins included.
+        hidden_from=frozenset({OTHER, ADMIN, MASTER}),
+        protects=("attachment", "conversation"),
     ),
     Route(
         "POST",
@@ -554,7 +614,7 @@ ROUTES: tuple[Route, ...] = (
         "POST",
         CONV + "/messages",
         FOREIGN,
-        foreign("/messages", lambda mid: {**NOTE, "parent_id": mid}),
+        foreign("/messages", lambda mid: {"content": "x", "stream": False, "parent_id": mid}),
         ("answer", "missing"),
         (400, 400, 400),
         variant="own conversation, A's message as parent",
@@ -567,6 +627,7 @@ ROUTES: tuple[Route, ...] = (
         regenerate,
         ("chat", "chat_random_message", "missing"),
         protects=("conversation",),
+        check=answers_with_own_key,
     ),
     Route(
         "POST",
@@ -675,7 +736,7 @@ ROUTES: tuple[Route, ...] = (
         "PUT",
         "/api/me/provider-keys/{provider}",
         SELF,
-        provider_key(fresh=False),
+        provider_key(put=True),
         ("house",),
         (200, 200, 400),
         protects=("provider_keys",),
@@ -693,14 +754,20 @@ ROUTES: tuple[Route, ...] = (
         "DELETE",
         "/api/me/provider-keys/{provider}",
         FOREIGN,
-        provider_key(fresh=False),
+        provider_key(),
         ("up", "nowhere"),
         (404, 404, 400),
         variant="a provider only A has a key for",
         groups=ALL - {OWNER},
         protects=("provider_keys",),
     ),
-    Route("GET", "/api/openapi.json", OPEN, plain("/"), custom=lambda w, c: openapi_case(w, c)),
+    Route(
+        "GET",
+        "/api/openapi.json",
+        OPEN,
+        plain("/api/openapi.json"),
+        custom=lambda w, c: openapi_case(w, c),
+    ),
     # The /v1 API.
     Route("POST", "/v1/chat/completions", V1, v1_chat, check=not_with_a_key),
     Route(
@@ -733,6 +800,8 @@ ROUTES: tuple[Route, ...] = (
 
 LOGIN_CALLERS = ("anonymous", "A_revoked_bearer", "B_session")
 # "<route name> | <caller>" -> the bug that makes the case fail (xfail, strict).
+# Cases that fail because of a known bug: (case id -> why). Empty: the one found (a key
+# listing anchored on another user's key id) is fixed in store/users.py.
 KNOWN_BUGS: dict[str, str] = {}
 
 
@@ -760,6 +829,8 @@ def openapi_case(w: World, c: Caller) -> None:
 
 def hidden(route: Route, c: Caller) -> bool:
     """Whether the route must look to this caller as if the thing did not exist."""
+    if route.hidden_from is not None:
+        return c.group in route.hidden_from
     if route.kind == OWNED:
         return c.group == OTHER
     return route.kind == ADMIN_ONLY and c.group in (OTHER, OWNER)

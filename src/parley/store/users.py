@@ -250,8 +250,12 @@ class Users:
         if user_id is not None:
             query = query.where(api_keys.c.user_id == user_id)
         if after is not None:
-            anchor = select(api_keys.c.id).where(api_keys.c.public_id == after).scalar_subquery()
-            query = query.where(api_keys.c.id < anchor)
+            # The anchor must be one of the listed keys: anchored on anyone's, a page
+            # would tell whether another user's key id exists.
+            anchor_query = select(api_keys.c.id).where(api_keys.c.public_id == after)
+            if user_id is not None:
+                anchor_query = anchor_query.where(api_keys.c.user_id == user_id)
+            query = query.where(api_keys.c.id < anchor_query.scalar_subquery())
         with self._engine.connect() as conn:
             found = [_key(row) for row in conn.execute(query)]
         return found[:limit], len(found) > limit
