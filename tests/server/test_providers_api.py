@@ -420,3 +420,30 @@ def test_a_key_file_others_may_read_stops_the_server(
             server.start()
     finally:
         server.stop()
+
+
+def test_a_conversation_made_on_a_configuration_uses_it(
+    server: ParleyServer, upstream: FakeOpenAI, database_url: str
+) -> None:
+    with api(server) as http:
+        create(http, base_url=upstream.base_url, api_key=CANARY)
+        refused = http.post("/api/conversations", json={"provider_configuration": "nope"})
+        assert refused.status_code == 400
+        assert refused.json()["error"]["param"] == "provider_configuration"
+        made = http.post("/api/conversations", json={"provider_configuration": "house"})
+        assert made.status_code == 201, made.text
+        conversation = made.json()
+        assert conversation["default_model"] == "house"
+        sent = http.post(
+            f"/api/conversations/{conversation['id']}/messages",
+            json={"content": "bonjour", "stream": False},
+        )
+        assert sent.status_code == 200, sent.text
+    # The first call is the answer (a title may be asked for after it).
+    _, _, body = upstream.received[0]
+    assert body["messages"] == [
+        {"role": "system", "content": "Answer in French."},
+        {"role": "user", "content": "bonjour"},
+    ]
+    [row] = rows(database_url, "SELECT provider_config_id FROM conversations")
+    assert row["provider_config_id"] is not None

@@ -49,11 +49,12 @@ from parley.store.conversations import (
     StoredMessage,
     Tree,
 )
+from parley.store.provider_configs import ProviderConfigStore
 
 CHAT = web.AppKey("parley.chat", ChatService)
 
 MAX_TITLE = 500
-_CREATE_FIELDS = frozenset({"title", "default_model", "system_prompt"})
+_CREATE_FIELDS = frozenset({"title", "default_model", "system_prompt", "provider_configuration"})
 _SEND_FIELDS = frozenset(
     {"content", "attachments", "parent_id", "model", "stream", "temperature", "max_tokens"}
 )
@@ -100,12 +101,25 @@ async def create_conversation(request: web.Request) -> web.Response:
     """Create a conversation.
 
     Body: ``default_model`` (``provider/model`` or an alias; unknown: 400), ``title?``,
-    ``system_prompt?``. 201 with the conversation.
+    ``system_prompt?``, ``provider_configuration?`` (the name of an active provider
+    configuration: its system prompt applies unless the conversation has one, and it is
+    the default model when ``default_model`` is not given). 201 with the conversation.
     """
     caller = identity.current(request)
     chat = request.app[CHAT]
     body = await _body(request, _CREATE_FIELDS)
-    model = _string(body, "default_model", required=True)
+    config_id: int | None = None
+    config_name = _string(body, "provider_configuration")
+    if config_name is not None:
+        store = ProviderConfigStore(request.app[SERVICES].engine)
+        stored = await asyncio.to_thread(store.get_by_name, config_name)
+        if stored is None or not stored.is_active:
+            raise InvalidRequest(
+                f"no active provider configuration named '{config_name}'",
+                "provider_configuration",
+            )
+        config_id = stored.id
+    model = _string(body, "default_model", required=config_name is None) or config_name
     assert model is not None
     conversation = await asyncio.to_thread(
         chat.store.create,
@@ -114,6 +128,7 @@ async def create_conversation(request: web.Request) -> web.Response:
         default_model=await chat.check_model(model, "default_model"),
         title=_title(body),
         system_prompt=_string(body, "system_prompt", empty_ok=True),
+        provider_config_id=config_id,
     )
     return _json(conversation_json(conversation), status=201)
 

@@ -124,6 +124,7 @@ class Conversations:
         title: str | None = None,
         system_prompt: str | None = None,
         source: str = "chat",
+        provider_config_id: int | None = None,
     ) -> Conversation:
         now = datetime.now(UTC)
         row = {
@@ -139,6 +140,7 @@ class Conversations:
             "pinned": False,
             "is_active": True,
             "system_prompt": system_prompt,
+            "provider_config_id": provider_config_id,
         }
         with self._writing() as conn:
             key = conn.execute(insert(conversations).values(row)).inserted_primary_key
