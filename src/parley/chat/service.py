@@ -47,7 +47,7 @@ from parley.domain.events import Chunk, TextDelta
 from parley.domain.exchange import Exchange, ReplyTo
 from parley.domain.messages import ChatRequest, Message
 from parley.errors import InvalidRequest, ModelNotFound, NotFound, ParleyError, StoreError
-from parley.gateway.service import Gateway
+from parley.gateway.service import Gateway, finish
 from parley.store.attachments import AttachmentRow
 from parley.store.bulk import new_public_id
 from parley.store.conversations import (
@@ -313,7 +313,7 @@ class ChatService:
             await stream.aclose()
             yield Failed(exc)
             return
-        await _drain(stream)
+        await finish(stream)
         if turn.needs_title:
             self._spawn(self._make_title(caller, conversation, turn.message.content))
         yield Done(await self._stored_answer(turn, exchange, answer_id))
@@ -442,16 +442,3 @@ def _text(chunk: Chunk) -> str:
     """The answer's text in ``chunk`` (the first choice: the chat API asks for one)."""
     parts = [e.text for e in chunk.events if isinstance(e, TextDelta) and e.choice == 0]
     return parts[0] if len(parts) == 1 else "".join(parts)
-
-
-async def _drain(chunks: AsyncGenerator[Chunk, None]) -> None:
-    """Run a stream whose answer is complete to its end, so its connection is reused
-    (what ``server.relay.finish`` does for the ``/v1`` front doors: the chat layer sits
-    below the server and cannot import it)."""
-    try:
-        async for _ in chunks:
-            pass
-    except ParleyError as exc:
-        log.info("upstream misbehaved after its answer was complete: %s", exc.message)
-    finally:
-        await chunks.aclose()

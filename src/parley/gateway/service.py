@@ -242,3 +242,14 @@ def _unreadable(candidate: Candidate, exc: Exception) -> UpstreamProtocolError:
     return UpstreamProtocolError(
         f"could not process the answer of {candidate.id} ({type(exc).__name__})"
     )
+
+
+async def finish(chunks: AsyncGenerator[Chunk, None]) -> None:
+    """Run a stream whose answer is complete to its end, so its connection is reused."""
+    try:
+        async for _ in chunks:
+            pass
+    except ParleyError as exc:
+        log.info("upstream misbehaved after its answer was complete: %s", exc.message)
+    finally:
+        await chunks.aclose()

@@ -29,6 +29,7 @@ from parley.domain.events import Chunk
 from parley.domain.exchange import Exchange
 from parley.domain.messages import ChatRequest
 from parley.errors import ParleyError, StoreError
+from parley.gateway.service import finish
 from parley.server import identity
 from parley.server.state import Services
 
@@ -120,17 +121,6 @@ async def answer(
             return front.error_response(exc)
         return web.Response(body=body, content_type="application/json")
     return await _stream(request, services, exchange, stream, first, front)
-
-
-async def finish(chunks: AsyncGenerator[Chunk, None]) -> None:
-    """Run a stream whose answer is complete to its end (its connection is reused)."""
-    try:
-        async for _ in chunks:
-            pass
-    except ParleyError as exc:
-        log.info("upstream misbehaved after its answer was complete: %s", exc.message)
-    finally:
-        await chunks.aclose()
 
 
 async def _stream(
