@@ -38,6 +38,7 @@ Invariants:
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import AsyncGenerator, Mapping
 from typing import Any
@@ -50,7 +51,7 @@ from parley.domain.messages import ChatRequest
 from parley.errors import InvalidRequest, UpstreamError, UpstreamProtocolError
 from parley.providers import anthropic_wire as wire
 from parley.providers.base import EmbeddingsResult
-from parley.providers.http import UpstreamHTTP, drain, finish
+from parley.providers.http import UpstreamHTTP, finish
 from parley.providers.sse import SSEDecoder
 from parley.providers.wire import dumps, loads_object
 from parley.settings import ProviderConfig
@@ -175,25 +176,20 @@ class AnthropicProvider:
                 raw = await http.read_all(resp, deadline, phase)
                 obj = loads_object(raw, "response")
                 raise self._body_error(obj, "upstream answered a stream request with JSON")
-            content = resp.content
-            decoder = SSEDecoder()
             frames = wire.StreamFrames(model, int(time.time()), http.scrub)
-            yielded = False
-            while True:
-                if yielded:
-                    deadline, phase = http.next_deadline(total_at)
-                data = await http.read(content, deadline, phase, yielded)
-                payloads = decoder.feed(data) if data else decoder.close()
-                last = len(payloads) - 1
-                for i, payload in enumerate(payloads):
-                    chunk = frames.chunk(payload, yielded, more=i < last)
-                    yielded = True
+            # Closed with this generator (a client leaving closes it early).
+            async with contextlib.aclosing(
+                http.frames(
+                    resp,
+                    SSEDecoder(),
+                    lambda payload, yielded, more: frames.chunk(payload, yielded, more=more),
+                    (deadline, phase),
+                    total_at,
+                    "the stream ended before message_stop",
+                )
+            ) as chunks:
+                async for chunk in chunks:
                     yield chunk
-                    if chunk.final:
-                        await drain(content)
-                        return
-                if not data:
-                    raise http.broken("the stream ended before message_stop", yielded)
         finally:
             finish(resp)
 

@@ -21,10 +21,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncGenerator, Callable, Mapping
+from typing import Protocol
 
 import aiohttp
 
+from parley.domain.events import Chunk
 from parley.errors import (
     UpstreamConnectError,
     UpstreamError,
@@ -43,6 +45,16 @@ TRANSPORT_ERRORS = (aiohttp.ClientError, OSError)
 
 # Builds the error for a non-2xx answer from (status, body, headers); it must scrub.
 ErrorFor = Callable[[int, bytes, Mapping[str, str]], UpstreamError]
+# Turns one frame's payload into a chunk: (payload, yielded before, more in this read).
+ParseFrame = Callable[[bytes, bool, bool], Chunk]
+
+
+class FrameDecoder(Protocol):
+    """Splits a streamed body into frames (SSE events, NDJSON lines) across reads."""
+
+    def feed(self, data: bytes) -> list[bytes]: ...
+
+    def close(self) -> list[bytes]: ...
 
 
 class UpstreamHTTP:
@@ -181,6 +193,38 @@ class UpstreamHTTP:
             raise self.timeout(phase) from None
         except TRANSPORT_ERRORS as exc:
             raise self.broken(describe(exc), yielded) from exc
+
+    async def frames(
+        self,
+        resp: aiohttp.ClientResponse,
+        decoder: FrameDecoder,
+        parse: ParseFrame,
+        first: tuple[float, str],
+        total_at: float,
+        unfinished: str,
+    ) -> AsyncGenerator[Chunk, None]:
+        """The chunks of a streamed answer whose last frame makes a ``final`` chunk: read
+        with the first-byte deadline, then the idle one; after the final chunk the
+        response is drained (its connection is reused); an end before it raises
+        ``broken(unfinished)``. The caller finishes ``resp``."""
+        content = resp.content
+        deadline, phase = first
+        yielded = False
+        while True:
+            if yielded:
+                deadline, phase = self.next_deadline(total_at)
+            data = await self.read(content, deadline, phase, yielded)
+            payloads = decoder.feed(data) if data else decoder.close()
+            last = len(payloads) - 1
+            for i, payload in enumerate(payloads):
+                chunk = parse(payload, yielded, i < last)
+                yielded = True
+                yield chunk
+                if chunk.final:
+                    await drain(content)
+                    return
+            if not data:
+                raise self.broken(unfinished, yielded)
 
     def timeout(self, phase: str) -> UpstreamTimeout:
         seconds: float = getattr(self.config.timeouts, phase)

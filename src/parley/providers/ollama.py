@@ -31,6 +31,7 @@ Invariants:
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncGenerator, Mapping
 from typing import Any
 
@@ -41,7 +42,7 @@ from parley.domain.messages import ChatRequest
 from parley.errors import UpstreamError, UpstreamProtocolError
 from parley.providers import ollama_wire as wire
 from parley.providers.base import EmbeddingsResult
-from parley.providers.http import UpstreamHTTP, drain, finish
+from parley.providers.http import UpstreamHTTP, finish
 from parley.providers.wire import dumps, loads_object
 from parley.settings import ProviderConfig
 
@@ -132,25 +133,20 @@ class OllamaProvider:
         try:
             # Read as NDJSON whatever the content type: a proxy or an old server may label
             # the stream application/json, and one JSON object is one line either way.
-            content = resp.content
-            decoder = wire.NDJSONDecoder()
             answer = wire.Answer(model, http.scrub)
-            yielded = False
-            while True:
-                if yielded:
-                    deadline, phase = http.next_deadline(total_at)
-                received = await http.read(content, deadline, phase, yielded)
-                lines = decoder.feed(received) if received else decoder.close()
-                last = len(lines) - 1
-                for i, line in enumerate(lines):
-                    chunk = answer.line(line, yielded, more=i < last)
-                    yielded = True
+            # Closed with this generator (a client leaving closes it early).
+            async with contextlib.aclosing(
+                http.frames(
+                    resp,
+                    wire.NDJSONDecoder(),
+                    lambda line, yielded, more: answer.line(line, yielded, more=more),
+                    (deadline, phase),
+                    total_at,
+                    "the stream ended before its done line",
+                )
+            ) as chunks:
+                async for chunk in chunks:
                     yield chunk
-                    if chunk.final:
-                        await drain(content)
-                        return
-                if not received:
-                    raise http.broken("the stream ended before its done line", yielded)
         finally:
             finish(resp)
 
