@@ -40,18 +40,16 @@ Behaviour is chosen by the model name:
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import contextlib
 import hashlib
-import socket
-import struct
 import threading
 from types import MappingProxyType
 from typing import Any
 
 import orjson
 from aiohttp import web
+
+from tests.fakes.runner import FakeServer, reset, serve_main
 
 STALL_SECONDS = 30.0
 PAGE_SIZE = 2
@@ -272,7 +270,7 @@ class _Upstream:
         if model == "stall-first-byte":
             await self.sleep(STALL_SECONDS)
         if not stream and model == "reset-mid":
-            _reset(request)
+            reset(request)
             return web.Response()
         if not stream and model == "malformed":
             return web.Response(body=b"{not json", content_type="application/json")
@@ -293,7 +291,7 @@ class _Upstream:
     async def _break(self, model: str, request: web.Request, response: web.StreamResponse) -> None:
         if model == "reset-mid":
             await asyncio.sleep(0.1)  # let the client read what was sent
-            _reset(request)
+            reset(request)
             return
         if model == "stall-mid":
             await self.sleep(STALL_SECONDS)
@@ -526,83 +524,17 @@ def _error(
     return response
 
 
-def _reset(request: web.Request) -> None:
-    """Abort the connection with a TCP RST, as a crashed upstream or a proxy would."""
-    transport = request.transport
-    assert transport is not None
-    sock = transport.get_extra_info("socket")
-    if sock is not None:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    transport.abort()
-
-
-class FakeGemini:
+class FakeGemini(FakeServer[_Upstream]):
     """The fake on a real port, in a background thread with its own event loop."""
 
+    api_root = "/v1beta"
+
     def __init__(self, *, api_key: str | None = None, host: str = "127.0.0.1", port: int = 0):
-        self.host = host
-        self.port = port
-        self._upstream = _Upstream(api_key, record=True)
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-
-    @property
-    def base_url(self) -> str:
-        return f"http://{self.host}:{self.port}/v1beta"
-
-    @property
-    def received(self) -> list[Received]:
-        """(path with query, headers, parsed JSON body) of every request, oldest first."""
-        with self._upstream.lock:
-            return list(self._upstream.received)
-
-    def clear(self) -> None:
-        with self._upstream.lock:
-            self._upstream.received.clear()
-
-    def start(self) -> FakeGemini:
-        loop = asyncio.new_event_loop()
-        self._loop = loop
-        self._thread = threading.Thread(target=loop.run_forever, name="fake-gemini", daemon=True)
-        self._thread.start()
-        started = asyncio.run_coroutine_threadsafe(self._upstream.start(self.host, self.port), loop)
-        self.port = started.result(30)
-        return self
-
-    def stop(self) -> None:
-        loop, thread = self._loop, self._thread
-        if loop is None or thread is None:
-            return
-        self._loop = self._thread = None
-        asyncio.run_coroutine_threadsafe(self._upstream.stop(), loop).result(30)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
-        loop.close()
-
-    def __enter__(self) -> FakeGemini:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-
-async def _serve(host: str, port: int) -> None:
-    upstream = _Upstream(api_key=None, record=False)
-    port = await upstream.start(host, port)
-    print(f"PORT {port}", flush=True)
-    try:
-        await asyncio.Event().wait()
-    finally:
-        await upstream.stop()
+        super().__init__(_Upstream(api_key, record=True), host, port)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Fake Gemini API upstream.")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
-    args = parser.parse_args(argv)
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_serve(args.host, args.port))
+    serve_main(lambda: _Upstream(api_key=None, record=False), "Fake Gemini API upstream.", argv)
 
 
 if __name__ == "__main__":

@@ -28,13 +28,9 @@ an adapter passes through with what the fake sends for the same body.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import base64
-import contextlib
 import hashlib
-import socket
-import struct
 import threading
 from array import array
 from collections.abc import Iterator
@@ -43,6 +39,8 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+
+from tests.fakes.runner import FakeServer, reset, serve_main
 
 STALL_SECONDS = 30.0
 CREATED = 1_700_000_000
@@ -177,7 +175,7 @@ class _Upstream:
         if model == "stall-first-byte":
             await self.sleep(STALL_SECONDS)
         if not stream and model == "reset-mid":
-            _reset(request)
+            reset(request)
             return web.Response()
         if not stream and model == "malformed":
             return web.Response(body=b"{not json", content_type="application/json")
@@ -207,7 +205,7 @@ class _Upstream:
     async def _break(self, model: str, request: web.Request, response: web.StreamResponse) -> None:
         if model == "reset-mid":
             await asyncio.sleep(0.1)  # let the client read what was sent
-            _reset(request)
+            reset(request)
             return
         if model == "stall-mid":
             await self.sleep(STALL_SECONDS)
@@ -368,88 +366,24 @@ def _error(status: int, message: str | None = None) -> web.Response:
     return response
 
 
-def _reset(request: web.Request) -> None:
-    """Abort the connection with a TCP RST, as a crashed upstream or a proxy would."""
-    transport = request.transport
-    assert transport is not None
-    sock = transport.get_extra_info("socket")
-    if sock is not None:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    transport.abort()
-
-
-class FakeOpenAI:
+class FakeOpenAI(FakeServer[_Upstream]):
     """The fake on a real port, in a background thread with its own event loop."""
 
+    api_root = "/v1"
+
     def __init__(self, *, api_key: str | None = None, host: str = "127.0.0.1", port: int = 0):
-        self.host = host
-        self.port = port
-        self._upstream = _Upstream(api_key, record=True)
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-
-    @property
-    def base_url(self) -> str:
-        return f"http://{self.host}:{self.port}/v1"
-
-    @property
-    def received(self) -> list[Received]:
-        """(path, headers, parsed JSON body) of every request so far, oldest first."""
-        with self._upstream.lock:
-            return list(self._upstream.received)
+        super().__init__(_Upstream(api_key, record=True), host, port)
 
     @property
     def abandoned(self) -> int:
         """How many streams the client hung up on before they were complete."""
         return self._upstream.abandoned
 
-    def clear(self) -> None:
-        with self._upstream.lock:
-            self._upstream.received.clear()
-
-    def start(self) -> FakeOpenAI:
-        loop = asyncio.new_event_loop()
-        self._loop = loop
-        self._thread = threading.Thread(target=loop.run_forever, name="fake-openai", daemon=True)
-        self._thread.start()
-        started = asyncio.run_coroutine_threadsafe(self._upstream.start(self.host, self.port), loop)
-        self.port = started.result(30)
-        return self
-
-    def stop(self) -> None:
-        loop, thread = self._loop, self._thread
-        if loop is None or thread is None:
-            return
-        self._loop = self._thread = None
-        asyncio.run_coroutine_threadsafe(self._upstream.stop(), loop).result(30)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
-        loop.close()
-
-    def __enter__(self) -> FakeOpenAI:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-
-async def _serve(host: str, port: int) -> None:
-    upstream = _Upstream(api_key=None, record=False)
-    port = await upstream.start(host, port)
-    print(f"PORT {port}", flush=True)
-    try:
-        await asyncio.Event().wait()
-    finally:
-        await upstream.stop()
-
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Fake OpenAI-compatible upstream.")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
-    args = parser.parse_args(argv)
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_serve(args.host, args.port))
+    serve_main(
+        lambda: _Upstream(api_key=None, record=False), "Fake OpenAI-compatible upstream.", argv
+    )
 
 
 if __name__ == "__main__":
