@@ -8,10 +8,9 @@ the typed error of each failure. Timeouts are short so the stall tests stay fast
 
 from __future__ import annotations
 
-import socket
 import time
 import traceback
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from types import MappingProxyType, SimpleNamespace
 from typing import Any
 
@@ -45,6 +44,7 @@ from parley.providers.anthropic import AnthropicProvider
 from parley.providers.anthropic_wire import StreamFrames
 from parley.settings import ProviderConfig, Secret, Timeouts
 from tests.fakes.anthropic_upstream import CACHE_READ, CACHE_WRITE, FakeAnthropic
+from tests.providers.support import closed_port_url, collect, error_of, events, text
 
 CANARY = "sk-ant-canary-7f3a9c1e5b2d4f60"
 KEY = "sk-ant-test-key"
@@ -65,12 +65,6 @@ PNG = "iVBORw0KGgo="
 def fake() -> Iterator[FakeAnthropic]:
     with FakeAnthropic(api_key=KEY) as upstream:
         yield upstream
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as client:
-        yield client
 
 
 def make_provider(
@@ -107,21 +101,6 @@ def request(
         stream=stream,
         **fields,
     )
-
-
-async def collect(chunks: AsyncIterator[Chunk], into: list[Chunk] | None = None) -> list[Chunk]:
-    out = [] if into is None else into
-    async for chunk in chunks:
-        out.append(chunk)
-    return out
-
-
-def events(chunks: list[Chunk], kind: type) -> list[Any]:
-    return [e for c in chunks for e in c.events if isinstance(e, kind)]
-
-
-def text(chunks: list[Chunk]) -> str:
-    return "".join(e.text for e in events(chunks, TextDelta))
 
 
 def sent(fake: FakeAnthropic) -> dict[str, Any]:
@@ -705,13 +684,6 @@ async def test_broken_whole_bodies(
         await collect(make_provider(session, fake.base_url).chat(request(), model))
 
 
-def closed_port_url() -> str:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    return f"http://127.0.0.1:{port}"
-
-
 @pytest.mark.parametrize("stream", [False, True])
 async def test_connection_refused_is_a_retryable_connect_error(
     session: aiohttp.ClientSession, stream: bool
@@ -739,8 +711,8 @@ async def test_the_api_key_never_appears_in_errors(
         assert caught.value.status_code == 401 and "[redacted]" in caught.value.message
         assert caught.value.error_type == "authentication"
         failures.append(caught.value)
-    failures.append(await _error_of(denied.list_models()))
-    failures.append(await _error_of(denied.count_tokens(request(), "m")))
+    failures.append(await error_of(denied.list_models()))
+    failures.append(await error_of(denied.count_tokens(request(), "m")))
     with FakeAnthropic() as open_fake:
         provider = make_provider(session, open_fake.base_url, key=CANARY, first_byte=0.3, idle=0.3)
         for model in (
@@ -755,19 +727,11 @@ async def test_the_api_key_never_appears_in_errors(
             "eof-mid",
             "error-mid",
         ):
-            failures.append(await _error_of(collect(provider.chat(request(stream=True), model))))
+            failures.append(await error_of(collect(provider.chat(request(stream=True), model))))
     refused = make_provider(session, closed_port_url(), key=CANARY)
-    failures.append(await _error_of(collect(refused.chat(request(), "m"))))
+    failures.append(await error_of(collect(refused.chat(request(), "m"))))
     assert len(failures) == 15 and all(isinstance(f, UpstreamError) for f in failures)
     assert not [f for f in failures if leaks(f)]
-
-
-async def _error_of(awaitable: Any) -> BaseException:
-    try:
-        await awaitable
-    except UpstreamError as error:
-        return error
-    raise AssertionError("expected an upstream error")
 
 
 # -- URLs, headers, the other endpoints -----------------------------------------------

@@ -7,11 +7,10 @@ Every test drives ``GeminiProvider`` with a real ``aiohttp.ClientSession`` again
 from __future__ import annotations
 
 import base64
-import socket
 import struct
 import time
 import traceback
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from types import MappingProxyType, SimpleNamespace
 from typing import Any
 
@@ -44,6 +43,7 @@ from parley.providers.gemini_request import clean_schema
 from parley.providers.gemini_wire import finish_reason, usage_from
 from parley.settings import ProviderConfig, Secret, Timeouts
 from tests.fakes.gemini_upstream import FakeGemini
+from tests.providers.support import closed_port_url, collect, error_of, events
 
 CANARY = "AIza-canary-7f3a9c1e5b2d4f60"
 KEY = "AIza-test-key"
@@ -71,12 +71,6 @@ def fake() -> Iterator[FakeGemini]:
         yield upstream
 
 
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as client:
-        yield client
-
-
 def make_provider(
     session: aiohttp.ClientSession,
     base_url: str,
@@ -99,17 +93,6 @@ def make_provider(
 def request(text: str = "hello big world", *, stream: bool = False, **fields: Any) -> ChatRequest:
     messages = fields.pop("messages", (Message("user", text),))
     return ChatRequest(model="gem/x", messages=messages, stream=stream, **fields)
-
-
-async def collect(chunks: AsyncIterator[Chunk], into: list[Chunk] | None = None) -> list[Chunk]:
-    out = [] if into is None else into
-    async for chunk in chunks:
-        out.append(chunk)
-    return out
-
-
-def events(chunks: list[Chunk], kind: type) -> list[Any]:
-    return [e for c in chunks for e in c.events if isinstance(e, kind)]
 
 
 def text(chunks: list[Chunk], choice: int = 0) -> str:
@@ -653,16 +636,11 @@ async def test_broken_whole_bodies(
         await collect(make_provider(session, fake.base_url).chat(request(), model))
 
 
-def closed_port_url() -> str:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    return f"http://127.0.0.1:{port}/v1beta"
-
-
 async def test_connection_refused_is_retryable(session: aiohttp.ClientSession) -> None:
     with pytest.raises(UpstreamConnectError) as caught:
-        await collect(make_provider(session, closed_port_url()).chat(request(stream=True), "m"))
+        await collect(
+            make_provider(session, closed_port_url("/v1beta")).chat(request(stream=True), "m")
+        )
     assert caught.value.retryable
 
 
@@ -685,8 +663,8 @@ async def test_the_api_key_never_appears_in_errors(
         assert (error.status_code, error.error_type) == (401, "authentication")
         assert "[redacted]" in error.message and error.status == 502
         failures.append(error)
-    failures.append(await _error_of(denied.embeddings({"input": "x"}, "text-embedding-004")))
-    failures.append(await _error_of(denied.list_models()))
+    failures.append(await error_of(denied.embeddings({"input": "x"}, "text-embedding-004")))
+    failures.append(await error_of(denied.list_models()))
     with FakeGemini() as open_fake:
         provider = make_provider(session, open_fake.base_url, key=CANARY, first_byte=0.3, idle=0.3)
         for model in (
@@ -700,20 +678,12 @@ async def test_the_api_key_never_appears_in_errors(
             "eof-mid",
             "error-mid",
         ):
-            failures.append(await _error_of(collect(provider.chat(request(stream=True), model))))
+            failures.append(await error_of(collect(provider.chat(request(stream=True), model))))
         assert not [r for r in open_fake.received if CANARY in r[0]], "the key is never in a URL"
-    refused = make_provider(session, closed_port_url(), key=CANARY)
-    failures.append(await _error_of(collect(refused.chat(request(), "m"))))
+    refused = make_provider(session, closed_port_url("/v1beta"), key=CANARY)
+    failures.append(await error_of(collect(refused.chat(request(), "m"))))
     assert len(failures) == 14 and all(isinstance(f, UpstreamError) for f in failures)
     assert not [f for f in failures if leaks(f)]
-
-
-async def _error_of(awaitable: Any) -> BaseException:
-    try:
-        await awaitable
-    except UpstreamError as error:
-        return error
-    raise AssertionError("expected an upstream error")
 
 
 # -- embeddings, models, token counts ------------------------------------------------------

@@ -11,11 +11,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import re
-import socket
 import struct
 import time
 import traceback
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from types import MappingProxyType, SimpleNamespace
 from typing import Any
 
@@ -47,6 +46,7 @@ from parley.providers import ollama_wire as wire
 from parley.providers.ollama import OllamaProvider, server_root
 from parley.settings import ProviderConfig, Secret, Timeouts
 from tests.fakes.ollama_upstream import CREATED, MID_STREAM_ERROR, MODELS, FakeOllama
+from tests.providers.support import closed_port_url, collect, error_of, events, text
 
 CANARY = "sk-canary-5e8b1d2c9a7f4036"
 WEATHER = MappingProxyType(
@@ -66,12 +66,6 @@ CLOCK = MappingProxyType({"type": "function", "function": {"name": "get_time"}})
 def fake() -> Iterator[FakeOllama]:
     with FakeOllama() as upstream:
         yield upstream
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as client:
-        yield client
 
 
 def make_provider(
@@ -99,21 +93,6 @@ def request(text: str = "hello big world", *, stream: bool = False, **fields: An
 
 def chat(*messages: Message, stream: bool = False, **fields: Any) -> ChatRequest:
     return ChatRequest(model="local/x", messages=messages, stream=stream, **fields)
-
-
-async def collect(chunks: AsyncIterator[Chunk], into: list[Chunk] | None = None) -> list[Chunk]:
-    out = [] if into is None else into
-    async for chunk in chunks:
-        out.append(chunk)
-    return out
-
-
-def events(chunks: list[Chunk], kind: type) -> list[Any]:
-    return [e for c in chunks for e in c.events if isinstance(e, kind)]
-
-
-def text(chunks: list[Chunk]) -> str:
-    return "".join(e.text for e in events(chunks, TextDelta))
 
 
 def sent(fake: FakeOllama) -> dict[str, Any]:
@@ -626,13 +605,6 @@ async def test_broken_whole_bodies(
         await collect(make_provider(session, fake.base_url).chat(request(), model))
 
 
-def closed_port_url() -> str:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    return f"http://127.0.0.1:{port}"
-
-
 @pytest.mark.parametrize("stream", [False, True])
 async def test_connection_refused_is_a_retryable_connect_error(
     session: aiohttp.ClientSession, stream: bool
@@ -658,8 +630,8 @@ async def test_the_key_never_appears_in_errors(session: aiohttp.ClientSession) -
                 await collect(denied.chat(request(stream=stream), "m"))
             assert caught.value.status_code == 401 and "[redacted]" in caught.value.message
             failures.append(caught.value)
-        failures.append(await _error_of(denied.embeddings({"input": "x"}, "e")))
-        failures.append(await _error_of(denied.list_models()))
+        failures.append(await error_of(denied.embeddings({"input": "x"}, "e")))
+        failures.append(await error_of(denied.list_models()))
         provider = make_provider(session, fake.base_url, key=CANARY, first_byte=0.3, idle=0.3)
         for model in (
             "missing-model",
@@ -673,19 +645,11 @@ async def test_the_key_never_appears_in_errors(session: aiohttp.ClientSession) -
             "error-mid",
             "error-first",
         ):
-            failures.append(await _error_of(collect(provider.chat(request(stream=True), model))))
+            failures.append(await error_of(collect(provider.chat(request(stream=True), model))))
         refused = make_provider(session, closed_port_url(), key=CANARY)
-        failures.append(await _error_of(collect(refused.chat(request(), "m"))))
+        failures.append(await error_of(collect(refused.chat(request(), "m"))))
     assert len(failures) == 15 and all(isinstance(f, UpstreamError) for f in failures)
     assert not [f for f in failures if leaks(f)]
-
-
-async def _error_of(awaitable: Any) -> BaseException:
-    try:
-        await awaitable
-    except UpstreamError as error:
-        return error
-    raise AssertionError("expected an upstream error")
 
 
 async def test_a_cancelled_stream_releases_its_connection_and_never_reuses_it(

@@ -7,10 +7,9 @@ Every test drives ``OpenAIProvider`` with a real ``aiohttp.ClientSession`` again
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 import traceback
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from types import MappingProxyType, SimpleNamespace
 from typing import Any
@@ -40,6 +39,7 @@ from parley.errors import (
 from parley.providers.openai import OpenAIProvider
 from parley.settings import ProviderConfig, Secret, Timeouts
 from tests.fakes.openai_upstream import FakeOpenAI
+from tests.providers.support import closed_port_url, collect, error_of, events, text
 
 CANARY = "sk-canary-7f3a9c1e5b2d4f60"
 DONE = b"data: [DONE]\n\n"
@@ -49,12 +49,6 @@ DONE = b"data: [DONE]\n\n"
 def fake() -> Iterator[FakeOpenAI]:
     with FakeOpenAI() as upstream:
         yield upstream
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as client:
-        yield client
 
 
 def make_provider(
@@ -94,21 +88,6 @@ def request(
         raw=raw,
         **fields,
     )
-
-
-async def collect(chunks: AsyncIterator[Chunk], into: list[Chunk] | None = None) -> list[Chunk]:
-    out = [] if into is None else into
-    async for chunk in chunks:
-        out.append(chunk)
-    return out
-
-
-def events(chunks: list[Chunk], kind: type) -> list[Any]:
-    return [e for c in chunks for e in c.events if isinstance(e, kind)]
-
-
-def text(chunks: list[Chunk]) -> str:
-    return "".join(e.text for e in events(chunks, TextDelta))
 
 
 async def upstream_bytes(session: aiohttp.ClientSession, fake: FakeOpenAI) -> bytes:
@@ -415,19 +394,14 @@ async def test_broken_whole_bodies(
         await collect(provider.chat(request(), model))
 
 
-def closed_port_url() -> str:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    return f"http://127.0.0.1:{port}/v1"
-
-
 @pytest.mark.parametrize("stream", [False, True])
 async def test_connection_refused_is_a_retryable_connect_error(
     session: aiohttp.ClientSession, stream: bool
 ) -> None:
     with pytest.raises(UpstreamConnectError) as caught:
-        await collect(make_provider(session, closed_port_url()).chat(request(stream=stream), "m"))
+        await collect(
+            make_provider(session, closed_port_url("/v1")).chat(request(stream=stream), "m")
+        )
     assert caught.value.retryable
 
 
@@ -495,7 +469,7 @@ async def test_the_api_key_never_appears_in_errors(session: aiohttp.ClientSessio
                 await collect(denied.chat(request(stream=stream), "m"))
             assert caught.value.status_code == 401 and "[redacted]" in caught.value.message
             failures.append(caught.value)
-        failures.append(await _error_of(denied.embeddings({"input": "x"}, "e")))
+        failures.append(await error_of(denied.embeddings({"input": "x"}, "e")))
         provider = make_provider(session, fake.base_url, key=CANARY, first_byte=0.3, idle=0.3)
         for model in (
             "fail-400",
@@ -507,19 +481,11 @@ async def test_the_api_key_never_appears_in_errors(session: aiohttp.ClientSessio
             "eof-mid",
             "error-mid",
         ):
-            failures.append(await _error_of(collect(provider.chat(request(stream=True), model))))
-        refused = make_provider(session, closed_port_url(), key=CANARY)
-        failures.append(await _error_of(collect(refused.chat(request(), "m"))))
+            failures.append(await error_of(collect(provider.chat(request(stream=True), model))))
+        refused = make_provider(session, closed_port_url("/v1"), key=CANARY)
+        failures.append(await error_of(collect(refused.chat(request(), "m"))))
     assert len(failures) == 12 and all(isinstance(f, UpstreamError) for f in failures)
     assert not [f for f in failures if leaks(f)]
-
-
-async def _error_of(awaitable: Any) -> BaseException:
-    try:
-        await awaitable
-    except UpstreamError as error:
-        return error
-    raise AssertionError("expected an upstream error")
 
 
 def test_retry_after_forms() -> None:
