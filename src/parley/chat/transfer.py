@@ -27,6 +27,7 @@ from typing import Any
 
 import orjson
 
+from parley.domain.times import utc
 from parley.domain.transfer import ConversationTree, TreeMessage, message_from_wire
 from parley.errors import InvalidRequest
 
@@ -332,7 +333,7 @@ def _time(value: Any, where: str) -> datetime:
         moment = datetime.fromisoformat(value)
     except ValueError:
         raise InvalidRequest(f"{where} must be an ISO 8601 time, got {value!r}") from None
-    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+    return utc(moment)
 
 
 def _epoch(value: Any) -> datetime | None:
@@ -345,9 +346,7 @@ def _epoch(value: Any) -> datetime | None:
 
 
 def _iso(moment: datetime) -> str:
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
+    return utc(moment).isoformat().replace("+00:00", "Z")
 
 
 def _opt_str(raw: Mapping[str, Any], key: str, where: str) -> str | None:

@@ -25,6 +25,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from parley.domain.times import utc
 from parley.domain.users import ApiKey, User
 from parley.errors import AuthenticationFailed, InvalidRequest, NotFound
 from parley.server import auth, identity
@@ -398,7 +399,7 @@ def _expiry(data: dict[str, Any]) -> datetime | None:
     except ValueError:
         raise InvalidRequest("'expires_at' must be an ISO 8601 date-time", "expires_at") from None
     # A time without an offset is taken as UTC.
-    moment = moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+    moment = utc(moment)
     if moment <= now:
         raise InvalidRequest("'expires_at' must be in the future", "expires_at")
     return moment

@@ -26,6 +26,7 @@ from typing import Any
 from sqlalchemy import Connection, bindparam, delete, insert, select, update
 from sqlalchemy.sql import Select
 
+from parley.domain.times import utc
 from parley.errors import NotFound
 from parley.store.bulk import new_public_id
 from parley.store.schema import attachments, conversations, messages
@@ -278,9 +279,7 @@ _ON_MESSAGES = (
 
 
 def _row(row: Any) -> AttachmentRow:
-    created = row.created_at
-    if created.tzinfo is None:  # SQLite keeps no offset; every stored time is UTC
-        created = created.replace(tzinfo=UTC)
+    created = utc(row.created_at)
     return AttachmentRow(
         id=row.id,
         public_id=row.public_id,

@@ -13,7 +13,7 @@ import binascii
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, Final, Protocol
 
 import orjson
@@ -21,6 +21,7 @@ from sqlalchemy import ColumnElement, Connection, Row, func, literal, select, ty
 from sqlalchemy.types import NullType
 
 from parley.domain.messages import Message, ToolCall
+from parley.domain.times import utc
 from parley.errors import InvalidRequest
 from parley.store import attachments as files
 from parley.store.attachments import AttachmentRow
@@ -299,8 +300,8 @@ def conversation_of(row: Row[Any], count: int = 0, last: datetime | None = None)
         system_prompt=m["system_prompt"],
         provider_config_id=m["provider_config_id"],
         active_leaf_id=m["active_leaf_id"],
-        created_at=aware(m["created_at"]),
-        updated_at=aware(m["updated_at"]),
+        created_at=utc(m["created_at"]),
+        updated_at=utc(m["updated_at"]),
         message_count=count,
         last_message_at=last,
     )
@@ -333,7 +334,7 @@ def messages_of(
         else:
             public_id = raw_id
         public_of[key] = public_id
-        when = _FROM_ISO(created + "+00:00") if type(created) is str else aware(created)
+        when = _FROM_ISO(created + "+00:00") if type(created) is str else utc(created)
         above = None if parent is None else public_of.get(parent)
         answer = answer_of(key)
         if answer is None:
@@ -369,7 +370,7 @@ def time_of(value: Any) -> datetime:
     """A stored time as the driver returned it (SQLite: ISO text without offset), in UTC."""
     if isinstance(value, str):
         return datetime.fromisoformat(value + "+00:00")  # see messages_of
-    return aware(value)
+    return utc(value)
 
 
 def encode_cursor(last: Conversation) -> str:
@@ -383,13 +384,6 @@ def decode_cursor(cursor: str) -> tuple[bool, datetime, uuid.UUID]:
         pinned, updated_at, public_id = orjson.loads(packed)
         if not isinstance(pinned, bool):
             raise ValueError(pinned)
-        return pinned, aware(datetime.fromisoformat(updated_at)), uuid.UUID(hex=public_id)
+        return pinned, utc(datetime.fromisoformat(updated_at)), uuid.UUID(hex=public_id)
     except (binascii.Error, orjson.JSONDecodeError, TypeError, ValueError):
         raise InvalidRequest("'cursor' is not a cursor this API returned", "cursor") from None
-
-
-def aware(moment: datetime) -> datetime:
-    """UTC, with its offset (SQLite keeps none)."""
-    if moment.tzinfo is None:
-        return moment.replace(tzinfo=UTC)
-    return moment.astimezone(UTC)

@@ -42,6 +42,7 @@ from sqlalchemy import Connection, Row, bindparam, select, update
 
 from parley.domain.exchange import Attempt, Exchange
 from parley.domain.messages import chain_hash, chain_of, content_hash_of
+from parley.domain.times import utc
 from parley.store.bulk import PublicIds, assign_ids, bulk_insert
 from parley.store.schema import conversations, messages, request_log, responses
 
@@ -265,7 +266,7 @@ class _Planner:
         if hashed is None:
             return plan
         depth, parent, conv = self._match(hashed)
-        started = _utc(exchange.started_at)
+        started = utc(exchange.started_at)
         if conv is None:
             conv = _Conv(self.ids.new())
             conv.new_row = {
@@ -506,18 +507,11 @@ def _attempt_rows(exchange: Exchange, ids: PublicIds) -> list[dict[str, Any]]:
                 "api_key_id": e.api_key_id,
                 "chain_id": e.chain_id,
                 "public_id": ids.new(),
-                "created_at": _utc(a.started_at),
+                "created_at": utc(a.started_at),
                 "model": _clip(a.model_used, 255),
             }
         )
     return rows
-
-
-def _utc(moment: datetime) -> datetime:
-    """``moment`` in UTC: SQLite keeps no offset, so every stored time must be UTC."""
-    if moment.tzinfo is None:
-        return moment.replace(tzinfo=UTC)
-    return moment.astimezone(UTC) if moment.utcoffset() else moment
 
 
 def _clip(value: object, length: int) -> Any:

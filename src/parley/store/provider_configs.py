@@ -30,6 +30,7 @@ import sqlalchemy
 from sqlalchemy import Connection, Row, delete, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
+from parley.domain.times import utc
 from parley.errors import InvalidRequest, StoreError
 from parley.store.bulk import new_public_id
 from parley.store.engine import IMMEDIATE
@@ -274,8 +275,8 @@ def _config(row: Row[Any]) -> StoredConfig:
         base_url=data["base_url"],
         api_key_ciphertext=data["api_key_ciphertext"],
         extra=extra,
-        created_at=_aware(data["created_at"]),
-        updated_at=_aware(data["updated_at"]),
+        created_at=utc(data["created_at"]),
+        updated_at=utc(data["updated_at"]),
     )
 
 
@@ -285,13 +286,6 @@ def _key(row: Row[Any]) -> StoredKey:
         user_id=data["user_id"],
         provider=data["provider"],
         ciphertext=data["ciphertext"],
-        created_at=_aware(data["created_at"]),
-        updated_at=_aware(data["updated_at"]),
+        created_at=utc(data["created_at"]),
+        updated_at=utc(data["updated_at"]),
     )
-
-
-def _aware(moment: datetime) -> datetime:
-    """``moment`` in UTC: SQLite keeps no offset, so every stored time is UTC."""
-    if moment.tzinfo is None:
-        return moment.replace(tzinfo=UTC)
-    return moment.astimezone(UTC)

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
-from datetime import UTC, datetime
 from typing import Any
 
 import orjson
 from sqlalchemy import Connection, or_, select
 
 from parley.domain.messages import Message, chain_hash, content_hash_of
+from parley.domain.times import utc
 from parley.domain.transfer import ConversationTree, TreeMessage, message_from_wire
 from parley.store.bulk import PublicIds, assign_ids, bulk_insert
 from parley.store.exchanges import chain_key
@@ -85,7 +85,7 @@ def _read_chunk(conn: Connection, ids: Sequence[int]) -> list[ConversationTree]:
                 key=key,
                 parent=None if row.parent_id is None else keys[row.parent_id],
                 message=message,
-                created_at=_utc(row.created_at),
+                created_at=utc(row.created_at),
                 model=row.model_used,
                 finish_reason=row.finish_reason,
                 reasoning=reasoning,
@@ -100,8 +100,8 @@ def _read_chunk(conn: Connection, ids: Sequence[int]) -> list[ConversationTree]:
             ConversationTree(
                 key=str(conv.public_id),
                 title=conv.title,
-                created_at=_utc(conv.created_at),
-                updated_at=_utc(conv.updated_at),
+                created_at=utc(conv.created_at),
+                updated_at=utc(conv.updated_at),
                 messages=tuple(nodes[conv_id]),
                 source=conv.source,
                 default_model=conv.default_model,
@@ -132,8 +132,8 @@ def import_trees(
     for tree in trees:
         conv_row = {
             "public_id": ids.new(),
-            "created_at": _utc(tree.created_at),
-            "updated_at": _utc(tree.updated_at),
+            "created_at": utc(tree.created_at),
+            "updated_at": utc(tree.updated_at),
             "title": tree.title,
             "source": SOURCE,
             "default_model": _clip(tree.default_model, 255),
@@ -204,7 +204,7 @@ def _message_row(
         "content_hash": content_hash,
         "chain_hash": chain,
         "chain_key": chain_key(chain),
-        "created_at": _utc(node.created_at),
+        "created_at": utc(node.created_at),
         "request_id": None,
         "user_id": user_id,
         "api_key_id": None,
@@ -222,11 +222,6 @@ def stored_form(message: Message, reasoning: str | None) -> tuple[str, str]:
     if reasoning:
         payload["reasoning_content"] = reasoning
     return orjson.dumps(payload).decode(), content_hash_of(canonical)
-
-
-def _utc(moment: datetime) -> datetime:
-    """SQLite keeps no offset: every stored time is UTC."""
-    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
 
 
 def _clip(value: str | None, length: int) -> str | None:

@@ -28,6 +28,7 @@ from sqlalchemy import Connection, Row, bindparam, delete, insert, or_, select, 
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.sql.elements import ColumnElement
 
+from parley.domain.times import utc, utc_or_none
 from parley.domain.users import (
     ApiKey,
     NewSession,
@@ -232,7 +233,7 @@ class Users:
             "prefix": tokens.display_prefix(plain),
             "key_hash": tokens.digest(plain),
             "created_at": datetime.now(UTC),
-            "expires_at": _aware(expires_at) if expires_at is not None else None,
+            "expires_at": utc(expires_at) if expires_at is not None else None,
         }
         with self._writing() as conn:
             key_id = conn.execute(
@@ -327,7 +328,7 @@ class Users:
             role=row.role,
             session_id=row.id,
             csrf_token=row.csrf_token,
-            expires_at=_aware(row.expires_at),
+            expires_at=utc(row.expires_at),
         )
 
     def delete_session(self, session_id: int) -> None:
@@ -477,9 +478,9 @@ def _user(row: Row[Any]) -> User:
         role=row.role,
         is_active=bool(row.is_active),
         preferences=preferences if isinstance(preferences, dict) else {},
-        created_at=_aware(row.created_at),
-        updated_at=_aware(row.updated_at),
-        last_active_at=_maybe_aware(row.last_active_at),
+        created_at=utc(row.created_at),
+        updated_at=utc(row.updated_at),
+        last_active_at=utc_or_none(row.last_active_at),
     )
 
 
@@ -493,19 +494,8 @@ def _key(row: Row[Any]) -> ApiKey:
         username=data["username"],
         name=data["name"],
         prefix=data["prefix"],
-        created_at=_aware(data["created_at"]),
-        expires_at=_maybe_aware(data["expires_at"]),
-        revoked_at=_maybe_aware(data["revoked_at"]),
-        last_used_at=_maybe_aware(data["last_used_at"]),
+        created_at=utc(data["created_at"]),
+        expires_at=utc_or_none(data["expires_at"]),
+        revoked_at=utc_or_none(data["revoked_at"]),
+        last_used_at=utc_or_none(data["last_used_at"]),
     )
-
-
-def _aware(moment: datetime) -> datetime:
-    """``moment`` in UTC: SQLite keeps no offset, so every stored time is UTC."""
-    if moment.tzinfo is None:
-        return moment.replace(tzinfo=UTC)
-    return moment.astimezone(UTC)
-
-
-def _maybe_aware(moment: datetime | None) -> datetime | None:
-    return _aware(moment) if moment is not None else None
