@@ -31,7 +31,7 @@ from parley.server import identity
 from parley.server.openai_parse import parse_json_object
 from parley.server.state import SERVICES, read_body
 from parley.settings import PROVIDER_KINDS
-from parley.store.provider_configs import ProviderConfigStore, StoredConfig, StoredKey
+from parley.store.provider_configs import FIELDS, ProviderConfigStore, StoredConfig, StoredKey
 
 _NOT_FOUND = "no such provider configuration"
 _MAX_NAME = 128
@@ -46,23 +46,8 @@ _RANGES = {
     "frequency_penalty": (-2.0, 2.0),
     "presence_penalty": (-2.0, 2.0),
 }
-_FIELDS = frozenset(
-    {
-        "name",
-        "kind",
-        "model",
-        "system_prompt",
-        "temperature",
-        "max_tokens",
-        "top_p",
-        "frequency_penalty",
-        "presence_penalty",
-        "is_active",
-        "base_url",
-        "api_key",
-        "extra",
-    }
-)
+# The store's settable columns, with the key in plain text (encrypted before storing).
+_FIELDS = (FIELDS - {"api_key_ciphertext"}) | {"api_key"}
 _NOT_NULL = frozenset({"name", "kind", "model", "is_active", "extra"})
 # Request fields ``extra`` may not set: the request's own shape, or a field of its own.
 _EXTRA_REFUSED = frozenset(
