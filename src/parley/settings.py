@@ -21,6 +21,19 @@ Environment:
                              0600 on first run)
     PARLEY_SESSION_HOURS     web session lifetime (default 168: a week)
     PARLEY_MAX_UPLOAD_BYTES  attachment size limit, 413 above it (default 20 MiB)
+    PARLEY_ENV               production (default: a migration without a verified backup is
+                             refused) or development (it is logged and goes ahead)
+    PARLEY_SHUTDOWN_GRACE    seconds open streams get to finish on SIGTERM (default 30)
+    PARLEY_BACKUP_DIR        where backups go (default ``<data dir>/backups``)
+    PARLEY_BACKUP_FALLBACK_DIR  used when the backup directory is not writable (default
+                             ``~/.local/state/parley/backups``)
+    PARLEY_BACKUP_INTERVAL_HOURS  scheduled backups inside the server (default 0: none)
+    PARLEY_BACKUP_KEEP       scheduled backups kept by pruning (default 7)
+    PARLEY_BACKUP_KEY        when set, backups are encrypted with a key derived from it
+    PARLEY_RETENTION_REQUEST_LOG_DAYS   request-log rows older than this are deleted
+                             (default 0: kept forever; conversations are never touched)
+    PARLEY_RETENTION_HTTP_METRICS_DAYS  the same for HTTP metrics (default 30)
+    PARLEY_MAINTENANCE_INTERVAL_HOURS   scheduled ``parley maintenance`` (default 0: none)
 """
 
 from __future__ import annotations
@@ -114,6 +127,33 @@ class ProviderConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class Backups:
+    """Where backups go, how often the server takes them, and how they are protected."""
+
+    dir: Path
+    fallback_dir: Path
+    # Hours between scheduled backups taken by the server; 0 takes none.
+    interval_hours: float = 0.0
+    # How many archives ``parley backup prune`` (and the schedule) keeps.
+    keep: int = 7
+    # When set, archives are encrypted with a key derived from this secret.
+    encryption_key: Secret | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Retention:
+    """How long raw measurements are kept (days; 0 keeps them forever). Conversations,
+    messages and rollups are never touched by retention."""
+
+    request_log_days: float = 0.0
+    http_metrics_days: float = 30.0
+    # Rows deleted per transaction, so the writer is never blocked for long.
+    batch_size: int = 2000
+    # Hours between the server's retention passes.
+    interval_hours: float = 1.0
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     data_dir: Path
     database_url: str
@@ -137,6 +177,19 @@ class Settings:
     max_upload_bytes: int = 20 * 1024 * 1024
     # How long a provider's own model list (``/v1/models``) is reused before asking again.
     models_ttl: float = 300.0
+    environment: str = "production"
+    shutdown_grace: float = 30.0
+    backups: Backups | None = None
+    retention: Retention = field(default_factory=Retention)
+    # Hours between scheduled maintenance runs (VACUUM, ANALYZE, integrity report); 0: none.
+    maintenance_interval_hours: float = 0.0
+
+    @property
+    def backup(self) -> Backups:
+        """The backup settings (defaults under the data directory when not configured)."""
+        if self.backups is not None:
+            return self.backups
+        return Backups(dir=self.data_dir / "backups", fallback_dir=_default_fallback_dir())
 
     @property
     def secret_key_file(self) -> Path:
@@ -214,11 +267,102 @@ def load_settings(
             env.get("PARLEY_MAX_UPLOAD_BYTES") or server.get("max_upload_bytes", 20 * 1024 * 1024),
             "max_upload_bytes",
         ),
+        "environment": _choice(
+            env.get("PARLEY_ENV") or server.get("environment", "production"),
+            ("production", "development"),
+            "environment",
+        ).lower(),
+        "shutdown_grace": _float(
+            env.get("PARLEY_SHUTDOWN_GRACE") or server.get("shutdown_grace", 30.0),
+            "shutdown_grace",
+        ),
+        "backups": _backups(_table(config, "backup"), env, data_dir, cwd),
+        "retention": _retention(_table(config, "retention"), env),
+        "maintenance_interval_hours": _float(
+            env.get("PARLEY_MAINTENANCE_INTERVAL_HOURS")
+            or _table(config, "maintenance").get("interval_hours", 0.0),
+            "maintenance.interval_hours",
+        ),
     }
     values.update(overrides)
     settings = Settings(**values)
     _check_names(settings)
     return settings
+
+
+def _default_fallback_dir() -> Path:
+    return Path.home() / ".local" / "state" / "parley" / "backups"
+
+
+def _path(value: Any, cwd: Path) -> Path:
+    path = Path(str(value))
+    return path if path.is_absolute() else cwd / path
+
+
+def _nonnegative(value: float, name: str) -> float:
+    if value < 0:
+        raise ConfigError(f"{name} must not be negative, got {value}")
+    return value
+
+
+def _backups(
+    table: Mapping[str, Any], env: Mapping[str, str], data_dir: Path, cwd: Path
+) -> Backups:
+    unknown = set(table) - {"dir", "fallback_dir", "interval_hours", "keep", "encryption_key"}
+    if unknown:
+        raise ConfigError(f"unknown backup setting(s): {', '.join(sorted(unknown))}")
+    directory = env.get("PARLEY_BACKUP_DIR") or table.get("dir")
+    fallback = env.get("PARLEY_BACKUP_FALLBACK_DIR") or table.get("fallback_dir")
+    keep = _int(env.get("PARLEY_BACKUP_KEEP") or table.get("keep", 7), "backup.keep")
+    if keep < 1:
+        raise ConfigError(f"backup.keep must be at least 1, got {keep}")
+    return Backups(
+        dir=_path(directory, cwd) if directory else data_dir / "backups",
+        fallback_dir=_path(fallback, cwd) if fallback else _default_fallback_dir(),
+        interval_hours=_nonnegative(
+            _float(
+                env.get("PARLEY_BACKUP_INTERVAL_HOURS") or table.get("interval_hours", 0.0),
+                "backup.interval_hours",
+            ),
+            "backup.interval_hours",
+        ),
+        keep=keep,
+        encryption_key=_secret(env.get("PARLEY_BACKUP_KEY") or table.get("encryption_key")),
+    )
+
+
+def _retention(table: Mapping[str, Any], env: Mapping[str, str]) -> Retention:
+    known = {"request_log_days", "http_metrics_days", "batch_size", "interval_hours"}
+    unknown = set(table) - known
+    if unknown:
+        raise ConfigError(f"unknown retention setting(s): {', '.join(sorted(unknown))}")
+    base = Retention()
+    batch = _int(table.get("batch_size", base.batch_size), "retention.batch_size")
+    if batch < 1:
+        raise ConfigError(f"retention.batch_size must be at least 1, got {batch}")
+    return Retention(
+        request_log_days=_nonnegative(
+            _float(
+                env.get("PARLEY_RETENTION_REQUEST_LOG_DAYS")
+                or table.get("request_log_days", base.request_log_days),
+                "retention.request_log_days",
+            ),
+            "retention.request_log_days",
+        ),
+        http_metrics_days=_nonnegative(
+            _float(
+                env.get("PARLEY_RETENTION_HTTP_METRICS_DAYS")
+                or table.get("http_metrics_days", base.http_metrics_days),
+                "retention.http_metrics_days",
+            ),
+            "retention.http_metrics_days",
+        ),
+        batch_size=batch,
+        interval_hours=_nonnegative(
+            _float(table.get("interval_hours", base.interval_hours), "retention.interval_hours"),
+            "retention.interval_hours",
+        ),
+    )
 
 
 def _secret(value: Any) -> Secret | None:
