@@ -17,8 +17,11 @@ The tree::
     │   ├── UpstreamHTTPError        upstream answered 4xx/5xx; 429 and 5xx are retryable
     │   ├── UpstreamProtocolError    upstream sent something that is not its protocol
     │   └── UpstreamInterrupted      the stream broke after it started (reset, EOF without end)
-    └── StoreError                   the record could not be committed
-        └── StoreUnavailable         503 the writer is down; refused before any upstream call
+    ├── StoreError                   the record could not be committed
+    │   ├── StoreUnavailable         503 the writer is down; refused before any upstream call
+    │   └── StoreFull                507 the database's disk is full; writes resume once
+    │                                space is freed
+    └── BackupError                  a backup, verify or restore failed (nothing was swapped)
 
 ``error_type`` is the stable string stored in the request log; the OpenAI error JSON
 carries ``message``, ``type`` and ``code``. Messages never include secrets: upstream
@@ -233,3 +236,18 @@ class StoreUnavailable(StoreError):
     """The writer is not running: refuse before spending upstream tokens."""
 
     status = 503
+
+
+class StoreFull(StoreError):
+    """The database refused a write for lack of space: nothing half-written, and the
+    writer carries on once space is freed."""
+
+    status = 507
+    openai_type = "server_error"
+    code = "insufficient_storage"
+
+
+class BackupError(ParleyError):
+    """A backup, its verification or a restore failed; the message says what and where."""
+
+    error_type = "internal"
