@@ -1,0 +1,87 @@
+"""Log-bucketed histograms: kept in rollups, added together, read back as percentiles.
+
+A value ``v > 0`` falls in bin ``floor(log2(v) * BINS_PER_DOUBLING)``; a bin spans a ratio
+of ``2 ** (1 / BINS_PER_DOUBLING)`` (about 9%), and a percentile is reported as its bin's
+geometric midpoint. So a percentile read from a histogram is within ``RELATIVE_ERROR``
+(about 4.4%) of the exact nearest-rank percentile of the same values: both fall in the
+same bin. Values at or below ``FLOOR`` (including zero) share the lowest bin.
+
+Histograms are sparse ``{bin: count}`` maps, so merging two is adding counts: hours merge
+into days and rollups of any grouping merge into one, with no loss beyond the bin width.
+They are stored as compact JSON text (``encode`` / ``decode``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+
+import orjson
+
+BINS_PER_DOUBLING = 8
+RELATIVE_ERROR = 2 ** (1 / (2 * BINS_PER_DOUBLING)) - 1
+# Smallest value told apart from zero: a microsecond, a thousandth of a token per second.
+FLOOR = 0.001
+_FLOOR_BIN = math.floor(math.log2(FLOOR) * BINS_PER_DOUBLING)
+
+Histogram = dict[int, int]
+
+
+def bin_of(value: float) -> int:
+    if value <= FLOOR or math.isnan(value):
+        return _FLOOR_BIN
+    return math.floor(math.log2(value) * BINS_PER_DOUBLING)
+
+
+def value_of(bin_: int) -> float:
+    """The bin's geometric midpoint: what a percentile falling in it reports."""
+    if bin_ <= _FLOOR_BIN:
+        return 0.0
+    return float(2 ** ((bin_ + 0.5) / BINS_PER_DOUBLING))
+
+
+def add(histogram: Histogram, value: float, count: int = 1) -> None:
+    key = bin_of(value)
+    histogram[key] = histogram.get(key, 0) + count
+
+
+def merge(into: Histogram, other: Mapping[int, int]) -> Histogram:
+    for key, count in other.items():
+        into[key] = into.get(key, 0) + count
+    return into
+
+
+def total(histogram: Mapping[int, int]) -> int:
+    return sum(histogram.values())
+
+
+def percentile(histogram: Mapping[int, int], p: float) -> float | None:
+    """The nearest-rank ``p``-th percentile (0 < p <= 100), or None when empty."""
+    n = total(histogram)
+    if n == 0:
+        return None
+    rank = max(1, math.ceil(p / 100 * n))
+    seen = 0
+    for key in sorted(histogram):
+        seen += histogram[key]
+        if seen >= rank:
+            return value_of(key)
+    return value_of(max(histogram))  # unreachable: ranks never exceed n
+
+
+def exact_percentile(values: Iterable[float], p: float) -> float | None:
+    """The nearest-rank percentile of raw values: what ``percentile`` approximates."""
+    ordered = sorted(values)
+    if not ordered:
+        return None
+    return ordered[max(1, math.ceil(p / 100 * len(ordered))) - 1]
+
+
+def encode(histogram: Mapping[int, int]) -> str:
+    return orjson.dumps({str(k): v for k, v in sorted(histogram.items())}).decode()
+
+
+def decode(text: str | None) -> Histogram:
+    if not text:
+        return {}
+    return {int(k): int(v) for k, v in orjson.loads(text).items()}

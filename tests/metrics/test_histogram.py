@@ -1,0 +1,119 @@
+"""Histograms and the reports built on them: percentiles within the documented bin error."""
+
+from __future__ import annotations
+
+import random
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from parley.domain import histogram
+from parley.domain.rollup import DAY, HOUR, Dims, Tally, tally_rows
+from parley.metrics import report
+
+
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("p", [50, 90, 99])
+def test_percentiles_are_within_the_documented_error_of_the_exact_ones(seed: int, p: int) -> None:
+    rng = random.Random(seed)
+    values = [rng.lognormvariate(5, 1.5) for _ in range(rng.randint(1, 5000))]
+    h: histogram.Histogram = {}
+    for v in values:
+        histogram.add(h, v)
+    exact = histogram.exact_percentile(values, p)
+    estimate = histogram.percentile(h, p)
+    assert exact is not None and estimate is not None
+    assert abs(estimate - exact) / exact <= histogram.RELATIVE_ERROR + 1e-12
+
+
+def test_merged_histograms_equal_one_built_from_all_values() -> None:
+    rng = random.Random(7)
+    a, b, whole = {}, {}, {}
+    for i in range(1000):
+        v = rng.uniform(0, 2000)
+        histogram.add(a if i % 3 else b, v)
+        histogram.add(whole, v)
+    assert histogram.merge(dict(a), b) == whole
+    assert histogram.decode(histogram.encode(whole)) == whole
+
+
+def test_zero_and_tiny_values_share_the_lowest_bin_and_read_as_zero() -> None:
+    h: histogram.Histogram = {}
+    for v in (0.0, 0.0001, 0.0):
+        histogram.add(h, v)
+    assert histogram.percentile(h, 99) == 0.0
+    assert histogram.percentile({}, 50) is None
+
+
+def _row(at: datetime, model: str, success: bool, latency: float, cost: float | None) -> dict:
+    return {
+        "created_at": at,
+        "user_id": None,
+        "api_key_id": 3,
+        "provider": "up",
+        "model": model,
+        "origin": None,
+        "success": success,
+        "error_type": None if success else "rate_limit",
+        "prompt_tokens": 10,
+        "completion_tokens": 5,
+        "total_tokens": 15,
+        "cost_usd": cost,
+        "response_time_ms": latency,
+        "time_to_first_token_ms": latency / 2,
+        "tokens_per_second": 50.0,
+    }
+
+
+def test_hours_and_days_tally_the_same_rows_and_group_by_model() -> None:
+    start = datetime(2026, 11, 20, 22, 30, tzinfo=UTC)
+    rows = [
+        _row(start + timedelta(minutes=20 * i), "a" if i % 2 else "b", i % 5 != 0, 100 + i, 0.01)
+        for i in range(12)
+    ]
+    tallies = tally_rows(rows)
+    hours = [(s, d, t) for (period, s, d), t in tallies.items() if period == HOUR]
+    days = [(s, d, t) for (period, s, d), t in tallies.items() if period == DAY]
+    assert {s.hour for s, _, _ in days} == {0}
+    by_hour = report.summary(hours, ["model"])
+    by_day = report.summary(days, ["model"])
+    # Sums of floats may differ in the last bit with the order they were added in.
+    assert _rounded(by_hour) == _rounded(by_day)
+    everything = report.summary(days)
+    assert everything[0]["requests"] == 12
+    assert everything[0]["errors"] == 3
+    assert everything[0]["errors_by_type"] == {"rate_limit": 3}
+    assert everything[0]["cost_usd"] == pytest.approx(0.12)
+    assert everything[0]["latency_ms"]["avg"] == pytest.approx(sum(100 + i for i in range(12)) / 12)
+
+
+def test_a_group_without_prices_has_no_cost_rather_than_zero() -> None:
+    at = datetime(2026, 11, 20, tzinfo=UTC)
+    rows = [(at, Dims(None, None, "up", "m", None, True, None), Tally(requests=1))]
+    assert report.summary(rows)[0]["cost_usd"] is None
+
+
+def test_time_series_has_every_bucket_and_refuses_unknown_groupings() -> None:
+    start = datetime(2026, 11, 20, tzinfo=UTC)
+    rows = [
+        (
+            start + timedelta(hours=2),
+            Dims(None, None, "up", "m", None, True, None),
+            Tally(requests=4),
+        )
+    ]
+    series = report.timeseries(rows, start, start + timedelta(hours=6), timedelta(hours=1))
+    assert [b["groups"][0]["requests"] for b in series] == [0, 0, 4, 0, 0, 0]
+    assert series[0]["start"] == "2026-11-20T00:00:00Z"
+    with pytest.raises(ValueError, match="cannot group by"):
+        report.summary(rows, ["password"])
+
+
+def _rounded(value: object) -> object:
+    if isinstance(value, float):
+        return round(value, 9)
+    if isinstance(value, dict):
+        return {k: _rounded(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_rounded(v) for v in value]
+    return value
