@@ -19,7 +19,12 @@ def _in_tmp_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def run(tmp_path: Path, database_url: str, *args: str) -> Result:
-    env = {"DATABASE_URL": database_url, "PARLEY_DATA_DIR": str(tmp_path / "data")}
+    env = {
+        "DATABASE_URL": database_url,
+        "PARLEY_DATA_DIR": str(tmp_path / "data"),
+        "PARLEY_BACKUP_DIR": str(tmp_path / "backups"),
+        "PARLEY_BACKUP_FALLBACK_DIR": str(tmp_path / "fallback"),
+    }
     return CliRunner().invoke(cli, ["db", *args], env=env)
 
 
@@ -42,7 +47,10 @@ def test_upgrade_current_history_check_downgrade(tmp_path: Path, database_url: s
     assert (result.exit_code, result.output) == (0, "no drift: the database matches the models\n")
 
     result = run(tmp_path, database_url, "downgrade", "base")
-    assert (result.exit_code, result.output) == (0, "database at base\n")
+    assert result.exit_code == 0
+    backup_line, at = result.output.splitlines()
+    assert backup_line.startswith(f"backup taken before migrating: {tmp_path / 'backups'}/parley-")
+    assert at == "database at base"
 
     result = run(tmp_path, database_url, "check")
     assert result.exit_code == 1

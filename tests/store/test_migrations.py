@@ -11,9 +11,11 @@ import pytest
 import sqlalchemy as sa
 
 from parley.errors import ConfigError
-from parley.ops import migrate
+from parley.ops import migrate, revisions
+from parley.ops.backup import list_backups
 from parley.settings import Settings
 from parley.store.engine import create_engine, writer_connection
+from tests.harness import settings_for
 
 MakeSettings = Callable[..., Settings]
 
@@ -79,6 +81,27 @@ def execute(settings: Settings, sql: str) -> None:
         engine.dispose()
 
 
+def backup_env(tmp_path: Path) -> dict[str, str]:
+    # Upgrades and downgrades of a database holding a schema back it up first: keep the
+    # archives (and the fallback location) inside the test's directory.
+    return {
+        "PARLEY_BACKUP_DIR": str(tmp_path / "backups"),
+        "PARLEY_BACKUP_FALLBACK_DIR": str(tmp_path / "fallback"),
+    }
+
+
+@pytest.fixture
+def settings(tmp_path: Path, database_url: str) -> Settings:
+    return settings_for(tmp_path, database_url, **backup_env(tmp_path))
+
+
+@pytest.fixture
+def sqlite_settings(tmp_path: Path) -> Settings:
+    return settings_for(
+        tmp_path, f"sqlite:///{tmp_path / 'data' / 'parley.db'}", **backup_env(tmp_path)
+    )
+
+
 @pytest.fixture
 def extra_revision(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A copy of the shipped migrations; tests add revisions after the head to it."""
@@ -86,7 +109,7 @@ def extra_revision(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     shutil.copytree(
         migrate.script_location(), location, ignore=shutil.ignore_patterns("__pycache__")
     )
-    monkeypatch.setattr(migrate, "script_location", lambda: str(location))
+    monkeypatch.setattr(revisions, "script_location", lambda: str(location))
     return location
 
 
@@ -138,18 +161,15 @@ def test_prepare_on_start_creates_an_empty_database(settings: Settings) -> None:
     assert migrate.prepare_on_start(settings) == HEAD
 
 
-def test_prepare_on_start_refuses_a_database_behind_head(
-    settings: Settings, extra_revision: Path
+def test_prepare_on_start_migrates_a_database_behind_head_after_a_backup(
+    settings: Settings,
 ) -> None:
-    migrate.upgrade(settings)
-    add_revision(extra_revision, "0003")
-    with pytest.raises(ConfigError) as refused:
-        migrate.prepare_on_start(settings)
-    assert str(refused.value) == (
-        "database schema is at 0002, code expects 0003: run `parley db upgrade`"
-    )
+    migrate.upgrade(settings, "0001")
+    assert list_backups(settings) == []
+    assert migrate.prepare_on_start(settings) == HEAD
     assert migrate.current(settings) == HEAD
-    assert "extra_0003" not in tables(settings)
+    [backup] = list_backups(settings)
+    assert backup.manifest["schema_revision"] == "0001"
 
 
 def test_prepare_on_start_and_upgrade_refuse_a_newer_database(settings: Settings) -> None:
@@ -179,8 +199,12 @@ def test_a_failing_migration_leaves_nothing_behind(
     settings: Settings, extra_revision: Path
 ) -> None:
     add_revision(extra_revision, "0003", fail=True)
-    with pytest.raises(ConfigError, match="rolled back: RuntimeError: migration 0003 fails"):
+    with pytest.raises(ConfigError) as refused:
         migrate.upgrade(settings)
+    assert refused.value.message == (
+        "upgrade from base to 0003 failed: RuntimeError: migration 0003 fails half way. "
+        "It was rolled back: the database is unchanged, still at base"
+    )
     # All revisions ran in one transaction: the tables of 0001 are gone too.
     assert migrate.current(settings) is None
     assert tables(settings) <= {"alembic_version"}
@@ -193,15 +217,16 @@ def test_an_upgrade_that_drifts_from_the_models_is_rolled_back(
     migrate.upgrade(settings, HEAD)
     with pytest.raises(ConfigError, match="table extra_0003 is in the database but not in"):
         migrate.upgrade(settings)
+    assert len(list_backups(settings)) == 1  # taken before the attempt
     assert migrate.current(settings) == HEAD
     assert "extra_0003" not in tables(settings)
 
 
 def test_sqlite_rebuilding_a_parent_table_keeps_its_children(
-    make_settings: MakeSettings, tmp_path: Path, extra_revision: Path
+    sqlite_settings: Settings, extra_revision: Path
 ) -> None:
     # With foreign keys on, SQLite's DROP of the old table would cascade into messages.
-    settings = make_settings(tmp_path)
+    settings = sqlite_settings
     # Rows written at 0001, then 0002 (which rebuilds conversations and messages on
     # SQLite to add columns) and a test revision that rebuilds conversations again.
     migrate.upgrade(settings, "0001")

@@ -1,8 +1,10 @@
 """``parley db``: schema migrations, a thin client of ``parley.ops.migrate``.
 
 Every command reads settings the way the server does (``DATABASE_URL``, the config file),
-so it acts on the database the server would use. A ``ConfigError`` is one line on stderr
-and exit status 1, never a traceback.
+so it acts on the database the server would use, and applies the server's checks: a
+corrupt or foreign SQLite file is refused untouched, and ``upgrade`` / ``downgrade`` back
+the database up first (``parley.ops.migrate``). A ``ConfigError`` or ``BackupError`` is
+one line on stderr and exit status 1, never a traceback.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from typing import TypeVar
 
 import click
 
-from parley.errors import ConfigError
+from parley.errors import BackupError, ConfigError
 from parley.ops import migrate
 from parley.settings import Settings, load_settings
 
@@ -22,7 +24,7 @@ T = TypeVar("T")
 def _run(action: Callable[[], T]) -> T:
     try:
         return action()
-    except ConfigError as exc:
+    except (ConfigError, BackupError) as exc:
         click.echo(f"error: {exc.message}", err=True)
         raise SystemExit(1) from None
 
@@ -39,23 +41,35 @@ def db() -> None:
 @db.command()
 @click.argument("revision", default="head")
 def upgrade(revision: str) -> None:
-    """Migrate the database up to REVISION (default: head).
+    """Migrate the database up to REVISION (default: head), the way server start does.
 
-    At head, the resulting schema is checked against parley's models before it is
-    committed; on any difference the whole upgrade is rolled back.
+    A database that holds data is backed up first (a verified archive in the backup
+    directory, or its fallback); in production, no backup means no migration. All
+    revisions run in one transaction, and at head the schema is checked against parley's
+    models before it is committed: on any failure nothing changes, and the error says
+    what failed and where the backup is. Only one process migrates at a time.
     """
     settings = _settings()
-    _run(lambda: migrate.upgrade(settings, revision))
-    click.echo(f"database at {_run(lambda: migrate.current(settings)) or 'base'}")
+    report = _run(lambda: migrate.upgrade(settings, revision))
+    _report(report)
 
 
 @db.command()
 @click.argument("revision")
 def downgrade(revision: str) -> None:
-    """Migrate the database down to REVISION ("base" removes every parley table)."""
+    """Migrate the database down to REVISION ("base" removes every parley table).
+
+    Backed up first and run in one transaction, like ``upgrade``.
+    """
     settings = _settings()
-    _run(lambda: migrate.downgrade(settings, revision))
-    click.echo(f"database at {_run(lambda: migrate.current(settings)) or 'base'}")
+    report = _run(lambda: migrate.downgrade(settings, revision))
+    _report(report)
+
+
+def _report(report: migrate.MigrationReport) -> None:
+    if report.backup is not None:
+        click.echo(f"backup taken before migrating: {report.backup}")
+    click.echo(f"database at {report.after or 'base'}")
 
 
 @db.command()

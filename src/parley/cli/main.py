@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from parley import __version__
+from parley.cli.backup import backup, restore_command
 from parley.cli.db import db
 from parley.cli.serve import serve
 from parley.cli.transfer import export_command, import_command
@@ -19,6 +20,8 @@ def cli() -> None:
 
 cli.add_command(serve)
 cli.add_command(db)
+cli.add_command(backup)
+cli.add_command(restore_command)
 cli.add_command(users)
 cli.add_command(export_command)
 cli.add_command(import_command)

@@ -1,217 +1,329 @@
 """Schema migrations: the one runner behind ``parley db`` and server start.
 
 Invariants:
-- Alembic only, with its environment inside the package (``parley/store/migrations``) and
-  its configuration built here: there is no ``alembic.ini`` to drift from the code;
+- Alembic only (``ops.revisions`` builds its configuration: no ``alembic.ini``);
+- nothing opens a SQLite file before ``ops.dbfile`` has looked at its bytes: a corrupt or
+  foreign file, or one whose hot write-ahead log has gone, is refused untouched;
 - every upgrade or downgrade is one transaction, DDL included, opened here and handed to
-  Alembic; an upgrade that reaches head is compared with the models (``store.schema``)
-  before it commits, and any difference rolls the whole upgrade back;
+  Alembic, which revisions may not end (``_sealed``); an upgrade that reaches head is
+  compared with the models (``ops.drift``) before it commits, and any difference rolls
+  the whole upgrade back;
 - the transaction first takes the database's migration lock (SQLite's write lock via
-  ``BEGIN IMMEDIATE``, a PostgreSQL advisory lock), so processes starting together agree
-  through the database and migrate once;
-- server start (``prepare_on_start``) creates an empty database at head, accepts one at
-  head whose schema matches the models, and refuses, with a ``ConfigError`` that names
-  the fix, a database behind head (it may hold data: ``parley db upgrade`` migrates it),
-  at a revision this code does not know (written by a newer parley), or holding tables
-  but no revision (not a parley database).
+  ``BEGIN IMMEDIATE``, retried for as long as another process migrates; a PostgreSQL
+  advisory lock), and the revision is read under it, so processes starting together
+  agree through the database: one backs up and migrates, the others wait and find head;
+- a database that holds a parley schema is backed up (``ops.backup.create_backup``,
+  verified, with its fallback location) under the lock before any revision runs. When no
+  backup can be made, ``production`` refuses to migrate and ``development`` warns and
+  goes on. An empty database needs no backup;
+- on failure the transaction rolls back, and a fresh connection confirms the revision is
+  the one found; the error says what failed, that state, and where the backup is. The
+  backup is never restored behind the operator's back (see ``_failed``);
+- a database at a revision this code does not know (a newer parley migrated it) is
+  refused, never downgraded implicitly; one holding tables but no revision is not
+  parley's and is refused, never migrated into.
+
+``prepare_on_start`` is server start: it creates an empty database at head, migrates one
+behind head as above, and refuses drift, newer and foreign databases.
 """
 
 from __future__ import annotations
 
+import logging
+import re
+import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from importlib.resources import files
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from alembic import command
-from alembic.autogenerate import compare_metadata
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
 from alembic.script.revision import RevisionError
 from alembic.util.exc import CommandError
-from sqlalchemy import Connection, inspect
-from sqlalchemy.exc import OperationalError
+from sqlalchemy import Connection, Engine, event, inspect
+from sqlalchemy.exc import DatabaseError, OperationalError
 
-from parley.errors import ConfigError
+from parley.errors import BackupError, ConfigError, ParleyError
+from parley.ops import presence
+from parley.ops.backup import create_backup
+from parley.ops.dbfile import check_database_file
+from parley.ops.drift import drift
+from parley.ops.revisions import (
+    alembic_config,
+    current_on,
+    heads,
+    history,
+    pending,
+    refuse_unknown,
+    script_location,
+    single_head,
+)
 from parley.settings import Settings
 from parley.store.engine import create_engine, migration_transaction
-from parley.store.schema import metadata
 
-# pg_advisory_xact_lock key shared by every parley process migrating one database.
+log = logging.getLogger(__name__)
 
+__all__ = [
+    "MigrationReport",
+    "alembic_config",
+    "check",
+    "current",
+    "downgrade",
+    "heads",
+    "history",
+    "prepare_on_start",
+    "script_location",
+    "upgrade",
+]
 
-def script_location() -> str:
-    """The directory holding ``env.py`` and ``versions/``, inside the installed package."""
-    return str(files("parley.store") / "migrations")
-
-
-def alembic_config(
-    settings: Settings | None = None, connection: Connection | None = None
-) -> Config:
-    """Alembic's configuration, pointing at the migrations shipped in the package."""
-    config = Config()
-    config.set_main_option("script_location", script_location())
-    config.set_main_option("path_separator", "os")
-    if settings is not None:
-        config.attributes["settings"] = settings
-    if connection is not None:
-        config.attributes["connection"] = connection
-    return config
+# How long a process waits for another one's migration (backup included) on SQLite, where
+# each BEGIN IMMEDIATE waits only the busy timeout; PostgreSQL's advisory lock just waits.
+LOCK_WAIT_SECONDS = 3600.0
+_SQLITE_BUSY = 5
 
 
-def heads() -> list[str]:
-    """The head revision(s) this code ships (one, unless someone branched)."""
-    return list(_script().get_heads())
+@dataclass(frozen=True, slots=True)
+class MigrationReport:
+    """What one ``upgrade`` / ``downgrade`` / start did: revisions (None: base) and the
+    backup taken first (None: nothing to migrate, an empty database, or development
+    without a backup location)."""
 
+    before: str | None
+    after: str | None
+    backup: Path | None = None
 
-def history() -> list[tuple[str, str | None, str]]:
-    """(revision, down revision, first line of its docstring), newest first."""
-    out: list[tuple[str, str | None, str]] = []
-    for script in _script().walk_revisions():
-        down = script.down_revision
-        down_text = down if down is None or isinstance(down, str) else ",".join(down)
-        out.append((script.revision, down_text, script.doc))
-    return out
+    @property
+    def migrated(self) -> bool:
+        return self.before != self.after
 
 
 def current(settings: Settings) -> str | None:
     """The database's revision, or None when it has none (empty or not parley's)."""
     with _connection(settings) as conn:
-        return _current(conn)
-
-
-def upgrade(settings: Settings, revision: str = "head") -> None:
-    """Migrate up to ``revision``; at head, the schema is validated before committing."""
-    with _migrating(settings) as conn:
-        _known(conn)
-        _alembic(command.upgrade, settings, conn, revision)
-        if _current(conn) in heads():
-            _refuse_drift(conn)
-
-
-def downgrade(settings: Settings, revision: str) -> None:
-    """Migrate down to ``revision`` (``base`` drops every table parley created)."""
-    with _migrating(settings) as conn:
-        _known(conn)
-        _alembic(command.downgrade, settings, conn, revision)
+        return current_on(conn)
 
 
 def check(settings: Settings) -> list[str]:
     """Every difference between the database's schema and the models (empty: none)."""
     with _connection(settings) as conn:
-        return _drift(conn)
+        return drift(conn)
 
 
-def prepare_on_start(settings: Settings) -> str:
-    """Make sure the database is at head and matches the models; return the revision."""
-    head = _single_head()
-    with _migrating(settings) as conn:
-        revision = _current(conn)
-        if revision is None:
-            tables = sorted(set(inspect(conn).get_table_names()) - {"alembic_version"})
-            if tables:
-                raise ConfigError(
-                    f"the database has tables ({', '.join(tables)}) but no parley schema "
-                    "revision: refusing to use it; point DATABASE_URL at a parley database "
-                    "or an empty one"
-                )
-            _alembic(command.upgrade, settings, conn, "head")
-        elif revision != head:
-            _known(conn)
+def upgrade(
+    settings: Settings, revision: str = "head", *, previous_run_unclean: bool | None = None
+) -> MigrationReport:
+    """Migrate up to ``revision``, safely (see the module docstring).
+
+    ``previous_run_unclean`` (default: read from ``ops.presence``) says the last server
+    crashed, which makes a missing write-ahead log a reason to refuse.
+    """
+    return _migrate(settings, "upgrade", revision, previous_run_unclean)
+
+
+def downgrade(
+    settings: Settings, revision: str, *, previous_run_unclean: bool | None = None
+) -> MigrationReport:
+    """Migrate down to ``revision`` (``base`` drops every table parley created), after a
+    backup, like ``upgrade``."""
+    return _migrate(settings, "downgrade", revision, previous_run_unclean)
+
+
+def prepare_on_start(settings: Settings, previous_run_unclean: bool = False) -> str:
+    """Bring the database to head and check it matches the models; return the revision.
+
+    ``previous_run_unclean``: the previous server did not stop cleanly
+    (``ServerPresence.previous_run_unclean``).
+    """
+    head = single_head()
+    _migrate(settings, "upgrade", head, previous_run_unclean)
+    return head
+
+
+@dataclass(slots=True)
+class _Attempt:
+    """What a migration in progress has done so far, for the failure path."""
+
+    before: str | None = None
+    target: str | None = None
+    backup: Path | None = None
+    running: bool = False
+
+
+def _migrate(
+    settings: Settings, direction: str, target: str, previous_run_unclean: bool | None
+) -> MigrationReport:
+    if previous_run_unclean is None:
+        previous_run_unclean = presence.previous_run_unclean(settings)
+    check_database_file(settings, previous_run_unclean=previous_run_unclean)
+    attempt = _Attempt()
+    try:
+        with _migrating(settings) as conn:
+            attempt.before = current_on(conn)
+            refuse_unknown(attempt.before)
+            if attempt.before is None:
+                _refuse_foreign(conn)
+            to = pending(direction, target, attempt.before)
+            if to is None:
+                if attempt.before in heads():
+                    _refuse_drift(conn)
+                return MigrationReport(attempt.before, attempt.before)
+            attempt.target = to
+            if attempt.before is not None:
+                attempt.backup = _backup_first(settings, attempt.before)
+            log.info("migrating the database from %s to %s", _name(attempt.before), to)
+            attempt.running = True
+            _alembic(getattr(command, direction), settings, conn, target)
+            after = current_on(conn)
+            if after in heads():
+                _refuse_drift(conn)
+    except Exception as exc:
+        if not attempt.running:
+            if isinstance(exc, ParleyError):
+                raise
+            raise _as_config_error(exc) from exc
+        raise _failed(settings, direction, attempt, exc) from exc
+    log.info("database migrated to %s", _name(after))
+    return MigrationReport(attempt.before, after, attempt.backup)
+
+
+def _backup_first(settings: Settings, revision: str) -> Path | None:
+    """A verified backup of the database, or None in development when none can be made."""
+    try:
+        archive = create_backup(settings, reason=f"before migrating from {revision}").path
+    except BackupError as exc:
+        if settings.environment != "development":
             raise ConfigError(
-                f"database schema is at {revision}, code expects {head}: run `parley db upgrade`"
+                f"refusing to migrate the database (at {revision}) without a verified "
+                f"backup: {exc.message}. Make the backup directory {settings.backup.dir} "
+                f"or the fallback {settings.backup.fallback_dir} writable (PARLEY_BACKUP_DIR, "
+                "PARLEY_BACKUP_FALLBACK_DIR), or set PARLEY_ENV=development to migrate "
+                "without a backup"
+            ) from exc
+        log.warning("migrating without a backup (PARLEY_ENV=development): %s", exc.message)
+        return None
+    log.info("backed up the database before migrating: %s", archive)
+    return archive
+
+
+def _failed(settings: Settings, direction: str, attempt: _Attempt, exc: Exception) -> ConfigError:
+    """The refusal after a failed migration, saying what state it left the database in.
+
+    The migration ran in one transaction that revisions cannot end (``_sealed``), so the
+    database is as it was unless the commit itself went through while reporting an
+    error. A fresh connection tells which; the backup is never restored automatically
+    (see the operations guide: a starting server cannot take the database exclusively,
+    and other processes may have written since the backup).
+    """
+    what = f"{direction} from {_name(attempt.before)} to {_name(attempt.target)} failed: "
+    what += _as_config_error(exc).message
+    backup = attempt.backup
+    kept = f"; the backup taken before migrating is {backup}" if backup else ""
+    try:
+        now = current(settings)
+    except Exception as err:  # reported below: the state is unknown
+        state = f"its revision cannot be read ({_as_config_error(err).message})"
+    else:
+        if now == attempt.before:
+            return ConfigError(
+                f"{what}. It was rolled back: the database is unchanged, still at "
+                f"{_name(attempt.before)}{kept}"
             )
-        _refuse_drift(conn)
-        return head
+        state = f"it is at {_name(now)}"
+    restore = (
+        f"restore the backup taken before migrating with `parley restore {backup}`"
+        if backup
+        else "restore a backup with `parley restore ARCHIVE`"
+    )
+    return ConfigError(
+        f"{what}. The database may have been left changed ({state}, it was at "
+        f"{_name(attempt.before)}): check it with `parley db check`, or stop every parley "
+        f"process and {restore}"
+    )
 
 
-def _script() -> ScriptDirectory:
-    return ScriptDirectory.from_config(alembic_config())
+def _as_config_error(exc: Exception) -> ParleyError:
+    if isinstance(exc, ParleyError):
+        return exc
+    if isinstance(exc, DatabaseError):
+        return ConfigError(f"database error: {exc.orig or exc}")
+    return ConfigError(f"{type(exc).__name__}: {exc}")
 
 
-def _single_head() -> str:
-    found = heads()
-    if len(found) != 1:
-        raise ConfigError(f"parley's migrations have {len(found)} heads: {', '.join(found)}")
-    return found[0]
+def _name(revision: str | None) -> str:
+    return revision or "base"
 
 
-def _current(conn: Connection) -> str | None:
-    revisions = MigrationContext.configure(conn).get_current_heads()
-    return ",".join(revisions) if revisions else None
-
-
-def _known(conn: Connection) -> None:
-    """Refuse a database migrated by a newer parley: its revision is not ours."""
-    revision = _current(conn)
-    if revision is None:
-        return
-    script = _script()
-    for rev in revision.split(","):
-        try:
-            found = script.get_revision(rev)
-        except (CommandError, RevisionError):
-            found = None
-        if found is None:
-            raise ConfigError(
-                f"database schema is at revision {rev}, which this version of parley does "
-                "not know (a newer parley migrated it): refusing to use it; run that newer "
-                "parley, or restore a backup taken before it"
-            )
+def _refuse_foreign(conn: Connection) -> None:
+    tables = sorted(set(inspect(conn).get_table_names()) - {"alembic_version"})
+    if tables:
+        raise ConfigError(
+            f"the database has tables ({', '.join(tables)}) but no parley schema "
+            "revision: refusing to use it; point DATABASE_URL at a parley database "
+            "or an empty one"
+        )
 
 
 def _alembic(run: Callable[..., Any], settings: Settings, conn: Connection, *args: str) -> None:
     try:
-        run(alembic_config(settings, conn), *args)
+        with _sealed(conn):
+            run(alembic_config(settings, conn), *args)
+    except ParleyError:
+        raise
     except (CommandError, RevisionError) as exc:
-        raise ConfigError(f"migration failed: {exc}") from exc
+        raise ConfigError(str(exc)) from exc
     except Exception as exc:
-        # Raised inside the migration transaction, which rolls back as this propagates.
+        raise ConfigError(f"{type(exc).__name__}: {exc}") from exc
+
+
+_ENDS_TRANSACTION = re.compile(r"\s*(COMMIT|END|ROLLBACK(?!\s+TO\b))\b", re.IGNORECASE)
+
+
+@contextmanager
+def _sealed(conn: Connection) -> Iterator[None]:
+    """Refuse, while revisions run, anything that would end the migration transaction.
+
+    A revision that committed part of its work would make "a failure leaves the database
+    as it was" false; so COMMIT / END / ROLLBACK statements and SQLAlchemy-level commits
+    and rollbacks on the migration connection raise instead (savepoints stay allowed).
+    """
+
+    def on_execute(_conn: Connection, _cursor: Any, statement: str, *_args: Any) -> None:
+        if _ENDS_TRANSACTION.match(statement):
+            raise ConfigError(
+                f"a migration ran {statement.strip().split()[0].upper()}: revisions must "
+                "not end the migration transaction"
+            )
+
+    def on_end(_conn: Connection) -> None:
         raise ConfigError(
-            f"migration failed and was rolled back: {type(exc).__name__}: {exc}"
-        ) from exc
+            "a migration called commit() or rollback(): revisions must not end the "
+            "migration transaction"
+        )
+
+    hooks: list[tuple[str, Callable[..., None]]] = [
+        ("before_cursor_execute", on_execute),
+        ("commit", on_end),
+        ("rollback", on_end),
+    ]
+    for name, hook in hooks:
+        event.listen(conn, name, hook)
+    try:
+        yield
+    finally:
+        for name, hook in hooks:
+            event.remove(conn, name, hook)
 
 
 def _refuse_drift(conn: Connection) -> None:
-    drift = _drift(conn)
-    if drift:
-        raise ConfigError("database schema does not match parley's models: " + "; ".join(drift))
-
-
-def _drift(conn: Connection) -> list[str]:
-    context = MigrationContext.configure(conn, opts={"compare_type": True})
-    return [_describe(diff) for diff in compare_metadata(context, metadata)]
-
-
-def _describe(diff: Any) -> str:
-    """One line per difference, in words an operator can act on."""
-    if isinstance(diff, list):  # alembic groups one column's modifications in a list
-        return "; ".join(_describe(d) for d in diff)
-    kind, *rest = diff
-    where = (
-        "missing from the database"
-        if kind.startswith("add_")
-        else "in the database but not in the models"
-    )
-    if kind in ("add_table", "remove_table"):
-        return f"table {rest[0].name} is {where}"
-    if kind in ("add_column", "remove_column"):
-        return f"column {rest[1]}.{rest[2].name} is {where}"
-    if kind.startswith("modify_"):
-        _schema, table, column, _existing, in_db, in_models = rest
-        return (
-            f"column {table}.{column} {kind.removeprefix('modify_')} is {in_db!r} "
-            f"in the database, {in_models!r} in the models"
-        )
-    obj = rest[0]
-    name = getattr(obj, "name", None) or "(unnamed)"
-    table = getattr(getattr(obj, "table", None), "name", "?")
-    return f"{kind.split('_', 1)[1]} {name} on {table} is {where}"
+    found = drift(conn)
+    if found:
+        raise ConfigError("database schema does not match parley's models: " + "; ".join(found))
 
 
 @contextmanager
 def _connection(settings: Settings) -> Iterator[Connection]:
+    check_database_file(settings)
     engine = create_engine(settings)
     try:
         with _connect(engine.connect) as conn:
@@ -226,14 +338,48 @@ def _migrating(settings: Settings) -> Iterator[Connection]:
     engine = create_engine(settings)
     try:
         _connect(engine.connect).close()  # an unreachable database: one clear error
-        with migration_transaction(engine) as conn:
+        with _locked(engine) as conn:
             yield conn
     finally:
         engine.dispose()
 
 
+@contextmanager
+def _locked(engine: Engine) -> Iterator[Connection]:
+    """``migration_transaction``, waiting as long as another process holds the lock."""
+    deadline = time.monotonic() + LOCK_WAIT_SECONDS
+    waiting = False
+    while True:
+        stack = ExitStack()
+        try:
+            conn = stack.enter_context(migration_transaction(engine))
+        except OperationalError as exc:
+            if not _busy(exc):
+                raise
+            if time.monotonic() > deadline:
+                raise ConfigError(
+                    f"another connection has held the database's write lock for over "
+                    f"{LOCK_WAIT_SECONDS:g} s (another process migrating, or a long "
+                    "write): try again once it has finished"
+                ) from exc
+            if not waiting:
+                log.info("waiting for another process to finish migrating the database")
+                waiting = True
+            time.sleep(0.1)
+            continue
+        with stack:
+            yield conn
+        return
+
+
+def _busy(exc: OperationalError) -> bool:
+    """SQLite's "database is locked": another connection holds the write lock."""
+    code = getattr(exc.orig, "sqlite_errorcode", None)
+    return isinstance(code, int) and code & 0xFF == _SQLITE_BUSY
+
+
 def _connect(connect: Callable[[], Connection]) -> Connection:
     try:
         return connect()
-    except OperationalError as exc:
+    except DatabaseError as exc:
         raise ConfigError(f"cannot connect to the database: {exc.orig or exc}") from exc
