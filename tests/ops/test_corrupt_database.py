@@ -212,9 +212,9 @@ def test_a_hot_log_deleted_after_a_crash_is_refused(
     database: Path, settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     crash_with_committed_wal(settings, tmp_path)
-    for suffix in ("-wal", "-shm"):
-        (database.parent / f"parley.db{suffix}").unlink()
+    (database.parent / "parley.db-wal").unlink()
     before = digest(database)
+    shm = (database.parent / "parley.db-shm").read_bytes()
 
     message = r"did not stop cleanly and the database's write-ahead log .*parley.db-wal is missing"
     with pytest.raises(ConfigError, match=message) as refused:
@@ -229,10 +229,24 @@ def test_a_hot_log_deleted_after_a_crash_is_refused(
     assert "write-ahead log" in result.stderr and result.stderr.count("\n") == 1
 
     assert digest(database) == before
-    assert sidecars(database) == []
-    # After a clean stop (no marker) the same file is an ordinary WAL database at rest.
+    assert sidecars(database) == ["parley.db-shm"]
+    assert (database.parent / "parley.db-shm").read_bytes() == shm
+    # Told the log held nothing (the marker removed), the same file opens as usual.
     marker_path(database).unlink()
     assert migrate.prepare_on_start(settings) == migrate.heads()[0]
+
+
+def test_a_log_folded_in_by_a_clean_open_after_a_crash_is_not_refused(
+    database: Path, settings: Settings, tmp_path: Path
+) -> None:
+    crash_with_committed_wal(settings, tmp_path)
+    # Someone inspects the database after the crash: their clean close checkpoints the
+    # log into the file and removes -wal and -shm. Nothing was lost.
+    url = f"sqlite:///{database}"
+    assert rows(url, "SELECT source FROM conversations WHERE source = 'crash'")
+    assert sidecars(database) == []
+    assert migrate.prepare_on_start(settings, previous_run_unclean=True) == migrate.heads()[0]
+    assert rows(url, "SELECT source FROM conversations WHERE source = 'crash'")
 
 
 def test_a_database_missing_beside_its_log_is_not_recreated(

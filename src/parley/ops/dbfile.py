@@ -119,7 +119,15 @@ def check_sqlite_file(database: Path, *, previous_run_unclean: bool = False) -> 
         )
     if not (wal or journal):
         _check_size(database, info.st_size, header)
-    if previous_run_unclean and header.wal and not sidecar(database, "-wal").exists():
+    # A crash leaves -wal and -shm behind. Whoever opens the database next and closes it
+    # cleanly (sqlite3, a script) checkpoints the log into the file and removes both:
+    # nothing is lost then. A -shm without its -wal is a log deleted by hand.
+    if (
+        previous_run_unclean
+        and header.wal
+        and not sidecar(database, "-wal").exists()
+        and sidecar(database, "-shm").exists()
+    ):
         raise ConfigError(
             f"the previous parley run did not stop cleanly and the database's write-ahead "
             f"log {sidecar(database, '-wal')} is missing: the transactions it held would be "
