@@ -21,6 +21,8 @@ The tree::
     │   ├── StoreUnavailable         503 the writer is down; refused before any upstream call
     │   └── StoreFull                507 the database's disk is full; writes resume once
     │                                space is freed
+    ├── ServerShuttingDown           503 the server is stopping: refused, or cut off after
+    │                                the shutdown grace
     └── BackupError                  a backup, verify or restore failed (nothing was swapped)
 
 ``error_type`` is the stable string stored in the request log; the OpenAI error JSON
@@ -251,3 +253,12 @@ class BackupError(ParleyError):
     """A backup, its verification or a restore failed; the message says what and where."""
 
     error_type = "internal"
+
+
+class ServerShuttingDown(ParleyError):
+    """The server is stopping: a request is refused, or an answer was cut off."""
+
+    status = 503
+    openai_type = "server_error"
+    code = "server_shutting_down"
+    error_type = "interrupted"

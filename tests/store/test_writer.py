@@ -6,6 +6,7 @@ import asyncio
 import logging
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,9 +14,13 @@ import sqlalchemy as sa
 
 from parley.domain.exchange import Attempt, Choice, Exchange
 from parley.domain.messages import Message
-from parley.errors import StoreError
+from parley.errors import StoreError, StoreFull
+from parley.ops.migrate import upgrade
+from parley.store.engine import create_engine
 from parley.store.exchanges import Recorded
 from parley.store.writer import Writer
+from tests.conftest import MakeSettings
+from tests.small_disk import fill, small_database
 
 
 def exchange(i: int, model_used: Any = "gpt-test-2024") -> Exchange:
@@ -137,3 +142,79 @@ async def test_stop_before_start_fails_what_was_queued(migrated_engine: sa.Engin
     with pytest.raises(StoreError, match="stopped before it started"):
         await future
     assert count(migrated_engine, "request_log") == 0
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def small_store(
+    request: pytest.FixtureRequest, tmp_path: Path, make_settings: MakeSettings
+) -> Iterator[tuple[sa.Engine, Path]]:
+    """A migrated engine on a database whose file system is small, and where to fill it."""
+    with small_database(request.param, tmp_path) as (database_url, small):
+        settings = make_settings(tmp_path, database_url)
+        upgrade(settings)
+        engine = create_engine(settings)
+        try:
+            yield engine, small
+        finally:
+            engine.dispose()
+
+
+def big_exchange(i: int) -> Exchange:
+    big = exchange(i)
+    big.choices = [Choice(0, f"answer {i} " + "lorem ipsum " * 8000, finish_reason="stop")]
+    return big
+
+
+async def test_a_full_disk_fails_with_store_full_and_the_writer_carries_on(
+    small_store: tuple[sa.Engine, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    engine, small = small_store
+    writer = Writer(engine)
+    writer.start()
+    try:
+        await writer.submit(exchange(0))
+        filler = fill(small)
+        committed, refused = 1, 0
+        with caplog.at_level(logging.ERROR, logger="parley.store.writer"):
+            for i in range(1, 80):
+                try:
+                    await writer.submit(big_exchange(i))
+                    committed += 1
+                except StoreFull as exc:
+                    assert "disk is full" in exc.message and exc.status == 507
+                    refused += 1
+                    if refused == 3:
+                        break
+        assert refused == 3, "the disk never filled up"
+        assert writer.is_alive()
+        # One line per refusal, no traceback: expected until an operator frees space.
+        full = [r for r in caplog.records if "disk is full" in r.getMessage()]
+        assert full and all(r.exc_info is None for r in full)
+
+        filler.unlink()
+        await writer.submit(big_exchange(100))
+        committed += 1
+        # Whole exchanges only: one request row, one response row each.
+        assert count(engine, "request_log") == committed
+        assert count(engine, "responses") == committed
+        assert writer.failed == refused
+    finally:
+        writer.stop(timeout=30)
+
+
+# PostgreSQL only: a SQLite connection cannot be lost to a server restart.
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+async def test_a_lost_connection_is_replaced(writer: Writer, migrated_engine: sa.Engine) -> None:
+    writer.start()
+    await writer.submit(exchange(0))
+    with migrated_engine.connect() as conn:
+        # What a PostgreSQL restart does to the writer's connection.
+        conn.exec_driver_sql(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
+    # The batch that meets the dead connection is retried on a new one: nothing fails.
+    for i in range(1, 4):
+        await writer.submit(exchange(i))
+    assert (writer.committed, writer.failed) == (4, 0)
+    assert count(migrated_engine, "request_log") == 4

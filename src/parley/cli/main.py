@@ -7,6 +7,7 @@ import click
 from parley import __version__
 from parley.cli.backup import backup, restore_command
 from parley.cli.db import db
+from parley.cli.maintenance import maintenance, retention
 from parley.cli.serve import serve
 from parley.cli.transfer import export_command, import_command
 from parley.cli.users import users
@@ -22,6 +23,8 @@ cli.add_command(serve)
 cli.add_command(db)
 cli.add_command(backup)
 cli.add_command(restore_command)
+cli.add_command(maintenance)
+cli.add_command(retention)
 cli.add_command(users)
 cli.add_command(export_command)
 cli.add_command(import_command)

@@ -38,8 +38,15 @@ def check_exposure(settings: Settings) -> None:
 @click.option("--host", default=None, help="Address to listen on (default 127.0.0.1).")
 @click.option("--port", default=None, type=int, help="Port to listen on (default 8000).")
 def serve(host: str | None, port: int | None) -> None:
-    """Run the parley server (migrates an empty database first)."""
+    """Run the parley server (brings the database schema up to date first).
+
+    SIGTERM or Ctrl-C stops it gracefully: no new connections, open requests get
+    shutdown_grace seconds (PARLEY_SHUTDOWN_GRACE, default 30) to finish, answers still
+    streaming are then recorded as interrupted, everything is committed and the exit
+    status is 0.
+    """
     from parley.server.app import create_app
+    from parley.server.shutdown import AFTER_GRACE
 
     try:
         overrides: dict[str, Any] = {}
@@ -74,7 +81,10 @@ def serve(host: str | None, port: int | None) -> None:
             port=settings.port,
             access_log=None,
             print=lambda line: click.echo(f"parley: {line.strip()}", err=True),
-            shutdown_timeout=30.0,
+            # In-flight requests already had settings.shutdown_grace in on_shutdown (see
+            # server.shutdown); what is still running then gets this long to end before
+            # aiohttp cancels it.
+            shutdown_timeout=AFTER_GRACE,
             # A client that hangs up cancels its handler, and so its upstream call.
             handler_cancellation=True,
         )

@@ -1,9 +1,17 @@
 """The aiohttp application: ``create_app(settings)`` and its lifespan.
 
-The lifespan prepares the database (an empty one is migrated), opens the engine, starts
-the group-commit writer and one pooled upstream HTTP session, and builds the gateway. On
-shutdown aiohttp first lets in-flight requests finish, then the session is closed and the
-writer commits everything queued before the engine is disposed.
+The lifespan holds ``ServerPresence`` for the server's whole life (restores and offline
+maintenance refuse to run under it), prepares the database (an empty one is migrated; a
+crash of the previous run is reported to the startup checks), opens the engine, starts
+the group-commit writer, one pooled upstream HTTP session and the scheduled jobs
+(``ops.schedule``), and builds the gateway.
+
+Shutdown, in order: the listening sockets close (aiohttp); ``on_shutdown`` lets in-flight
+requests finish for ``settings.shutdown_grace`` seconds and then interrupts the answers
+still streaming (``server.shutdown``), while the scheduled jobs stop (a run in progress
+gets the same grace); the upstream session closes; the writer commits everything queued; on SQLite
+the write-ahead log is checkpointed and truncated; only then is the run marked clean, so a
+crash anywhere before leaves the marker for the next start to see.
 """
 
 from __future__ import annotations
@@ -12,12 +20,14 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 
 import aiohttp
 import orjson
+import sqlalchemy
 from aiohttp import web
 
-from parley.errors import ClientError, NotFound, ParleyError
+from parley.errors import ClientError, NotFound, ParleyError, StoreError, StoreFull
 from parley.gateway.capabilities import CapabilityBook, shipped_capabilities
 from parley.gateway.catalog import ModelCatalog
 from parley.gateway.directory import open_directory
@@ -25,6 +35,8 @@ from parley.gateway.pricing import PriceBook, shipped_prices
 from parley.gateway.router import Router
 from parley.gateway.service import Gateway
 from parley.ops.migrate import prepare_on_start
+from parley.ops.presence import ServerPresence
+from parley.ops.schedule import Scheduler, server_jobs
 from parley.providers.registry import build_providers
 from parley.server import (
     anthropic_api,
@@ -38,15 +50,17 @@ from parley.server import (
 )
 from parley.server.identity import LOCAL_MODE
 from parley.server.local_guard import local_guard
+from parley.server.shutdown import DRAIN, Drain
 from parley.server.state import SERVICES, Services
 from parley.settings import Settings
-from parley.store.engine import create_engine
+from parley.store.engine import checkpoint, create_engine, is_disk_full
 from parley.store.writer import Writer
 
 log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 SETTINGS = web.AppKey("settings", Settings)
+SCHEDULER = web.AppKey("scheduler", Scheduler)
 
 
 def create_app(settings: Settings) -> web.Application:
@@ -58,7 +72,9 @@ def create_app(settings: Settings) -> web.Application:
     )
     app[SETTINGS] = settings
     app[LOCAL_MODE] = settings.master_key is None
+    app[DRAIN] = Drain()
     app.cleanup_ctx.append(_lifespan)
+    app.on_shutdown.append(_drain)
     # The identity repository; with a master key, the auth middleware after _errors.
     auth.install(app, settings)
     app.router.add_post("/v1/chat/completions", openai_api.chat_completions)
@@ -75,7 +91,29 @@ def create_app(settings: Settings) -> web.Application:
 
 async def _lifespan(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
-    await asyncio.to_thread(prepare_on_start, settings)
+    presence = ServerPresence(settings)
+    await asyncio.to_thread(presence.__enter__)
+    try:
+        await asyncio.to_thread(
+            prepare_on_start, settings, previous_run_unclean=presence.previous_run_unclean
+        )
+    except BaseException:
+        # Nothing was written: a clean previous run stays clean, a crashed one stays so.
+        if not presence.previous_run_unclean:
+            presence.mark_clean()
+        await asyncio.to_thread(presence.__exit__, None, None, None)
+        raise
+    try:
+        async with _serving(app, settings, presence):
+            yield
+    finally:
+        await asyncio.to_thread(presence.__exit__, None, None, None)
+
+
+@asynccontextmanager
+async def _serving(
+    app: web.Application, settings: Settings, presence: ServerPresence
+) -> AsyncIterator[None]:
     engine = create_engine(settings)
     writer = Writer(engine, batch_max=settings.writer_batch_max)
     writer.start()
@@ -85,6 +123,7 @@ async def _lifespan(app: web.Application) -> AsyncIterator[None]:
         # Upstream bodies are passed through byte for byte, so they are not re-encoded.
         auto_decompress=True,
     )
+    scheduler = app[SCHEDULER] = Scheduler(server_jobs(settings))
     try:
         providers = build_providers(settings, session)
         # Provider configurations in the database, and users' own keys (issue 4).
@@ -109,17 +148,53 @@ async def _lifespan(app: web.Application) -> AsyncIterator[None]:
             started_at=time.time(),
             directory=directory,
         )
+        scheduler.start()
         yield
     finally:
+        # After on_shutdown the jobs already had their grace: do not wait twice.
+        await scheduler.stop(0.0 if app[DRAIN].stopping else settings.shutdown_grace)
         await session.close()
-        await asyncio.to_thread(writer.stop, 60.0)
-        engine.dispose()
+        if await asyncio.to_thread(_close_store, writer, engine):
+            presence.mark_clean()
+
+
+def _close_store(writer: Writer, engine: sqlalchemy.Engine) -> bool:
+    """Commit what is queued, empty the write-ahead log, close every connection; return
+    whether all of it worked (only then may the run be marked clean)."""
+    clean = True
+    try:
+        writer.stop(60.0)
+    except StoreError as exc:
+        log.error("shutdown: %s", exc.message)
+        clean = False
+    if clean:
+        try:
+            clean = checkpoint(engine)
+        except sqlalchemy.exc.SQLAlchemyError as exc:
+            log.error("shutdown: the final checkpoint failed: %s", exc)
+            clean = False
+    engine.dispose()
+    return clean
+
+
+async def _drain(app: web.Application) -> None:
+    """on_shutdown: runs once the listening sockets are closed (see ``server.shutdown``).
+    Scheduled jobs stop meanwhile: a run in progress gets the same grace."""
+    grace = app[SETTINGS].shutdown_grace
+    scheduler = app.get(SCHEDULER)
+    stopping = [] if scheduler is None else [scheduler.stop(grace)]
+    await asyncio.gather(app[DRAIN].drain(grace), *stopping)
 
 
 @web.middleware
 async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Every error as JSON in the protocol of the endpoint: Anthropic's on /v1/messages*,
-    OpenAI's everywhere else."""
+    OpenAI's everywhere else. Also counts the request as in flight, for the shutdown."""
+    with request.app[DRAIN].request():
+        return await _answer_errors(request, handler)
+
+
+async def _answer_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except ParleyError as exc:
@@ -130,7 +205,13 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         )
     except web.HTTPException as exc:
         return _error_response(request, _HTTPError(exc.status, exc.reason))
-    except Exception:
+    except Exception as exc:
+        if is_disk_full(exc):
+            # Outside the writer (chat API, uploads): the same clear 507, no traceback.
+            log.error("%s %s: the disk is full: %s", request.method, request.path, exc)
+            return _error_response(
+                request, StoreFull("the disk is full: nothing was saved; try again later")
+            )
         # The traceback goes to the log, never to the client.
         log.exception("unhandled error on %s %s", request.method, request.path)
         return _error_response(request, ParleyError("internal server error"))

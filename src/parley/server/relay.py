@@ -12,6 +12,13 @@ exchange's record is committed. If the commit fails the client gets an error ins
 an acknowledgement. An upstream that dies mid-stream gives the client an error event,
 never a clean end. A client that goes away mid-stream cancels the upstream call; the
 partial exchange is still recorded.
+
+Shutdown (see ``shutdown``): while it waits on the upstream an answer is registered with
+the application's ``Drain``. When the grace period runs out the drain cancels it; the
+exchange is then recorded with error type ``interrupted`` and finish reason
+``server_shutdown`` (distinct from a client that left, ``cancelled`` /
+``client_disconnected``), and the client gets a 503, or an error event if its stream had
+begun.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncGenerator, Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Protocol
@@ -28,9 +36,16 @@ from aiohttp import web
 from parley.domain.events import Chunk
 from parley.domain.exchange import Exchange
 from parley.domain.messages import ChatRequest
-from parley.errors import ParleyError, StoreError
+from parley.errors import ParleyError, ServerShuttingDown, StoreError
 from parley.gateway.service import finish
 from parley.server import identity
+from parley.server.shutdown import (
+    INTERRUPTED_ERROR_TYPE,
+    INTERRUPTED_FINISH_REASON,
+    INTERRUPTED_MESSAGE,
+    Drain,
+    drain_of,
+)
 from parley.server.state import Services
 
 log = logging.getLogger(__name__)
@@ -90,15 +105,22 @@ async def answer(
     front: Front,
 ) -> web.StreamResponse:
     """Run ``chat`` through the gateway and answer the client, recording the exchange."""
+    drain = drain_of(request)
     services.check_recording()
     stream = services.gateway.stream(chat, exchange)
     try:
-        first = await anext(stream)
+        with _answering(drain):
+            first = await anext(stream)
     except ParleyError as exc:
         # Every upstream candidate failed before answering: the attempts are still facts.
         await services.record_quietly(exchange)
         return front.error_response(exc)
     except asyncio.CancelledError:
+        if drain is not None and drain.interrupted():
+            # The grace period ran out while the upstream was thinking.
+            mark_interrupted(exchange)
+            await services.record_quietly(exchange)
+            return front.error_response(ServerShuttingDown(INTERRUPTED_MESSAGE))
         # The client left while the upstream was thinking; the gateway cancelled it.
         services.record_in_background(exchange)
         raise
@@ -120,7 +142,7 @@ async def answer(
         except StoreError as exc:
             return front.error_response(exc)
         return web.Response(body=body, content_type="application/json")
-    return await _stream(request, services, exchange, stream, first, front)
+    return await _stream(request, services, exchange, stream, first, front, drain)
 
 
 async def _stream(
@@ -130,6 +152,7 @@ async def _stream(
     chunks: AsyncGenerator[Chunk, None],
     first: Chunk,
     front: Front,
+    drain: Drain | None,
 ) -> web.StreamResponse:
     response = web.StreamResponse(headers=SSE_HEADERS)
     protocol = front.protocol
@@ -138,24 +161,26 @@ async def _stream(
     # Frames read together are written together: one send per upstream read.
     pending: list[bytes] = []
     try:
-        await response.prepare(request)
-        while not chunk.final:
+        # Left before the record is committed: a shutdown never cuts an acknowledgement.
+        with _answering(drain):
+            await response.prepare(request)
+            while not chunk.final:
+                raw = chunk.raw
+                if raw is not None and chunk.protocol == protocol:
+                    if not chunk.internal:
+                        pending.append(raw)
+                else:
+                    # Internal chunks are encoded too: usage the client did not ask for
+                    # still feeds the encoder (Anthropic's message_delta needs it).
+                    data = encoder.frames(chunk)
+                    if data:
+                        pending.append(data)
+                if pending and not chunk.more:
+                    await response.write(pending[0] if len(pending) == 1 else b"".join(pending))
+                    pending.clear()
+                chunk = await anext(chunks)
             raw = chunk.raw
-            if raw is not None and chunk.protocol == protocol:
-                if not chunk.internal:
-                    pending.append(raw)
-            else:
-                # Internal chunks are encoded too: usage the client did not ask for
-                # still feeds the encoder (Anthropic's message_delta needs it).
-                data = encoder.frames(chunk)
-                if data:
-                    pending.append(data)
-            if pending and not chunk.more:
-                await response.write(pending[0] if len(pending) == 1 else b"".join(pending))
-                pending.clear()
-            chunk = await anext(chunks)
-        raw = chunk.raw
-        final = raw if raw is not None and chunk.protocol == protocol else encoder.frames(chunk)
+            final = raw if raw is not None and chunk.protocol == protocol else encoder.frames(chunk)
     except ParleyError as exc:
         # The upstream broke after the stream began: record it, then tell the client.
         await chunks.aclose()
@@ -177,6 +202,21 @@ async def _stream(
         error = ParleyError("internal error while streaming")
         await _write_quietly(response, b"".join(pending) + front.sse_error(error))
         return response
+    except asyncio.CancelledError:
+        interrupted = drain is not None and drain.interrupted()
+        await chunks.aclose()
+        if interrupted:
+            # The grace period ran out: the partial answer is recorded as interrupted and
+            # the client gets an error event, never a clean-looking end.
+            mark_interrupted(exchange)
+            await services.record_quietly(exchange)
+            error = ServerShuttingDown(INTERRUPTED_MESSAGE)
+            if not response.prepared:
+                return front.error_response(error)
+            await _write_quietly(response, b"".join(pending) + front.sse_error(error))
+            return response
+        services.record_in_background(exchange)
+        raise
     except BaseException:
         await chunks.aclose()
         services.record_in_background(exchange)
@@ -190,6 +230,30 @@ async def _stream(
     await _write_quietly(response, b"".join(pending) + final)
     await finish(chunks)
     return response
+
+
+def mark_interrupted(exchange: Exchange) -> None:
+    """Record the last attempt as cut off by the shutdown rather than by its client.
+
+    The gateway closes an abandoned stream as ``cancelled`` / ``client_disconnected``: it
+    cannot tell why its consumer stopped. Only an attempt that ended that way is changed.
+    """
+    if not exchange.attempts:
+        return
+    attempt = exchange.attempts[-1]
+    if attempt.error_type != "cancelled":
+        return
+    cancelled_reason = attempt.finish_reason
+    attempt.error_type = INTERRUPTED_ERROR_TYPE
+    attempt.finish_reason = INTERRUPTED_FINISH_REASON
+    attempt.error_message = INTERRUPTED_MESSAGE
+    for choice in exchange.choices:
+        if choice.finish_reason == cancelled_reason:
+            choice.finish_reason = INTERRUPTED_FINISH_REASON
+
+
+def _answering(drain: Drain | None) -> AbstractContextManager[None]:
+    return nullcontext() if drain is None else drain.answering()
 
 
 async def _write_quietly(response: web.StreamResponse, data: bytes) -> None:

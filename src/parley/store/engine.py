@@ -18,7 +18,10 @@ Invariants:
 - schema changes run in ``migration_transaction``: one transaction, and on SQLite foreign
   keys off around it and checked before the commit (see there for why);
 - PostgreSQL connections come from a ``QueuePool`` with ``pool_pre_ping``, so a restarted
-  server costs a reconnect, not an error.
+  server costs a reconnect, not an error;
+- ``checkpoint`` empties the SQLite write-ahead log at a clean shutdown; ``is_disk_full``
+  recognises either database's "out of space" refusal (SQLite's ``SQLITE_FULL``,
+  PostgreSQL's SQLSTATE 53100, ``ENOSPC``), so callers can answer 507 rather than 500.
 
 Creating an engine touches the file system only to create the SQLite file's directory
 (mode 0700: the database holds every conversation). Nothing connects until first use.
@@ -26,6 +29,9 @@ Creating an engine touches the file system only to create the SQLite file's dire
 
 from __future__ import annotations
 
+import errno
+import logging
+import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -38,6 +44,8 @@ from sqlalchemy.pool import QueuePool
 
 from parley.errors import ConfigError
 from parley.settings import Settings
+
+log = logging.getLogger(__name__)
 
 # Execution option asking for ``BEGIN IMMEDIATE`` on SQLite (ignored on PostgreSQL).
 IMMEDIATE = "parley_begin_immediate"
@@ -97,6 +105,60 @@ def writer_connection(engine: sqlalchemy.Engine) -> sqlalchemy.Connection:
         for pragma in WRITER_PRAGMAS:
             dbapi_connection.execute(pragma)
     return conn
+
+
+def checkpoint(engine: sqlalchemy.Engine) -> bool:
+    """Fold the SQLite write-ahead log into the database and truncate it to zero bytes.
+
+    Run at a clean shutdown, after the writer stopped, so that the database file alone
+    holds every commit. Returns whether the log is empty now: False when another
+    connection (another server on the same file, a reader) kept part of it in use, which
+    is logged. Always True on PostgreSQL, which has nothing of the kind to do.
+    """
+    if engine.dialect.name != "sqlite":
+        return True
+    with engine.connect() as conn:
+        dbapi_connection = conn.connection.dbapi_connection
+        assert dbapi_connection is not None
+        # On the driver connection: the pragma may not run inside a transaction.
+        busy, frames, done = dbapi_connection.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+    if busy or (frames > 0 and done < frames):
+        log.warning(
+            "write-ahead log checkpoint incomplete (%s of %s pages): another connection "
+            "is using the database",
+            done,
+            frames,
+        )
+        return False
+    return True
+
+
+_PG_DISK_FULL = "53100"
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what it wraps) is the database refusing a write for lack of space."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if _says_full(current):
+            return True
+        # SQLAlchemy keeps the driver's exception in ``orig``; others chain it.
+        orig = getattr(current, "orig", None)
+        current = (
+            orig if isinstance(orig, BaseException) else current.__cause__ or current.__context__
+        )
+    return False
+
+
+def _says_full(exc: BaseException) -> bool:
+    if isinstance(exc, sqlite3.Error):
+        return getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
+    if isinstance(exc, OSError):
+        return exc.errno == errno.ENOSPC
+    # psycopg's DiskFull, without importing the driver on SQLite-only installs.
+    return getattr(exc, "sqlstate", None) == _PG_DISK_FULL
 
 
 _PG_MIGRATION_LOCK = 0x7061726C6579  # "parley"

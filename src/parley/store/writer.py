@@ -15,7 +15,13 @@ Invariants:
 - items are committed in submission order, so ``drain`` (a marker in the queue) resolves
   once everything submitted before it is committed;
 - ``stop`` commits everything queued before it, then joins the thread; ``submit`` after
-  ``stop`` raises ``StoreError``.
+  ``stop`` raises ``StoreError``;
+- a database that refuses writes for lack of space fails the batch with ``StoreFull``
+  (the transaction is rolled back whole, so nothing is half-written) and the writer
+  carries on: the next batch commits as soon as space is freed, without a restart;
+- after a database-level failure (disk full, connection lost, lock timeout) the
+  connection is discarded and the next batch opens a fresh one, so no batch inherits a
+  connection left in a doubtful state.
 
 The event loop is taken at submit time, so one writer may serve several loops over its
 life (tests run one loop per test).
@@ -34,8 +40,8 @@ import sqlalchemy
 from sqlalchemy.exc import InterfaceError, OperationalError
 
 from parley.domain.exchange import Exchange
-from parley.errors import StoreError
-from parley.store.engine import writer_connection
+from parley.errors import StoreError, StoreFull
+from parley.store.engine import is_disk_full, writer_connection
 from parley.store.exchanges import Recorded, write_batch
 
 log = logging.getLogger(__name__)
@@ -137,8 +143,9 @@ class Writer:
                     # away) fails batches, not the writer.
                     if conn is None or conn.closed:
                         conn = self._connect(batch)
-                    if conn is not None:
-                        self._process(conn, batch)
+                    if conn is not None and not self._process(conn, batch):
+                        _discard(conn)
+                        conn = None
                 batch = []
                 if stop:
                     return
@@ -159,9 +166,12 @@ class Writer:
         try:
             return writer_connection(self._engine)
         except Exception as exc:
-            log.error("store writer cannot connect to the database", exc_info=exc)
+            error = _store_error(exc, f"the database is unavailable: {type(exc).__name__}")
+            if isinstance(error, StoreFull):
+                log.error("store writer cannot connect: %s", exc)
+            else:
+                log.error("store writer cannot connect to the database", exc_info=exc)
             self.failed += sum(1 for item in batch if item.exchange is not None)
-            error = StoreError(f"the database is unavailable: {type(exc).__name__}")
             self._resolve([(item, error) for item in batch])
             return None
 
@@ -180,7 +190,9 @@ class Writer:
             except queue.Empty:
                 return batch, False
 
-    def _process(self, conn: sqlalchemy.Connection, batch: list[_Item]) -> None:
+    def _process(self, conn: sqlalchemy.Connection, batch: list[_Item]) -> bool:
+        """Commit ``batch``; return whether ``conn`` may be used for the next one."""
+        healthy = True
         work = [item for item in batch if item.exchange is not None]
         exchanges = [item.exchange for item in work if item.exchange is not None]
         outcomes: list[_Outcome]
@@ -195,24 +207,25 @@ class Writer:
                     "store batch of %d failed (%s); retrying one by one", len(exchanges), exc
                 )
                 outcomes = self._one_by_one(conn, exchanges)
+                healthy = not any(_database_failed(outcome) for outcome in outcomes)
         else:
             outcomes = []
         results = dict(zip(map(id, work), outcomes, strict=True))
         self._resolve([(item, results.get(id(item))) for item in batch])
+        return healthy and not conn.invalidated
 
     def _one_by_one(self, conn: sqlalchemy.Connection, exchanges: list[Exchange]) -> list[_Outcome]:
         outcomes: list[_Outcome] = []
         for i, exchange in enumerate(exchanges):
             outcome = self._one(conn, exchange)
             outcomes.append(outcome)
-            if isinstance(outcome, StoreError) and isinstance(
-                outcome.__cause__, OperationalError | InterfaceError
-            ):
+            if _database_failed(outcome):
                 # The database failed, not this record (locked past the busy timeout,
                 # gone, disk full): retrying the rest would wait that long for each one.
+                assert isinstance(outcome, StoreError)
                 rest = len(exchanges) - i - 1
                 self.failed += rest
-                outcomes.extend(StoreError(outcome.message) for _ in range(rest))
+                outcomes.extend(type(outcome)(outcome.message) for _ in range(rest))
                 break
         return outcomes
 
@@ -222,14 +235,17 @@ class Writer:
                 (recorded,) = write_batch(conn, [exchange])
         except Exception as exc:
             self.failed += 1
-            log.error(
-                "could not record exchange %s (model %r)",
-                exchange.chain_id,
-                exchange.model_requested,
-                exc_info=exc,
-            )
-            error = StoreError(f"could not record the exchange: {type(exc).__name__}")
-            error.__cause__ = exc
+            error = _store_error(exc, f"could not record the exchange: {type(exc).__name__}")
+            if isinstance(error, StoreFull):
+                # Expected until an operator frees space: one line, no traceback.
+                log.error("could not record exchange %s: %s", exchange.chain_id, error.message)
+            else:
+                log.error(
+                    "could not record exchange %s (model %r)",
+                    exchange.chain_id,
+                    exchange.model_requested,
+                    exc_info=exc,
+                )
             return error
         self.batches += 1
         self.committed += 1
@@ -259,6 +275,36 @@ class Writer:
             if isinstance(item, _Item):
                 pending.append((item, error))
         self._resolve(pending)
+
+
+def _discard(conn: sqlalchemy.Connection) -> None:
+    """Close a connection the database failed on; a close that fails too is only logged."""
+    try:
+        conn.invalidate()
+        conn.close()
+    except Exception as exc:
+        log.warning("could not close the store writer's failed connection: %s", exc)
+
+
+def _store_error(exc: BaseException, message: str) -> StoreError:
+    """The error a caller gets for ``exc``: ``StoreFull`` when the disk is full."""
+    error: StoreError
+    if is_disk_full(exc):
+        error = StoreFull(
+            "the database's disk is full: the exchange was not recorded; "
+            "recording resumes once space is freed"
+        )
+    else:
+        error = StoreError(message)
+    error.__cause__ = exc
+    return error
+
+
+def _database_failed(outcome: _Outcome) -> bool:
+    """Whether ``outcome`` is the database failing (rather than one bad record)."""
+    return isinstance(outcome, StoreError) and isinstance(
+        outcome.__cause__, OperationalError | InterfaceError
+    )
 
 
 def _settle(pairs: list[tuple[asyncio.Future[_Outcome], _Outcome]]) -> None:

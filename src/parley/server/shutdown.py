@@ -1,0 +1,131 @@
+"""Graceful shutdown: let in-flight requests finish within a grace period, then interrupt
+the upstream answers still open.
+
+One ``Drain`` per application (``app[DRAIN]``). Every request is counted while it runs
+(the error middleware wraps it in ``Drain.request``); a chat answer registers its task
+with ``Drain.answering`` while it waits on the upstream. On SIGTERM aiohttp first closes
+the listening sockets (nothing new is accepted) and then runs ``on_shutdown``, where
+``Drain.drain`` waits until nothing is in flight or the grace period is over. It then
+cancels the tasks still answering and remembers them; the relay sees the cancellation,
+asks ``Drain.interrupted`` whether it is the shutdown's, and if so records the exchange as
+interrupted by the shutdown and ends the stream with an error event, so no client mistakes
+a cut-off answer for a complete one. Only after that does the lifespan stop the writer.
+
+Invariants:
+- a task is interrupted at most once, and only while it is registered as answering: the
+  relay leaves ``answering`` before it commits a record and acknowledges, so an
+  acknowledgement is never cut off half-way;
+- ``drain`` never waits longer than ``grace`` plus ``after``;
+- requests that are not chat answers (the chat API, uploads) are given the same grace and
+  are then cancelled by aiohttp itself (its ``shutdown_timeout``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from typing import Any
+
+from aiohttp import web
+
+log = logging.getLogger(__name__)
+
+# Seconds interrupted answers get to record themselves and send their error event; also
+# what aiohttp gives other requests still running after the grace before cancelling them.
+AFTER_GRACE = 5.0
+
+# What an interrupted answer records: distinct from a client that left ("cancelled",
+# "client_disconnected") and from an upstream that broke ("interrupted", "error").
+INTERRUPTED_ERROR_TYPE = "interrupted"
+INTERRUPTED_FINISH_REASON = "server_shutdown"
+INTERRUPTED_MESSAGE = "the server shut down before the answer was complete"
+
+
+class Drain:
+    """In-flight requests and their orderly end; see the module docstring."""
+
+    def __init__(self) -> None:
+        # Set once the shutdown began (the listening sockets are closed by then).
+        self.stopping = False
+        self._in_flight = 0
+        self._idle: asyncio.Event | None = None
+        self._answering: set[asyncio.Task[Any]] = set()
+        self._interrupted: set[asyncio.Task[Any]] = set()
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    @contextmanager
+    def request(self) -> Iterator[None]:
+        """Count one request while it runs."""
+        self._in_flight += 1
+        try:
+            yield
+        finally:
+            self._in_flight -= 1
+            if self._in_flight == 0 and self._idle is not None:
+                self._idle.set()
+
+    @contextmanager
+    def answering(self) -> Iterator[None]:
+        """Mark the current task as waiting on an upstream: the shutdown may interrupt it."""
+        task = asyncio.current_task()
+        if task is None:
+            yield
+            return
+        self._answering.add(task)
+        try:
+            yield
+        finally:
+            self._answering.discard(task)
+
+    def interrupted(self) -> bool:
+        """Called on ``CancelledError``: whether the shutdown cancelled the current task.
+
+        If it did, the cancellation is consumed (``Task.uncancel``), so the relay may still
+        write the error event and record the exchange before it returns.
+        """
+        task = asyncio.current_task()
+        if task is None or task not in self._interrupted:
+            return False
+        self._interrupted.discard(task)
+        task.uncancel()
+        return True
+
+    async def drain(self, grace: float, after: float = AFTER_GRACE) -> int:
+        """Wait up to ``grace`` seconds for in-flight requests, then interrupt the upstream
+        answers still open and give them ``after`` seconds to end; return how many were
+        interrupted."""
+        self.stopping = True
+        if self._in_flight:
+            self._idle = asyncio.Event()
+            with suppress(TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), timeout=grace)
+        tasks = [task for task in self._answering if not task.done()]
+        self._answering.clear()
+        for task in tasks:
+            self._interrupted.add(task)
+            task.cancel()
+        if tasks:
+            log.warning(
+                "shutdown: %d answer(s) still streaming after the %gs grace period were "
+                "interrupted",
+                len(tasks),
+                grace,
+            )
+            _, late = await asyncio.wait(tasks, timeout=after)
+            if late:
+                log.error("shutdown: %d interrupted answer(s) did not end in time", len(late))
+        self._interrupted.clear()
+        return len(tasks)
+
+
+DRAIN = web.AppKey("drain", Drain)
+
+
+def drain_of(request: web.Request) -> Drain | None:
+    """The application's ``Drain`` (None in an app built without one)."""
+    return request.app.get(DRAIN)
