@@ -63,8 +63,7 @@ def main() -> None:
         uvloop.install()
     except ImportError:
         pass
-    web.run_app(build(args.upstream), host="127.0.0.1", port=args.port, access_log=None,
-                print=None)
+    web.run_app(build(args.upstream), host="127.0.0.1", port=args.port, access_log=None, print=None)
 
 
 if __name__ == "__main__":

@@ -63,11 +63,15 @@ def wait_ready(url: str, process: subprocess.Popen[bytes], timeout: float = 60) 
 
 
 @contextmanager
-def spawn(args: list[str], ready_url: str, env: dict[str, str] | None = None,
-          cwd: Path | None = None) -> Iterator[None]:
+def spawn(
+    args: list[str], ready_url: str, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> Iterator[None]:
     process = subprocess.Popen(
-        args, env={**os.environ, **(env or {})}, cwd=cwd,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        args,
+        env={**os.environ, **(env or {})},
+        cwd=cwd,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         wait_ready(ready_url, process)
@@ -90,9 +94,22 @@ def wrk(url: str, body: str, connections: int, duration: float) -> tuple[float, 
         )
     try:
         out = subprocess.run(
-            ["wrk", "-t", str(min(2, connections)), "-c", str(connections),
-             "-d", f"{max(1, round(duration))}s", "--latency", "-s", script.name, url],
-            capture_output=True, text=True, check=True,
+            [
+                "wrk",
+                "-t",
+                str(min(2, connections)),
+                "-c",
+                str(connections),
+                "-d",
+                f"{max(1, round(duration))}s",
+                "--latency",
+                "-s",
+                script.name,
+                url,
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
         ).stdout
     finally:
         os.unlink(script.name)
@@ -134,12 +151,29 @@ def main() -> None:
     }
     results: dict[tuple[str, bool, int], tuple[float, float, float]] = {}
     with (
-        spawn([python, "-m", "tests.fakes.openai_upstream", "--port", str(up_port)],
-              f"{upstream}/v1/models", cwd=REPO),
-        spawn([python, str(REPO / "bench" / "floor_proxy.py"), "--port", str(floor_port),
-               "--upstream", upstream], f"http://127.0.0.1:{floor_port}/", cwd=REPO),
-        spawn([python, "-m", "parley", "serve", "--port", str(parley_port)],
-              f"http://127.0.0.1:{parley_port}/healthz", env=parley_env, cwd=work),
+        spawn(
+            [python, "-m", "tests.fakes.openai_upstream", "--port", str(up_port)],
+            f"{upstream}/v1/models",
+            cwd=REPO,
+        ),
+        spawn(
+            [
+                python,
+                str(REPO / "bench" / "floor_proxy.py"),
+                "--port",
+                str(floor_port),
+                "--upstream",
+                upstream,
+            ],
+            f"http://127.0.0.1:{floor_port}/",
+            cwd=REPO,
+        ),
+        spawn(
+            [python, "-m", "parley", "serve", "--port", str(parley_port)],
+            f"http://127.0.0.1:{parley_port}/healthz",
+            env=parley_env,
+            cwd=work,
+        ),
     ):
         parley = f"http://127.0.0.1:{parley_port}"
         targets = {
@@ -163,8 +197,10 @@ def main() -> None:
 def print_table(
     results: dict[tuple[str, bool, int], tuple[float, float, float]], levels: list[int]
 ) -> None:
-    print(f"{'mode':<7} {'conc':>4} {'target':<9} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} "
-          f"{'+p50 ms':>8} {'vs floor':>8} {'vs parley':>9}")
+    print(
+        f"{'mode':<7} {'conc':>4} {'target':<9} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} "
+        f"{'+p50 ms':>8} {'vs floor':>8} {'vs parley':>9}"
+    )
     for stream in (False, True):
         for connections in levels:
             direct = results[("direct", stream, connections)]
@@ -175,8 +211,10 @@ def print_table(
                 added = f"{p50 - direct[1]:8.2f}" if name != "direct" else f"{'':>8}"
                 ratio = f"{rps / floor[0]:8.0%}" if name in ("parley", "anthropic") else " " * 8
                 versus = f"{rps / passthrough[0]:9.0%}" if name == "anthropic" else " " * 9
-                print(f"{'stream' if stream else 'json':<7} {connections:>4} {name:<9} "
-                      f"{rps:9.0f} {p50:8.2f} {p99:8.2f} {added} {ratio} {versus}")
+                print(
+                    f"{'stream' if stream else 'json':<7} {connections:>4} {name:<9} "
+                    f"{rps:9.0f} {p50:8.2f} {p99:8.2f} {added} {ratio} {versus}"
+                )
 
 
 if __name__ == "__main__":

@@ -40,8 +40,15 @@ def exchange(i: int, history: tuple[Message, ...] = ()) -> Exchange:
         started_at=now,
         attempts=[
             Attempt(
-                1, "openai", "gpt-bench-2024", now, success=True, status_code=200,
-                response_time_ms=123.4, time_to_first_token_ms=45.6, finish_reason="stop",
+                1,
+                "openai",
+                "gpt-bench-2024",
+                now,
+                success=True,
+                status_code=200,
+                response_time_ms=123.4,
+                time_to_first_token_ms=45.6,
+                finish_reason="stop",
                 usage=Usage(prompt_tokens=25, completion_tokens=12, total_tokens=37),
             )
         ],
@@ -96,13 +103,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--n", type=int, default=20000, help="exchanges to commit")
     parser.add_argument("--batch", type=int, default=512, help="writer batch maximum")
-    parser.add_argument("--continue-every", type=int, default=10,
-                        help="every Nth exchange continues an earlier one (0: never)")
+    parser.add_argument(
+        "--continue-every",
+        type=int,
+        default=10,
+        help="every Nth exchange continues an earlier one (0: never)",
+    )
     parser.add_argument("--database-url", help="benchmark this database instead of SQLite")
     args = parser.parse_args()
 
-    print(f"{'database':<18}{'exchanges':>10}{'batches':>9}{'seconds':>9}"
-          f"{'exchanges/s':>13}{'rows/s':>10}")
+    print(
+        f"{'database':<18}{'exchanges':>10}{'batches':>9}{'seconds':>9}"
+        f"{'exchanges/s':>13}{'rows/s':>10}"
+    )
     modes = ["url"] if args.database_url else ["FULL", "NORMAL"]
     for mode in modes:
         with tempfile.TemporaryDirectory(prefix="parley-bench-") as tmp:
@@ -113,10 +126,13 @@ def main() -> None:
                 env["PARLEY_SQLITE_SYNCHRONOUS"] = mode
             settings = load_settings(env=env, cwd=Path(tmp), writer_batch_max=args.batch)
             committed, batches, seconds, rows = run(settings, args.n, args.continue_every)
-            label = settings.database_url.split(":", 1)[0] if args.database_url else (
-                f"sqlite {mode}")
-            print(f"{label:<18}{committed:>10}{batches:>9}{seconds:>9.2f}"
-                  f"{committed / seconds:>13,.0f}{rows / seconds:>10,.0f}")
+            label = (
+                settings.database_url.split(":", 1)[0] if args.database_url else (f"sqlite {mode}")
+            )
+            print(
+                f"{label:<18}{committed:>10}{batches:>9}{seconds:>9.2f}"
+                f"{committed / seconds:>13,.0f}{rows / seconds:>10,.0f}"
+            )
 
 
 if __name__ == "__main__":

@@ -10,7 +10,9 @@ The tree::
     │   ├── PermissionDenied         403 authenticated, but this channel may not (CSRF)
     │   ├── NotFound                 404 no such endpoint or object
     │   │   └── ModelNotFound        404 unknown model, alias or provider
-    │   └── BodyTooLarge             413 request body over the configured limit
+    │   ├── BodyTooLarge             413 request body over the configured limit
+    │   └── RateLimited              429 over a requests / tokens per minute limit
+    │       └── BudgetExceeded       429 a daily or monthly spend budget is used up
     ├── UpstreamError                an upstream attempt failed; ``retryable`` says whether
     │   ├── UpstreamConnectError     could not connect (retryable)
     │   ├── UpstreamTimeout          connect / first byte / idle-between-chunks timeout
@@ -32,6 +34,7 @@ bodies are reduced to their ``error.message`` and scrubbed by the caller's redac
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 # The error taxonomy recorded in request_log.error_type. Later provider families map their
@@ -253,6 +256,30 @@ class BackupError(ParleyError):
     """A backup, its verification or a restore failed; the message says what and where."""
 
     error_type = "internal"
+
+
+class RateLimited(ClientError):
+    """The caller's API key or user is over a rate limit; ``Retry-After`` says when the
+    window frees up."""
+
+    status = 429
+    openai_type = "requests"
+    code = "rate_limit_exceeded"
+    error_type = "rate_limit"
+
+    def __init__(self, message: str, *, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(max(1, math.ceil(self.retry_after)))}
+
+
+class BudgetExceeded(RateLimited):
+    """A spend budget is used up until the next day or month (UTC)."""
+
+    openai_type = "insufficient_quota"
+    code = "insufficient_quota"
 
 
 class ServerShuttingDown(ParleyError):

@@ -34,6 +34,8 @@ Environment:
                              (default 0: kept forever; conversations are never touched)
     PARLEY_RETENTION_HTTP_METRICS_DAYS  the same for HTTP metrics (default 30)
     PARLEY_MAINTENANCE_INTERVAL_HOURS   scheduled ``parley maintenance`` (default 0: none)
+    PARLEY_HTTP_METRICS_SAMPLE  share of HTTP requests recorded in ``http_metrics``
+                             (default 1.0: all; 0 records none; Prometheus counts all)
 """
 
 from __future__ import annotations
@@ -184,6 +186,9 @@ class Settings:
     retention: Retention = field(default_factory=Retention)
     # Hours between scheduled maintenance runs (VACUUM, ANALYZE, integrity report); 0: none.
     maintenance_interval_hours: float = 0.0
+    # Share of HTTP requests recorded in ``http_metrics``, and how much of a body is kept.
+    http_metrics_sample: float = 1.0
+    http_metrics_body_bytes: int = 4096
 
     @property
     def backup(self) -> Backups:
@@ -284,6 +289,14 @@ def load_settings(
             or _table(config, "maintenance").get("interval_hours", 0.0),
             "maintenance.interval_hours",
         ),
+        "http_metrics_sample": _share(
+            env.get("PARLEY_HTTP_METRICS_SAMPLE")
+            or _table(config, "http_metrics").get("sample", 1.0),
+            "http_metrics.sample",
+        ),
+        "http_metrics_body_bytes": _int(
+            _table(config, "http_metrics").get("body_bytes", 4096), "http_metrics.body_bytes"
+        ),
     }
     values.update(overrides)
     settings = Settings(**values)
@@ -298,6 +311,13 @@ def _default_fallback_dir() -> Path:
 def _path(value: Any, cwd: Path) -> Path:
     path = Path(str(value))
     return path if path.is_absolute() else cwd / path
+
+
+def _share(value: Any, name: str) -> float:
+    share = _float(value, name)
+    if not 0.0 <= share <= 1.0:
+        raise ConfigError(f"{name} must be between 0 and 1, got {share}")
+    return share
 
 
 def _nonnegative(value: float, name: str) -> float:

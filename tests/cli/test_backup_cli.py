@@ -10,7 +10,9 @@ import pytest
 from click.testing import CliRunner, Result
 
 from parley.cli.backup import backup, restore_command
+from parley.ops import migrate
 from parley.ops.presence import ServerPresence
+from parley.store.schema import metadata
 from tests.ops.backup_support import CANARY, backup_settings, contents, record, seed
 
 
@@ -27,6 +29,9 @@ cli.add_command(restore_command)
 def _in_tmp_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Settings read parley.toml from the working directory: keep the repository's out.
     monkeypatch.chdir(tmp_path)
+
+
+HEAD = migrate.heads()[0]
 
 
 def env(tmp_path: Path, database_url: str, **extra: str) -> dict[str, str]:
@@ -67,11 +72,13 @@ def test_back_up_list_verify_restore_and_prune(tmp_path: Path, database_url: str
     listed = run(tmp_path, database_url, "backup", "list")
     assert listed.exit_code == 0 and archive in listed.output
     kind = "sqlite" if settings.is_sqlite else "postgresql"
-    assert f"{kind}  revision 0002  parley 0.1.0" in listed.output
+    assert f"{kind}  revision {HEAD}  parley 0.1.0" in listed.output
 
     checked = run(tmp_path, database_url, "backup", "verify", archive)
     assert checked.exit_code == 0
-    assert checked.output.startswith(f"ok: {archive} ({kind}, schema revision 0002, 11 tables")
+    tables = len(metadata.tables) + 1  # and alembic_version
+    expected = f"ok: {archive} ({kind}, schema revision {HEAD}, {tables} tables, "
+    assert checked.output.startswith(expected)
 
     record(settings, 100, 3)
     refused = run(tmp_path, database_url, "restore", archive)  # no terminal, no --yes

@@ -17,12 +17,14 @@ from pathlib import Path
 import pytest
 
 from parley.errors import BackupError
-from parley.ops import pgtools
+from parley.ops import migrate, pgtools
 from parley.ops.backup import create_backup, list_backups, prune_backups, verify_backup
 from parley.ops.presence import ServerPresence
 from parley.settings import Settings
 from parley.store import snapshot
 from tests.ops.backup_support import CANARY, backup_settings, counts, files, flip_byte, seed
+
+HEAD = migrate.heads()[0]
 
 NAME = re.compile(r"^parley-\d{8}T\d{6}\.\d{3}Z\.tar\.gz$")
 
@@ -58,7 +60,7 @@ def test_a_backup_is_one_private_archive_whose_manifest_describes_it(
     manifest = info.manifest
     kind = "sqlite" if settings.is_sqlite else "postgresql"
     assert manifest["database_kind"] == kind and manifest["database"]["kind"] == kind
-    assert manifest["schema_revision"] == "0002" and manifest["encrypted"] is False
+    assert manifest["schema_revision"] == HEAD and manifest["encrypted"] is False
     assert manifest["parley_version"] == "0.1.0"
     assert {t: v["rows"] for t, v in manifest["database"]["tables"].items()} == counts(settings)
     assert manifest["database"]["tables"]["request_log"]["rows"] == 20
@@ -74,7 +76,7 @@ def test_a_backup_is_one_private_archive_whose_manifest_describes_it(
     assert verify_backup(info.path, settings) == manifest
     [listed] = list_backups(settings)
     assert listed.path == info.path and listed.created_at == info.created_at
-    assert listed.manifest["schema_revision"] == "0002" and not listed.encrypted
+    assert listed.manifest["schema_revision"] == HEAD and not listed.encrypted
 
 
 def test_a_damaged_archive_fails_verification(settings: Settings, tmp_path: Path) -> None:
@@ -146,7 +148,7 @@ def test_an_encrypted_archive_hides_everything_but_its_summary(
     assert CANARY not in caplog.text
 
     [listed] = list_backups(settings)  # the summary is readable without the key
-    assert listed.encrypted and listed.manifest["schema_revision"] == "0002"
+    assert listed.encrypted and listed.manifest["schema_revision"] == HEAD
     assert set(listed.manifest) == {
         "created_at", "database_kind", "encrypted", "format", "parley_version",
         "schema_revision",
@@ -164,10 +166,10 @@ def test_an_encrypted_archive_hides_everything_but_its_summary(
         verify_backup(info.path, backup_settings(tmp_path, database_url))
 
     # The readable header is authenticated too: an edited summary fails decryption.
-    edited = raw.replace(b'"schema_revision": "0002"', b'"schema_revision": "0003"', 1)
+    edited = raw.replace(f'"schema_revision": "{HEAD}"'.encode(), b'"schema_revision": "0900"', 1)
     assert edited != raw
     info.path.write_bytes(edited)
-    assert list_backups(settings)[0].manifest["schema_revision"] == "0003"
+    assert list_backups(settings)[0].manifest["schema_revision"] == "0900"
     with pytest.raises(BackupError, match="damaged"):
         verify_backup(info.path, settings)
     info.path.write_bytes(raw)

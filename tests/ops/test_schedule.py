@@ -152,7 +152,7 @@ def test_server_jobs_follow_the_settings(tmp_path: Path, make_settings: MakeSett
         retention=Retention(request_log_days=0, http_metrics_days=0, interval_hours=1),
         maintenance_interval_hours=0,
     )
-    assert jobs(nothing) == {}
+    assert jobs(nothing) == {"anomalies": 300.0}  # always watched
     everything = dataclasses.replace(
         nothing,
         backups=dataclasses.replace(backups, interval_hours=6),
@@ -163,6 +163,7 @@ def test_server_jobs_follow_the_settings(tmp_path: Path, make_settings: MakeSett
         "backup": 6 * HOUR,
         "retention": 0.5 * HOUR,
         "maintenance": 24 * HOUR,
+        "anomalies": 300.0,
     }
     # Retention with nothing to delete, or no interval, is not scheduled.
     idle = dataclasses.replace(everything, retention=Retention(0, 0, interval_hours=1))

@@ -435,6 +435,21 @@ def note(c: Caller) -> dict[str, Any]:
     return {"content": f"a note from {c.name} {uuid.uuid4().hex[:8]}", "stream": False}
 
 
+# A limit no matrix case comes near: A keeps working whatever the order of the cases.
+_GENEROUS = {"requests_per_minute": 1_000_000}
+
+
+def _generous_limit(c: Caller, allowed: bool) -> dict[str, Any]:
+    return _GENEROUS
+
+
+def _limited_user(w: World) -> str:
+    """A's user id, with a limit set (by the master key) for a delete to remove."""
+    user = target_id(w, "user")
+    w.ok("master_bearer", "PUT", f"/api/admin/limits/users/{user}", json=_GENEROUS)
+    return user
+
+
 ROUTES: tuple[Route, ...] = (
     # Sessions and the caller.
     Route(
@@ -761,6 +776,29 @@ ROUTES: tuple[Route, ...] = (
         groups=ALL - {OWNER},
         protects=("provider_keys",),
     ),
+    # Metrics and limits: everyone sees their own traffic; limits are the admins'.
+    *(
+        Route("GET", f"/api/metrics/{report}", SELF, plain(f"/api/metrics/{report}"))
+        for report in ("summary", "timeseries", "requests", "anomalies", "http")
+    ),
+    Route("GET", "/api/me/usage", SELF, plain("/api/me/usage")),
+    Route("GET", "/api/admin/limits", ADMIN_ONLY, plain("/api/admin/limits")),
+    Route(
+        "PUT",
+        "/api/admin/limits/{kind}/{id}",
+        ADMIN_ONLY,
+        by_id("/api/admin/limits/users/{id}", body=_generous_limit),
+        ("user", "missing"),
+    ),
+    Route(
+        "DELETE",
+        "/api/admin/limits/{kind}/{id}",
+        ADMIN_ONLY,
+        by_id("/api/admin/limits/users/{id}", fresh=_limited_user),
+        ("user", "missing"),
+        (204, 204, 204),
+    ),
+    Route("GET", "/metrics", ADMIN_ONLY, plain("/metrics")),
     Route(
         "GET",
         "/api/openapi.json",

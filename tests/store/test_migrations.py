@@ -19,7 +19,7 @@ from tests.harness import settings_for
 
 MakeSettings = Callable[..., Settings]
 
-HEAD = "0002"
+HEAD = migrate.heads()[0]
 
 EXTRA_REVISION = '''"""Test-only revision {revision}: adds a table{failing}."""
 
@@ -43,12 +43,12 @@ def downgrade() -> None:
 '''
 
 
-RECREATE_REVISION = '''"""Test-only revision 0003: rebuilds conversations (copy, drop, rename)."""
+RECREATE_REVISION = '''"""Test-only revision 0900: rebuilds conversations (copy, drop, rename)."""
 
 from alembic import op
 
-revision = "0003"
-down_revision = "0002"
+revision = "0900"
+down_revision = "{down}"
 branch_labels = None
 depends_on = None
 
@@ -140,11 +140,13 @@ def test_heads_and_history_name_every_revision() -> None:
     assert migrate.heads() == [HEAD]
     history = migrate.history()
     assert [(revision, down) for revision, down, _doc in history] == [
+        ("0003", "0002"),
         ("0002", "0001"),
         ("0001", None),
     ]
-    assert history[1][2].startswith("Initial schema")
-    assert history[0][2].startswith("Users, API keys")
+    assert history[2][2].startswith("Initial schema")
+    assert history[1][2].startswith("Users, API keys")
+    assert history[0][2].startswith("Rollups of the request log")
 
 
 def test_check_names_a_missing_index(settings: Settings) -> None:
@@ -198,11 +200,11 @@ def test_prepare_on_start_refuses_drift(settings: Settings) -> None:
 def test_a_failing_migration_leaves_nothing_behind(
     settings: Settings, extra_revision: Path
 ) -> None:
-    add_revision(extra_revision, "0003", fail=True)
+    add_revision(extra_revision, "0900", fail=True)
     with pytest.raises(ConfigError) as refused:
         migrate.upgrade(settings)
     assert refused.value.message == (
-        "upgrade from base to 0003 failed: RuntimeError: migration 0003 fails half way. "
+        "upgrade from base to 0900 failed: RuntimeError: migration 0900 fails half way. "
         "It was rolled back: the database is unchanged, still at base"
     )
     # All revisions ran in one transaction: the tables of 0001 are gone too.
@@ -213,13 +215,13 @@ def test_a_failing_migration_leaves_nothing_behind(
 def test_an_upgrade_that_drifts_from_the_models_is_rolled_back(
     settings: Settings, extra_revision: Path
 ) -> None:
-    add_revision(extra_revision, "0003")  # creates a table the models do not have
+    add_revision(extra_revision, "0900")  # creates a table the models do not have
     migrate.upgrade(settings, HEAD)
-    with pytest.raises(ConfigError, match="table extra_0003 is in the database but not in"):
+    with pytest.raises(ConfigError, match="table extra_0900 is in the database but not in"):
         migrate.upgrade(settings)
     assert len(list_backups(settings)) == 1  # taken before the attempt
     assert migrate.current(settings) == HEAD
-    assert "extra_0003" not in tables(settings)
+    assert "extra_0900" not in tables(settings)
 
 
 def test_sqlite_rebuilding_a_parent_table_keeps_its_children(
@@ -242,9 +244,11 @@ def test_sqlite_rebuilding_a_parent_table_keeps_its_children(
         "'00000000000000000000000000000002', 1, 'user', 'hi', '{}', 'h', 'c', 7,"
         " '2026-01-01')",
     )
-    (extra_revision / "versions" / "0003_recreate.py").write_text(RECREATE_REVISION)
+    (extra_revision / "versions" / "0900_recreate.py").write_text(
+        RECREATE_REVISION.format(down=HEAD)
+    )
     migrate.upgrade(settings)
-    assert migrate.current(settings) == "0003"
+    assert migrate.current(settings) == "0900"
     engine = create_engine(settings)
     try:
         with engine.connect() as conn:

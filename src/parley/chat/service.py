@@ -89,7 +89,9 @@ class Caller(Viewer, Protocol):
 class Recorder(Protocol):
     """How exchanges are recorded (``server.state.Services`` is one)."""
 
-    def check_recording(self) -> None: ...
+    async def admit(self, caller: Caller) -> None:
+        """Refuse (before anything is stored or sent upstream) when the exchange could not
+        be recorded or the caller is over a limit."""
 
     async def record(self, exchange: Exchange) -> None: ...
 
@@ -183,7 +185,7 @@ class ChatService:
         if options.model is not None:
             await self.check_model(options.model)
         # Refused before the message is stored: the caller knows nothing was kept.
-        self._recorder.check_recording()
+        await self._recorder.admit(caller)
         rows: list[AttachmentRow] = []
         parts: list[Part] = []
         if attachments:
@@ -216,7 +218,7 @@ class ChatService:
         user message): a sibling branch; the old answer stays."""
         if options.model is not None:
             await self.check_model(options.model)
-        self._recorder.check_recording()
+        await self._recorder.admit(caller)
         turn = await asyncio.to_thread(self.store.answer_again, caller, conversation_id, message_id)
         if turn is None:
             raise NotFound("no such conversation")

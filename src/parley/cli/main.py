@@ -9,6 +9,7 @@ from parley.cli.backup import backup, restore_command
 from parley.cli.db import db
 from parley.cli.maintenance import maintenance, retention
 from parley.cli.serve import serve
+from parley.cli.stats import limits, stats
 from parley.cli.transfer import export_command, import_command
 from parley.cli.users import users
 
@@ -26,6 +27,8 @@ cli.add_command(restore_command)
 cli.add_command(maintenance)
 cli.add_command(retention)
 cli.add_command(users)
+cli.add_command(stats)
+cli.add_command(limits)
 cli.add_command(export_command)
 cli.add_command(import_command)
 

@@ -13,6 +13,7 @@ Pure values: the store fills them from rows, reports read them.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, NamedTuple
@@ -22,6 +23,21 @@ from parley.domain.histogram import Histogram
 
 HOUR = "hour"
 DAY = "day"
+# The same tallies kept by model alone (no user, key or origin): fleet-wide reports read
+# these, a few rows per model per bucket instead of one per user, key and origin.
+MODEL_HOUR = "mhour"
+MODEL_DAY = "mday"
+MODEL_DIMENSIONS = frozenset({"provider", "model", "success", "error_type"})
+
+
+def by_model(period: str) -> str:
+    """The model-level twin of ``HOUR`` or ``DAY``."""
+    return MODEL_HOUR if period == HOUR else MODEL_DAY
+
+
+def model_level(names: Iterable[str]) -> bool:
+    """Whether a report grouped or filtered by ``names`` can read the model-level rows."""
+    return set(names) <= MODEL_DIMENSIONS
 
 
 class Dims(NamedTuple):
@@ -46,7 +62,7 @@ GROUPABLE = frozenset(Dims._fields)
 
 def bucket_start(at: datetime, period: str) -> datetime:
     hour = at.replace(minute=0, second=0, microsecond=0)
-    return hour if period == HOUR else hour.replace(hour=0)
+    return hour if period in (HOUR, MODEL_HOUR) else hour.replace(hour=0)
 
 
 @dataclass(slots=True)
@@ -117,15 +133,24 @@ def dims_of(row: dict[str, Any]) -> Dims:
 
 
 def tally_rows(rows: list[dict[str, Any]]) -> dict[tuple[str, datetime, Dims], Tally]:
-    """Request-log rows (as the writer builds them) added up per period, bucket, series."""
-    out: dict[tuple[str, datetime, Dims], Tally] = {}
+    """Request-log rows (as the writer builds them) added up per period, bucket and series,
+    at both levels (every dimension, and by model alone)."""
+    hours: dict[tuple[str, datetime, Dims], Tally] = {}
     for row in rows:
-        dims = dims_of(row)
-        at = row["created_at"]
-        for period in (HOUR, DAY):
-            key = (period, bucket_start(at, period), dims)
-            tally = out.get(key)
-            if tally is None:
-                tally = out[key] = Tally()
-            tally.add_attempt(row)
+        key = (HOUR, bucket_start(row["created_at"], HOUR), dims_of(row))
+        tally = hours.get(key)
+        if tally is None:
+            tally = hours[key] = Tally()
+        tally.add_attempt(row)
+    # The other three from these: one merge per hour and series, not a pass per row.
+    out = dict(hours)
+    for (_, start, dims), tally in hours.items():
+        model = dims._replace(user_id=None, api_key_id=None, origin=None)
+        for key in (
+            (DAY, start.replace(hour=0), dims),
+            (MODEL_HOUR, start, model),
+            (MODEL_DAY, start.replace(hour=0), model),
+        ):
+            found = out.get(key)
+            out[key] = Tally().merge(tally) if found is None else found.merge(tally)
     return out

@@ -1,25 +1,36 @@
-"""Prometheus metrics for ``GET /metrics``: counters and histograms of this process.
+"""Prometheus metrics for ``GET /metrics``: this process's totals since it started.
 
 Invariants:
-- one ``CollectorRegistry`` per app (no module-level state), so two apps in one process
-  (tests) never share counters;
-- labels are provider and model (and, for HTTP, the route template, method and status):
-  never a user, key or raw path. Models come from upstreams and clients, so their number
-  is bounded: past ``max_series`` distinct (provider, model) pairs, new models are counted
-  as model ``"other"``;
-- ``observe_attempts`` takes the request-log rows the writer committed, so Prometheus
-  counts exactly what the store holds; it is called from the writer thread, and
-  ``prometheus_client`` metrics are thread-safe.
+- nothing on the request path calls into ``prometheus_client``: the writer hands over the
+  tallies it already computed for the rollups of each committed batch (``observe_tallies``),
+  and the HTTP middleware adds to a small per-route tally; both are folded into plain
+  dictionaries under a lock, and turned into metric families only when scraped;
+- labels are provider and model (for HTTP: the route template, method and status class),
+  never a user, key or raw path. Models come from upstreams and clients, so their number is
+  bounded: past ``max_series`` distinct (provider, model) pairs, new ones are counted as
+  model ``"other"``;
+- histogram buckets are read from the log-bucketed histograms (``domain.histogram``): a
+  value is counted under the first bound at or above its bin's midpoint, so a count may
+  sit one bucket off for values within 4.4% of a bound;
+- one collector per app (no module-level state): two apps in one process never share
+  counters.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterator, Mapping, Sequence
+from datetime import datetime
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
+
+from parley.domain import histogram
+from parley.domain.histogram import Histogram
+from parley.domain.rollup import HOUR, Dims, Tally, tally_rows
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
@@ -29,79 +40,126 @@ TTFT_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64)
 HTTP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 
-class PrometheusMetrics:
+class _Upstream:
+    __slots__ = ("errors", "outcomes", "tally")
+
+    def __init__(self) -> None:
+        self.tally = Tally()
+        self.outcomes = {"success": 0, "error": 0}
+        self.errors: dict[str, int] = {}
+
+
+class PrometheusMetrics(Collector):
     def __init__(self, *, max_series: int = 500) -> None:
         self.registry = CollectorRegistry()
         self._max_series = max_series
-        self._seen: set[tuple[str, str]] = set()
-        self._seen_lock = threading.Lock()
-        r = self.registry
-        model = ["provider", "model"]
-        self.requests = Counter(
-            "parley_upstream_requests", "Upstream attempts", [*model, "outcome"], registry=r
-        )
-        self.errors = Counter(
-            "parley_upstream_errors", "Failed upstream attempts", [*model, "error_type"], registry=r
-        )
-        self.tokens = Counter(
-            "parley_tokens", "Tokens used by upstream attempts", [*model, "kind"], registry=r
-        )
-        self.cost = Counter(
-            "parley_cost_usd", "Cost of upstream attempts with a known price", model, registry=r
-        )
-        self.latency = Histogram(
-            "parley_upstream_duration_seconds",
-            "Upstream attempt duration",
-            model,
-            buckets=LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.ttft = Histogram(
-            "parley_time_to_first_token_seconds",
-            "Time to the first token of streamed answers",
-            model,
-            buckets=TTFT_BUCKETS,
-            registry=r,
-        )
-        self.http = Histogram(
-            "parley_http_request_duration_seconds",
-            "HTTP requests parley served, by route template",
-            ["endpoint", "method", "status"],
-            buckets=HTTP_BUCKETS,
-            registry=r,
-        )
+        self._lock = threading.Lock()
+        self._upstream: dict[tuple[str, str], _Upstream] = {}
+        self._http: dict[tuple[str, str, str], tuple[int, float, Histogram]] = {}
+        self.registry.register(self)
 
-    def observe_attempts(self, rows: Iterable[Mapping[str, Any]]) -> None:
-        """Count committed request-log rows (the writer's dicts)."""
-        for row in rows:
-            labels = self._labels(row["provider"], row["model"])
-            success = bool(row["success"])
-            self.requests.labels(*labels, "success" if success else "error").inc()
-            if not success:
-                self.errors.labels(*labels, row["error_type"] or "unknown").inc()
-            for kind in ("prompt", "completion"):
-                count = row[f"{kind}_tokens"]
-                if count:
-                    self.tokens.labels(*labels, kind).inc(count)
-            if row["cost_usd"]:
-                self.cost.labels(*labels).inc(row["cost_usd"])
-            if row["response_time_ms"] is not None:
-                self.latency.labels(*labels).observe(row["response_time_ms"] / 1000)
-            if row["time_to_first_token_ms"] is not None:
-                self.ttft.labels(*labels).observe(row["time_to_first_token_ms"] / 1000)
+    def observe_tallies(self, tallies: Mapping[tuple[str, datetime, Dims], Tally]) -> None:
+        """Count a committed batch, given the tallies its rollups were made of."""
+        with self._lock:
+            for (period, _start, dims), tally in tallies.items():
+                if period != HOUR:  # days hold the same rows again
+                    continue
+                entry = self._entry(dims.provider, dims.model)
+                entry.tally.merge(tally)
+                entry.outcomes["success" if dims.success else "error"] += tally.requests
+                if not dims.success:
+                    kind = dims.error_type or "unknown"
+                    entry.errors[kind] = entry.errors.get(kind, 0) + tally.requests
+
+    def observe_rows(self, rows: list[dict[str, Any]]) -> None:
+        """Count committed request-log rows (the writer's dicts; called after commit)."""
+        self.observe_tallies(tally_rows(rows))
 
     def observe_http(self, endpoint: str, method: str, status: int, seconds: float) -> None:
-        self.http.labels(endpoint, method, str(status)).observe(seconds)
+        key = (endpoint, method, f"{status // 100}xx")
+        with self._lock:
+            count, total, bins = self._http.get(key) or (0, 0.0, {})
+            histogram.add(bins, seconds * 1000)
+            self._http[key] = (count + 1, total + seconds, bins)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
-    def _labels(self, provider: str, model: str) -> tuple[str, str]:
-        pair = (provider, model)
-        if pair in self._seen:
-            return pair
-        with self._seen_lock:
-            if len(self._seen) < self._max_series:
-                self._seen.add(pair)
-                return pair
-        return provider, "other"
+    def collect(self) -> Iterator[CounterMetricFamily | HistogramMetricFamily]:
+        with self._lock:
+            upstream = [
+                (key, _copy(entry.tally), dict(entry.outcomes), dict(entry.errors))
+                for key, entry in self._upstream.items()
+            ]
+            http = [
+                (key, count, total, dict(bins)) for key, (count, total, bins) in self._http.items()
+            ]
+        labels = ["provider", "model"]
+        requests = CounterMetricFamily(
+            "parley_upstream_requests", "Upstream attempts recorded", labels=[*labels, "outcome"]
+        )
+        errors = CounterMetricFamily(
+            "parley_upstream_errors", "Failed upstream attempts", labels=[*labels, "error_type"]
+        )
+        tokens = CounterMetricFamily(
+            "parley_tokens", "Tokens of recorded upstream attempts", labels=[*labels, "kind"]
+        )
+        cost = CounterMetricFamily(
+            "parley_cost_usd", "Cost of recorded attempts with a known price", labels=labels
+        )
+        latency = HistogramMetricFamily(
+            "parley_upstream_duration_seconds", "Upstream attempt duration", labels=labels
+        )
+        ttft = HistogramMetricFamily(
+            "parley_time_to_first_token_seconds",
+            "Time to the first token of streamed answers",
+            labels=labels,
+        )
+        for (provider, model), tally, outcomes, by_type in upstream:
+            names = [provider, model]
+            for outcome, count in outcomes.items():
+                requests.add_metric([*names, outcome], count)
+            for kind, count in by_type.items():
+                errors.add_metric([*names, kind], count)
+            tokens.add_metric([*names, "prompt"], tally.prompt_tokens)
+            tokens.add_metric([*names, "completion"], tally.completion_tokens)
+            cost.add_metric(names, tally.cost_usd)
+            latency.add_metric(
+                names, _buckets(tally.latency_ms, LATENCY_BUCKETS), tally.latency_ms_sum / 1000
+            )
+            ttft.add_metric(names, _buckets(tally.ttft_ms, TTFT_BUCKETS), tally.ttft_ms_sum / 1000)
+        served = HistogramMetricFamily(
+            "parley_http_request_duration_seconds",
+            "HTTP requests parley served, by route template",
+            labels=["endpoint", "method", "status"],
+        )
+        for key, _count, total, bins in http:
+            served.add_metric(list(key), _buckets(bins, HTTP_BUCKETS), total)
+        yield from (requests, errors, tokens, cost, latency, ttft, served)
+
+    def _entry(self, provider: str, model: str) -> _Upstream:
+        entry = self._upstream.get((provider, model))
+        if entry is not None:
+            return entry
+        if len(self._upstream) >= self._max_series:
+            model = "other"
+        return self._upstream.setdefault((provider, model), _Upstream())
+
+
+def _buckets(values: Histogram, bounds: Sequence[float]) -> list[tuple[str, float]]:
+    """Cumulative Prometheus buckets (seconds) from a histogram of milliseconds."""
+    counts = [0] * (len(bounds) + 1)
+    for bin_, count in values.items():
+        seconds = histogram.value_of(bin_) / 1000
+        index = next((i for i, bound in enumerate(bounds) if seconds <= bound), len(bounds))
+        counts[index] += count
+    out: list[tuple[str, float]] = []
+    running = 0
+    for bound, count in zip([*map(str, bounds), "+Inf"], counts, strict=True):
+        running += count
+        out.append((bound, running))
+    return out
+
+
+def _copy(tally: Tally) -> Tally:
+    return Tally().merge(tally)

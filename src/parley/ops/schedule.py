@@ -1,4 +1,5 @@
-"""Jobs a running server does on a schedule: backups, retention and maintenance.
+"""Jobs a running server does on a schedule: backups, retention, maintenance, and the
+anomaly watch (``metrics.watch``).
 
 ``server_jobs(settings)`` lists what the settings ask for; a ``Scheduler`` runs them on
 the server's event loop for as long as the server lives (the app's lifespan starts and
@@ -31,6 +32,7 @@ from functools import partial
 from typing import Any
 
 from parley.errors import ParleyError
+from parley.metrics import watch
 from parley.ops.backup import create_backup, prune_backups
 from parley.ops.maintenance import run_maintenance
 from parley.ops.retention import run_retention
@@ -60,9 +62,12 @@ def server_jobs(settings: Settings) -> list[Job]:
         ("retention", retention.interval_hours if prunes else 0.0, scheduled_retention),
         ("maintenance", settings.maintenance_interval_hours, scheduled_maintenance),
     )
-    return [
+    jobs = [
         Job(name, hours * HOUR, partial(run, settings)) for name, hours, run in wanted if hours > 0
     ]
+    # Always on: one small read of the model-level rollups every few minutes.
+    jobs.append(Job("anomalies", watch.INTERVAL, watch.AnomalyWatch(settings)))
+    return jobs
 
 
 def scheduled_backup(settings: Settings) -> None:

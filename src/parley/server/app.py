@@ -26,14 +26,17 @@ import aiohttp
 import orjson
 import sqlalchemy
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from parley.errors import ClientError, NotFound, ParleyError, StoreError, StoreFull
 from parley.gateway.capabilities import CapabilityBook, shipped_capabilities
 from parley.gateway.catalog import ModelCatalog
 from parley.gateway.directory import open_directory
+from parley.gateway.limits import Limiter
 from parley.gateway.pricing import PriceBook, shipped_prices
 from parley.gateway.router import Router
 from parley.gateway.service import Gateway
+from parley.metrics.prometheus import CONTENT_TYPE, PrometheusMetrics
 from parley.ops.migrate import prepare_on_start
 from parley.ops.presence import ServerPresence
 from parley.ops.schedule import Scheduler, server_jobs
@@ -43,6 +46,10 @@ from parley.server import (
     auth,
     chat_api,
     files_api,
+    http_metrics,
+    identity,
+    limits_api,
+    metrics_api,
     openai_api,
     openapi,
     providers_api,
@@ -54,6 +61,7 @@ from parley.server.shutdown import DRAIN, Drain
 from parley.server.state import SERVICES, Services
 from parley.settings import Settings
 from parley.store.engine import checkpoint, create_engine, is_disk_full
+from parley.store.limits import LimitStore
 from parley.store.writer import Writer
 
 log = logging.getLogger(__name__)
@@ -64,9 +72,13 @@ SCHEDULER = web.AppKey("scheduler", Scheduler)
 
 
 def create_app(settings: Settings) -> web.Application:
+    # HTTP metrics outermost: they see every answer, errors included. Local mode: no
+    # credentials, so only programs on this machine (local_guard).
+    middlewares: list[Middleware] = [http_metrics.middleware(settings), _errors]
+    if settings.master_key is None:
+        middlewares.append(local_guard)
     app = web.Application(
-        # Local mode: no credentials, so only programs on this machine (local_guard).
-        middlewares=[_errors] if settings.master_key is not None else [_errors, local_guard],
+        middlewares=middlewares,
         # The body limit is checked again in read_body for a clear 413 in OpenAI shape.
         client_max_size=settings.max_body_bytes,
     )
@@ -83,9 +95,18 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_post("/v1/messages", anthropic_api.messages)
     app.router.add_post("/v1/messages/count_tokens", anthropic_api.count_tokens)
     # The chat API (/api): each module registers its own routes.
-    for module in (users_api, chat_api, files_api, providers_api, openapi):
+    for module in (
+        users_api,
+        chat_api,
+        files_api,
+        providers_api,
+        metrics_api,
+        limits_api,
+        openapi,
+    ):
         module.add_routes(app)
     app.router.add_get("/healthz", _healthz)
+    app.router.add_get("/metrics", _prometheus)
     return app
 
 
@@ -115,7 +136,8 @@ async def _serving(
     app: web.Application, settings: Settings, presence: ServerPresence
 ) -> AsyncIterator[None]:
     engine = create_engine(settings)
-    writer = Writer(engine, batch_max=settings.writer_batch_max)
+    prometheus = PrometheusMetrics()
+    writer = Writer(engine, batch_max=settings.writer_batch_max, on_commit=prometheus.observe_rows)
     writer.start()
     session = aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=0, limit_per_host=0, ttl_dns_cache=300),
@@ -147,6 +169,8 @@ async def _serving(
             writer=writer,
             started_at=time.time(),
             directory=directory,
+            limiter=Limiter(LimitStore(engine)),
+            prometheus=prometheus,
         )
         scheduler.start()
         yield
@@ -226,9 +250,20 @@ class _HTTPError(ClientError):
 
 
 def _error_response(request: web.Request, error: ParleyError) -> web.Response:
+    request[http_metrics.ERROR_KEY] = error.message
     if anthropic_api.is_anthropic_path(request.path):
         return anthropic_api.error_response(error)
     return openai_api.error_response(error)
+
+
+async def _prometheus(request: web.Request) -> web.Response:
+    """This process's counters and histograms in Prometheus' text format (admins)."""
+    identity.admin(request)
+    prometheus = request.app[SERVICES].prometheus
+    if prometheus is None:
+        raise NotFound("no such endpoint: GET /metrics")
+    body = await asyncio.to_thread(prometheus.render)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
 
 async def _healthz(request: web.Request) -> web.Response:

@@ -75,7 +75,7 @@ async def embeddings(request: web.Request) -> web.Response:
     items = data.get("input")
     if not isinstance(items, str) and not (isinstance(items, list) and items):
         raise InvalidRequest("'input' must be a string or a non-empty array", "input")
-    services.check_recording()
+    await services.admit(identity.current(request))
     caller = identity.current(request)
     exchange = Exchange(
         model_requested=model,

@@ -106,7 +106,7 @@ async def answer(
 ) -> web.StreamResponse:
     """Run ``chat`` through the gateway and answer the client, recording the exchange."""
     drain = drain_of(request)
-    services.check_recording()
+    await services.admit(identity.current(request))
     stream = services.gateway.stream(chat, exchange)
     try:
         with _answering(drain):

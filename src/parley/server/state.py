@@ -17,7 +17,9 @@ from parley.domain.exchange import Exchange
 from parley.errors import BodyTooLarge, StoreError, StoreUnavailable
 from parley.gateway.catalog import ModelCatalog
 from parley.gateway.directory import ProviderDirectory
+from parley.gateway.limits import Caller, Limiter
 from parley.gateway.service import Gateway
+from parley.metrics.prometheus import PrometheusMetrics
 from parley.settings import Settings
 from parley.store.writer import Writer
 
@@ -36,11 +38,22 @@ class Services:
     # Provider configurations in the database (and the vault for their keys); None only
     # in an app built without them (the admin provider API then answers 503).
     directory: ProviderDirectory | None = field(default=None, kw_only=True)
+    # Per-key and per-user limits; None in an app built without them.
+    limiter: Limiter | None = field(default=None, kw_only=True)
+    # This process's Prometheus collectors (``GET /metrics``).
+    prometheus: PrometheusMetrics | None = field(default=None, kw_only=True)
 
     def check_recording(self) -> None:
         """Refuse before any upstream call when the answer could not be recorded."""
         if self.settings.recording == "durable" and not self.writer.is_alive():
             raise StoreUnavailable("the store writer is not running; try again later")
+
+    async def admit(self, caller: Caller) -> None:
+        """Refuse before any upstream call: the answer could not be recorded, or the
+        caller is over one of its limits (429)."""
+        self.check_recording()
+        if self.limiter is not None:
+            await self.limiter.check(caller)
 
     async def record(self, exchange: Exchange) -> None:
         """Commit ``exchange`` (durable mode) or queue it (async mode)."""
@@ -78,10 +91,16 @@ class Services:
 SERVICES = web.AppKey("services", Services)
 
 
+# The body a handler read, for the HTTP metrics middleware (which stores it redacted).
+BODY_KEY = web.RequestKey("parley.body", bytes)
+
+
 async def read_body(request: web.Request, limit: int) -> bytes:
     if request.content_length is not None and request.content_length > limit:
         raise BodyTooLarge(f"request body is larger than the limit of {limit} bytes")
     try:
-        return await request.read()
+        body = await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise BodyTooLarge(f"request body is larger than the limit of {limit} bytes") from None
+    request[BODY_KEY] = body
+    return body

@@ -43,6 +43,7 @@ from sqlalchemy import Connection, Row, bindparam, select, update
 from parley.domain.exchange import Attempt, Exchange
 from parley.domain.messages import chain_hash, chain_of, content_hash_of
 from parley.domain.times import utc
+from parley.store import rollups
 from parley.store.bulk import PublicIds, assign_ids, bulk_insert
 from parley.store.schema import conversations, messages, request_log, responses
 
@@ -85,6 +86,11 @@ class Recorded:
     @property
     def answer_public_ids(self) -> tuple[uuid.UUID, ...]:
         return tuple(node.row["public_id"] for node, _ in self._plan.answers)
+
+    @property
+    def attempt_rows(self) -> list[dict[str, Any]]:
+        """The request-log rows as written (for observers after the commit)."""
+        return self._plan.attempt_rows
 
     @property
     def request_ids(self) -> tuple[int, ...]:
@@ -166,6 +172,8 @@ def write_batch(conn: Connection, batch: Sequence[Exchange]) -> list[Recorded]:
     # Parents first: ids grow in planning order, and a parent is always planned first.
     bulk_insert(conn, conversations, conv_rows)
     bulk_insert(conn, request_log, attempt_rows)
+    # In the same transaction: a rollup never counts an uncommitted row or misses one.
+    rollups.add(conn, attempt_rows)
     bulk_insert(conn, messages, message_rows)
     bulk_insert(conn, responses, response_rows)
     if planner.continued:

@@ -92,6 +92,9 @@ request_log = Table(
         ForeignKey("conversations.id", ondelete="SET NULL"),
         index=True,
     ),
+    # Tokens-per-minute limits and a caller's own listing read a key's or user's recent rows.
+    Index("ix_request_log_key_time", "api_key_id", "created_at"),
+    Index("ix_request_log_user_time", "user_id", "created_at"),
 )
 
 conversations = Table(
@@ -281,4 +284,89 @@ attachments = Table(
     # The blob's name in the content-addressed blob directory.
     Column("sha256", String(64), nullable=False, index=True),
     Column("created_at", TS, nullable=False),
+)
+
+# Issue 6: rollups, HTTP metrics, limits.
+
+# Hourly and daily tallies of the request log per series (store.rollups): the writer keeps
+# them in the transaction that commits the rows, so reports never scan the raw log and
+# retention of raw rows never loses a total.
+metric_rollups = Table(
+    "metric_rollups",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("period", String(8), nullable=False),  # "hour" | "day"
+    Column("bucket_start", TS, nullable=False),
+    # A digest of the dimensions below: NULLs never collide in a unique index.
+    Column("series_key", String(32), nullable=False),
+    Column("user_id", Integer),
+    Column("api_key_id", Integer),
+    Column("provider", String(128), nullable=False),
+    Column("model", String(255), nullable=False),
+    Column("origin", String(255)),
+    Column("success", Boolean, nullable=False),
+    Column("error_type", String(64)),
+    Column("requests", Integer, nullable=False),
+    Column("prompt_tokens", BigInteger, nullable=False),
+    Column("completion_tokens", BigInteger, nullable=False),
+    Column("total_tokens", BigInteger, nullable=False),
+    Column("cost_usd", Float, nullable=False),
+    Column("priced", Integer, nullable=False),
+    Column("latency_ms_sum", Float, nullable=False),
+    Column("ttft_ms_sum", Float, nullable=False),
+    Column("tps_sum", Float, nullable=False),
+    # Sparse log-bucketed histograms as JSON (domain.histogram).
+    Column("latency_ms_hist", Text, nullable=False),
+    Column("ttft_ms_hist", Text, nullable=False),
+    Column("tps_hist", Text, nullable=False),
+    UniqueConstraint("period", "bucket_start", "series_key", name="uq_metric_rollups_bucket"),
+    # Spend budgets read a key's or a user's day rows.
+    Index("ix_metric_rollups_key", "api_key_id", "period", "bucket_start"),
+    Index("ix_metric_rollups_user", "user_id", "period", "bucket_start"),
+)
+
+# One row per HTTP request parley served (sampled), written by the writer off the hot path.
+http_metrics = Table(
+    "http_metrics",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("created_at", TS, nullable=False, index=True),
+    # The route template (/api/conversations/{id}), never the raw path.
+    Column("endpoint", String(255), nullable=False),
+    Column("method", String(16), nullable=False),
+    Column("status_code", Integer, nullable=False),
+    Column("response_time_ms", Float, nullable=False),
+    Column("user_agent", String(512)),
+    Column("client_ip", String(64)),
+    Column("tags", Text),
+    Column("error_message", Text),
+    # Secrets redacted, large bodies truncated (server.http_metrics).
+    Column("request_body", Text),
+    Column("user_id", Integer),
+    Column("api_key_id", Integer),
+)
+
+# Requests / tokens per minute and spend per day / month, per API key or per user.
+limits = Table(
+    "limits",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("user_id", Integer, ForeignKey("users.id", ondelete="CASCADE"), unique=True),
+    Column("api_key_id", Integer, ForeignKey("api_keys.id", ondelete="CASCADE"), unique=True),
+    Column("requests_per_minute", Integer),
+    Column("tokens_per_minute", Integer),
+    Column("usd_per_day", Float),
+    Column("usd_per_month", Float),
+    Column("updated_at", TS, nullable=False),
+)
+
+# Counters of the current minute per limited subject ("key:<id>" | "user:<id>"): shared by
+# every parley process on the database.
+rate_windows = Table(
+    "rate_windows",
+    metadata,
+    Column("subject", String(32), primary_key=True),
+    Column("window_start", TS, primary_key=True),
+    Column("requests", Integer, nullable=False),
+    Column("tokens", BigInteger, nullable=False),
 )

@@ -33,6 +33,7 @@ import asyncio
 import logging
 import queue
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,8 +42,10 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 
 from parley.domain.exchange import Exchange
 from parley.errors import StoreError, StoreFull
+from parley.store.bulk import bulk_insert
 from parley.store.engine import is_disk_full, writer_connection
 from parley.store.exchanges import Recorded, write_batch
+from parley.store.schema import http_metrics
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +58,8 @@ class _Item:
     exchange: Exchange | None
     future: asyncio.Future[Any] | None
     loop: asyncio.AbstractEventLoop | None
+    # An HTTP metric, built (and redacted) on the writer thread, off the request's path.
+    metric: Callable[[], dict[str, Any]] | None = None
 
 
 _STOP = object()
@@ -63,11 +68,20 @@ _STOP = object()
 class Writer:
     """Commits exchanges in batches from one thread; see the module docstring."""
 
-    def __init__(self, engine: sqlalchemy.Engine, *, batch_max: int = 512) -> None:
+    def __init__(
+        self,
+        engine: sqlalchemy.Engine,
+        *,
+        batch_max: int = 512,
+        on_commit: Callable[[list[dict[str, Any]]], None] | None = None,
+    ) -> None:
         if batch_max < 1:
             raise ValueError("batch_max must be at least 1")
         self._engine = engine
         self._batch_max = batch_max
+        # Called on the writer thread with the request-log rows of each committed batch
+        # (the Prometheus collectors); an error in it is logged, never fails the batch.
+        self._on_commit = on_commit
         self._queue: queue.SimpleQueue[_Item | object] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         # Guards "not stopping" + put against stop's put of the stop marker, so nothing
@@ -95,6 +109,17 @@ class Writer:
     def submit_nowait(self, exchange: Exchange) -> None:
         """Queue ``exchange`` without waiting for it (a failure is logged)."""
         self._put(_Item(exchange, None, None))
+
+    def submit_metric(self, make_row: Callable[[], dict[str, Any]]) -> None:
+        """Queue an ``http_metrics`` row, built by ``make_row`` on the writer thread.
+
+        Best effort: metric rows commit in their own transaction after the batch's
+        exchanges, and a failure is logged and drops them, never an exchange. A stopped
+        writer drops them silently.
+        """
+        with self._lock:
+            if not self._stopping:
+                self._queue.put(_Item(None, None, None, make_row))
 
     async def drain(self) -> None:
         """Return once everything submitted before this call is committed (or failed)."""
@@ -193,6 +218,10 @@ class Writer:
     def _process(self, conn: sqlalchemy.Connection, batch: list[_Item]) -> bool:
         """Commit ``batch``; return whether ``conn`` may be used for the next one."""
         healthy = True
+        metrics = [item.metric for item in batch if item.metric is not None]
+        if metrics:
+            self._write_metrics(conn, metrics)
+            batch = [item for item in batch if item.metric is None]
         work = [item for item in batch if item.exchange is not None]
         exchanges = [item.exchange for item in work if item.exchange is not None]
         outcomes: list[_Outcome]
@@ -212,7 +241,28 @@ class Writer:
             outcomes = []
         results = dict(zip(map(id, work), outcomes, strict=True))
         self._resolve([(item, results.get(id(item))) for item in batch])
+        self._observe(outcomes)
         return healthy and not conn.invalidated
+
+    def _write_metrics(
+        self, conn: sqlalchemy.Connection, makers: list[Callable[[], dict[str, Any]]]
+    ) -> None:
+        try:
+            rows = [make() for make in makers]
+            with conn.begin():
+                bulk_insert(conn, http_metrics, rows)
+        except Exception:
+            log.exception("%d HTTP metric rows could not be recorded", len(makers))
+
+    def _observe(self, outcomes: list[_Outcome]) -> None:
+        if self._on_commit is None:
+            return
+        rows = [row for o in outcomes if isinstance(o, Recorded) for row in o.attempt_rows]
+        if rows:
+            try:
+                self._on_commit(rows)
+            except Exception:
+                log.exception("an observer of committed exchanges failed")
 
     def _one_by_one(self, conn: sqlalchemy.Connection, exchanges: list[Exchange]) -> list[_Outcome]:
         outcomes: list[_Outcome] = []

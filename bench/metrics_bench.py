@@ -1,0 +1,168 @@
+"""Metrics reports over a large request log: the 30-day summary and the 24-hour series.
+
+Seeds a SQLite database in a temporary directory with ``--rows`` request-log rows (10
+million by default) spread over the last 30 days: 8 models on 3 providers, 20 users with
+30 API keys, 5 origins, 3% failures of four kinds, log-normal latencies. Rows are inserted
+with the driver's ``executemany`` and their rollups are kept by the writer's own code
+(``store.rollups.add``), one transaction per chunk, as the writer does per batch. Then it
+times what the metrics API's handlers run (``MetricsStore`` reads, ``metrics.report``):
+
+- ``GET /api/metrics/summary?window=30d&group_by=model``
+- ``GET /api/metrics/timeseries?window=24h&bucket=1h``
+
+and prints p50 and p99 of each. Goal (issue 6): each under 100 ms p50.
+
+    python bench/metrics_bench.py [--rows 10000000] [--iterations 50] [--database-url URL]
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from parley.metrics import report
+from parley.ops.migrate import upgrade
+from parley.settings import load_settings
+from parley.store import rollups
+from parley.store.bulk import bulk_insert
+from parley.store.engine import create_engine, writer_connection
+from parley.store.metrics import MetricsStore
+from parley.store.schema import request_log
+
+MODELS = [
+    ("openai", "gpt-4o-mini"),
+    ("openai", "gpt-4o"),
+    ("anthropic", "claude-haiku"),
+    ("anthropic", "claude-sonnet"),
+    ("gemini", "gemini-flash"),
+    ("gemini", "gemini-pro"),
+    ("openai", "o3-mini"),
+    ("anthropic", "claude-opus"),
+]
+ERRORS = ["rate_limit", "timeout", "server_error", "overloaded"]
+CHUNK = 50_000
+
+
+def seed(engine: Any, rows: int, now: datetime) -> None:
+    rng = random.Random(42)
+    span = 30 * 24 * 3600
+    done = 0
+    started = time.perf_counter()
+    with writer_connection(engine) as conn:
+        while done < rows:
+            n = min(CHUNK, rows - done)
+            batch = [_row(rng, now - timedelta(seconds=rng.uniform(0, span))) for _ in range(n)]
+            with conn.begin():
+                bulk_insert(conn, request_log, batch)
+                rollups.add(conn, batch)
+            done += n
+            if done % 1_000_000 < CHUNK:
+                rate = done / (time.perf_counter() - started)
+                print(f"  seeded {done:,} rows ({rate:,.0f}/s)", flush=True)
+
+
+def _row(rng: random.Random, at: datetime) -> dict[str, Any]:
+    provider, model = rng.choice(MODELS)
+    # Each key belongs to one user and is used from one place.
+    key = rng.randint(1, 30)
+    ok = rng.random() > 0.03
+    latency = rng.lognormvariate(6.5, 0.7)
+    prompt, completion = rng.randint(10, 4000), rng.randint(1, 800) if ok else 0
+    return {
+        "public_id": uuid.UUID(int=rng.getrandbits(128)),
+        "chain_id": uuid.UUID(int=rng.getrandbits(128)),
+        "attempt": 1,
+        "created_at": at,
+        "success": ok,
+        "status_code": 200 if ok else 500,
+        "response_time_ms": latency,
+        "endpoint": "chat",
+        "client_protocol": "openai",
+        "provider": provider,
+        "model": model,
+        "model_requested": f"{provider}/{model}",
+        "origin": f"10.0.0.{key % 5 + 1}",
+        "is_streaming": True,
+        "message_count": 3,
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "time_to_first_token_ms": latency / 5 if ok else None,
+        "tokens_per_second": completion / (latency / 1000) if ok else None,
+        "error_type": None if ok else rng.choice(ERRORS),
+        "cost_usd": (prompt * 0.15 + completion * 0.6) / 1e6,
+        "user_id": key % 20 + 1,
+        "api_key_id": key,
+    }
+
+
+def timed(label: str, call: Callable[[], object], iterations: int) -> None:
+    call()  # warm the page cache
+    samples = []
+    for _ in range(iterations):
+        start = time.perf_counter()
+        call()
+        samples.append((time.perf_counter() - start) * 1000)
+    samples.sort()
+    p99 = samples[min(len(samples) - 1, round(0.99 * len(samples)))]
+    print(f"{label:<52} {statistics.median(samples):>8.2f} {p99:>8.2f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=10_000_000)
+    parser.add_argument("--iterations", type=int, default=50)
+    parser.add_argument("--database-url", help="benchmark this (empty) database instead")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="parley-metrics-bench-") as tmp:
+        env = {"PARLEY_DATA_DIR": str(Path(tmp) / "data")}
+        if args.database_url:
+            env["DATABASE_URL"] = args.database_url
+        settings = load_settings(env=env, cwd=Path(tmp))
+        upgrade(settings)
+        engine = create_engine(settings)
+        now = datetime.now(UTC)
+        print(f"seeding {args.rows:,} request-log rows over 30 days...", flush=True)
+        seed(engine, args.rows, now)
+        store = MetricsStore(engine)
+        with engine.connect() as conn:
+            count = conn.exec_driver_sql("SELECT count(*) FROM metric_rollups").scalar()
+        print(f"{count:,} rollup rows\n")
+        print(f"{'report':<52} {'p50 ms':>8} {'p99 ms':>8}")
+        month = (now - timedelta(days=30), now)
+        day = (now - timedelta(hours=24), now)
+        timed(
+            "summary, 30 days, grouped by model",
+            lambda: report.summary(store.window(*month, {}, ["model"]), ["model"]),
+            args.iterations,
+        )
+        timed(
+            "time series, 24 hours in 1-hour buckets",
+            lambda: report.timeseries(
+                store.period("hour", day[0].replace(minute=0, second=0, microsecond=0), day[1], {}),
+                day[0].replace(minute=0, second=0, microsecond=0),
+                day[1],
+                timedelta(hours=1),
+            ),
+            args.iterations,
+        )
+        timed(
+            "summary, 24 hours, by provider and user",
+            lambda: report.summary(
+                store.window(*day, {}, ["provider", "user_id"]), ["provider", "user_id"]
+            ),
+            args.iterations,
+        )
+        engine.dispose()
+
+
+if __name__ == "__main__":
+    main()

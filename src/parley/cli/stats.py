@@ -1,0 +1,200 @@
+"""``parley stats`` and ``parley limits``: the metrics API's reports and the limits, from the
+shell; thin clients of ``parley.metrics.report``, ``store.metrics`` and ``store.limits``.
+
+Commands read settings the way the server does and prepare the database the way server
+start does. Errors are one line on stderr and exit status 1, never a traceback.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar
+
+import click
+import orjson
+import sqlalchemy
+
+from parley.errors import ParleyError
+from parley.metrics import report
+from parley.ops.migrate import prepare_on_start
+from parley.settings import load_settings
+from parley.store.engine import create_engine
+from parley.store.limits import LimitStore
+from parley.store.metrics import MetricsStore
+from parley.store.users import Users
+
+T = TypeVar("T")
+_GROUPS = {
+    "model": "model",
+    "provider": "provider",
+    "origin": "origin",
+    "user": "user_id",
+    "api_key": "api_key_id",
+    "success": "success",
+    "error_type": "error_type",
+}
+
+
+def _run(action: Callable[[], T]) -> T:
+    try:
+        return action()
+    except ParleyError as exc:
+        click.echo(f"error: {exc.message}", err=True)
+        raise SystemExit(1) from None
+
+
+@contextmanager
+def _engine() -> Iterator[sqlalchemy.Engine]:
+    settings = _run(load_settings)
+    _run(lambda: prepare_on_start(settings))
+    engine = _run(lambda: create_engine(settings))
+    try:
+        yield engine
+    finally:
+        engine.dispose()
+
+
+def _fail(message: str) -> None:
+    click.echo(f"error: {message}", err=True)
+    raise SystemExit(1)
+
+
+@click.command("stats")
+@click.option("--window", default="24h", show_default=True, help="How far back: 30m, 24h, 7d...")
+@click.option(
+    "--group-by",
+    default="model",
+    show_default=True,
+    help=f"Comma-separated: {', '.join(_GROUPS)} (empty: one total).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def stats(window: str, group_by: str, as_json: bool) -> None:
+    """Requests, errors, latency percentiles, tokens and cost over a window, from the
+    rollups (the same figures as GET /api/metrics/summary)."""
+    units = {"m": "minutes", "h": "hours", "d": "days"}
+    try:
+        span = timedelta(**{units[window[-1]]: int(window[:-1])})
+    except (KeyError, ValueError):
+        _fail(f"--window must look like 30m, 24h or 7d, not {window!r}")
+        return
+    names = [n.strip() for n in group_by.split(",") if n.strip()]
+    unknown = [n for n in names if n not in _GROUPS]
+    if unknown:
+        _fail(f"cannot group by {', '.join(unknown)}: choose from {', '.join(_GROUPS)}")
+    end = datetime.now(UTC)
+    with _engine() as engine:
+        grouping = [_GROUPS[n] for n in names]
+        rows = MetricsStore(engine).window(end - span, end, {}, grouping)
+    entries = report.summary(rows, grouping)
+    if as_json:
+        click.echo(orjson.dumps({"window": window, "data": entries}, default=str).decode())
+        return
+    header = (
+        f"{'group':<40} {'requests':>8} {'err %':>6} {'p50 ms':>8} {'p90 ms':>8} "
+        f"{'p99 ms':>8} {'ttft p50':>8} {'tokens':>10} {'cost $':>10}"
+    )
+    click.echo(header)
+    for e in entries:
+        label = ", ".join(f"{k}={v}" for k, v in e["group"].items()) or "(all)"
+        lat, ttft = e["latency_ms"], e["time_to_first_token_ms"]
+        rate = "" if e["error_rate"] is None else f"{100 * e['error_rate']:.1f}"
+        cost = "" if e["cost_usd"] is None else f"{e['cost_usd']:.4f}"
+        click.echo(
+            f"{label[:40]:<40} {e['requests']:>8} {rate:>6} {_ms(lat['p50']):>8} "
+            f"{_ms(lat['p90']):>8} {_ms(lat['p99']):>8} {_ms(ttft['p50']):>8} "
+            f"{e['total_tokens']:>10} {cost:>10}"
+        )
+
+
+def _ms(value: float | None) -> str:
+    return "" if value is None else f"{value:.1f}"
+
+
+@click.group("limits")
+def limits() -> None:
+    """Per-user and per-API-key limits: requests and tokens per minute, spend per day and
+    month (the same as /api/admin/limits)."""
+
+
+@limits.command("list")
+def list_limits() -> None:
+    """Every limit set."""
+    with _engine() as engine:
+        for row in LimitStore(engine).listing():
+            subject = f"user {row['user']}" if row["user"] else f"key {row['api_key']}"
+            values = ", ".join(
+                f"{k}={v}" for k, v in row.items() if k not in ("user", "api_key") and v is not None
+            )
+            click.echo(f"{subject}: {values or 'no limits'}")
+
+
+def _subject_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    command = click.option("--user", "user_ref", help="A username or email.")(command)
+    return click.option("--key", "key_ref", help="An API key's id.")(command)
+
+
+@limits.command("set")
+@_subject_options
+@click.option("--rpm", type=click.IntRange(min=1), help="Requests per minute.")
+@click.option("--tpm", type=click.IntRange(min=1), help="Tokens per minute.")
+@click.option("--usd-day", type=click.FloatRange(min=0), help="Spend per day (UTC), in USD.")
+@click.option("--usd-month", type=click.FloatRange(min=0), help="Spend per month, in USD.")
+def set_limit(
+    user_ref: str | None,
+    key_ref: str | None,
+    rpm: int | None,
+    tpm: int | None,
+    usd_day: float | None,
+    usd_month: float | None,
+) -> None:
+    """Replace the limits of a user or an API key (a limit not given is no limit)."""
+    with _engine() as engine:
+        user_id, key_id = _subject(engine, user_ref, key_ref)
+        LimitStore(engine).set_limit(
+            user_id=user_id,
+            api_key_id=key_id,
+            values={
+                "requests_per_minute": rpm,
+                "tokens_per_minute": tpm,
+                "usd_per_day": usd_day,
+                "usd_per_month": usd_month,
+            },
+        )
+    click.echo("limits set (running servers apply them within 5 seconds)")
+
+
+@limits.command("clear")
+@_subject_options
+def clear_limit(user_ref: str | None, key_ref: str | None) -> None:
+    """Remove every limit of a user or an API key."""
+    with _engine() as engine:
+        user_id, key_id = _subject(engine, user_ref, key_ref)
+        if not LimitStore(engine).delete_limit(user_id=user_id, api_key_id=key_id):
+            _fail("no limits are set for it")
+    click.echo("limits cleared")
+
+
+def _subject(
+    engine: sqlalchemy.Engine, user_ref: str | None, key_ref: str | None
+) -> tuple[int | None, int | None]:
+    if (user_ref is None) == (key_ref is None):
+        _fail("give exactly one of --user and --key")
+    users = Users(engine)
+    if user_ref is not None:
+        user = users.find_user(user_ref)
+        if user is None:
+            _fail(f"no user {user_ref!r}")
+        assert user is not None
+        return user.id, None
+    assert key_ref is not None
+    try:
+        key = users.get_key(uuid.UUID(key_ref))
+    except ValueError:
+        key = None
+    if key is None:
+        _fail(f"no API key {key_ref!r}")
+    assert key is not None
+    return None, key.id

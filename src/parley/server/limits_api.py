@@ -1,0 +1,154 @@
+"""Limits: ``/api/admin/limits`` (admins set them) and ``/api/me/usage`` (users read theirs).
+
+Routes (JSON; errors are OpenAI error JSON):
+
+- ``GET /api/admin/limits``: every limit, with its subject's public id;
+- ``PUT /api/admin/limits/{kind}/{id}`` (``kind``: ``users`` or ``keys``): replace a
+  subject's limits: ``requests_per_minute`` and ``tokens_per_minute`` (positive
+  integers), ``usd_per_day`` and ``usd_per_month`` (non-negative numbers); a field left
+  out or null is no limit;
+- ``DELETE /api/admin/limits/{kind}/{id}``;
+- ``GET /api/me/usage``: the limits that apply to the caller (their key's and their
+  user's), each with its current usage.
+
+A change applies at once in this process and within the limiter's reload interval (5 s)
+in every other process on the database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from parley.errors import InvalidRequest, NotFound, StoreUnavailable
+from parley.gateway.limits import Limiter
+from parley.server import identity
+from parley.server.openai_parse import parse_json_object
+from parley.server.state import SERVICES, read_body
+from parley.store.limits import LIMIT_FIELDS
+from parley.store.metrics import MetricsStore
+
+_INTEGERS = frozenset({"requests_per_minute", "tokens_per_minute"})
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/api/admin/limits", list_limits)
+    app.router.add_put("/api/admin/limits/{kind}/{id}", put_limit)
+    app.router.add_delete("/api/admin/limits/{kind}/{id}", delete_limit)
+    app.router.add_get("/api/me/usage", my_usage)
+
+
+async def list_limits(request: web.Request) -> web.Response:
+    """Admins: every limit set, by user or API key."""
+    identity.admin(request)
+    found = await asyncio.to_thread(_limiter(request).store.listing)
+    return _json({"data": found})
+
+
+async def put_limit(request: web.Request) -> web.Response:
+    """Admins: replace the limits of a user or an API key (left out or null: no limit)."""
+    identity.admin(request)
+    limiter = _limiter(request)
+    user_id, key_id = await _subject(request)
+    settings = request.app[SERVICES].settings
+    data = parse_json_object(await read_body(request, settings.max_body_bytes))
+    limit = await asyncio.to_thread(
+        lambda: limiter.store.set_limit(user_id=user_id, api_key_id=key_id, values=_values(data))
+    )
+    await limiter.reload()
+    return _json(
+        {"kind": request.match_info["kind"], "id": request.match_info["id"], **limit.values()}
+    )
+
+
+async def delete_limit(request: web.Request) -> web.Response:
+    """Admins: remove every limit of a user or an API key."""
+    identity.admin(request)
+    limiter = _limiter(request)
+    user_id, key_id = await _subject(request)
+    deleted = await asyncio.to_thread(
+        lambda: limiter.store.delete_limit(user_id=user_id, api_key_id=key_id)
+    )
+    if not deleted:
+        raise NotFound("no limits are set for it")
+    await limiter.reload()
+    return web.Response(status=204)
+
+
+async def my_usage(request: web.Request) -> web.Response:
+    """The limits that apply to the caller, each with how much of it is used now."""
+    caller = identity.current(request)
+    limiter = _limiter(request)
+    await limiter.reload()
+    now = datetime.now(UTC)
+    out = []
+    for limit in limiter.limits_of(caller):
+        usage = await asyncio.to_thread(limiter.store.usage, limit, now)
+        out.append(
+            {
+                "applies_to": "api_key" if limit.api_key_id is not None else "user",
+                "limits": limit.values(),
+                "usage": {
+                    "requests_this_minute": usage.requests_this_minute,
+                    "tokens_last_minute": usage.tokens_last_minute,
+                    "usd_today": usage.usd_today,
+                    "usd_this_month": usage.usd_this_month,
+                },
+            }
+        )
+    return _json({"data": out})
+
+
+def _values(data: dict[str, Any]) -> dict[str, Any]:
+    unknown = sorted(set(data) - set(LIMIT_FIELDS))
+    if unknown:
+        raise InvalidRequest(
+            f"unknown field(s): {', '.join(unknown)}; expected: {', '.join(LIMIT_FIELDS)}"
+        )
+    out: dict[str, Any] = {}
+    for name in LIMIT_FIELDS:
+        value = data.get(name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise InvalidRequest(f"'{name}' must be a number or null", name)
+        if name in _INTEGERS:
+            if not isinstance(value, int) or value < 1:
+                raise InvalidRequest(f"'{name}' must be a positive integer or null", name)
+        elif not math.isfinite(value) or value < 0:
+            raise InvalidRequest(f"'{name}' must be a non-negative number or null", name)
+        out[name] = value
+    return out
+
+
+async def _subject(request: web.Request) -> tuple[int | None, int | None]:
+    kind = request.match_info["kind"]
+    if kind not in ("users", "keys"):
+        raise NotFound(f"no such endpoint: {request.method} {request.path}")
+    try:
+        public_id = uuid.UUID(request.match_info["id"])
+    except ValueError:
+        raise NotFound("no such user or API key") from None
+    store = MetricsStore(request.app[SERVICES].engine)
+    table = "users" if kind == "users" else "api_keys"
+    found = await asyncio.to_thread(store.internal_id, table, public_id)
+    if found is None:
+        raise NotFound("no such user or API key")
+    return (found, None) if kind == "users" else (None, found)
+
+
+def _limiter(request: web.Request) -> Limiter:
+    limiter = request.app[SERVICES].limiter
+    if limiter is None:
+        raise StoreUnavailable("limits are not available in this server")
+    return limiter
+
+
+def _json(body: Any, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(body), status=status, content_type="application/json")

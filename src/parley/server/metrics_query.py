@@ -1,0 +1,138 @@
+"""Query parameters of the metrics API: windows, buckets, groupings and filters.
+
+Names in the API are public: ``user`` and ``api_key`` take and show public ids; inside,
+they are the rollup dimensions ``user_id`` and ``api_key_id``. A caller who is not an
+admin is always filtered to their own user, whatever the query says.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from aiohttp import web
+
+from parley.errors import InvalidRequest
+from parley.server.identity import Identity
+from parley.store.metrics import MetricsStore
+
+DEFAULT_WINDOW = timedelta(hours=24)
+MAX_WINDOW = timedelta(days=3660)
+# API name -> dimension name.
+DIMENSIONS = {
+    "model": "model",
+    "provider": "provider",
+    "origin": "origin",
+    "success": "success",
+    "error_type": "error_type",
+    "user": "user_id",
+    "api_key": "api_key_id",
+}
+_DURATION = re.compile(r"^(\d+)\s*([smhd])$")
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
+
+
+@dataclass(frozen=True, slots=True)
+class Query:
+    start: datetime
+    end: datetime
+    filters: dict[str, Any]
+    group_by: tuple[str, ...]
+
+
+def duration(text: str, name: str) -> timedelta:
+    match = _DURATION.match(text.strip())
+    if match is None or int(match.group(1)) == 0:
+        raise InvalidRequest(f"'{name}' must be a positive duration such as 15m, 1h or 7d", name)
+    return timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
+
+
+def moment(text: str, name: str) -> datetime:
+    try:
+        parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise InvalidRequest(f"'{name}' must be an ISO 8601 time", name) from None
+    return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
+
+
+def window(request: web.Request, now: datetime) -> tuple[datetime, datetime]:
+    q = request.query
+    end = moment(q["until"], "until") if q.get("until") else now
+    if q.get("since"):
+        start = moment(q["since"], "since")
+    else:
+        start = end - (duration(q["window"], "window") if q.get("window") else DEFAULT_WINDOW)
+    if start >= end:
+        raise InvalidRequest("'since' must be before 'until'", "since")
+    if end - start > MAX_WINDOW:
+        raise InvalidRequest("the window may span at most ten years", "since")
+    return start, end
+
+
+def group_by(request: web.Request) -> tuple[str, ...]:
+    raw = request.query.get("group_by", "")
+    names = [n.strip() for n in raw.split(",") if n.strip()]
+    unknown = [n for n in names if n not in DIMENSIONS]
+    if unknown:
+        raise InvalidRequest(
+            f"cannot group by {', '.join(unknown)}: choose from {', '.join(DIMENSIONS)}",
+            "group_by",
+        )
+    return tuple(DIMENSIONS[n] for n in dict.fromkeys(names))
+
+
+async def filters(request: web.Request, caller: Identity, store: MetricsStore) -> dict[str, Any]:
+    """Dimension filters from the query (repeat a parameter or comma-separate for any of)."""
+    out: dict[str, Any] = {}
+    for name in ("model", "provider", "origin", "error_type"):
+        values = [v for raw in request.query.getall(name, []) for v in raw.split(",") if v]
+        if values:
+            out[name] = values if len(values) > 1 else values[0]
+    if "success" in request.query:
+        value = request.query["success"].lower()
+        if value not in ("true", "false"):
+            raise InvalidRequest("'success' must be true or false", "success")
+        out["success"] = value == "true"
+    for name, table, column in (
+        ("user", "users", "user_id"),
+        ("api_key", "api_keys", "api_key_id"),
+    ):
+        raw = request.query.get(name)
+        if raw:
+            out[column] = await _internal(store, table, raw, name)
+    if not caller.is_admin:
+        # Users see their own traffic only.
+        out["user_id"] = caller.user_id
+    return out
+
+
+async def _internal(store: MetricsStore, table: str, raw: str, name: str) -> int:
+    try:
+        public_id = uuid.UUID(raw)
+    except ValueError:
+        raise InvalidRequest(f"'{name}' must be an id", name) from None
+    found = await asyncio.to_thread(store.internal_id, table, public_id)
+    # An unknown id matches nothing (-1 is never a row id), like a filter on a quiet key.
+    return found if found is not None else -1
+
+
+async def publish(entries: list[dict[str, Any]], store: MetricsStore) -> list[dict[str, Any]]:
+    """Replace internal user and key ids in report groups by public ids."""
+    groups = [e["group"] for e in entries if "group" in e] + [
+        g["group"] for e in entries for g in e.get("groups", [])
+    ]
+    user_ids = {g["user_id"] for g in groups if g.get("user_id") is not None}
+    key_ids = {g["api_key_id"] for g in groups if g.get("api_key_id") is not None}
+    users, keys = await asyncio.to_thread(store.public_ids, user_ids, key_ids)
+    for group in groups:
+        if "user_id" in group:
+            value = group.pop("user_id")
+            group["user"] = str(users[value]) if value in users else None
+        if "api_key_id" in group:
+            value = group.pop("api_key_id")
+            group["api_key"] = str(keys[value]) if value in keys else None
+    return entries

@@ -1,0 +1,204 @@
+"""The limits repository: per-key and per-user limits, and the usage they are checked on.
+
+Invariants:
+- a limit row names exactly one subject, an API key or a user; every limit is optional;
+- requests per minute are counted at request time in ``rate_windows``, one row per subject
+  and minute, incremented with one atomic upsert (``INSERT .. ON CONFLICT DO UPDATE ..
+  RETURNING``), so several parley processes on one database never let more than the limit
+  through in a minute;
+- tokens per minute and spend are read from what the writer committed: the request log
+  over the last 60 seconds (a sliding window; partial streams record their usage too) and
+  the day rollups (``metric_rollups``), so they need no writes of their own.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import sqlalchemy
+from sqlalchemy import Connection, delete, func, select
+from sqlalchemy.dialects import postgresql, sqlite
+
+from parley.domain.rollup import DAY
+from parley.domain.times import utc, utc_or_none
+from parley.store.schema import api_keys, limits, metric_rollups, rate_windows, request_log, users
+
+LIMIT_FIELDS = ("requests_per_minute", "tokens_per_minute", "usd_per_day", "usd_per_month")
+MINUTE = timedelta(minutes=1)
+
+
+@dataclass(frozen=True, slots=True)
+class Limit:
+    user_id: int | None
+    api_key_id: int | None
+    requests_per_minute: int | None = None
+    tokens_per_minute: int | None = None
+    usd_per_day: float | None = None
+    usd_per_month: float | None = None
+
+    @property
+    def subject(self) -> str:
+        """The ``rate_windows`` key: ``key:<id>`` or ``user:<id>``."""
+        if self.api_key_id is not None:
+            return f"key:{self.api_key_id}"
+        return f"user:{self.user_id}"
+
+    def values(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in LIMIT_FIELDS}
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    requests_this_minute: int
+    tokens_last_minute: int
+    oldest_token_at: datetime | None
+    usd_today: float
+    usd_this_month: float
+
+
+class LimitStore:
+    def __init__(self, engine: sqlalchemy.Engine) -> None:
+        self._engine = engine
+
+    def all_limits(self) -> list[Limit]:
+        with self._engine.connect() as conn:
+            return [_limit(r._mapping) for r in conn.execute(select(limits))]
+
+    def listing(self) -> list[dict[str, Any]]:
+        """Every limit with its subject's public id (for the admin API)."""
+        query = (
+            select(
+                limits,
+                users.c.public_id.label("user_public_id"),
+                api_keys.c.public_id.label("key_public_id"),
+            )
+            .outerjoin(users, users.c.id == limits.c.user_id)
+            .outerjoin(api_keys, api_keys.c.id == limits.c.api_key_id)
+            .order_by(limits.c.id)
+        )
+        with self._engine.connect() as conn:
+            return [
+                {
+                    "user": _text(r.user_public_id),
+                    "api_key": _text(r.key_public_id),
+                    **_limit(r._mapping).values(),
+                }
+                for r in conn.execute(query)
+            ]
+
+    def set_limit(
+        self, *, user_id: int | None, api_key_id: int | None, values: dict[str, Any]
+    ) -> Limit:
+        """Create or replace the limits of one subject (fields not given: no limit)."""
+        if (user_id is None) == (api_key_id is None):
+            raise ValueError("a limit names exactly one of a user and an API key")
+        row = {name: values.get(name) for name in LIMIT_FIELDS}
+        column, subject_id = _subject_column(limits, user_id, api_key_id)
+        now = datetime.now(UTC)
+        with self._engine.begin() as conn:
+            existing = conn.execute(select(limits.c.id).where(column == subject_id)).scalar()
+            if existing is None:
+                conn.execute(
+                    limits.insert().values(
+                        user_id=user_id, api_key_id=api_key_id, updated_at=now, **row
+                    )
+                )
+            else:
+                conn.execute(
+                    limits.update().where(limits.c.id == existing).values(updated_at=now, **row)
+                )
+        return Limit(user_id, api_key_id, **row)
+
+    def delete_limit(self, *, user_id: int | None, api_key_id: int | None) -> bool:
+        column, subject_id = _subject_column(limits, user_id, api_key_id)
+        with self._engine.begin() as conn:
+            return bool(conn.execute(delete(limits).where(column == subject_id)).rowcount)
+
+    def count_request(self, subject: str, window_start: datetime) -> int:
+        """Count one request in ``subject``'s minute; return the count including it."""
+        with self._engine.begin() as conn:
+            return _count_request(conn, subject, window_start)
+
+    def usage(self, limit: Limit, now: datetime) -> Usage:
+        today = now.replace(hour=0, minute=0, second=0, microsecond=0)
+        with self._engine.connect() as conn:
+            requests = conn.execute(
+                select(rate_windows.c.requests).where(
+                    rate_windows.c.subject == limit.subject,
+                    rate_windows.c.window_start == minute_of(now),
+                )
+            ).scalar()
+            tokens, oldest = _tokens_since(conn, limit, now - MINUTE)
+            return Usage(
+                requests_this_minute=int(requests or 0),
+                tokens_last_minute=tokens,
+                oldest_token_at=oldest,
+                usd_today=_spend_since(conn, limit, today),
+                usd_this_month=_spend_since(conn, limit, today.replace(day=1)),
+            )
+
+    def prune_windows(self, before: datetime) -> int:
+        """Delete request counters of minutes before ``before`` (maintenance)."""
+        with self._engine.begin() as conn:
+            result = conn.execute(delete(rate_windows).where(rate_windows.c.window_start < before))
+            return int(result.rowcount)
+
+
+def minute_of(moment: datetime) -> datetime:
+    return moment.replace(second=0, microsecond=0)
+
+
+def _count_request(conn: Connection, subject: str, window_start: datetime) -> int:
+    insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
+    statement = (
+        insert(rate_windows)
+        .values(subject=subject, window_start=window_start, requests=1, tokens=0)
+        .on_conflict_do_update(
+            index_elements=[rate_windows.c.subject, rate_windows.c.window_start],
+            set_={"requests": rate_windows.c.requests + 1},
+        )
+        .returning(rate_windows.c.requests)
+    )
+    return int(conn.execute(statement).scalar_one())
+
+
+def _tokens_since(conn: Connection, limit: Limit, since: datetime) -> tuple[int, datetime | None]:
+    column, subject_id = _subject_column(request_log, limit.user_id, limit.api_key_id)
+    tokens, oldest = conn.execute(
+        select(
+            func.coalesce(func.sum(request_log.c.total_tokens), 0),
+            func.min(request_log.c.created_at),
+        ).where(column == subject_id, request_log.c.created_at >= since)
+    ).one()
+    return int(tokens), utc_or_none(oldest)
+
+
+def _spend_since(conn: Connection, limit: Limit, since_day: datetime) -> float:
+    column, subject_id = _subject_column(metric_rollups, limit.user_id, limit.api_key_id)
+    total = conn.execute(
+        select(func.coalesce(func.sum(metric_rollups.c.cost_usd), 0.0)).where(
+            column == subject_id,
+            metric_rollups.c.period == DAY,
+            metric_rollups.c.bucket_start >= utc(since_day),
+        )
+    ).scalar_one()
+    return float(total)
+
+
+def _subject_column(
+    table: sqlalchemy.Table, user_id: int | None, api_key_id: int | None
+) -> tuple[sqlalchemy.Column[Any], int | None]:
+    if api_key_id is not None:
+        return table.c.api_key_id, api_key_id
+    return table.c.user_id, user_id
+
+
+def _limit(m: Any) -> Limit:
+    return Limit(m["user_id"], m["api_key_id"], *(m[name] for name in LIMIT_FIELDS))
+
+
+def _text(public_id: uuid.UUID | None) -> str | None:
+    return None if public_id is None else str(public_id)

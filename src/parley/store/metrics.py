@@ -1,0 +1,193 @@
+"""The metrics repository: rollups over a window, the raw request log page by page, HTTP
+metrics, and the public ids reports show instead of internal ones.
+
+Invariants:
+- a window is read from day rollups for the whole days inside it and hour rollups for the
+  hours at its edges, so a 30-day report reads ~30 rows per series, never the raw log;
+- the request log is paged by ``id`` descending with an opaque cursor (the last id seen),
+  so pages are stable while new rows arrive;
+- callers that are not admins are always filtered to their own user id by the API; this
+  module applies whatever filters it is given.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+import sqlalchemy
+from sqlalchemy import Row, select
+
+from parley.domain.rollup import DAY, HOUR, Dims, Tally, by_model, model_level
+from parley.store import rollups
+from parley.store.schema import api_keys, http_metrics, request_log, users
+
+HOUR_DELTA = timedelta(hours=1)
+DAY_DELTA = timedelta(days=1)
+# Request-log columns a listing may filter on (rollup dimensions have the same names).
+LOG_FILTERS = ("user_id", "api_key_id", "provider", "model", "origin", "success", "error_type")
+
+
+@dataclass(frozen=True, slots=True)
+class LogPage:
+    rows: list[dict[str, Any]]
+    next_cursor: str | None
+
+
+class MetricsStore:
+    def __init__(self, engine: sqlalchemy.Engine) -> None:
+        self._engine = engine
+
+    def window(
+        self,
+        start: datetime,
+        end: datetime,
+        filters: Mapping[str, Any],
+        group_by: Sequence[str] = (),
+    ) -> list[tuple[datetime, Dims, Tally]]:
+        """Rollup rows covering [start, end) rounded out to whole hours; model-level rows
+        when the grouping and filters need nothing finer."""
+        lo, hi = floor_hour(start), ceil_hour(end)
+        first_day, last_day = ceil_day(lo), floor_day(hi)
+        hour, day = HOUR, DAY
+        if model_level([*filters, *group_by]):
+            hour, day = by_model(HOUR), by_model(DAY)
+        with self._engine.connect() as conn:
+            if first_day >= last_day:
+                return list(rollups.rows_between(conn, hour, lo, hi, filters))
+            return [
+                *rollups.rows_between(conn, hour, lo, first_day, filters),
+                *rollups.rows_between(conn, day, first_day, last_day, filters),
+                *rollups.rows_between(conn, hour, last_day, hi, filters),
+            ]
+
+    def period(
+        self,
+        period: str,
+        start: datetime,
+        end: datetime,
+        filters: Mapping[str, Any],
+        group_by: Sequence[str] = (),
+    ) -> list[tuple[datetime, Dims, Tally]]:
+        """Rows of ``period`` (HOUR or DAY; their model-level twin when enough)."""
+        if model_level([*filters, *group_by]):
+            period = by_model(period)
+        with self._engine.connect() as conn:
+            return list(rollups.rows_between(conn, period, start, end, filters))
+
+    def raw(
+        self, start: datetime, end: datetime, filters: Mapping[str, Any]
+    ) -> Iterator[dict[str, Any]]:
+        """Raw request-log rows in [start, end): for buckets finer than an hour."""
+        query = _filtered(
+            select(request_log).where(
+                request_log.c.created_at >= start, request_log.c.created_at < end
+            ),
+            filters,
+        )
+        with self._engine.connect() as conn:
+            for row in conn.execute(query):
+                yield dict(row._mapping)
+
+    def requests_page(
+        self,
+        filters: Mapping[str, Any],
+        *,
+        start: datetime | None,
+        end: datetime | None,
+        cursor: int | None,
+        limit: int,
+    ) -> LogPage:
+        query = _filtered(select(request_log), filters)
+        if start is not None:
+            query = query.where(request_log.c.created_at >= start)
+        if end is not None:
+            query = query.where(request_log.c.created_at < end)
+        if cursor is not None:
+            query = query.where(request_log.c.id < cursor)
+        query = query.order_by(request_log.c.id.desc()).limit(limit + 1)
+        with self._engine.connect() as conn:
+            found = [dict(r._mapping) for r in conn.execute(query)]
+        more = len(found) > limit
+        found = found[:limit]
+        return LogPage(found, str(found[-1]["id"]) if more and found else None)
+
+    def http_rows(
+        self, start: datetime, end: datetime, user_id: int | None
+    ) -> Sequence[Row[Any, Any, Any, Any, Any]]:
+        query = select(
+            http_metrics.c.created_at,
+            http_metrics.c.endpoint,
+            http_metrics.c.method,
+            http_metrics.c.status_code,
+            http_metrics.c.response_time_ms,
+        ).where(http_metrics.c.created_at >= start, http_metrics.c.created_at < end)
+        if user_id is not None:
+            query = query.where(http_metrics.c.user_id == user_id)
+        with self._engine.connect() as conn:
+            return conn.execute(query).all()
+
+    def public_ids(
+        self, user_ids: set[int], key_ids: set[int]
+    ) -> tuple[dict[int, uuid.UUID], dict[int, uuid.UUID]]:
+        """Public ids of the users and API keys a report names."""
+        with self._engine.connect() as conn:
+            user_map = (
+                {
+                    r.id: r.public_id
+                    for r in conn.execute(
+                        select(users.c.id, users.c.public_id).where(users.c.id.in_(user_ids))
+                    )
+                }
+                if user_ids
+                else {}
+            )
+            key_map = (
+                {
+                    r.id: r.public_id
+                    for r in conn.execute(
+                        select(api_keys.c.id, api_keys.c.public_id).where(
+                            api_keys.c.id.in_(key_ids)
+                        )
+                    )
+                }
+                if key_ids
+                else {}
+            )
+        return user_map, key_map
+
+    def internal_id(self, table: str, public_id: uuid.UUID) -> int | None:
+        t = users if table == "users" else api_keys
+        with self._engine.connect() as conn:
+            found = conn.execute(select(t.c.id).where(t.c.public_id == public_id)).scalar()
+        return int(found) if found is not None else None
+
+
+def _filtered(query: Any, filters: Mapping[str, Any]) -> Any:
+    for name, value in filters.items():
+        column = request_log.c[name]
+        query = query.where(
+            column.in_(value) if isinstance(value, list | tuple) else column == value
+        )
+    return query
+
+
+def floor_hour(moment: datetime) -> datetime:
+    return moment.replace(minute=0, second=0, microsecond=0)
+
+
+def ceil_hour(moment: datetime) -> datetime:
+    floor = floor_hour(moment)
+    return floor if floor == moment else floor + HOUR_DELTA
+
+
+def floor_day(moment: datetime) -> datetime:
+    return moment.replace(hour=0, minute=0, second=0, microsecond=0)
+
+
+def ceil_day(moment: datetime) -> datetime:
+    floor = floor_day(moment)
+    return floor if floor == moment else floor + DAY_DELTA

@@ -1,0 +1,65 @@
+"""``parley stats`` and ``parley limits`` on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import orjson
+from click.testing import CliRunner, Result
+
+from parley.cli.main import cli
+from parley.domain.messages import Message
+from parley.ops.migrate import upgrade
+from parley.settings import load_settings
+from parley.store.engine import create_engine
+from parley.store.users import Users
+from tests.store.test_exchanges import attempt, chat, write
+
+
+def _env(tmp_path: Path, database_url: str) -> dict[str, str]:
+    return {"DATABASE_URL": database_url, "PARLEY_DATA_DIR": str(tmp_path / "data")}
+
+
+def run(tmp_path: Path, database_url: str, *args: str) -> Result:
+    return CliRunner().invoke(cli, list(args), env=_env(tmp_path, database_url))
+
+
+def test_stats_reports_the_recorded_traffic(tmp_path: Path, database_url: str) -> None:
+    settings = load_settings(env=_env(tmp_path, database_url), cwd=tmp_path)
+    upgrade(settings)
+    engine = create_engine(settings)
+    try:
+        write(
+            engine,
+            *[
+                chat([Message("user", f"q{i}")], attempts=[attempt(model_used="m-a")])
+                for i in range(3)
+            ],
+            chat(
+                [Message("user", "x")],
+                attempts=[attempt(ok=False, model_used="m-b", error_type="timeout")],
+            ),
+        )
+        user = Users(engine).create_user(
+            email="g@example.org", username="gail", password="pw-long-enough"
+        )
+    finally:
+        engine.dispose()
+    result = run(tmp_path, database_url, "stats", "--json", "--group-by", "model")
+    assert result.exit_code == 0, result.output
+    data = {e["group"]["model"]: e for e in orjson.loads(result.output)["data"]}
+    assert data["m-a"]["requests"] == 3 and data["m-b"]["errors_by_type"] == {"timeout": 1}
+    table = run(tmp_path, database_url, "stats")
+    assert table.exit_code == 0 and "model=m-a" in table.output
+    assert run(tmp_path, database_url, "stats", "--group-by", "secret").exit_code == 1
+
+    assert (
+        run(tmp_path, database_url, "limits", "set", "--user", "gail", "--rpm", "10").exit_code == 0
+    )
+    listed = run(tmp_path, database_url, "limits", "list")
+    assert f"user {user.public_id}: requests_per_minute=10" in listed.output
+    assert run(tmp_path, database_url, "limits", "clear", "--user", "gail").exit_code == 0
+    again = run(tmp_path, database_url, "limits", "clear", "--user", "gail")
+    assert again.exit_code == 1 and "no limits" in again.output
+    both = run(tmp_path, database_url, "limits", "set", "--rpm", "1")
+    assert both.exit_code == 1 and "exactly one" in both.output

@@ -1,0 +1,43 @@
+"""The anomaly watch on real rollups: an injected latency step is logged once."""
+
+from __future__ import annotations
+
+import logging
+import random
+from datetime import UTC, datetime, timedelta
+
+import pytest
+import sqlalchemy as sa
+
+from parley.domain.messages import Message
+from parley.metrics.watch import AnomalyWatch
+from parley.settings import Settings
+from tests.store.test_exchanges import attempt, chat, write
+
+NOW = datetime.now(UTC).replace(minute=50, second=0, microsecond=0)
+
+
+def test_a_latency_step_is_logged_once_per_episode(
+    settings: Settings, migrated_engine: sa.Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    rng = random.Random(5)
+    exchanges = []
+    for hours_ago in range(30, -1, -1):
+        slow = hours_ago <= 1  # the last two hours are three times slower
+        for _ in range(25):
+            at = NOW - timedelta(hours=hours_ago, minutes=rng.uniform(0, 50))
+            latency = rng.lognormvariate(5.5, 0.2) * (3 if slow else 1)
+            exchanges.append(
+                chat(
+                    [Message("user", "q")],
+                    attempts=[attempt(started_at=at, model_used="m", response_time_ms=latency)],
+                )
+            )
+    write(migrated_engine, *exchanges)
+    watch = AnomalyWatch(settings)
+    caplog.set_level(logging.WARNING, logger="parley.metrics.watch")
+    first = watch(NOW)
+    assert [(e.model, e.metric) for e in first] == [("m", "latency_p90_ms")]
+    assert first[0].start == NOW.replace(minute=0) - timedelta(hours=1)
+    assert watch(NOW + timedelta(minutes=5)) == []  # the same episode: not again
+    assert caplog.text.count("anomaly: openai/m latency_p90_ms") == 1

@@ -1,0 +1,98 @@
+"""HTTP performance metrics end to end: what is stored, and what never is (secrets)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.fakes.openai_upstream import FakeOpenAI
+from tests.harness import ParleyServer, rows, settings_for, wait_for, write_config
+from tests.server.test_auth import MASTER, bearer, make_user
+
+CANARY = "canary-5e1d0c9b7a3f"
+
+
+@pytest.fixture
+def upstream() -> Iterator[FakeOpenAI]:
+    with FakeOpenAI() as fake:
+        yield fake
+
+
+def _server(tmp_path: Path, database_url: str, upstream: FakeOpenAI, **env: str) -> ParleyServer:
+    write_config(
+        tmp_path,
+        [{"name": "up", "kind": "openai", "base_url": upstream.base_url, "models": ["m"]}],
+    )
+    return ParleyServer(
+        settings_for(tmp_path, database_url, PARLEY_MASTER_KEY=MASTER, **env)
+    ).start()
+
+
+def test_every_request_is_measured_by_route_template_and_secrets_never_stored(
+    tmp_path: Path,
+    database_url: str,
+    upstream: FakeOpenAI,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    server = _server(tmp_path, database_url, upstream)
+    try:
+        user = make_user(server, "frank")
+        root = server.root
+        # In a body (a field named like a secret, and free text), a header, a query string.
+        httpx.post(
+            f"{root}/v1/chat/completions",
+            json={
+                "model": "up/m",
+                "messages": [{"role": "user", "content": f"my key is sk-live-{CANARY}"}],
+                "api_key": CANARY,
+            },
+            headers={**bearer(MASTER), "X-Parley-Tags": "batch,nightly", "X-Token": CANARY},
+            params={"token": CANARY},
+            timeout=10,
+        )
+        httpx.post(f"{root}/api/auth/login", json={"login": "frank", "password": CANARY})
+        httpx.get(f"{root}/api/admin/users/{user['id']}", headers=bearer(CANARY))
+        httpx.get(f"{root}/api/admin/users/{user['id']}?password={CANARY}", headers=bearer(MASTER))
+        stored = wait_for(
+            lambda: (
+                (found := rows(database_url, "SELECT * FROM http_metrics"))
+                and len(found) >= 5
+                and found
+            )
+        )
+    finally:
+        server.stop()
+    assert CANARY not in repr(stored)
+    # The server's own log lines (the test's HTTP client logs the URLs it was given).
+    server_log = [r.getMessage() for r in caplog.records if not r.name.startswith("http")]
+    assert server_log and CANARY not in "\n".join(server_log)
+    by_endpoint = {(r["endpoint"], r["method"], r["status_code"]) for r in stored}
+    assert ("/v1/chat/completions", "POST", 200) in by_endpoint
+    assert ("/api/admin/users/{id}", "GET", 401) in by_endpoint
+    assert ("/api/admin/users/{id}", "GET", 200) in by_endpoint
+    chat = next(r for r in stored if r["endpoint"] == "/v1/chat/completions")
+    assert '"model":"up/m"' in chat["request_body"] and chat["tags"] == '["batch","nightly"]'
+    assert chat["response_time_ms"] > 0 and chat["user_agent"].startswith("python-httpx")
+    refused = next(r for r in stored if r["status_code"] == 401)
+    assert refused["error_message"]
+    assert {r["user_id"] for r in stored if r["endpoint"] == "/api/admin/users"} <= {None}
+
+
+def test_sampling_zero_records_nothing_but_prometheus_still_counts(
+    tmp_path: Path, database_url: str, upstream: FakeOpenAI
+) -> None:
+    server = _server(tmp_path, database_url, upstream, PARLEY_HTTP_METRICS_SAMPLE="0")
+    try:
+        for _ in range(3):
+            assert httpx.get(f"{server.root}/healthz").status_code == 200
+        text = httpx.get(f"{server.root}/metrics", headers=bearer(MASTER)).text
+    finally:
+        server.stop()
+    assert rows(database_url, "SELECT id FROM http_metrics") == []
+    labels = 'endpoint="/healthz",method="GET",status="2xx"'
+    assert f"parley_http_request_duration_seconds_count{{{labels}}} 3.0" in text
