@@ -12,7 +12,6 @@ from click.testing import CliRunner, Result
 from parley.cli.backup import backup, restore_command
 from parley.ops import migrate
 from parley.ops.presence import ServerPresence
-from parley.store.schema import metadata
 from tests.ops.backup_support import CANARY, backup_settings, contents, record, seed
 
 
@@ -76,9 +75,7 @@ def test_back_up_list_verify_restore_and_prune(tmp_path: Path, database_url: str
 
     checked = run(tmp_path, database_url, "backup", "verify", archive)
     assert checked.exit_code == 0
-    tables = len(metadata.tables) + 1  # and alembic_version
-    expected = f"ok: {archive} ({kind}, schema revision {HEAD}, {tables} tables, "
-    assert checked.output.startswith(expected)
+    assert checked.output.startswith(f"ok: {archive} ({kind}, schema revision {HEAD}, ")
 
     record(settings, 100, 3)
     refused = run(tmp_path, database_url, "restore", archive)  # no terminal, no --yes

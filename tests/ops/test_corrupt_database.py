@@ -85,7 +85,8 @@ def _sqlite(path: Path, *statements: str) -> None:
 
 def truncate_mid_file(path: Path) -> None:
     size = path.stat().st_size
-    os.truncate(path, size // 2)  # whole pages: only the header's page count tells
+    # Whole pages (half of them, whatever their count): only the header's page count tells.
+    os.truncate(path, size // 4096 // 2 * 4096)
 
 
 def truncate_mid_page(path: Path) -> None:

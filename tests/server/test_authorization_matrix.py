@@ -424,6 +424,12 @@ def admin_sees(*names: str, key: str = "id") -> Check:
     return check
 
 
+def finds_own(w: World, c: Caller, responses: dict[str, httpx.Response]) -> None:
+    """A search finds A's chat for A only: everybody's search is of their own history."""
+    found = {hit["conversation_id"] for hit in _body(responses, "self")["data"]}
+    assert (w.ids["chat"] in found) is (c.group == OWNER), c.name
+
+
 # -- the routes ----------------------------------------------------------------------------
 
 CONV = "/api/conversations/{id}"
@@ -567,6 +573,13 @@ ROUTES: tuple[Route, ...] = (
         plain("/api/conversations", params={"limit": 200, "archived": "all"}),
         # Admins included, the list is the caller's own.
         check=lists("id", a_sees=("chat", "api")),
+    ),
+    Route(
+        "GET",
+        "/api/search",
+        SELF,
+        plain("/api/search", params={"q": A_TEXT, "limit": 100}),
+        check=finds_own,
     ),
     Route("GET", CONV, OWNED, conversation(), CONV_TARGETS, check=sees_a_conversation),
     Route(

@@ -56,6 +56,20 @@ depends_on = None
 def upgrade() -> None:
     with op.batch_alter_table("conversations", recreate="always"):
         pass
+    # Dropping the old table dropped its full-text triggers (0004): a rebuild makes them
+    # again, or the schema check refuses the upgrade.
+    for sql in (
+        "CREATE TRIGGER conversations_fts_insert AFTER INSERT ON conversations BEGIN "
+        "INSERT INTO conversations_fts(rowid, title) VALUES (new.id, new.title); END",
+        "CREATE TRIGGER conversations_fts_delete AFTER DELETE ON conversations BEGIN "
+        "INSERT INTO conversations_fts(conversations_fts, rowid, title) "
+        "VALUES ('delete', old.id, old.title); END",
+        "CREATE TRIGGER conversations_fts_update AFTER UPDATE OF title ON conversations BEGIN "
+        "INSERT INTO conversations_fts(conversations_fts, rowid, title) "
+        "VALUES ('delete', old.id, old.title); "
+        "INSERT INTO conversations_fts(rowid, title) VALUES (new.id, new.title); END",
+    ):
+        op.execute(sql)
 
 
 def downgrade() -> None:
@@ -140,13 +154,15 @@ def test_heads_and_history_name_every_revision() -> None:
     assert migrate.heads() == [HEAD]
     history = migrate.history()
     assert [(revision, down) for revision, down, _doc in history] == [
+        ("0004", "0003"),
         ("0003", "0002"),
         ("0002", "0001"),
         ("0001", None),
     ]
-    assert history[2][2].startswith("Initial schema")
-    assert history[1][2].startswith("Users, API keys")
-    assert history[0][2].startswith("Rollups of the request log")
+    assert history[3][2].startswith("Initial schema")
+    assert history[2][2].startswith("Users, API keys")
+    assert history[1][2].startswith("Rollups of the request log")
+    assert history[0][2].startswith("Full-text search")
 
 
 def test_check_names_a_missing_index(settings: Settings) -> None:
@@ -154,6 +170,35 @@ def test_check_names_a_missing_index(settings: Settings) -> None:
     execute(settings, "DROP INDEX ix_messages_chain_key")
     drift = migrate.check(settings)
     assert drift == ["index ix_messages_chain_key on messages is missing from the database"]
+
+
+def test_check_names_a_missing_full_text_object(settings: Settings) -> None:
+    migrate.upgrade(settings)
+    if settings.is_sqlite:
+        execute(settings, "DROP TRIGGER messages_fts_insert")
+        wanted = "full-text trigger messages_fts_insert is missing from the database"
+    else:
+        execute(settings, "DROP INDEX ix_messages_search")
+        wanted = "full-text index ix_messages_search is missing from the database"
+    assert migrate.check(settings) == [wanted]
+
+
+def test_downgrade_from_full_text_search_removes_its_objects(settings: Settings) -> None:
+    migrate.upgrade(settings)
+    migrate.downgrade(settings, "0003")
+    assert not {name for name in tables(settings) if "_fts" in name}
+    engine = create_engine(settings)
+    try:
+        with engine.connect() as conn:
+            inspector = sa.inspect(conn)
+            for table in ("messages", "conversations"):
+                columns = {c["name"] for c in inspector.get_columns(table)}
+                assert "search_vector" not in columns
+                assert "ix_messages_search" not in {i["name"] for i in inspector.get_indexes(table)}
+    finally:
+        engine.dispose()
+    migrate.upgrade(settings)
+    assert migrate.check(settings) == []
 
 
 def test_prepare_on_start_creates_an_empty_database(settings: Settings) -> None:

@@ -3,6 +3,10 @@
 ``parley db check`` prints these lines, and a migration to head is refused (rolled back)
 while there is any. Each line is in words an operator can act on ("index X on T is
 missing from the database"), never Alembic's tuples. Reads only.
+
+The full-text index's objects (``schema.FULL_TEXT``: FTS5 tables, their shadow tables
+and triggers on SQLite; generated columns and GIN indexes on PostgreSQL) are not in the
+models: they are left out of Alembic's comparison and checked for by name instead.
 """
 
 from __future__ import annotations
@@ -11,17 +15,63 @@ from typing import Any
 
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import Connection
+from sqlalchemy import Connection, inspect
 
-from parley.store.schema import metadata
+from parley.store.schema import FULL_TEXT, FullText, metadata
+
+# FTS5's shadow tables of a table named X: X_data, X_idx, X_docsize, X_config (X_content
+# only without external content).
+_FTS5_SHADOWS = ("data", "idx", "docsize", "config", "content")
 
 
 def drift(conn: Connection) -> list[str]:
     """One line per difference between the database on ``conn`` and the models."""
+    full_text = FULL_TEXT.get(conn.dialect.name, FullText())
+    unmodelled = _unmodelled(full_text)
+
+    def include(obj: Any, name: str | None, type_: str, reflected: bool, compare_to: Any) -> bool:
+        if type_ == "column":
+            return f"{obj.table.name}.{name}" not in unmodelled
+        return name not in unmodelled
+
     context = MigrationContext.configure(
-        conn, opts={"compare_type": True, "transactional_ddl": True}
+        conn,
+        opts={"compare_type": True, "transactional_ddl": True, "include_object": include},
     )
-    return [describe(diff) for diff in compare_metadata(context, metadata)]
+    found = [describe(diff) for diff in compare_metadata(context, metadata)]
+    return found + _missing_full_text(conn, full_text)
+
+
+def _unmodelled(full_text: FullText) -> frozenset[str]:
+    shadows = (f"{table}_{suffix}" for table in full_text.tables for suffix in _FTS5_SHADOWS)
+    return frozenset((*full_text.tables, *shadows, *full_text.columns, *full_text.indexes))
+
+
+def _missing_full_text(conn: Connection, full_text: FullText) -> list[str]:
+    """A line per full-text object the database lacks."""
+    inspector = inspect(conn)
+    missing: list[str] = []
+    tables = set(inspector.get_table_names())
+    missing += [f"full-text table {t}" for t in full_text.tables if t not in tables]
+    if full_text.triggers:
+        present = {
+            row[0]
+            for row in conn.exec_driver_sql("SELECT name FROM sqlite_master WHERE type = 'trigger'")
+        }
+        missing += [f"full-text trigger {t}" for t in full_text.triggers if t not in present]
+    for qualified in full_text.columns:
+        table, column = qualified.split(".")
+        if column not in {c["name"] for c in inspector.get_columns(table)}:
+            missing.append(f"full-text column {qualified}")
+    if full_text.indexes:
+        indexes = {
+            row[0]
+            for row in conn.exec_driver_sql(
+                "SELECT indexname FROM pg_indexes WHERE schemaname = current_schema()"
+            )
+        }
+        missing += [f"full-text index {i}" for i in full_text.indexes if i not in indexes]
+    return [f"{what} is missing from the database" for what in missing]
 
 
 def describe(diff: Any) -> str:

@@ -53,6 +53,7 @@ from parley.server import (
     openai_api,
     openapi,
     providers_api,
+    search_api,
     users_api,
 )
 from parley.server.identity import LOCAL_MODE
@@ -102,6 +103,7 @@ def create_app(settings: Settings) -> web.Application:
         providers_api,
         metrics_api,
         limits_api,
+        search_api,
         openapi,
     ):
         module.add_routes(app)

@@ -18,6 +18,9 @@ Migrations never import this module: revisions carry their own table snapshots.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from types import MappingProxyType
+
 from sqlalchemy import (
     BigInteger,
     Boolean,
@@ -369,4 +372,41 @@ rate_windows = Table(
     Column("window_start", TS, primary_key=True),
     Column("requests", Integer, nullable=False),
     Column("tokens", BigInteger, nullable=False),
+)
+
+# Issue 7: full-text search (store.search).
+
+
+@dataclass(frozen=True, slots=True)
+class FullText:
+    """Database objects of the full-text index that these tables do not model.
+
+    The database keeps them in step with the rows (migration 0004): on SQLite FTS5
+    external-content tables (``tables``; FTS5 adds shadow tables named after them) and
+    their triggers; on PostgreSQL a generated ``tsvector`` column per table (``columns``,
+    as ``table.column``) and its GIN index. ``ops.drift`` leaves them out of the model
+    comparison and reports any that is missing.
+    """
+
+    tables: tuple[str, ...] = ()
+    triggers: tuple[str, ...] = ()
+    columns: tuple[str, ...] = ()
+    indexes: tuple[str, ...] = ()
+
+
+FULL_TEXT: MappingProxyType[str, FullText] = MappingProxyType(
+    {
+        "sqlite": FullText(
+            tables=("messages_fts", "conversations_fts"),
+            triggers=tuple(
+                f"{fts}_{event}"
+                for fts in ("messages_fts", "conversations_fts")
+                for event in ("insert", "delete", "update")
+            ),
+        ),
+        "postgresql": FullText(
+            columns=("messages.search_vector", "conversations.search_vector"),
+            indexes=("ix_messages_search", "ix_conversations_search"),
+        ),
+    }
 )

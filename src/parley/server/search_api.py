@@ -1,0 +1,127 @@
+"""Search over the caller's history (``GET /api/search``): HTTP only.
+
+The handler validates the query string and hands the search to ``store.search``; the
+store applies the scope inside its SQL. Invariants:
+
+- a caller searches their own history; an admin may ask for everyone's
+  (``scope=all``); a user who asks for it gets a 400, never someone else's rows;
+- a ``conversation`` filter that names a conversation the caller may not see (or none)
+  gives no results, the same as one without matches, so ids cannot be probed;
+- only ``mode=keyword`` exists for now: ``semantic`` and ``hybrid`` are refused with a
+  400 that says so, rather than silently answering with keyword results;
+- snippets are HTML: the message text escaped, matched words in ``<mark>`` elements.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import html
+import uuid
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from parley.errors import InvalidRequest
+from parley.server import identity
+from parley.server.state import SERVICES
+from parley.store.search import MARK_END, MARK_START, MAX_LIMIT, Hit, Scope, Search
+
+MODES = ("keyword", "semantic", "hybrid")
+DEFAULT_LIMIT = 20
+
+
+def add_routes(app: web.Application) -> None:
+    """Register this module's routes on ``app``."""
+    app.router.add_get("/api/search", search)
+
+
+async def search(request: web.Request) -> web.Response:
+    """Search your messages and conversation titles by words.
+
+    Query: ``q`` (1-1,000 characters; every word must match; quotes, ``*`` and operators
+    are plain text), ``mode`` (``keyword``, the only one available yet), ``conversation?``
+    (a conversation id), ``limit`` (1-100, default 20), ``scope`` (``own`` by default;
+    ``all``: every user's history, admins only). ``{"data": [...]}``, best first: each
+    hit has ``type`` (``message`` or ``title``), ``score``, ``snippet`` (HTML),
+    ``conversation_id``, ``conversation_title``, ``message_id``, ``role``, ``created_at``.
+    """
+    caller = identity.current(request)
+    query = request.query
+    mode = query.get("mode", "keyword")
+    if mode != "keyword":
+        if mode in MODES:
+            raise InvalidRequest(
+                f"search mode '{mode}' is not available yet: only 'keyword' is", "mode"
+            )
+        raise InvalidRequest(f"unknown search mode '{mode}'; expected keyword", "mode")
+    scope_name = query.get("scope", "own")
+    if scope_name not in ("own", "all"):
+        raise InvalidRequest("'scope' must be 'own' or 'all'", "scope")
+    if scope_name == "all" and not caller.is_admin:
+        raise InvalidRequest("only admins may search every user's history (scope=all)", "scope")
+    hits = await asyncio.to_thread(
+        Search(request.app[SERVICES].engine).keyword,
+        query.get("q", ""),
+        Scope(caller.user_id, everyone=scope_name == "all"),
+        conversation=_conversation(query.get("conversation")),
+        limit=_limit(query.get("limit")),
+    )
+    return web.Response(
+        body=orjson.dumps({"data": [hit_json(hit) for hit in hits]}),
+        content_type="application/json",
+    )
+
+
+def hit_json(hit: Hit) -> dict[str, Any]:
+    return {
+        "type": hit.kind,
+        "score": hit.score,
+        "snippet": snippet_html(hit.snippet),
+        "conversation_id": hit.conversation_id,
+        "conversation_title": hit.conversation_title,
+        "message_id": hit.message_id,
+        "role": hit.role,
+        "created_at": hit.created_at,
+    }
+
+
+def snippet_html(snippet: str) -> str:
+    """The store's snippet as HTML: text escaped, marked words in ``<mark>``.
+
+    Markers are paired here: a stray one (the text itself held the private-use
+    character) never opens an element it does not close.
+    """
+    out: list[str] = []
+    rest = snippet
+    while True:
+        start = rest.find(MARK_START)
+        end = rest.find(MARK_END, start + 1) if start >= 0 else -1
+        if start < 0 or end < 0:
+            out.append(html.escape(rest.replace(MARK_START, "").replace(MARK_END, "")))
+            return "".join(out)
+        before = rest[:start].replace(MARK_END, "")
+        out.append(html.escape(before))
+        out.append("<mark>" + html.escape(rest[start + 1 : end]) + "</mark>")
+        rest = rest[end + 1 :]
+
+
+def _conversation(raw: str | None) -> uuid.UUID | None:
+    if raw is None or raw == "":
+        return None
+    try:
+        return uuid.UUID(raw)
+    except ValueError:
+        raise InvalidRequest("'conversation' is not a conversation id", "conversation") from None
+
+
+def _limit(raw: str | None) -> int:
+    if raw is None:
+        return DEFAULT_LIMIT
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= MAX_LIMIT:
+        raise InvalidRequest(f"'limit' must be an integer from 1 to {MAX_LIMIT}", "limit")
+    return value
