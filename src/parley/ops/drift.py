@@ -61,6 +61,8 @@ def _missing_full_text(conn: Connection, full_text: FullText) -> list[str]:
         missing += [f"full-text trigger {t}" for t in full_text.triggers if t not in present]
     for qualified in full_text.columns:
         table, column = qualified.split(".")
+        if table not in tables:
+            continue  # the missing table is reported by the model comparison
         if column not in {c["name"] for c in inspector.get_columns(table)}:
             missing.append(f"full-text column {qualified}")
     if full_text.indexes:
