@@ -1,8 +1,9 @@
 """Metrics reports over a large request log: the 30-day summary and the 24-hour series.
 
 Seeds a SQLite database in a temporary directory with ``--rows`` request-log rows (10
-million by default) spread over the last 30 days: 8 models on 3 providers, 20 users with
-30 API keys, 5 origins, 3% failures of four kinds, log-normal latencies. Rows are inserted
+million by default) spread evenly, in time order, over the last 30 days: 8 models on 3
+providers, 20 users with 30 API keys, 5 origins, 3% failures of four kinds, log-normal
+latencies. Rows are inserted
 with the driver's ``executemany`` and their rollups are kept by the writer's own code
 (``store.rollups.add``), one transaction per chunk, as the writer does per batch. Then it
 times what the metrics API's handlers run (``MetricsStore`` reads, ``metrics.report``):
@@ -59,7 +60,11 @@ def seed(engine: Any, rows: int, now: datetime) -> None:
     with writer_connection(engine) as conn:
         while done < rows:
             n = min(CHUNK, rows - done)
-            batch = [_row(rng, now - timedelta(seconds=rng.uniform(0, span))) for _ in range(n)]
+            # In time order, as the writer records them: a chunk covers a few hours.
+            batch = [
+                _row(rng, now - timedelta(seconds=span * (1 - (done + i + rng.random()) / rows)))
+                for i in range(n)
+            ]
             with conn.begin():
                 bulk_insert(conn, request_log, batch)
                 rollups.add(conn, batch)
