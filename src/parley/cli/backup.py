@@ -13,27 +13,16 @@ else (scripts, cron, CI) it refuses unless ``--yes`` says so.
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import click
 
-from parley.errors import ParleyError
+from parley.cli.common import run as _run
 from parley.ops.backup import BackupInfo, create_backup, list_backups, prune_backups
 from parley.ops.backup import verify_backup as verify_archive
 from parley.ops.restore import restore_backup
 from parley.settings import Settings, load_settings
-
-T = TypeVar("T")
-
-
-def _run(action: Callable[[], T]) -> T:
-    try:
-        return action()
-    except ParleyError as exc:
-        click.echo(f"error: {exc.message}", err=True)
-        raise SystemExit(1) from None
 
 
 def _settings() -> Settings:

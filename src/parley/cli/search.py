@@ -13,7 +13,7 @@ import uuid
 import click
 import orjson
 
-from parley.cli.stats import _engine, _fail, _run
+from parley.cli.common import fail, prepared_engine, run
 from parley.store.search import MARK_END, MARK_START, MAX_LIMIT, Hit, Scope, Search
 from parley.store.users import Users
 
@@ -36,16 +36,16 @@ def search(
         try:
             conversation_id = uuid.UUID(conversation)
         except ValueError:
-            _fail(f"--conversation {conversation!r} is not a conversation id")
-    with _engine() as engine:
+            fail(f"--conversation {conversation!r} is not a conversation id")
+    with prepared_engine() as engine:
         scope = Scope(None, everyone=True)
         if user is not None:
-            found = _run(lambda: Users(engine).find_user(user))
+            found = run(lambda: Users(engine).find_user(user))
             if found is None:
-                _fail(f"no user {user!r}")
+                fail(f"no user {user!r}")
                 return
             scope = Scope(found.id)
-        hits = _run(
+        hits = run(
             lambda: Search(engine).keyword(query, scope, conversation=conversation_id, limit=limit)
         )
     if as_json:

@@ -8,25 +8,20 @@ start does. Errors are one line on stderr and exit status 1, never a traceback.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from typing import Any, TypeVar
+from typing import Any
 
 import click
 import orjson
 import sqlalchemy
 
-from parley.errors import ParleyError
+from parley.cli.common import fail, prepared_engine
 from parley.metrics import report
-from parley.ops.migrate import prepare_on_start
-from parley.settings import load_settings
-from parley.store.engine import create_engine
 from parley.store.limits import LimitStore
 from parley.store.metrics import MetricsStore
 from parley.store.users import Users
 
-T = TypeVar("T")
 _GROUPS = {
     "model": "model",
     "provider": "provider",
@@ -36,30 +31,6 @@ _GROUPS = {
     "success": "success",
     "error_type": "error_type",
 }
-
-
-def _run(action: Callable[[], T]) -> T:
-    try:
-        return action()
-    except ParleyError as exc:
-        click.echo(f"error: {exc.message}", err=True)
-        raise SystemExit(1) from None
-
-
-@contextmanager
-def _engine() -> Iterator[sqlalchemy.Engine]:
-    settings = _run(load_settings)
-    _run(lambda: prepare_on_start(settings))
-    engine = _run(lambda: create_engine(settings))
-    try:
-        yield engine
-    finally:
-        engine.dispose()
-
-
-def _fail(message: str) -> None:
-    click.echo(f"error: {message}", err=True)
-    raise SystemExit(1)
 
 
 @click.command("stats")
@@ -78,14 +49,13 @@ def stats(window: str, group_by: str, as_json: bool) -> None:
     try:
         span = timedelta(**{units[window[-1]]: int(window[:-1])})
     except (KeyError, ValueError):
-        _fail(f"--window must look like 30m, 24h or 7d, not {window!r}")
-        return
+        fail(f"--window must look like 30m, 24h or 7d, not {window!r}")
     names = [n.strip() for n in group_by.split(",") if n.strip()]
     unknown = [n for n in names if n not in _GROUPS]
     if unknown:
-        _fail(f"cannot group by {', '.join(unknown)}: choose from {', '.join(_GROUPS)}")
+        fail(f"cannot group by {', '.join(unknown)}: choose from {', '.join(_GROUPS)}")
     end = datetime.now(UTC)
-    with _engine() as engine:
+    with prepared_engine() as engine:
         grouping = [_GROUPS[n] for n in names]
         rows = MetricsStore(engine).window(end - span, end, {}, grouping)
     entries = report.summary(rows, grouping)
@@ -122,7 +92,7 @@ def limits() -> None:
 @limits.command("list")
 def list_limits() -> None:
     """Every limit set."""
-    with _engine() as engine:
+    with prepared_engine() as engine:
         for row in LimitStore(engine).listing():
             subject = f"user {row['user']}" if row["user"] else f"key {row['api_key']}"
             values = ", ".join(
@@ -151,7 +121,7 @@ def set_limit(
     usd_month: float | None,
 ) -> None:
     """Replace the limits of a user or an API key (a limit not given is no limit)."""
-    with _engine() as engine:
+    with prepared_engine() as engine:
         user_id, key_id = _subject(engine, user_ref, key_ref)
         LimitStore(engine).set_limit(
             user_id=user_id,
@@ -170,10 +140,10 @@ def set_limit(
 @_subject_options
 def clear_limit(user_ref: str | None, key_ref: str | None) -> None:
     """Remove every limit of a user or an API key."""
-    with _engine() as engine:
+    with prepared_engine() as engine:
         user_id, key_id = _subject(engine, user_ref, key_ref)
         if not LimitStore(engine).delete_limit(user_id=user_id, api_key_id=key_id):
-            _fail("no limits are set for it")
+            fail("no limits are set for it")
     click.echo("limits cleared")
 
 
@@ -181,13 +151,12 @@ def _subject(
     engine: sqlalchemy.Engine, user_ref: str | None, key_ref: str | None
 ) -> tuple[int | None, int | None]:
     if (user_ref is None) == (key_ref is None):
-        _fail("give exactly one of --user and --key")
+        fail("give exactly one of --user and --key")
     users = Users(engine)
     if user_ref is not None:
         user = users.find_user(user_ref)
         if user is None:
-            _fail(f"no user {user_ref!r}")
-        assert user is not None
+            fail(f"no user {user_ref!r}")
         return user.id, None
     assert key_ref is not None
     try:
@@ -195,6 +164,5 @@ def _subject(
     except ValueError:
         key = None
     if key is None:
-        _fail(f"no API key {key_ref!r}")
-    assert key is not None
+        fail(f"no API key {key_ref!r}")
     return None, key.id

@@ -15,28 +15,18 @@ import os
 import sys
 import uuid
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TypeVar
 
 import click
 import sqlalchemy
 
 from parley.chat import history
-from parley.errors import ConfigError, InvalidRequest, NotFound, ParleyError
+from parley.cli.common import run as _run
+from parley.errors import ConfigError, InvalidRequest, NotFound
 from parley.ops import migrate
 from parley.settings import Settings, load_settings
 from parley.store.engine import create_engine
-
-T = TypeVar("T")
-
-
-def _run(action: Callable[[], T]) -> T:
-    try:
-        return action()
-    except ParleyError as exc:
-        click.echo(f"error: {exc.message}", err=True)
-        raise SystemExit(1) from None
 
 
 @contextlib.contextmanager

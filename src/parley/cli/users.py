@@ -11,29 +11,18 @@ Errors are one line on stderr and exit status 1, never a traceback.
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
-from typing import TypeVar
 
 import click
 
+from parley.cli.common import run as _run
 from parley.domain.users import User
-from parley.errors import ParleyError
 from parley.ops.migrate import prepare_on_start
 from parley.settings import load_settings
 from parley.store.engine import create_engine
 from parley.store.users import Users
-
-T = TypeVar("T")
-
-
-def _run(action: Callable[[], T]) -> T:
-    try:
-        return action()
-    except ParleyError as exc:
-        click.echo(f"error: {exc.message}", err=True)
-        raise SystemExit(1) from None
 
 
 @contextmanager
