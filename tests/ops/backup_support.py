@@ -5,7 +5,9 @@ vector-store files), and an independent read of every table to compare databases
 from __future__ import annotations
 
 import asyncio
+import gzip
 import hashlib
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -102,7 +104,27 @@ def data_files(settings: Settings) -> dict[str, dict[str, str]]:
 
 
 def flip_byte(path: Path, offset: int | None = None) -> None:
+    """Damage one byte: at ``offset``, or the first from the middle on that changes content.
+
+    Deflate has bits that change nothing (a flipped bit in an unused Huffman code length
+    decodes to the same bytes, under the same CRC): such an archive is not damaged, so a
+    plain gzip archive is flipped where its decompressed bytes change (or stop decoding).
+    """
     data = bytearray(path.read_bytes())
-    at = len(data) // 2 if offset is None else offset
-    data[at] ^= 0x40
+    if offset is None:
+        offset = len(data) // 2
+        if data[:2] == b"\x1f\x8b":
+            plain = gzip.decompress(bytes(data))
+            while _decodes_to(data, offset, plain):
+                offset += 1
+    data[offset] ^= 0x40
     path.write_bytes(bytes(data))
+
+
+def _decodes_to(data: bytearray, offset: int, plain: bytes) -> bool:
+    damaged = bytearray(data)
+    damaged[offset] ^= 0x40
+    try:
+        return gzip.decompress(bytes(damaged)) == plain
+    except (OSError, EOFError, zlib.error):
+        return False

@@ -181,8 +181,13 @@ def seed(settings: Settings) -> None:
         with engine.begin() as conn:
             for table in _tables(conn):
                 rows = [
-                    # Generated columns (PostgreSQL's search vectors) are the database's.
-                    {c.name: _value(table, c, i) for c in table.columns if c.computed is None}
+                    # Generated columns (PostgreSQL's search vectors) are the database's, and
+                    # so are the outbox's ids: its triggers insert rows from the sequence.
+                    {
+                        c.name: _value(table, c, i)
+                        for c in table.columns
+                        if c.computed is None and (table.name, c.name) != ("search_outbox", "id")
+                    }
                     for i in range(1, ROWS + 1)
                 ]
                 conn.execute(table.insert(), rows)

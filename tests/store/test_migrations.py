@@ -154,15 +154,29 @@ def test_heads_and_history_name_every_revision() -> None:
     assert migrate.heads() == [HEAD]
     history = migrate.history()
     assert [(revision, down) for revision, down, _doc in history] == [
+        ("0005", "0004"),
         ("0004", "0003"),
         ("0003", "0002"),
         ("0002", "0001"),
         ("0001", None),
     ]
-    assert history[3][2].startswith("Initial schema")
-    assert history[2][2].startswith("Users, API keys")
-    assert history[1][2].startswith("Rollups of the request log")
-    assert history[0][2].startswith("Full-text search")
+    docs = {revision: doc for revision, _down, doc in history}
+    assert docs["0001"].startswith("Initial schema")
+    assert docs["0002"].startswith("Users, API keys")
+    assert docs["0003"].startswith("Rollups of the request log")
+    assert docs["0004"].startswith("Full-text search")
+    assert docs["0005"].startswith("The search outbox")
+
+
+def test_check_names_a_missing_outbox_trigger(settings: Settings) -> None:
+    migrate.upgrade(settings)
+    if settings.is_sqlite:
+        execute(settings, "DROP TRIGGER search_outbox_message_insert")
+        name = "search_outbox_message_insert"
+    else:
+        execute(settings, "DROP TRIGGER search_outbox_message ON messages")
+        name = "search_outbox_message"
+    assert migrate.check(settings) == [f"search outbox trigger {name} is missing from the database"]
 
 
 def test_check_names_a_missing_index(settings: Settings) -> None:

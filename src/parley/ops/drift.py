@@ -6,7 +6,8 @@ missing from the database"), never Alembic's tuples. Reads only.
 
 The full-text index's objects (``schema.FULL_TEXT``: FTS5 tables, their shadow tables
 and triggers on SQLite; generated columns and GIN indexes on PostgreSQL) are not in the
-models: they are left out of Alembic's comparison and checked for by name instead.
+models: they are left out of Alembic's comparison and checked for by name instead, as are
+the triggers that fill the search outbox (``schema.OUTBOX_TRIGGERS``).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Connection, inspect
 
-from parley.store.schema import FULL_TEXT, FullText, metadata
+from parley.store.schema import FULL_TEXT, OUTBOX_TRIGGERS, FullText, metadata
 
 # FTS5's shadow tables of a table named X: X_data, X_idx, X_docsize, X_config (X_content
 # only without external content).
@@ -39,7 +40,7 @@ def drift(conn: Connection) -> list[str]:
         opts={"compare_type": True, "transactional_ddl": True, "include_object": include},
     )
     found = [describe(diff) for diff in compare_metadata(context, metadata)]
-    return found + _missing_full_text(conn, full_text)
+    return found + _missing_full_text(conn, full_text) + _missing_outbox_triggers(conn)
 
 
 def _unmodelled(full_text: FullText) -> frozenset[str]:
@@ -74,6 +75,23 @@ def _missing_full_text(conn: Connection, full_text: FullText) -> list[str]:
         }
         missing += [f"full-text index {i}" for i in full_text.indexes if i not in indexes]
     return [f"{what} is missing from the database" for what in missing]
+
+
+def _missing_outbox_triggers(conn: Connection) -> list[str]:
+    """A line per trigger of the search outbox (``schema.OUTBOX_TRIGGERS``) that is missing."""
+    expected = OUTBOX_TRIGGERS.get(conn.dialect.name, ())
+    if not expected:
+        return []
+    if conn.dialect.name == "sqlite":
+        query = "SELECT name FROM sqlite_master WHERE type = 'trigger'"
+    else:
+        query = "SELECT tgname FROM pg_trigger WHERE NOT tgisinternal"
+    present = {row[0] for row in conn.exec_driver_sql(query)}
+    return [
+        f"search outbox trigger {name} is missing from the database"
+        for name in expected
+        if name not in present
+    ]
 
 
 def describe(diff: Any) -> str:

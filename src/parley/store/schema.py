@@ -410,3 +410,86 @@ FULL_TEXT: MappingProxyType[str, FullText] = MappingProxyType(
         ),
     }
 )
+
+# Issue 7: semantic search and documents (parley.search).
+
+# Changes that must reach the vector store, queued in the transaction that makes them:
+# triggers (``OUTBOX_TRIGGERS``) add a row per inserted, edited or deleted message or
+# document chunk; the indexer embeds or deletes, then removes the rows it handled.
+search_outbox = Table(
+    "search_outbox",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("kind", String(16), nullable=False),  # message | chunk
+    Column("item_id", Integer, nullable=False),  # messages.id or document_chunks.id
+    Column("op", String(8), nullable=False),  # upsert | delete
+)
+
+documents = Table(
+    "documents",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("public_id", Uuid, nullable=False, unique=True),
+    # NULL: the local admin's (local mode or the master key), as for attachments.
+    Column("user_id", Integer, ForeignKey("users.id", ondelete="CASCADE")),
+    # A document belongs to a conversation, or to a named collection of its owner.
+    Column(
+        "conversation_id",
+        Integer,
+        ForeignKey("conversations.id", ondelete="CASCADE"),
+        index=True,
+    ),
+    Column("collection", String(128)),
+    Column("filename", Text, nullable=False),
+    Column("mime_type", String(128), nullable=False),
+    Column("size", Integer, nullable=False),
+    Column("sha256", String(64), nullable=False, index=True),
+    Column("status", String(16), nullable=False),  # pending | indexed | failed
+    Column("error", Text),
+    Column("page_count", Integer),
+    Column("chunk_count", Integer, nullable=False),
+    Column("created_at", TS, nullable=False),
+    Column("updated_at", TS, nullable=False),
+    Index("ix_documents_owner", "user_id", "collection"),
+)
+
+document_chunks = Table(
+    "document_chunks",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("document_id", Integer, ForeignKey("documents.id", ondelete="CASCADE"), nullable=False),
+    Column("ordinal", Integer, nullable=False),
+    Column("page", Integer),  # the page the chunk starts on (PDF), else NULL
+    Column("content", Text, nullable=False),
+    UniqueConstraint("document_id", "ordinal"),
+)
+
+# The chunks an answer was given, in rank order: what the UI shows as its sources. The
+# file name, page and chunk number are kept if the document is deleted later.
+citations = Table(
+    "citations",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("message_id", Integer, ForeignKey("messages.id", ondelete="CASCADE"), nullable=False),
+    Column("ordinal", Integer, nullable=False),
+    Column("document_id", Integer, ForeignKey("documents.id", ondelete="SET NULL"), index=True),
+    Column("chunk_id", Integer, ForeignKey("document_chunks.id", ondelete="SET NULL"), index=True),
+    Column("filename", Text, nullable=False),
+    Column("page", Integer),
+    Column("chunk_ordinal", Integer, nullable=False),
+    Column("score", Float, nullable=False),
+    UniqueConstraint("message_id", "ordinal"),
+)
+
+OUTBOX_TRIGGERS: MappingProxyType[str, tuple[str, ...]] = MappingProxyType(
+    {
+        "sqlite": tuple(
+            f"search_outbox_{kind}_{event}"
+            for kind in ("message", "chunk")
+            for event in ("insert", "update", "delete")
+        ),
+        "postgresql": ("search_outbox_message", "search_outbox_chunk"),
+    }
+)
+"""The triggers that fill ``search_outbox`` (migration 0005), by dialect; ``ops.drift``
+reports any that is missing."""
