@@ -146,11 +146,14 @@ class _Hashed:
     owner: _Owner
 
 
-def write_batch(conn: Connection, batch: Sequence[Exchange]) -> list[Recorded]:
+def write_batch(
+    conn: Connection, batch: Sequence[Exchange], rollup_cache: rollups.RollupCache | None = None
+) -> list[Recorded]:
     """Insert the rows of every exchange in ``batch``, in the caller's transaction.
 
     On SQLite the transaction must hold the write lock (``BEGIN IMMEDIATE``, as the
     writer's connection does) for ids reserved here to stay free until the inserts.
+    With ``rollup_cache``, call its ``settle()`` once the transaction committed.
     """
     now = datetime.now(UTC)
     hashed = [_hash(exchange) for exchange in batch]
@@ -173,7 +176,7 @@ def write_batch(conn: Connection, batch: Sequence[Exchange]) -> list[Recorded]:
     bulk_insert(conn, conversations, conv_rows)
     bulk_insert(conn, request_log, attempt_rows)
     # In the same transaction: a rollup never counts an uncommitted row or misses one.
-    rollups.add(conn, attempt_rows)
+    rollups.add(conn, attempt_rows, rollup_cache)
     bulk_insert(conn, messages, message_rows)
     bulk_insert(conn, responses, response_rows)
     if planner.continued:

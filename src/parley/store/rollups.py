@@ -13,15 +13,17 @@ Invariants:
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+import functools
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, select, tuple_, update
+from sqlalchemy import Connection, Dialect, select
 
 from parley.domain import histogram
 from parley.domain.rollup import Dims, Tally, tally_rows
 from parley.domain.times import utc
+from parley.store.bulk import assign_ids, bulk_insert
 from parley.store.schema import metric_rollups as t
 
 # pg_advisory_xact_lock key for rollup updates ("parley-r").
@@ -41,37 +43,96 @@ _COUNTERS = (
 _HISTOGRAMS = (("latency_ms_hist", "latency_ms"), ("ttft_ms_hist", "ttft_ms"), ("tps_hist", "tps"))
 
 
-def add(conn: Connection, attempt_rows: Sequence[dict[str, Any]]) -> None:
-    """Add request-log rows (the writer's dicts, committed in this transaction)."""
+class RollupCache:
+    """The rollup rows one writer connection last wrote, so a batch need not read them back.
+
+    SQLite only: ``PRAGMA data_version`` changes when any other connection commits, so
+    while it holds still, the rows this connection wrote are the rows stored, and the
+    writer's ``BEGIN IMMEDIATE`` keeps it so until the commit. Any other commit, another
+    connection or a batch that was never settled empties the cache: the next batch
+    reads what it needs, as without a cache. PostgreSQL always reads (its writers are
+    several processes).
+
+    A batch's rows are pending until ``settle()``, which the writer calls after the
+    commit succeeded: a rolled-back batch never leaves its tallies behind.
+    """
+
+    __slots__ = ("_connection", "_pending", "_rows", "_version")
+
+    def __init__(self) -> None:
+        self._rows: dict[_Key, tuple[int, Tally]] = {}
+        self._pending: dict[_Key, tuple[int, Tally]] | None = None
+        self._connection: object | None = None
+        self._version: int | None = None
+
+    def settle(self) -> None:
+        """The transaction that wrote the pending rows committed: they are stored."""
+        if self._pending is not None:
+            self._rows.update(self._pending)
+            self._pending = None
+
+    def _valid_for(self, conn: Connection) -> dict[_Key, tuple[int, Tally]]:
+        """The cached rows, or an emptied cache when they may be stale."""
+        raw = conn.connection.dbapi_connection
+        (version,) = raw.execute("PRAGMA data_version").fetchone()  # type: ignore[union-attr]
+        if self._pending is not None or raw is not self._connection or version != self._version:
+            self._rows = {}
+            self._pending = None
+            self._connection, self._version = raw, version
+        return self._rows
+
+
+_Key = tuple[str, datetime, str]
+
+
+def add(
+    conn: Connection, attempt_rows: Sequence[dict[str, Any]], cache: RollupCache | None = None
+) -> None:
+    """Add request-log rows (the writer's dicts, committed in this transaction).
+
+    With ``cache`` (SQLite), rows this connection wrote are merged without reading them;
+    the caller calls ``cache.settle()`` once the transaction committed.
+    """
     tallies = tally_rows(list(attempt_rows))
     if not tallies:
         return
-    if conn.dialect.name == "postgresql":
+    sqlite = conn.dialect.name == "sqlite"
+    if not sqlite:
         conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({ROLLUP_LOCK})")
     keyed = {
         (period, start, dims.key()): (dims, tally)
         for (period, start, dims), tally in tallies.items()
     }
-    stored = _stored(conn, list(keyed))
+    known = cache._valid_for(conn) if cache is not None and sqlite else {}
+    missing = [key for key in keyed if key not in known]
+    stored = {**known, **_stored(conn, missing)} if missing else known
     new_rows: list[dict[str, Any]] = []
-    changed: list[dict[str, Any]] = []
-    for (period, start, series), (dims, tally) in keyed.items():
-        found = stored.get((period, start, series))
+    new_tallies: list[Tally] = []
+    changed: list[tuple[Any, ...]] = []
+    written: dict[_Key, tuple[int, Tally]] = {}
+    for key, (dims, tally) in keyed.items():
+        found = stored.get(key)
         if found is None:
-            new_rows.append(_row(period, start, series, dims, tally))
+            new_rows.append(_row(*key, dims, tally))
+            new_tallies.append(tally)
         else:
             row_id, old = found
-            merged = old.merge(tally)
-            changed.append({"b_id": row_id, **_values(merged)})
+            merged = Tally().merge(old).merge(tally)  # the cached tally stays as stored
+            changed.append((*_values(merged).values(), row_id))
+            written[key] = (row_id, merged)
     if new_rows:
-        conn.execute(t.insert(), new_rows)
+        assign_ids(conn, [(t, new_rows)])
+        bulk_insert(conn, t, new_rows)
+        for row, tally in zip(new_rows, new_tallies, strict=True):
+            written[(row["period"], row["bucket_start"], row["series_key"])] = (row["id"], tally)
     if changed:
-        conn.execute(
-            update(t)
-            .where(t.c.id == bindparam("b_id"))
-            .values({name: bindparam(name) for name in _value_names()}),
-            changed,
-        )
+        cursor = conn.connection.cursor()
+        try:
+            cursor.executemany(_update_sql(conn.dialect.paramstyle), changed)
+        finally:
+            cursor.close()
+    if cache is not None and sqlite:
+        cache._pending = written
 
 
 def rows_between(
@@ -94,17 +155,52 @@ def rows_between(
         yield _aware(m["bucket_start"]), _dims(m), _tally(m)
 
 
-def _stored(
-    conn: Connection, keys: list[tuple[str, datetime, str]]
-) -> dict[tuple[str, datetime, str], tuple[int, Tally]]:
-    found: dict[tuple[str, datetime, str], tuple[int, Tally]] = {}
-    for chunk in range(0, len(keys), 300):
-        part = keys[chunk : chunk + 300]
-        query = select(t).where(tuple_(t.c.period, t.c.bucket_start, t.c.series_key).in_(part))
-        for row in conn.execute(query):
-            m = row._mapping
-            found[(m["period"], _aware(m["bucket_start"]), m["series_key"])] = (m["id"], _tally(m))
+def _stored(conn: Connection, keys: list[_Key]) -> dict[_Key, tuple[int, Tally]]:
+    """The stored rows of ``keys``: one driver-level query per 200 keys."""
+    mark = _placeholder(conn.dialect.paramstyle)
+    to_db = _bucket_processor(conn.dialect)
+    found: dict[_Key, tuple[int, Tally]] = {}
+    cursor = conn.connection.cursor()
+    try:
+        for chunk in range(0, len(keys), 200):
+            part = keys[chunk : chunk + 200]
+            by_stored = {
+                (period, to_db(start) if to_db else start, series): (period, start, series)
+                for period, start, series in part
+            }
+            match = f"(period = {mark} AND bucket_start = {mark} AND series_key = {mark})"
+            cursor.execute(
+                f"SELECT period, bucket_start, series_key, id, {', '.join(_value_names())} "
+                f"FROM metric_rollups WHERE {' OR '.join([match] * len(part))}",
+                [value for key in by_stored for value in key],
+            )
+            for period, start, series, row_id, *values in cursor.fetchall():
+                key = by_stored.get((period, start, series))
+                if key is None:  # PostgreSQL: the same instant in the session's zone
+                    key = (period, utc(start), series)
+                found[key] = (row_id, _tally(dict(zip(_value_names(), values, strict=True))))
+    finally:
+        cursor.close()
     return found
+
+
+def _placeholder(paramstyle: str) -> str:
+    return "?" if paramstyle == "qmark" else "%s"
+
+
+@functools.lru_cache(maxsize=4)
+def _update_sql(paramstyle: str) -> str:
+    mark = _placeholder(paramstyle)
+    assignments = ", ".join(f"{name} = {mark}" for name in _value_names())
+    return f"UPDATE metric_rollups SET {assignments} WHERE id = {mark}"
+
+
+@functools.lru_cache(maxsize=4)
+def _bucket_processor(dialect: Dialect) -> Callable[[Any], Any] | None:
+    processor: Callable[[Any], Any] | None = t.c.bucket_start.type.dialect_impl(
+        dialect
+    ).bind_processor(dialect)
+    return processor
 
 
 def _value_names() -> tuple[str, ...]:

@@ -33,6 +33,7 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -42,8 +43,14 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 
 from parley.domain.exchange import Exchange
 from parley.errors import StoreError, StoreFull
+from parley.store import rollups
 from parley.store.bulk import bulk_insert
-from parley.store.engine import is_disk_full, writer_connection
+from parley.store.engine import (
+    AUTOCHECKPOINT_PAGES,
+    Checkpointer,
+    is_disk_full,
+    writer_connection,
+)
 from parley.store.exchanges import Recorded, write_batch
 from parley.store.schema import http_metrics
 
@@ -64,6 +71,11 @@ class _Item:
 
 _STOP = object()
 
+# Buffered HTTP metric rows are written once this many are queued, or this long after the
+# first of them, whichever comes first (and always by ``drain`` and ``stop``).
+METRICS_FLUSH_ROWS = 256
+METRICS_FLUSH_SECONDS = 1.0
+
 
 class Writer:
     """Commits exchanges in batches from one thread; see the module docstring."""
@@ -82,6 +94,14 @@ class Writer:
         # Called on the writer thread with the request-log rows of each committed batch
         # (the Prometheus collectors); an error in it is logged, never fails the batch.
         self._on_commit = on_commit
+        # HTTP metric rows (their makers), written together every few hundred rows or
+        # every second: a commit of their own per request cost more than the row.
+        self._metrics: list[Callable[[], dict[str, Any]]] = []
+        self._metrics_since = 0.0
+        # Rollup rows this thread's connection wrote (SQLite): merged without a read.
+        self._rollups = rollups.RollupCache()
+        # SQLite: checkpoints run on a thread of their own, never inside a commit.
+        self._checkpointer: Checkpointer | None = None
         self._queue: queue.SimpleQueue[_Item | object] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         # Guards "not stopping" + put against stop's put of the stop marker, so nothing
@@ -96,6 +116,9 @@ class Writer:
     def start(self) -> None:
         if self._thread is not None or self._stopping:
             raise RuntimeError("a writer starts once")
+        if self._engine.dialect.name == "sqlite":
+            self._checkpointer = Checkpointer(self._engine)
+            self._checkpointer.start()
         self._thread = threading.Thread(target=self._run, name="parley-writer", daemon=True)
         self._thread.start()
 
@@ -113,9 +136,11 @@ class Writer:
     def submit_metric(self, make_row: Callable[[], dict[str, Any]]) -> None:
         """Queue an ``http_metrics`` row, built by ``make_row`` on the writer thread.
 
-        Best effort: metric rows commit in their own transaction after the batch's
-        exchanges, and a failure is logged and drops them, never an exchange. A stopped
-        writer drops them silently.
+        Best effort: metric rows are buffered and commit together in a transaction of
+        their own (``METRICS_FLUSH_ROWS`` / ``METRICS_FLUSH_SECONDS``; ``drain`` and
+        ``stop`` write them at once), after the exchanges of their batch; a failure is
+        logged and drops them, never an exchange. A stopped writer drops new ones
+        silently.
         """
         with self._lock:
             if not self._stopping:
@@ -146,6 +171,8 @@ class Writer:
         thread.join(timeout)
         if thread.is_alive():
             raise StoreError(f"the store writer did not finish within {timeout}s")
+        if self._checkpointer is not None:
+            self._checkpointer.stop()
 
     def is_alive(self) -> bool:
         """Whether the writer thread is running (health checks report it)."""
@@ -163,14 +190,16 @@ class Writer:
         try:
             while True:
                 batch, stop = self._next_batch()
-                if batch:
+                if batch or self._metrics_due(stop):
                     # Connected lazily, so a database that is down at start (or goes
                     # away) fails batches, not the writer.
                     if conn is None or conn.closed:
                         conn = self._connect(batch)
-                    if conn is not None and not self._process(conn, batch):
+                    if conn is not None and not self._process(conn, batch, stop):
                         _discard(conn)
                         conn = None
+                    if self._checkpointer is not None:
+                        self._checkpointer.committed()
                 batch = []
                 if stop:
                     return
@@ -185,11 +214,17 @@ class Writer:
             raise
         finally:
             if conn is not None:
+                if self._checkpointer is not None and not conn.invalidated:
+                    # Back to the pool as it came: other users checkpoint as they commit.
+                    _set_autocheckpoint(conn, AUTOCHECKPOINT_PAGES)
                 conn.close()
 
     def _connect(self, batch: list[_Item]) -> sqlalchemy.Connection | None:
         try:
-            return writer_connection(self._engine)
+            conn = writer_connection(self._engine)
+            if self._checkpointer is not None:
+                _set_autocheckpoint(conn, 0)
+            return conn
         except Exception as exc:
             error = _store_error(exc, f"the database is unavailable: {type(exc).__name__}")
             if isinstance(error, StoreFull):
@@ -202,7 +237,15 @@ class Writer:
 
     def _next_batch(self) -> tuple[list[_Item], bool]:
         batch: list[_Item] = []
-        item = self._queue.get()
+        if self._metrics:
+            # Wake up in time to write the buffered metric rows.
+            wait = self._metrics_since + METRICS_FLUSH_SECONDS - time.monotonic()
+            try:
+                item = self._queue.get(timeout=max(wait, 0.0))
+            except queue.Empty:
+                return batch, False
+        else:
+            item = self._queue.get()
         while True:
             if item is _STOP:
                 return batch, True
@@ -215,12 +258,14 @@ class Writer:
             except queue.Empty:
                 return batch, False
 
-    def _process(self, conn: sqlalchemy.Connection, batch: list[_Item]) -> bool:
+    def _process(self, conn: sqlalchemy.Connection, batch: list[_Item], stop: bool) -> bool:
         """Commit ``batch``; return whether ``conn`` may be used for the next one."""
         healthy = True
         metrics = [item.metric for item in batch if item.metric is not None]
         if metrics:
-            self._write_metrics(conn, metrics)
+            if not self._metrics:
+                self._metrics_since = time.monotonic()
+            self._metrics.extend(metrics)
             batch = [item for item in batch if item.metric is None]
         work = [item for item in batch if item.exchange is not None]
         exchanges = [item.exchange for item in work if item.exchange is not None]
@@ -228,7 +273,8 @@ class Writer:
         if exchanges:
             try:
                 with conn.begin():
-                    outcomes = list(write_batch(conn, exchanges))
+                    outcomes = list(write_batch(conn, exchanges, self._rollups))
+                self._rollups.settle()
                 self.batches += 1
                 self.committed += len(exchanges)
             except Exception as exc:
@@ -239,10 +285,25 @@ class Writer:
                 healthy = not any(_database_failed(outcome) for outcome in outcomes)
         else:
             outcomes = []
+        # A drain marker waits for the metric rows queued before it, too.
+        draining = any(item.exchange is None and item.future is not None for item in batch)
+        if self._metrics_due(stop or draining):
+            self._write_metrics(conn, self._metrics)
+            self._metrics = []
         results = dict(zip(map(id, work), outcomes, strict=True))
         self._resolve([(item, results.get(id(item))) for item in batch])
         self._observe(outcomes)
         return healthy and not conn.invalidated
+
+    def _metrics_due(self, now: bool) -> bool:
+        """Whether the buffered metric rows are to be written now."""
+        if not self._metrics:
+            return False
+        return (
+            now
+            or len(self._metrics) >= METRICS_FLUSH_ROWS
+            or time.monotonic() - self._metrics_since >= METRICS_FLUSH_SECONDS
+        )
 
     def _write_metrics(
         self, conn: sqlalchemy.Connection, makers: list[Callable[[], dict[str, Any]]]
@@ -282,7 +343,7 @@ class Writer:
     def _one(self, conn: sqlalchemy.Connection, exchange: Exchange) -> _Outcome:
         try:
             with conn.begin():
-                (recorded,) = write_batch(conn, [exchange])
+                (recorded,) = write_batch(conn, [exchange], self._rollups)
         except Exception as exc:
             self.failed += 1
             error = _store_error(exc, f"could not record the exchange: {type(exc).__name__}")
@@ -297,6 +358,7 @@ class Writer:
                     exc_info=exc,
                 )
             return error
+        self._rollups.settle()
         self.batches += 1
         self.committed += 1
         return recorded
@@ -325,6 +387,13 @@ class Writer:
             if isinstance(item, _Item):
                 pending.append((item, error))
         self._resolve(pending)
+
+
+def _set_autocheckpoint(conn: sqlalchemy.Connection, pages: int) -> None:
+    dbapi_connection = conn.connection.dbapi_connection
+    assert dbapi_connection is not None
+    # On the driver connection: through SQLAlchemy it would open a transaction.
+    dbapi_connection.execute(f"PRAGMA wal_autocheckpoint={pages}")
 
 
 def _discard(conn: sqlalchemy.Connection) -> None:
