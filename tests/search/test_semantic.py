@@ -15,10 +15,12 @@ import pytest
 import sqlalchemy as sa
 
 from parley.errors import InvalidRequest, SearchUnavailable
+from parley.ops.maintenance import run_maintenance
 from parley.search.embedders import LocalEmbedder
 from parley.search.hybrid import SemanticSearch
 from parley.search.indexer import Indexer
 from parley.search.vectors import MessageVector, VectorStore
+from parley.settings import Settings
 from parley.store import outbox
 from parley.store.conversations import Conversations
 from parley.store.search import Scope
@@ -42,9 +44,9 @@ class World:
 
 @pytest.fixture
 def world(
-    migrated_engine: sa.Engine, tmp_path: Path, local_embedder: LocalEmbedder
+    migrated_engine: sa.Engine, settings: Settings, local_embedder: LocalEmbedder
 ) -> Iterator[World]:
-    vectors = VectorStore.open(str(tmp_path / "vectors"))
+    vectors = VectorStore.open(settings.vector_uri)
     indexer = Indexer(migrated_engine, vectors, local_embedder)
     yield World(
         migrated_engine,
@@ -222,3 +224,20 @@ async def test_without_an_embedder_hybrid_is_keyword_and_the_outbox_drains(
     assert await indexer.run_once() == 1
     with migrated_engine.connect() as conn:
         assert outbox.size(conn) == 0
+
+
+async def test_maintenance_compacts_the_store_and_reports_orphan_vectors(
+    world: World, settings: Settings, local_embedder: LocalEmbedder
+) -> None:
+    conv = new(world.store)
+    say(world.store, conv, "a message for the maintenance run")
+    await world.index()
+    orphan = MessageVector(
+        10_000_000, ALICE.user_id, 1, "user", "gone", datetime.now(UTC), "{}", [0.1] * 384
+    )
+    world.vectors.upsert_messages(local_embedder.model, [orphan])
+    report = run_maintenance(settings, vacuum=False)
+    [step] = [step for step in report.steps if step.name == "vector store"]
+    assert step.status == "done" and "messages: 2 vectors compacted" in step.detail
+    [check] = [check for check in report.checks if check.name == "vectors without rows"]
+    assert not check.ok and check.items == ("message 10000000",)

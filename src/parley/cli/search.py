@@ -88,12 +88,12 @@ def search(
             )
 
         results = _with_search(settings, engine, work)
-    if results.notice:
-        click.echo(f"note: {results.notice}", err=True)
     hits = results.hits
     if as_json:
         click.echo(orjson.dumps([_json(hit) for hit in hits], option=orjson.OPT_INDENT_2))
         return
+    if results.notice:
+        click.echo(f"note: {results.notice}", err=True)
     if not hits:
         click.echo("no results")
     for hit in hits:
