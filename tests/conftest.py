@@ -32,7 +32,8 @@ MakeSettings = Callable[..., Settings]
 
 
 def _make_settings(tmp_path: Path, database_url: str | None = None, **overrides: Any) -> Settings:
-    env = {"PARLEY_DATA_DIR": str(tmp_path / "data")}
+    # No embedder unless a test asks for one (loading the model costs seconds per server).
+    env = {"PARLEY_DATA_DIR": str(tmp_path / "data"), "PARLEY_SEARCH_EMBEDDER": "none"}
     if database_url is not None:
         env["DATABASE_URL"] = database_url
     return load_settings(env=env, cwd=tmp_path, **overrides)

@@ -114,7 +114,12 @@ def _toml(value: Any) -> str:
 
 
 def settings_for(tmp_path: Path, database_url: str, **env: str) -> Settings:
-    base = {"PARLEY_DATA_DIR": str(tmp_path / "data"), "DATABASE_URL": database_url}
+    base = {
+        "PARLEY_DATA_DIR": str(tmp_path / "data"),
+        "DATABASE_URL": database_url,
+        # No embedder unless a test asks for one (loading the model costs seconds).
+        "PARLEY_SEARCH_EMBEDDER": "none",
+    }
     base.update(env)
     return load_settings(env=base, cwd=tmp_path)
 

@@ -23,6 +23,8 @@ The tree::
     │   ├── StoreUnavailable         503 the writer is down; refused before any upstream call
     │   └── StoreFull                507 the database's disk is full; writes resume once
     │                                space is freed
+    ├── SearchUnavailable            503 semantic search needs an embedder: none is
+    │                                configured or installed
     ├── ServerShuttingDown           503 the server is stopping: refused, or cut off after
     │                                the shutdown grace
     └── BackupError                  a backup, verify or restore failed (nothing was swapped)
@@ -250,6 +252,15 @@ class StoreFull(StoreError):
     status = 507
     openai_type = "server_error"
     code = "insufficient_storage"
+
+
+class SearchUnavailable(ParleyError):
+    """Semantic search (or RAG) was asked for and no embedder is configured or installed."""
+
+    status = 503
+    openai_type = "service_unavailable"
+    code = "search_unavailable"
+    error_type = "internal"
 
 
 class BackupError(ParleyError):

@@ -36,6 +36,12 @@ Environment:
     PARLEY_MAINTENANCE_INTERVAL_HOURS   scheduled ``parley maintenance`` (default 0: none)
     PARLEY_HTTP_METRICS_SAMPLE  share of HTTP requests recorded in ``http_metrics``
                              (default 1.0: all; 0 records none; Prometheus counts all)
+    PARLEY_SEARCH_EMBEDDER   local (default: all-MiniLM-L6-v2 on this machine, the
+                             ``embeddings`` extra), remote (``[search] model`` through the
+                             gateway's providers) or none (keyword search only)
+    PARLEY_SEARCH_MODEL      the gateway model id of the remote embedder
+    PARLEY_VECTOR_URI        where the vectors live: a directory (default
+                             ``<data dir>/vectors``) or any LanceDB URI (``s3://...``)
 """
 
 from __future__ import annotations
@@ -157,6 +163,25 @@ class Retention:
 
 
 @dataclass(frozen=True, slots=True)
+class SearchSettings:
+    """Semantic search (``parley.search``): the embedder, the vector store, the indexer."""
+
+    # "local", "remote" or "none" (see PARLEY_SEARCH_EMBEDDER).
+    embedder: str = "local"
+    # The remote embedder's model, as a client names it on /v1/embeddings ("openai/x", an alias).
+    model: str | None = None
+    # None: ``<data dir>/vectors``.
+    vector_uri: str | None = None
+    # Items embedded per batch, and the pause of the indexer when the outbox is empty.
+    batch_size: int = 64
+    poll_seconds: float = 1.0
+    # A table gets an ANN index (IVF-PQ) once it holds this many vectors; below, exact search.
+    ann_min_rows: int = 100_000
+    # Server start compares rows and vectors and queues what is missing (``parley reindex``).
+    reconcile_on_start: bool = True
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     data_dir: Path
     database_url: str
@@ -186,6 +211,7 @@ class Settings:
     retention: Retention = field(default_factory=Retention)
     # Hours between scheduled maintenance runs (VACUUM, ANALYZE, integrity report); 0: none.
     maintenance_interval_hours: float = 0.0
+    search: SearchSettings = field(default_factory=SearchSettings)
     # Share of HTTP requests recorded in ``http_metrics``, and how much of a body is kept.
     http_metrics_sample: float = 1.0
     http_metrics_body_bytes: int = 4096
@@ -206,6 +232,11 @@ class Settings:
     def blob_dir(self) -> Path:
         """The content-addressed store of attachment and document bytes."""
         return self.data_dir / "blobs"
+
+    @property
+    def vector_uri(self) -> str:
+        """Where the vector store lives (a directory or a LanceDB URI)."""
+        return self.search.vector_uri or str(self.data_dir / "vectors")
 
     @property
     def is_sqlite(self) -> bool:
@@ -297,6 +328,7 @@ def load_settings(
         "http_metrics_body_bytes": _int(
             _table(config, "http_metrics").get("body_bytes", 4096), "http_metrics.body_bytes"
         ),
+        "search": _search(_table(config, "search"), env, cwd),
     }
     values.update(overrides)
     settings = Settings(**values)
@@ -383,6 +415,43 @@ def _retention(table: Mapping[str, Any], env: Mapping[str, str]) -> Retention:
             _float(table.get("interval_hours", base.interval_hours), "retention.interval_hours"),
             "retention.interval_hours",
         ),
+    )
+
+
+def _search(table: Mapping[str, Any], env: Mapping[str, str], cwd: Path) -> SearchSettings:
+    known = {
+        "embedder", "model", "vector_uri", "batch_size", "poll_seconds", "ann_min_rows",
+        "reconcile_on_start",
+    }  # fmt: skip
+    unknown = set(table) - known
+    if unknown:
+        raise ConfigError(f"unknown search setting(s): {', '.join(sorted(unknown))}")
+    base = SearchSettings()
+    embedder = _choice(
+        env.get("PARLEY_SEARCH_EMBEDDER") or table.get("embedder", base.embedder),
+        ("local", "remote", "none"),
+        "search.embedder",
+    ).lower()
+    model = env.get("PARLEY_SEARCH_MODEL") or table.get("model")
+    if embedder == "remote" and not model:
+        raise ConfigError("search.embedder = 'remote' needs search.model (a gateway model id)")
+    uri = env.get("PARLEY_VECTOR_URI") or table.get("vector_uri")
+    if uri and "://" not in str(uri):
+        uri = str(_path(uri, cwd))
+    batch = _int(table.get("batch_size", base.batch_size), "search.batch_size")
+    if batch < 1:
+        raise ConfigError(f"search.batch_size must be at least 1, got {batch}")
+    return SearchSettings(
+        embedder=embedder,
+        model=str(model) if model else None,
+        vector_uri=str(uri) if uri else None,
+        batch_size=batch,
+        poll_seconds=_nonnegative(
+            _float(table.get("poll_seconds", base.poll_seconds), "search.poll_seconds"),
+            "search.poll_seconds",
+        ),
+        ann_min_rows=_int(table.get("ann_min_rows", base.ann_min_rows), "search.ann_min_rows"),
+        reconcile_on_start=bool(table.get("reconcile_on_start", base.reconcile_on_start)),
     )
 
 

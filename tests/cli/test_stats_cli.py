@@ -17,7 +17,11 @@ from tests.store.test_exchanges import attempt, chat, write
 
 
 def _env(tmp_path: Path, database_url: str) -> dict[str, str]:
-    return {"DATABASE_URL": database_url, "PARLEY_DATA_DIR": str(tmp_path / "data")}
+    return {
+        "DATABASE_URL": database_url,
+        "PARLEY_DATA_DIR": str(tmp_path / "data"),
+        "PARLEY_SEARCH_EMBEDDER": "none",
+    }
 
 
 def run(tmp_path: Path, database_url: str, *args: str) -> Result:

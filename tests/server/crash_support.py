@@ -133,6 +133,7 @@ def server_env(
         "PARLEY_DATA_DIR": str(tmp_path / "data"),
         "DATABASE_URL": database_url,
         "PARLEY_LOG_LEVEL": "WARNING",
+        "PARLEY_SEARCH_EMBEDDER": "none",
         **backup_env(tmp_path),
         **extra,
     }

@@ -116,8 +116,6 @@ def test_search_is_scoped_to_the_callers_own_history(server: ParleyServer) -> No
         ({}, "q"),
         ({"q": "   "}, "q"),
         ({"q": "x" * 5000}, "q"),
-        ({"q": "word", "mode": "semantic"}, "mode"),
-        ({"q": "word", "mode": "hybrid"}, "mode"),
         ({"q": "word", "mode": "fuzzy"}, "mode"),
         ({"q": "word", "limit": "0"}, "limit"),
         ({"q": "word", "limit": "many"}, "limit"),
@@ -131,8 +129,18 @@ def test_bad_input_is_a_400_in_openai_error_json(
     assert reply.status_code == 400
     error = reply.json()["error"]
     assert error["type"] == "invalid_request_error" and error["param"] == param
-    if params.get("mode") in ("semantic", "hybrid"):
-        assert "only 'keyword'" in error["message"]
+
+
+def test_without_an_embedder_semantic_is_503_and_hybrid_says_keyword(
+    server: ParleyServer,
+) -> None:
+    reply = search(server, MASTER, q="word", mode="semantic")
+    assert reply.status_code == 503
+    error = reply.json()["error"]
+    assert error["code"] == "search_unavailable" and "no embedder" in error["message"]
+    hybrid = search(server, MASTER, q="word")
+    assert hybrid.status_code == 200
+    assert hybrid.json()["mode"] == "keyword" and "keyword results only" in hybrid.json()["notice"]
 
 
 def test_a_100_kb_query_is_refused(server: ParleyServer) -> None:

@@ -8,7 +8,7 @@ from parley import __version__
 from parley.cli.backup import backup, restore_command
 from parley.cli.db import db
 from parley.cli.maintenance import maintenance, retention
-from parley.cli.search import search
+from parley.cli.search import reindex, search
 from parley.cli.serve import serve
 from parley.cli.stats import limits, stats
 from parley.cli.transfer import export_command, import_command
@@ -33,6 +33,7 @@ cli.add_command(limits)
 cli.add_command(export_command)
 cli.add_command(import_command)
 cli.add_command(search)
+cli.add_command(reindex)
 
 
 def main() -> None:

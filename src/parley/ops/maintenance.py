@@ -207,7 +207,7 @@ class _Run:
                 self._step("analyze", self._sqlite_analyze)
         else:
             self._step("vacuum", self._pg_vacuum)
-        self._step("vector store", _vector_store)
+        self._step("vector store", lambda: _vector_store(self.settings))
         self._step("temporary uploads", self._clean_temporary)
         if sqlite and self.offline and not damaged:
             # VACUUM and ANALYZE went through the log: fold it in, so the size is the file's.
@@ -323,10 +323,24 @@ class _Run:
         return f"{removed} stale temporary upload file(s) removed"
 
 
-def _vector_store() -> Step:
-    """The hook for the vector store's compaction and cleanup (LanceDB: ``optimize()``
-    and dropping old versions), once ``search/`` has one; online-safe either way."""
-    return Step("vector store", "skipped", "no vector store")
+def _vector_store(settings: Settings) -> str | Step:
+    """Compact the vector store, fold new vectors into (or build) its ANN index, and drop
+    old versions (LanceDB ``optimize``); online-safe: searches keep their snapshot.
+
+    ``search.vectors`` is a storage adapter with no parley imports of its own, hence
+    imported here from below the ``search`` layer."""
+    from parley.search.vectors import VectorStore
+
+    uri = settings.vector_uri
+    if "://" not in uri and not Path(uri).exists():
+        return Step("vector store", "skipped", "no vector store")
+    try:
+        vectors = VectorStore.open(uri)
+        if vectors.model is None:
+            return Step("vector store", "skipped", "the vector store is empty")
+        return vectors.optimize(settings.search.ann_min_rows)
+    except (OSError, RuntimeError, ValueError) as exc:
+        raise StoreError(f"vector store: {exc}") from exc
 
 
 def _fsync(path: Path) -> None:

@@ -11,7 +11,9 @@ Checks, on either database unless noted:
   crash between writing a blob and committing its row, or between deleting a
   conversation and sweeping its blobs); ``remove_orphan_blobs`` deletes them;
 - ``missing blobs``: attachment rows whose file is gone (lost data);
-- ``vectors without rows``: skipped until there is a vector store.
+- ``vectors without rows``: message or chunk vectors whose row is gone and whose delete
+  is not queued in the outbox (``parley reindex`` deletes them); skipped when there is
+  no vector store yet.
 
 Invariants:
 - read-only, except ``remove_orphan_blobs``, which goes through ``BlobStore.sweep``
@@ -81,8 +83,35 @@ def integrity_checks(
         checks.extend(_blobs(settings, engine, grace, remove_orphan_blobs))
     except (StoreError, SQLAlchemyError) as exc:
         checks.append(Check("blobs", False, "could not run", items=(_reason(exc),)))
-    checks.append(_skipped("vectors without rows", "no vector store"))
+    checks.append(_guard("vectors without rows", lambda: _vectors(settings, engine)))
     return checks
+
+
+def _vectors(settings: Settings, engine: sqlalchemy.Engine) -> Check:
+    # A storage adapter without parley imports of its own (see ``ops.maintenance``).
+    from parley.search.vectors import VectorStore
+    from parley.store import outbox
+
+    uri = settings.vector_uri
+    if "://" not in uri and not Path(uri).exists():
+        return _skipped("vectors without rows", "no vector store")
+    vectors = VectorStore.open(uri)
+    if vectors.model is None:
+        return _skipped("vectors without rows", "the vector store is empty")
+    have_messages, have_chunks = vectors.message_ids(), vectors.chunk_ids()
+    with engine.connect() as conn:
+        messages = have_messages - outbox.message_ids(conn) - outbox.queued_items(conn, "message")
+        chunks = have_chunks - outbox.chunk_ids(conn) - outbox.queued_items(conn, "chunk")
+    if not messages and not chunks:
+        return Check("vectors without rows", True, f"{vectors.model}: none")
+    items = [f"message {i}" for i in sorted(messages)] + [f"chunk {i}" for i in sorted(chunks)]
+    return Check(
+        "vectors without rows",
+        False,
+        f"{len(messages)} message and {len(chunks)} chunk vector(s) without a row: "
+        "run parley reindex",
+        items=tuple(items[:SAMPLE]),
+    )
 
 
 def _guard(name: str, check: Callable[[], Check]) -> Check:

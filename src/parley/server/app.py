@@ -41,6 +41,8 @@ from parley.ops.migrate import prepare_on_start
 from parley.ops.presence import ServerPresence
 from parley.ops.schedule import Scheduler, server_jobs
 from parley.providers.registry import build_providers
+from parley.search.embedders import Embedder
+from parley.search.services import open_search
 from parley.server import (
     anthropic_api,
     auth,
@@ -70,9 +72,11 @@ log = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 SETTINGS = web.AppKey("settings", Settings)
 SCHEDULER = web.AppKey("scheduler", Scheduler)
+# An embedder loaded by the caller (tests share one model); None: load the configured one.
+EMBEDDER = web.AppKey("embedder", Embedder)
 
 
-def create_app(settings: Settings) -> web.Application:
+def create_app(settings: Settings, *, embedder: Embedder | None = None) -> web.Application:
     # HTTP metrics outermost: they see every answer, errors included. Local mode: no
     # credentials, so only programs on this machine (local_guard).
     middlewares: list[Middleware] = [http_metrics.middleware(settings), _errors]
@@ -86,6 +90,8 @@ def create_app(settings: Settings) -> web.Application:
     app[SETTINGS] = settings
     app[LOCAL_MODE] = settings.master_key is None
     app[DRAIN] = Drain()
+    if embedder is not None:
+        app[EMBEDDER] = embedder
     app.cleanup_ctx.append(_lifespan)
     app.on_shutdown.append(_drain)
     # The identity repository; with a master key, the auth middleware after _errors.
@@ -174,11 +180,26 @@ async def _serving(
             limiter=Limiter(LimitStore(engine)),
             prometheus=prometheus,
         )
+        # -- search (issue 7): the embedder loads here (seconds for the local model); the
+        # indexer drains the outbox in the background, after reconciling on start.
+        services = app[SERVICES]
+        search = services.search = await asyncio.to_thread(
+            open_search,
+            settings,
+            engine,
+            remote=search_api.remote_embeddings(services),
+            embedder=app.get(EMBEDDER),
+        )
+        search.indexer.start()
+        # -- end search
         scheduler.start()
         yield
     finally:
         # After on_shutdown the jobs already had their grace: do not wait twice.
         await scheduler.stop(0.0 if app[DRAIN].stopping else settings.shutdown_grace)
+        search_services = app[SERVICES].search if SERVICES in app else None
+        if search_services is not None:
+            await search_services.indexer.stop()  # search (issue 7)
         await session.close()
         if await asyncio.to_thread(_close_store, writer, engine):
             presence.mark_clean()

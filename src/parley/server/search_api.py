@@ -7,27 +7,33 @@ store applies the scope inside its SQL. Invariants:
   (``scope=all``); a user who asks for it gets a 400, never someone else's rows;
 - a ``conversation`` filter that names a conversation the caller may not see (or none)
   gives no results, the same as one without matches, so ids cannot be probed;
-- only ``mode=keyword`` exists for now: ``semantic`` and ``hybrid`` are refused with a
-  400 that says so, rather than silently answering with keyword results;
+- ``mode``: ``keyword`` (the database's full-text index), ``semantic`` (nearest message
+  vectors, ``search.hybrid``) or ``hybrid`` (the default: reciprocal rank fusion of both).
+  Without an embedder ``semantic`` is a 503 that says so, and ``hybrid`` answers keyword
+  results with ``"mode": "keyword"`` and a ``notice``;
 - snippets are HTML: the message text escaped, matched words in ``<mark>`` elements.
 """
 
 from __future__ import annotations
 
-import asyncio
 import html
 import uuid
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
 from aiohttp import web
 
+from parley.domain.exchange import Exchange
 from parley.errors import InvalidRequest
+from parley.search.embedders import RemoteCall, vectors_of
+from parley.search.hybrid import SemanticSearch
 from parley.server import identity
-from parley.server.state import SERVICES
-from parley.store.search import MARK_END, MARK_START, MAX_LIMIT, Hit, Scope, Search
+from parley.server.state import SERVICES, Services
+from parley.store.search import MARK_END, MARK_START, MAX_LIMIT, Hit, Scope
 
 MODES = ("keyword", "semantic", "hybrid")
+DEFAULT_MODE = "hybrid"
 DEFAULT_LIMIT = 20
 
 
@@ -37,40 +43,70 @@ def add_routes(app: web.Application) -> None:
 
 
 async def search(request: web.Request) -> web.Response:
-    """Search your messages and conversation titles by words.
+    """Search your messages and conversation titles by words, by meaning, or both.
 
-    Query: ``q`` (1-1,000 characters; every word must match; quotes, ``*`` and operators
-    are plain text), ``mode`` (``keyword``, the only one available yet), ``conversation?``
-    (a conversation id), ``limit`` (1-100, default 20), ``scope`` (``own`` by default;
-    ``all``: every user's history, admins only). ``{"data": [...]}``, best first: each
-    hit has ``type`` (``message`` or ``title``), ``score``, ``snippet`` (HTML),
-    ``conversation_id``, ``conversation_title``, ``message_id``, ``role``, ``created_at``.
+    Query: ``q`` (1-1,000 characters; keyword: every word must match; quotes, ``*`` and
+    operators are plain text), ``mode`` (``hybrid`` by default, ``keyword``, ``semantic``),
+    ``conversation?`` (a conversation id), ``limit`` (1-100, default 20), ``scope``
+    (``own`` by default; ``all``: every user's history, admins only).
+    ``{"data": [...], "mode": ..., "notice"?: ...}``, best first: each hit has ``type``
+    (``message`` or ``title``), ``score``, ``snippet`` (HTML), ``conversation_id``,
+    ``conversation_title``, ``message_id``, ``role``, ``created_at``. ``mode`` is the one
+    that answered (``keyword`` when hybrid had no embedder; ``notice`` says why).
     """
     caller = identity.current(request)
     query = request.query
-    mode = query.get("mode", "keyword")
-    if mode != "keyword":
-        if mode in MODES:
-            raise InvalidRequest(
-                f"search mode '{mode}' is not available yet: only 'keyword' is", "mode"
-            )
-        raise InvalidRequest(f"unknown search mode '{mode}'; expected keyword", "mode")
+    mode = query.get("mode", DEFAULT_MODE)
+    if mode not in MODES:
+        raise InvalidRequest(
+            f"unknown search mode '{mode}'; expected keyword, semantic or hybrid", "mode"
+        )
     scope_name = query.get("scope", "own")
     if scope_name not in ("own", "all"):
         raise InvalidRequest("'scope' must be 'own' or 'all'", "scope")
     if scope_name == "all" and not caller.is_admin:
         raise InvalidRequest("only admins may search every user's history (scope=all)", "scope")
-    hits = await asyncio.to_thread(
-        Search(request.app[SERVICES].engine).keyword,
+    services = request.app[SERVICES]
+    search = services.search
+    searcher = (
+        search.searcher if search is not None else SemanticSearch(services.engine, None, None)
+    )
+    results = await searcher.search(
         query.get("q", ""),
         Scope(caller.user_id, everyone=scope_name == "all"),
+        mode=mode,
         conversation=_conversation(query.get("conversation")),
         limit=_limit(query.get("limit")),
     )
-    return web.Response(
-        body=orjson.dumps({"data": [hit_json(hit) for hit in hits]}),
-        content_type="application/json",
-    )
+    body: dict[str, Any] = {"data": [hit_json(hit) for hit in results.hits], "mode": results.mode}
+    if results.notice is not None:
+        body["notice"] = results.notice
+    return web.Response(body=orjson.dumps(body), content_type="application/json")
+
+
+def remote_embeddings(services: Services) -> RemoteCall:
+    """How a remote embedder reaches the gateway: one ``/v1/embeddings``-shaped request per
+    batch to ``[search] model``, recorded in the request log like any other (no user)."""
+
+    async def call(texts: list[str]) -> list[list[float]]:
+        model = services.settings.search.model or ""
+        exchange = Exchange(
+            model_requested=model,
+            messages=(),
+            started_at=datetime.now(UTC),
+            endpoint="embeddings",
+            origin="search-indexer",
+        )
+        try:
+            result = await services.gateway.embeddings(
+                {"model": model, "input": texts}, model, exchange
+            )
+        finally:
+            if exchange.attempts:
+                services.writer.submit_nowait(exchange)
+        return vectors_of(orjson.loads(result.raw))
+
+    return call
 
 
 def hit_json(hit: Hit) -> dict[str, Any]:

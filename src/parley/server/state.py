@@ -20,6 +20,7 @@ from parley.gateway.directory import ProviderDirectory
 from parley.gateway.limits import Caller, Limiter
 from parley.gateway.service import Gateway
 from parley.metrics.prometheus import PrometheusMetrics
+from parley.search.services import SearchServices
 from parley.settings import Settings
 from parley.store.writer import Writer
 
@@ -42,6 +43,9 @@ class Services:
     limiter: Limiter | None = field(default=None, kw_only=True)
     # This process's Prometheus collectors (``GET /metrics``).
     prometheus: PrometheusMetrics | None = field(default=None, kw_only=True)
+    # Semantic search (issue 7): embedder, vector store, indexer; None in an app built
+    # without them (semantic search then answers 503, hybrid falls back to keyword).
+    search: SearchServices | None = field(default=None, kw_only=True)
 
     def check_recording(self) -> None:
         """Refuse before any upstream call when the answer could not be recorded."""

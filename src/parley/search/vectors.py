@@ -1,0 +1,450 @@
+"""The vector store: LanceDB tables of message and document-chunk embeddings.
+
+Layout (one LanceDB database at ``settings.vector_uri``: a directory under the data
+directory by default, or any LanceDB URI such as ``s3://bucket/path``):
+
+- ``messages``: ``id`` (``messages.id``), ``user_id``, ``conversation_id``, ``role``,
+  ``text``, ``created_at``, ``metadata`` (JSON text), ``vector``;
+- ``chunks``: ``id`` (``document_chunks.id``), ``document_id``, ``user_id``,
+  ``conversation_id``, ``collection``, ``page``, ``ordinal``, ``text``, ``created_at``,
+  ``metadata``, ``vector``;
+- ``meta``: one row, the ``model`` and ``dimension`` of every vector in the two tables.
+
+Invariants:
+
+- never mixed vectors: ``prepare(model, dimension)`` compares with ``meta``; another model
+  (or none yet) drops both tables and starts empty, and writes or searches for a model
+  other than the prepared one are refused (``reconcile`` then re-embeds every row);
+- the owner filter is inside the vector query (a LanceDB prefilter ``where``), never
+  applied to its results: a search ranks only the rows its caller may see. LanceDB has
+  no NULL-friendly equality, so "no owner" (the local admin, the master key) is stored
+  as ``LOCAL_OWNER`` (-1), "no conversation" as -1, "no collection" as "", "no page" as -1;
+- distances are cosine; a hit's ``score`` is the cosine similarity (1 - distance);
+- an ANN index (IVF-PQ) is built once a table holds ``ann_min_rows`` vectors; below that
+  the search is exact. ``optimize`` (the maintenance hook) compacts, folds new rows into
+  the index and drops old versions;
+- writes are idempotent (``merge_insert`` on ``id``; deleting an absent id is a no-op),
+  so an outbox batch replayed after a crash changes nothing.
+
+Every method blocks: call it through ``asyncio.to_thread`` from the event loop.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+import lancedb
+import pyarrow as pa
+
+LOCAL_OWNER = -1
+NONE = -1
+MESSAGES = "messages"
+CHUNKS = "chunks"
+META = "meta"
+# Vectors read per query from a quantised index before the exact re-rank.
+_REFINE = 4
+# Another process (``parley reindex``, a second server) may write: reads look for a newer
+# version at most this often.
+_CONSISTENCY = timedelta(seconds=1)
+
+
+@dataclass(frozen=True, slots=True)
+class MessageVector:
+    id: int
+    user_id: int | None
+    conversation_id: int
+    role: str
+    text: str
+    created_at: datetime
+    metadata: str
+    vector: Sequence[float]
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkVector:
+    id: int
+    document_id: int
+    user_id: int | None
+    conversation_id: int | None
+    collection: str | None
+    page: int | None
+    ordinal: int
+    text: str
+    created_at: datetime
+    metadata: str
+    vector: Sequence[float]
+
+
+@dataclass(frozen=True, slots=True)
+class MessageHit:
+    message_id: int  # messages.id
+    conversation_id: int  # conversations.id
+    score: float  # cosine similarity, higher is better
+    role: str
+    text: str
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkHit:
+    chunk_id: int  # document_chunks.id
+    document_id: int  # documents.id
+    score: float  # cosine similarity, higher is better
+    text: str
+    page: int | None
+    ordinal: int
+    conversation_id: int | None
+    collection: str | None
+
+
+class ModelMismatch(Exception):
+    """A write or search for a model the store was not prepared for."""
+
+
+class VectorStore:
+    """The LanceDB tables of one parley installation."""
+
+    def __init__(self, db: Any, uri: str) -> None:
+        self._db = db
+        self.uri = uri
+        self._lock = threading.Lock()
+        self._tables: dict[str, Any] = {}
+        self.model: str | None = None
+        self.dimension: int | None = None
+        self._read_meta()
+
+    @classmethod
+    def open(cls, uri: str) -> VectorStore:
+        return cls(lancedb.connect(uri, read_consistency_interval=_CONSISTENCY), uri)
+
+    # -- model ---------------------------------------------------------------------------
+
+    def prepare(self, model: str, dimension: int) -> bool:
+        """Make the store hold ``model``'s vectors; return True when it was emptied for it
+        (a new store, or one that held another model's: every row must be embedded)."""
+        with self._lock:
+            self._read_meta()
+            if self.model == model and self.dimension == dimension and self._complete():
+                return False
+            for name in (MESSAGES, CHUNKS, META):
+                if name in self._names():
+                    self._db.drop_table(name)
+            self._tables.clear()
+            self._db.create_table(MESSAGES, schema=_message_schema(dimension))
+            self._db.create_table(CHUNKS, schema=_chunk_schema(dimension))
+            # Last: a crash before it leaves no meta, and the next start drops again.
+            meta = self._db.create_table(META, schema=_META_SCHEMA)
+            meta.add(pa.Table.from_pylist([{"model": model, "dimension": dimension}], _META_SCHEMA))
+            self.model, self.dimension = model, dimension
+            return True
+
+    def check(self, model: str) -> None:
+        if self.model != model:
+            raise ModelMismatch(
+                f"the vector store holds {self.model or 'no'} vectors, not {model}'s"
+            )
+
+    # -- writes --------------------------------------------------------------------------
+
+    def upsert_messages(self, model: str, rows: Sequence[MessageVector]) -> None:
+        self.check(model)
+        if rows:
+            data = [_message_row(row) for row in rows]
+            self._merge(MESSAGES, pa.Table.from_pylist(data, self._schema(MESSAGES)))
+
+    def upsert_chunks(self, model: str, rows: Sequence[ChunkVector]) -> None:
+        self.check(model)
+        if rows:
+            data = [_chunk_row(row) for row in rows]
+            self._merge(CHUNKS, pa.Table.from_pylist(data, self._schema(CHUNKS)))
+
+    def delete_messages(self, ids: Iterable[int]) -> None:
+        self._delete(MESSAGES, ids)
+
+    def delete_chunks(self, ids: Iterable[int]) -> None:
+        self._delete(CHUNKS, ids)
+
+    def _merge(self, name: str, data: pa.Table) -> None:
+        with self._lock:
+            table = self._table(name)
+            merge = table.merge_insert("id").when_matched_update_all()
+            merge.when_not_matched_insert_all().execute(data)
+
+    def _delete(self, name: str, ids: Iterable[int]) -> None:
+        wanted = sorted({int(i) for i in ids})
+        if not wanted or self.model is None:
+            return
+        with self._lock:
+            table = self._table(name)
+            for start in range(0, len(wanted), 1000):
+                part = wanted[start : start + 1000]
+                table.delete(f"id IN ({', '.join(map(str, part))})")
+
+    # -- reads ---------------------------------------------------------------------------
+
+    def message_ids(self) -> set[int]:
+        return self._ids(MESSAGES)
+
+    def chunk_ids(self) -> set[int]:
+        return self._ids(CHUNKS)
+
+    def count(self, name: str) -> int:
+        if self.model is None:
+            return 0
+        return int(self._table(name).count_rows())
+
+    def _ids(self, name: str) -> set[int]:
+        if self.model is None:
+            return set()
+        scan = self._table(name).search().select(["id"]).limit(None).to_arrow()
+        return {int(i) for i in scan.column("id").to_pylist()}
+
+    def search_messages(
+        self,
+        vector: Sequence[float],
+        *,
+        model: str,
+        user_id: int | None,
+        everyone: bool = False,
+        conversation_id: int | None = None,
+        limit: int = 20,
+    ) -> list[MessageHit]:
+        """The ``limit`` messages nearest ``vector`` among ``user_id``'s (None: the local
+        admin's; ``everyone``: all users'), optionally in one conversation."""
+        self.check(model)
+        clauses = [] if everyone else [f"user_id = {_owner(user_id)}"]
+        if conversation_id is not None:
+            clauses.append(f"conversation_id = {int(conversation_id)}")
+        columns = ["id", "conversation_id", "role", "text", "created_at", "_distance"]
+        rows = self._query(MESSAGES, vector, clauses, columns, limit)
+        return [
+            MessageHit(
+                message_id=int(row["id"]),
+                conversation_id=int(row["conversation_id"]),
+                score=1.0 - float(row["_distance"]),
+                role=str(row["role"]),
+                text=str(row["text"]),
+                created_at=row["created_at"],
+            )
+            for row in rows
+        ]
+
+    def search_chunks(
+        self,
+        vector: Sequence[float],
+        *,
+        user_id: int | None,
+        conversation_id: int | None = None,
+        collections: Sequence[str] = (),
+        limit: int = 5,
+    ) -> list[ChunkHit]:
+        """The ``limit`` document chunks nearest ``vector`` among ``user_id``'s (None: the
+        local admin's): those of conversation ``conversation_id`` or of one of
+        ``collections``; neither given, all the user's. Uses the prepared model (the
+        caller embeds with the same embedder)."""
+        if self.model is None:
+            return []
+        clauses = [f"user_id = {_owner(user_id)}"]
+        scope = []
+        if conversation_id is not None:
+            scope.append(f"conversation_id = {int(conversation_id)}")
+        if collections:
+            names = ", ".join(_literal(name) for name in collections)
+            scope.append(f"collection IN ({names})")
+        if scope:
+            clauses.append("(" + " OR ".join(scope) + ")")
+        columns = ["id", "document_id", "text", "page", "ordinal", "conversation_id"]
+        rows = self._query(CHUNKS, vector, clauses, [*columns, "collection", "_distance"], limit)
+        return [
+            ChunkHit(
+                chunk_id=int(row["id"]),
+                document_id=int(row["document_id"]),
+                score=1.0 - float(row["_distance"]),
+                text=str(row["text"]),
+                page=None if row["page"] == NONE else int(row["page"]),
+                ordinal=int(row["ordinal"]),
+                conversation_id=None
+                if row["conversation_id"] == NONE
+                else int(row["conversation_id"]),
+                collection=row["collection"] or None,
+            )
+            for row in rows
+        ]
+
+    def _query(
+        self,
+        name: str,
+        vector: Sequence[float],
+        clauses: list[str],
+        columns: list[str],
+        limit: int,
+    ) -> list[dict[str, Any]]:
+        if len(vector) != self.dimension:
+            raise ModelMismatch(f"a {len(vector)}-dimension query for {self.dimension}")
+        table = self._table(name)
+        query = table.search(list(vector), vector_column_name="vector").distance_type("cosine")
+        if clauses:
+            query = query.where(" AND ".join(clauses), prefilter=True)
+        if self._indexed(table):
+            query = query.refine_factor(_REFINE)
+        rows: list[dict[str, Any]] = query.select(columns).limit(limit).to_arrow().to_pylist()
+        return rows
+
+    # -- maintenance ---------------------------------------------------------------------
+
+    def optimize(self, ann_min_rows: int) -> str:
+        """Compact both tables, build the ANN index of a table that reached
+        ``ann_min_rows`` vectors (and fold new rows into an existing one), drop the
+        versions older than a minute. Online-safe: readers keep their snapshot."""
+        if self.model is None:
+            return "empty vector store"
+        done: list[str] = []
+        for name in (MESSAGES, CHUNKS):
+            with self._lock:
+                table = self._table(name)
+                rows = int(table.count_rows())
+                if self.ensure_index(name, ann_min_rows, rows):
+                    done.append(f"{name}: ANN index built over {rows} vectors")
+                table.optimize(cleanup_older_than=timedelta(minutes=1))
+                done.append(f"{name}: {rows} vectors compacted")
+        return "; ".join(done)
+
+    def ensure_index(self, name: str, ann_min_rows: int, rows: int | None = None) -> bool:
+        """Build the table's ANN index (and the owner's scalar index) once it is large
+        enough; return whether it was built now."""
+        table = self._table(name)
+        if self._indexed(table):
+            return False
+        rows = int(table.count_rows()) if rows is None else rows
+        if rows < max(ann_min_rows, 256):
+            return False
+        assert self.dimension is not None
+        table.create_scalar_index("user_id", replace=True)
+        table.create_index(
+            metric="cosine",
+            index_type="IVF_PQ",
+            num_partitions=max(1, int(math.sqrt(rows))),
+            num_sub_vectors=_sub_vectors(self.dimension),
+            vector_column_name="vector",
+        )
+        return True
+
+    @staticmethod
+    def _indexed(table: Any) -> bool:
+        return any("vector" in getattr(index, "columns", ()) for index in table.list_indices())
+
+    # -- internals -----------------------------------------------------------------------
+
+    def _names(self) -> list[str]:
+        return list(self._db.list_tables().tables)
+
+    def _complete(self) -> bool:
+        names = set(self._names())
+        return {MESSAGES, CHUNKS, META} <= names
+
+    def _read_meta(self) -> None:
+        self.model, self.dimension = None, None
+        if META not in self._names():
+            return
+        rows = self._db.open_table(META).to_arrow().to_pylist()
+        if len(rows) == 1 and self._complete():
+            self.model, self.dimension = str(rows[0]["model"]), int(rows[0]["dimension"])
+
+    def _table(self, name: str) -> Any:
+        table = self._tables.get(name)
+        if table is None:
+            table = self._tables[name] = self._db.open_table(name)
+        return table
+
+    def _schema(self, name: str) -> pa.Schema:
+        assert self.dimension is not None
+        if name == MESSAGES:
+            return _message_schema(self.dimension)
+        return _chunk_schema(self.dimension)
+
+
+_META_SCHEMA = pa.schema([pa.field("model", pa.string()), pa.field("dimension", pa.int64())])
+_TIME = pa.timestamp("us", tz="UTC")
+
+
+def _message_schema(dimension: int) -> pa.Schema:
+    return pa.schema(
+        [
+            pa.field("id", pa.int64(), nullable=False),
+            pa.field("user_id", pa.int64(), nullable=False),
+            pa.field("conversation_id", pa.int64(), nullable=False),
+            pa.field("role", pa.string()),
+            pa.field("text", pa.string()),
+            pa.field("created_at", _TIME),
+            pa.field("metadata", pa.string()),
+            pa.field("vector", pa.list_(pa.float32(), dimension)),
+        ]
+    )
+
+
+def _chunk_schema(dimension: int) -> pa.Schema:
+    return pa.schema(
+        [
+            pa.field("id", pa.int64(), nullable=False),
+            pa.field("document_id", pa.int64(), nullable=False),
+            pa.field("user_id", pa.int64(), nullable=False),
+            pa.field("conversation_id", pa.int64(), nullable=False),
+            pa.field("collection", pa.string()),
+            pa.field("page", pa.int64()),
+            pa.field("ordinal", pa.int64()),
+            pa.field("text", pa.string()),
+            pa.field("created_at", _TIME),
+            pa.field("metadata", pa.string()),
+            pa.field("vector", pa.list_(pa.float32(), dimension)),
+        ]
+    )
+
+
+def _message_row(row: MessageVector) -> dict[str, Any]:
+    return {
+        "id": row.id,
+        "user_id": _owner(row.user_id),
+        "conversation_id": row.conversation_id,
+        "role": row.role,
+        "text": row.text,
+        "created_at": row.created_at,
+        "metadata": row.metadata,
+        "vector": list(row.vector),
+    }
+
+
+def _chunk_row(row: ChunkVector) -> dict[str, Any]:
+    return {
+        "id": row.id,
+        "document_id": row.document_id,
+        "user_id": _owner(row.user_id),
+        "conversation_id": NONE if row.conversation_id is None else row.conversation_id,
+        "collection": row.collection or "",
+        "page": NONE if row.page is None else row.page,
+        "ordinal": row.ordinal,
+        "text": row.text,
+        "created_at": row.created_at,
+        "metadata": row.metadata,
+        "vector": list(row.vector),
+    }
+
+
+def _owner(user_id: int | None) -> int:
+    return LOCAL_OWNER if user_id is None else int(user_id)
+
+
+def _literal(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+def _sub_vectors(dimension: int) -> int:
+    """PQ sub-vectors: 8 dimensions each where it divides (384 -> 48), else a divisor."""
+    for size in (8, 16, 4, 2, 1):
+        if dimension % size == 0:
+            return dimension // size
+    return 1
