@@ -1,0 +1,1 @@
+"""Search: full-text, embeddings, the vector store, hybrid ranking, documents and RAG."""
