@@ -30,7 +30,7 @@ Invariants:
   them as its citations, written once the answer is committed (durable mode: before
   ``Done``; async mode: by a background task once the writer has committed it). Naming
   collections with no embedder configured is refused before anything is stored; a
-  conversation's documents without an embedder are left out of the answer (logged);
+  conversation's documents without an embedder are left out of the answer;
 - titles: after the first answer of an untitled conversation, a background task asks
   the conversation's model for a short title of the message answered,
   recorded as an exchange of its own (endpoint ``title``, outside the conversation), and

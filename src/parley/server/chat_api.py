@@ -229,7 +229,9 @@ async def send_message(request: web.Request) -> web.StreamResponse:
     ``attachments?`` (ids of your uploads: images reach the model as image parts, text
     files as text), ``parent_id?`` (default: the active leaf; null: a new root; a
     message's parent: an edit, a new branch), ``model?`` (this message only), ``stream?``,
-    ``temperature?``, ``max_tokens?``. The user message is stored, with its attachments,
+    ``temperature?``, ``max_tokens?``, ``collections?`` (document collections of yours to
+    answer from, besides the conversation's documents; the answer lists its
+    ``citations``). The user message is stored, with its attachments,
     before the model is called. Events: ``message``, ``delta``..., then ``done`` or
     ``error``; with ``stream`` false, ``{user_message, assistant_message}``.
     """
@@ -252,7 +254,8 @@ async def send_message(request: web.Request) -> web.StreamResponse:
 async def regenerate_message(request: web.Request) -> web.StreamResponse:
     """Answer again: a new sibling of an answer (or a new answer to a user message).
 
-    Body (optional): ``model?``, ``stream?``, ``temperature?``, ``max_tokens?``. Answers
+    Body (optional): ``model?``, ``stream?``, ``temperature?``, ``max_tokens?``,
+    ``collections?``. Answers
     like a send; the old answer stays and remains selectable.
     """
     caller = identity.current(request)
