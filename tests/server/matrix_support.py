@@ -46,6 +46,8 @@ A_TEXT = "alpha private chat text 7d2c"
 A_API_TEXT = "alpha api question 0b9e"
 A_FILE_NAME = "alpha-private-notes-33aa.txt"
 A_FILE_BYTES = b"alpha private file bytes c4e1\n"
+A_DOC_NAME = "alpha-private-handbook-7e21.md"
+A_DOC_TEXT = "alpha private document text 9b3f"
 
 DENIED, OTHER, OWNER, ADMIN, MASTER = "denied", "other", "owner", "admin", "master"
 WRITES = frozenset({"POST", "PUT", "PATCH", "DELETE"})
@@ -201,6 +203,17 @@ class World:
         )
         return str(made["id"])
 
+    def fresh_document(self) -> str:
+        made = self.ok(
+            "A_bearer",
+            "POST",
+            "/api/documents",
+            201,
+            files={"file": ("fresh.md", b"# fresh document", "text/markdown")},
+            data={"collection": "fresh"},
+        )
+        return str(made["id"])
+
     def fresh_key(self) -> str:
         return str(self.ok("A_bearer", "POST", "/api/keys", 201, json={"name": "fresh"})["id"])
 
@@ -240,6 +253,9 @@ class World:
             meta = self.ok("master_bearer", "GET", f"/api/attachments/{ids['attachment']}")
             content = self.call("master_bearer", "GET", f"/api/attachments/{meta['id']}/content")
             return meta, content.status_code, content.content
+        if family == "document":
+            document = self.ok("master_bearer", "GET", f"/api/documents/{ids['document']}")
+            return {k: document[k] for k in ("id", "filename", "sha256", "conversation_id")}
         if family == "keys":
             listed = self.ok("master_bearer", "GET", "/api/admin/keys", params={"user": "alpha"})
             mine = {k["id"]: k["status"] for k in listed["data"] if k["id"] in self.baseline_keys}
@@ -266,7 +282,17 @@ class World:
 
     def a_markers(self) -> list[str]:
         """Things of A that no answer to B may contain."""
-        names = ("user", "chat", "api", "user_message", "answer", "attachment", "key", "late_key")
+        names = (
+            "user",
+            "chat",
+            "api",
+            "user_message",
+            "answer",
+            "attachment",
+            "document",
+            "key",
+            "late_key",
+        )
         return [
             *(self.ids[n] for n in names),
             self.ids["key_prefix"],
@@ -274,6 +300,8 @@ class World:
             A_TEXT,
             A_FILE_NAME,
             A_FILE_BYTES.decode().strip(),
+            A_DOC_NAME,
+            A_DOC_TEXT,
             "alpha@example.org",
             "alpha",
         ]
@@ -427,7 +455,16 @@ def _populate(w: World) -> None:
         late_key=keys["A_late"]["id"],
         missing=str(uuid.uuid4()),
     )
-    families = ("conversation", "attachment", "keys", "user", "provider_keys", "config", "session")
+    families = (
+        "conversation",
+        "attachment",
+        "document",
+        "keys",
+        "user",
+        "provider_keys",
+        "config",
+        "session",
+    )
     w.baseline = {family: w.snapshot(family) for family in families}
     assert w.baseline["keys"][0] == {
         keys["A"]["id"]: "active",
@@ -463,6 +500,14 @@ def _give_a_things(w: World) -> None:
         json={"content": A_TEXT, "attachments": [attachment["id"]], "stream": False},
     )
     assert [a["id"] for a in sent["user_message"]["attachments"]] == [attachment["id"]]
+    document = w.ok(
+        "A_bearer",
+        "POST",
+        "/api/documents",
+        201,
+        files={"file": (A_DOC_NAME, f"# Handbook\n\n{A_DOC_TEXT}\n".encode(), "text/markdown")},
+        data={"conversation_id": chat["id"]},
+    )
     body = {"model": MODEL, "messages": [{"role": "user", "content": A_API_TEXT}]}
     answer = w.ok("A_bearer", "POST", "/v1/chat/completions", json=body)
     listed = w.ok("A_bearer", "GET", "/api/conversations")["data"]
@@ -496,6 +541,7 @@ def _give_a_things(w: World) -> None:
         user_message=sent["user_message"]["id"],
         answer=sent["assistant_message"]["id"],
         attachment=attachment["id"],
+        document=document["id"],
         api=api,
         api_answer=answer["choices"][0]["message"]["content"],
         config=house["id"],

@@ -170,6 +170,14 @@ def by_id(template: str, body: Any = None, fresh: Callable[[World], str] | None 
     return build
 
 
+def by_query(path: str, param: str) -> Build:
+    def build(w: World, c: Caller, target: str, allowed: bool) -> Req:
+        the_id = target_id(w, target)
+        return Req(path, {"params": {param: the_id}}, names=(the_id,))
+
+    return build
+
+
 def plain(path: str, **kwargs: Any) -> Build:
     return lambda w, c, target, allowed: Req(path, kwargs)
 
@@ -199,6 +207,18 @@ def upload_into(w: World, c: Caller, target: str, allowed: bool) -> Req:
     conversation = target_id(w, target)
     form = {"files": files, "data": {"conversation_id": conversation}}
     return Req("/api/attachments", form, names=(conversation,))
+
+
+def document_into(w: World, c: Caller, target: str, allowed: bool) -> Req:
+    files = {"file": ("doc.md", f"# from {c.name}".encode(), "text/markdown")}
+    conversation = target_id(w, target)
+    form = {"files": files, "data": {"conversation_id": conversation}}
+    return Req("/api/documents", form, names=(conversation,))
+
+
+def document_plain(w: World, c: Caller, target: str, allowed: bool) -> Req:
+    files = {"file": ("doc.md", b"# mine", "text/markdown")}
+    return Req("/api/documents", {"files": files, "data": {"collection": "mine"}})
 
 
 def upload_plain(w: World, c: Caller, target: str, allowed: bool) -> Req:
@@ -422,6 +442,12 @@ def admin_sees(*names: str, key: str = "id") -> Check:
         assert {w.ids[n] for n in names} <= {str(item[key]) for item in body["data"]}
 
     return check
+
+
+def lists_a_document(w: World, c: Caller, responses: dict[str, httpx.Response]) -> None:
+    """A conversation's documents: A's, for A and the admins."""
+    listed = {item["id"] for item in _body(responses, "chat")["data"]}
+    assert w.ids["document"] in listed
 
 
 def finds_own(w: World, c: Caller, responses: dict[str, httpx.Response]) -> None:
@@ -701,6 +727,49 @@ ROUTES: tuple[Route, ...] = (
         by_id("/api/attachments/{id}", fresh=lambda w: w.fresh_attachment()),
         ("attachment", "missing"),
         protects=("attachment",),
+    ),
+    # Documents.
+    Route(
+        "POST",
+        "/api/documents",
+        OWNED,
+        document_into,
+        ("chat", "missing"),
+        (201, 201, 201),
+        variant="into a conversation",
+        protects=("conversation", "document"),
+    ),
+    Route("POST", "/api/documents", SELF, document_plain, ok=(201, 201, 201)),
+    Route(
+        "GET",
+        "/api/documents",
+        SELF,
+        plain("/api/documents", params={"limit": 200}),
+        check=lists("id", a_sees=("document",)),
+    ),
+    Route(
+        "GET",
+        "/api/documents",
+        OWNED,
+        by_query("/api/documents", "conversation_id"),
+        ("chat", "missing"),
+        variant="?conversation_id=",
+        check=lists_a_document,
+    ),
+    Route(
+        "GET",
+        "/api/documents/{id}",
+        OWNED,
+        by_id("/api/documents/{id}"),
+        ("document", "missing"),
+    ),
+    Route(
+        "DELETE",
+        "/api/documents/{id}",
+        OWNED,
+        by_id("/api/documents/{id}", fresh=lambda w: w.fresh_document()),
+        ("document", "missing"),
+        protects=("document",),
     ),
     Route("GET", CONV + "/export", OWNED, conversation("/export"), CONV_TARGETS, check=exports_a),
     Route("GET", "/api/export", SELF, plain("/api/export"), check=export_is_own),

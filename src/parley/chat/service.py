@@ -23,6 +23,14 @@ Invariants:
   a failure records the attempts and then yields ``Failed``; a consumer that stops
   early (client gone) cancels the upstream call and the partial answer is recorded in
   the background;
+- documents (RAG): when the conversation has documents, or the message names
+  collections (``Options.collections``), the chunks nearest the message answered
+  (``search.rag.Retriever``: the conversation's owner's documents, the caller's own
+  collections) go upstream in the system message, numbered; the answer's message keeps
+  them as its citations, written once the answer is committed (durable mode: before
+  ``Done``; async mode: by a background task once the writer has committed it). Naming
+  collections with no embedder configured is refused before anything is stored; a
+  conversation's documents without an embedder are left out of the answer;
 - titles: after the first answer of an untitled conversation, a background task asks
   the conversation's model for a short title of the message answered,
   recorded as an exchange of its own (endpoint ``title``, outside the conversation), and
@@ -46,8 +54,16 @@ from parley.chat.attachments import Attachments
 from parley.domain.events import Chunk, TextDelta
 from parley.domain.exchange import Exchange, ReplyTo
 from parley.domain.messages import ChatRequest, Message
-from parley.errors import InvalidRequest, ModelNotFound, NotFound, ParleyError, StoreError
+from parley.errors import (
+    InvalidRequest,
+    ModelNotFound,
+    NotFound,
+    ParleyError,
+    SearchUnavailable,
+    StoreError,
+)
 from parley.gateway.service import Gateway, finish
+from parley.search.rag import Retriever, Scope, Source, prompt
 from parley.store.attachments import AttachmentRow
 from parley.store.bulk import new_public_id
 from parley.store.conversations import (
@@ -59,6 +75,7 @@ from parley.store.conversations import (
     Turn,
     Viewer,
 )
+from parley.store.documents import CitationRow
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +92,8 @@ _QUOTES = "\"'`*# \u201c\u201d\u2018\u2019"
 _TITLE_INPUT = 2000
 # How long shutdown waits for titles being made before it cancels them.
 _TITLE_GRACE_SECONDS = 5.0
+# Async recording: how long citations wait for their answer to be committed.
+_CITE_WAIT_SECONDS = 30.0
 
 Part = dict[str, Any]
 
@@ -109,6 +128,8 @@ class Options:
     temperature: float | None = None
     max_tokens: int | None = None
     origin: str | None = None
+    # Document collections (of the caller's) to answer from, besides the conversation's.
+    collections: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,7 +163,8 @@ class Reply:
 
 class ChatService:
     """``attachments``: how to reach the attachment service (the server builds it after
-    this one, so it is asked for when a message needs it)."""
+    this one, so it is asked for when a message needs it); ``sources``: the document
+    retriever, None while no embedder is available."""
 
     def __init__(
         self,
@@ -152,12 +174,14 @@ class ChatService:
         *,
         durable: bool,
         attachments: Callable[[], Attachments],
+        sources: Callable[[], Retriever | None] = lambda: None,
     ) -> None:
         self.store = store
         self._gateway = gateway
         self._recorder = recorder
         self._durable = durable
         self._attachments = attachments
+        self._sources = sources
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def check_model(self, model: str, param: str = "model") -> str:
@@ -184,6 +208,7 @@ class ChatService:
         then answer it."""
         if options.model is not None:
             await self.check_model(options.model)
+        self._check_sources(options)
         # Refused before the message is stored: the caller knows nothing was kept.
         await self._recorder.admit(caller)
         rows: list[AttachmentRow] = []
@@ -218,6 +243,7 @@ class ChatService:
         user message): a sibling branch; the old answer stays."""
         if options.model is not None:
             await self.check_model(options.model)
+        self._check_sources(options)
         await self._recorder.admit(caller)
         turn = await asyncio.to_thread(self.store.answer_again, caller, conversation_id, message_id)
         if turn is None:
@@ -248,9 +274,12 @@ class ChatService:
             return
         try:
             context = await self._context(turn, known or {})
+            sources = await self._retrieve(caller, turn, options)
         except ParleyError as exc:
             yield Failed(exc)
             return
+        if sources:
+            context = with_sources(context, prompt(sources))
         chat = ChatRequest(
             model=model,
             messages=context,
@@ -318,7 +347,79 @@ class ChatService:
         await finish(stream)
         if turn.needs_title:
             self._spawn(self._make_title(caller, conversation, turn.message.content))
-        yield Done(await self._stored_answer(turn, exchange, answer_id))
+        answer = await self._stored_answer(turn, exchange, answer_id)
+        if sources:
+            await self._cite(turn, answer, sources)
+        yield Done(answer)
+
+    def _check_sources(self, options: Options) -> None:
+        if options.collections and self._sources() is None:
+            raise SearchUnavailable(
+                "answering from document collections needs an embedder: none is configured "
+                "or installed"
+            )
+
+    async def _retrieve(self, caller: Caller, turn: Turn, options: Options) -> list[Source]:
+        """The document chunks for the message answered (see the module docstring)."""
+        retriever = self._sources()
+        conversation = turn.conversation
+        if retriever is None:
+            if options.collections:
+                self._check_sources(options)
+            return []
+        if not options.collections and not await asyncio.to_thread(
+            retriever.has_documents, conversation.id
+        ):
+            return []
+        scope = Scope(
+            conversation_id=conversation.id,
+            owner_id=conversation.user_id,
+            caller_id=caller.user_id,
+            collections=options.collections,
+        )
+        return await retriever.retrieve(turn.message.content, scope)
+
+    async def _cite(self, turn: Turn, answer: StoredMessage, sources: Sequence[Source]) -> None:
+        """Keep the answer's sources: now when it is committed, else once it is."""
+        retriever = self._sources()
+        if retriever is None:
+            return
+        answer.citations = tuple(
+            CitationRow(
+                ordinal=rank,
+                document_public_id=s.chunk.document_public_id,
+                filename=s.chunk.filename,
+                page=s.chunk.page,
+                chunk_ordinal=s.chunk.ordinal,
+                score=s.score,
+            )
+            for rank, s in enumerate(sources, start=1)
+        )
+        if answer.id:
+            try:
+                await asyncio.to_thread(retriever.cite, answer.id, sources)
+            except Exception:
+                log.exception("the citations of an answer could not be stored")
+            return
+        self._spawn(self._cite_later(retriever, turn, answer.public_id, sources))
+
+    async def _cite_later(
+        self,
+        retriever: Retriever,
+        turn: Turn,
+        answer_id: uuid.UUID,
+        sources: Sequence[Source],
+    ) -> None:
+        """Async recording: wait for the writer to commit the answer, then cite."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + _CITE_WAIT_SECONDS
+        while loop.time() < deadline:
+            found = await asyncio.to_thread(self.store.get_message, turn.conversation.id, answer_id)
+            if found is not None:
+                await asyncio.to_thread(retriever.cite, found.id, sources)
+                return
+            await asyncio.sleep(0.1)
+        log.warning("an answer was not committed in time: its citations are not stored")
 
     async def _context(self, turn: Turn, known: Mapping[int, list[Part]]) -> tuple[Message, ...]:
         """The system prompt, then the branch, each message with its files as content
@@ -438,6 +539,17 @@ def carrying(message: Message, parts: Sequence[Part]) -> Message:
     else:
         head = tuple(content or ())
     return replace(message, content=(*head, *parts))
+
+
+def with_sources(context: tuple[Message, ...], text: str) -> tuple[Message, ...]:
+    """``context`` with ``text`` (the retrieved sources) at the end of its system message,
+    or in a system message of its own when it has none (or one that is not plain text)."""
+    if context and context[0].role == "system" and isinstance(context[0].content, str):
+        head = context[0]
+        return (replace(head, content=f"{head.content}\n\n{text}"), *context[1:])
+    if context and context[0].role == "system":
+        return (context[0], Message("system", text), *context[1:])
+    return (Message("system", text), *context)
 
 
 def _text(chunk: Chunk) -> str:

@@ -35,7 +35,10 @@ from aiohttp import web
 from parley.chat.service import ChatService, Delta, Done, Failed, Options, Reply
 from parley.domain.messages import Message
 from parley.errors import InvalidRequest, NotFound, ParleyError
+from parley.search.documents_library import collection_name
+from parley.search.rag import MAX_COLLECTIONS
 from parley.server import identity
+from parley.server.documents_api import DOCUMENTS
 from parley.server.files_api import FILES
 from parley.server.openai_parse import parse_json_object
 from parley.server.relay import SSE_HEADERS
@@ -56,11 +59,20 @@ CHAT = web.AppKey("parley.chat", ChatService)
 MAX_TITLE = 500
 _CREATE_FIELDS = frozenset({"title", "default_model", "system_prompt", "provider_configuration"})
 _SEND_FIELDS = frozenset(
-    {"content", "attachments", "parent_id", "model", "stream", "temperature", "max_tokens"}
+    {
+        "content",
+        "attachments",
+        "parent_id",
+        "model",
+        "stream",
+        "temperature",
+        "max_tokens",
+        "collections",
+    }
 )
 # Files one message may carry.
 MAX_ATTACHMENTS = 20
-_REGENERATE_FIELDS = frozenset({"model", "stream", "temperature", "max_tokens"})
+_REGENERATE_FIELDS = frozenset({"model", "stream", "temperature", "max_tokens", "collections"})
 
 
 def add_routes(app: web.Application) -> None:
@@ -86,6 +98,8 @@ async def _chat_service(app: web.Application) -> AsyncIterator[None]:
         durable=services.settings.recording == "durable",
         # files_api's lifespan runs after this one: its service is looked up when needed.
         attachments=lambda: app[FILES].attachments,
+        # documents_api's lifespan runs after this one too.
+        sources=lambda: app[DOCUMENTS].retriever if DOCUMENTS in app else None,
     )
     app[CHAT] = chat
     try:
@@ -215,7 +229,9 @@ async def send_message(request: web.Request) -> web.StreamResponse:
     ``attachments?`` (ids of your uploads: images reach the model as image parts, text
     files as text), ``parent_id?`` (default: the active leaf; null: a new root; a
     message's parent: an edit, a new branch), ``model?`` (this message only), ``stream?``,
-    ``temperature?``, ``max_tokens?``. The user message is stored, with its attachments,
+    ``temperature?``, ``max_tokens?``, ``collections?`` (document collections of yours to
+    answer from, besides the conversation's documents; the answer lists its
+    ``citations``). The user message is stored, with its attachments,
     before the model is called. Events: ``message``, ``delta``..., then ``done`` or
     ``error``; with ``stream`` false, ``{user_message, assistant_message}``.
     """
@@ -238,7 +254,8 @@ async def send_message(request: web.Request) -> web.StreamResponse:
 async def regenerate_message(request: web.Request) -> web.StreamResponse:
     """Answer again: a new sibling of an answer (or a new answer to a user message).
 
-    Body (optional): ``model?``, ``stream?``, ``temperature?``, ``max_tokens?``. Answers
+    Body (optional): ``model?``, ``stream?``, ``temperature?``, ``max_tokens?``,
+    ``collections?``. Answers
     like a send; the old answer stays and remains selectable.
     """
     caller = identity.current(request)
@@ -335,6 +352,17 @@ def message_json(message: StoredMessage) -> dict[str, Any]:
         "attachments": [
             {"id": a.public_id, "filename": a.filename, "mime_type": a.mime_type, "size": a.size}
             for a in m.attachments
+        ],
+        "citations": [
+            {
+                "index": c.ordinal,
+                "document_id": c.document_public_id,
+                "filename": c.filename,
+                "page": c.page,
+                "chunk": c.chunk_ordinal,
+                "score": round(c.score, 4),
+            }
+            for c in m.citations
         ],
     }
 
@@ -522,7 +550,20 @@ def _options(request: web.Request, body: Mapping[str, Any]) -> Options:
         temperature=None if temperature is None else float(temperature),
         max_tokens=max_tokens,
         origin=request.remote,
+        collections=_collections(body.get("collections")),
     )
+
+
+def _collections(value: Any) -> tuple[str, ...]:
+    """Names of the caller's document collections to answer from, each once."""
+    if value is None:
+        return ()
+    if not isinstance(value, list) or len(value) > MAX_COLLECTIONS:
+        raise InvalidRequest(
+            f"'collections' must be an array of at most {MAX_COLLECTIONS} names", "collections"
+        )
+    names = [collection_name(v, "collections") for v in value]
+    return tuple(dict.fromkeys(names))
 
 
 def _limit(value: str | None) -> int:

@@ -3,7 +3,8 @@
 Invariants:
 - a row names its blob by ``sha256``; several rows may share one blob (the same bytes
   uploaded twice are stored once), so a blob may go only when no row names it
-  (``referenced`` / ``unreferenced``);
+  (``referenced`` / ``unreferenced``, which count documents too: they share the blob
+  directory);
 - ``user_id`` is the owner (NULL: the local admin, as for conversations); callers check
   ownership with ``Identity.may_see(row.user_id)`` and answer 404 otherwise;
 - deleting a conversation deletes its attachment rows (foreign key cascade); the caller
@@ -28,6 +29,7 @@ from sqlalchemy.sql import Select
 
 from parley.domain.times import utc
 from parley.errors import NotFound
+from parley.store import documents
 from parley.store.bulk import new_public_id
 from parley.store.schema import attachments, conversations, messages
 
@@ -233,19 +235,21 @@ def conversation_blobs(conn: Connection, conversation_id: int) -> set[str]:
 
 
 def referenced(conn: Connection, sha256: str) -> bool:
-    """Whether any attachment row still names the blob."""
+    """Whether any attachment row, or any document (``store.documents``: they share the
+    blob directory), still names the blob."""
     query = select(attachments.c.id).where(attachments.c.sha256 == sha256).limit(1)
-    return conn.execute(query).first() is not None
+    return conn.execute(query).first() is not None or documents.referenced(conn, sha256)
 
 
 def unreferenced(conn: Connection, hashes: Iterable[str]) -> set[str]:
-    """Those of ``hashes`` that no attachment row names any more."""
+    """Those of ``hashes`` that no attachment row and no document names any more."""
     wanted = sorted(set(hashes))
     named: set[str] = set()
     for start in range(0, len(wanted), _CHUNK):
         chunk = wanted[start : start + _CHUNK]
         query = select(attachments.c.sha256).where(attachments.c.sha256.in_(chunk)).distinct()
         named.update(conn.execute(query).scalars())
+    named |= documents.named(conn, set(wanted) - named)
     return set(wanted) - named
 
 

@@ -25,6 +25,7 @@ from parley.domain.times import utc
 from parley.errors import InvalidRequest
 from parley.store import attachments as files
 from parley.store.attachments import AttachmentRow
+from parley.store.documents import CitationRow
 from parley.store.schema import conversations, messages, provider_configs, responses
 
 _C = conversations.c
@@ -79,8 +80,9 @@ class Conversation:
 # times slower to build, and a loaded conversation builds a thousand of these.
 @dataclass(slots=True)
 class StoredMessage:
-    """One message with its parent's public id, for an answer its response row, and
-    the files it carries (``attachments``: filled in by the reads that need them)."""
+    """One message with its parent's public id, for an answer its response row, the
+    files it carries and an answer's sources (``attachments``, ``citations``: filled in
+    by the reads that need them)."""
 
     id: int
     public_id: uuid.UUID
@@ -98,6 +100,8 @@ class StoredMessage:
     finish_reason: str | None = None
     # Files attached to the message, in upload order; their bytes are never in ``payload``.
     attachments: tuple[AttachmentRow, ...] = ()
+    # An answer's sources (``store.documents``), in rank order.
+    citations: tuple[CitationRow, ...] = ()
 
     def message(self) -> Message:
         """The message as stored, without its files (``chat.service`` adds them as content

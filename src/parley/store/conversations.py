@@ -41,6 +41,7 @@ from sqlalchemy import Connection, delete, insert, select, tuple_, update
 from parley.domain.messages import Message, chain_hash
 from parley.errors import InvalidRequest
 from parley.store import attachments as files
+from parley.store import documents
 from parley.store.attachments import AttachmentRow, ConversationRef
 from parley.store.bulk import new_public_id
 from parley.store.conversation_rows import (
@@ -193,8 +194,12 @@ class Conversations:
             rows = conn.execute(MESSAGES.where(_M.conversation_id == row.id)).all()
             answers = {r[0]: r for r in conn.execute(RESPONSES.where(_M.conversation_id == row.id))}
             attached = files.on_messages_of(conn, row.id)
+            cited = documents.citations_in(conn, row.id)
         listed = messages_of(rows, answers)
         with_files(listed, attached)
+        for message in listed:
+            if message.id in cited:
+                message.citations = tuple(cited[message.id])
         last = max((m.created_at for m in listed), default=None)
         parent_of = {m.id: m.parent_id for m in listed}
         leaf = row.active_leaf_id
@@ -235,14 +240,15 @@ class Conversations:
 
     def delete(self, viewer: Viewer, public_id: uuid.UUID) -> set[str] | None:
         """Delete the conversation (rows go by foreign keys); the blob hashes its
-        attachments named, for the caller to sweep once this is committed, or None when
-        it is missing or not visible."""
+        attachments and documents named, for the caller to sweep once this is committed,
+        or None when it is missing or not visible."""
         with self._writing() as conn:
             row = visible_row(conn, viewer, public_id)
             if row is None:
                 return None
             named = select(attachments.c.sha256).where(attachments.c.conversation_id == row.id)
             blobs = set(conn.execute(named.distinct()).scalars())
+            blobs |= documents.conversation_hashes(conn, row.id)
             conn.execute(delete(conversations).where(_C.id == row.id))
             return blobs
 
@@ -381,7 +387,7 @@ class Conversations:
             )
 
     def get_message(self, conversation_id: int, public_id: uuid.UUID) -> StoredMessage | None:
-        """A message of a conversation, with its response row."""
+        """A message of a conversation, with its response row and citations."""
         with self._engine.connect() as conn:
             row = conn.execute(
                 MESSAGES.where(_M.public_id == public_id, _M.conversation_id == conversation_id)
@@ -394,7 +400,10 @@ class Conversations:
                 parents[row[2]] = conn.execute(
                     select(_M.public_id).where(_M.id == row[2])
                 ).scalar_one()
-        return messages_of([row], {} if answer is None else {row[0]: answer}, parents)[0]
+            cited = documents.citations_of(conn, [row[0]]).get(row[0], [])
+        found = messages_of([row], {} if answer is None else {row[0]: answer}, parents)[0]
+        found.citations = tuple(cited)
+        return found
 
     @contextmanager
     def _writing(self) -> Iterator[Connection]:

@@ -26,6 +26,7 @@ import sqlalchemy
 from sqlalchemy import Connection, Table, and_, exists, func, inspect, select
 
 from parley.errors import StoreError
+from parley.store import documents
 from parley.store.schema import attachments, conversations, messages, metadata
 
 _CHECKPOINT_MODES = ("PASSIVE", "FULL", "RESTART", "TRUNCATE")
@@ -206,5 +207,6 @@ def messages_without_conversation(conn: Connection) -> int:
 
 
 def attachment_hashes(conn: Connection) -> set[str]:
-    """Every blob any attachment row names."""
-    return set(conn.execute(select(attachments.c.sha256).distinct()).scalars())
+    """Every blob any attachment row or document names."""
+    named = set(conn.execute(select(attachments.c.sha256).distinct()).scalars())
+    return named | documents.hashes(conn)

@@ -1,0 +1,176 @@
+"""Retrieval for answers: the chunks of a conversation's documents (and of the collections
+a message names) nearest the user's message, the prompt that carries them upstream, and
+the citations the answer keeps.
+
+``Retriever`` wraps the engine, an embedder and the vector store (``search.embedders`` /
+``search.vectors``, seen here through the two narrow protocols below). Invariants:
+- isolation: the chunks of a conversation are searched among its owner's vectors, those
+  of named collections among the caller's own; the user filter is inside the vector query
+  (``VectorStore.search_chunks``), and every hit is checked again against its row in the
+  store (owner, conversation, collection) before it is used: a vector left behind by a
+  deleted chunk, or one that is not the caller's, never reaches a prompt;
+- only indexed chunks are found: a document still ``pending`` is not waited for (nothing
+  on the request path waits for embeddings);
+- the text sent upstream is the chunk's row (``document_chunks.content``), not the copy in
+  the vector store; the citations name the same chunks, in the same order, numbered as
+  the prompt numbers them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import sqlalchemy
+
+from parley.store import documents as repo
+from parley.store.documents import ChunkRow, NewCitation
+from parley.store.engine import writer_connection
+
+# How many chunks go into a prompt.
+TOP_CHUNKS = 4
+# Asked of the vector store per scope, before the store's rows are checked.
+_CANDIDATES = 8
+MAX_COLLECTIONS = 20
+PROMPT_HEAD = (
+    "Excerpts from the user's documents follow, numbered. Use them when they help to "
+    "answer, and cite the ones you use by number, like [1]. If they do not contain the "
+    "answer, say so rather than guessing."
+)
+
+
+class QueryEmbedder(Protocol):
+    """What retrieval needs of an embedder (``search.embedders.Embedder`` is one)."""
+
+    async def embed_query(self, text: str) -> list[float]: ...
+
+
+class Hit(Protocol):
+    @property
+    def chunk_id(self) -> int: ...
+
+    @property
+    def score(self) -> float: ...
+
+
+class ChunkIndex(Protocol):
+    """What retrieval needs of the vector store (``search.vectors.VectorStore`` is one)."""
+
+    def search_chunks(
+        self,
+        vector: Sequence[float],
+        *,
+        user_id: int | None,
+        conversation_id: int | None = None,
+        collections: Sequence[str] = (),
+        limit: int = 5,
+    ) -> Sequence[Hit]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Source:
+    """One chunk given to the model, and how well it matched (cosine similarity)."""
+
+    chunk: ChunkRow
+    score: float
+
+    def citation(self) -> NewCitation:
+        c = self.chunk
+        return NewCitation(c.document_id, c.id, c.filename, c.page, c.ordinal, self.score)
+
+
+@dataclass(frozen=True, slots=True)
+class Scope:
+    """Where to look: the conversation's documents (of its owner ``owner_id``) and the
+    caller's collections ``collections``."""
+
+    conversation_id: int | None
+    owner_id: int | None
+    caller_id: int | None
+    collections: tuple[str, ...] = ()
+
+
+class Retriever:
+    def __init__(
+        self,
+        engine: sqlalchemy.Engine,
+        embedder: QueryEmbedder,
+        index: ChunkIndex,
+        *,
+        limit: int = TOP_CHUNKS,
+    ) -> None:
+        self._engine = engine
+        self._embedder = embedder
+        self._index = index
+        self._limit = limit
+
+    async def retrieve(self, query: str, scope: Scope) -> list[Source]:
+        """The best ``limit`` chunks for ``query`` in ``scope``, best first."""
+        if not query.strip():
+            return []
+        vector = await self._embedder.embed_query(query)
+        return await asyncio.to_thread(self._search, vector, scope)
+
+    def _search(self, vector: Sequence[float], scope: Scope) -> list[Source]:
+        # One vector query per owner: the conversation's owner for its documents, the
+        # caller for collections (the same query when they are the same user).
+        asks: dict[int | None, tuple[int | None, tuple[str, ...]]] = {}
+        if scope.conversation_id is not None:
+            asks[scope.owner_id] = (scope.conversation_id, ())
+        if scope.collections:
+            conversation, _ = asks.get(scope.caller_id, (None, ()))
+            asks[scope.caller_id] = (conversation, scope.collections)
+        scores: dict[int, float] = {}
+        for user_id, (conversation_id, collections) in asks.items():
+            hits = self._index.search_chunks(
+                vector,
+                user_id=user_id,
+                conversation_id=conversation_id,
+                collections=collections,
+                limit=max(_CANDIDATES, self._limit * 2),
+            )
+            for hit in hits:
+                scores[hit.chunk_id] = max(hit.score, scores.get(hit.chunk_id, -1.0))
+        if not scores:
+            return []
+        with self._engine.connect() as conn:
+            rows = repo.chunks_by_id(conn, list(scores))
+        sources = [
+            Source(rows[chunk_id], score)
+            for chunk_id, score in scores.items()
+            if chunk_id in rows and _in_scope(rows[chunk_id], scope)
+        ]
+        sources.sort(key=lambda s: (-s.score, s.chunk.id))
+        return sources[: self._limit]
+
+    def cite(self, message_id: int, sources: Sequence[Source]) -> None:
+        """Store the sources of answer ``message_id`` (committed), in prompt order."""
+        with writer_connection(self._engine) as conn, conn.begin():
+            repo.insert_citations(conn, message_id, [s.citation() for s in sources])
+
+    def has_documents(self, conversation_id: int) -> bool:
+        with self._engine.connect() as conn:
+            return repo.has_documents(conn, conversation_id)
+
+
+def _in_scope(chunk: ChunkRow, scope: Scope) -> bool:
+    """The store's word on a hit: the conversation's own, or the caller's collection."""
+    if scope.conversation_id is not None and chunk.conversation_id == scope.conversation_id:
+        return chunk.user_id == scope.owner_id
+    return (
+        chunk.collection is not None
+        and chunk.collection in scope.collections
+        and chunk.user_id == scope.caller_id
+    )
+
+
+def prompt(sources: Sequence[Source]) -> str:
+    """The system text that carries ``sources`` upstream, numbered from 1."""
+    parts = [PROMPT_HEAD]
+    for number, source in enumerate(sources, start=1):
+        c = source.chunk
+        where = f"{c.filename}, page {c.page}" if c.page is not None else c.filename
+        parts.append(f"[{number}] {where}\n{c.content}")
+    return "\n\n".join(parts)
