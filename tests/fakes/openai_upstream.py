@@ -21,6 +21,9 @@ Behaviour is chosen by the requested model name, so it works across processes:
   ``error-mid``: 2 chunks, then an ``{"error": ...}`` frame; ``no-done``: a whole stream
   without the closing ``data: [DONE]``.
 
+Embeddings are derived from the text (equal texts, equal vectors) with 8 dimensions, or N
+for a model named ``embed-<N>``, or ``dimensions`` when the request gives it.
+
 Stalls are cancelled on ``stop()``, so they never hold up shutdown. Answers are
 deterministic (ids hash the request, ``created`` is fixed): a test can compare the bytes
 an adapter passes through with what the fake sends for the same body.
@@ -140,7 +143,8 @@ class _Upstream:
         inputs = body.get("input", [])
         if isinstance(inputs, str) or (inputs and isinstance(inputs[0], int)):
             inputs = [inputs]
-        dimensions = int(body.get("dimensions") or 8)
+        sized = model.removeprefix("embed-")
+        dimensions = int(body.get("dimensions") or (sized if sized.isdigit() else 8))
         vectors: list[Any] = [_vector(str(item), dimensions) for item in inputs]
         if body.get("encoding_format") == "base64":  # the openai SDK's default
             vectors = [base64.b64encode(array("f", v).tobytes()).decode() for v in vectors]
