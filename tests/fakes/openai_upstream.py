@@ -22,7 +22,8 @@ Behaviour is chosen by the requested model name, so it works across processes:
   without the closing ``data: [DONE]``.
 
 Embeddings are derived from the text (equal texts, equal vectors) with 8 dimensions, or N
-for a model named ``embed-<N>``, or ``dimensions`` when the request gives it.
+for a model named ``embed-<N>``, or ``dimensions`` when the request gives it; a request
+with an input containing ``REFUSE_EMBEDDING`` is refused (400), whatever the model.
 
 Stalls are cancelled on ``stop()``, so they never hold up shutdown. Answers are
 deterministic (ids hash the request, ``created`` is fixed): a test can compare the bytes
@@ -46,6 +47,8 @@ from aiohttp import web
 from tests.fakes.runner import FakeServer, reset, serve_main
 
 STALL_SECONDS = 30.0
+# An embeddings input containing this is refused with a 400 (an input the model rejects).
+REFUSE_EMBEDDING = "REFUSE_EMBEDDING"
 CREATED = 1_700_000_000
 MODELS = ("gpt-4o-mini", "tool-call", "text-embedding-3-small", "bench")
 # status -> (type, code, message, extra headers)
@@ -143,6 +146,8 @@ class _Upstream:
         inputs = body.get("input", [])
         if isinstance(inputs, str) or (inputs and isinstance(inputs[0], int)):
             inputs = [inputs]
+        if any(REFUSE_EMBEDDING in str(item) for item in inputs):
+            return _error(400, "Invalid value for 'input': the text cannot be embedded.")
         sized = model.removeprefix("embed-")
         dimensions = int(body.get("dimensions") or (sized if sized.isdigit() else 8))
         vectors: list[Any] = [_vector(str(item), dimensions) for item in inputs]

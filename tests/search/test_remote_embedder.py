@@ -1,10 +1,15 @@
 """The remote embedder through a running server: an OpenAI-compatible embeddings model of
 the gateway's own providers (``[search] embedder = "remote"``), served by the fake
 upstream over real HTTP. The fake derives a vector from the text, so a query equal to a
-message's text finds that message first."""
+message's text finds that message first.
+
+Also the poison rule of the indexer: a text the model refuses is dropped (a message) or
+fails its document (a chunk) while the rest of its batch is indexed; a batch of which
+nothing can be embedded stays queued."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,12 +19,18 @@ import lancedb
 import pytest
 
 from parley.ops.migrate import upgrade
+from parley.search.documents import ChunkText
+from parley.search.embedders import RemoteEmbedder
+from parley.search.indexer import Indexer
 from parley.search.vectors import VectorStore
 from parley.server.identity import LOCAL
+from parley.server.state import SERVICES
 from parley.settings import Settings
+from parley.store import documents as repo
 from parley.store.conversations import Conversations
-from parley.store.engine import create_engine
-from tests.fakes.openai_upstream import FakeOpenAI
+from parley.store.documents import Place
+from parley.store.engine import create_engine, writer_connection
+from tests.fakes.openai_upstream import REFUSE_EMBEDDING, FakeOpenAI
 from tests.harness import ParleyServer, rows, settings_for, wait_for, write_config
 from tests.store.test_conversations import new, say
 
@@ -159,3 +170,82 @@ def test_changing_the_remote_model_empties_the_store_and_embeds_everything_again
             f"{server.root}/api/search", params={"q": CAT, "mode": "semantic"}, timeout=30
         )
         assert reply.json()["data"][0]["snippet"] == CAT
+
+
+def _document(settings: Settings, filename: str, *contents: str) -> repo.DocumentRow:
+    engine = create_engine(settings)
+    try:
+        with writer_connection(engine) as conn, conn.begin():
+            return repo.insert_document(
+                conn,
+                Place(user_id=None, collection="notes"),
+                filename=filename,
+                mime_type="text/plain",
+                size=sum(len(c) for c in contents),
+                sha256=filename.encode().hex().ljust(64, "0")[:64],
+                page_count=None,
+                chunks=[ChunkText(i, None, c) for i, c in enumerate(contents)],
+            )
+    finally:
+        engine.dispose()
+
+
+def _status(database_url: str, document: repo.DocumentRow) -> tuple[str, str | None]:
+    [row] = rows(database_url, "SELECT status, error FROM documents WHERE id = :id", id=document.id)
+    return row["status"], row["error"]
+
+
+def test_a_text_the_model_refuses_does_not_block_the_others(
+    tmp_path: Path, database_url: str, upstream: FakeOpenAI, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = _configure(tmp_path, database_url, upstream, "up/text-embedding-3-small")
+    poison = (f"{REFUSE_EMBEDDING} one", f"{REFUSE_EMBEDDING} two")
+    conv = _seed(settings, *poison)
+    # Nothing of the batch can be embedded: that looks like an outage, so all stays queued.
+    with ParleyServer(settings) as server:
+        assert server.app is not None
+        search = server.app[SERVICES].search
+        assert search is not None
+        wait_for(lambda: search.indexer.failures >= 2, timeout=30)
+        assert rows(database_url, QUEUED)[0]["n"] == 2
+        assert VectorStore.open(settings.vector_uri).message_ids() == set()
+    # Once the batch holds texts the model takes, the refused ones are dropped for good.
+    engine = create_engine(settings)
+    try:
+        store = Conversations(engine)
+        say(store, conv, CAT, LOCAL)
+        say(store, conv, REVENUE, LOCAL)
+    finally:
+        engine.dispose()
+    bad = _document(settings, "bad.txt", "A fine first chunk.", f"{REFUSE_EMBEDDING} chunk")
+    good = _document(settings, "good.txt", "The lighthouse keeper's log.")
+    caplog.set_level(logging.WARNING, logger="parley.search.indexer")
+    with ParleyServer(settings) as server:
+        wait_for(lambda: _drained(database_url), timeout=30)
+        wait_for(lambda: _status(database_url, good)[0] == repo.INDEXED, timeout=10)
+        store = VectorStore.open(settings.vector_uri)
+        assert store.message_ids() == _message_ids(database_url, CAT, REVENUE)
+        status, error = _status(database_url, bad)
+        assert status == repo.FAILED
+        assert error is not None and "cannot be embedded" in error
+        reply = httpx.get(
+            f"{server.root}/api/search", params={"q": REVENUE, "mode": "semantic"}, timeout=30
+        )
+        assert reply.json()["data"][0]["snippet"] == REVENUE
+    dropped = [r.getMessage() for r in caplog.records]
+    dropped = [line for line in dropped if "dropped from the outbox" in line]
+    assert len(dropped) == 2 and all("parley reindex" in line for line in dropped)
+    # Not forgotten: a reconcile (``parley reindex``, the next start) queues them again.
+    engine = create_engine(settings)
+    try:
+        embedder = RemoteEmbedder("up/text-embedding-3-small", _never_called)
+        indexer = Indexer(engine, VectorStore.open(settings.vector_uri), embedder)
+        assert indexer.reconcile_sync().messages_queued == 2
+    finally:
+        engine.dispose()
+    queued = {r["item_id"] for r in rows(database_url, "SELECT item_id FROM search_outbox")}
+    assert queued == _message_ids(database_url, *poison)
+
+
+async def _never_called(texts: list[str]) -> list[list[float]]:
+    raise AssertionError("a reconcile embeds nothing")
