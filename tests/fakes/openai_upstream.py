@@ -21,6 +21,10 @@ Behaviour is chosen by the requested model name, so it works across processes:
   ``error-mid``: 2 chunks, then an ``{"error": ...}`` frame; ``no-done``: a whole stream
   without the closing ``data: [DONE]``.
 
+Embeddings are derived from the text (equal texts, equal vectors) with 8 dimensions, or N
+for a model named ``embed-<N>``, or ``dimensions`` when the request gives it; a request
+with an input containing ``REFUSE_EMBEDDING`` is refused (400), whatever the model.
+
 Stalls are cancelled on ``stop()``, so they never hold up shutdown. Answers are
 deterministic (ids hash the request, ``created`` is fixed): a test can compare the bytes
 an adapter passes through with what the fake sends for the same body.
@@ -43,6 +47,8 @@ from aiohttp import web
 from tests.fakes.runner import FakeServer, reset, serve_main
 
 STALL_SECONDS = 30.0
+# An embeddings input containing this is refused with a 400 (an input the model rejects).
+REFUSE_EMBEDDING = "REFUSE_EMBEDDING"
 CREATED = 1_700_000_000
 MODELS = ("gpt-4o-mini", "tool-call", "text-embedding-3-small", "bench")
 # status -> (type, code, message, extra headers)
@@ -140,7 +146,10 @@ class _Upstream:
         inputs = body.get("input", [])
         if isinstance(inputs, str) or (inputs and isinstance(inputs[0], int)):
             inputs = [inputs]
-        dimensions = int(body.get("dimensions") or 8)
+        if any(REFUSE_EMBEDDING in str(item) for item in inputs):
+            return _error(400, "Invalid value for 'input': the text cannot be embedded.")
+        sized = model.removeprefix("embed-")
+        dimensions = int(body.get("dimensions") or (sized if sized.isdigit() else 8))
         vectors: list[Any] = [_vector(str(item), dimensions) for item in inputs]
         if body.get("encoding_format") == "base64":  # the openai SDK's default
             vectors = [base64.b64encode(array("f", v).tobytes()).decode() for v in vectors]

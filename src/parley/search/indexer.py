@@ -10,6 +10,12 @@ Invariants:
 - a crash anywhere leaves the outbox rows in place: the batch runs again and, writes being
   idempotent, changes nothing twice; rows queued meanwhile are never removed unread;
 - nothing waits on it: requests commit messages (and their outbox rows) and return;
+- a poison item never blocks the outbox: when a batch fails to embed, its items are
+  embedded one by one. If every one fails the failure is taken as transient (the upstream
+  is down...): everything stays queued and the batch is retried with a growing pause. If
+  some succeed, those are written and the refused ones are taken as permanent: a message
+  leaves the outbox with one log line (``parley reindex`` queues it again), a chunk
+  leaves it and marks its document ``failed`` with the reason;
 - without an embedder the outbox is still drained (vectors of deleted items are deleted,
   nothing is embedded), so it never grows without bound; ``reconcile`` queues what is
   missing once an embedder is configured;
@@ -24,7 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Collection
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 import orjson
@@ -33,7 +39,7 @@ import sqlalchemy
 from parley.search.embedders import Embedder
 from parley.search.vectors import ChunkVector, MessageVector, VectorStore
 from parley.store import outbox
-from parley.store.documents import mark_indexed
+from parley.store.documents import mark_failed, mark_indexed
 from parley.store.engine import writer_connection
 
 log = logging.getLogger(__name__)
@@ -160,51 +166,82 @@ class Indexer:
         message_ids = {q.item_id for q in queued if q.kind == outbox.MESSAGE}
         chunk_ids = {q.item_id for q in queued if q.kind == outbox.CHUNK}
         messages, chunks = await asyncio.to_thread(self._rows, message_ids, chunk_ids)
-        document_ids: set[int] = set()
+        indexed_documents: set[int] = set()
+        # Items the embedder refused on their own: their outbox rows go, as do any vectors
+        # they had (of an earlier text); reconcile queues them again.
+        refused_messages: dict[int, str] = {}
+        refused_chunks: set[int] = set()
+        failed_documents: dict[int, str] = {}
+        written = len(messages) + len(chunks)
         if self.embedder is not None:
             if self.vectors.model != self.embedder.model:
                 await self.prepare()
             texts = [m.content for m in messages] + [c.content for c in chunks]
-            vectors = await self.embedder.embed(texts)
+            embedded = await _embed(self.embedder, texts)
             model = self.embedder.model
-            message_vectors = [
-                MessageVector(
-                    id=m.id,
-                    user_id=m.user_id,
-                    conversation_id=m.conversation_id,
-                    role=m.role,
-                    text=m.content,
-                    created_at=m.created_at,
-                    metadata=orjson.dumps(
-                        {"message": m.public_id, "conversation": m.conversation_public_id}
-                    ).decode(),
-                    vector=vector,
+            message_vectors: list[MessageVector] = []
+            for m, vector in zip(messages, embedded, strict=False):
+                if isinstance(vector, Refused):
+                    refused_messages[m.id] = vector.reason
+                    continue
+                message_vectors.append(
+                    MessageVector(
+                        id=m.id,
+                        user_id=m.user_id,
+                        conversation_id=m.conversation_id,
+                        role=m.role,
+                        text=m.content,
+                        created_at=m.created_at,
+                        metadata=orjson.dumps(
+                            {"message": m.public_id, "conversation": m.conversation_public_id}
+                        ).decode(),
+                        vector=vector,
+                    )
                 )
-                for m, vector in zip(messages, vectors, strict=False)
-            ]
-            chunk_vectors = [
-                ChunkVector(
-                    id=c.id,
-                    document_id=c.document_id,
-                    user_id=c.user_id,
-                    conversation_id=c.conversation_id,
-                    collection=c.collection,
-                    page=c.page,
-                    ordinal=c.ordinal,
-                    text=c.content,
-                    created_at=c.created_at,
-                    metadata=orjson.dumps({"filename": c.filename}).decode(),
-                    vector=vector,
+            chunk_vectors: list[ChunkVector] = []
+            for c, vector in zip(chunks, embedded[len(messages) :], strict=True):
+                if isinstance(vector, Refused):
+                    refused_chunks.add(c.id)
+                    failed_documents.setdefault(c.document_id, vector.reason)
+                    continue
+                chunk_vectors.append(
+                    ChunkVector(
+                        id=c.id,
+                        document_id=c.document_id,
+                        user_id=c.user_id,
+                        conversation_id=c.conversation_id,
+                        collection=c.collection,
+                        page=c.page,
+                        ordinal=c.ordinal,
+                        text=c.content,
+                        created_at=c.created_at,
+                        metadata=orjson.dumps({"filename": c.filename}).decode(),
+                        vector=vector,
+                    )
                 )
-                for c, vector in zip(chunks, vectors[len(messages) :], strict=True)
-            ]
             await asyncio.to_thread(self._write, model, message_vectors, chunk_vectors)
-            document_ids = {c.document_id for c in chunks}
-        gone_messages = message_ids - {m.id for m in messages}
-        gone_chunks = chunk_ids - {c.id for c in chunks}
+            indexed_documents = {c.document_id for c in chunks} - failed_documents.keys()
+            written = len(message_vectors) + len(chunk_vectors)
+        gone_messages = (message_ids - {m.id for m in messages}) | set(refused_messages)
+        gone_chunks = (chunk_ids - {c.id for c in chunks}) | refused_chunks
         await asyncio.to_thread(self._delete, gone_messages, gone_chunks)
-        await asyncio.to_thread(self._done, [q.id for q in queued], document_ids)
-        self.indexed += len(messages) + len(chunks)
+        await asyncio.to_thread(
+            self._done, [q.id for q in queued], indexed_documents, failed_documents
+        )
+        for message_id, reason in refused_messages.items():
+            log.warning(
+                "search indexer: message %d dropped from the outbox, the embedder refused "
+                "it (parley reindex queues it again): %s",
+                message_id,
+                reason,
+            )
+        for document_id, reason in failed_documents.items():
+            log.warning(
+                "search indexer: document %d failed, the embedder refused a chunk: %s",
+                document_id,
+                reason,
+            )
+        self.indexed += written
         return len(queued)
 
     async def reconcile(self) -> Reconciled:
@@ -261,7 +298,55 @@ class Indexer:
         self.vectors.delete_messages(message_ids)
         self.vectors.delete_chunks(chunk_ids)
 
-    def _done(self, outbox_ids: list[int], document_ids: Collection[int]) -> None:
+    def _done(
+        self,
+        outbox_ids: list[int],
+        indexed_documents: Collection[int],
+        failed_documents: Mapping[int, str],
+    ) -> None:
         with writer_connection(self.engine) as conn, conn.begin():
             outbox.remove(conn, outbox_ids)
-            mark_indexed(conn, document_ids)
+            for document_id, reason in failed_documents.items():
+                mark_failed(conn, [document_id], reason)
+            mark_indexed(conn, indexed_documents)
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    """A text the embedder refused on its own while it embedded others (for good)."""
+
+    reason: str
+
+
+async def _embed(embedder: Embedder, texts: Sequence[str]) -> list[list[float] | Refused]:
+    """One vector per text, or ``Refused`` for those refused while others were embedded.
+
+    A failed batch is tried again one text at a time, so one poison text cannot hold up the
+    others; when every text fails, nothing singles one out (the upstream is down, the
+    model gone...): the last error is raised and the batch is retried later as a whole.
+    """
+    try:
+        return list(await embedder.embed(texts))
+    except Exception as exc:
+        if len(texts) < 2:
+            raise
+        log.warning(
+            "search indexer: a batch of %d texts failed (%s); embedding them one by one",
+            len(texts),
+            _reason(exc),
+        )
+    out: list[list[float] | Refused] = []
+    last: Exception | None = None
+    for text in texts:
+        try:
+            out.append(await embedder.embed_query(text))
+        except Exception as exc:
+            last = exc
+            out.append(Refused(_reason(exc)))
+    if last is not None and all(isinstance(item, Refused) for item in out):
+        raise last
+    return out
+
+
+def _reason(exc: Exception) -> str:
+    return str(getattr(exc, "message", None) or exc) or type(exc).__name__
