@@ -33,6 +33,7 @@ from parley.search.documents import DocumentRefused, chunk, document_type, extra
 from parley.search.documents_library import DocumentLibrary, collection_name
 from parley.search.rag import Retriever
 from parley.server import identity
+from parley.server.multipart import FRAMING_SLACK, small_field, stream_file
 from parley.server.state import SERVICES
 from parley.store.blobs import BlobStore, PendingBlob
 from parley.store.documents import MAX_PAGE, STATUSES, DocumentRow
@@ -46,11 +47,6 @@ class Documents:
 
 
 DOCUMENTS = web.AppKey("parley.documents", Documents)
-
-_CHUNK = 64 * 1024
-_WRITE_BATCH = 1024 * 1024
-_FRAMING_SLACK = 64 * 1024
-_FIELD_MAX = 256
 
 
 def add_routes(app: web.Application) -> None:
@@ -89,7 +85,7 @@ async def upload(request: web.Request) -> web.Response:
     limit = request.app[SERVICES].settings.max_upload_bytes
     if request.content_type != "multipart/form-data":
         raise InvalidRequest("send the file as multipart/form-data, in a field named 'file'")
-    if request.content_length is not None and request.content_length > limit + _FRAMING_SLACK:
+    if request.content_length is not None and request.content_length > limit + FRAMING_SLACK:
         raise BodyTooLarge(f"the file is larger than the upload limit of {limit} bytes")
     pending: PendingBlob | None = None
     try:
@@ -203,11 +199,11 @@ async def _receive(
                     raise InvalidRequest("Content-Transfer-Encoding is not supported", "file")
                 pending = await asyncio.to_thread(library.begin)
                 filename = display_name(part.filename)
-                await _stream(part, pending, sniffer, data, limit)
+                await stream_file(part, pending, sniffer, limit, keep=data)
             elif part.name in ("conversation_id", "collection"):
                 if part.name in fields:
                     raise InvalidRequest(f"send {part.name!r} once", part.name)
-                fields[part.name] = (await _small_field(part, part.name)).strip()
+                fields[part.name] = (await small_field(part, part.name)).strip()
             else:
                 raise InvalidRequest(
                     f"unknown form field {str(part.name)[:64]!r}: send 'file' and "
@@ -224,35 +220,6 @@ async def _receive(
     if pending is None:
         raise InvalidRequest("the form has no 'file' field", "file")
     return pending, bytes(data), filename, sniffer, {k: v for k, v in fields.items() if v}
-
-
-async def _stream(
-    part: BodyPartReader, pending: PendingBlob, sniffer: Sniffer, data: bytearray, limit: int
-) -> None:
-    batch = bytearray()
-    while chunk_bytes := await part.read_chunk(_CHUNK):
-        if len(data) + len(chunk_bytes) > limit:
-            raise BodyTooLarge(f"the file is larger than the upload limit of {limit} bytes")
-        sniffer.feed(chunk_bytes)
-        data += chunk_bytes
-        batch += chunk_bytes
-        if len(batch) >= _WRITE_BATCH:
-            await asyncio.to_thread(pending.write, bytes(batch))
-            batch.clear()
-    if batch:
-        await asyncio.to_thread(pending.write, bytes(batch))
-
-
-async def _small_field(part: BodyPartReader, name: str) -> str:
-    data = bytearray()
-    while piece := await part.read_chunk(_FIELD_MAX):
-        data += piece
-        if len(data) > _FIELD_MAX:
-            raise InvalidRequest(f"form field {name!r} is too long", name)
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError:
-        raise InvalidRequest(f"form field {name!r} is not UTF-8 text", name) from None
 
 
 def _collection(value: str | None) -> str | None:

@@ -34,6 +34,7 @@ from parley.chat.attachments import Attachments
 from parley.chat.uploads import TEXT_TYPES, Sniffer, display_name
 from parley.errors import BodyTooLarge, ClientError, InvalidRequest, NotFound
 from parley.server import identity
+from parley.server.multipart import CHUNK, FRAMING_SLACK, small_field, stream_file
 from parley.server.state import SERVICES
 from parley.store.attachments import AttachmentRow, ConversationRef
 from parley.store.blobs import BlobStore, PendingBlob
@@ -46,14 +47,6 @@ class Files:
 
 
 FILES = web.AppKey("parley.files", Files)
-
-_CHUNK = 64 * 1024
-# Bytes gathered before one write to the blob store (off the event loop).
-_WRITE_BATCH = 1024 * 1024
-# Multipart framing and small fields around the file: a body this much over the limit
-# cannot hold a file within it, and is refused before it is read.
-_FRAMING_SLACK = 64 * 1024
-_FIELD_MAX = 256
 
 
 class UnsupportedMediaType(ClientError):
@@ -94,7 +87,7 @@ async def upload(request: web.Request) -> web.Response:
     limit = request.app[SERVICES].settings.max_upload_bytes
     if request.content_type != "multipart/form-data":
         raise InvalidRequest("send the file as multipart/form-data, in a field named 'file'")
-    if request.content_length is not None and request.content_length > limit + _FRAMING_SLACK:
+    if request.content_length is not None and request.content_length > limit + FRAMING_SLACK:
         raise BodyTooLarge(f"the file is larger than the upload limit of {limit} bytes")
     pending: PendingBlob | None = None
     try:
@@ -144,9 +137,9 @@ async def _receive(
                     raise InvalidRequest("Content-Transfer-Encoding is not supported", "file")
                 pending = await asyncio.to_thread(files.begin)
                 filename = display_name(part.filename)
-                await _stream(part, pending, sniffer, limit)
+                await stream_file(part, pending, sniffer, limit)
             elif part.name == "conversation_id":
-                conversation = (await _small_field(part, "conversation_id")).strip() or None
+                conversation = (await small_field(part, "conversation_id")).strip() or None
             else:
                 raise InvalidRequest(
                     f"unknown form field {str(part.name)[:64]!r}: send 'file' and, "
@@ -163,34 +156,6 @@ async def _receive(
     if pending is None:
         raise InvalidRequest("the form has no 'file' field", "file")
     return pending, filename, sniffer, conversation
-
-
-async def _stream(part: BodyPartReader, pending: PendingBlob, sniffer: Sniffer, limit: int) -> None:
-    received = 0
-    batch = bytearray()
-    while chunk := await part.read_chunk(_CHUNK):
-        received += len(chunk)
-        if received > limit:
-            raise BodyTooLarge(f"the file is larger than the upload limit of {limit} bytes")
-        sniffer.feed(chunk)
-        batch += chunk
-        if len(batch) >= _WRITE_BATCH:
-            await asyncio.to_thread(pending.write, bytes(batch))
-            batch.clear()
-    if batch:
-        await asyncio.to_thread(pending.write, bytes(batch))
-
-
-async def _small_field(part: BodyPartReader, name: str) -> str:
-    data = bytearray()
-    while chunk := await part.read_chunk(_FIELD_MAX):
-        data += chunk
-        if len(data) > _FIELD_MAX:
-            raise InvalidRequest(f"form field {name!r} is too long", name)
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError:
-        raise InvalidRequest(f"form field {name!r} is not UTF-8 text", name) from None
 
 
 def _unsupported(sniffer: Sniffer) -> UnsupportedMediaType:
@@ -311,7 +276,7 @@ async def _read_limited(request: web.Request, limit: int) -> bytes:
     if request.content_length is not None and request.content_length > limit:
         raise BodyTooLarge(f"request body is larger than the limit of {limit} bytes")
     body = bytearray()
-    while chunk := await request.content.read(_CHUNK):
+    while chunk := await request.content.read(CHUNK):
         body += chunk
         if len(body) > limit:
             raise BodyTooLarge(f"request body is larger than the limit of {limit} bytes")
