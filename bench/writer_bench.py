@@ -6,6 +6,12 @@ new question), so the chain-hash lookup is exercised too. Prints one row per SQL
 ``synchronous`` mode (or one row for ``--database-url``). Goal: >= 10,000 exchanges/s.
 
     python bench/writer_bench.py [--n 20000] [--batch 512] [--database-url URL]
+
+``--clients C`` instead measures durable recording as the server sees it: C clients each
+submit one exchange and wait for its commit before the next (batches then hold at most C
+exchanges), and the table adds the commit wait's p50 and p99.
+
+    python bench/writer_bench.py --clients 1 --n 3000
 """
 
 from __future__ import annotations
@@ -69,24 +75,44 @@ def workload(n: int, continue_every: int) -> list[Exchange]:
     return out
 
 
+async def clients(writer: Writer, work: list[Exchange], count: int) -> list[float]:
+    """``count`` clients, each waiting for one commit before submitting again."""
+    waits: list[float] = []
+
+    async def client(mine: list[Exchange]) -> None:
+        for ex in mine:
+            started = time.perf_counter()
+            await writer.submit(ex)
+            waits.append(time.perf_counter() - started)
+
+    await asyncio.gather(*(client(work[i::count]) for i in range(count)))
+    return waits
+
+
 async def submit_all(writer: Writer, batch: list[Exchange]) -> None:
     futures = [writer.submit(ex) for ex in batch]
     await asyncio.gather(*futures)
 
 
-def run(settings: Settings, n: int, continue_every: int) -> tuple[int, int, float, int]:
+def run(
+    settings: Settings, n: int, continue_every: int, client_count: int = 0
+) -> tuple[int, int, float, int, list[float]]:
     upgrade(settings)
     engine = create_engine(settings)
     writer = Writer(engine, batch_max=settings.writer_batch_max)
     # Built first so that the clock measures the store, not the bench.
     work = workload(n, continue_every)
     half = n // 2
+    waits: list[float] = []
     writer.start()
     try:
         started = time.perf_counter()
-        # Two waves: the second one's continuations find the first one's rows stored.
-        asyncio.run(submit_all(writer, work[:half]))
-        asyncio.run(submit_all(writer, work[half:]))
+        if client_count:
+            waits = asyncio.run(clients(writer, work, client_count))
+        else:
+            # Two waves: the second one's continuations find the first one's rows stored.
+            asyncio.run(submit_all(writer, work[:half]))
+            asyncio.run(submit_all(writer, work[half:]))
         seconds = time.perf_counter() - started
     finally:
         writer.stop(timeout=60)
@@ -96,7 +122,7 @@ def run(settings: Settings, n: int, continue_every: int) -> tuple[int, int, floa
             for t in (request_log, conversations, messages, responses)
         )
     engine.dispose()
-    return writer.committed, writer.batches, seconds, rows
+    return writer.committed, writer.batches, seconds, rows, waits
 
 
 def main() -> None:
@@ -110,11 +136,15 @@ def main() -> None:
         help="every Nth exchange continues an earlier one (0: never)",
     )
     parser.add_argument("--database-url", help="benchmark this database instead of SQLite")
+    parser.add_argument(
+        "--clients", type=int, default=0, help="clients that each wait for their commit"
+    )
     args = parser.parse_args()
 
     print(
         f"{'database':<18}{'exchanges':>10}{'batches':>9}{'seconds':>9}"
         f"{'exchanges/s':>13}{'rows/s':>10}"
+        + (f"{'wait p50 ms':>13}{'wait p99 ms':>13}" if args.clients else "")
     )
     modes = ["url"] if args.database_url else ["FULL", "NORMAL"]
     for mode in modes:
@@ -125,13 +155,20 @@ def main() -> None:
             else:
                 env["PARLEY_SQLITE_SYNCHRONOUS"] = mode
             settings = load_settings(env=env, cwd=Path(tmp), writer_batch_max=args.batch)
-            committed, batches, seconds, rows = run(settings, args.n, args.continue_every)
+            committed, batches, seconds, rows, waits = run(
+                settings, args.n, args.continue_every, args.clients
+            )
             label = (
                 settings.database_url.split(":", 1)[0] if args.database_url else (f"sqlite {mode}")
             )
+            waited = ""
+            if waits:
+                waits.sort()
+                p50, p99 = waits[len(waits) // 2], waits[int(len(waits) * 0.99)]
+                waited = f"{p50 * 1000:>13.2f}{p99 * 1000:>13.2f}"
             print(
                 f"{label:<18}{committed:>10}{batches:>9}{seconds:>9.2f}"
-                f"{committed / seconds:>13,.0f}{rows / seconds:>10,.0f}"
+                f"{committed / seconds:>13,.0f}{rows / seconds:>10,.0f}{waited}"
             )
 
 

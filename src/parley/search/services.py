@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import sqlalchemy
 
-from parley.search.embedders import Embedder, RemoteCall, load_embedder
+from parley.search.embedders import Embedder, IsolatedEmbedder, RemoteCall, load_embedder
 from parley.search.hybrid import SemanticSearch
 from parley.search.indexer import Indexer
 from parley.search.vectors import VectorStore
@@ -34,10 +34,12 @@ def open_search(
     *,
     remote: RemoteCall | None = None,
     embedder: Embedder | None = None,
+    isolated: bool = False,
 ) -> SearchServices:
-    """Build the search services (``embedder``: one already loaded, e.g. by a test)."""
+    """Build the search services (``embedder``: one already loaded, e.g. by a test;
+    ``isolated``: a local model runs in a child process, see ``search.embedders``)."""
     if embedder is None:
-        embedder = load_embedder(settings, remote)
+        embedder = load_embedder(settings, remote, isolated=isolated)
     vectors = VectorStore.open(settings.vector_uri)
     indexer = Indexer(
         engine,
@@ -49,3 +51,9 @@ def open_search(
         reconcile_on_start=settings.search.reconcile_on_start,
     )
     return SearchServices(embedder, vectors, indexer, SemanticSearch(engine, vectors, embedder))
+
+
+def close_search(services: SearchServices) -> None:
+    """Release what ``open_search`` started: an isolated embedder's child process."""
+    if isinstance(services.embedder, IsolatedEmbedder):
+        services.embedder.close()

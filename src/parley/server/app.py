@@ -42,7 +42,7 @@ from parley.ops.presence import ServerPresence
 from parley.ops.schedule import Scheduler, server_jobs
 from parley.providers.registry import build_providers
 from parley.search.embedders import Embedder
-from parley.search.services import open_search
+from parley.search.services import close_search, open_search
 from parley.server import (
     anthropic_api,
     auth,
@@ -191,6 +191,7 @@ async def _serving(
             engine,
             remote=search_api.remote_embeddings(services),
             embedder=app.get(EMBEDDER),
+            isolated=True,
         )
         search.indexer.start()
         # -- end search
@@ -202,6 +203,7 @@ async def _serving(
         search_services = app[SERVICES].search if SERVICES in app else None
         if search_services is not None:
             await search_services.indexer.stop()  # search (issue 7)
+            close_search(search_services)
         await session.close()
         if await asyncio.to_thread(_close_store, writer, engine):
             presence.mark_clean()
