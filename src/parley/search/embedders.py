@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import logging
 import math
 import multiprocessing
@@ -82,6 +83,8 @@ def load_embedder(
             return None
         return RemoteEmbedder(settings.search.model, remote)
     try:
+        if importlib.util.find_spec("sentence_transformers") is None:
+            raise ImportError("No module named 'sentence_transformers'")
         return IsolatedEmbedder.start() if isolated else LocalEmbedder.load()
     except ImportError as exc:
         log.warning(
