@@ -1,7 +1,7 @@
 """The server's local embedder runs the model in a child process (``IsolatedEmbedder``).
 
 It must give the vectors the in-process model gives, keep working for several callers,
-and go away when closed.
+come back when the child dies, and go away when closed.
 """
 
 from __future__ import annotations
@@ -34,7 +34,15 @@ def test_the_child_gives_the_in_process_vectors_and_stops_when_closed(
             cosine = sum(g * w for g, w in zip(got, want, strict=True))
             assert math.isclose(cosine, 1.0, abs_tol=1e-4)
         assert isolated.embed_sync([]) == []
+
+        process.kill()  # as the kernel's OOM killer would
+        process.join(timeout=10)
+        again = asyncio.run(isolated.embed(TEXTS[:1]))
+        cosine = sum(a * b for a, b in zip(again[0], expected[0], strict=True))
+        assert math.isclose(cosine, 1.0, abs_tol=1e-4)
+        (replacement,) = isolated._executor._processes.values()
+        assert replacement.pid != process.pid and replacement.is_alive()
     finally:
         isolated.close()
-    process.join(timeout=10)
-    assert not process.is_alive()
+    replacement.join(timeout=10)
+    assert not replacement.is_alive()

@@ -37,6 +37,7 @@ import signal
 import threading
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Protocol
 
 from parley.errors import ParleyError
@@ -158,22 +159,13 @@ class IsolatedEmbedder:
     def __init__(self, executor: ProcessPoolExecutor, dimension: int) -> None:
         self._executor = executor
         self.dimension: int | None = dimension
+        self._restart_lock = threading.Lock()
 
     @classmethod
     def start(cls) -> IsolatedEmbedder:
         """Start the child and load the model there (seconds). Raises ``ImportError``
         when the ``embeddings`` extra is not installed."""
-        # spawn, not fork: the server has threads (writer, checkpoints) by now.
-        executor = ProcessPoolExecutor(
-            max_workers=1,
-            mp_context=multiprocessing.get_context("spawn"),
-            initializer=_child_start,
-        )
-        try:
-            dimension = executor.submit(_child_dimension).result()
-        except BaseException:
-            executor.shutdown(wait=False, cancel_futures=True)
-            raise
+        executor, dimension = _start_child()
         return cls(executor, dimension)
 
     def embed_sync(self, texts: Sequence[str], batch_size: int = 64) -> list[list[float]]:
@@ -185,7 +177,20 @@ class IsolatedEmbedder:
         if not texts:
             return []
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, _child_embed, list(texts), 64)
+        executor = self._executor
+        try:
+            return await loop.run_in_executor(executor, _child_embed, list(texts), 64)
+        except BrokenProcessPool:
+            # The child died (killed, out of memory): a new one, once, then this batch.
+            await asyncio.to_thread(self._restart, executor)
+            return await loop.run_in_executor(self._executor, _child_embed, list(texts), 64)
+
+    def _restart(self, broken: ProcessPoolExecutor) -> None:
+        with self._restart_lock:
+            if self._executor is broken:  # not already replaced by another caller
+                log.warning("the embedding process died; starting a new one")
+                broken.shutdown(wait=False, cancel_futures=True)
+                self._executor, _ = _start_child()
 
     async def embed_query(self, text: str) -> list[float]:
         [vector] = await self.embed([text])
@@ -194,6 +199,20 @@ class IsolatedEmbedder:
     def close(self) -> None:
         """Stop the child (what it was computing is dropped; the outbox keeps it)."""
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _start_child() -> tuple[ProcessPoolExecutor, int]:
+    # spawn, not fork: the server has threads (writer, checkpoints) by now.
+    executor = ProcessPoolExecutor(
+        max_workers=1,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=_child_start,
+    )
+    try:
+        return executor, executor.submit(_child_dimension).result()
+    except BaseException:
+        executor.shutdown(wait=False, cancel_futures=True)
+        raise
 
 
 # The child's model (``IsolatedEmbedder``), or why it could not be loaded.
