@@ -57,6 +57,7 @@ def seed(engine: Any, rows: int, now: datetime) -> None:
     span = 30 * 24 * 3600
     done = 0
     started = time.perf_counter()
+    cache = rollups.RollupCache()  # as the writer keeps one for its connection
     with writer_connection(engine) as conn:
         while done < rows:
             n = min(CHUNK, rows - done)
@@ -67,7 +68,8 @@ def seed(engine: Any, rows: int, now: datetime) -> None:
             ]
             with conn.begin():
                 bulk_insert(conn, request_log, batch)
-                rollups.add(conn, batch)
+                rollups.add(conn, batch, cache)
+            cache.settle()
             done += n
             if done % 1_000_000 < CHUNK:
                 rate = done / (time.perf_counter() - started)
