@@ -2,4 +2,6 @@
 
 from parley.cli.main import main
 
-main()
+# Guarded: a spawned child process (the embedding process) may import this module.
+if __name__ == "__main__":
+    main()

@@ -1,13 +1,18 @@
 """The server's local embedder runs the model in a child process (``IsolatedEmbedder``).
 
 It must give the vectors the in-process model gives, keep working for several callers,
-come back when the child dies, and go away when closed.
+come back when the child dies, and go away when closed or when the server is killed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
 
 from parley.search.embedders import IsolatedEmbedder, LocalEmbedder
 
@@ -46,3 +51,37 @@ def test_the_child_gives_the_in_process_vectors_and_stops_when_closed(
         isolated.close()
     replacement.join(timeout=10)
     assert not replacement.is_alive()
+
+
+SERVER = """
+import time
+from parley.search.embedders import IsolatedEmbedder
+if __name__ == "__main__":
+    embedder = IsolatedEmbedder.start()
+    (process,) = embedder._executor._processes.values()
+    print(process.pid, flush=True)
+    time.sleep(120)
+"""
+
+
+def test_the_child_goes_when_its_server_is_killed(tmp_path: object) -> None:
+    script = os.path.join(str(tmp_path), "server.py")
+    with open(script, "w") as handle:
+        handle.write(SERVER)
+    with subprocess.Popen([sys.executable, script], stdout=subprocess.PIPE, text=True) as server:
+        try:
+            assert server.stdout is not None
+            child = int(server.stdout.readline())
+            os.kill(child, 0)  # running
+        finally:
+            server.kill()  # -9: nothing closes the child
+            server.wait()
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    os.kill(child, signal.SIGKILL)
+    raise AssertionError("the embedding process outlived its server")

@@ -35,6 +35,7 @@ import multiprocessing
 import os
 import signal
 import threading
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -49,6 +50,9 @@ LOCAL_MODEL = "local/all-MiniLM-L6-v2"
 # all-MiniLM-L6-v2 reads 256 word pieces (longer text is cut); a message longer than
 # this many characters is cut before tokenising, which costs nothing in quality.
 MAX_CHARS = 4000
+
+# How often the embedding process checks that the server that started it still runs.
+PARENT_POLL_SECONDS = 1.0
 
 RemoteCall = Callable[[list[str]], Awaitable[list[list[float]]]]
 """Embeds a batch of texts through the gateway (one request, one vector per text)."""
@@ -221,8 +225,12 @@ _child: LocalEmbedder | ImportError | None = None
 
 def _child_start() -> None:
     global _child
-    # The server handles Ctrl-C and SIGTERM; the child ends when the server closes it.
+    # The server handles Ctrl-C and SIGTERM; the child ends when the server closes it,
+    # or when the server is gone (killed -9: nobody closes it).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(
+        target=_exit_with_parent, args=(os.getppid(),), name="parley-parent-watch", daemon=True
+    ).start()
     with contextlib.suppress(OSError):
         os.nice(10)
     try:
@@ -232,6 +240,12 @@ def _child_start() -> None:
         _child = LocalEmbedder.load()
     except ImportError as exc:
         _child = exc
+
+
+def _exit_with_parent(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(PARENT_POLL_SECONDS)
+    os._exit(0)
 
 
 def _loaded() -> LocalEmbedder:
