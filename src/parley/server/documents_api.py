@@ -25,15 +25,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from aiohttp import BodyPartReader, web
+from aiohttp import web
 
-from parley.chat.uploads import Sniffer, display_name
 from parley.errors import BodyTooLarge, InvalidRequest, NotFound
 from parley.search.documents import DocumentRefused, chunk, document_type, extract
 from parley.search.documents_library import DocumentLibrary, collection_name
 from parley.search.rag import Retriever
 from parley.server import identity
-from parley.server.multipart import FRAMING_SLACK, small_field, stream_file
+from parley.server.multipart import FRAMING_SLACK, receive_form
 from parley.server.state import SERVICES
 from parley.store.blobs import BlobStore, PendingBlob
 from parley.store.documents import MAX_PAGE, STATUSES, DocumentRow
@@ -89,7 +88,22 @@ async def upload(request: web.Request) -> web.Response:
         raise BodyTooLarge(f"the file is larger than the upload limit of {limit} bytes")
     pending: PendingBlob | None = None
     try:
-        pending, data, filename, sniffer, fields = await _receive(request, library, limit)
+        upload = await receive_form(
+            request,
+            library.begin,
+            limit,
+            fields=("conversation_id", "collection"),
+            expected="'file' and 'conversation_id' or 'collection'",
+            keep=True,
+            once=True,
+        )
+        pending, data, filename, sniffer, fields = (
+            upload.pending,
+            upload.data,
+            upload.filename,
+            upload.sniffer,
+            upload.fields,
+        )
         conversation = fields.get("conversation_id")
         place = await asyncio.to_thread(
             library.place,
@@ -174,52 +188,6 @@ def document_json(row: DocumentRow) -> dict[str, Any]:
 
 
 # --- input ---------------------------------------------------------------------------
-
-
-async def _receive(
-    request: web.Request, library: DocumentLibrary, limit: int
-) -> tuple[PendingBlob, bytes, str, Sniffer, dict[str, str]]:
-    """Stream the form: the file into a pending blob (and memory, to read it), the other
-    fields into memory."""
-    pending: PendingBlob | None = None
-    data = bytearray()
-    filename = display_name(None)
-    sniffer = Sniffer()
-    fields: dict[str, str] = {}
-    try:
-        reader = await request.multipart()
-        while (part := await reader.next()) is not None:
-            if not isinstance(part, BodyPartReader):
-                raise InvalidRequest("nested multipart bodies are not accepted")
-            if part.name == "file":
-                if pending is not None:
-                    raise InvalidRequest("send one file per upload", "file")
-                encoding = part.headers.get("Content-Transfer-Encoding", "binary").lower()
-                if encoding not in ("binary", "8bit", "7bit"):
-                    raise InvalidRequest("Content-Transfer-Encoding is not supported", "file")
-                pending = await asyncio.to_thread(library.begin)
-                filename = display_name(part.filename)
-                await stream_file(part, pending, sniffer, limit, keep=data)
-            elif part.name in ("conversation_id", "collection"):
-                if part.name in fields:
-                    raise InvalidRequest(f"send {part.name!r} once", part.name)
-                fields[part.name] = (await small_field(part, part.name)).strip()
-            else:
-                raise InvalidRequest(
-                    f"unknown form field {str(part.name)[:64]!r}: send 'file' and "
-                    "'conversation_id' or 'collection'"
-                )
-    except ValueError as exc:  # aiohttp's multipart parser refusing malformed framing
-        if pending is not None:
-            await asyncio.to_thread(pending.discard)
-        raise InvalidRequest(f"malformed multipart body: {exc}") from None
-    except BaseException:
-        if pending is not None:
-            await asyncio.to_thread(pending.discard)
-        raise
-    if pending is None:
-        raise InvalidRequest("the form has no 'file' field", "file")
-    return pending, bytes(data), filename, sniffer, {k: v for k, v in fields.items() if v}
 
 
 def _collection(value: str | None) -> str | None:

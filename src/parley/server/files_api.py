@@ -27,14 +27,14 @@ from urllib.parse import quote
 
 import orjson
 import sqlalchemy
-from aiohttp import BodyPartReader, web
+from aiohttp import web
 
 from parley.chat import history
 from parley.chat.attachments import Attachments
-from parley.chat.uploads import TEXT_TYPES, Sniffer, display_name
+from parley.chat.uploads import TEXT_TYPES, Sniffer
 from parley.errors import BodyTooLarge, ClientError, InvalidRequest, NotFound
 from parley.server import identity
-from parley.server.multipart import CHUNK, FRAMING_SLACK, small_field, stream_file
+from parley.server.multipart import CHUNK, FRAMING_SLACK, receive_form
 from parley.server.state import SERVICES
 from parley.store.attachments import AttachmentRow, ConversationRef
 from parley.store.blobs import BlobStore, PendingBlob
@@ -91,7 +91,15 @@ async def upload(request: web.Request) -> web.Response:
         raise BodyTooLarge(f"the file is larger than the upload limit of {limit} bytes")
     pending: PendingBlob | None = None
     try:
-        pending, filename, sniffer, conversation_field = await _receive(request, files, limit)
+        upload = await receive_form(
+            request,
+            files.begin,
+            limit,
+            fields=("conversation_id",),
+            expected="'file' and, optionally, 'conversation_id'",
+        )
+        pending, filename, sniffer = upload.pending, upload.filename, upload.sniffer
+        conversation_field = upload.fields.get("conversation_id")
         if pending.size == 0:
             raise InvalidRequest("the file is empty", "file")
         mime_type = sniffer.mime_type(filename)
@@ -114,48 +122,6 @@ async def upload(request: web.Request) -> web.Response:
         if pending is not None:
             await asyncio.to_thread(pending.discard)
     return _json(_attachment_json(row), status=201)
-
-
-async def _receive(
-    request: web.Request, files: Attachments, limit: int
-) -> tuple[PendingBlob, str, Sniffer, str | None]:
-    """Stream the form: the file into a pending blob, the other fields into memory."""
-    pending: PendingBlob | None = None
-    filename = display_name(None)
-    sniffer = Sniffer()
-    conversation: str | None = None
-    try:
-        reader = await request.multipart()
-        while (part := await reader.next()) is not None:
-            if not isinstance(part, BodyPartReader):
-                raise InvalidRequest("nested multipart bodies are not accepted")
-            if part.name == "file":
-                if pending is not None:
-                    raise InvalidRequest("send one file per upload", "file")
-                encoding = part.headers.get("Content-Transfer-Encoding", "binary").lower()
-                if encoding not in ("binary", "8bit", "7bit"):
-                    raise InvalidRequest("Content-Transfer-Encoding is not supported", "file")
-                pending = await asyncio.to_thread(files.begin)
-                filename = display_name(part.filename)
-                await stream_file(part, pending, sniffer, limit)
-            elif part.name == "conversation_id":
-                conversation = (await small_field(part, "conversation_id")).strip() or None
-            else:
-                raise InvalidRequest(
-                    f"unknown form field {str(part.name)[:64]!r}: send 'file' and, "
-                    "optionally, 'conversation_id'"
-                )
-    except ValueError as exc:  # aiohttp's multipart parser refusing malformed framing
-        if pending is not None:
-            await asyncio.to_thread(pending.discard)
-        raise InvalidRequest(f"malformed multipart body: {exc}") from None
-    except BaseException:
-        if pending is not None:
-            await asyncio.to_thread(pending.discard)
-        raise
-    if pending is None:
-        raise InvalidRequest("the form has no 'file' field", "file")
-    return pending, filename, sniffer, conversation
 
 
 def _unsupported(sniffer: Sniffer) -> UnsupportedMediaType:

@@ -1,17 +1,21 @@
 """Reading uploads from ``multipart/form-data`` bodies: HTTP only, shared by the upload routes.
 
-A file part is streamed to a pending blob in ``WRITE_BATCH`` pieces (off the event loop)
-while its first bytes go to the type sniffer, and refused with 413 once it passes the
-limit; small text fields are read whole, up to ``FIELD_MAX`` bytes of UTF-8.
+``receive_form`` reads a form of one ``file`` part and a few small text fields. The file
+is streamed to a pending blob in ``WRITE_BATCH`` pieces (off the event loop) while its
+first bytes go to the type sniffer, and refused with 413 once it passes the limit; small
+text fields are read whole, up to ``FIELD_MAX`` bytes of UTF-8. On any refusal the
+pending blob is discarded.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass
 
-from aiohttp import BodyPartReader
+from aiohttp import BodyPartReader, web
 
-from parley.chat.uploads import Sniffer
+from parley.chat.uploads import Sniffer, display_name
 from parley.errors import BodyTooLarge, InvalidRequest
 from parley.store.blobs import PendingBlob
 
@@ -22,6 +26,70 @@ WRITE_BATCH = 1024 * 1024
 # cannot hold a file within it, and is refused before it is read.
 FRAMING_SLACK = 64 * 1024
 FIELD_MAX = 256
+
+
+@dataclass(slots=True)
+class Upload:
+    pending: PendingBlob
+    filename: str
+    sniffer: Sniffer
+    # The small fields sent, stripped (a field sent empty is left out).
+    fields: dict[str, str]
+    # The file's bytes, when ``receive_form`` was asked to keep them.
+    data: bytes
+
+
+async def receive_form(
+    request: web.Request,
+    begin: Callable[[], PendingBlob],
+    limit: int,
+    *,
+    fields: tuple[str, ...],
+    expected: str,
+    keep: bool = False,
+    once: bool = False,
+) -> Upload:
+    """Stream the form: the file into ``begin()``'s pending blob (and memory, with
+    ``keep``), the ``fields`` into memory (``once``: a field sent twice is refused,
+    otherwise the last one counts). ``expected`` completes the refusal of an unknown
+    field ("send ...")."""
+    pending: PendingBlob | None = None
+    data = bytearray() if keep else None
+    filename = display_name(None)
+    sniffer = Sniffer()
+    values: dict[str, str] = {}
+    try:
+        reader = await request.multipart()
+        while (part := await reader.next()) is not None:
+            if not isinstance(part, BodyPartReader):
+                raise InvalidRequest("nested multipart bodies are not accepted")
+            if part.name == "file":
+                if pending is not None:
+                    raise InvalidRequest("send one file per upload", "file")
+                encoding = part.headers.get("Content-Transfer-Encoding", "binary").lower()
+                if encoding not in ("binary", "8bit", "7bit"):
+                    raise InvalidRequest("Content-Transfer-Encoding is not supported", "file")
+                pending = await asyncio.to_thread(begin)
+                filename = display_name(part.filename)
+                await stream_file(part, pending, sniffer, limit, keep=data)
+            elif part.name in fields:
+                if once and part.name in values:
+                    raise InvalidRequest(f"send {part.name!r} once", part.name)
+                values[part.name] = (await small_field(part, part.name)).strip()
+            else:
+                raise InvalidRequest(f"unknown form field {str(part.name)[:64]!r}: send {expected}")
+    except ValueError as exc:  # aiohttp's multipart parser refusing malformed framing
+        if pending is not None:
+            await asyncio.to_thread(pending.discard)
+        raise InvalidRequest(f"malformed multipart body: {exc}") from None
+    except BaseException:
+        if pending is not None:
+            await asyncio.to_thread(pending.discard)
+        raise
+    if pending is None:
+        raise InvalidRequest("the form has no 'file' field", "file")
+    kept = bytes(data) if data is not None else b""
+    return Upload(pending, filename, sniffer, {k: v for k, v in values.items() if v}, kept)
 
 
 async def stream_file(
