@@ -14,6 +14,7 @@ data directory.
 from __future__ import annotations
 
 import os
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -69,9 +70,22 @@ def _postgres_database() -> Iterator[str]:
     try:
         yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
     finally:
-        with admin.connect() as conn:
-            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        _drop(admin, name)
         admin.dispose()
+
+
+def _drop(admin: sa.Engine, name: str) -> None:
+    """Drop a test database. DROP DATABASE asks for a checkpoint, which fails while the
+    disk-full test (on the other xdist worker) holds its tablespace full: wait that out."""
+    for attempt in range(60):
+        try:
+            with admin.connect() as conn:
+                conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            return
+        except sa.exc.DBAPIError as exc:
+            if "checkpoint request failed" not in str(exc) or attempt == 59:
+                raise
+            time.sleep(0.5)
 
 
 @pytest.fixture
