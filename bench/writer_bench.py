@@ -139,6 +139,11 @@ def main() -> None:
     parser.add_argument(
         "--clients", type=int, default=0, help="clients that each wait for their commit"
     )
+    parser.add_argument(
+        "--synchronous",
+        default="FULL,NORMAL",
+        help="SQLite synchronous levels to run, comma-separated",
+    )
     args = parser.parse_args()
 
     print(
@@ -146,7 +151,7 @@ def main() -> None:
         f"{'exchanges/s':>13}{'rows/s':>10}"
         + (f"{'wait p50 ms':>13}{'wait p99 ms':>13}" if args.clients else "")
     )
-    modes = ["url"] if args.database_url else ["FULL", "NORMAL"]
+    modes = ["url"] if args.database_url else args.synchronous.upper().split(",")
     for mode in modes:
         with tempfile.TemporaryDirectory(prefix="parley-bench-") as tmp:
             env = {"PARLEY_DATA_DIR": str(Path(tmp) / "data")}
