@@ -56,11 +56,9 @@ depends_on = None
 def upgrade() -> None:
     with op.batch_alter_table("conversations", recreate="always"):
         pass
-    # Dropping the old table dropped its full-text triggers (0004): a rebuild makes them
-    # again, or the schema check refuses the upgrade.
+    # Dropping the old table dropped its full-text triggers (0004; since 0006 there is
+    # none on insert): a rebuild makes them again, or the schema check refuses the upgrade.
     for sql in (
-        "CREATE TRIGGER conversations_fts_insert AFTER INSERT ON conversations BEGIN "
-        "INSERT INTO conversations_fts(rowid, title) VALUES (new.id, new.title); END",
         "CREATE TRIGGER conversations_fts_delete AFTER DELETE ON conversations BEGIN "
         "INSERT INTO conversations_fts(conversations_fts, rowid, title) "
         "VALUES ('delete', old.id, old.title); END",
@@ -154,6 +152,7 @@ def test_heads_and_history_name_every_revision() -> None:
     assert migrate.heads() == [HEAD]
     history = migrate.history()
     assert [(revision, down) for revision, down, _doc in history] == [
+        ("0006", "0005"),
         ("0005", "0004"),
         ("0004", "0003"),
         ("0003", "0002"),
@@ -166,13 +165,14 @@ def test_heads_and_history_name_every_revision() -> None:
     assert docs["0003"].startswith("Rollups of the request log")
     assert docs["0004"].startswith("Full-text search")
     assert docs["0005"].startswith("The search outbox")
+    assert docs["0006"].startswith("SQLite: new messages and conversations")
 
 
 def test_check_names_a_missing_outbox_trigger(settings: Settings) -> None:
     migrate.upgrade(settings)
     if settings.is_sqlite:
-        execute(settings, "DROP TRIGGER search_outbox_message_insert")
-        name = "search_outbox_message_insert"
+        execute(settings, "DROP TRIGGER search_outbox_message_delete")
+        name = "search_outbox_message_delete"
     else:
         execute(settings, "DROP TRIGGER search_outbox_message ON messages")
         name = "search_outbox_message"
@@ -189,12 +189,36 @@ def test_check_names_a_missing_index(settings: Settings) -> None:
 def test_check_names_a_missing_full_text_object(settings: Settings) -> None:
     migrate.upgrade(settings)
     if settings.is_sqlite:
-        execute(settings, "DROP TRIGGER messages_fts_insert")
-        wanted = "full-text trigger messages_fts_insert is missing from the database"
+        execute(settings, "DROP TRIGGER messages_fts_delete")
+        wanted = "full-text trigger messages_fts_delete is missing from the database"
     else:
         execute(settings, "DROP INDEX ix_messages_search")
         wanted = "full-text index ix_messages_search is missing from the database"
     assert migrate.check(settings) == [wanted]
+
+
+def test_sqlite_insert_triggers_go_at_0006_and_come_back_on_downgrade(
+    sqlite_settings: Settings,
+) -> None:
+    settings = sqlite_settings
+    inserts = {"messages_fts_insert", "conversations_fts_insert", "search_outbox_message_insert"}
+
+    def triggers() -> set[str]:
+        engine = create_engine(settings)
+        try:
+            with engine.connect() as conn:
+                sql = "SELECT name FROM sqlite_master WHERE type = 'trigger'"
+                return set(conn.exec_driver_sql(sql).scalars())
+        finally:
+            engine.dispose()
+
+    migrate.upgrade(settings)
+    assert not inserts & triggers()
+    migrate.downgrade(settings, "0005")
+    assert inserts <= triggers()
+    migrate.upgrade(settings)
+    assert not inserts & triggers()
+    assert migrate.check(settings) == []
 
 
 def test_downgrade_from_full_text_search_removes_its_objects(settings: Settings) -> None:

@@ -19,6 +19,7 @@ from parley.store.engine import create_engine, writer_connection
 from parley.store.exchanges import write_batch
 from parley.store.search import MARK_END, MARK_START, Hit, Scope, Search
 from parley.store.search import search as search_on
+from parley.store.transfer import conversation_ids_of, import_trees, read_trees
 from tests.store.test_conversations import ALICE, BOB, new, say
 from tests.store.test_exchanges import chat
 
@@ -114,6 +115,62 @@ def test_a_written_exchange_is_searchable_right_after_commit(
     [answer] = [h for h in hits if h.role == "assistant"]
     assert answer.message_id in recorded.answer_public_ids
     assert hits[0].conversation_id == recorded.conversation_public_id
+
+
+def test_every_way_in_indexes_and_queues_each_message_once(
+    migrated_engine: sa.Engine, store: Conversations, search: Search
+) -> None:
+    # The three ways rows enter (store.history_rows): the chat repository, the exchange
+    # writer, an import. On SQLite these write the entries themselves (migration 0006).
+    conv = new(store, title="wombat diary")
+    say(store, conv, "a wombat digs")
+    exchange = chat(
+        [Message("user", "wombat burrows")], answers=("the wombat sleeps",), user_id=ALICE.user_id
+    )
+    with writer_connection(migrated_engine) as conn, conn.begin():
+        write_batch(conn, [exchange])
+    with writer_connection(migrated_engine) as conn, conn.begin():
+        import_trees(conn, read_trees(conn, conversation_ids_of(conn, ALICE.user_id)), None)
+    with migrated_engine.connect() as conn:
+        ids = sorted(conn.exec_driver_sql("SELECT id FROM messages").scalars())
+        queued = conn.exec_driver_sql(
+            "SELECT item_id, op FROM search_outbox WHERE kind = 'message' ORDER BY item_id"
+        ).all()
+    assert len(ids) == 2 * 3
+    assert [tuple(row) for row in queued] == [(i, "upsert") for i in ids]
+    for scope in (A, Scope(None)):
+        hits = search.keyword("wombat", scope)
+        assert sorted(h.kind for h in hits) == ["message"] * 3 + ["title"]
+
+
+def test_a_row_inserted_past_the_store_is_deleted_without_harm(
+    settings: Settings, migrated_engine: sa.Engine, store: Conversations, search: Search
+) -> None:
+    # By hand, as an operator's script might: no search entries (SQLite, since 0006).
+    now = "2026-11-23 00:00:00"
+    p = uuid.uuid4().hex if settings.is_sqlite else uuid.uuid4()
+    with migrated_engine.begin() as conn:
+        conn.execute(
+            sa.text(
+                "INSERT INTO conversations (id, public_id, created_at, updated_at, source,"
+                " title, archived, pinned, is_active) VALUES (900, :p, :t, :t, 'chat',"
+                " 'manual narwhal', false, false, true)"
+            ),
+            {"p": p, "t": now},
+        )
+    kept = new(store, title="narwhal log")
+    say(store, kept, "narwhal tusks")
+    with migrated_engine.begin() as conn:
+        conn.execute(sa.text("DELETE FROM conversations WHERE id = 900"))
+    # The index is intact: the other rows are still found, and can still be deleted.
+    assert sorted(h.kind for h in search.keyword("narwhal", A)) == ["message", "title"]
+    store.delete(ALICE, kept.public_id)
+    assert search.keyword("narwhal", A) == []
+    if settings.is_sqlite:
+        with migrated_engine.begin() as conn:
+            conn.exec_driver_sql(
+                "INSERT INTO conversations_fts(conversations_fts) VALUES ('integrity-check')"
+            )
 
 
 def _in(conn: sa.Connection, word: str) -> list[Hit]:

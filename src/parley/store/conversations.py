@@ -73,6 +73,7 @@ from parley.store.conversation_rows import (
 )
 from parley.store.engine import IMMEDIATE
 from parley.store.exchanges import chain_key
+from parley.store.history_rows import index_conversations, index_messages
 from parley.store.schema import attachments, conversations, messages, responses
 
 __all__ = [
@@ -146,6 +147,7 @@ class Conversations:
         with self._writing() as conn:
             key = conn.execute(insert(conversations).values(row)).inserted_primary_key
             assert key is not None
+            index_conversations(conn, [(key[0], title)])
             return conversation_of(one_row(conn, _C.id == key[0]))
 
     def list_page(
@@ -318,6 +320,7 @@ class Conversations:
             }
             key = conn.execute(insert(messages).values(values)).inserted_primary_key
             assert key is not None
+            index_messages(conn, [(key[0], values["content"])])
             linked = files.attach(
                 conn,
                 attachments,

@@ -45,6 +45,7 @@ from parley.domain.messages import chain_hash, chain_of, content_hash_of
 from parley.domain.times import utc
 from parley.store import rollups
 from parley.store.bulk import PublicIds, assign_ids, bulk_insert
+from parley.store.history_rows import insert_conversations, insert_messages
 from parley.store.schema import conversations, messages, request_log, responses
 
 # Endpoints whose exchanges are conversations: OpenAI chat completions, Anthropic messages.
@@ -173,11 +174,11 @@ def write_batch(
     response_rows = [row for plan in plans for row in _link(plan)]
 
     # Parents first: ids grow in planning order, and a parent is always planned first.
-    bulk_insert(conn, conversations, conv_rows)
+    insert_conversations(conn, conv_rows)
     bulk_insert(conn, request_log, attempt_rows)
     # In the same transaction: a rollup never counts an uncommitted row or misses one.
     rollups.add(conn, attempt_rows, rollup_cache)
-    bulk_insert(conn, messages, message_rows)
+    insert_messages(conn, message_rows)
     bulk_insert(conn, responses, response_rows)
     if planner.continued:
         conn.execute(

@@ -381,10 +381,11 @@ rate_windows = Table(
 class FullText:
     """Database objects of the full-text index that these tables do not model.
 
-    The database keeps them in step with the rows (migration 0004): on SQLite FTS5
-    external-content tables (``tables``; FTS5 adds shadow tables named after them) and
-    their triggers; on PostgreSQL a generated ``tsvector`` column per table (``columns``,
-    as ``table.column``) and its GIN index. ``ops.drift`` leaves them out of the model
+    The database keeps them in step with the rows (migrations 0004 and 0006): on SQLite
+    FTS5 external-content tables (``tables``; FTS5 adds shadow tables named after them),
+    their edit and delete triggers and, for inserts, ``store.history_rows``; on
+    PostgreSQL a generated ``tsvector`` column per table (``columns``, as
+    ``table.column``) and its GIN index. ``ops.drift`` leaves them out of the model
     comparison and reports any that is missing.
     """
 
@@ -398,10 +399,11 @@ FULL_TEXT: MappingProxyType[str, FullText] = MappingProxyType(
     {
         "sqlite": FullText(
             tables=("messages_fts", "conversations_fts"),
+            # Inserts add their entries in Python (``store.history_rows``, migration 0006).
             triggers=tuple(
                 f"{fts}_{event}"
                 for fts in ("messages_fts", "conversations_fts")
-                for event in ("insert", "delete", "update")
+                for event in ("delete", "update")
             ),
         ),
         "postgresql": FullText(
@@ -415,7 +417,8 @@ FULL_TEXT: MappingProxyType[str, FullText] = MappingProxyType(
 
 # Changes that must reach the vector store, queued in the transaction that makes them:
 # triggers (``OUTBOX_TRIGGERS``) add a row per inserted, edited or deleted message or
-# document chunk; the indexer embeds or deletes, then removes the rows it handled.
+# document chunk (on SQLite a new message's row is written by ``store.history_rows``);
+# the indexer embeds or deletes, then removes the rows it handled.
 search_outbox = Table(
     "search_outbox",
     metadata,
@@ -483,10 +486,13 @@ citations = Table(
 
 OUTBOX_TRIGGERS: MappingProxyType[str, tuple[str, ...]] = MappingProxyType(
     {
-        "sqlite": tuple(
-            f"search_outbox_{kind}_{event}"
-            for kind in ("message", "chunk")
-            for event in ("insert", "update", "delete")
+        # A new message's row comes from ``store.history_rows`` (migration 0006).
+        "sqlite": (
+            "search_outbox_message_update",
+            "search_outbox_message_delete",
+            "search_outbox_chunk_insert",
+            "search_outbox_chunk_update",
+            "search_outbox_chunk_delete",
         ),
         "postgresql": ("search_outbox_message", "search_outbox_chunk"),
     }

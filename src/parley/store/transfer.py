@@ -22,6 +22,7 @@ from parley.domain.times import utc
 from parley.domain.transfer import ConversationTree, TreeMessage, message_from_wire
 from parley.store.bulk import PublicIds, assign_ids, bulk_insert
 from parley.store.exchanges import chain_key
+from parley.store.history_rows import insert_conversations, insert_messages
 from parley.store.schema import conversations, messages, responses, users
 
 _CHUNK = 500
@@ -163,8 +164,8 @@ def import_trees(
     for row, parent in zip(message_rows, parents, strict=True):
         row["parent_id"] = parent["id"] if parent is not None else None
         row["conversation_id"] = row.pop("_conversation")["id"]
-    bulk_insert(conn, conversations, conv_rows)
-    bulk_insert(conn, messages, message_rows)
+    insert_conversations(conn, conv_rows)
+    insert_messages(conn, message_rows)
     bulk_insert(
         conn,
         responses,
