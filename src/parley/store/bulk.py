@@ -141,6 +141,37 @@ def bulk_insert(conn: Connection, table: Table, rows: Sequence[dict[str, Any]]) 
         cursor.close()
 
 
+def bulk_update(conn: Connection, table: Table, rows: Sequence[dict[str, Any]]) -> None:
+    """One ``executemany`` setting, for each row, its other keys on the row whose primary
+    key is its ``id`` (every row with the same keys), in list order."""
+    if not rows:
+        return
+    keys = tuple(key for key in rows[0] if key != "id")
+    sql, processors = _compiled_update(conn.dialect, table, keys)
+    columns = [_column(rows, key, processors.get(key)) for key in (*keys, "id")]
+    cursor = conn.connection.cursor()
+    try:
+        cursor.executemany(sql, list(zip(*columns, strict=True)))
+    finally:
+        cursor.close()
+
+
+@functools.lru_cache(maxsize=32)
+def _compiled_update(
+    dialect: Dialect, table: Table, keys: tuple[str, ...]
+) -> tuple[str, dict[str, Callable[[Any], Any]]]:
+    """``UPDATE table SET key = ?, ... WHERE id = ?`` for ``dialect``, and the keys' bind
+    processors (a memo, as ``_compiled``)."""
+    mark = "?" if dialect.paramstyle == "qmark" else "%s"
+    assignments = ", ".join(f"{table.c[key].name} = {mark}" for key in keys)
+    processors: dict[str, Callable[[Any], Any]] = {}
+    for key in keys:
+        bind = table.c[key].type.dialect_impl(dialect).bind_processor(dialect)
+        if bind is not None:
+            processors[key] = bind
+    return f"UPDATE {table.name} SET {assignments} WHERE id = {mark}", processors
+
+
 @functools.lru_cache(maxsize=128)
 def _compiled(
     dialect: Dialect, table: Table, keys: tuple[str, ...]

@@ -31,20 +31,21 @@ reserved up front), then one driver-level ``executemany`` per table (``store.bul
 
 from __future__ import annotations
 
+import functools
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 import orjson
-from sqlalchemy import Connection, Row, bindparam, select, update
+from sqlalchemy import Connection, Dialect, Row, select
 
 from parley.domain.exchange import Attempt, Exchange
 from parley.domain.messages import chain_hash, chain_of, content_hash_of
 from parley.domain.times import utc
 from parley.store import rollups
-from parley.store.bulk import PublicIds, assign_ids, bulk_insert
+from parley.store.bulk import PublicIds, assign_ids, bulk_insert, bulk_update
 from parley.store.history_rows import insert_conversations, insert_messages
 from parley.store.schema import conversations, messages, request_log, responses
 
@@ -180,26 +181,19 @@ def write_batch(
     rollups.add(conn, attempt_rows, rollup_cache)
     insert_messages(conn, message_rows)
     bulk_insert(conn, responses, response_rows)
-    if planner.continued:
-        conn.execute(
-            update(conversations)
-            .where(conversations.c.id == bindparam("b_id"))
-            .values(updated_at=bindparam("b_updated_at")),
-            [{"b_id": conv_id, "b_updated_at": now} for conv_id in planner.continued],
-        )
-    replied = [
-        {"b_id": plan.conv.id, "b_updated_at": now, "b_leaf": plan.answers[0][0].row["id"]}
-        for plan in plans
-        if plan.exchange.reply_to is not None and plan.conv is not None and plan.answers
-    ]
-    if replied:
-        # In batch order: of two answers in one conversation, the later one is active.
-        conn.execute(
-            update(conversations)
-            .where(conversations.c.id == bindparam("b_id"))
-            .values(updated_at=bindparam("b_updated_at"), active_leaf_id=bindparam("b_leaf")),
-            replied,
-        )
+    bulk_update(
+        conn, conversations, [{"id": conv_id, "updated_at": now} for conv_id in planner.continued]
+    )
+    # In batch order: of two answers in one conversation, the later one is active.
+    bulk_update(
+        conn,
+        conversations,
+        [
+            {"id": plan.conv.id, "updated_at": now, "active_leaf_id": plan.answers[0][0].row["id"]}
+            for plan in plans
+            if plan.exchange.reply_to is not None and plan.conv is not None and plan.answers
+        ],
+    )
     return [Recorded(plan) for plan in plans]
 
 
@@ -445,27 +439,52 @@ def _stored_matches(
         if h is not None and h.first_assistant is not None:
             wanted.update(h.chains[h.first_assistant :])
     found: dict[tuple[str, _Owner], _Stored] = {}
+    if not wanted:
+        return found
     ordered = sorted({chain_key(chain) for chain in wanted})
-    for start in range(0, len(ordered), _LOOKUP_CHUNK):
-        query = (
-            select(
-                messages.c.chain_hash,
-                messages.c.id,
-                messages.c.conversation_id,
-                conversations.c.public_id,
-                conversations.c.user_id,
-                conversations.c.api_key_id,
-            )
-            .join(conversations, conversations.c.id == messages.c.conversation_id)
-            .where(messages.c.chain_key.in_(ordered[start : start + _LOOKUP_CHUNK]))
-        )
-        for chain, message_id, conv_id, conv_public_id, user_id, api_key_id in conn.execute(query):
-            if chain not in wanted:
-                continue  # another chain with the same 64-bit key
-            key = (chain, _owner(user_id, api_key_id))
-            if key not in found or found[key][0] < message_id:
-                found[key] = (message_id, conv_id, conv_public_id)
+    public_id_of = _public_id_processor(conn.dialect)
+    mark = "?" if conn.dialect.paramstyle == "qmark" else "%s"
+    # Straight to the driver: building and caching the Core statement cost more than
+    # running it, once per group commit.
+    cursor = conn.connection.cursor()
+    try:
+        for start in range(0, len(ordered), _LOOKUP_CHUNK):
+            keys = ordered[start : start + _LOOKUP_CHUNK]
+            cursor.execute(_MATCHES_SQL.format(marks=", ".join([mark] * len(keys))), keys)
+            for (
+                chain,
+                message_id,
+                conv_id,
+                conv_public_id,
+                user_id,
+                api_key_id,
+            ) in cursor.fetchall():
+                if chain not in wanted:
+                    continue  # another chain with the same 64-bit key
+                key = (chain, _owner(user_id, api_key_id))
+                if key not in found or found[key][0] < message_id:
+                    public_id = public_id_of(conv_public_id) if public_id_of else conv_public_id
+                    found[key] = (message_id, conv_id, public_id)
+    finally:
+        cursor.close()
     return found
+
+
+_MATCHES_SQL = (
+    "SELECT m.chain_hash, m.id, m.conversation_id, c.public_id, c.user_id, c.api_key_id "
+    "FROM messages AS m JOIN conversations AS c ON c.id = m.conversation_id "
+    "WHERE m.chain_key IN ({marks})"
+)
+
+
+@functools.lru_cache(maxsize=4)
+def _public_id_processor(dialect: Dialect) -> Callable[[Any], Any] | None:
+    """How the dialect turns a stored public id into a ``uuid.UUID`` (None: the driver
+    already does)."""
+    processor: Callable[[Any], Any] | None = conversations.c.public_id.type.dialect_impl(
+        dialect
+    ).result_processor(dialect, None)
+    return processor
 
 
 def _answer_attempt(attempts: Sequence[Attempt]) -> int | None:
