@@ -9,6 +9,7 @@ door (``/v1/messages``) against the same OpenAI upstream, so every event is re-e
 its last column is its throughput as a fraction of parley's OpenAI passthrough.
 
     .venv/bin/python bench/proxy_bench.py [--duration 8] [--concurrency 1,16,64]
+        [--recording durable|async] [--embedder none|local]
 
 Needs ``wrk`` (Debian package ``wrk``). Figures are only comparable within one run.
 """
@@ -132,6 +133,13 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=8.0)
     parser.add_argument("--concurrency", default="1,16,64")
     parser.add_argument("--recording", default="durable", choices=["durable", "async"])
+    parser.add_argument(
+        "--embedder",
+        default="none",
+        choices=["none", "local"],
+        help="semantic-search embedder of the parley under test (default none: the local "
+        "model's indexing would share the cores with the load generator and the upstream)",
+    )
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is not installed: apt-get install wrk")
@@ -147,6 +155,7 @@ def main() -> None:
         "PARLEY_DATA_DIR": str(work / "data"),
         "PARLEY_LOG_LEVEL": "WARNING",
         "PARLEY_RECORDING": args.recording,
+        "PARLEY_SEARCH_EMBEDDER": args.embedder,
         "DATABASE_URL": "",
     }
     results: dict[tuple[str, bool, int], tuple[float, float, float]] = {}
