@@ -86,33 +86,97 @@ def _row_maker(
     limit: int,
 ) -> Callable[[], dict[str, Any]]:
     # Everything read from the request now: it is gone once the handler returns.
-    body = request.get(BODY_KEY)
-    content_type = request.content_type
-    caller = request.get(IDENTITY_KEY)
-    user_agent = request.headers.get("User-Agent")
-    tags = request.headers.get(TAGS_HEADER)
-    error = request.get(ERROR_KEY)
-    at = datetime.now(UTC)
-    method = request.method
-    client_ip = request.remote
+    return _Row(
+        datetime.now(UTC),
+        endpoint,
+        request.method,
+        status,
+        elapsed,
+        request.headers.get("User-Agent"),
+        request.remote,
+        request.headers.get(TAGS_HEADER),
+        request.get(ERROR_KEY),
+        request.get(BODY_KEY),
+        request.content_type,
+        request.get(IDENTITY_KEY),
+        secrets,
+        limit,
+    )
 
-    def make() -> dict[str, Any]:
+
+class _Row:
+    """One request's row, made on the writer thread. One object rather than a closure:
+    a closure over these fourteen values was fifteen more objects per request for the
+    collector to walk while they wait in the writer's queue."""
+
+    __slots__ = (
+        "at",
+        "body",
+        "caller",
+        "client_ip",
+        "content_type",
+        "elapsed",
+        "endpoint",
+        "error",
+        "limit",
+        "method",
+        "secrets",
+        "status",
+        "tags",
+        "user_agent",
+    )
+
+    def __init__(
+        self,
+        at: datetime,
+        endpoint: str,
+        method: str,
+        status: int,
+        elapsed: float,
+        user_agent: str | None,
+        client_ip: str | None,
+        tags: str | None,
+        error: str | None,
+        body: bytes | None,
+        content_type: str,
+        caller: object,
+        secrets: tuple[str, ...],
+        limit: int,
+    ) -> None:
+        self.at = at
+        self.endpoint = endpoint
+        self.method = method
+        self.status = status
+        self.elapsed = elapsed
+        self.user_agent = user_agent
+        self.client_ip = client_ip
+        self.tags = tags
+        self.error = error
+        self.body = body
+        self.content_type = content_type
+        self.caller = caller
+        self.secrets = secrets
+        self.limit = limit
+
+    def __call__(self) -> dict[str, Any]:
+        secrets = self.secrets
+        user_agent, error, body = self.user_agent, self.error, self.body
         return {
-            "created_at": at,
-            "endpoint": endpoint,
-            "method": method[:16],
-            "status_code": status,
-            "response_time_ms": elapsed * 1000,
+            "created_at": self.at,
+            "endpoint": self.endpoint,
+            "method": self.method[:16],
+            "status_code": self.status,
+            "response_time_ms": self.elapsed * 1000,
             "user_agent": redact_text(user_agent, secrets)[:512] if user_agent else None,
-            "client_ip": (client_ip or "")[:64] or None,
-            "tags": _tags(tags, secrets),
+            "client_ip": (self.client_ip or "")[:64] or None,
+            "tags": _tags(self.tags, secrets),
             "error_message": redact_text(error, secrets) if error else None,
-            "request_body": redact_body(body, content_type, secrets, limit) if body else None,
-            "user_id": getattr(caller, "user_id", None),
-            "api_key_id": getattr(caller, "api_key_id", None),
+            "request_body": redact_body(body, self.content_type, secrets, self.limit)
+            if body
+            else None,
+            "user_id": getattr(self.caller, "user_id", None),
+            "api_key_id": getattr(self.caller, "api_key_id", None),
         }
-
-    return make
 
 
 def _tags(header: str | None, secrets: tuple[str, ...]) -> str | None:

@@ -24,8 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import AbstractContextManager, nullcontext, suppress
 from typing import Any
 
 from aiohttp import web
@@ -58,29 +57,20 @@ class Drain:
     def in_flight(self) -> int:
         return self._in_flight
 
-    @contextmanager
-    def request(self) -> Iterator[None]:
+    def request(self) -> AbstractContextManager[None]:
         """Count one request while it runs."""
-        self._in_flight += 1
-        try:
-            yield
-        finally:
-            self._in_flight -= 1
-            if self._in_flight == 0 and self._idle is not None:
-                self._idle.set()
+        # Plain context managers, not generators: these run on every request.
+        return _Counted(self)
 
-    @contextmanager
-    def answering(self) -> Iterator[None]:
+    def answering(self) -> AbstractContextManager[None]:
         """Mark the current task as waiting on an upstream: the shutdown may interrupt it."""
         task = asyncio.current_task()
-        if task is None:
-            yield
-            return
-        self._answering.add(task)
-        try:
-            yield
-        finally:
-            self._answering.discard(task)
+        return nullcontext() if task is None else _Answering(self._answering, task)
+
+    def _left(self) -> None:
+        self._in_flight -= 1
+        if self._in_flight == 0 and self._idle is not None:
+            self._idle.set()
 
     def interrupted(self) -> bool:
         """Called on ``CancelledError``: whether the shutdown cancelled the current task.
@@ -124,6 +114,33 @@ class Drain:
 
 
 DRAIN = web.AppKey("drain", Drain)
+
+
+class _Counted:
+    __slots__ = ("_drain",)
+
+    def __init__(self, drain: Drain) -> None:
+        self._drain = drain
+
+    def __enter__(self) -> None:
+        self._drain._in_flight += 1
+
+    def __exit__(self, *exc: object) -> None:
+        self._drain._left()
+
+
+class _Answering:
+    __slots__ = ("_answering", "_task")
+
+    def __init__(self, answering: set[asyncio.Task[Any]], task: asyncio.Task[Any]) -> None:
+        self._answering = answering
+        self._task = task
+
+    def __enter__(self) -> None:
+        self._answering.add(self._task)
+
+    def __exit__(self, *exc: object) -> None:
+        self._answering.discard(self._task)
 
 
 def drain_of(request: web.Request) -> Drain | None:
