@@ -218,3 +218,64 @@ async def test_a_lost_connection_is_replaced(writer: Writer, migrated_engine: sa
         await writer.submit(exchange(i))
     assert (writer.committed, writer.failed) == (4, 0)
     assert count(migrated_engine, "request_log") == 4
+
+
+def metric(i: int) -> dict[str, Any]:
+    return {
+        "created_at": datetime.now(UTC),
+        "endpoint": "/v1/chat/completions",
+        "method": "POST",
+        "status_code": 200,
+        "response_time_ms": float(i),
+        "user_agent": None,
+        "client_ip": None,
+        "tags": None,
+        "error_message": None,
+        "request_body": None,
+        "user_id": None,
+        "api_key_id": None,
+    }
+
+
+async def test_metric_rows_are_written_within_a_second_without_other_traffic(
+    writer: Writer, migrated_engine: sa.Engine
+) -> None:
+    # Held on the submitting side (no writer wake-up per request) until the second is up.
+    writer.start()
+    for i in range(3):
+        writer.submit_metric(lambda i=i: metric(i))
+    assert count(migrated_engine, "http_metrics") == 0
+    for _ in range(40):
+        await asyncio.sleep(0.1)
+        if count(migrated_engine, "http_metrics") == 3:
+            break
+    assert count(migrated_engine, "http_metrics") == 3
+
+
+async def test_drain_and_stop_write_held_metric_rows(
+    writer: Writer, migrated_engine: sa.Engine
+) -> None:
+    writer.start()
+    writer.submit_metric(lambda: metric(1))
+    await writer.drain()
+    assert count(migrated_engine, "http_metrics") == 1
+    writer.submit_metric(lambda: metric(2))
+    writer.stop(timeout=30)
+    assert count(migrated_engine, "http_metrics") == 2
+    writer.submit_metric(lambda: metric(3))  # after stop: dropped, not queued forever
+    assert count(migrated_engine, "http_metrics") == 2
+
+
+async def test_a_full_hold_of_metric_rows_is_written_at_once(
+    writer: Writer, migrated_engine: sa.Engine
+) -> None:
+    writer.start()
+    await writer.submit(exchange(0))  # the writer is up and idle
+    for i in range(256):
+        writer.submit_metric(lambda i=i: metric(i))
+    for _ in range(40):
+        await asyncio.sleep(0.01)
+        if count(migrated_engine, "http_metrics") == 256:
+            break
+    # Well inside the one-second deadline of a partial hold.
+    assert count(migrated_engine, "http_metrics") == 256
