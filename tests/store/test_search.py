@@ -75,6 +75,17 @@ def test_titles_are_searched(store: Conversations, search: Search) -> None:
     assert len(search.keyword("renamed", A)) == 1
 
 
+def test_an_untitled_conversation_is_found_by_the_title_it_gets_later(
+    store: Conversations, search: Search
+) -> None:
+    conv = new(store)  # untitled: no full-text entry yet (store.history_rows)
+    store.update(ALICE, conv.public_id, {"title": "Heron migration"})
+    assert [h.kind for h in search.keyword("heron", A)] == ["title"]
+    store.update(ALICE, conv.public_id, {"title": None})
+    assert search.keyword("heron", A) == []
+    store.delete(ALICE, conv.public_id)
+
+
 def test_scope_is_the_callers_own_unless_everyone(store: Conversations, search: Search) -> None:
     mine = new(store, ALICE)
     say(store, mine, "canary-7f3e private phrase", ALICE)

@@ -14,10 +14,11 @@ Invariants:
 - a caller inserts messages and conversations only through ``insert_messages`` /
   ``insert_conversations``, or calls ``index_messages`` / ``index_conversations`` in the
   same transaction right after an insert of its own; the rows must already carry ``id``;
-- the entries are exactly what the dropped triggers wrote: one full-text row per message
-  (its content) and per conversation (its title, even NULL), one ``upsert`` outbox row per
-  message; reconcile (``parley reindex``) still repairs the vector side, and
-  ``parley db check`` reports the triggers that must remain.
+- the entries are what the dropped triggers wrote: one full-text row per message (its
+  content) and per titled conversation (an untitled one has nothing to index: two WAL
+  pages fewer per gateway commit), one ``upsert`` outbox row per message; reconcile
+  (``parley reindex``) still repairs the vector side, and ``parley db check`` reports the
+  triggers that must remain.
 """
 
 from __future__ import annotations
@@ -38,7 +39,10 @@ def insert_messages(conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
 
 
 def insert_conversations(conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
-    """Insert conversation ``rows`` (ids assigned) and their title entries."""
+    """Insert conversation ``rows`` (ids assigned) and the entries of their titles.
+
+    An untitled conversation (most of the gateway's) gets no entry: there is nothing to
+    find, and the edit trigger indexes the title it is given later."""
     bulk_insert(conn, conversations, rows)
     index_conversations(conn, [(row["id"], row["title"]) for row in rows])
 
@@ -59,11 +63,13 @@ def index_messages(conn: Connection, inserted: Sequence[tuple[int, str]]) -> Non
 
 
 def index_conversations(conn: Connection, inserted: Sequence[tuple[int, str | None]]) -> None:
-    """The title entries of conversations just inserted: ``(id, title)`` each."""
-    if not inserted or conn.dialect.name != "sqlite":
+    """The title entries of conversations just inserted: ``(id, title)`` each; untitled
+    ones get none."""
+    titled = [(conv_id, title) for conv_id, title in inserted if title]
+    if not titled or conn.dialect.name != "sqlite":
         return
     cursor = conn.connection.cursor()
     try:
-        cursor.executemany("INSERT INTO conversations_fts(rowid, title) VALUES (?, ?)", inserted)
+        cursor.executemany("INSERT INTO conversations_fts(rowid, title) VALUES (?, ?)", titled)
     finally:
         cursor.close()
