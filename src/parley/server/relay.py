@@ -258,7 +258,7 @@ def _answering(drain: Drain | None) -> AbstractContextManager[None]:
 
 async def _write_quietly(response: web.StreamResponse, data: bytes) -> None:
     try:
-        await response.write(data)
-        await response.write_eof()
+        # The last frames and the end of the body in one send, not two.
+        await response.write_eof(data)
     except (ConnectionError, OSError):
         log.info("client left before the end of its stream")
