@@ -16,6 +16,7 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -104,59 +105,26 @@ def _row_maker(
     )
 
 
+@dataclass(slots=True)
 class _Row:
     """One request's row, made on the writer thread. One object rather than a closure:
     a closure over these fourteen values was fifteen more objects per request for the
     collector to walk while they wait in the writer's queue."""
 
-    __slots__ = (
-        "at",
-        "body",
-        "caller",
-        "client_ip",
-        "content_type",
-        "elapsed",
-        "endpoint",
-        "error",
-        "limit",
-        "method",
-        "secrets",
-        "status",
-        "tags",
-        "user_agent",
-    )
-
-    def __init__(
-        self,
-        at: datetime,
-        endpoint: str,
-        method: str,
-        status: int,
-        elapsed: float,
-        user_agent: str | None,
-        client_ip: str | None,
-        tags: str | None,
-        error: str | None,
-        body: bytes | None,
-        content_type: str,
-        caller: object,
-        secrets: tuple[str, ...],
-        limit: int,
-    ) -> None:
-        self.at = at
-        self.endpoint = endpoint
-        self.method = method
-        self.status = status
-        self.elapsed = elapsed
-        self.user_agent = user_agent
-        self.client_ip = client_ip
-        self.tags = tags
-        self.error = error
-        self.body = body
-        self.content_type = content_type
-        self.caller = caller
-        self.secrets = secrets
-        self.limit = limit
+    at: datetime
+    endpoint: str
+    method: str
+    status: int
+    elapsed: float
+    user_agent: str | None
+    client_ip: str | None
+    tags: str | None
+    error: str | None
+    body: bytes | None
+    content_type: str
+    caller: object
+    secrets: tuple[str, ...]
+    limit: int
 
     def __call__(self) -> dict[str, Any]:
         secrets = self.secrets

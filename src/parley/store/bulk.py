@@ -162,14 +162,11 @@ def _compiled_update(
 ) -> tuple[str, dict[str, Callable[[Any], Any]]]:
     """``UPDATE table SET key = ?, ... WHERE id = ?`` for ``dialect``, and the keys' bind
     processors (a memo, as ``_compiled``)."""
-    mark = "?" if dialect.paramstyle == "qmark" else "%s"
+    mark = placeholder(dialect.paramstyle)
     assignments = ", ".join(f"{table.c[key].name} = {mark}" for key in keys)
-    processors: dict[str, Callable[[Any], Any]] = {}
-    for key in keys:
-        bind = table.c[key].type.dialect_impl(dialect).bind_processor(dialect)
-        if bind is not None:
-            processors[key] = bind
-    return f"UPDATE {table.name} SET {assignments} WHERE id = {mark}", processors
+    return f"UPDATE {table.name} SET {assignments} WHERE id = {mark}", _processors(
+        dialect, table, keys
+    )
 
 
 @functools.lru_cache(maxsize=128)
@@ -182,13 +179,26 @@ def _compiled(
     batch, and the statement only depends on the dialect, the table and the columns.
     """
     compiled = insert(table).compile(dialect=dialect, column_keys=list(keys))
+    order = tuple(compiled.positiontup or ()) if compiled.positional else None
+    return compiled.string, order, _processors(dialect, table, keys)
+
+
+def _processors(
+    dialect: Dialect, table: Table, keys: tuple[str, ...]
+) -> dict[str, Callable[[Any], Any]]:
+    """The bind processors of ``keys``' column types on ``dialect`` (keys without one are
+    passed to the driver as they are)."""
     processors: dict[str, Callable[[Any], Any]] = {}
     for key in keys:
         bind = table.c[key].type.dialect_impl(dialect).bind_processor(dialect)
         if bind is not None:
             processors[key] = bind
-    order = tuple(compiled.positiontup or ()) if compiled.positional else None
-    return compiled.string, order, processors
+    return processors
+
+
+def placeholder(paramstyle: str) -> str:
+    """The driver's parameter marker for driver-level SQL (sqlite3 ``?``, psycopg ``%s``)."""
+    return "?" if paramstyle == "qmark" else "%s"
 
 
 def _column(

@@ -45,7 +45,7 @@ from parley.domain.exchange import Attempt, Exchange
 from parley.domain.messages import chain_hash, chain_of, content_hash_of
 from parley.domain.times import utc
 from parley.store import rollups
-from parley.store.bulk import PublicIds, assign_ids, bulk_insert, bulk_update
+from parley.store.bulk import PublicIds, assign_ids, bulk_insert, bulk_update, placeholder
 from parley.store.history_rows import insert_conversations, insert_messages
 from parley.store.schema import conversations, messages, request_log, responses
 
@@ -443,7 +443,7 @@ def _stored_matches(
         return found
     ordered = sorted({chain_key(chain) for chain in wanted})
     public_id_of = _public_id_processor(conn.dialect)
-    mark = "?" if conn.dialect.paramstyle == "qmark" else "%s"
+    mark = placeholder(conn.dialect.paramstyle)
     # Straight to the driver: building and caching the Core statement cost more than
     # running it, once per group commit.
     cursor = conn.connection.cursor()

@@ -23,7 +23,7 @@ from sqlalchemy import Connection, Dialect, select
 from parley.domain import histogram
 from parley.domain.rollup import Dims, Tally, tally_rows
 from parley.domain.times import utc
-from parley.store.bulk import assign_ids, bulk_insert
+from parley.store.bulk import assign_ids, bulk_insert, placeholder
 from parley.store.schema import metric_rollups as t
 
 # pg_advisory_xact_lock key for rollup updates ("parley-r").
@@ -157,7 +157,7 @@ def rows_between(
 
 def _stored(conn: Connection, keys: list[_Key]) -> dict[_Key, tuple[int, Tally]]:
     """The stored rows of ``keys``: one driver-level query per 200 keys."""
-    mark = _placeholder(conn.dialect.paramstyle)
+    mark = placeholder(conn.dialect.paramstyle)
     to_db = _bucket_processor(conn.dialect)
     found: dict[_Key, tuple[int, Tally]] = {}
     cursor = conn.connection.cursor()
@@ -184,13 +184,9 @@ def _stored(conn: Connection, keys: list[_Key]) -> dict[_Key, tuple[int, Tally]]
     return found
 
 
-def _placeholder(paramstyle: str) -> str:
-    return "?" if paramstyle == "qmark" else "%s"
-
-
 @functools.lru_cache(maxsize=4)
 def _update_sql(paramstyle: str) -> str:
-    mark = _placeholder(paramstyle)
+    mark = placeholder(paramstyle)
     assignments = ", ".join(f"{name} = {mark}" for name in _value_names())
     return f"UPDATE metric_rollups SET {assignments} WHERE id = {mark}"
 

@@ -73,7 +73,7 @@ _STOP = object()
 # Wakes an idle writer thread so that it starts the second of newly held metric rows.
 _TICK = object()
 
-# Buffered HTTP metric rows are written once this many are queued, or this long after the
+# Held HTTP metric rows are written once this many are held, or this long after the
 # first of them, whichever comes first (and always by ``drain`` and ``stop``).
 METRICS_FLUSH_ROWS = 256
 METRICS_FLUSH_SECONDS = 1.0
@@ -98,10 +98,8 @@ class Writer:
         self._on_commit = on_commit
         # HTTP metric rows (their makers), written together every few hundred rows or
         # every second: a commit of their own per request cost more than the row. They
-        # are held on the submitting side until there are enough of them (``_held``,
-        # under ``_lock``), so a request costs the writer thread no wake-up of its own.
-        self._metrics: list[Callable[[], dict[str, Any]]] = []
-        self._metrics_since = 0.0
+        # are held on the submitting side (under ``_lock``) until then, so a request costs
+        # the writer thread no wake-up of its own.
         self._held: list[Callable[[], dict[str, Any]]] = []
         self._held_since = 0.0
         # Rollup rows this thread's connection wrote (SQLite): merged without a read.
@@ -213,12 +211,12 @@ class Writer:
         try:
             while True:
                 batch, stop = self._next_batch()
-                if batch or self._metrics_due(stop):
+                if batch:
                     # Connected lazily, so a database that is down at start (or goes
                     # away) fails batches, not the writer.
                     if conn is None or conn.closed:
                         conn = self._connect(batch)
-                    if conn is not None and not self._process(conn, batch, stop):
+                    if conn is not None and not self._process(conn, batch):
                         _discard(conn)
                         conn = None
                     if self._checkpointer is not None:
@@ -261,24 +259,13 @@ class Writer:
     def _next_batch(self) -> tuple[list[_Item], bool]:
         batch: list[_Item] = []
         with self._lock:
-            held_since = self._held_since if self._held else None
-        if held_since is not None and time.monotonic() - held_since >= METRICS_FLUSH_SECONDS:
-            self._take_held()
-            held_since = None
-        starts = [
-            s for s in (held_since, self._metrics_since if self._metrics else None) if s is not None
-        ]
-        if starts:
-            since = min(starts)
-            # Wake up in time to write the buffered (or held) metric rows.
-            wait = since + METRICS_FLUSH_SECONDS - time.monotonic()
-            try:
-                item = self._queue.get(timeout=max(wait, 0.0))
-            except queue.Empty:
-                self._take_held()
-                return batch, False
-        else:
-            item = self._queue.get()
+            due = self._held_since + METRICS_FLUSH_SECONDS if self._held else None
+        try:
+            # With metric rows held, wake up in time to write them.
+            wait = None if due is None else max(due - time.monotonic(), 0.0)
+            item = self._queue.get(timeout=wait)
+        except queue.Empty:
+            item = _TICK
         while True:
             if item is _STOP:
                 return batch, True
@@ -286,30 +273,24 @@ class Writer:
                 assert isinstance(item, _Item)
                 batch.append(item)
                 if len(batch) >= self._batch_max:
-                    return batch, False
+                    break
             try:
                 item = self._queue.get_nowait()
             except queue.Empty:
-                return batch, False
-
-    def _take_held(self) -> None:
-        """Move the held metric rows to the thread's buffer (their second is up)."""
+                break
         with self._lock:
-            held, since, self._held = self._held, self._held_since, []
-        if held:
-            if not self._metrics:
-                self._metrics_since = since
-            self._metrics.extend(held)
+            held = self._held
+            if held and time.monotonic() >= self._held_since + METRICS_FLUSH_SECONDS:
+                self._held = []
+                batch.append(_Item(None, None, None, held))
+        return batch, False
 
-    def _process(self, conn: sqlalchemy.Connection, batch: list[_Item], stop: bool) -> bool:
+    def _process(self, conn: sqlalchemy.Connection, batch: list[_Item]) -> bool:
         """Commit ``batch``; return whether ``conn`` may be used for the next one."""
         healthy = True
+        # Metric rows arrive only when due (a full hold, their second up, drain, stop).
         metrics = [m for item in batch if item.metrics is not None for m in item.metrics]
-        if metrics:
-            if not self._metrics:
-                self._metrics_since = time.monotonic()
-            self._metrics.extend(metrics)
-            batch = [item for item in batch if item.metrics is None]
+        batch = [item for item in batch if item.metrics is None]
         work = [item for item in batch if item.exchange is not None]
         exchanges = [item.exchange for item in work if item.exchange is not None]
         outcomes: list[_Outcome]
@@ -328,25 +309,13 @@ class Writer:
                 healthy = not any(_database_failed(outcome) for outcome in outcomes)
         else:
             outcomes = []
-        # A drain marker waits for the metric rows queued before it, too.
-        draining = any(item.exchange is None and item.future is not None for item in batch)
-        if self._metrics_due(stop or draining):
-            self._write_metrics(conn, self._metrics)
-            self._metrics = []
+        if metrics:
+            # Before the results: a drain marker waits for the rows queued before it.
+            self._write_metrics(conn, metrics)
         results = dict(zip(map(id, work), outcomes, strict=True))
         self._resolve([(item, results.get(id(item))) for item in batch])
         self._observe(outcomes)
         return healthy and not conn.invalidated
-
-    def _metrics_due(self, now: bool) -> bool:
-        """Whether the buffered metric rows are to be written now."""
-        if not self._metrics:
-            return False
-        return (
-            now
-            or len(self._metrics) >= METRICS_FLUSH_ROWS
-            or time.monotonic() - self._metrics_since >= METRICS_FLUSH_SECONDS
-        )
 
     def _write_metrics(
         self, conn: sqlalchemy.Connection, makers: list[Callable[[], dict[str, Any]]]
