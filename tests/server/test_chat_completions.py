@@ -428,3 +428,29 @@ def test_overlong_names_are_clipped_not_lost(server: ParleyServer, database_url:
     [req] = rows(database_url, "SELECT model, model_requested, success FROM request_log")
     assert req["success"] and req["model_requested"] == model[:255]
     assert req["model"] == ("m" * 300)[:255]
+
+
+def test_async_recording_answers_first_and_records_everything(
+    tmp_path: Path, database_url: str, upstream: FakeOpenAI
+) -> None:
+    write_config(tmp_path, [{"name": "up", "kind": "openai", "base_url": upstream.base_url}])
+    settings = settings_for(tmp_path, database_url, PARLEY_RECORDING="async")
+    with ParleyServer(settings) as running:
+        sdk = openai.AsyncOpenAI(base_url=running.base_url, api_key="unused", max_retries=0)
+
+        async def one(i: int) -> str:
+            reply = await sdk.chat.completions.create(
+                model="up/gpt-4o-mini", messages=[{"role": "user", "content": f"q{i}"}]
+            )
+            return reply.choices[0].message.content or ""
+
+        async def burst() -> list[str]:
+            try:
+                return await asyncio.gather(*(one(i) for i in range(40)))
+            finally:
+                await sdk.close()
+
+        assert asyncio.run(burst()) == [f"echo: q{i}" for i in range(40)]
+        wait_for(lambda: len(rows(database_url, "SELECT id FROM request_log")) == 40)
+    answers = rows(database_url, "SELECT content FROM messages WHERE role = 'assistant'")
+    assert sorted(a["content"] for a in answers) == sorted(f"echo: q{i}" for i in range(40))

@@ -316,3 +316,37 @@ def test_read_helpers_return_what_was_written(migrated_engine: sa.Engine) -> Non
     assert [m.public_id for m in answers] == [r.answer_public_ids[0] for r in recorded]
     assert [m.response_request_id for m in answers] == [r.request_ids[0] for r in recorded]
     assert {m.model_used for m in answers} == {"gpt-test-2024"}
+
+
+def test_a_large_batch_goes_in_few_statements_with_every_row_intact(
+    migrated_engine: sa.Engine,
+) -> None:
+    """On SQLite the writer's rows go in multi-row statements, not one step per row: the
+    driver gives up the GIL at every step, and a busy event loop makes each re-take wait."""
+    batch = [chat([SYSTEM, Message("user", f"question {i}")], [f"answer {i}"]) for i in range(150)]
+    statements: list[str] = []
+    with writer_connection(migrated_engine) as conn, conn.begin():
+        sqlite = conn.dialect.name == "sqlite"
+        if sqlite:
+            conn.connection.driver_connection.set_trace_callback(statements.append)  # type: ignore[union-attr]
+        recorded = write_batch(conn, batch)
+        if sqlite:
+            conn.connection.driver_connection.set_trace_callback(None)  # type: ignore[union-attr]
+    if sqlite:
+        inserts = [s for s in statements if s.lstrip().upper().startswith("INSERT")]
+        # 150 conversations, requests and answers, 450 messages with their search rows:
+        # over 1,500 rows, in chunks of at most 64 rows per statement.
+        assert 6 <= len(inserts) <= 60, len(inserts)
+    assert len(recorded) == 150
+    messages = rows(migrated_engine, "SELECT id, role, content FROM messages ORDER BY id")
+    assert len(messages) == 450
+    assert [m["content"] for m in messages[1::3]] == [f"question {i}" for i in range(150)]
+    assert [m["content"] for m in messages[2::3]] == [f"answer {i}" for i in range(150)]
+    assert rows(migrated_engine, "SELECT count(*) AS n FROM request_log") == [{"n": 150}]
+    if sqlite:
+        found = rows(
+            migrated_engine,
+            "SELECT count(*) AS n FROM messages_fts WHERE messages_fts MATCH 'answer'",
+        )
+        assert found == [{"n": 150}]
+        assert rows(migrated_engine, "SELECT count(*) AS n FROM search_outbox") == [{"n": 450}]

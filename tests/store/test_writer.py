@@ -114,6 +114,22 @@ async def test_drain_waits_for_fire_and_forget_records(
     assert count(migrated_engine, "request_log") == 50
 
 
+async def test_async_recording_waits_once_the_writer_is_behind(
+    writer: Writer, migrated_engine: sa.Engine
+) -> None:
+    # Not started: nothing is taken off the queue, as with a writer that cannot keep up.
+    assert [writer.submit_unless_behind(exchange(i), 3) for i in range(3)] == [None] * 3
+    pending = writer.submit_unless_behind(exchange(3), 3)
+    assert pending is not None
+    await asyncio.sleep(0.05)
+    assert not pending.done()
+    writer.start()
+    recorded = await asyncio.wait_for(pending, 30)
+    assert recorded.request_ids
+    await writer.drain()
+    assert count(migrated_engine, "request_log") == 4
+
+
 async def test_a_cancelled_waiter_still_gets_its_record(
     writer: Writer, migrated_engine: sa.Engine
 ) -> None:

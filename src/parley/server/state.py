@@ -26,6 +26,9 @@ from parley.store.writer import Writer
 
 log = logging.getLogger(__name__)
 
+# Async recording queues at most this many writer batches before it waits for commits.
+ASYNC_BACKLOG_BATCHES = 4
+
 
 @dataclass(slots=True)
 class Services:
@@ -62,10 +65,15 @@ class Services:
     async def record(self, exchange: Exchange) -> None:
         """Commit ``exchange`` (durable mode) or queue it (async mode)."""
         if self.settings.recording == "async":
-            self.writer.submit_nowait(exchange)
-            return
+            # Acknowledged before the commit, unless the writer is a few batches behind.
+            limit = ASYNC_BACKLOG_BATCHES * self.settings.writer_batch_max
+            pending = self.writer.submit_unless_behind(exchange, limit)
+            if pending is None:
+                return
+        else:
+            pending = self.writer.submit(exchange)
         try:
-            await self.writer.submit(exchange)
+            await pending
         except StoreError:
             raise
         except Exception as exc:

@@ -28,7 +28,7 @@ from typing import Any
 
 from sqlalchemy import Connection
 
-from parley.store.bulk import bulk_insert
+from parley.store.bulk import bulk_insert, execute_rows
 from parley.store.schema import conversations, messages
 
 
@@ -51,15 +51,12 @@ def index_messages(conn: Connection, inserted: Sequence[tuple[int, str]]) -> Non
     """The search entries of messages just inserted: ``(id, content)`` each."""
     if not inserted or conn.dialect.name != "sqlite":
         return
-    cursor = conn.connection.cursor()
-    try:
-        cursor.executemany("INSERT INTO messages_fts(rowid, content) VALUES (?, ?)", inserted)
-        cursor.executemany(
-            "INSERT INTO search_outbox(kind, item_id, op) VALUES ('message', ?, 'upsert')",
-            [(message_id,) for message_id, _ in inserted],
-        )
-    finally:
-        cursor.close()
+    execute_rows(conn, "INSERT INTO messages_fts(rowid, content) VALUES (?, ?)", inserted)
+    execute_rows(
+        conn,
+        "INSERT INTO search_outbox(kind, item_id, op) VALUES ('message', ?, 'upsert')",
+        [(message_id,) for message_id, _ in inserted],
+    )
 
 
 def index_conversations(conn: Connection, inserted: Sequence[tuple[int, str | None]]) -> None:
@@ -68,8 +65,4 @@ def index_conversations(conn: Connection, inserted: Sequence[tuple[int, str | No
     titled = [(conv_id, title) for conv_id, title in inserted if title]
     if not titled or conn.dialect.name != "sqlite":
         return
-    cursor = conn.connection.cursor()
-    try:
-        cursor.executemany("INSERT INTO conversations_fts(rowid, title) VALUES (?, ?)", titled)
-    finally:
-        cursor.close()
+    execute_rows(conn, "INSERT INTO conversations_fts(rowid, title) VALUES (?, ?)", titled)

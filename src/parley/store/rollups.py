@@ -23,7 +23,7 @@ from sqlalchemy import Connection, Dialect, select
 from parley.domain import histogram
 from parley.domain.rollup import Dims, Tally, tally_rows
 from parley.domain.times import utc
-from parley.store.bulk import assign_ids, bulk_insert, placeholder
+from parley.store.bulk import assign_ids, bulk_insert, placeholder, update_rows
 from parley.store.schema import metric_rollups as t
 
 # pg_advisory_xact_lock key for rollup updates ("parley-r").
@@ -125,12 +125,7 @@ def add(
         bulk_insert(conn, t, new_rows)
         for row, tally in zip(new_rows, new_tallies, strict=True):
             written[(row["period"], row["bucket_start"], row["series_key"])] = (row["id"], tally)
-    if changed:
-        cursor = conn.connection.cursor()
-        try:
-            cursor.executemany(_update_sql(conn.dialect.paramstyle), changed)
-        finally:
-            cursor.close()
+    update_rows(conn, t.name, _value_names(), changed)
     if cache is not None and sqlite:
         cache._pending = written
 
@@ -182,13 +177,6 @@ def _stored(conn: Connection, keys: list[_Key]) -> dict[_Key, tuple[int, Tally]]
     finally:
         cursor.close()
     return found
-
-
-@functools.lru_cache(maxsize=4)
-def _update_sql(paramstyle: str) -> str:
-    mark = placeholder(paramstyle)
-    assignments = ", ".join(f"{name} = {mark}" for name in _value_names())
-    return f"UPDATE metric_rollups SET {assignments} WHERE id = {mark}"
 
 
 @functools.lru_cache(maxsize=4)

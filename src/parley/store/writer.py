@@ -137,6 +137,20 @@ class Writer:
         """Queue ``exchange`` without waiting for it (a failure is logged)."""
         self._put(_Item(exchange, None, None))
 
+    def submit_unless_behind(
+        self, exchange: Exchange, backlog_max: int
+    ) -> asyncio.Future[Recorded] | None:
+        """Queue ``exchange`` without waiting (None), or, with ``backlog_max`` items already
+        queued and not yet taken by the thread, as ``submit`` does: the future of its commit.
+
+        Async recording's bound: a writer that falls behind slows its clients down instead
+        of filling memory with records a crash would lose.
+        """
+        if self._queue.qsize() < backlog_max:
+            self.submit_nowait(exchange)
+            return None
+        return self.submit(exchange)
+
     def submit_metric(self, make_row: Callable[[], dict[str, Any]]) -> None:
         """Queue an ``http_metrics`` row, built by ``make_row`` on the writer thread.
 
