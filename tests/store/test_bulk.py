@@ -5,20 +5,10 @@ from __future__ import annotations
 import sqlalchemy as sa
 
 from parley.domain.messages import Message
-from parley.store.bulk import _chunks, bulk_update
+from parley.store.bulk import bulk_update
 from parley.store.engine import writer_connection
 from parley.store.schema import conversations
 from tests.store.test_exchanges import SYSTEM, chat, rows, write
-
-
-def test_chunks_cover_every_row_once_in_order() -> None:
-    for count in (0, 1, 7, 63, 64, 65, 200, 1000):
-        chunks = list(_chunks(count, 64))
-        assert sum(size for _, size in chunks) == count
-        starts = [start for start, _ in chunks]
-        assert starts == [sum(size for _, size in chunks[:i]) for i in range(len(chunks))]
-        # Full chunks, then powers of two: few distinct statement texts per table.
-        assert {size for _, size in chunks} <= {64, 32, 16, 8, 4, 2, 1}
 
 
 def test_bulk_update_sets_many_rows_and_the_later_of_two_wins(

@@ -14,11 +14,12 @@ Invariants:
   row earlier in the same list;
 - public ids are UUIDv7 (time-ordered, 74 random bits): unique indexes on them grow at
   one end instead of dirtying a random page per insert;
-- on SQLite, rows go in as multi-row ``INSERT ... VALUES (...), (...)`` statements
-  (``execute_rows``), not ``executemany``: the driver releases and re-takes the GIL
-  around every statement step, and with the event loop busy each re-take waits for the
-  interpreter's switch interval (5 ms). Measured with one busy Python thread beside it,
-  the writer fell from ~4,700 to 14 exchanges/s with a step per row.
+- on SQLite, a large batch's rows go in as multi-row ``INSERT ... VALUES (...), (...)``
+  statements of 64 rows (``execute_rows``), not one ``executemany`` step each: the
+  driver releases and re-takes the GIL around every step, and with the event loop busy
+  each re-take waits for the interpreter's switch interval (5 ms). Measured with one
+  busy Python thread beside it, the writer fell from ~4,700 to 14 exchanges/s with a
+  step per row.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import os
 import sqlite3
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from sqlalchemy import Connection, Dialect, Table, insert
@@ -145,28 +146,31 @@ def bulk_insert(conn: Connection, table: Table, rows: Sequence[dict[str, Any]]) 
 
 
 # Rows per multi-row statement on SQLite (fewer if the columns would pass the driver's
-# limit of bound parameters); a remainder goes in statements of 32, 16, ... 1 rows, so
-# each table needs at most seven statement texts and the driver's cache keeps them.
+# limit of bound parameters). Fewer rows than that go through ``executemany``: measured
+# at a group commit of 8 exchanges, multi-row statements cost SQLite ~20% more CPU than
+# single-row ones, and a few dozen steps give up the GIL only a few dozen times.
 _CHUNK_ROWS = 64
 
 
 def execute_rows(conn: Connection, sql: str, params: Sequence[Any]) -> None:
     """Run the one-row statement ``sql`` (``INSERT ... VALUES (...)``) for every
-    parameter tuple of ``params``, in order: ``executemany``, or on SQLite a few
-    multi-row statements (see the module's invariants)."""
+    parameter tuple of ``params``, in order: ``executemany``, on SQLite with every full
+    chunk of rows as one multi-row statement (see the module's invariants)."""
     if not params:
         return
     cursor = conn.connection.cursor()
     try:
-        if conn.dialect.name != "sqlite" or len(params) == 1 or not isinstance(params[0], tuple):
-            cursor.executemany(sql, params)
-            return
-        head, _, row = sql.partition(" VALUES ")
-        for start, size in _chunks(len(params), _chunk_rows(conn, len(params[0]))):
-            cursor.execute(
-                _multi_row(head, row, size),
-                list(itertools.chain.from_iterable(params[start : start + size])),
-            )
+        done = 0
+        if conn.dialect.name == "sqlite" and isinstance(params[0], tuple):
+            head, _, row = sql.partition(" VALUES ")
+            size = _chunk_rows(conn, len(params[0]))
+            statement = _multi_row(head, row, size)
+            while len(params) - done >= size:
+                chunk = params[done : done + size]
+                cursor.execute(statement, list(itertools.chain.from_iterable(chunk)))
+                done += size
+        if done < len(params):
+            cursor.executemany(sql, params[done:] if done else params)
     finally:
         cursor.close()
 
@@ -176,21 +180,6 @@ def _chunk_rows(conn: Connection, width: int) -> int:
         sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER
     )
     return max(1, min(_CHUNK_ROWS, limit // max(width, 1)))
-
-
-def _chunks(count: int, full: int) -> Iterator[tuple[int, int]]:
-    """``(start, size)`` of each statement for ``count`` rows: chunks of ``full`` rows,
-    then the remainder by powers of two, largest first."""
-    start = 0
-    while count - start >= full:
-        yield start, full
-        start += full
-    size = 1 << (full.bit_length() - 1)
-    while start < count:
-        while size > count - start:
-            size >>= 1
-        yield start, size
-        start += size
 
 
 @functools.lru_cache(maxsize=256)
@@ -214,28 +203,34 @@ def update_rows(
     conn: Connection, table_name: str, names: tuple[str, ...], params: Sequence[tuple[Any, ...]]
 ) -> None:
     """Set columns ``names`` to each tuple's values on the row whose ``id`` is the tuple's
-    last item; of two tuples for one id, the later one wins. ``executemany``, or on SQLite
-    a few multi-row ``UPDATE ... FROM (VALUES ...)`` statements (see the invariants)."""
+    last item; of two tuples for one id, the later one wins. ``executemany``, on SQLite
+    with every full chunk as one ``UPDATE ... FROM (VALUES ...)`` (see the invariants)."""
     if not params:
         return
     mark = placeholder(conn.dialect.paramstyle)
     cursor = conn.connection.cursor()
     try:
-        if conn.dialect.name != "sqlite" or len(params) == 1:
-            assignments = ", ".join(f"{name} = {mark}" for name in names)
-            cursor.executemany(f"UPDATE {table_name} SET {assignments} WHERE id = {mark}", params)
-            return
-        # One tuple per id (its last), where it first appeared: a join matching two
-        # would update the row from either, SQLite does not say which.
+        # One tuple per id (its last), where it first appeared: of two rows for one id,
+        # a multi-row statement's join would update it from either.
         latest = list({values[-1]: values for values in params}.values())
-        assignments = ", ".join(f"{name} = v.column{i}" for i, name in enumerate(names, 1))
-        head = f"UPDATE {table_name} SET {assignments} FROM ("
-        tail = f") AS v WHERE {table_name}.id = v.column{len(names) + 1}"
-        row = f"({', '.join([mark] * (len(names) + 1))})"
-        for start, size in _chunks(len(latest), _chunk_rows(conn, len(names) + 1)):
-            cursor.execute(
-                _multi_row(head, row, size, tail),
-                list(itertools.chain.from_iterable(latest[start : start + size])),
+        done = 0
+        if conn.dialect.name == "sqlite":
+            assignments = ", ".join(f"{name} = v.column{i}" for i, name in enumerate(names, 1))
+            size = _chunk_rows(conn, len(names) + 1)
+            statement = _multi_row(
+                f"UPDATE {table_name} SET {assignments} FROM (",
+                f"({', '.join([mark] * (len(names) + 1))})",
+                size,
+                f") AS v WHERE {table_name}.id = v.column{len(names) + 1}",
+            )
+            while len(latest) - done >= size:
+                chunk = latest[done : done + size]
+                cursor.execute(statement, list(itertools.chain.from_iterable(chunk)))
+                done += size
+        if done < len(latest):
+            assignments = ", ".join(f"{name} = {mark}" for name in names)
+            cursor.executemany(
+                f"UPDATE {table_name} SET {assignments} WHERE id = {mark}", latest[done:]
             )
     finally:
         cursor.close()
