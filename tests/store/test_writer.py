@@ -16,8 +16,8 @@ from parley.domain.exchange import Attempt, Choice, Exchange
 from parley.domain.messages import Message
 from parley.errors import StoreError, StoreFull
 from parley.ops.migrate import upgrade
-from parley.store.engine import create_engine
-from parley.store.exchanges import Recorded
+from parley.store.engine import Checkpointer, create_engine, sqlite_path, writer_connection
+from parley.store.exchanges import Recorded, write_batch
 from parley.store.writer import Writer
 from tests.conftest import MakeSettings
 from tests.small_disk import fill, small_database
@@ -295,3 +295,36 @@ async def test_a_full_hold_of_metric_rows_is_written_at_once(
             break
     # Well inside the one-second deadline of a partial hold.
     assert count(migrated_engine, "http_metrics") == 256
+
+
+@pytest.mark.parametrize("restart_frames", [64, 10**9])
+def test_the_log_starts_over_under_steady_writes(
+    tmp_path: Path, make_settings: MakeSettings, restart_frames: int
+) -> None:
+    """A checkpoint on another thread never catches a writer that never pauses, so the
+    log would only grow; the writer's connection folds in the last frames once it is
+    long, and the next write starts the log over. (10**9: never, to show the growth.)"""
+    settings = make_settings(tmp_path)
+    upgrade(settings)
+    engine = create_engine(settings)
+    checkpointer = Checkpointer(engine, interval=0.005, restart_frames=restart_frames)
+    checkpointer.start()
+    wal = Path(str(sqlite_path(settings)) + "-wal")
+    try:
+        with writer_connection(engine) as conn:
+            conn.connection.driver_connection.execute("PRAGMA wal_autocheckpoint=0")  # type: ignore[union-attr]
+            for i in range(400):
+                with conn.begin():
+                    write_batch(conn, [exchange(i)])
+                checkpointer.committed(conn)
+    finally:
+        checkpointer.stop()
+        size = wal.stat().st_size
+        engine.dispose()
+    # 400 commits of ~30 pages each: ~48 MB of log if it never starts over.
+    if restart_frames == 64:
+        assert checkpointer.restarts > 0
+        assert size < 8 * 1024 * 1024, size
+    else:
+        assert checkpointer.restarts == 0
+        assert size > 20 * 1024 * 1024, size

@@ -233,8 +233,8 @@ class Writer:
                     if conn is not None and not self._process(conn, batch):
                         _discard(conn)
                         conn = None
-                    if self._checkpointer is not None:
-                        self._checkpointer.committed()
+                    if self._checkpointer is not None and conn is not None:
+                        self._checkpointer.committed(conn)
                 batch = []
                 if stop:
                     return
