@@ -336,10 +336,6 @@ def _sqlite_engine(settings: Settings, **kwargs: Any) -> sqlalchemy.Engine:
     @event.listens_for(engine, "begin")
     def _on_begin(conn: sqlalchemy.Connection) -> None:
         immediate = conn.get_execution_options().get(IMMEDIATE, False)
-        # On the driver connection: through ``exec_driver_sql`` the statement cost
-        # ~40 us of SQLAlchemy's execution machinery, per group commit of the writer.
-        dbapi_connection = conn.connection.dbapi_connection
-        assert dbapi_connection is not None
-        dbapi_connection.execute("BEGIN IMMEDIATE" if immediate else "BEGIN")
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
     return engine
