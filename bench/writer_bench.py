@@ -12,6 +12,12 @@ submit one exchange and wait for its commit before the next (batches then hold a
 exchanges), and the table adds the commit wait's p50 and p99.
 
     python bench/writer_bench.py --clients 1 --n 3000
+
+``--busy-thread`` runs a pure-Python loop on a thread beside the writer, as a busy event
+loop would be: the writer then gets the GIL back after each driver step only when that
+thread's switch interval runs out, so the figure shows how many steps a batch takes.
+
+    python bench/writer_bench.py --busy-thread --n 2000 --synchronous normal
 """
 
 from __future__ import annotations
@@ -19,7 +25,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -125,6 +134,28 @@ def run(
     return writer.committed, writer.batches, seconds, rows, waits
 
 
+@contextmanager
+def busy_thread(on: bool) -> Iterator[None]:
+    """A thread running Python until the block ends (when ``on``)."""
+    done = threading.Event()
+
+    def spin() -> None:
+        total = 0
+        while not done.is_set():
+            for i in range(1000):
+                total += i
+
+    thread = threading.Thread(target=spin, daemon=True)
+    if on:
+        thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        if on:
+            thread.join()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--n", type=int, default=20000, help="exchanges to commit")
@@ -144,6 +175,11 @@ def main() -> None:
         default="FULL,NORMAL",
         help="SQLite synchronous levels to run, comma-separated",
     )
+    parser.add_argument(
+        "--busy-thread",
+        action="store_true",
+        help="run a pure-Python loop on a thread beside the writer (a busy event loop)",
+    )
     args = parser.parse_args()
 
     print(
@@ -160,12 +196,13 @@ def main() -> None:
             else:
                 env["PARLEY_SQLITE_SYNCHRONOUS"] = mode
             settings = load_settings(env=env, cwd=Path(tmp), writer_batch_max=args.batch)
-            committed, batches, seconds, rows, waits = run(
-                settings, args.n, args.continue_every, args.clients
-            )
+            with busy_thread(args.busy_thread):
+                committed, batches, seconds, rows, waits = run(
+                    settings, args.n, args.continue_every, args.clients
+                )
             label = (
                 settings.database_url.split(":", 1)[0] if args.database_url else (f"sqlite {mode}")
-            )
+            ) + (" +busy" if args.busy_thread else "")
             waited = ""
             if waits:
                 waits.sort()

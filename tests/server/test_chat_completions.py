@@ -7,6 +7,7 @@ and checks what the client saw and what the store holds, on SQLite and PostgreSQ
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -434,7 +435,11 @@ def test_async_recording_answers_first_and_records_everything(
     tmp_path: Path, database_url: str, upstream: FakeOpenAI
 ) -> None:
     write_config(tmp_path, [{"name": "up", "kind": "openai", "base_url": upstream.base_url}])
-    settings = settings_for(tmp_path, database_url, PARLEY_RECORDING="async")
+    # Batches of one: the writer falls 4 batches behind at once, so some of the burst
+    # waits for its commit and the rest is acknowledged first.
+    settings = dataclasses.replace(
+        settings_for(tmp_path, database_url, PARLEY_RECORDING="async"), writer_batch_max=1
+    )
     with ParleyServer(settings) as running:
         sdk = openai.AsyncOpenAI(base_url=running.base_url, api_key="unused", max_retries=0)
 

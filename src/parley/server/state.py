@@ -63,7 +63,9 @@ class Services:
             await self.limiter.check(caller)
 
     async def record(self, exchange: Exchange) -> None:
-        """Commit ``exchange`` (durable mode) or queue it (async mode)."""
+        """Commit ``exchange`` (durable mode) or queue it (async mode); in async mode,
+        with the writer four batches behind, wait for its commit as durable mode does (a
+        failed commit then reaches the client as durable mode's would)."""
         if self.settings.recording == "async":
             # Acknowledged before the commit, unless the writer is a few batches behind.
             limit = ASYNC_BACKLOG_BATCHES * self.settings.writer_batch_max

@@ -1,4 +1,4 @@
-"""Fast bulk inserts for the store's hot path: reserved ids and driver-level executemany.
+"""Fast bulk writes for the store's hot path: reserved ids and driver-level statements.
 
 Repositories that write many rows per transaction (the exchange writer) use these
 instead of ``conn.execute(insert(table), rows)``: measured on SQLite, SQLAlchemy's
@@ -124,7 +124,7 @@ def assign_ids(conn: Connection, plan: Sequence[tuple[Table, Sequence[dict[str, 
 
 
 def bulk_insert(conn: Connection, table: Table, rows: Sequence[dict[str, Any]]) -> None:
-    """One ``executemany`` of ``rows`` (every row with the same keys), in list order."""
+    """Insert ``rows`` (every row with the same keys) in list order, as ``execute_rows``."""
     if not rows:
         return
     sql, order, processors = _compiled(conn.dialect, table, tuple(rows[0]))
@@ -164,15 +164,22 @@ def execute_rows(conn: Connection, sql: str, params: Sequence[Any]) -> None:
         if conn.dialect.name == "sqlite" and isinstance(params[0], tuple):
             head, _, row = sql.partition(" VALUES ")
             size = _chunk_rows(conn, len(params[0]))
-            statement = _multi_row(head, row, size)
-            while len(params) - done >= size:
-                chunk = params[done : done + size]
-                cursor.execute(statement, list(itertools.chain.from_iterable(chunk)))
-                done += size
+            done = _full_chunks(cursor, _multi_row(head, row, size), params, size)
         if done < len(params):
             cursor.executemany(sql, params[done:] if done else params)
     finally:
         cursor.close()
+
+
+def _full_chunks(cursor: Any, statement: str, params: Sequence[Any], size: int) -> int:
+    """Run the ``size``-row ``statement`` on each full chunk of ``params``; return how
+    many rows that covered (the rest are the caller's)."""
+    done = 0
+    while len(params) - done >= size:
+        chunk = params[done : done + size]
+        cursor.execute(statement, list(itertools.chain.from_iterable(chunk)))
+        done += size
+    return done
 
 
 def _chunk_rows(conn: Connection, width: int) -> int:
@@ -214,7 +221,8 @@ def update_rows(
         # a multi-row statement's join would update it from either.
         latest = list({values[-1]: values for values in params}.values())
         done = 0
-        if conn.dialect.name == "sqlite":
+        # UPDATE ... FROM came with SQLite 3.33 (2020); an older library updates row by row.
+        if conn.dialect.name == "sqlite" and sqlite3.sqlite_version_info >= (3, 33):
             assignments = ", ".join(f"{name} = v.column{i}" for i, name in enumerate(names, 1))
             size = _chunk_rows(conn, len(names) + 1)
             statement = _multi_row(
@@ -223,10 +231,7 @@ def update_rows(
                 size,
                 f") AS v WHERE {table_name}.id = v.column{len(names) + 1}",
             )
-            while len(latest) - done >= size:
-                chunk = latest[done : done + size]
-                cursor.execute(statement, list(itertools.chain.from_iterable(chunk)))
-                done += size
+            done = _full_chunks(cursor, statement, latest, size)
         if done < len(latest):
             assignments = ", ".join(f"{name} = {mark}" for name in names)
             cursor.executemany(

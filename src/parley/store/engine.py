@@ -174,8 +174,8 @@ class Checkpointer:
         self._wake = threading.Event()
         self._stopping = False
         self._thread: threading.Thread | None = None
-        # Frames in the log at this thread's last checkpoint (written here, read by the
-        # writer: an int, safe to share).
+        # Frames in the log at this thread's last checkpoint, set by this thread and
+        # cleared by the writer once it acted on it (an int: safe to share).
         self._log_frames = 0
         self.checkpoints = 0
         self.restarts = 0
@@ -190,6 +190,9 @@ class Checkpointer:
         self._wake.set()
         if self._log_frames < self._restart_frames:
             return
+        # Once per reading of this thread: a log held by a reader (or a failing disk)
+        # must not cost every batch a checkpoint.
+        self._log_frames = 0
         dbapi_connection = conn.connection.dbapi_connection
         assert dbapi_connection is not None
         try:
@@ -197,10 +200,10 @@ class Checkpointer:
                 "PRAGMA wal_checkpoint(PASSIVE)"
             ).fetchone()
         except Exception as exc:
+            # This thread's own checkpoints log a failing disk; nothing is lost.
             log.debug("write-ahead log checkpoint on the writer's connection failed: %s", exc)
             return
         if not busy and done == frames:
-            self._log_frames = 0  # until this thread reads the restarted log's length
             self.restarts += 1
 
     def stop(self) -> None:
@@ -222,10 +225,11 @@ class Checkpointer:
                 try:
                     if conn is None:
                         conn = self._engine.raw_connection()
-                    _, frames, _ = conn.driver_connection.execute(
+                    busy, frames, _ = conn.driver_connection.execute(
                         "PRAGMA wal_checkpoint(PASSIVE)"
                     ).fetchone()
-                    self._log_frames = frames
+                    if not busy:  # busy (the writer checkpointing): no reading, -1
+                        self._log_frames = frames
                     self.checkpoints += 1
                     if failing:
                         log.info("write-ahead log checkpoints succeed again")
