@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -53,3 +54,24 @@ def test_bad_config_is_a_clear_error(tmp_path: Path) -> None:
     )
     assert result.returncode == 1
     assert "kind must be one of" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_taken_port_is_a_clear_error(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {**os.environ, "PARLEY_DATA_DIR": str(tmp_path / "data"), "DATABASE_URL": ""}
+        result = subprocess.run(
+            [sys.executable, "-m", "parley", "serve", "--port", str(port)],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert result.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
+    assert "Traceback" not in result.stderr
+    # The store it opened is left clean: no marker of an unclean stop for the next start.
+    assert not (tmp_path / "data" / "parley.db.running").exists()

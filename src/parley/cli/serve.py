@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import gc
 import ipaddress
 import logging
@@ -17,6 +18,8 @@ from parley.settings import Settings, load_settings
 
 # The collector's first-generation threshold while serving (the default is 700).
 GC_YOUNG_THRESHOLD = 10_000
+# Errors of binding the listening socket that come from the operator's choice of address.
+_LISTEN_ERRORS = frozenset({errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES})
 
 
 def is_loopback(host: str) -> bool:
@@ -100,4 +103,14 @@ def serve(host: str | None, port: int | None) -> None:
         )
     except ConfigError as exc:
         click.echo(f"parley: {exc.message}", err=True)
+        sys.exit(1)
+    except OSError as exc:
+        # The address is taken (another parley, say) or not this machine's: say so
+        # plainly; anything else is not the operator's input and keeps its traceback.
+        if exc.errno not in _LISTEN_ERRORS:
+            raise
+        click.echo(
+            f"parley: cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}",
+            err=True,
+        )
         sys.exit(1)
