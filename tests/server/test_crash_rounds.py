@@ -1,11 +1,13 @@
-"""25 rounds of kill -9 at a random moment under concurrent streaming load, each followed
-by a restart: no acknowledged exchange is ever lost and the SQLite file stays sound.
+"""Rounds of kill -9 at a random moment under concurrent streaming load, each followed by
+a restart: no acknowledged exchange is ever lost and the SQLite file stays sound.
 
 Each round starts ``parley serve`` on the store the previous round killed, checks that
 every exchange acknowledged so far is there (and ``PRAGMA integrity_check`` on SQLite),
 puts it under load from 6 clients (60 % streaming), and kills it 0.2 to 1.2 s later.
 The store is read only while a server runs on it (see ``test_crash_safety``). The seed is
-in the failure message; ``PARLEY_CRASH_SEED`` replays a run.
+in the failure message; ``PARLEY_CRASH_SEED`` replays a run. 10 rounds per database by
+default (each costs a server start, ~7 s on a slow 2-core machine, and the suite must stay
+under 15 minutes); ``PARLEY_CRASH_ROUNDS=100`` runs a longer campaign.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from tests.server.crash_support import Load, integrity, kill_at_random, lost_exc
 
 pytestmark = pytest.mark.slow
 
-ROUNDS = 25
+ROUNDS = int(os.environ.get("PARLEY_CRASH_ROUNDS") or 10)
 
 
 def test_kill_9_at_random_moments_loses_no_acknowledged_exchange(
@@ -55,4 +57,4 @@ def test_kill_9_at_random_moments_loses_no_acknowledged_exchange(
                 acked.extend(load.acked)
     # The load got going: on average a few answers acknowledged per round.
     assert len(acked) > 2 * ROUNDS, f"seed {seed}: only {len(acked)} acknowledged"
-    assert max(pauses) - min(pauses) > 0.3, "the kills were not spread out"
+    assert max(pauses) - min(pauses) > 0.2, "the kills were not spread out"
