@@ -137,6 +137,9 @@ def run(
 @contextmanager
 def busy_thread(on: bool) -> Iterator[None]:
     """A thread running Python until the block ends (when ``on``)."""
+    if not on:
+        yield
+        return
     done = threading.Event()
 
     def spin() -> None:
@@ -146,14 +149,12 @@ def busy_thread(on: bool) -> Iterator[None]:
                 total += i
 
     thread = threading.Thread(target=spin, daemon=True)
-    if on:
-        thread.start()
+    thread.start()
     try:
         yield
     finally:
         done.set()
-        if on:
-            thread.join()
+        thread.join()
 
 
 def main() -> None:

@@ -13,17 +13,22 @@ import httpx
 from tests.harness import free_port, serve_subprocess
 
 
-def test_refuses_a_public_address_without_a_master_key(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if k != "PARLEY_MASTER_KEY"}
-    env["PARLEY_DATA_DIR"] = str(tmp_path / "data")
-    result = subprocess.run(
-        [sys.executable, "-m", "parley", "serve", "--host", "0.0.0.0", "--port", "0"],
+def run_serve(tmp_path: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    """``parley serve *args`` in ``tmp_path`` until it exits (it is expected to refuse)."""
+    return subprocess.run(
+        [sys.executable, "-m", "parley", "serve", *args],
         cwd=tmp_path,
         env=env,
         capture_output=True,
         text=True,
         timeout=60,
     )
+
+
+def test_refuses_a_public_address_without_a_master_key(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "PARLEY_MASTER_KEY"}
+    env["PARLEY_DATA_DIR"] = str(tmp_path / "data")
+    result = run_serve(tmp_path, env, "--host", "0.0.0.0", "--port", "0")
     assert result.returncode == 1
     assert "PARLEY_MASTER_KEY" in result.stderr
     assert "Traceback" not in result.stderr
@@ -44,14 +49,7 @@ def test_starts_on_embedded_defaults_in_a_fresh_directory(tmp_path: Path) -> Non
 def test_bad_config_is_a_clear_error(tmp_path: Path) -> None:
     (tmp_path / "parley.toml").write_text('[[providers]]\nname = "x"\nkind = "nope"\n')
     env = {**os.environ, "PARLEY_DATA_DIR": str(tmp_path / "data")}
-    result = subprocess.run(
-        [sys.executable, "-m", "parley", "serve", "--port", str(free_port())],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = run_serve(tmp_path, env, "--port", str(free_port()))
     assert result.returncode == 1
     assert "kind must be one of" in result.stderr and "Traceback" not in result.stderr
 
@@ -62,14 +60,7 @@ def test_a_taken_port_is_a_clear_error(tmp_path: Path) -> None:
         taken.listen()
         port = taken.getsockname()[1]
         env = {**os.environ, "PARLEY_DATA_DIR": str(tmp_path / "data"), "DATABASE_URL": ""}
-        result = subprocess.run(
-            [sys.executable, "-m", "parley", "serve", "--port", str(port)],
-            cwd=tmp_path,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        result = run_serve(tmp_path, env, "--port", str(port))
     assert result.returncode == 1
     assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
     assert "Traceback" not in result.stderr

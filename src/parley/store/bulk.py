@@ -223,22 +223,30 @@ def update_rows(
         done = 0
         # UPDATE ... FROM came with SQLite 3.33 (2020); an older library updates row by row.
         if conn.dialect.name == "sqlite" and sqlite3.sqlite_version_info >= (3, 33):
-            assignments = ", ".join(f"{name} = v.column{i}" for i, name in enumerate(names, 1))
             size = _chunk_rows(conn, len(names) + 1)
-            statement = _multi_row(
-                f"UPDATE {table_name} SET {assignments} FROM (",
-                f"({', '.join([mark] * (len(names) + 1))})",
-                size,
-                f") AS v WHERE {table_name}.id = v.column{len(names) + 1}",
-            )
+            statement = _multi_row_update(table_name, names, mark, size)
             done = _full_chunks(cursor, statement, latest, size)
         if done < len(latest):
-            assignments = ", ".join(f"{name} = {mark}" for name in names)
-            cursor.executemany(
-                f"UPDATE {table_name} SET {assignments} WHERE id = {mark}", latest[done:]
-            )
+            cursor.executemany(_update(table_name, names, mark), latest[done:])
     finally:
         cursor.close()
+
+
+@functools.lru_cache(maxsize=32)
+def _update(table_name: str, names: tuple[str, ...], mark: str) -> str:
+    assignments = ", ".join(f"{name} = {mark}" for name in names)
+    return f"UPDATE {table_name} SET {assignments} WHERE id = {mark}"
+
+
+@functools.lru_cache(maxsize=32)
+def _multi_row_update(table_name: str, names: tuple[str, ...], mark: str, size: int) -> str:
+    assignments = ", ".join(f"{name} = v.column{i}" for i, name in enumerate(names, 1))
+    return _multi_row(
+        f"UPDATE {table_name} SET {assignments} FROM (",
+        f"({', '.join([mark] * (len(names) + 1))})",
+        size,
+        f") AS v WHERE {table_name}.id = v.column{len(names) + 1}",
+    )
 
 
 @functools.lru_cache(maxsize=128)
@@ -255,11 +263,12 @@ def _compiled(
     return compiled.string, order, _processors(dialect, table, keys)
 
 
+@functools.lru_cache(maxsize=128)
 def _processors(
     dialect: Dialect, table: Table, keys: tuple[str, ...]
 ) -> dict[str, Callable[[Any], Any]]:
     """The bind processors of ``keys``' column types on ``dialect`` (keys without one are
-    passed to the driver as they are)."""
+    passed to the driver as they are); a memo, as ``_compiled``: read-only to callers."""
     processors: dict[str, Callable[[Any], Any]] = {}
     for key in keys:
         bind = table.c[key].type.dialect_impl(dialect).bind_processor(dialect)
