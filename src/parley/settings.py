@@ -15,6 +15,8 @@ Environment:
     PARLEY_SQLITE_SYNCHRONOUS  NORMAL (default: WAL commits survive a crash of parley)
                              or FULL (they also survive a power loss or OS crash)
     PARLEY_RECORDING         durable (default: acknowledge after commit) or async
+    PARLEY_WRITER            thread (default: the store writer is a thread of the server)
+                             or process (a child process, off the server's interpreter lock)
     PARLEY_LOG_LEVEL         INFO by default
     PARLEY_SECRET_KEY        the master secret that encrypts provider keys at rest (default:
                              a key file ``secret.key`` in the data directory, made with mode
@@ -192,6 +194,7 @@ class Settings:
     max_body_bytes: int = 10 * 1024 * 1024
     sqlite_synchronous: str = "NORMAL"
     recording: str = "durable"
+    writer: str = "thread"
     log_level: str = "INFO"
     providers: tuple[ProviderConfig, ...] = ()
     aliases: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
@@ -287,6 +290,11 @@ def load_settings(
             env.get("PARLEY_RECORDING") or server.get("recording", "durable"),
             ("durable", "async"),
             "recording",
+        ),
+        "writer": _choice(
+            env.get("PARLEY_WRITER") or server.get("writer", "thread"),
+            ("thread", "process"),
+            "writer",
         ),
         "log_level": (env.get("PARLEY_LOG_LEVEL") or str(server.get("log_level", "INFO"))).upper(),
         "providers": tuple(_provider(p, env, timeouts) for p in _list(config, "providers")),

@@ -21,12 +21,13 @@ from tests.server.crash_support import Load, integrity, lost_exchanges, server_e
 pytestmark = pytest.mark.slow
 
 
+@pytest.mark.parametrize("writer", ["thread", "process"])
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["kill9", "sigterm"])
 def test_a_stop_under_load_loses_no_acknowledged_exchange(
-    tmp_path: Path, database_url: str, sig: signal.Signals
+    tmp_path: Path, database_url: str, sig: signal.Signals, writer: str
 ) -> None:
     with FakeOpenAI() as upstream:
-        env = server_env(tmp_path, database_url, upstream.base_url)
+        env = server_env(tmp_path, database_url, upstream.base_url, PARLEY_WRITER=writer)
         port = free_port()
         load = Load(port, workers=8)
         with serve_subprocess(tmp_path, env, port) as process:

@@ -66,7 +66,8 @@ from parley.server.state import SERVICES, Services
 from parley.settings import Settings
 from parley.store.engine import checkpoint, create_engine, is_disk_full
 from parley.store.limits import LimitStore
-from parley.store.writer import Writer
+from parley.store.writer import RecordWriter, Writer
+from parley.store.writer_process import ProcessWriter
 
 log = logging.getLogger(__name__)
 
@@ -147,8 +148,14 @@ async def _serving(
 ) -> AsyncIterator[None]:
     engine = create_engine(settings)
     prometheus = PrometheusMetrics()
-    writer = Writer(engine, batch_max=settings.writer_batch_max, on_commit=prometheus.observe_rows)
-    writer.start()
+    writer: RecordWriter
+    if settings.writer == "process":
+        writer = ProcessWriter(settings, on_commit=prometheus.observe_tallies)
+    else:
+        writer = Writer(
+            engine, batch_max=settings.writer_batch_max, on_commit=prometheus.observe_rows
+        )
+    await asyncio.to_thread(writer.start)
     session = aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=0, limit_per_host=0, ttl_dns_cache=300),
         timeout=aiohttp.ClientTimeout(total=None),
@@ -209,7 +216,7 @@ async def _serving(
             presence.mark_clean()
 
 
-def _close_store(writer: Writer, engine: sqlalchemy.Engine) -> bool:
+def _close_store(writer: RecordWriter, engine: sqlalchemy.Engine) -> bool:
     """Commit what is queued, empty the write-ahead log, close every connection; return
     whether all of it worked (only then may the run be marked clean)."""
     clean = True

@@ -16,15 +16,12 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
 
-import orjson
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
-from parley.metrics.redact import redact_body, redact_text
+from parley.metrics.http_row import HttpRow
 from parley.server.identity import IDENTITY_KEY
 from parley.server.state import BODY_KEY, SERVICES
 from parley.settings import Settings
@@ -85,9 +82,10 @@ def _row_maker(
     elapsed: float,
     secrets: tuple[str, ...],
     limit: int,
-) -> Callable[[], dict[str, Any]]:
+) -> HttpRow:
     # Everything read from the request now: it is gone once the handler returns.
-    return _Row(
+    caller = request.get(IDENTITY_KEY)
+    return HttpRow(
         datetime.now(UTC),
         endpoint,
         request.method,
@@ -99,56 +97,8 @@ def _row_maker(
         request.get(ERROR_KEY),
         request.get(BODY_KEY),
         request.content_type,
-        request.get(IDENTITY_KEY),
+        getattr(caller, "user_id", None),
+        getattr(caller, "api_key_id", None),
         secrets,
         limit,
     )
-
-
-@dataclass(slots=True)
-class _Row:
-    """One request's row, made on the writer thread. One object rather than a closure:
-    a closure over these fourteen values was fifteen more objects per request for the
-    collector to walk while they wait in the writer's queue."""
-
-    at: datetime
-    endpoint: str
-    method: str
-    status: int
-    elapsed: float
-    user_agent: str | None
-    client_ip: str | None
-    tags: str | None
-    error: str | None
-    body: bytes | None
-    content_type: str
-    caller: object
-    secrets: tuple[str, ...]
-    limit: int
-
-    def __call__(self) -> dict[str, Any]:
-        secrets = self.secrets
-        user_agent, error, body = self.user_agent, self.error, self.body
-        return {
-            "created_at": self.at,
-            "endpoint": self.endpoint,
-            "method": self.method[:16],
-            "status_code": self.status,
-            "response_time_ms": self.elapsed * 1000,
-            "user_agent": redact_text(user_agent, secrets)[:512] if user_agent else None,
-            "client_ip": (self.client_ip or "")[:64] or None,
-            "tags": _tags(self.tags, secrets),
-            "error_message": redact_text(error, secrets) if error else None,
-            "request_body": redact_body(body, self.content_type, secrets, self.limit)
-            if body
-            else None,
-            "user_id": getattr(self.caller, "user_id", None),
-            "api_key_id": getattr(self.caller, "api_key_id", None),
-        }
-
-
-def _tags(header: str | None, secrets: tuple[str, ...]) -> str | None:
-    if not header:
-        return None
-    tags = [redact_text(t.strip(), secrets)[:64] for t in header.split(",") if t.strip()]
-    return orjson.dumps(tags[:20]).decode() if tags else None

@@ -22,7 +22,7 @@ from parley.gateway.service import Gateway
 from parley.metrics.prometheus import PrometheusMetrics
 from parley.search.services import SearchServices
 from parley.settings import Settings
-from parley.store.writer import Writer
+from parley.store.writer import RecordWriter
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ class Services:
     engine: sqlalchemy.Engine
     gateway: Gateway
     catalog: ModelCatalog
-    writer: Writer
+    writer: RecordWriter
     started_at: float
     # Provider configurations in the database (and the vault for their keys); None only
     # in an app built without them (the admin provider API then answers 503).

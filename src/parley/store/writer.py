@@ -36,7 +36,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import sqlalchemy
 from sqlalchemy.exc import InterfaceError, OperationalError
@@ -56,17 +56,19 @@ from parley.store.schema import http_metrics
 
 log = logging.getLogger(__name__)
 
-_Outcome = Recorded | BaseException | None
+Outcome = Recorded | BaseException | None
 
 
 @dataclass(slots=True)
-class _Item:
+class Item:
     # None marks a drain request: it resolves when everything before it is committed.
     exchange: Exchange | None
     future: asyncio.Future[Any] | None
     loop: asyncio.AbstractEventLoop | None
     # HTTP metrics, each built (and redacted) on the writer thread, off the request's path.
-    metrics: list[Callable[[], dict[str, Any]]] | None = None
+    metrics: list[RowMaker] | None = None
+    # The parent's number for an item that came from another process (writer_process).
+    seq: int = 0
 
 
 _STOP = object()
@@ -77,6 +79,39 @@ _TICK = object()
 # first of them, whichever comes first (and always by ``drain`` and ``stop``).
 METRICS_FLUSH_ROWS = 256
 METRICS_FLUSH_SECONDS = 1.0
+
+
+class RowMaker(Protocol):
+    """Builds one ``http_metrics`` row on the writer's side (``metrics.http_row.HttpRow``)."""
+
+    def __call__(self) -> dict[str, Any]: ...
+
+
+class RecordWriter(Protocol):
+    """What the server needs of a writer: ``Writer`` (a thread of this process) or
+    ``writer_process.ProcessWriter`` (a child process); ``Settings.writer`` chooses."""
+
+    committed: int
+    failed: int
+    batches: int
+
+    def start(self) -> None: ...
+
+    def submit(self, exchange: Exchange) -> asyncio.Future[Any]: ...
+
+    def submit_nowait(self, exchange: Exchange) -> None: ...
+
+    def submit_unless_behind(
+        self, exchange: Exchange, backlog_max: int
+    ) -> asyncio.Future[Any] | None: ...
+
+    def submit_metric(self, make_row: RowMaker) -> None: ...
+
+    async def drain(self) -> None: ...
+
+    def stop(self, timeout: float | None = None) -> None: ...
+
+    def is_alive(self) -> bool: ...
 
 
 class Writer:
@@ -100,13 +135,13 @@ class Writer:
         # every second: a commit of their own per request cost more than the row. They
         # are held on the submitting side (under ``_lock``) until then, so a request costs
         # the writer thread no wake-up of its own.
-        self._held: list[Callable[[], dict[str, Any]]] = []
+        self._held: list[RowMaker] = []
         self._held_since = 0.0
         # Rollup rows this thread's connection wrote (SQLite): merged without a read.
         self._rollups = rollups.RollupCache()
         # SQLite: checkpoints run on a thread of their own, never inside a commit.
         self._checkpointer: Checkpointer | None = None
-        self._queue: queue.SimpleQueue[_Item | object] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[Item | object] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         # Guards "not stopping" + put against stop's put of the stop marker, so nothing
         # can be queued behind the marker and wait forever.
@@ -120,22 +155,25 @@ class Writer:
     def start(self) -> None:
         if self._thread is not None or self._stopping:
             raise RuntimeError("a writer starts once")
+        self._start_checkpointer()
+        self._thread = threading.Thread(target=self._run, name="parley-writer", daemon=True)
+        self._thread.start()
+
+    def _start_checkpointer(self) -> None:
         if self._engine.dialect.name == "sqlite":
             self._checkpointer = Checkpointer(self._engine)
             self._checkpointer.start()
-        self._thread = threading.Thread(target=self._run, name="parley-writer", daemon=True)
-        self._thread.start()
 
     def submit(self, exchange: Exchange) -> asyncio.Future[Recorded]:
         """Queue ``exchange``; the future resolves once it is committed (or failed)."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Recorded] = loop.create_future()
-        self._put(_Item(exchange, future, loop))
+        self._put(Item(exchange, future, loop))
         return future
 
     def submit_nowait(self, exchange: Exchange) -> None:
         """Queue ``exchange`` without waiting for it (a failure is logged)."""
-        self._put(_Item(exchange, None, None))
+        self._put(Item(exchange, None, None))
 
     def submit_unless_behind(
         self, exchange: Exchange, backlog_max: int
@@ -151,7 +189,7 @@ class Writer:
             return None
         return self.submit(exchange)
 
-    def submit_metric(self, make_row: Callable[[], dict[str, Any]]) -> None:
+    def submit_metric(self, make_row: RowMaker) -> None:
         """Queue an ``http_metrics`` row, built by ``make_row`` on the writer thread.
 
         Best effort: metric rows are held here, handed to the thread together
@@ -172,10 +210,16 @@ class Writer:
             elif len(self._held) >= METRICS_FLUSH_ROWS:
                 self._hand_over_held()
 
+    def submit_metric_batch(self, makers: list[RowMaker]) -> None:
+        """Queue metric rows that were held elsewhere (``ProcessWriter``) as one item."""
+        with self._lock:
+            if not self._stopping and makers:
+                self._queue.put(Item(None, None, None, makers))
+
     def _hand_over_held(self) -> None:
         """Queue the held metric rows as one item (the caller holds ``_lock``)."""
         if self._held:
-            self._queue.put(_Item(None, None, None, self._held))
+            self._queue.put(Item(None, None, None, self._held))
             self._held = []
 
     async def drain(self) -> None:
@@ -184,7 +228,7 @@ class Writer:
             raise StoreError("the store writer is not running")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
-        self._put(_Item(None, future, loop))
+        self._put(Item(None, future, loop))
         await future
 
     def stop(self, timeout: float | None = None) -> None:
@@ -211,7 +255,7 @@ class Writer:
         """Whether the writer thread is running (health checks report it)."""
         return self._thread is not None and self._thread.is_alive()
 
-    def _put(self, item: _Item) -> None:
+    def _put(self, item: Item) -> None:
         with self._lock:
             if self._stopping:
                 raise StoreError("the store writer is stopped")
@@ -221,20 +265,12 @@ class Writer:
 
     def _run(self) -> None:
         conn: sqlalchemy.Connection | None = None
-        batch: list[_Item] = []
+        batch: list[Item] = []
         try:
             while True:
                 batch, stop = self._next_batch()
                 if batch:
-                    # Connected lazily, so a database that is down at start (or goes
-                    # away) fails batches, not the writer.
-                    if conn is None or conn.closed:
-                        conn = self._connect(batch)
-                    if conn is not None and not self._process(conn, batch):
-                        _discard(conn)
-                        conn = None
-                    if self._checkpointer is not None and conn is not None:
-                        self._checkpointer.committed(conn)
+                    conn = self._commit(conn, batch)
                 batch = []
                 if stop:
                     return
@@ -248,13 +284,31 @@ class Writer:
             self._fail_queued(error)
             raise
         finally:
-            if conn is not None:
-                if self._checkpointer is not None and not conn.invalidated:
-                    # Back to the pool as it came: other users checkpoint as they commit.
-                    _set_autocheckpoint(conn, AUTOCHECKPOINT_PAGES)
-                conn.close()
+            self._close(conn)
 
-    def _connect(self, batch: list[_Item]) -> sqlalchemy.Connection | None:
+    def _commit(
+        self, conn: sqlalchemy.Connection | None, batch: list[Item]
+    ) -> sqlalchemy.Connection | None:
+        """Commit ``batch`` and resolve its items; the connection for the next batch."""
+        # Connected lazily, so a database that is down at start (or goes away) fails
+        # batches, not the writer.
+        if conn is None or conn.closed:
+            conn = self._connect(batch)
+        if conn is not None and not self._process(conn, batch):
+            _discard(conn)
+            conn = None
+        if self._checkpointer is not None and conn is not None:
+            self._checkpointer.committed(conn)
+        return conn
+
+    def _close(self, conn: sqlalchemy.Connection | None) -> None:
+        if conn is not None:
+            if self._checkpointer is not None and not conn.invalidated:
+                # Back to the pool as it came: other users checkpoint as they commit.
+                _set_autocheckpoint(conn, AUTOCHECKPOINT_PAGES)
+            conn.close()
+
+    def _connect(self, batch: list[Item]) -> sqlalchemy.Connection | None:
         try:
             conn = writer_connection(self._engine)
             if self._checkpointer is not None:
@@ -270,8 +324,8 @@ class Writer:
             self._resolve([(item, error) for item in batch])
             return None
 
-    def _next_batch(self) -> tuple[list[_Item], bool]:
-        batch: list[_Item] = []
+    def _next_batch(self) -> tuple[list[Item], bool]:
+        batch: list[Item] = []
         with self._lock:
             due = self._held_since + METRICS_FLUSH_SECONDS if self._held else None
         try:
@@ -284,7 +338,7 @@ class Writer:
             if item is _STOP:
                 return batch, True
             if item is not _TICK:
-                assert isinstance(item, _Item)
+                assert isinstance(item, Item)
                 batch.append(item)
                 if len(batch) >= self._batch_max:
                     break
@@ -296,10 +350,10 @@ class Writer:
             held = self._held
             if held and time.monotonic() >= self._held_since + METRICS_FLUSH_SECONDS:
                 self._held = []
-                batch.append(_Item(None, None, None, held))
+                batch.append(Item(None, None, None, held))
         return batch, False
 
-    def _process(self, conn: sqlalchemy.Connection, batch: list[_Item]) -> bool:
+    def _process(self, conn: sqlalchemy.Connection, batch: list[Item]) -> bool:
         """Commit ``batch``; return whether ``conn`` may be used for the next one."""
         healthy = True
         # Metric rows arrive only when due (a full hold, their second up, drain, stop).
@@ -307,7 +361,7 @@ class Writer:
         batch = [item for item in batch if item.metrics is None]
         work = [item for item in batch if item.exchange is not None]
         exchanges = [item.exchange for item in work if item.exchange is not None]
-        outcomes: list[_Outcome]
+        outcomes: list[Outcome]
         if exchanges:
             try:
                 with conn.begin():
@@ -331,9 +385,7 @@ class Writer:
         self._observe(outcomes)
         return healthy and not conn.invalidated
 
-    def _write_metrics(
-        self, conn: sqlalchemy.Connection, makers: list[Callable[[], dict[str, Any]]]
-    ) -> None:
+    def _write_metrics(self, conn: sqlalchemy.Connection, makers: list[RowMaker]) -> None:
         try:
             rows = [make() for make in makers]
             with conn.begin():
@@ -341,7 +393,7 @@ class Writer:
         except Exception:
             log.exception("%d HTTP metric rows could not be recorded", len(makers))
 
-    def _observe(self, outcomes: list[_Outcome]) -> None:
+    def _observe(self, outcomes: list[Outcome]) -> None:
         if self._on_commit is None:
             return
         rows = [row for o in outcomes if isinstance(o, Recorded) for row in o.attempt_rows]
@@ -351,8 +403,8 @@ class Writer:
             except Exception:
                 log.exception("an observer of committed exchanges failed")
 
-    def _one_by_one(self, conn: sqlalchemy.Connection, exchanges: list[Exchange]) -> list[_Outcome]:
-        outcomes: list[_Outcome] = []
+    def _one_by_one(self, conn: sqlalchemy.Connection, exchanges: list[Exchange]) -> list[Outcome]:
+        outcomes: list[Outcome] = []
         for i, exchange in enumerate(exchanges):
             outcome = self._one(conn, exchange)
             outcomes.append(outcome)
@@ -366,7 +418,7 @@ class Writer:
                 break
         return outcomes
 
-    def _one(self, conn: sqlalchemy.Connection, exchange: Exchange) -> _Outcome:
+    def _one(self, conn: sqlalchemy.Connection, exchange: Exchange) -> Outcome:
         try:
             with conn.begin():
                 (recorded,) = write_batch(conn, [exchange], self._rollups)
@@ -389,28 +441,28 @@ class Writer:
         self.committed += 1
         return recorded
 
-    def _resolve(self, outcomes: list[tuple[_Item, _Outcome]]) -> None:
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[_Outcome], _Outcome]]]
+    def _resolve(self, outcomes: list[tuple[Item, Outcome]]) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], object]]]
         by_loop = {}
         for item, outcome in outcomes:
             if item.future is not None and item.loop is not None:
                 by_loop.setdefault(item.loop, []).append((item.future, outcome))
         for loop, pairs in by_loop.items():
             try:
-                loop.call_soon_threadsafe(_settle, pairs)
+                loop.call_soon_threadsafe(settle, pairs)
             except RuntimeError:
                 # The loop closed while its exchanges were being written; they are
                 # committed (or logged), there is just nobody left to tell.
                 log.debug("event loop closed before %d results were delivered", len(pairs))
 
     def _fail_queued(self, error: StoreError) -> None:
-        pending: list[tuple[_Item, _Outcome]] = []
+        pending: list[tuple[Item, Outcome]] = []
         while True:
             try:
                 item = self._queue.get_nowait()
             except queue.Empty:
                 break
-            if isinstance(item, _Item):
+            if isinstance(item, Item):
                 pending.append((item, error))
         self._resolve(pending)
 
@@ -445,14 +497,14 @@ def _store_error(exc: BaseException, message: str) -> StoreError:
     return error
 
 
-def _database_failed(outcome: _Outcome) -> bool:
+def _database_failed(outcome: Outcome) -> bool:
     """Whether ``outcome`` is the database failing (rather than one bad record)."""
     return isinstance(outcome, StoreError) and isinstance(
         outcome.__cause__, OperationalError | InterfaceError
     )
 
 
-def _settle(pairs: list[tuple[asyncio.Future[_Outcome], _Outcome]]) -> None:
+def settle(pairs: list[tuple[asyncio.Future[Any], object]]) -> None:
     """Runs on the submitting loop: hand every future its result."""
     for future, outcome in pairs:
         if future.done():  # cancelled by its caller; the record is committed anyway
