@@ -22,7 +22,8 @@ from parley.domain.usage import Usage
 from parley.errors import StoreError
 from parley.metrics.http_row import HttpRow
 from parley.settings import Settings
-from parley.store.writer_process import ProcessWriter, pack_exchange, unpack_exchange
+from parley.store.writer_process import ProcessWriter
+from parley.store.writer_wire import pack_exchange, unpack_exchange
 from tests.store.test_writer import count, exchange
 
 CANARY = "sk-canary-writer-process-0123456789"

@@ -2,7 +2,7 @@
 
 Made on the request's path with nothing but the values read from the request; turned
 into the row (``__call__``: secrets redacted, long bodies truncated) by the store writer,
-off that path, in this process or in the writer's own (``store.writer_process``). A
+off that path, in this process or in the writer's own (``store.writer_child``). A
 tuple, so that it pickles in C and holds one object, not fifteen, while it waits for the
 writer.
 """
