@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import random
 from datetime import UTC, datetime, timedelta
 
@@ -85,6 +86,28 @@ def test_hours_and_days_tally_the_same_rows_and_group_by_model() -> None:
     assert everything[0]["errors_by_type"] == {"rate_limit": 3}
     assert everything[0]["cost_usd"] == pytest.approx(0.12)
     assert everything[0]["latency_ms"]["avg"] == pytest.approx(sum(100 + i for i in range(12)) / 12)
+
+
+def test_plus_adds_up_two_tallies_and_changes_neither() -> None:
+    rng = random.Random(3)
+    start = datetime(2026, 11, 20, 10, 0, tzinfo=UTC)
+    stored = next(iter(tally_rows([_row(start, "a", True, rng.uniform(1, 900), 0.01)]).values()))
+    for i in range(300):
+        row = _row(start, "a", i % 7 != 0, rng.uniform(1, 900), 0.01)
+        stored = stored.plus(next(iter(tally_rows([row]).values())))
+    fresh = next(iter(tally_rows([_row(start, "a", True, 42.0, None)]).values()))
+    fresh.ttft_ms = {}  # a histogram only one side has is shared, not copied
+    before = (copy.deepcopy(stored), copy.deepcopy(fresh))
+    total = stored.plus(fresh)
+    assert (stored, fresh) == before
+    assert total == Tally().merge(stored).merge(fresh)
+    assert total.requests == 302
+    assert histogram.total(total.latency_ms) == 302
+    assert total.ttft_ms is stored.ttft_ms
+    assert histogram.added({}, {1: 2}) == {1: 2} and histogram.added({1: 2}, {1: 1, 3: 1}) == {
+        1: 3,
+        3: 1,
+    }
 
 
 def test_a_group_without_prices_has_no_cost_rather_than_zero() -> None:

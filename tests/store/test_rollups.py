@@ -3,6 +3,7 @@ retention of those rows, and cover rows recorded before the rollups existed."""
 
 from __future__ import annotations
 
+import asyncio
 import random
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -14,12 +15,17 @@ import sqlalchemy as sa
 from parley.domain import histogram
 from parley.domain.exchange import Exchange
 from parley.domain.messages import Message
+from parley.domain.rollup import DAY, HOUR, MODEL_DAY, MODEL_HOUR, tally_rows
+from parley.domain.times import utc
 from parley.domain.usage import Usage
 from parley.metrics import report
 from parley.ops import migrate
 from parley.settings import Settings
+from parley.store import rollups
 from parley.store.engine import create_engine
 from parley.store.metrics import MetricsStore
+from parley.store.schema import request_log
+from parley.store.writer import Writer
 from tests.store.test_exchanges import attempt, chat, rows, write
 
 MakeSettings = Callable[..., Settings]
@@ -113,6 +119,57 @@ def test_hour_and_day_rollups_agree_and_filters_apply(migrated_engine: sa.Engine
     assert keyed["requests"] == len(
         rows(migrated_engine, "SELECT id FROM request_log WHERE api_key_id = 1")
     )
+
+
+def test_the_writer_s_rollups_over_many_commits_match_the_raw_rows(
+    migrated_engine: sa.Engine,
+) -> None:
+    """The writer merges each commit into the rollup rows it wrote last (cached on
+    SQLite): after ~100 commits of one to five exchanges, every rollup row, of every
+    period, holds exactly what its raw rows add up to."""
+    exchanges = _traffic(300, 4)
+    writer = Writer(migrated_engine)
+    writer.start()
+
+    async def commit_in_small_batches() -> None:
+        rng = random.Random(5)
+        at = 0
+        while at < len(exchanges):
+            size = rng.randint(1, 5)
+            await asyncio.gather(*(writer.submit(e) for e in exchanges[at : at + size]))
+            at += size
+
+    try:
+        asyncio.run(commit_in_small_batches())
+    finally:
+        writer.stop(30)
+    assert writer.batches >= 60
+    with migrated_engine.connect() as conn:
+        raw = [dict(row._mapping) for row in conn.execute(sa.select(request_log))]
+        for row in raw:
+            row["created_at"] = utc(row["created_at"])
+        expected = {
+            (period, start, dims): tally for (period, start, dims), tally in tally_rows(raw).items()
+        }
+        stored = {
+            (period, start, dims): tally
+            for period in (HOUR, DAY, MODEL_HOUR, MODEL_DAY)
+            for start, dims, tally in rollups.rows_between(
+                conn, period, NOW - timedelta(days=5), NOW + timedelta(days=1)
+            )
+        }
+    assert stored.keys() == expected.keys()
+    for key, tally in expected.items():
+        got = stored[key]
+        assert (got.requests, got.total_tokens, got.priced) == (
+            tally.requests,
+            tally.total_tokens,
+            tally.priced,
+        ), key
+        assert got.cost_usd == pytest.approx(tally.cost_usd)
+        assert got.latency_ms_sum == pytest.approx(tally.latency_ms_sum)
+        assert got.latency_ms == tally.latency_ms
+        assert (got.ttft_ms, got.tps) == (tally.ttft_ms, tally.tps)
 
 
 def test_deleting_raw_rows_leaves_rollup_totals_unchanged(migrated_engine: sa.Engine) -> None:

@@ -108,6 +108,17 @@ async def test_exchanges_commit_in_shared_batches_and_survive_the_trip(
     assert {"question 0", "answer 299"} <= texts
 
 
+async def test_what_one_turn_of_the_loop_submits_goes_in_one_send_and_one_batch(
+    writer: ProcessWriter, migrated_engine: sa.Engine
+) -> None:
+    await writer.submit(exchange(0))  # the child is up and has answered once
+    before = writer.batches
+    # Answers that come back together are submitted in one turn of the loop.
+    await asyncio.gather(*(writer.submit(exchange(i)) for i in range(1, 41)))
+    assert writer.batches == before + 1
+    assert count(migrated_engine, "request_log") == 41
+
+
 async def test_drain_waits_for_fire_and_forget_records_and_metric_rows(
     writer: ProcessWriter, migrated_engine: sa.Engine
 ) -> None:

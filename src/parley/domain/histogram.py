@@ -51,6 +51,19 @@ def merge(into: Histogram, other: Mapping[int, int]) -> Histogram:
     return into
 
 
+def added(first: Histogram, second: Histogram) -> Histogram:
+    """``first`` and ``second`` added up, as a new histogram unless one of them is empty
+    (then the other one itself: the caller must not change the result in place)."""
+    if not second:
+        return first
+    if not first:
+        return second
+    out = dict(first)
+    for key, count in second.items():
+        out[key] = out.get(key, 0) + count
+    return out
+
+
 def total(histogram: Mapping[int, int]) -> int:
     return sum(histogram.values())
 

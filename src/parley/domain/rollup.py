@@ -105,6 +105,7 @@ class Tally:
             histogram.add(self.tps, tps)
 
     def merge(self, other: Tally) -> Tally:
+        """Add ``other`` into this tally (which must be one's own: see ``plus``)."""
         self.requests += other.requests
         self.prompt_tokens += other.prompt_tokens
         self.completion_tokens += other.completion_tokens
@@ -119,6 +120,26 @@ class Tally:
         histogram.merge(self.tps, other.tps)
         return self
 
+    def plus(self, other: Tally) -> Tally:
+        """A new tally of both; neither changes. A histogram that only one of them has
+        is shared, not copied (the writer adds a few rows to large stored histograms
+        on every commit), so a result of ``plus`` or ``tally_rows`` is read, or merged
+        into a tally of one's own, never changed in place."""
+        return Tally(
+            self.requests + other.requests,
+            self.prompt_tokens + other.prompt_tokens,
+            self.completion_tokens + other.completion_tokens,
+            self.total_tokens + other.total_tokens,
+            self.cost_usd + other.cost_usd,
+            self.priced + other.priced,
+            self.latency_ms_sum + other.latency_ms_sum,
+            self.ttft_ms_sum + other.ttft_ms_sum,
+            self.tps_sum + other.tps_sum,
+            histogram.added(self.latency_ms, other.latency_ms),
+            histogram.added(self.ttft_ms, other.ttft_ms),
+            histogram.added(self.tps, other.tps),
+        )
+
 
 def dims_of(row: dict[str, Any]) -> Dims:
     return Dims(
@@ -132,9 +153,10 @@ def dims_of(row: dict[str, Any]) -> Dims:
     )
 
 
-def tally_rows(rows: list[dict[str, Any]]) -> dict[tuple[str, datetime, Dims], Tally]:
-    """Request-log rows (as the writer builds them) added up per period, bucket and series,
-    at both levels (every dimension, and by model alone)."""
+def tally_hours(rows: list[dict[str, Any]]) -> dict[tuple[str, datetime, Dims], Tally]:
+    """Request-log rows (as the writer builds them) added up per hour and series (every
+    dimension): what ``tally_rows`` derives the other periods from, and all that the
+    Prometheus counters need."""
     hours: dict[tuple[str, datetime, Dims], Tally] = {}
     for row in rows:
         key = (HOUR, bucket_start(row["created_at"], HOUR), dims_of(row))
@@ -142,6 +164,13 @@ def tally_rows(rows: list[dict[str, Any]]) -> dict[tuple[str, datetime, Dims], T
         if tally is None:
             tally = hours[key] = Tally()
         tally.add_attempt(row)
+    return hours
+
+
+def tally_rows(rows: list[dict[str, Any]]) -> dict[tuple[str, datetime, Dims], Tally]:
+    """Request-log rows added up per period, bucket and series, at both levels (every
+    dimension, and by model alone). Tallies may be shared between keys (see ``plus``)."""
+    hours = tally_hours(rows)
     # The other three from these: one merge per hour and series, not a pass per row.
     out = dict(hours)
     for (_, start, dims), tally in hours.items():
@@ -152,5 +181,5 @@ def tally_rows(rows: list[dict[str, Any]]) -> dict[tuple[str, datetime, Dims], T
             (MODEL_DAY, start.replace(hour=0), model),
         ):
             found = out.get(key)
-            out[key] = Tally().merge(tally) if found is None else found.merge(tally)
+            out[key] = tally if found is None else found.plus(tally)
     return out

@@ -30,7 +30,7 @@ from prometheus_client.registry import Collector
 
 from parley.domain import histogram
 from parley.domain.histogram import Histogram
-from parley.domain.rollup import HOUR, Dims, Tally, tally_rows
+from parley.domain.rollup import HOUR, Dims, Tally, tally_hours
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
@@ -73,7 +73,7 @@ class PrometheusMetrics(Collector):
 
     def observe_rows(self, rows: list[dict[str, Any]]) -> None:
         """Count committed request-log rows (the writer's dicts; called after commit)."""
-        self.observe_tallies(tally_rows(rows))
+        self.observe_tallies(tally_hours(rows))
 
     def observe_http(self, endpoint: str, method: str, status: int, seconds: float) -> None:
         key = (endpoint, method, f"{status // 100}xx")

@@ -117,7 +117,7 @@ def add(
             new_tallies.append(tally)
         else:
             row_id, old = found
-            merged = Tally().merge(old).merge(tally)  # the cached tally stays as stored
+            merged = old.plus(tally)  # the cached tally stays as stored
             changed.append((*_values(merged).values(), row_id))
             written[key] = (row_id, merged)
     if new_rows:

@@ -69,6 +69,7 @@ log = logging.getLogger(__name__)
 START_TIMEOUT = 60.0
 
 _Waiter = asyncio.Future[Any]
+_READ_SIZE = 1 << 16
 
 
 class ProcessWriter:
@@ -99,6 +100,8 @@ class ProcessWriter:
         self._in_flight = 0
         self._inbox = bytearray()
         self._outbox = bytearray()
+        # A send of the outbox is scheduled (this turn of the loop) or waits for room.
+        self._flushing = False
         self._held: list[RowMaker] = []
         self._held_timer: asyncio.TimerHandle | None = None
         self.committed = 0
@@ -196,10 +199,12 @@ class ProcessWriter:
             raise StoreError(f"the store writer process ended with exit code {code}")
 
     def is_alive(self) -> bool:
-        """Whether the child runs and its reports are read (health checks)."""
-        return (
-            not self._ended.is_set() and self._process is not None and self._process.poll() is None
-        )
+        """Whether the child runs and its reports are read (health checks, and every
+        durable request). Once the loop reads the socket, the end of the child's stream
+        is what tells (no system call per request); before that, the process itself."""
+        if self._ended.is_set() or self._process is None:
+            return False
+        return self._loop is not None or self._process.poll() is None
 
     # -- on the loop ----------------------------------------------------------------------
 
@@ -238,21 +243,37 @@ class ProcessWriter:
             self._write(frame((METRICS, 0, held)))
 
     def _write(self, data: bytes) -> None:
-        sock = self._sock
-        assert sock is not None
-        if not self._outbox:
-            try:
-                sent = sock.send(data)
-            except BlockingIOError:
-                sent = 0
-            except OSError:
-                return  # the child is gone: the reader reports it
-            if sent == len(data):
-                return
-            data = data[sent:]
-            if self._loop is not None:
-                self._loop.add_writer(sock.fileno(), self._on_writable)
+        """Queue ``data`` for the child. On the loop, everything written in one turn of
+        it goes in one send (answers that came back together are committed together,
+        and the child wakes once for them); without a loop, it is sent right away."""
         self._outbox += data
+        if self._flushing:
+            return
+        if self._loop is None:
+            self._flush()
+        else:
+            self._flushing = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flushing = False
+        sock = self._sock
+        if sock is None or not self._outbox or self._ended.is_set():
+            return
+        try:
+            sent = sock.send(self._outbox)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            return  # the child is gone: the reader reports it
+        del self._outbox[:sent]
+        if not self._outbox:
+            if self._stopping:
+                self._shut()
+        elif self._loop is not None:
+            # The child is behind: the rest goes when the socket can take it.
+            self._flushing = True
+            self._loop.add_writer(sock.fileno(), self._on_writable)
 
     def _on_writable(self) -> None:
         sock = self._sock
@@ -267,6 +288,7 @@ class ProcessWriter:
         if not self._outbox:
             assert self._loop is not None
             self._loop.remove_writer(sock.fileno())
+            self._flushing = False
             if self._stopping:
                 self._shut()
 
@@ -295,6 +317,7 @@ class ProcessWriter:
                 self._received(data)
         elif not self._outbox:
             self._shut()
+        # Otherwise the scheduled send shuts our end once the outbox is empty.
 
     def _shut(self) -> None:
         assert self._sock is not None
@@ -304,7 +327,8 @@ class ProcessWriter:
     def _on_readable(self) -> None:
         assert self._sock is not None
         try:
-            data = self._sock.recv(1 << 20)
+            # Reports are small: a read stays below the allocator's mmap threshold.
+            data = self._sock.recv(_READ_SIZE)
         except BlockingIOError:
             return
         except OSError:

@@ -184,10 +184,9 @@ def _backfill(rollups: sa.Table) -> None:
         for row in chunk:
             row["created_at"] = utc(row["created_at"])
         for key, tally in tally_rows(chunk).items():
-            if key in totals:
-                totals[key].merge(tally)
-            else:
-                totals[key] = tally
+            # Tallies of one chunk may be shared between periods: added up, never changed.
+            found = totals.get(key)
+            totals[key] = tally if found is None else found.plus(tally)
     rows = [
         {
             "period": period,
