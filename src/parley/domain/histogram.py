@@ -8,7 +8,9 @@ same bin. Values at or below ``FLOOR`` (including zero) share the lowest bin.
 
 Histograms are sparse ``{bin: count}`` maps, so merging two is adding counts: hours merge
 into days and rollups of any grouping merge into one, with no loss beyond the bin width.
-They are stored as compact JSON text (``encode`` / ``decode``).
+They are stored as compact JSON text (``encode`` / ``decode``): an object of bin to count,
+keys in no particular order (the writer re-encodes a few rollup rows on every commit, and
+sorting the keys of a 75-bin histogram cost five times the encoding itself).
 """
 
 from __future__ import annotations
@@ -91,11 +93,12 @@ def exact_percentile(values: Iterable[float], p: float) -> float | None:
 
 
 def encode(histogram: Mapping[int, int]) -> str:
-    # Keys in numeric order, written as JSON strings by orjson itself.
-    return orjson.dumps(dict(sorted(histogram.items())), option=orjson.OPT_NON_STR_KEYS).decode()
+    # Integer keys written as JSON strings by orjson itself.
+    return orjson.dumps(histogram, option=orjson.OPT_NON_STR_KEYS).decode()
 
 
 def decode(text: str | None) -> Histogram:
     if not text:
         return {}
-    return {int(k): int(v) for k, v in orjson.loads(text).items()}
+    # Counts are JSON integers already; only the keys are text.
+    return {int(k): v for k, v in orjson.loads(text).items()}
