@@ -9,7 +9,7 @@ door (``/v1/messages``) against the same OpenAI upstream, so every event is re-e
 its last column is its throughput as a fraction of parley's OpenAI passthrough.
 
     .venv/bin/python bench/proxy_bench.py [--duration 8] [--concurrency 1,16,64]
-        [--recording durable|async] [--embedder none|local]
+        [--recording durable|async] [--writer thread|process] [--embedder none|local]
 
 Needs ``wrk`` (Debian package ``wrk``). Figures are only comparable within one run.
 """
@@ -134,6 +134,12 @@ def main() -> None:
     parser.add_argument("--concurrency", default="1,16,64")
     parser.add_argument("--recording", default="durable", choices=["durable", "async"])
     parser.add_argument(
+        "--writer",
+        default="thread",
+        choices=["thread", "process"],
+        help="parley's store writer (PARLEY_WRITER): a thread of the server, or a child process",
+    )
+    parser.add_argument(
         "--embedder",
         default="none",
         choices=["none", "local"],
@@ -155,6 +161,7 @@ def main() -> None:
         "PARLEY_DATA_DIR": str(work / "data"),
         "PARLEY_LOG_LEVEL": "WARNING",
         "PARLEY_RECORDING": args.recording,
+        "PARLEY_WRITER": args.writer,
         "PARLEY_SEARCH_EMBEDDER": args.embedder,
         "DATABASE_URL": "",
     }

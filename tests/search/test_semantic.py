@@ -153,6 +153,26 @@ async def test_deleting_a_conversation_removes_its_vectors(world: World) -> None
     assert {h.conversation_id for h in hits} == {keep.public_id}
 
 
+async def test_without_an_embedder_the_drain_deletes_only_the_vectors_of_what_is_gone(
+    world: World,
+) -> None:
+    gone, kept = new(world.store), new(world.store)
+    say(world.store, gone, "a message about lighthouses")
+    say(world.store, kept, "a message about harbours")
+    await world.index()
+    assert len(world.vectors.message_ids()) == 2
+    assert world.store.delete(ALICE, gone.public_id) is not None
+    with world.engine.begin() as conn:
+        kept_ids = outbox.message_ids(conn)
+        outbox.queue(conn, outbox.MESSAGE, kept_ids)  # queued again, and still there
+    assert len(kept_ids) == 1
+    idle = Indexer(world.engine, world.vectors, None)
+    assert await idle.run_once() == 2
+    assert world.vectors.message_ids() == kept_ids
+    with world.engine.connect() as conn:
+        assert outbox.size(conn) == 0
+
+
 async def test_reconcile_fixes_rows_without_vectors_and_vectors_without_rows(
     world: World, local_embedder: LocalEmbedder
 ) -> None:

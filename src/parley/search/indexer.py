@@ -17,7 +17,8 @@ Invariants:
   leaves the outbox with one log line (``parley reindex`` queues it again), a chunk
   leaves it and marks its document ``failed`` with the reason;
 - without an embedder the outbox is still drained (vectors of deleted items are deleted,
-  nothing is embedded), so it never grows without bound, but once per poll pause in
+  nothing is embedded, and only the ids of what still exists are read, not the texts),
+  so it never grows without bound, but once per poll pause in
   batches of up to ``IDLE_BATCH`` rows: nothing is waiting on it, and under gateway load
   a pass per 64 rows cost ~50 us of CPU per request (and a commit that made the exchange
   writer re-read its rollup rows); ``reconcile`` queues what is missing once an embedder
@@ -175,7 +176,14 @@ class Indexer:
             return 0
         message_ids = {q.item_id for q in queued if q.kind == outbox.MESSAGE}
         chunk_ids = {q.item_id for q in queued if q.kind == outbox.CHUNK}
-        messages, chunks = await asyncio.to_thread(self._rows, message_ids, chunk_ids)
+        if self.embedder is None:
+            # Nothing to embed: only which items are gone matters, not their texts.
+            messages: list[outbox.MessageRow] = []
+            kept_messages = await asyncio.to_thread(self._indexable, message_ids)
+            chunks = await asyncio.to_thread(self._chunk_rows, chunk_ids)
+        else:
+            messages, chunks = await asyncio.to_thread(self._rows, message_ids, chunk_ids)
+            kept_messages = {m.id for m in messages}
         indexed_documents: set[int] = set()
         # Items the embedder refused on their own: their outbox rows go, as do any vectors
         # they had (of an earlier text); reconcile queues them again.
@@ -232,7 +240,7 @@ class Indexer:
             await asyncio.to_thread(self._write, model, message_vectors, chunk_vectors)
             indexed_documents = {c.document_id for c in chunks} - failed_documents.keys()
             written = len(message_vectors) + len(chunk_vectors)
-        gone_messages = (message_ids - {m.id for m in messages}) | set(refused_messages)
+        gone_messages = (message_ids - kept_messages) | set(refused_messages)
         gone_chunks = (chunk_ids - {c.id for c in chunks}) | refused_chunks
         await asyncio.to_thread(self._delete, gone_messages, gone_chunks)
         await asyncio.to_thread(
@@ -295,6 +303,14 @@ class Indexer:
     ) -> tuple[list[outbox.MessageRow], list[outbox.ChunkRow]]:
         with self.engine.connect() as conn:
             return outbox.message_rows(conn, message_ids), outbox.chunk_rows(conn, chunk_ids)
+
+    def _indexable(self, message_ids: Collection[int]) -> set[int]:
+        with self.engine.connect() as conn:
+            return outbox.indexable_message_ids(conn, message_ids)
+
+    def _chunk_rows(self, chunk_ids: Collection[int]) -> list[outbox.ChunkRow]:
+        with self.engine.connect() as conn:
+            return outbox.chunk_rows(conn, chunk_ids)
 
     def _write(self, model: str, messages: list[MessageVector], chunks: list[ChunkVector]) -> None:
         self.vectors.upsert_messages(model, messages)

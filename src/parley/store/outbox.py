@@ -141,6 +141,18 @@ def message_rows(conn: Connection, ids: Collection[int]) -> list[MessageRow]:
     return out
 
 
+def indexable_message_ids(conn: Connection, ids: Collection[int]) -> set[int]:
+    """The ids among ``ids`` that ``message_rows`` would return, read without the rows."""
+    out: set[int] = set()
+    m, c = messages, conversations
+    for part in _parts(sorted(ids)):
+        query = (
+            select(m.c.id).join(c, c.c.id == m.c.conversation_id).where(m.c.id.in_(part), INDEXABLE)
+        )
+        out.update(int(r[0]) for r in conn.execute(query))
+    return out
+
+
 def chunk_rows(conn: Connection, ids: Collection[int]) -> list[ChunkRow]:
     """The chunks among ``ids`` that still exist, with their document's owner and place."""
     out: list[ChunkRow] = []
