@@ -2,7 +2,7 @@
 
 Invariants:
 - nothing on the request path calls into ``prometheus_client``: the writer hands over the
-  tallies it already computed for the rollups of each committed batch (``observe_tallies``),
+  hourly tallies of each committed batch (``observe_tallies``),
   and the HTTP middleware adds to a small per-route tally; both are folded into plain
   dictionaries under a lock, and turned into metric families only when scraped;
 - labels are provider and model (for HTTP: the route template, method and status class),
@@ -30,7 +30,7 @@ from prometheus_client.registry import Collector
 
 from parley.domain import histogram
 from parley.domain.histogram import Histogram
-from parley.domain.rollup import HOUR, Dims, Tally, tally_hours
+from parley.domain.rollup import Dims, Tally, tally_hours
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
@@ -59,11 +59,9 @@ class PrometheusMetrics(Collector):
         self.registry.register(self)
 
     def observe_tallies(self, tallies: Mapping[tuple[str, datetime, Dims], Tally]) -> None:
-        """Count a committed batch, given the tallies its rollups were made of."""
+        """Count a committed batch, given its hourly tallies (``tally_hours``)."""
         with self._lock:
-            for (period, _start, dims), tally in tallies.items():
-                if period != HOUR:  # days hold the same rows again
-                    continue
+            for (_period, _start, dims), tally in tallies.items():
                 entry = self._entry(dims.provider, dims.model)
                 entry.tally.merge(tally)
                 entry.outcomes["success" if dims.success else "error"] += tally.requests

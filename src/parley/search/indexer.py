@@ -179,8 +179,7 @@ class Indexer:
         if self.embedder is None:
             # Nothing to embed: only which items are gone matters, not their texts.
             messages: list[outbox.MessageRow] = []
-            kept_messages = await asyncio.to_thread(self._indexable, message_ids)
-            chunks = await asyncio.to_thread(self._chunk_rows, chunk_ids)
+            kept_messages, chunks = await asyncio.to_thread(self._kept, message_ids, chunk_ids)
         else:
             messages, chunks = await asyncio.to_thread(self._rows, message_ids, chunk_ids)
             kept_messages = {m.id for m in messages}
@@ -304,13 +303,13 @@ class Indexer:
         with self.engine.connect() as conn:
             return outbox.message_rows(conn, message_ids), outbox.chunk_rows(conn, chunk_ids)
 
-    def _indexable(self, message_ids: Collection[int]) -> set[int]:
+    def _kept(
+        self, message_ids: Collection[int], chunk_ids: Collection[int]
+    ) -> tuple[set[int], list[outbox.ChunkRow]]:
+        """``_rows`` without the messages' texts: the ids of those still indexable."""
         with self.engine.connect() as conn:
-            return outbox.indexable_message_ids(conn, message_ids)
-
-    def _chunk_rows(self, chunk_ids: Collection[int]) -> list[outbox.ChunkRow]:
-        with self.engine.connect() as conn:
-            return outbox.chunk_rows(conn, chunk_ids)
+            kept = outbox.indexable_message_ids(conn, message_ids)
+            return kept, outbox.chunk_rows(conn, chunk_ids)
 
     def _write(self, model: str, messages: list[MessageVector], chunks: list[ChunkVector]) -> None:
         self.vectors.upsert_messages(model, messages)

@@ -27,6 +27,7 @@ from parley.store.writer_wire import (
     DONE,
     DRAIN,
     METRICS,
+    READ_SIZE,
     TALLIES,
     frame,
     frames,
@@ -34,10 +35,6 @@ from parley.store.writer_wire import (
     report,
     unpack_exchange,
 )
-
-# Bytes per read: below the allocator's mmap threshold (a 1 MiB read cost a map and an
-# unmap per batch); whatever else has arrived is read on, as the same batch.
-_READ_SIZE = 1 << 16
 
 
 class _InlineWriter(Writer):
@@ -75,13 +72,13 @@ def _serve(sock: socket.socket, writer: _InlineWriter, batch_max: int) -> None:
     """The child's loop: read what the parent sent, commit it as one batch, report."""
     inbox = bytearray()
     while True:
-        data = sock.recv(_READ_SIZE)
+        data = sock.recv(READ_SIZE)
         ended = not data
         inbox += data
         # Whatever else already arrived joins this batch (group commit).
         while not ended:
             try:
-                more = sock.recv(_READ_SIZE, socket.MSG_DONTWAIT)
+                more = sock.recv(READ_SIZE, socket.MSG_DONTWAIT)
             except BlockingIOError:
                 break
             ended = not more

@@ -54,6 +54,7 @@ from parley.store.writer_wire import (
     DONE,
     DRAIN,
     METRICS,
+    READ_SIZE,
     TALLIES,
     Tallies,
     frame,
@@ -69,7 +70,6 @@ log = logging.getLogger(__name__)
 START_TIMEOUT = 60.0
 
 _Waiter = asyncio.Future[Any]
-_READ_SIZE = 1 << 16
 
 
 class ProcessWriter:
@@ -276,21 +276,9 @@ class ProcessWriter:
             self._loop.add_writer(sock.fileno(), self._on_writable)
 
     def _on_writable(self) -> None:
-        sock = self._sock
-        assert sock is not None
-        try:
-            sent = sock.send(self._outbox)
-        except BlockingIOError:
-            return
-        except OSError:
-            sent = len(self._outbox)
-        del self._outbox[:sent]
-        if not self._outbox:
-            assert self._loop is not None
-            self._loop.remove_writer(sock.fileno())
-            self._flushing = False
-            if self._stopping:
-                self._shut()
+        assert self._loop is not None and self._sock is not None
+        self._loop.remove_writer(self._sock.fileno())
+        self._flush()
 
     def _finish(self, blocking: bool = False) -> None:
         """Send what is held and close our end: the child commits it all and exits."""
@@ -311,7 +299,7 @@ class ProcessWriter:
             self._shut()
             while not self._ended.is_set():
                 try:
-                    data = sock.recv(1 << 16)
+                    data = sock.recv(READ_SIZE)
                 except OSError:
                     data = b""
                 self._received(data)
@@ -327,8 +315,7 @@ class ProcessWriter:
     def _on_readable(self) -> None:
         assert self._sock is not None
         try:
-            # Reports are small: a read stays below the allocator's mmap threshold.
-            data = self._sock.recv(_READ_SIZE)
+            data = self._sock.recv(READ_SIZE)
         except BlockingIOError:
             return
         except OSError:

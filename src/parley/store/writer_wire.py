@@ -33,6 +33,9 @@ METRICS = "m"
 DONE = "a"  # (kind, seq, None | (error class name, message), exchanges reported)
 TALLIES = "t"  # (kind, tallies)
 COUNTS = "s"  # (kind, committed, failed, batches)
+# Bytes per socket read on either side: below the allocator's mmap threshold (a 1 MiB read
+# cost a map and an unmap per batch); what else has arrived is read on.
+READ_SIZE = 1 << 16
 
 
 def report(error: object) -> tuple[str, str] | None:
