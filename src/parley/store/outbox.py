@@ -117,40 +117,41 @@ def queued_items(conn: Connection, kind: str) -> set[int]:
 
 def message_rows(conn: Connection, ids: Collection[int]) -> list[MessageRow]:
     """The indexable messages among ``ids``, with their owner."""
-    out: list[MessageRow] = []
     m, c = messages, conversations
-    for part in _parts(sorted(ids)):
-        rows = conn.execute(
-            select(
-                m.c.id,
-                m.c.public_id,
-                c.c.user_id,
-                c.c.id,
-                c.c.public_id,
-                m.c.role,
-                m.c.content,
-                m.c.created_at,
-            )
-            .join(c, c.c.id == m.c.conversation_id)
-            .where(m.c.id.in_(part), INDEXABLE)
-        ).all()
-        out += [
-            MessageRow(int(r[0]), r[1], r[2], int(r[3]), r[4], str(r[5]), str(r[6]), utc(r[7]))
-            for r in rows
-        ]
-    return out
+    rows = _indexable(
+        conn,
+        ids,
+        m.c.id,
+        m.c.public_id,
+        c.c.user_id,
+        c.c.id,
+        c.c.public_id,
+        m.c.role,
+        m.c.content,
+        m.c.created_at,
+    )
+    return [
+        MessageRow(int(r[0]), r[1], r[2], int(r[3]), r[4], str(r[5]), str(r[6]), utc(r[7]))
+        for r in rows
+    ]
 
 
 def indexable_message_ids(conn: Connection, ids: Collection[int]) -> set[int]:
     """The ids among ``ids`` that ``message_rows`` would return, read without the rows."""
-    out: set[int] = set()
+    return {int(r[0]) for r in _indexable(conn, ids, messages.c.id)}
+
+
+def _indexable(conn: Connection, ids: Collection[int], *columns: Any) -> Iterator[Sequence[Any]]:
+    """``columns`` of the indexable messages among ``ids`` (``messages`` joined to their
+    ``conversations``), one query per part of the ids."""
     m, c = messages, conversations
     for part in _parts(sorted(ids)):
-        query = (
-            select(m.c.id).join(c, c.c.id == m.c.conversation_id).where(m.c.id.in_(part), INDEXABLE)
+        yield from conn.execute(
+            select(*columns)
+            .select_from(m)
+            .join(c, c.c.id == m.c.conversation_id)
+            .where(m.c.id.in_(part), INDEXABLE)
         )
-        out.update(int(r[0]) for r in conn.execute(query))
-    return out
 
 
 def chunk_rows(conn: Connection, ids: Collection[int]) -> list[ChunkRow]:
