@@ -1,0 +1,275 @@
+"""Reading one section of the config file (with its environment overrides), for
+``parley.settings``: every check of a value's type, range or name lives here, and every
+failure is a ``ConfigError`` that names the setting.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from parley.domain.usage import Price
+from parley.errors import ConfigError
+from parley.settings.values import (
+    KIND_DEFAULTS,
+    PROVIDER_KINDS,
+    Backups,
+    ProviderConfig,
+    Retention,
+    RetryPolicy,
+    SearchSettings,
+    Secret,
+    Timeouts,
+    default_fallback_dir,
+)
+
+
+def resolve_path(value: Any, cwd: Path) -> Path:
+    path = Path(str(value))
+    return path if path.is_absolute() else cwd / path
+
+
+def share(value: Any, name: str) -> float:
+    share = number(value, name)
+    if not 0.0 <= share <= 1.0:
+        raise ConfigError(f"{name} must be between 0 and 1, got {share}")
+    return share
+
+
+def nonnegative(value: float, name: str) -> float:
+    if value < 0:
+        raise ConfigError(f"{name} must not be negative, got {value}")
+    return value
+
+
+def secret(value: Any) -> Secret | None:
+    return Secret(str(value)) if value else None
+
+
+def section(config: Mapping[str, Any], key: str) -> dict[str, Any]:
+    value = config.get(key, {})
+    if not isinstance(value, dict):
+        raise ConfigError(f"config: [{key}] must be a table")
+    return value
+
+
+def section_list(config: Mapping[str, Any], key: str) -> list[dict[str, Any]]:
+    value = config.get(key, [])
+    if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+        raise ConfigError(f"config: [[{key}]] must be an array of tables")
+    return value
+
+
+def integer(value: Any, name: str) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{name} must be an integer, got {value!r}") from exc
+
+
+def number(value: Any, name: str) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{name} must be a number, got {value!r}") from exc
+
+
+def choice(value: Any, choices: tuple[str, ...], name: str) -> str:
+    text = str(value)
+    if text.upper() not in {c.upper() for c in choices}:
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {text!r}")
+    return text if text in choices else text.lower() if text.lower() in choices else text
+
+
+def read_timeouts(table: Mapping[str, Any], base: Timeouts) -> Timeouts:
+    known = {"connect", "first_byte", "idle", "total"}
+    unknown = set(table) - known
+    if unknown:
+        raise ConfigError(f"unknown timeout setting(s): {', '.join(sorted(unknown))}")
+    return Timeouts(
+        **{k: number(table.get(k, getattr(base, k)), f"timeouts.{k}") for k in sorted(known)}
+    )
+
+
+def read_retry(table: Mapping[str, Any]) -> RetryPolicy:
+    base = RetryPolicy()
+    return RetryPolicy(
+        attempts=integer(table.get("attempts", base.attempts), "retry.attempts"),
+        backoff_base=number(table.get("backoff_base", base.backoff_base), "retry.backoff_base"),
+        backoff_max=number(table.get("backoff_max", base.backoff_max), "retry.backoff_max"),
+        max_retry_after=number(
+            table.get("max_retry_after", base.max_retry_after), "retry.max_retry_after"
+        ),
+    )
+
+
+def read_provider(
+    table: Mapping[str, Any], env: Mapping[str, str], timeouts: Timeouts
+) -> ProviderConfig:
+    name = table.get("name")
+    if not isinstance(name, str) or not name or "/" in name:
+        raise ConfigError(f"provider name must be a non-empty string without '/': {name!r}")
+    kind = table.get("kind", "openai")
+    if kind not in PROVIDER_KINDS:
+        raise ConfigError(
+            f"provider {name}: kind must be one of {', '.join(sorted(PROVIDER_KINDS))}"
+        )
+    default_url, default_key_env = KIND_DEFAULTS[kind]
+    base_url = table.get("base_url", default_url)
+    if not isinstance(base_url, str) or not base_url.startswith(("http://", "https://")):
+        raise ConfigError(f"provider {name}: base_url must be an http(s) URL")
+    key: str | None = None
+    if "api_key_env" in table:
+        key = env.get(str(table["api_key_env"]))
+        if key is None:
+            raise ConfigError(
+                f"provider {name}: environment variable {table['api_key_env']} is not set"
+            )
+    elif "api_key" in table:
+        key = str(table["api_key"])
+    elif default_key_env is not None:
+        key = env.get(default_key_env)
+    models = table.get("models", [])
+    if not isinstance(models, list) or not all(isinstance(m, str) for m in models):
+        raise ConfigError(f"provider {name}: models must be a list of strings")
+    headers = table.get("headers", {})
+    if not isinstance(headers, dict):
+        raise ConfigError(f"provider {name}: headers must be a table")
+    return ProviderConfig(
+        name=name,
+        kind=kind,
+        base_url=base_url.rstrip("/"),
+        api_key=Secret(key) if key else None,
+        models=tuple(models),
+        headers={str(k): str(v) for k, v in headers.items()},
+        timeouts=read_timeouts(table.get("timeouts", {}), timeouts),
+        stream_usage=bool(table.get("stream_usage", True)),
+        list_models=bool(table.get("list_models", True)),
+    )
+
+
+def read_aliases(table: Mapping[str, Any]) -> dict[str, tuple[str, ...]]:
+    out: dict[str, tuple[str, ...]] = {}
+    for alias, targets in table.items():
+        if isinstance(targets, str):
+            targets = [targets]
+        if (
+            not isinstance(targets, list)
+            or not targets
+            or not all(isinstance(t, str) and "/" in t for t in targets)
+        ):
+            raise ConfigError(f"alias {alias}: must be a non-empty list of 'provider/model' ids")
+        out[alias] = tuple(targets)
+    return out
+
+
+def read_pricing(table: Mapping[str, Any]) -> dict[str, Price]:
+    out: dict[str, Price] = {}
+    for model, price in table.items():
+        if not isinstance(price, dict) or "input" not in price or "output" not in price:
+            raise ConfigError(f"pricing.{model}: needs input and output (USD per 1M tokens)")
+        cached = price.get("cached_input")
+        out[model] = Price(
+            input=number(price["input"], f"pricing.{model}.input"),
+            output=number(price["output"], f"pricing.{model}.output"),
+            cached_input=None if cached is None else number(cached, f"pricing.{model}.cached"),
+        )
+    return out
+
+
+def read_backups(
+    table: Mapping[str, Any], env: Mapping[str, str], data_dir: Path, cwd: Path
+) -> Backups:
+    unknown = set(table) - {"dir", "fallback_dir", "interval_hours", "keep", "encryption_key"}
+    if unknown:
+        raise ConfigError(f"unknown backup setting(s): {', '.join(sorted(unknown))}")
+    directory = env.get("PARLEY_BACKUP_DIR") or table.get("dir")
+    fallback = env.get("PARLEY_BACKUP_FALLBACK_DIR") or table.get("fallback_dir")
+    keep = integer(env.get("PARLEY_BACKUP_KEEP") or table.get("keep", 7), "backup.keep")
+    if keep < 1:
+        raise ConfigError(f"backup.keep must be at least 1, got {keep}")
+    return Backups(
+        dir=resolve_path(directory, cwd) if directory else data_dir / "backups",
+        fallback_dir=resolve_path(fallback, cwd) if fallback else default_fallback_dir(),
+        interval_hours=nonnegative(
+            number(
+                env.get("PARLEY_BACKUP_INTERVAL_HOURS") or table.get("interval_hours", 0.0),
+                "backup.interval_hours",
+            ),
+            "backup.interval_hours",
+        ),
+        keep=keep,
+        encryption_key=secret(env.get("PARLEY_BACKUP_KEY") or table.get("encryption_key")),
+    )
+
+
+def read_retention(table: Mapping[str, Any], env: Mapping[str, str]) -> Retention:
+    known = {"request_log_days", "http_metrics_days", "batch_size", "interval_hours"}
+    unknown = set(table) - known
+    if unknown:
+        raise ConfigError(f"unknown retention setting(s): {', '.join(sorted(unknown))}")
+    base = Retention()
+    batch = integer(table.get("batch_size", base.batch_size), "retention.batch_size")
+    if batch < 1:
+        raise ConfigError(f"retention.batch_size must be at least 1, got {batch}")
+    return Retention(
+        request_log_days=nonnegative(
+            number(
+                env.get("PARLEY_RETENTION_REQUEST_LOG_DAYS")
+                or table.get("request_log_days", base.request_log_days),
+                "retention.request_log_days",
+            ),
+            "retention.request_log_days",
+        ),
+        http_metrics_days=nonnegative(
+            number(
+                env.get("PARLEY_RETENTION_HTTP_METRICS_DAYS")
+                or table.get("http_metrics_days", base.http_metrics_days),
+                "retention.http_metrics_days",
+            ),
+            "retention.http_metrics_days",
+        ),
+        batch_size=batch,
+        interval_hours=nonnegative(
+            number(table.get("interval_hours", base.interval_hours), "retention.interval_hours"),
+            "retention.interval_hours",
+        ),
+    )
+
+
+def read_search(table: Mapping[str, Any], env: Mapping[str, str], cwd: Path) -> SearchSettings:
+    known = {
+        "embedder", "model", "vector_uri", "batch_size", "poll_seconds", "ann_min_rows",
+        "reconcile_on_start",
+    }  # fmt: skip
+    unknown = set(table) - known
+    if unknown:
+        raise ConfigError(f"unknown search setting(s): {', '.join(sorted(unknown))}")
+    base = SearchSettings()
+    embedder = choice(
+        env.get("PARLEY_SEARCH_EMBEDDER") or table.get("embedder", base.embedder),
+        ("local", "remote", "none"),
+        "search.embedder",
+    ).lower()
+    model = env.get("PARLEY_SEARCH_MODEL") or table.get("model")
+    if embedder == "remote" and not model:
+        raise ConfigError("search.embedder = 'remote' needs search.model (a gateway model id)")
+    uri = env.get("PARLEY_VECTOR_URI") or table.get("vector_uri")
+    if uri and "://" not in str(uri):
+        uri = str(resolve_path(uri, cwd))
+    batch = integer(table.get("batch_size", base.batch_size), "search.batch_size")
+    if batch < 1:
+        raise ConfigError(f"search.batch_size must be at least 1, got {batch}")
+    return SearchSettings(
+        embedder=embedder,
+        model=str(model) if model else None,
+        vector_uri=str(uri) if uri else None,
+        batch_size=batch,
+        poll_seconds=nonnegative(
+            number(table.get("poll_seconds", base.poll_seconds), "search.poll_seconds"),
+            "search.poll_seconds",
+        ),
+        ann_min_rows=integer(table.get("ann_min_rows", base.ann_min_rows), "search.ann_min_rows"),
+        reconcile_on_start=bool(table.get("reconcile_on_start", base.reconcile_on_start)),
+    )
