@@ -12,6 +12,7 @@ Behaviour is chosen by the requested model name, so it works across processes:
   carrying the role); usage counts words (prompt: all messages, completion: the reply);
 - ``tool-call``: one ``get_weather {"city": "Paris"}`` call (arguments streamed in two
   fragments); after a ``tool`` message, ``"tool said: <its content>"``;
+  ``tool-call-garbled``: the same call with arguments cut short (not a JSON object);
 - ``fail-400|401|429|500|503``: that status with an OpenAI error body (429: Retry-After 1);
 - ``flaky-<N>``: 500 for the first N requests of each ``user``, then a normal answer;
 - ``stall-first-byte``: 30 s before the headers; ``stall-mid``: 2 content chunks, then
@@ -23,7 +24,8 @@ Behaviour is chosen by the requested model name, so it works across processes:
 
 Embeddings are derived from the text (equal texts, equal vectors) with 8 dimensions, or N
 for a model named ``embed-<N>``, or ``dimensions`` when the request gives it; a request
-with an input containing ``REFUSE_EMBEDDING`` is refused (400), whatever the model.
+with an input containing ``REFUSE_EMBEDDING`` is refused (400), whatever the model;
+``stall-first-byte`` and ``fail-<status>`` behave as for chat.
 
 Stalls are cancelled on ``stop()``, so they never hold up shutdown. Answers are
 deterministic (ids hash the request, ``created`` is fixed): a test can compare the bytes
@@ -67,6 +69,7 @@ FAILURES = MappingProxyType(
     }
 )
 TOOL_ARGUMENTS = ('{"city": ', '"Paris"}')
+GARBLED_ARGUMENTS = ('{"city": ', '"Par')
 # model -> index of the stream frame sent in place of the rest of the answer
 BREAK_AT = MappingProxyType(
     {"stall-mid": 2, "reset-mid": 2, "eof-mid": 2, "error-mid": 2, "malformed": 1}
@@ -143,6 +146,8 @@ class _Upstream:
         model = str(body.get("model", ""))
         if model.startswith("fail-"):
             return _error(int(model.removeprefix("fail-")))
+        if model == "stall-first-byte":
+            await self.sleep(STALL_SECONDS)
         inputs = body.get("input", [])
         if isinstance(inputs, str) or (inputs and isinstance(inputs[0], int)):
             inputs = [inputs]
@@ -233,7 +238,9 @@ class _Answer:
         self.model = str(body.get("model", ""))
         messages = body.get("messages") or []
         last = messages[-1] if messages else {}
-        self.tool_call = self.model == "tool-call" and last.get("role") != "tool"
+        tools = ("tool-call", "tool-call-garbled")
+        self.tool_call = self.model in tools and last.get("role") != "tool"
+        self.arguments = GARBLED_ARGUMENTS if self.model == "tool-call-garbled" else TOOL_ARGUMENTS
         if self.model == "tool-call" and not self.tool_call:
             self.text = f"tool said: {_text(last)}"
         else:
@@ -264,7 +271,7 @@ class _Answer:
                     {
                         "id": "call_fake_1",
                         "type": "function",
-                        "function": {"name": "get_weather", "arguments": "".join(TOOL_ARGUMENTS)},
+                        "function": {"name": "get_weather", "arguments": "".join(self.arguments)},
                     }
                 ],
             }
@@ -295,7 +302,7 @@ class _Answer:
             ]
             deltas += [
                 {"tool_calls": [{"index": 0, "function": {"arguments": fragment}}]}
-                for fragment in TOOL_ARGUMENTS
+                for fragment in self.arguments
             ]
         else:
             deltas = [{"content": piece} for piece in _split(self.text, pieces)]

@@ -444,6 +444,25 @@ def test_a_broken_stream_is_an_sdk_error_not_a_clean_end(
     assert req["finish_reason"] == "error"
 
 
+def test_an_answer_that_cannot_be_encoded_is_recorded_as_the_error_the_client_got(
+    server: ParleyServer, database_url: str, sdk: anthropic.Anthropic
+) -> None:
+    # The upstream's tool-call arguments are cut short: an Anthropic tool_use block needs
+    # a JSON object, so parley cannot give this answer to the client.
+    with pytest.raises(anthropic.APIStatusError) as caught:
+        sdk.messages.create(
+            model="up/tool-call-garbled", max_tokens=50, messages=USER_X, tools=[WEATHER_TOOL]
+        )
+    assert caught.value.status_code == 502
+    [req] = rows(database_url, "SELECT * FROM request_log")
+    # Not the upstream's success: the client got an error, and the row says which.
+    assert not req["success"] and req["error_type"] == "protocol"
+    assert "not a JSON object" in req["error_message"]
+    assert req["finish_reason"] == "error"
+    # What the upstream did send and bill is kept.
+    assert req["status_code"] == 200 and req["completion_tokens"] == 5
+
+
 USER_X = [{"role": "user", "content": "x"}]
 TOOL_USE_BAD_INPUT = {"type": "tool_use", "id": "t", "name": "f", "input": "{}"}
 

@@ -279,6 +279,31 @@ def test_429_is_retried_after_retry_after_then_returned(
     assert gap.total_seconds() >= 0.95
 
 
+def test_a_client_that_leaves_during_retry_after_is_recorded_as_cancelled(
+    server: ParleyServer, database_url: str
+) -> None:
+    # The upstream's 429 asks for 1 s; the client gives up after 0.3 s of that wait.
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(
+            f"{server.base_url}/chat/completions",
+            json={"model": "up/fail-429", "messages": [{"role": "user", "content": "x"}]},
+            timeout=0.3,
+        )
+    attempts = wait_for(
+        lambda: rows(database_url, "SELECT * FROM request_log ORDER BY attempt") or None
+    )
+    # The 429 that made it wait, then the retry the client's departure cancelled: never
+    # sent, so it has no status, and its finish reason says why the exchange ended.
+    assert [a["error_type"] for a in attempts] == ["rate_limit", "cancelled"]
+    assert attempts[0]["status_code"] == 429
+    assert attempts[1]["status_code"] is None
+    assert attempts[1]["finish_reason"] == "client_disconnected"
+    assert attempts[1]["chain_id"] == attempts[0]["chain_id"]
+    # Recorded at the departure, not after the wait it gave up.
+    gap = as_datetime(attempts[1]["created_at"]) - as_datetime(attempts[0]["created_at"])
+    assert gap.total_seconds() < 0.9
+
+
 def test_5xx_then_success_on_the_same_candidate(server: ParleyServer, database_url: str) -> None:
     reply = client(server).chat.completions.create(
         model="up/flaky-1", messages=[{"role": "user", "content": "x"}], user="retry-test"
@@ -339,6 +364,18 @@ def test_non_streaming_stall_is_bounded_by_total_and_not_retried(
         client(server).chat.completions.create(
             model="up/stall-first-byte", messages=[{"role": "user", "content": "x"}]
         )
+    assert caught.value.status_code == 504
+    [attempt] = rows(database_url, "SELECT error_type, error_message FROM request_log")
+    assert attempt["error_type"] == "timeout" and "total" in attempt["error_message"]
+
+
+def test_an_embeddings_stall_is_bounded_by_total_and_not_retried(
+    server: ParleyServer, database_url: str
+) -> None:
+    # Embeddings come back whole, like a non-streaming answer: one attempt, bounded by
+    # the total timeout (2 s here), not retried after the 0.5 s first-byte one.
+    with pytest.raises(openai.APIStatusError) as caught:
+        client(server).embeddings.create(model="up/stall-first-byte", input="x")
     assert caught.value.status_code == 504
     [attempt] = rows(database_url, "SELECT error_type, error_message FROM request_log")
     assert attempt["error_type"] == "timeout" and "total" in attempt["error_message"]

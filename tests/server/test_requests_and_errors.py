@@ -171,6 +171,27 @@ def test_embeddings_are_routed_and_recorded(server: ParleyServer, database_url: 
     assert rows(database_url, "SELECT id FROM messages") == []
 
 
+def test_embeddings_from_a_provider_without_them_are_a_recorded_400(
+    tmp_path: Path, database_url: str, upstream: FakeOpenAI
+) -> None:
+    write_config(
+        tmp_path,
+        [{"name": "claude", "kind": "anthropic", "base_url": upstream.base_url}],
+    )
+    with ParleyServer(settings_for(tmp_path, database_url)) as server:
+        response = httpx.post(
+            f"{server.base_url}/embeddings",
+            json={"model": "claude/any-model", "input": "hello"},
+        )
+    assert response.status_code == 400
+    assert "no embeddings API" in response.json()["error"]["message"]
+    [req] = rows(database_url, "SELECT * FROM request_log")
+    # A closed attempt: its error and its time, not an empty failure.
+    assert not req["success"] and req["error_type"] == "bad_request"
+    assert "no embeddings API" in req["error_message"]
+    assert req["response_time_ms"] is not None
+
+
 def test_canary_key_never_leaks(
     server: ParleyServer,
     database_url: str,

@@ -49,6 +49,7 @@ class Fold:
     __slots__ = (
         "_choices",
         "_closed",
+        "_fed",
         "_first",
         "_last",
         "_prices",
@@ -69,8 +70,12 @@ class Fold:
         self._last: float | None = None
         self._choices: dict[int, _ChoiceParts] = {}
         self._closed = False
+        # Whether the upstream answered at all (a chunk came): a cancelled attempt has a
+        # status only then.
+        self._fed = False
 
     def feed(self, chunk: Chunk) -> None:
+        self._fed = True
         if not chunk.events:
             return
         now = time.perf_counter()
@@ -128,13 +133,15 @@ class Fold:
         self._close()
 
     def cancel(self, reason: str = "client_disconnected") -> None:
-        """The client went away mid-stream; the upstream call was cancelled."""
+        """The client went away before the answer was complete; the upstream call was
+        cancelled (or never sent: a retry the client did not wait for)."""
         if self._closed:
             return
         self.attempt.success = False
-        self.attempt.status_code = 200
+        if self._fed:
+            self.attempt.status_code = 200
         self.attempt.error_type = "cancelled"
-        self.attempt.error_message = "client disconnected before the stream ended"
+        self.attempt.error_message = "client disconnected before the answer was complete"
         self.attempt.finish_reason = reason
         self._close()
 

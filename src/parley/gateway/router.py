@@ -2,7 +2,8 @@
 
 Ids are ``provider/model`` (split on the first ``/``, so ``openrouter/meta/llama`` goes
 to provider ``openrouter`` with model ``meta/llama``), an alias from config (its ordered
-fallback list), a bare model name that exactly one provider lists, or the bare name of an
+fallback list), a bare model name that exactly one provider lists (``Qwen/Qwen2.5-7B``
+too, when no provider is called ``Qwen``), or the bare name of an
 active database configuration (its own model, see ``gateway.directory``). Unlisted model
 names still pass through when the provider is named. Anything else is ``ModelNotFound``.
 
@@ -56,7 +57,8 @@ class Router:
         targets = self._aliases.get(model)
         if targets is not None:
             return [self._one(target) for target in targets]
-        if "/" in model:
+        provider_name, slash, _ = model.partition("/")
+        if slash and (provider_name in self._providers or model not in self._listed):
             return [self._one(model)]
         owners = self._listed.get(model, [])
         if len(owners) == 1:
@@ -78,8 +80,8 @@ class Router:
         if self.directory is None or model in self._aliases:
             return False
         provider_name, slash, _ = model.partition("/")
-        if slash:
-            return provider_name not in self._providers
+        if slash and provider_name in self._providers:
+            return False
         return model not in self._listed
 
     def provider_names(self) -> list[str]:

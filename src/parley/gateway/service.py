@@ -95,31 +95,12 @@ class Gateway:
                     fold.fail(error)
                     last_error = error
                     break
-                except UpstreamError as exc:
+                except BaseException as exc:
                     await upstream.aclose()
-                    fold.fail(exc)
-                    last_error = exc
-                    if await self._wait_to_retry(exc, try_number):
+                    last_error = self._failed(fold, candidate, exc)
+                    if await self._wait_to_retry(exchange, candidate, last_error, try_number):
                         continue
                     break
-                except ClientError as exc:
-                    # The adapter refused the request before sending it (a part its
-                    # upstream cannot take): no other attempt would do better.
-                    await upstream.aclose()
-                    fold.fail(exc)
-                    raise
-                except Exception as exc:
-                    # A bug or an upstream answer of an unexpected shape: an error of this
-                    # attempt, never a traceback for the client.
-                    await upstream.aclose()
-                    error = _unreadable(candidate, exc)
-                    fold.fail(error)
-                    raise error from exc
-                except BaseException:
-                    # Cancelled: the client went away while we waited for the upstream.
-                    await upstream.aclose()
-                    fold.cancel()
-                    raise
                 # Committed to this attempt: from here on nothing is retried.
                 try:
                     chunk = first
@@ -186,7 +167,29 @@ class Gateway:
         exchange.attempts.append(attempt)
         return Fold(exchange, attempt, self.prices)
 
-    async def _wait_to_retry(self, error: UpstreamError, try_number: int) -> bool:
+    @staticmethod
+    def _failed(fold: Fold, candidate: Candidate, exc: BaseException) -> UpstreamError:
+        """Record the attempt ``exc`` ended before it answered. An upstream's error is
+        returned (another try may do better); any other is raised: the client's own
+        (``ClientError``: the adapter refused the request, no other attempt would take
+        it), a bug or an answer of an unexpected shape (an error of this attempt, never a
+        traceback for the client), or a cancellation (the client went away meanwhile)."""
+        if isinstance(exc, UpstreamError):
+            fold.fail(exc)
+            return exc
+        if isinstance(exc, ClientError):
+            fold.fail(exc)
+            raise exc
+        if isinstance(exc, Exception):
+            error = _unreadable(candidate, exc)
+            fold.fail(error)
+            raise error from exc
+        fold.cancel()
+        raise exc
+
+    async def _wait_to_retry(
+        self, exchange: Exchange, candidate: Candidate, error: UpstreamError, try_number: int
+    ) -> bool:
         """After a failed attempt: raise if no attempt can help, wait and return True to
         retry the same candidate, or return False to move on to the next one."""
         if error.error_type in _FINAL_ERROR_TYPES:
@@ -194,7 +197,14 @@ class Gateway:
         delay = self._delay(error, try_number)
         if delay is None:
             return False
-        await asyncio.sleep(delay)
+        try:
+            await asyncio.sleep(delay)
+        except asyncio.CancelledError:
+            # The client left (or the shutdown's grace ran out) during the wait: the retry
+            # it cancelled is recorded as a cancelled attempt, so the exchange's last row
+            # says how it ended, not only the error that made it wait.
+            self._begin(exchange, candidate).cancel()
+            raise
         return True
 
     def _delay(self, error: UpstreamError, try_number: int) -> float | None:
@@ -218,10 +228,9 @@ class Gateway:
                 fold = self._begin(exchange, candidate)
                 try:
                     result = await candidate.provider.embeddings(body, candidate.model)
-                except UpstreamError as exc:
-                    fold.fail(exc)
-                    last_error = exc
-                    if await self._wait_to_retry(exc, try_number):
+                except BaseException as exc:
+                    last_error = self._failed(fold, candidate, exc)
+                    if await self._wait_to_retry(exchange, candidate, last_error, try_number):
                         continue
                     break
                 fold.attempt.usage = Usage(

@@ -84,7 +84,7 @@ class GeminiProvider:
         OpenAI embeddings response built from the vectors."""
         single, payload = _embedding_requests(body, model)
         action = "embedContent" if single else "batchEmbedContents"
-        obj = await self._call(self._url(model, action), payload)
+        obj = await self._call(self._url(model, action), payload, whole_work=True)
         vectors = _embedding_vectors(obj, single)
         if len(vectors) != (1 if single else len(payload["requests"])):
             raise UpstreamProtocolError(f"upstream {self.config.name}: embeddings count mismatch")
@@ -202,10 +202,17 @@ class GeminiProvider:
         return f"{self._base}/models/{quote(_name(model), safe='')}:{action}"
 
     async def _call(
-        self, url: str, payload: Mapping[str, Any] | None, method: str = "POST"
+        self,
+        url: str,
+        payload: Mapping[str, Any] | None,
+        method: str = "POST",
+        *,
+        whole_work: bool = False,
     ) -> dict[str, Any]:
-        """One small request answered with one JSON object (never streamed)."""
-        deadline, phase = self._http.first_deadline()
+        """One request answered with one JSON object (never streamed). ``whole_work``: the
+        upstream answers only once all the work is done (embeddings), so only ``total``
+        bounds it, and such a timeout is not retried (a retry would bill twice)."""
+        deadline, phase = self._http.total_deadline() if whole_work else self._http.first_deadline()
         data = dumps(payload) if payload is not None else None
         _, raw = await self._http.open(
             url, data, deadline, phase, self._error_for, whole=True, method=method

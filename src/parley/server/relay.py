@@ -132,10 +132,13 @@ async def answer(
                 if first.raw is not None and first.protocol == front.protocol
                 else front.encoder.body(first)
             )
-        except ParleyError as exc:
+        except Exception as exc:
+            # The upstream's answer could not be given to the client: recorded as failed.
             await finish(stream)
+            error = exc if isinstance(exc, ParleyError) else _internal("encoding an answer", exc)
+            mark_failed(exchange, error)
             await services.record_quietly(exchange)
-            return front.error_response(exc)
+            return front.error_response(error)
         await finish(stream)
         try:
             await services.record(exchange)
@@ -182,8 +185,10 @@ async def _stream(
             raw = chunk.raw
             final = raw if raw is not None and chunk.protocol == protocol else encoder.frames(chunk)
     except ParleyError as exc:
-        # The upstream broke after the stream began: record it, then tell the client.
+        # The upstream broke after the stream began, or its answer could not be encoded:
+        # record it, then tell the client.
         await chunks.aclose()
+        mark_failed(exchange, exc)
         await services.record_quietly(exchange)
         await _write_quietly(response, b"".join(pending) + front.sse_error(exc))
         return response
@@ -193,13 +198,13 @@ async def _stream(
         await chunks.aclose()
         services.record_in_background(exchange)
         return response
-    except Exception:
+    except Exception as exc:
         # Headers are sent: the error middleware cannot answer any more, so this stream
         # must end in an error event itself.
-        log.exception("stream failed")
         await chunks.aclose()
+        error = _internal("streaming", exc)
+        mark_failed(exchange, error)
         await services.record_quietly(exchange)
-        error = ParleyError("internal error while streaming")
         await _write_quietly(response, b"".join(pending) + front.sse_error(error))
         return response
     except asyncio.CancelledError:
@@ -250,6 +255,32 @@ def mark_interrupted(exchange: Exchange) -> None:
     for choice in exchange.choices:
         if choice.finish_reason == cancelled_reason:
             choice.finish_reason = INTERRUPTED_FINISH_REASON
+
+
+def mark_failed(exchange: Exchange, error: ParleyError) -> None:
+    """Record the last attempt as failed with ``error`` when parley itself could not give
+    the client the upstream's answer (it could not encode it, or a bug).
+
+    The gateway closed that attempt as complete, or as cancelled when its stream was closed
+    early: it cannot tell why its consumer stopped. An attempt that failed on its own (the
+    upstream's error) keeps that error.
+    """
+    if not exchange.attempts:
+        return
+    attempt = exchange.attempts[-1]
+    if not attempt.success and attempt.error_type != "cancelled":
+        return
+    attempt.success = False
+    attempt.error_type = error.error_type
+    attempt.error_message = error.message[:2000]
+    attempt.finish_reason = "error"
+    for choice in exchange.choices:
+        choice.finish_reason = "error"
+
+
+def _internal(doing: str, exc: Exception) -> ParleyError:
+    log.error("internal error while %s", doing, exc_info=exc)
+    return ParleyError(f"internal error while {doing}")
 
 
 def _answering(drain: Drain | None) -> AbstractContextManager[None]:
