@@ -202,11 +202,13 @@ class UpstreamHTTP:
         first: tuple[float, str],
         total_at: float,
         unfinished: str,
+        at_end: Callable[[], Chunk | None] | None = None,
     ) -> AsyncGenerator[Chunk, None]:
         """The chunks of a streamed answer whose last frame makes a ``final`` chunk: read
         with the first-byte deadline, then the idle one; after the final chunk the
-        response is drained (its connection is reused); an end before it raises
-        ``broken(unfinished)``. The caller finishes ``resp``."""
+        response is drained (its connection is reused). At an end before it, ``at_end``
+        may give the final chunk (an answer known to be whole without its terminator);
+        otherwise the end raises ``broken(unfinished)``. The caller finishes ``resp``."""
         content = resp.content
         deadline, phase = first
         yielded = False
@@ -224,7 +226,11 @@ class UpstreamHTTP:
                     await drain(content)
                     return
             if not data:
-                raise self.broken(unfinished, yielded)
+                closing = at_end() if at_end is not None else None
+                if closing is None:
+                    raise self.broken(unfinished, yielded)
+                yield closing
+                return
 
     def timeout(self, phase: str) -> UpstreamTimeout:
         seconds: float = getattr(self.config.timeouts, phase)

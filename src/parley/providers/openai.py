@@ -29,6 +29,7 @@ Invariants:
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncGenerator, Mapping
 from typing import Any
 
@@ -40,7 +41,7 @@ from parley.domain.usage import Usage
 from parley.errors import UpstreamError, UpstreamProtocolError
 from parley.providers import openai_wire as wire
 from parley.providers.base import EmbeddingsResult
-from parley.providers.http import UpstreamHTTP, drain, finish
+from parley.providers.http import UpstreamHTTP, finish
 from parley.providers.sse import SSEDecoder
 from parley.providers.wire import count, dumps, loads_object
 from parley.settings import ProviderConfig
@@ -188,35 +189,36 @@ class OpenAIProvider:
                 raw = await http.read_all(resp, deadline, phase)
                 obj = loads_object(raw, "response")
                 raise self._body_error(obj, "upstream answered a stream request with JSON")
-            content = resp.content
-            decoder = SSEDecoder()
             frames = wire.StreamFrames(model, not request.include_usage, http.scrub)
-            yielded = False
-            while True:
-                if yielded:
-                    deadline, phase = http.next_deadline(total_at)
-                data = await http.read(content, deadline, phase, yielded)
-                payloads = decoder.feed(data) if data else decoder.close()
-                last = len(payloads) - 1
-                for i, payload in enumerate(payloads):
-                    if payload == b"[DONE]":
-                        if not yielded:
-                            raise UpstreamProtocolError(
-                                f"upstream {self.config.name} ended the stream before any frame"
-                            )
-                        yield wire.DONE_CHUNK
-                        await drain(content)
-                        return
-                    chunk = frames.chunk(payload, yielded, more=i < last)
-                    yielded = True
+
+            def parse(payload: bytes, yielded: bool, more: bool) -> Chunk:
+                if payload != b"[DONE]":
+                    return frames.chunk(payload, yielded, more=more)
+                if not yielded:
+                    raise UpstreamProtocolError(
+                        f"upstream {self.config.name} ended the stream before any frame"
+                    )
+                return wire.DONE_CHUNK
+
+            def at_end() -> Chunk | None:
+                # Some servers end without [DONE]: once every choice finished, the answer
+                # is whole and the client still gets its terminator.
+                return wire.DONE_CHUNK if len(frames.finished) >= expected else None
+
+            # Closed with this generator (a client leaving closes it early).
+            async with contextlib.aclosing(
+                http.frames(
+                    resp,
+                    SSEDecoder(),
+                    parse,
+                    (deadline, phase),
+                    total_at,
+                    "the stream ended before it was finished",
+                    at_end,
+                )
+            ) as chunks:
+                async for chunk in chunks:
                     yield chunk
-                if not data:
-                    if len(frames.finished) >= expected:
-                        # Some servers end without [DONE]; every choice finished, so the
-                        # answer is whole and the client still gets its terminator.
-                        yield wire.DONE_CHUNK
-                        return
-                    raise http.broken("the stream ended before it was finished", yielded)
         finally:
             finish(resp)
 

@@ -184,14 +184,6 @@ async def _stream(
                 chunk = await anext(chunks)
             raw = chunk.raw
             final = raw if raw is not None and chunk.protocol == protocol else encoder.frames(chunk)
-    except ParleyError as exc:
-        # The upstream broke after the stream began, or its answer could not be encoded:
-        # record it, then tell the client.
-        await chunks.aclose()
-        mark_failed(exchange, exc)
-        await services.record_quietly(exchange)
-        await _write_quietly(response, b"".join(pending) + front.sse_error(exc))
-        return response
     except (ConnectionError, OSError):
         # The client went away: closing the stream cancels the upstream call and marks
         # the attempt client_disconnected; the partial answer is still recorded.
@@ -199,10 +191,11 @@ async def _stream(
         services.record_in_background(exchange)
         return response
     except Exception as exc:
-        # Headers are sent: the error middleware cannot answer any more, so this stream
-        # must end in an error event itself.
+        # The upstream broke after the stream began, its answer could not be encoded, or
+        # a bug: headers are sent, so the error middleware cannot answer any more. Record
+        # it, then end the stream with an error event, never a clean-looking end.
+        error = exc if isinstance(exc, ParleyError) else _internal("streaming", exc)
         await chunks.aclose()
-        error = _internal("streaming", exc)
         mark_failed(exchange, error)
         await services.record_quietly(exchange)
         await _write_quietly(response, b"".join(pending) + front.sse_error(error))
