@@ -468,6 +468,23 @@ def test_overlong_names_are_clipped_not_lost(server: ParleyServer, database_url:
     assert req["model"] == ("m" * 300)[:255]
 
 
+def test_a_nul_character_is_recorded_on_every_database(
+    server: ParleyServer, database_url: str
+) -> None:
+    # Valid JSON that PostgreSQL's text columns refuse: a paid answer must still commit.
+    reply = client(server).chat.completions.create(
+        model="up/gpt-4o-mini", messages=[{"role": "user", "content": "a\u0000b"}]
+    )
+    assert reply.choices[0].message.content == "echo: a\u0000b"
+    stored = rows(database_url, "SELECT role, content, payload FROM messages ORDER BY id")
+    assert [(m["role"], m["content"]) for m in stored] == [
+        ("user", "a\ufffdb"),
+        ("assistant", "echo: a\ufffdb"),
+    ]
+    # The message itself is kept exactly, escaped in its JSON payload.
+    assert "\\u0000" in stored[0]["payload"]
+
+
 def test_async_recording_answers_first_and_records_everything(
     tmp_path: Path, database_url: str, upstream: FakeOpenAI
 ) -> None:

@@ -8,8 +8,11 @@ the kill 25 times.
 
 from __future__ import annotations
 
+import os
 import signal
+import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -26,6 +29,32 @@ pytestmark = pytest.mark.slow
 def test_a_stop_under_load_loses_no_acknowledged_exchange(
     tmp_path: Path, database_url: str, sig: signal.Signals, writer: str
 ) -> None:
+    _stop_under_load(tmp_path, database_url, writer, lambda process: process.send_signal(sig), sig)
+
+
+def test_a_sigterm_to_every_process_of_the_server_loses_nothing(tmp_path: Path) -> None:
+    # systemd's stop (KillMode=control-group) and a terminal's Ctrl-C signal every process
+    # of the server, its writer's child included: the child leaves the stop to the server
+    # and commits everything it is sent.
+    def signal_all(process: subprocess.Popen[bytes]) -> None:
+        # Children are listed by the thread that started them.
+        tasks = Path(f"/proc/{process.pid}/task").glob("*/children")
+        children = [int(pid) for task in tasks for pid in task.read_text().split()]
+        assert children, "the process writer's child runs"
+        for pid in (process.pid, *children):
+            os.kill(pid, signal.SIGTERM)
+
+    database_url = f"sqlite:///{tmp_path / 'parley.db'}"
+    _stop_under_load(tmp_path, database_url, "process", signal_all, signal.SIGTERM)
+
+
+def _stop_under_load(
+    tmp_path: Path,
+    database_url: str,
+    writer: str,
+    stop: Callable[[subprocess.Popen[bytes]], None],
+    sig: signal.Signals,
+) -> None:
     with FakeOpenAI() as upstream:
         env = server_env(tmp_path, database_url, upstream.base_url, PARLEY_WRITER=writer)
         port = free_port()
@@ -39,7 +68,7 @@ def test_a_stop_under_load_loses_no_acknowledged_exchange(
                 len(load.acked) < 60 and time.monotonic() - started < 30.0
             ):
                 time.sleep(0.1)
-            process.send_signal(sig)
+            stop(process)
             returncode = process.wait(40)
             load.stop()
         acked = list(load.acked)
@@ -47,7 +76,10 @@ def test_a_stop_under_load_loses_no_acknowledged_exchange(
         if sig == signal.SIGTERM:
             # A graceful stop: in-flight requests finish, the writer drains, exit 0, and
             # the write-ahead log is folded into the database.
-            assert returncode == 0, (tmp_path / "server.log").read_text()
+            log = (tmp_path / "server.log").read_text()
+            assert returncode == 0, log
+            # Nothing failed on the way: the writer ran to the end, no request broke.
+            assert "recording has stopped" not in log and "Traceback" not in log, log
             if database_url.startswith("sqlite"):
                 assert not wal_size(database_url)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -323,3 +324,34 @@ def test_the_log_starts_over_under_steady_writes(
     # 400 commits of ~30 pages each would make ~48 MB of log.
     assert checkpointer.restarts > 0
     assert size < 8 * 1024 * 1024, size
+
+
+def test_two_writers_on_one_database_take_turns_and_share_one_thread(
+    migrated_engine: sa.Engine,
+) -> None:
+    # A conversation goes on, and its next turn is recorded by two servers' writers at
+    # once (a client's retry through a load balancer): the second waits for the first's
+    # commit, then finds the new turn stored instead of storing it again.
+    with writer_connection(migrated_engine) as conn, conn.begin():
+        write_batch(conn, [exchange(1)])
+    history = (*exchange(1).messages, Message("assistant", "answer 1"), Message("user", "more"))
+    first, second = exchange(2), exchange(2)
+    first.messages = second.messages = history
+    with writer_connection(migrated_engine) as one, one.begin():
+        write_batch(one, [first])
+        done = threading.Event()
+
+        def other() -> None:
+            with writer_connection(migrated_engine) as two, two.begin():
+                write_batch(two, [second])
+            done.set()
+
+        thread = threading.Thread(target=other)
+        thread.start()
+        assert not done.wait(0.5), "the second writer did not wait for the first"
+    thread.join(30)
+    assert done.is_set()
+    assert count(migrated_engine, "conversations") == 1
+    with migrated_engine.connect() as conn:
+        users = conn.exec_driver_sql("SELECT content FROM messages WHERE role = 'user'")
+        assert sorted(users.scalars()) == ["more", "question 1"]

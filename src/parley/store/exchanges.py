@@ -154,9 +154,15 @@ def write_batch(
     """Insert the rows of every exchange in ``batch``, in the caller's transaction.
 
     On SQLite the transaction must hold the write lock (``BEGIN IMMEDIATE``, as the
-    writer's connection does) for ids reserved here to stay free until the inserts.
+    writer's connection does) for ids reserved here to stay free until the inserts; on
+    PostgreSQL it takes the writers' advisory lock itself.
     With ``rollup_cache``, call its ``settle()`` once the transaction committed.
     """
+    if conn.dialect.name != "sqlite":
+        # Writers of several servers take turns, as BEGIN IMMEDIATE makes them on SQLite:
+        # the lookup of stored messages below then sees what the other one committed, so
+        # one conversation never becomes two threads.
+        conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({rollups.ROLLUP_LOCK})")
     now = datetime.now(UTC)
     hashed = [_hash(exchange) for exchange in batch]
     planner = _Planner(now, _stored_matches(conn, hashed))
@@ -295,7 +301,7 @@ class _Planner:
                 {
                     "public_id": self.ids.new(),
                     "role": message.role,
-                    "content": message.text(),
+                    "content": _text(message.text()),
                     "payload": hashed.payloads[i],
                     "content_hash": hashed.content_hashes[i],
                     "chain_hash": hashed.chains[i],
@@ -360,7 +366,7 @@ class _Planner:
                     if choice.index < len(public_ids)
                     else self.ids.new(),
                     "role": "assistant",
-                    "content": message.text(),
+                    "content": _text(message.text()),
                     "payload": orjson.dumps(payload).decode(),
                     "content_hash": content_hash,
                     "chain_hash": answer_chain,
@@ -517,7 +523,7 @@ def _attempt_rows(exchange: Exchange, ids: PublicIds) -> list[dict[str, Any]]:
                 "time_to_last_token_ms": a.time_to_last_token_ms,
                 "tokens_per_second": a.tokens_per_second,
                 "error_type": _clip(a.error_type, 64),
-                "error_message": a.error_message,
+                "error_message": None if a.error_message is None else _text(a.error_message),
                 "cost_usd": a.cost_usd,
                 "upstream_id": _clip(a.upstream_id, 255),
                 "prompt_tokens": u.prompt_tokens,
@@ -550,8 +556,15 @@ def _clip(value: object, length: int) -> Any:
     client- or upstream-chosen string must never make a paid answer fail to commit."""
     if value is None:
         return None
-    text = value if isinstance(value, str) else str(value)
-    return text[:length]
+    return _text(value if isinstance(value, str) else str(value))[:length]
+
+
+def _text(value: str) -> str:
+    """A client- or upstream-chosen text as PostgreSQL takes it: a NUL character (valid
+    JSON) becomes U+FFFD, on every database alike. ``payload`` keeps the exact message."""
+    if "\x00" in value:
+        return value.replace("\x00", "\ufffd")
+    return value
 
 
 def chain_key(chain: str) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import signal
 import socket
 import sys
 from typing import Any
@@ -104,6 +105,11 @@ def _serve(sock: socket.socket, writer: _InlineWriter, batch_max: int) -> None:
 
 def main() -> None:
     """The child: ``python -m parley.store.writer_child FD``."""
+    # Ctrl-C in a terminal, and systemd's stop, signal every process of the server: the
+    # server handles the stop, and this child ends when the server closes its socket,
+    # after committing everything sent (or when the server is gone: end of stream).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     sock = socket.socket(fileno=int(sys.argv[1]))
     settings: Settings = read_frame(sock)
     logging.basicConfig(

@@ -155,8 +155,9 @@ class ProcessWriter:
 
     def submit_metric(self, make_row: RowMaker) -> None:
         """Hold an ``http_metrics`` row maker (picklable: ``metrics.http_row.HttpRow``);
-        held rows go to the child together, as ``Writer.submit_metric`` hands them over."""
-        if self._stopping:
+        held rows go to the child together, as ``Writer.submit_metric`` hands them over.
+        Best effort, as there: dropped once the writer is stopped or its child is gone."""
+        if self._stopping or self._ended.is_set():
             return
         loop = self._attach()
         self._held.append(make_row)
