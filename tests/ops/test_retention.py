@@ -21,6 +21,7 @@ from parley.ops.retention import run_retention
 from parley.settings import Retention, Settings
 from parley.store.engine import create_engine, writer_connection
 from parley.store.exchanges import write_batch
+from parley.store.limits import LimitStore, minute_of
 
 MakeSettings = Callable[..., Settings]
 NOW = datetime(2025, 6, 1, 12, 0, tzinfo=UTC)
@@ -129,6 +130,19 @@ def test_old_rows_go_in_batches_and_history_stays_intact(settings: Settings) -> 
         r["request_id"] for r in answered[8:]
     ]
     assert all(r["request_id"] is not None for r in answered[8:])
+    engine.dispose()
+
+
+def test_past_rate_limit_counters_go_and_the_current_minute_stays(settings: Settings) -> None:
+    engine = prepared(settings)
+    limits = LimitStore(engine)
+    for minutes_ago in (0, 59, 61, 24 * 60):
+        limits.count_request("key:1", minute_of(NOW - timedelta(minutes=minutes_ago)))
+    run_retention(settings, NOW, pause=0, pause_ratio=0)
+    assert query(engine, "SELECT count(*) AS n FROM rate_windows") == [{"n": 2}]
+    # The kept counters go on counting (a second request in each of their minutes).
+    for minutes_ago in (0, 59):
+        assert limits.count_request("key:1", minute_of(NOW - timedelta(minutes=minutes_ago))) == 2
     engine.dispose()
 
 

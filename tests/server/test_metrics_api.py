@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -184,12 +184,36 @@ def test_a_request_limit_refuses_with_retry_after_and_usage_shows_it(
 
 
 def test_a_spend_budget_stops_the_key_once_spent(server: ParleyServer) -> None:
-    _user, key = _user_with_key(server, "erin")
-    # The test price is $1 per token: one answer costs far more than the budget.
-    reply = httpx.put(
+    key, refused = _spend(server, "erin", {"usd_per_day": 5})
+    assert refused.body["code"] == "insufficient_quota"  # type: ignore[index]
+    bad = httpx.put(
         f"{server.root}/api/admin/limits/keys/{key['id']}",
-        json={"usd_per_day": 5},
+        json={"usd_per_day": -1},
         headers=bearer(MASTER),
+    )
+    assert bad.status_code == 400
+
+
+def test_of_two_spent_budgets_retry_after_waits_for_the_later(server: ParleyServer) -> None:
+    _key, refused = _spend(server, "fay", {"usd_per_day": 5, "usd_per_month": 5})
+    # Both are spent: the month's budget frees up last (at the next month, UTC).
+    now = datetime.now(UTC)
+    next_month = (now.replace(day=1) + timedelta(days=32)).replace(
+        day=1, hour=0, minute=0, second=0, microsecond=0
+    )
+    retry_after = int(refused.response.headers["Retry-After"])
+    assert abs(retry_after - (next_month - now).total_seconds()) < 60
+    assert "monthly budget" in refused.body["message"]  # type: ignore[index]
+
+
+def _spend(
+    server: ParleyServer, name: str, budgets: dict[str, float]
+) -> tuple[dict[str, Any], openai.RateLimitError]:
+    """A key of a new user with ``budgets``, one answer that spends them (the test price is
+    $1 per token: one answer costs far more), and the refusal of the next request."""
+    _user, key = _user_with_key(server, name)
+    reply = httpx.put(
+        f"{server.root}/api/admin/limits/keys/{key['id']}", json=budgets, headers=bearer(MASTER)
     )
     assert reply.status_code == 200
     _chat(server, key["key"])
@@ -198,10 +222,4 @@ def test_a_spend_budget_stops_the_key_once_spent(server: ParleyServer) -> None:
         client.chat.completions.create(
             model="up/gpt-4o-mini", messages=[{"role": "user", "content": "again"}]
         )
-    assert refused.value.body["code"] == "insufficient_quota"  # type: ignore[index]
-    bad = httpx.put(
-        f"{server.root}/api/admin/limits/keys/{key['id']}",
-        json={"usd_per_day": -1},
-        headers=bearer(MASTER),
-    )
-    assert bad.status_code == 400
+    return key, refused.value

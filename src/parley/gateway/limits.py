@@ -57,7 +57,7 @@ class Limiter:
         if caller.api_key_id is None and caller.user_id is None:
             return  # the local admin or the master key: no limits
         if time.monotonic() - self._loaded_at > self._reload_seconds:
-            await self.reload()
+            await self.reload(if_stale=True)
         found = self.limits_of(caller)
         if found:
             now = datetime.fromtimestamp(self._clock(), UTC)
@@ -71,18 +71,27 @@ class Limiter:
             found.append(self._by_user[caller.user_id])
         return found
 
-    async def reload(self) -> None:
+    async def reload(self, *, if_stale: bool = False) -> None:
+        """Read the limits again; with ``if_stale``, only if nobody did meanwhile (many
+        requests find them stale at once: one of them reads)."""
         async with self._lock:
+            if if_stale and time.monotonic() - self._loaded_at <= self._reload_seconds:
+                return
             rows = await asyncio.to_thread(self.store.all_limits)
             self._by_key = {r.api_key_id: r for r in rows if r.api_key_id is not None}
             self._by_user = {r.user_id: r for r in rows if r.user_id is not None}
             self._loaded_at = time.monotonic()
 
     def _check(self, found: list[Limit], now: datetime) -> None:
+        refusals: list[RateLimited] = []
         for limit in found:
             if (limit.usd_per_day, limit.usd_per_month, limit.tokens_per_minute) == (None,) * 3:
                 continue  # only a request count: nothing to read
-            _refuse_over(limit, self.store.usage(limit, now), now)
+            refusals.extend(_over(limit, self.store.usage(limit, now), now))
+        if refusals:
+            # Of several limits spent, the one that frees up last: a client that waits
+            # for its Retry-After is not refused again by another.
+            raise max(refusals, key=lambda refusal: refusal.retry_after)
         for limit in found:
             if limit.requests_per_minute is None:
                 continue
@@ -96,26 +105,35 @@ class Limiter:
                 )
 
 
-def _refuse_over(limit: Limit, usage: Usage, now: datetime) -> None:
+def _over(limit: Limit, usage: Usage, now: datetime) -> list[RateLimited]:
+    """The refusals for every spend and token limit of ``limit`` that ``usage`` reached."""
+    over: list[RateLimited] = []
     today = now.replace(hour=0, minute=0, second=0, microsecond=0)
     if limit.usd_per_day is not None and usage.usd_today >= limit.usd_per_day:
-        raise BudgetExceeded(
-            f"daily budget of ${limit.usd_per_day:g} is spent for this {_what(limit)}",
-            retry_after=_seconds(today + timedelta(days=1) - now),
+        over.append(
+            BudgetExceeded(
+                f"daily budget of ${limit.usd_per_day:g} is spent for this {_what(limit)}",
+                retry_after=_seconds(today + timedelta(days=1) - now),
+            )
         )
     if limit.usd_per_month is not None and usage.usd_this_month >= limit.usd_per_month:
         next_month = (today.replace(day=1) + timedelta(days=32)).replace(day=1)
-        raise BudgetExceeded(
-            f"monthly budget of ${limit.usd_per_month:g} is spent for this {_what(limit)}",
-            retry_after=_seconds(next_month - now),
+        over.append(
+            BudgetExceeded(
+                f"monthly budget of ${limit.usd_per_month:g} is spent for this {_what(limit)}",
+                retry_after=_seconds(next_month - now),
+            )
         )
     if limit.tokens_per_minute is not None and usage.tokens_last_minute >= limit.tokens_per_minute:
         oldest = usage.oldest_token_at or now
-        raise RateLimited(
-            f"rate limit reached: {limit.tokens_per_minute} tokens per minute for this "
-            f"{_what(limit)}",
-            retry_after=_seconds(oldest + MINUTE - now),
+        over.append(
+            RateLimited(
+                f"rate limit reached: {limit.tokens_per_minute} tokens per minute for this "
+                f"{_what(limit)}",
+                retry_after=_seconds(oldest + MINUTE - now),
+            )
         )
+    return over
 
 
 def _what(limit: Limit) -> str:

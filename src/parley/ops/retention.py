@@ -5,7 +5,8 @@ holding its age in days). A table listed there that does not exist yet is skippe
 later schema adds its table and retention picks it up with no other change.
 
 Invariants:
-- only the tables in ``TARGETS`` are touched. Conversations, messages, responses, users,
+- only the tables in ``TARGETS`` are touched, and the rate-limit counters of minutes
+  past (``rate_windows``, kept an hour). Conversations, messages, responses, users,
   attachments and rollups never are: a message or response that pointed at a deleted
   request-log row keeps its content and gets ``request_id = NULL`` (the schema's
   ``ON DELETE SET NULL``, enforced by the database in the same statement);
@@ -43,6 +44,7 @@ from parley.errors import ConfigError, StoreError
 from parley.settings import Settings
 from parley.store import retention as store
 from parley.store.engine import IMMEDIATE, create_engine, sqlite_path
+from parley.store.limits import LimitStore
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +52,8 @@ log = logging.getLogger(__name__)
 # the batch took (see the module docstring; tuned with bench/retention_bench.py).
 MIN_PAUSE_SECONDS = 0.05
 PAUSE_RATIO = 2.0
+# Rate-limit counters (``rate_windows``, one per subject and minute) older than this go.
+RATE_WINDOWS_KEPT = timedelta(hours=1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,6 +159,8 @@ def run_retention(
     try:
         for target in targets:
             reports.append(_prune(engine, settings, target, started_at, dry_run, pacing))
+        if not dry_run:
+            _prune_rate_windows(engine, started_at)
     finally:
         engine.dispose()
     report = RetentionReport(tuple(reports), time.monotonic() - clock, dry_run, started_at)
@@ -165,6 +171,17 @@ def run_retention(
                 t.deleted, t.table, t.cutoff, t.batches, t.seconds, t.status,
             )  # fmt: skip
     return report
+
+
+def _prune_rate_windows(engine: sqlalchemy.Engine, now: datetime) -> None:
+    """Drop the request counters of past minutes: limits read only the current one. One
+    short statement (a row per limited key or user and minute since the last run)."""
+    try:
+        deleted = LimitStore(engine).prune_windows(now - RATE_WINDOWS_KEPT)
+    except SQLAlchemyError as exc:
+        raise StoreError(f"retention could not prune rate_windows: {_reason(exc)}") from exc
+    if deleted:
+        log.info("retention: %s past rate-limit counters deleted", deleted)
 
 
 @dataclass(frozen=True, slots=True)
