@@ -40,4 +40,6 @@ def test_a_latency_step_is_logged_once_per_episode(
     assert [(e.model, e.metric) for e in first] == [("m", "latency_p90_ms")]
     assert first[0].start == NOW.replace(minute=0) - timedelta(hours=1)
     assert watch(NOW + timedelta(minutes=5)) == []  # the same episode: not again
+    # Later, the runs' window starts inside the episode: still the same one, not again.
+    assert watch(NOW + timedelta(hours=2, minutes=15)) == []
     assert caplog.text.count("anomaly: openai/m latency_p90_ms") == 1

@@ -2,9 +2,11 @@
 
 Every run reads the model-level hourly rollups of the last ``LOOKBACK`` hours (plus the
 baseline before them), finds episodes with ``metrics.anomalies`` and logs a warning for
-each episode it has not logged before. An episode is known by (provider, model, metric,
-start): one that goes on over several runs is logged when it starts, not again. The
-memory is this process's: several processes on one database each log it once.
+each episode it has not logged before. An episode is known by (provider, model, metric)
+and its hours: one that goes on over several runs is logged when it starts, not again,
+even once the runs' window has moved past its first hour (a run then sees it start
+later); one that starts after an hour back to normal is new. The memory is this
+process's: several processes on one database each log it once.
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ INTERVAL = 300.0
 class AnomalyWatch:
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
-        self._logged: set[tuple[str, str, str, datetime]] = set()
+        # (provider, model, metric) -> the end of the last episode logged for it.
+        self._logged: dict[tuple[str, str, str], datetime] = {}
 
     def __call__(self, now: datetime | None = None) -> list[anomalies.Episode]:
         """One run; returns the episodes logged by it."""
@@ -47,10 +50,11 @@ class AnomalyWatch:
             engine.dispose()
         new = []
         for episode in anomalies.find(rows, since):
-            key = (episode.provider, episode.model, episode.metric, episode.start)
-            if key in self._logged:
-                continue
-            self._logged.add(key)
+            key = (episode.provider, episode.model, episode.metric)
+            logged_end = self._logged.get(key)
+            self._logged[key] = max(episode.end, logged_end or episode.end)
+            if logged_end is not None and episode.start <= logged_end:
+                continue  # the logged episode, still going on
             new.append(episode)
             log.warning(
                 "anomaly: %s/%s %s is %.4g since %s (its baseline: %.4g)",
@@ -62,5 +66,6 @@ class AnomalyWatch:
                 episode.baseline,
             )
         # Episodes that ended long ago can no longer come back: forget them.
-        self._logged = {k for k in self._logged if k[3] >= since - timedelta(days=1)}
+        forget = since - timedelta(days=1)
+        self._logged = {key: end for key, end in self._logged.items() if end >= forget}
         return new
