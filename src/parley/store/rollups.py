@@ -54,12 +54,15 @@ class RollupCache:
     several processes).
 
     A batch's rows are pending until ``settle()``, which the writer calls after the
-    commit succeeded: a rolled-back batch never leaves its tallies behind.
+    commit succeeded: a rolled-back batch never leaves its tallies behind. Past
+    ``max_rows`` rows (each hour and day adds its own) the cache starts over, so a
+    database that nobody else writes to cannot make it grow for as long as the server runs.
     """
 
-    __slots__ = ("_connection", "_pending", "_rows", "_version")
+    __slots__ = ("_connection", "_max_rows", "_pending", "_rows", "_version")
 
-    def __init__(self) -> None:
+    def __init__(self, max_rows: int = 4096) -> None:
+        self._max_rows = max_rows
         self._rows: dict[_Key, tuple[int, Tally]] = {}
         self._pending: dict[_Key, tuple[int, Tally]] | None = None
         self._connection: object | None = None
@@ -68,6 +71,8 @@ class RollupCache:
     def settle(self) -> None:
         """The transaction that wrote the pending rows committed: they are stored."""
         if self._pending is not None:
+            if len(self._rows) + len(self._pending) > self._max_rows:
+                self._rows = {}
             self._rows.update(self._pending)
             self._pending = None
 
