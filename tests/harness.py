@@ -195,3 +195,23 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
         return port
+
+
+def leave_after_first_chunk(
+    server: ParleyServer, content: str, headers: Mapping[str, str] | None = None
+) -> None:
+    """Stream ``up/slow-stream`` through ``server`` and hang up after its first chunk."""
+    with httpx.stream(
+        "POST",
+        f"{server.base_url}/chat/completions",
+        json={
+            "model": "up/slow-stream",
+            "stream": True,
+            "messages": [{"role": "user", "content": content}],
+        },
+        headers=headers,
+        timeout=10,
+    ) as response:
+        for line in response.iter_lines():
+            if line.startswith("data:"):
+                break

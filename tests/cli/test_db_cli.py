@@ -44,7 +44,7 @@ def test_upgrade_current_history_check_downgrade(tmp_path: Path, database_url: s
 
     result = run(tmp_path, database_url, "history")
     assert result.exit_code == 0
-    assert result.output.startswith(f"0005 -> {HEAD} (head): SQLite: new messages")
+    assert result.output.startswith(f"0006 -> {HEAD} (head): The request log says")
     assert "0004 -> 0005: The search outbox" in result.output
     assert "0003 -> 0004: Full-text search" in result.output
     assert "0002 -> 0003: Rollups of the request log" in result.output

@@ -19,6 +19,7 @@ from tests.fakes.openai_upstream import FakeOpenAI
 from tests.harness import (
     ParleyServer,
     as_datetime,
+    leave_after_first_chunk,
     rows,
     settings_for,
     wait_for,
@@ -107,7 +108,7 @@ def test_streaming_with_usage_and_timings(server: ParleyServer, database_url: st
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 5
 
     [req] = rows(database_url, "SELECT * FROM request_log")
-    assert req["success"] and req["completion_tokens"] == 5
+    assert req["success"] and req["completion_tokens"] == 5 and not req["usage_estimated"]
     assert 0 < req["time_to_first_token_ms"] <= req["time_to_last_token_ms"]
     assert req["time_to_last_token_ms"] <= req["response_time_ms"]
     assert req["tokens_per_second"] is not None and req["tokens_per_second"] > 0
@@ -431,24 +432,15 @@ def test_broken_stream_ends_in_an_error_event(
 def test_client_disconnect_cancels_and_records_partial(
     server: ParleyServer, database_url: str, upstream: FakeOpenAI
 ) -> None:
-    with httpx.stream(
-        "POST",
-        f"{server.base_url}/chat/completions",
-        json={
-            "model": "up/slow-stream",
-            "stream": True,
-            "messages": [{"role": "user", "content": "one two three four five"}],
-        },
-        timeout=10,
-    ) as response:
-        for line in response.iter_lines():
-            if line.startswith("data:"):
-                break  # leave after the first chunk
+    leave_after_first_chunk(server, "one two three four five")
     [req] = wait_for(
         lambda: rows(database_url, "SELECT * FROM request_log WHERE finish_reason IS NOT NULL")
     )
     assert req["finish_reason"] == "client_disconnected"
     assert req["error_type"] == "cancelled" and not req["success"]
+    # The upstream never reported usage: estimated, and marked as such.
+    assert req["usage_estimated"] and req["completion_tokens"] >= 1
+    assert req["prompt_tokens"] == 6  # 23 characters at ~4 a token
     # parley hung up on the upstream too, long before its 0.5 s answer was done.
     wait_for(lambda: upstream.abandoned == 1, timeout=2.0)
     # The part of the answer that had arrived is kept.

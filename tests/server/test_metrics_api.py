@@ -18,7 +18,14 @@ import pytest
 
 from parley.domain import histogram
 from tests.fakes.openai_upstream import FakeOpenAI
-from tests.harness import ParleyServer, rows, settings_for, write_config
+from tests.harness import (
+    ParleyServer,
+    leave_after_first_chunk,
+    rows,
+    settings_for,
+    wait_for,
+    write_config,
+)
 from tests.server.test_auth import MASTER, Browser, bearer, make_user
 
 PRICING = """
@@ -223,3 +230,28 @@ def _spend(
             model="up/gpt-4o-mini", messages=[{"role": "user", "content": "again"}]
         )
     return key, refused.value
+
+
+def test_a_stream_cut_off_before_its_usage_counts_against_the_token_limit(
+    server: ParleyServer, database_url: str
+) -> None:
+    _user, key = _user_with_key(server, "gus")
+    reply = httpx.put(
+        f"{server.root}/api/admin/limits/keys/{key['id']}",
+        json={"tokens_per_minute": 5},
+        headers=bearer(MASTER),
+    )
+    assert reply.status_code == 200
+    # The client leaves after the first chunk: the upstream never reports the usage.
+    leave_after_first_chunk(server, "one two three four five six", bearer(key["key"]))
+    [req] = wait_for(lambda: rows(database_url, "SELECT * FROM request_log"))
+    assert req["error_type"] == "cancelled" and req["usage_estimated"]
+    # ~4 characters a token: 27 characters of prompt, and what was streamed.
+    assert req["prompt_tokens"] == 7 and req["completion_tokens"] >= 1
+    assert req["total_tokens"] == req["prompt_tokens"] + req["completion_tokens"]
+    client = openai.OpenAI(base_url=server.base_url, api_key=key["key"], max_retries=0)
+    with pytest.raises(openai.RateLimitError) as refused:
+        client.chat.completions.create(
+            model="up/gpt-4o-mini", messages=[{"role": "user", "content": "again"}]
+        )
+    assert "tokens per minute" in refused.value.body["message"]  # type: ignore[index]

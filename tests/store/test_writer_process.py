@@ -66,6 +66,7 @@ def every_field_set() -> Exchange:
                 Usage(1, 2, 3, 4, 5),
                 0.25,
                 "up-id",
+                True,
             )
         ],
         choices=[Choice(1, "text", "thought", (call,), "tool_calls")],

@@ -39,6 +39,9 @@ class Attempt:
     usage: Usage = field(default_factory=Usage)
     cost_usd: float | None = None
     upstream_id: str | None = None
+    # True when ``usage`` is parley's estimate: a stream cut off before the upstream
+    # reported its usage (``gateway.recording``).
+    usage_estimated: bool = False
 
 
 @dataclass(slots=True)

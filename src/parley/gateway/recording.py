@@ -4,13 +4,14 @@ A ``Fold`` watches every chunk that passes from an adapter to the client. It mea
 to first token (the first chunk carrying text, reasoning or a tool call), time to last
 token and tokens per second, keeps usage and finish reasons, and reassembles the answers
 (text and tool calls per choice) so the store can save them as messages. It never alters
-the chunks.
+the chunks. A stream that ends without the upstream's usage (cut off) gets an estimate,
+marked ``usage_estimated``, so that limits and budgets count partial streams too.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from parley.domain.events import (
     Chunk,
@@ -23,6 +24,7 @@ from parley.domain.events import (
 )
 from parley.domain.exchange import Attempt, Choice, Exchange
 from parley.domain.messages import ToolCall
+from parley.domain.usage import Usage
 from parley.errors import ParleyError, UpstreamError
 from parley.gateway.pricing import PriceBook
 
@@ -164,6 +166,16 @@ class Fold:
                 attempt.tokens_per_second = completion / (self._last - self._first)
             elif attempt.response_time_ms > 0:
                 attempt.tokens_per_second = completion / (attempt.response_time_ms / 1000)
+        if (
+            not attempt.success
+            and self._fed
+            and self.exchange.is_streaming
+            and attempt.usage.completion_tokens is None
+        ):
+            # Cut off before the upstream reported usage: what it bills still counts
+            # against limits and budgets, as an estimate that says it is one.
+            attempt.usage = self._estimate(attempt.usage)
+            attempt.usage_estimated = True
         price = self._prices.price(attempt.provider, self._sent_model) or self._prices.price(
             attempt.provider, attempt.model_used
         )
@@ -175,6 +187,24 @@ class Fold:
                 self._choice(index, parts, attempt.finish_reason)
                 for index, parts in sorted(self._choices.items())
             ]
+
+    def _estimate(self, reported: Usage) -> Usage:
+        """Tokens at ~4 characters each (OpenAI's rule of thumb for English): the prompt
+        from the request's messages, unless the upstream reported it, and the completion
+        from what was streamed (text, reasoning and tool-call arguments)."""
+        streamed = 0
+        for part in self._choices.values():
+            streamed += sum(map(len, part.text)) + sum(map(len, part.reasoning))
+            for call in part.tool_calls.values():
+                streamed += sum(map(len, call.arguments))
+        prompt = reported.prompt_tokens
+        if prompt is None:
+            prompt = _tokens(sum(len(message.text()) for message in self.exchange.messages))
+        completion = _tokens(streamed)
+        total = prompt + completion
+        return replace(
+            reported, prompt_tokens=prompt, completion_tokens=completion, total_tokens=total
+        )
 
     def _choice(self, index: int, parts: _ChoiceParts, fallback: str | None) -> Choice:
         calls = tuple(
@@ -189,3 +219,7 @@ class Fold:
             # A stream cut short keeps the reason it was cut as the answer's finish reason.
             finish_reason=parts.finish_reason if self.attempt.success else fallback,
         )
+
+
+def _tokens(characters: int) -> int:
+    return (characters + 3) // 4

@@ -64,6 +64,7 @@ _LOG_FIELDS = (
     "total_tokens",
     "cached_tokens",
     "reasoning_tokens",
+    "usage_estimated",
     "finish_reason",
     "time_to_first_token_ms",
     "time_to_last_token_ms",

@@ -526,6 +526,7 @@ def _attempt_rows(exchange: Exchange, ids: PublicIds) -> list[dict[str, Any]]:
                 "error_message": None if a.error_message is None else _text(a.error_message),
                 "cost_usd": a.cost_usd,
                 "upstream_id": _clip(a.upstream_id, 255),
+                "usage_estimated": a.usage_estimated,
                 "prompt_tokens": u.prompt_tokens,
                 "completion_tokens": u.completion_tokens,
                 "total_tokens": u.total_tokens,

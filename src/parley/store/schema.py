@@ -87,6 +87,8 @@ request_log = Table(
     Column("error_message", Text),
     Column("cost_usd", Float),
     Column("upstream_id", String(255)),
+    # Migration 0007: the tokens are parley's estimate (a stream cut off before its usage).
+    Column("usage_estimated", Boolean, nullable=False, server_default=false()),
     Column("user_id", Integer),
     Column("api_key_id", Integer),
     Column(

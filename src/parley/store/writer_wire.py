@@ -162,6 +162,7 @@ def pack_exchange(ex: Exchange) -> tuple[Any, ...]:
                 _usage(a.usage),
                 a.cost_usd,
                 a.upstream_id,
+                a.usage_estimated,
             )
             for a in ex.attempts
         ],
@@ -215,6 +216,7 @@ def unpack_exchange(v: tuple[Any, ...]) -> Exchange:
                 usage=Usage(*a[13]),
                 cost_usd=a[14],
                 upstream_id=a[15],
+                usage_estimated=a[16],
             )
             for a in v[10]
         ],
