@@ -28,6 +28,9 @@ from parley.domain.usage import Usage
 from parley.errors import ParleyError, UpstreamError
 from parley.gateway.pricing import PriceBook
 
+# An attempt's error message is kept to this many characters.
+ERROR_MESSAGE_CHARS = 2000
+
 
 @dataclass(slots=True)
 class _ToolCallParts:
@@ -130,7 +133,7 @@ class Fold:
         if isinstance(error, UpstreamError):
             self.attempt.status_code = error.status_code
         self.attempt.error_type = error.error_type
-        self.attempt.error_message = error.message[:2000]
+        self.attempt.error_message = error.message[:ERROR_MESSAGE_CHARS]
         self.attempt.finish_reason = finish_reason
         self._close()
 

@@ -209,9 +209,8 @@ class GeminiProvider:
         *,
         whole_work: bool = False,
     ) -> dict[str, Any]:
-        """One request answered with one JSON object (never streamed). ``whole_work``: the
-        upstream answers only once all the work is done (embeddings), so only ``total``
-        bounds it, and such a timeout is not retried (a retry would bill twice)."""
+        """One request answered with one JSON object (never streamed); ``whole_work``:
+        an answer made whole before it is sent (embeddings, see ``total_deadline``)."""
         deadline, phase = self._http.total_deadline() if whole_work else self._http.first_deadline()
         data = dumps(payload) if payload is not None else None
         _, raw = await self._http.open(

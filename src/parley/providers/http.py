@@ -108,7 +108,9 @@ class UpstreamHTTP:
         return now + timeouts.total, "total"
 
     def total_deadline(self) -> tuple[float, str]:
-        """For a non-streaming answer: its headers come only once it is all made."""
+        """For an answer that comes whole (a non-streaming chat, embeddings): its headers
+        come only once it is all made, so only ``total`` bounds it, and such a timeout is
+        not retried (a retry would bill the same work twice)."""
         return self.now() + self.config.timeouts.total, "total"
 
     def next_deadline(self, total_at: float) -> tuple[float, str]:

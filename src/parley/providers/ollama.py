@@ -84,8 +84,6 @@ class OllamaProvider:
     async def embeddings(self, body: Mapping[str, Any], model: str) -> EmbeddingsResult:
         """``POST /api/embed``; ``raw`` is the OpenAI embeddings JSON built from its answer."""
         payload = wire.embed_body(body, model)
-        # The whole answer comes at once: only ``total`` bounds it, and such a timeout is
-        # not retried (a retry would bill the same input twice).
         deadline, phase = self._http.total_deadline()
         _, raw = await self._http.open(
             self._embed_url, dumps(payload), deadline, phase, self._error_for, whole=True

@@ -73,8 +73,6 @@ class OpenAIProvider:
         """POST an OpenAI embeddings body (``model`` replaced); ``raw`` is the answer as is."""
         payload = dict(body)
         payload["model"] = model
-        # The whole answer comes at once: only ``total`` bounds it, and such a timeout is
-        # not retried (a retry would bill the same input twice).
         deadline, phase = self._http.total_deadline()
         _, raw = await self._http.open(
             self._embeddings_url,

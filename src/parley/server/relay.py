@@ -37,6 +37,7 @@ from parley.domain.events import Chunk
 from parley.domain.exchange import Exchange
 from parley.domain.messages import ChatRequest
 from parley.errors import ParleyError, ServerShuttingDown, StoreError
+from parley.gateway.recording import ERROR_MESSAGE_CHARS
 from parley.gateway.service import finish
 from parley.server import identity
 from parley.server.shutdown import (
@@ -265,7 +266,7 @@ def mark_failed(exchange: Exchange, error: ParleyError) -> None:
         return
     attempt.success = False
     attempt.error_type = error.error_type
-    attempt.error_message = error.message[:2000]
+    attempt.error_message = error.message[:ERROR_MESSAGE_CHARS]
     attempt.finish_reason = "error"
     for choice in exchange.choices:
         choice.finish_reason = "error"

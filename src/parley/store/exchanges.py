@@ -59,6 +59,10 @@ _Owner = tuple[str, int | None]
 # A stored message a request may continue from: (id, conversation id, conversation public id).
 _Stored = tuple[int, int, uuid.UUID]
 
+# pg_advisory_xact_lock key of the writers' transactions ("parley-r": the key that once
+# guarded the rollups alone, so a server of an older version still takes turns with them).
+WRITER_LOCK = 0x7061726C65792D72
+
 
 class Recorded:
     """What one exchange became in the store. Public ids are the ones clients may see.
@@ -162,7 +166,7 @@ def write_batch(
         # Writers of several servers take turns, as BEGIN IMMEDIATE makes them on SQLite:
         # the lookup of stored messages below then sees what the other one committed, so
         # one conversation never becomes two threads.
-        conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({rollups.ROLLUP_LOCK})")
+        conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({WRITER_LOCK})")
     now = datetime.now(UTC)
     hashed = [_hash(exchange) for exchange in batch]
     planner = _Planner(now, _stored_matches(conn, hashed))

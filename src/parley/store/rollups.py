@@ -5,9 +5,10 @@ Invariants:
   a rollup never counts a row that was not committed and never misses one that was;
 - one ``metric_rollups`` row per (period, bucket start, series); its histograms are JSON
   maps (``domain.histogram``), so a row is read, merged and written back. On PostgreSQL
-  several processes may write at once: the transaction first takes the advisory lock
-  ``ROLLUP_LOCK`` (held until commit), so two writers never interleave on a row and never
-  deadlock. On SQLite the writer's ``BEGIN IMMEDIATE`` already excludes every other writer;
+  several processes may write at once: the writer's transaction holds the advisory lock
+  ``exchanges.WRITER_LOCK`` from its start (``write_batch``), so two writers never
+  interleave on a row and never deadlock. On SQLite the writer's ``BEGIN IMMEDIATE``
+  already excludes every other writer;
 - retention deletes raw rows only: rollups keep every total.
 """
 
@@ -25,9 +26,6 @@ from parley.domain.rollup import Dims, Tally, tally_rows
 from parley.domain.times import utc
 from parley.store.bulk import assign_ids, bulk_insert, placeholder, update_rows
 from parley.store.schema import metric_rollups as t
-
-# pg_advisory_xact_lock key for rollup updates ("parley-r").
-ROLLUP_LOCK = 0x7061726C65792D72
 
 _COUNTERS = (
     "requests",
@@ -102,8 +100,6 @@ def add(
     if not tallies:
         return
     sqlite = conn.dialect.name == "sqlite"
-    if not sqlite:
-        conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({ROLLUP_LOCK})")
     keyed = {
         (period, start, dims.key()): (dims, tally)
         for (period, start, dims), tally in tallies.items()
