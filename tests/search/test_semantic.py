@@ -215,6 +215,7 @@ async def test_a_new_model_empties_the_store_and_everything_is_embedded_again(
     await world.index()
     assert len(world.vectors.message_ids()) == 1
     reopened = VectorStore.open(world.vectors.uri)
+    assert reopened._db is None  # opening reads nothing: the model is read on first use
     assert (reopened.model, reopened.dimension) == (model, 384)
 
 
@@ -244,6 +245,9 @@ async def test_without_an_embedder_hybrid_is_keyword_and_the_outbox_drains(
     assert await indexer.run_once() == 1
     with migrated_engine.connect() as conn:
         assert outbox.size(conn) == 0
+    # Nothing here needed the vector store: it was never connected, nor created on disk.
+    assert vectors.message_ids() == set() and vectors.count("chunks") == 0
+    assert vectors._db is None and not (tmp_path / "vectors").exists()
 
 
 async def test_maintenance_compacts_the_store_and_reports_orphan_vectors(

@@ -53,6 +53,8 @@ MAX_CHARS = 4000
 
 # How often the embedding process checks that the server that started it still runs.
 PARENT_POLL_SECONDS = 1.0
+# How long ``IsolatedEmbedder.close`` lets the child exit on its own before killing it.
+CLOSE_GRACE_SECONDS = 3.0
 
 RemoteCall = Callable[[list[str]], Awaitable[list[list[float]]]]
 """Embeds a batch of texts through the gateway (one request, one vector per text)."""
@@ -201,8 +203,17 @@ class IsolatedEmbedder:
         return vector
 
     def close(self) -> None:
-        """Stop the child (what it was computing is dropped; the outbox keeps it)."""
+        """Stop the child (what it was computing is dropped; the outbox keeps it). It is
+        asked to exit, and killed if it has not within ``CLOSE_GRACE_SECONDS``: at nice 10
+        on a busy machine, tearing torch down can take longer than a shutdown should."""
+        children = list((self._executor._processes or {}).values())
         self._executor.shutdown(wait=False, cancel_futures=True)
+        deadline = time.monotonic() + CLOSE_GRACE_SECONDS
+        for child in children:
+            child.join(timeout=max(0.0, deadline - time.monotonic()))
+            if child.is_alive():
+                child.kill()
+                child.join(timeout=CLOSE_GRACE_SECONDS)
 
 
 def _start_child() -> tuple[ProcessPoolExecutor, int]:

@@ -26,6 +26,10 @@ Invariants:
 - writes are idempotent (``merge_insert`` on ``id``; deleting an absent id is a no-op),
   so an outbox batch replayed after a crash changes nothing.
 
+Opening is free: LanceDB (seconds to import) is imported and connected on first use, and
+a local store that was never created reads as empty without either, so a process that
+never searches semantically (no embedder) never pays for it.
+
 Every method blocks: call it through ``asyncio.to_thread`` from the event loop.
 """
 
@@ -36,10 +40,11 @@ import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import lancedb
-import pyarrow as pa
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 LOCAL_OWNER = -1
 NONE = -1
@@ -109,18 +114,27 @@ class ModelMismatch(Exception):
 class VectorStore:
     """The LanceDB tables of one parley installation."""
 
-    def __init__(self, db: Any, uri: str) -> None:
-        self._db = db
+    def __init__(self, uri: str) -> None:
         self.uri = uri
+        self._db: Any = None  # the LanceDB connection, made on first use
+        self._connecting = threading.Lock()
         self._lock = threading.Lock()
         self._tables: dict[str, Any] = {}
-        self.model: str | None = None
-        self.dimension: int | None = None
-        self._read_meta()
+        # (model, dimension) as read from ``meta`` on first use, then kept up to date.
+        self._meta: tuple[str | None, int | None] | None = None
 
     @classmethod
     def open(cls, uri: str) -> VectorStore:
-        return cls(lancedb.connect(uri, read_consistency_interval=_CONSISTENCY), uri)
+        """The store at ``uri``; nothing is read or connected until it is used."""
+        return cls(uri)
+
+    @property
+    def model(self) -> str | None:
+        return self._known()[0]
+
+    @property
+    def dimension(self) -> int | None:
+        return self._known()[1]
 
     # -- model ---------------------------------------------------------------------------
 
@@ -133,14 +147,15 @@ class VectorStore:
                 return False
             for name in (MESSAGES, CHUNKS, META):
                 if name in self._names():
-                    self._db.drop_table(name)
+                    self._connection().drop_table(name)
             self._tables.clear()
-            self._db.create_table(MESSAGES, schema=_message_schema(dimension))
-            self._db.create_table(CHUNKS, schema=_chunk_schema(dimension))
+            db = self._connection()
+            db.create_table(MESSAGES, schema=_message_schema(dimension))
+            db.create_table(CHUNKS, schema=_chunk_schema(dimension))
             # Last: a crash before it leaves no meta, and the next start drops again.
-            meta = self._db.create_table(META, schema=_META_SCHEMA)
-            meta.add(pa.Table.from_pylist([{"model": model, "dimension": dimension}], _META_SCHEMA))
-            self.model, self.dimension = model, dimension
+            meta = db.create_table(META, schema=_meta_schema())
+            meta.add(_arrow([{"model": model, "dimension": dimension}], _meta_schema()))
+            self._meta = (model, dimension)
             return True
 
     def check(self, model: str) -> None:
@@ -155,13 +170,13 @@ class VectorStore:
         self.check(model)
         if rows:
             data = [_message_row(row) for row in rows]
-            self._merge(MESSAGES, pa.Table.from_pylist(data, self._schema(MESSAGES)))
+            self._merge(MESSAGES, _arrow(data, self._schema(MESSAGES)))
 
     def upsert_chunks(self, model: str, rows: Sequence[ChunkVector]) -> None:
         self.check(model)
         if rows:
             data = [_chunk_row(row) for row in rows]
-            self._merge(CHUNKS, pa.Table.from_pylist(data, self._schema(CHUNKS)))
+            self._merge(CHUNKS, _arrow(data, self._schema(CHUNKS)))
 
     def delete_messages(self, ids: Iterable[int]) -> None:
         self._delete(MESSAGES, ids)
@@ -340,25 +355,46 @@ class VectorStore:
 
     # -- internals -----------------------------------------------------------------------
 
+    def _connection(self) -> Any:
+        with self._connecting:
+            if self._db is None:
+                import lancedb  # seconds to import: only once the store is really used
+
+                self._db = lancedb.connect(self.uri, read_consistency_interval=_CONSISTENCY)
+            return self._db
+
+    def _created(self) -> bool:
+        """False only for a local store whose directory does not exist yet (a remote one
+        must be asked)."""
+        return "://" in self.uri or Path(self.uri).exists()
+
     def _names(self) -> list[str]:
-        return list(self._db.list_tables().tables)
+        if self._db is None and not self._created():
+            return []
+        return list(self._connection().list_tables().tables)
 
     def _complete(self) -> bool:
         names = set(self._names())
         return {MESSAGES, CHUNKS, META} <= names
 
+    def _known(self) -> tuple[str | None, int | None]:
+        if self._meta is None:
+            self._read_meta()
+        assert self._meta is not None
+        return self._meta
+
     def _read_meta(self) -> None:
-        self.model, self.dimension = None, None
+        self._meta = (None, None)
         if META not in self._names():
             return
-        rows = self._db.open_table(META).to_arrow().to_pylist()
+        rows = self._connection().open_table(META).to_arrow().to_pylist()
         if len(rows) == 1 and self._complete():
-            self.model, self.dimension = str(rows[0]["model"]), int(rows[0]["dimension"])
+            self._meta = (str(rows[0]["model"]), int(rows[0]["dimension"]))
 
     def _table(self, name: str) -> Any:
         table = self._tables.get(name)
         if table is None:
-            table = self._tables[name] = self._db.open_table(name)
+            table = self._tables[name] = self._connection().open_table(name)
         return table
 
     def _schema(self, name: str) -> pa.Schema:
@@ -368,11 +404,21 @@ class VectorStore:
         return _chunk_schema(self.dimension)
 
 
-_META_SCHEMA = pa.schema([pa.field("model", pa.string()), pa.field("dimension", pa.int64())])
-_TIME = pa.timestamp("us", tz="UTC")
+def _arrow(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:
+    import pyarrow as pa
+
+    return pa.Table.from_pylist(rows, schema)
+
+
+def _meta_schema() -> pa.Schema:
+    import pyarrow as pa
+
+    return pa.schema([pa.field("model", pa.string()), pa.field("dimension", pa.int64())])
 
 
 def _message_schema(dimension: int) -> pa.Schema:
+    import pyarrow as pa
+
     return pa.schema(
         [
             pa.field("id", pa.int64(), nullable=False),
@@ -380,7 +426,7 @@ def _message_schema(dimension: int) -> pa.Schema:
             pa.field("conversation_id", pa.int64(), nullable=False),
             pa.field("role", pa.string()),
             pa.field("text", pa.string()),
-            pa.field("created_at", _TIME),
+            pa.field("created_at", pa.timestamp("us", tz="UTC")),
             pa.field("metadata", pa.string()),
             pa.field("vector", pa.list_(pa.float32(), dimension)),
         ]
@@ -388,6 +434,8 @@ def _message_schema(dimension: int) -> pa.Schema:
 
 
 def _chunk_schema(dimension: int) -> pa.Schema:
+    import pyarrow as pa
+
     return pa.schema(
         [
             pa.field("id", pa.int64(), nullable=False),
@@ -398,7 +446,7 @@ def _chunk_schema(dimension: int) -> pa.Schema:
             pa.field("page", pa.int64()),
             pa.field("ordinal", pa.int64()),
             pa.field("text", pa.string()),
-            pa.field("created_at", _TIME),
+            pa.field("created_at", pa.timestamp("us", tz="UTC")),
             pa.field("metadata", pa.string()),
             pa.field("vector", pa.list_(pa.float32(), dimension)),
         ]

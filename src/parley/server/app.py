@@ -210,7 +210,7 @@ async def _serving(
         search_services = app[SERVICES].search if SERVICES in app else None
         if search_services is not None:
             await search_services.indexer.stop()  # search (issue 7)
-            close_search(search_services)
+            await asyncio.to_thread(close_search, search_services)
         await session.close()
         if await asyncio.to_thread(_close_store, writer, engine):
             presence.mark_clean()
