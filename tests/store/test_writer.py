@@ -237,6 +237,40 @@ async def test_a_lost_connection_is_replaced(writer: Writer, migrated_engine: sa
     assert count(migrated_engine, "request_log") == 4
 
 
+async def test_a_batch_committed_despite_a_failed_commit_is_not_written_again(
+    writer: Writer, migrated_engine: sa.Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The connection is lost as COMMIT returns: the server committed, the client cannot
+    # know. The retry must find the batch stored, not write it a second time.
+    dialect = migrated_engine.dialect
+    commit = dialect.do_commit
+    lost: list[bool] = []
+
+    def commit_then_lose(dbapi_connection: Any) -> None:
+        commit(dbapi_connection)
+        if not lost:
+            lost.append(True)
+            raise dialect.loaded_dbapi.OperationalError("connection lost during COMMIT")
+
+    monkeypatch.setattr(dialect, "do_commit", commit_then_lose)
+    futures = [writer.submit(exchange(i)) for i in range(5)]  # one batch
+    writer.start()
+    outcomes = await asyncio.gather(*futures)
+    assert lost and all(isinstance(o, Recorded) for o in outcomes)
+    assert (writer.committed, writer.failed) == (5, 0)
+    assert count(migrated_engine, "request_log") == 5
+    assert count(migrated_engine, "messages") == 15
+    with migrated_engine.connect() as conn:
+        series = conn.exec_driver_sql(
+            "SELECT period, series_key, sum(requests) FROM metric_rollups"
+            " GROUP BY period, series_key"
+        ).all()
+    assert series and all(requests == 5 for _, _, requests in series)  # each counted once
+    # And the writer carries on.
+    await writer.submit(exchange(5))
+    assert count(migrated_engine, "request_log") == 6
+
+
 def metric(i: int) -> dict[str, Any]:
     return {
         "created_at": datetime.now(UTC),

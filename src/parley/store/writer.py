@@ -12,6 +12,8 @@ Invariants:
   nothing submitted is dropped without a result or a log line;
 - one bad exchange cannot sink its batch: a failed batch is rolled back and retried one
   exchange per transaction, and only the exchanges that fail alone get the error;
+- a batch whose COMMIT failed (a connection lost then: PostgreSQL may have committed it)
+  is looked up by chain id before that retry, so an exchange is never stored twice;
 - items are committed in submission order, so ``drain`` (a marker in the queue) resolves
   once everything submitted before it is committed;
 - ``stop`` commits everything queued before it, then joins the thread; ``submit`` after
@@ -34,11 +36,13 @@ import logging
 import queue
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import sqlalchemy
+from sqlalchemy import select
 from sqlalchemy.exc import InterfaceError, OperationalError
 
 from parley.domain.exchange import Exchange
@@ -52,7 +56,7 @@ from parley.store.engine import (
     writer_connection,
 )
 from parley.store.exchanges import Recorded, write_batch
-from parley.store.schema import http_metrics
+from parley.store.schema import http_metrics, request_log
 
 log = logging.getLogger(__name__)
 
@@ -361,7 +365,7 @@ class Writer:
         batch = [item for item in batch if item.metrics is None]
         work = [item for item in batch if item.exchange is not None]
         exchanges = [item.exchange for item in work if item.exchange is not None]
-        outcomes: list[Outcome]
+        outcomes: list[Outcome] = []
         if exchanges:
             try:
                 with conn.begin():
@@ -373,10 +377,11 @@ class Writer:
                 log.warning(
                     "store batch of %d failed (%s); retrying one by one", len(exchanges), exc
                 )
-                outcomes = self._one_by_one(conn, exchanges)
+                # Outcomes here mean the rows were written and the COMMIT itself failed:
+                # on a lost connection it may have committed all the same.
+                written = dict(zip(map(id, exchanges), outcomes, strict=True)) if outcomes else {}
+                outcomes = self._one_by_one(conn, exchanges, written)
                 healthy = not any(_database_failed(outcome) for outcome in outcomes)
-        else:
-            outcomes = []
         if metrics:
             # Before the results: a drain marker waits for the rows queued before it.
             self._write_metrics(conn, metrics)
@@ -403,9 +408,22 @@ class Writer:
             except Exception:
                 log.exception("an observer of committed exchanges failed")
 
-    def _one_by_one(self, conn: sqlalchemy.Connection, exchanges: list[Exchange]) -> list[Outcome]:
+    def _one_by_one(
+        self,
+        conn: sqlalchemy.Connection,
+        exchanges: list[Exchange],
+        written: dict[int, Outcome],
+    ) -> list[Outcome]:
+        """Retry a failed batch's exchanges one at a time. ``written`` (by ``id``) are the
+        outcomes of a batch whose COMMIT failed: those it committed after all are not
+        written twice."""
+        stored = _committed_chains(conn, exchanges) if written else set()
         outcomes: list[Outcome] = []
         for i, exchange in enumerate(exchanges):
+            if exchange.chain_id in stored:
+                self.committed += 1
+                outcomes.append(written[id(exchange)])
+                continue
             outcome = self._one(conn, exchange)
             outcomes.append(outcome)
             if _database_failed(outcome):
@@ -465,6 +483,21 @@ class Writer:
             if isinstance(item, Item):
                 pending.append((item, error))
         self._resolve(pending)
+
+
+def _committed_chains(conn: sqlalchemy.Connection, exchanges: list[Exchange]) -> set[uuid.UUID]:
+    """The chain ids of ``exchanges`` that are in the request log (every exchange with an
+    attempt has its chain id there once committed); empty when the database cannot say."""
+    chains = [e.chain_id for e in exchanges if e.chain_id is not None and e.attempts]
+    try:
+        with conn.begin():
+            found = conn.execute(
+                select(request_log.c.chain_id).where(request_log.c.chain_id.in_(chains))
+            )
+            return set(found.scalars())
+    except Exception as exc:
+        log.warning("could not tell which exchanges of the failed batch committed: %s", exc)
+        return set()
 
 
 def _set_autocheckpoint(conn: sqlalchemy.Connection, pages: int) -> None:
