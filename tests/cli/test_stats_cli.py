@@ -67,3 +67,29 @@ def test_stats_reports_the_recorded_traffic(tmp_path: Path, database_url: str) -
     assert again.exit_code == 1 and "no limits" in again.output
     both = run(tmp_path, database_url, "limits", "set", "--rpm", "1")
     assert both.exit_code == 1 and "exactly one" in both.output
+
+
+def test_limits_set_refuses_values_the_database_cannot_hold(
+    tmp_path: Path, database_url: str
+) -> None:
+    settings = load_settings(env=_env(tmp_path, database_url), cwd=tmp_path)
+    upgrade(settings)
+    engine = create_engine(settings)
+    try:
+        Users(engine).create_user(email="h@example.org", username="hank", password="pw-long-enough")
+    finally:
+        engine.dispose()
+    for option, value in (
+        ("--rpm", "2147483648"),
+        ("--tpm", "9223372036854775808"),
+        ("--usd-day", "inf"),
+        ("--usd-month", "nan"),
+    ):
+        result = run(tmp_path, database_url, "limits", "set", "--user", "hank", option, value)
+        assert result.exit_code == 2, (option, result.output)
+        assert f"Invalid value for '{option}'" in result.output
+        assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert run(tmp_path, database_url, "limits", "list").output == ""
+    largest = run(tmp_path, database_url, "limits", "set", "--user", "hank", "--rpm", "2147483647")
+    assert largest.exit_code == 0, largest.output
+    assert "requests_per_minute=2147483647" in run(tmp_path, database_url, "limits", "list").output

@@ -241,7 +241,7 @@ def schema(settings: Settings) -> Any:
                         (c["name"], str(c["type"]), c["nullable"])
                         for c in inspector.get_columns(name)
                     ],
-                    sorted(str(sorted(i.items())) for i in inspector.get_indexes(name)),
+                    sorted(str(sorted(_index(i).items())) for i in inspector.get_indexes(name)),
                     inspector.get_pk_constraint(name),
                     sorted(str(sorted(f.items())) for f in inspector.get_foreign_keys(name)),
                     sorted(str(sorted(u.items())) for u in inspector.get_unique_constraints(name)),
@@ -253,6 +253,13 @@ def schema(settings: Settings) -> Any:
             return found
     finally:
         engine.dispose()
+
+
+def _index(index: Any) -> dict[str, Any]:
+    """A reflected index as plain values: SQLite reflects a partial index's WHERE as a
+    SQL expression object (compared by identity), here its text."""
+    options = {key: str(value) for key, value in index.get("dialect_options", {}).items()}
+    return {**index, "dialect_options": options}
 
 
 def only_backup(settings: Settings, revision: str | None) -> Path:

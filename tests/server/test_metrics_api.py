@@ -255,3 +255,31 @@ def test_a_stream_cut_off_before_its_usage_counts_against_the_token_limit(
             model="up/gpt-4o-mini", messages=[{"role": "user", "content": "again"}]
         )
     assert "tokens per minute" in refused.value.body["message"]  # type: ignore[index]
+
+
+def test_limits_the_database_cannot_hold_get_400_not_500(server: ParleyServer) -> None:
+    _user, key = _user_with_key(server, "hal")
+    path = f"{server.root}/api/admin/limits/keys/{key['id']}"
+    for field, value in (
+        ("requests_per_minute", 2**31),
+        ("tokens_per_minute", 2**63),
+        ("tokens_per_minute", 2**64),
+        ("requests_per_minute", 0),
+        ("usd_per_day", -1),
+    ):
+        body = f'{{"{field}": {value}}}'.encode()
+        reply = httpx.put(path, content=body, headers=bearer(MASTER))
+        assert reply.status_code == 400, (field, value, reply.text)
+        error = reply.json()["error"]
+        assert error["type"] == "invalid_request_error" and error["param"] == field
+        assert field in error["message"]
+    assert _get(server, "/api/admin/limits")["data"] == []
+    # The largest values every database holds are taken.
+    reply = httpx.put(
+        path,
+        json={"requests_per_minute": 2**31 - 1, "tokens_per_minute": 2**31 - 1},
+        headers=bearer(MASTER),
+    )
+    assert reply.status_code == 200, reply.text
+    [listed] = _get(server, "/api/admin/limits")["data"]
+    assert listed["requests_per_minute"] == listed["tokens_per_minute"] == 2**31 - 1

@@ -7,6 +7,7 @@ start does. Errors are one line on stderr and exit status 1, never a traceback.
 
 from __future__ import annotations
 
+import math
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -16,9 +17,9 @@ import click
 import orjson
 import sqlalchemy
 
-from parley.cli.common import fail, prepared_engine
+from parley.cli.common import fail, prepared_engine, run
 from parley.metrics import report
-from parley.store.limits import LimitStore
+from parley.store.limits import MAX_PER_MINUTE, LimitStore
 from parley.store.metrics import MetricsStore
 from parley.store.users import Users
 
@@ -106,12 +107,24 @@ def _subject_options(command: Callable[..., Any]) -> Callable[..., Any]:
     return click.option("--key", "key_ref", help="An API key's id.")(command)
 
 
+# What the limit columns hold (``store.limits.check_values``), refused as option errors.
+_PER_MINUTE = click.IntRange(min=1, max=MAX_PER_MINUTE)
+_USD = click.FloatRange(min=0)
+
+
+def _finite(_ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
+    # FloatRange lets "inf" and "nan" through: neither is a budget.
+    if value is not None and not math.isfinite(value):
+        raise click.BadParameter(f"{value} is not a finite number.", param=param)
+    return value
+
+
 @limits.command("set")
 @_subject_options
-@click.option("--rpm", type=click.IntRange(min=1), help="Requests per minute.")
-@click.option("--tpm", type=click.IntRange(min=1), help="Tokens per minute.")
-@click.option("--usd-day", type=click.FloatRange(min=0), help="Spend per day (UTC), in USD.")
-@click.option("--usd-month", type=click.FloatRange(min=0), help="Spend per month, in USD.")
+@click.option("--rpm", type=_PER_MINUTE, help="Requests per minute.")
+@click.option("--tpm", type=_PER_MINUTE, help="Tokens per minute.")
+@click.option("--usd-day", type=_USD, callback=_finite, help="Spend per day (UTC), in USD.")
+@click.option("--usd-month", type=_USD, callback=_finite, help="Spend per month, in USD.")
 def set_limit(
     user_ref: str | None,
     key_ref: str | None,
@@ -121,18 +134,16 @@ def set_limit(
     usd_month: float | None,
 ) -> None:
     """Replace the limits of a user or an API key (a limit not given is no limit)."""
+    values = {
+        "requests_per_minute": rpm,
+        "tokens_per_minute": tpm,
+        "usd_per_day": usd_day,
+        "usd_per_month": usd_month,
+    }
     with prepared_engine() as engine:
         user_id, key_id = _subject(engine, user_ref, key_ref)
-        LimitStore(engine).set_limit(
-            user_id=user_id,
-            api_key_id=key_id,
-            values={
-                "requests_per_minute": rpm,
-                "tokens_per_minute": tpm,
-                "usd_per_day": usd_day,
-                "usd_per_month": usd_month,
-            },
-        )
+        store = LimitStore(engine)
+        run(lambda: store.set_limit(user_id=user_id, api_key_id=key_id, values=values))
     click.echo("limits set (running servers apply them within 5 seconds)")
 
 

@@ -10,7 +10,10 @@ Invariants:
   every process on the database (``store.limits``);
 - the database work runs in a thread, never on the event loop;
 - spend is what committed exchanges cost: requests already in flight when a budget runs
-  out still finish, so a budget can be overshot by at most their cost.
+  out still finish, so a budget can be overshot by at most their cost;
+- tokens per minute are those of attempts that finished over the last minute, however
+  long ago they started (``store.limits``): a stream counts when it ends, and the
+  Retry-After of a spent token limit is a minute after the oldest of them finished.
 """
 
 from __future__ import annotations

@@ -4,9 +4,10 @@ Routes (JSON; errors are OpenAI error JSON):
 
 - ``GET /api/admin/limits``: every limit, with its subject's public id;
 - ``PUT /api/admin/limits/{kind}/{id}`` (``kind``: ``users`` or ``keys``): replace a
-  subject's limits: ``requests_per_minute`` and ``tokens_per_minute`` (positive
-  integers), ``usd_per_day`` and ``usd_per_month`` (non-negative numbers); a field left
-  out or null is no limit;
+  subject's limits: ``requests_per_minute`` and ``tokens_per_minute`` (integers from 1 to
+  2,147,483,647), ``usd_per_day`` and ``usd_per_month`` (finite numbers of 0 or more); a
+  field left out or null is no limit, any other value is a 400 naming the field
+  (``store.limits.check_values``);
 - ``DELETE /api/admin/limits/{kind}/{id}``;
 - ``GET /api/me/usage``: the limits that apply to the caller (their key's and their
   user's), each with its current usage.
@@ -18,7 +19,6 @@ in every other process on the database.
 from __future__ import annotations
 
 import asyncio
-import math
 import uuid
 from datetime import UTC, datetime
 from typing import Any
@@ -26,15 +26,13 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from parley.errors import InvalidRequest, NotFound, StoreUnavailable
+from parley.errors import NotFound, StoreUnavailable
 from parley.gateway.limits import Limiter
 from parley.server import identity
 from parley.server.openai_parse import parse_json_object
 from parley.server.state import SERVICES, read_body
-from parley.store.limits import LIMIT_FIELDS
+from parley.store.limits import check_values
 from parley.store.metrics import MetricsStore
-
-_INTEGERS = frozenset({"requests_per_minute", "tokens_per_minute"})
 
 
 def add_routes(app: web.Application) -> None:
@@ -57,9 +55,9 @@ async def put_limit(request: web.Request) -> web.Response:
     limiter = _limiter(request)
     user_id, key_id = await _subject(request)
     settings = request.app[SERVICES].settings
-    data = parse_json_object(await read_body(request, settings.max_body_bytes))
+    values = check_values(parse_json_object(await read_body(request, settings.max_body_bytes)))
     limit = await asyncio.to_thread(
-        lambda: limiter.store.set_limit(user_id=user_id, api_key_id=key_id, values=_values(data))
+        lambda: limiter.store.set_limit(user_id=user_id, api_key_id=key_id, values=values)
     )
     await limiter.reload()
     return _json(
@@ -103,28 +101,6 @@ async def my_usage(request: web.Request) -> web.Response:
             }
         )
     return _json({"data": out})
-
-
-def _values(data: dict[str, Any]) -> dict[str, Any]:
-    unknown = sorted(set(data) - set(LIMIT_FIELDS))
-    if unknown:
-        raise InvalidRequest(
-            f"unknown field(s): {', '.join(unknown)}; expected: {', '.join(LIMIT_FIELDS)}"
-        )
-    out: dict[str, Any] = {}
-    for name in LIMIT_FIELDS:
-        value = data.get(name)
-        if value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise InvalidRequest(f"'{name}' must be a number or null", name)
-        if name in _INTEGERS:
-            if not isinstance(value, int) or value < 1:
-                raise InvalidRequest(f"'{name}' must be a positive integer or null", name)
-        elif not math.isfinite(value) or value < 0:
-            raise InvalidRequest(f"'{name}' must be a non-negative number or null", name)
-        out[name] = value
-    return out
 
 
 async def _subject(request: web.Request) -> tuple[int | None, int | None]:

@@ -4,6 +4,8 @@
 
 - every upstream attempt is one ``request_log`` row; the attempts of one exchange share
   its ``chain_id`` and carry the request-level fields (model requested, sampling, owner);
+  ``created_at`` is when the attempt started, ``finished_at`` when it ended (start plus
+  response time; the start when it has none);
 - a chat exchange threads into a conversation. The request's messages are chain-hashed;
   the deepest message already stored (or written earlier in the same batch) with the same
   chain hash, owned by the same user (or, without a user, the same API key), is where the
@@ -35,7 +37,7 @@ import functools
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
@@ -515,6 +517,7 @@ def _attempt_rows(exchange: Exchange, ids: PublicIds) -> list[dict[str, Any]]:
     rows = []
     for a in exchange.attempts:
         u = a.usage
+        started = utc(a.started_at)
         rows.append(
             {
                 "attempt": a.attempt,
@@ -549,7 +552,13 @@ def _attempt_rows(exchange: Exchange, ids: PublicIds) -> list[dict[str, Any]]:
                 "api_key_id": e.api_key_id,
                 "chain_id": e.chain_id,
                 "public_id": ids.new(),
-                "created_at": utc(a.started_at),
+                "created_at": started,
+                # Tokens-per-minute limits count an attempt when it ended (store.limits).
+                "finished_at": (
+                    started
+                    if a.response_time_ms is None
+                    else started + timedelta(milliseconds=a.response_time_ms)
+                ),
                 "model": _clip(a.model_used, 255),
             }
         )

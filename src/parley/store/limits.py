@@ -1,19 +1,28 @@
 """The limits repository: per-key and per-user limits, and the usage they are checked on.
 
 Invariants:
-- a limit row names exactly one subject, an API key or a user; every limit is optional;
+- a limit row names exactly one subject, an API key or a user (a unique column each);
+  every limit is optional. Setting a subject's limits is one atomic upsert, so any
+  number of concurrent writers (API requests, CLI runs, processes) of one subject all
+  succeed and leave one row, the last one's;
+- every value is checked before it is written (``check_values``, whoever sets it): the
+  per-minute limits are integers from 1 to ``MAX_PER_MINUTE`` (what PostgreSQL's
+  ``integer`` column holds), spend limits finite numbers of 0 or more;
 - requests per minute are counted at request time in ``rate_windows``, one row per subject
   and minute, incremented with one atomic upsert (``INSERT .. ON CONFLICT DO UPDATE ..
   RETURNING``), so several parley processes on one database never let more than the limit
   through in a minute;
 - tokens per minute and spend are read from what the writer committed: the request log
-  over the last 60 seconds (a sliding window; partial streams record their usage too) and
+  rows that finished over the last 60 seconds (``finished_at``: a sliding window; a stream
+  counts when it ends, however long it ran; partial streams record their usage too) and
   the day rollups (``metric_rollups``), so they need no writes of their own.
 """
 
 from __future__ import annotations
 
+import math
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -24,9 +33,13 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from parley.domain.rollup import DAY
 from parley.domain.times import utc, utc_or_none
+from parley.errors import InvalidRequest
 from parley.store.schema import api_keys, limits, metric_rollups, rate_windows, request_log, users
 
 LIMIT_FIELDS = ("requests_per_minute", "tokens_per_minute", "usd_per_day", "usd_per_month")
+_PER_MINUTE = frozenset({"requests_per_minute", "tokens_per_minute"})
+# The largest value of the per-minute columns (``Integer``: 32 bits on PostgreSQL).
+MAX_PER_MINUTE = 2**31 - 1
 MINUTE = timedelta(minutes=1)
 
 
@@ -54,6 +67,8 @@ class Limit:
 class Usage:
     requests_this_minute: int
     tokens_last_minute: int
+    # When the oldest of the rows counted in ``tokens_last_minute`` finished: the tokens
+    # window frees up a minute after it.
     oldest_token_at: datetime | None
     usd_today: float
     usd_this_month: float
@@ -90,27 +105,28 @@ class LimitStore:
             ]
 
     def set_limit(
-        self, *, user_id: int | None, api_key_id: int | None, values: dict[str, Any]
+        self, *, user_id: int | None, api_key_id: int | None, values: Mapping[str, object]
     ) -> Limit:
-        """Create or replace the limits of one subject (fields not given: no limit)."""
+        """Create or replace the limits of one subject (fields not given or None: no
+        limit); ``InvalidRequest`` for a value ``check_values`` refuses."""
         if (user_id is None) == (api_key_id is None):
             raise ValueError("a limit names exactly one of a user and an API key")
-        row = {name: values.get(name) for name in LIMIT_FIELDS}
-        column, subject_id = _subject_column(limits, user_id, api_key_id)
-        now = datetime.now(UTC)
+        checked = check_values(values)
+        row: dict[str, Any] = {name: checked.get(name) for name in LIMIT_FIELDS}
+        row["updated_at"] = datetime.now(UTC)
+        column, _subject_id = _subject_column(limits, user_id, api_key_id)
         with self._engine.begin() as conn:
-            existing = conn.execute(select(limits.c.id).where(column == subject_id)).scalar()
-            if existing is None:
-                conn.execute(
-                    limits.insert().values(
-                        user_id=user_id, api_key_id=api_key_id, updated_at=now, **row
-                    )
+            insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
+            statement = insert(limits).values(user_id=user_id, api_key_id=api_key_id, **row)
+            # One statement: a read then an insert let two concurrent writers of one
+            # subject both insert, and the second failed on the unique column.
+            conn.execute(
+                statement.on_conflict_do_update(
+                    index_elements=[column],
+                    set_={name: statement.excluded[name] for name in row},
                 )
-            else:
-                conn.execute(
-                    limits.update().where(limits.c.id == existing).values(updated_at=now, **row)
-                )
-        return Limit(user_id, api_key_id, **row)
+            )
+        return Limit(user_id, api_key_id, **checked)
 
     def delete_limit(self, *, user_id: int | None, api_key_id: int | None) -> bool:
         column, subject_id = _subject_column(limits, user_id, api_key_id)
@@ -147,6 +163,32 @@ class LimitStore:
             return int(result.rowcount)
 
 
+def check_values(values: Mapping[str, object]) -> dict[str, Any]:
+    """The limits given in ``values`` (None: no limit), checked; ``InvalidRequest`` naming
+    the field for an unknown field or a value a limit column cannot hold."""
+    unknown = sorted(set(values) - set(LIMIT_FIELDS))
+    if unknown:
+        raise InvalidRequest(
+            f"unknown field(s): {', '.join(unknown)}; expected: {', '.join(LIMIT_FIELDS)}"
+        )
+    out: dict[str, Any] = {}
+    for name in LIMIT_FIELDS:
+        value = values.get(name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise InvalidRequest(f"'{name}' must be a number or null", name)
+        if name in _PER_MINUTE:
+            if not isinstance(value, int) or not 1 <= value <= MAX_PER_MINUTE:
+                raise InvalidRequest(
+                    f"'{name}' must be an integer from 1 to {MAX_PER_MINUTE}, or null", name
+                )
+        elif not math.isfinite(value) or value < 0:
+            raise InvalidRequest(f"'{name}' must be a finite number of 0 or more, or null", name)
+        out[name] = value
+    return out
+
+
 def minute_of(moment: datetime) -> datetime:
     return moment.replace(second=0, microsecond=0)
 
@@ -167,11 +209,12 @@ def _count_request(conn: Connection, subject: str, window_start: datetime) -> in
 
 def _tokens_since(conn: Connection, limit: Limit, since: datetime) -> tuple[int, datetime | None]:
     column, subject_id = _subject_column(request_log, limit.user_id, limit.api_key_id)
+    # By finish time: a stream's tokens count once it ended, however long ago it started.
     tokens, oldest = conn.execute(
         select(
             func.coalesce(func.sum(request_log.c.total_tokens), 0),
-            func.min(request_log.c.created_at),
-        ).where(column == subject_id, request_log.c.created_at >= since)
+            func.min(request_log.c.finished_at),
+        ).where(column == subject_id, request_log.c.finished_at >= since)
     ).one()
     return int(tokens), utc_or_none(oldest)
 

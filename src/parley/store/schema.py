@@ -37,6 +37,7 @@ from sqlalchemy import (
     UniqueConstraint,
     Uuid,
     false,
+    text,
     true,
 )
 
@@ -89,6 +90,9 @@ request_log = Table(
     Column("upstream_id", String(255)),
     # Migration 0007: the tokens are parley's estimate (a stream cut off before its usage).
     Column("usage_estimated", Boolean, nullable=False, server_default=false()),
+    # Migration 0008: when the attempt ended (``created_at`` is when it started). NULL
+    # only on rows written before that migration.
+    Column("finished_at", TS),
     Column("user_id", Integer),
     Column("api_key_id", Integer),
     Column(
@@ -97,9 +101,25 @@ request_log = Table(
         ForeignKey("conversations.id", ondelete="SET NULL"),
         index=True,
     ),
-    # Tokens-per-minute limits and a caller's own listing read a key's or user's recent rows.
+    # A caller's own listing reads a key's or user's recent rows.
     Index("ix_request_log_key_time", "api_key_id", "created_at"),
     Index("ix_request_log_user_time", "user_id", "created_at"),
+    # Tokens-per-minute limits read the rows a key or user finished over the last minute
+    # (migration 0008). Partial: a row without a key or a user costs no entry in them.
+    Index(
+        "ix_request_log_key_finished",
+        "api_key_id",
+        "finished_at",
+        sqlite_where=text("api_key_id IS NOT NULL"),
+        postgresql_where=text("api_key_id IS NOT NULL"),
+    ),
+    Index(
+        "ix_request_log_user_finished",
+        "user_id",
+        "finished_at",
+        sqlite_where=text("user_id IS NOT NULL"),
+        postgresql_where=text("user_id IS NOT NULL"),
+    ),
 )
 
 conversations = Table(
