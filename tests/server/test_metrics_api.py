@@ -121,6 +121,9 @@ def test_summary_timeseries_and_request_log_match_the_traffic(
     ids = [r["id"] for r in first["data"] + second["data"]]
     assert len(ids) == len(set(ids)) == 9 and second["next_cursor"] is None
     assert {r["user"] for r in first["data"] + second["data"]} >= {alice["id"]}
+    for r in first["data"]:  # an attempt ends its response time after it started
+        started, finished = (datetime.fromisoformat(r[f]) for f in ("created_at", "finished_at"))
+        assert abs((finished - started).total_seconds() * 1000 - r["response_time_ms"]) < 1
 
 
 def test_bad_metrics_queries_get_openai_errors(server: ParleyServer) -> None:

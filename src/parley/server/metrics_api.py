@@ -45,6 +45,7 @@ _MAX_PAGE = 500
 _RAW_WINDOW = timedelta(hours=6)
 _LOG_FIELDS = (
     "created_at",
+    "finished_at",
     "success",
     "status_code",
     "response_time_ms",
