@@ -9,7 +9,7 @@ door (``/v1/messages``) against the same OpenAI upstream, so every event is re-e
 its last column is its throughput as a fraction of parley's OpenAI passthrough.
 
     .venv/bin/python bench/proxy_bench.py [--duration 8] [--concurrency 1,16,64]
-        [--recording durable|async] [--writer thread|process] [--embedder none|local]
+        [--recording durable|journal|async] [--writer thread|process] [--embedder none|local]
 
 Needs ``wrk`` (Debian package ``wrk``). Figures are only comparable within one run.
 """
@@ -132,7 +132,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--duration", type=float, default=8.0)
     parser.add_argument("--concurrency", default="1,16,64")
-    parser.add_argument("--recording", default="durable", choices=["durable", "async"])
+    parser.add_argument("--recording", default="durable", choices=["durable", "journal", "async"])
     parser.add_argument(
         "--writer",
         default="thread",

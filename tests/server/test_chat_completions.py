@@ -477,14 +477,15 @@ def test_a_nul_character_is_recorded_on_every_database(
     assert "\\u0000" in stored[0]["payload"]
 
 
-def test_async_recording_answers_first_and_records_everything(
-    tmp_path: Path, database_url: str, upstream: FakeOpenAI
+@pytest.mark.parametrize("recording", ["async", "journal"])
+def test_async_and_journal_recording_answer_first_and_record_everything(
+    tmp_path: Path, database_url: str, upstream: FakeOpenAI, recording: str
 ) -> None:
     write_config(tmp_path, [{"name": "up", "kind": "openai", "base_url": upstream.base_url}])
     # Batches of one: the writer falls 4 batches behind at once, so some of the burst
     # waits for its commit and the rest is acknowledged first.
     settings = dataclasses.replace(
-        settings_for(tmp_path, database_url, PARLEY_RECORDING="async"), writer_batch_max=1
+        settings_for(tmp_path, database_url, PARLEY_RECORDING=recording), writer_batch_max=1
     )
     with ParleyServer(settings) as running:
         sdk = openai.AsyncOpenAI(base_url=running.base_url, api_key="unused", max_retries=0)
@@ -505,3 +506,5 @@ def test_async_recording_answers_first_and_records_everything(
         wait_for(lambda: len(rows(database_url, "SELECT id FROM request_log")) == 40)
     answers = rows(database_url, "SELECT content FROM messages WHERE role = 'assistant'")
     assert sorted(a["content"] for a in answers) == sorted(f"echo: q{i}" for i in range(40))
+    # Every record committed, the journal's segments are gone with the server.
+    assert not list((tmp_path / "data" / "journal").glob("*.journal"))

@@ -32,6 +32,23 @@ def test_a_stop_under_load_loses_no_acknowledged_exchange(
     _stop_under_load(tmp_path, database_url, writer, lambda process: process.send_signal(sig), sig)
 
 
+@pytest.mark.parametrize("writer", ["thread", "process"])
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["kill9", "sigterm"])
+def test_journal_recording_loses_no_acknowledged_exchange(
+    tmp_path: Path, database_url: str, sig: signal.Signals, writer: str
+) -> None:
+    # Acknowledged once on the journal: what the writer had not committed at a kill -9 is
+    # replayed by the next start; a graceful stop commits everything and leaves no segment.
+    _stop_under_load(
+        tmp_path,
+        database_url,
+        writer,
+        lambda process: process.send_signal(sig),
+        sig,
+        recording="journal",
+    )
+
+
 def test_a_sigterm_to_every_process_of_the_server_loses_nothing(tmp_path: Path) -> None:
     # systemd's stop (KillMode=control-group) and a terminal's Ctrl-C signal every process
     # of the server, its writer's child included: the child leaves the stop to the server
@@ -54,9 +71,17 @@ def _stop_under_load(
     writer: str,
     stop: Callable[[subprocess.Popen[bytes]], None],
     sig: signal.Signals,
+    recording: str = "durable",
 ) -> None:
+    journal = tmp_path / "data" / "journal"
     with FakeOpenAI() as upstream:
-        env = server_env(tmp_path, database_url, upstream.base_url, PARLEY_WRITER=writer)
+        env = server_env(
+            tmp_path,
+            database_url,
+            upstream.base_url,
+            PARLEY_WRITER=writer,
+            PARLEY_RECORDING=recording,
+        )
         port = free_port()
         load = Load(port, workers=8)
         with serve_subprocess(tmp_path, env, port) as process:
@@ -82,6 +107,9 @@ def _stop_under_load(
             assert "recording has stopped" not in log and "Traceback" not in log, log
             if database_url.startswith("sqlite"):
                 assert not wal_size(database_url)
+        if recording == "journal":
+            # A kill leaves the segment being written; a graceful stop deletes it.
+            assert bool(list(journal.glob("*.journal"))) == (sig == signal.SIGKILL)
 
         # The store opens cleanly again after the stop, and holds every acknowledged answer.
         with serve_subprocess(tmp_path, env, free_port(), "restart.log") as again:
@@ -92,3 +120,7 @@ def _stop_under_load(
             assert requests >= len(acked)
             if database_url.startswith("sqlite"):
                 assert integrity(database_url) == "ok"
+        if recording == "journal":
+            assert not list(journal.glob("*.journal")), "the start replayed the journal"
+            if sig == signal.SIGKILL:
+                assert "replayed" in (tmp_path / "restart.log").read_text()

@@ -64,6 +64,7 @@ from parley.server.local_guard import local_guard
 from parley.server.shutdown import DRAIN, Drain
 from parley.server.state import SERVICES, Services
 from parley.settings import Settings
+from parley.store import journal
 from parley.store.engine import checkpoint, create_engine, is_disk_full
 from parley.store.limits import LimitStore
 from parley.store.writer import RecordWriter, Writer
@@ -156,6 +157,10 @@ async def _serving(
             engine, batch_max=settings.writer_batch_max, on_commit=prometheus.observe_rows
         )
     await asyncio.to_thread(writer.start)
+    # What a server in journal mode acknowledged and did not commit before it died
+    # (whatever this server's own mode): committed before anything is answered.
+    await journal.replay(settings.journal_dir, engine, writer)
+    journaled = journal.Journal(settings.journal_dir) if settings.recording == "journal" else None
     session = aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=0, limit_per_host=0, ttl_dns_cache=300),
         timeout=aiohttp.ClientTimeout(total=None),
@@ -188,6 +193,7 @@ async def _serving(
             directory=directory,
             limiter=Limiter(LimitStore(engine)),
             prometheus=prometheus,
+            journal=journaled,
         )
         # -- search (issue 7): the embedder loads here (seconds for the local model); the
         # indexer drains the outbox in the background, after reconciling on start.
@@ -212,7 +218,11 @@ async def _serving(
             await search_services.indexer.stop()  # search (issue 7)
             await asyncio.to_thread(close_search, search_services)
         await session.close()
-        if await asyncio.to_thread(_close_store, writer, engine):
+        clean = await asyncio.to_thread(_close_store, writer, engine)
+        if journaled is not None:
+            await asyncio.sleep(0)  # the commits' callbacks, scheduled by the writer, run
+            journaled.close()
+        if clean:
             presence.mark_clean()
 
 

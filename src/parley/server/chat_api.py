@@ -95,7 +95,8 @@ async def _chat_service(app: web.Application) -> AsyncIterator[None]:
         Conversations(services.engine),
         services.gateway,
         services,
-        durable=services.settings.recording == "durable",
+        # Journal mode too: the chat API reads its answer back once it is committed.
+        durable=services.settings.recording != "async",
         # files_api's lifespan runs after this one: its service is looked up when needed.
         attachments=lambda: app[FILES].attachments,
         # documents_api's lifespan runs after this one too.

@@ -2,13 +2,17 @@
 
 ``Services`` is created by ``create_app``'s lifespan and reached through ``app[SERVICES]``;
 there is no module-level state. Recording goes through here so that every handler obeys
-the same rule: in ``durable`` mode ``record`` returns only once the exchange is committed.
+the same rule: in ``durable`` mode ``record`` returns only once the exchange is committed,
+in ``journal`` mode once it is written to the journal (``store.journal``).
 """
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
 from dataclasses import dataclass, field
+from typing import Any
 
 import sqlalchemy
 from aiohttp import web
@@ -22,6 +26,7 @@ from parley.gateway.service import Gateway
 from parley.metrics.prometheus import PrometheusMetrics
 from parley.search.services import SearchServices
 from parley.settings import Settings
+from parley.store.journal import Journal
 from parley.store.writer import RecordWriter
 
 log = logging.getLogger(__name__)
@@ -49,10 +54,12 @@ class Services:
     # Semantic search (issue 7): embedder, vector store, indexer; None in an app built
     # without them (semantic search then answers 503, hybrid falls back to keyword).
     search: SearchServices | None = field(default=None, kw_only=True)
+    # Journal recording's journal (``store.journal``); None in the other modes.
+    journal: Journal | None = field(default=None, kw_only=True)
 
     def check_recording(self) -> None:
         """Refuse before any upstream call when the answer could not be recorded."""
-        if self.settings.recording == "durable" and not self.writer.is_alive():
+        if self.settings.recording != "async" and not self.writer.is_alive():
             raise StoreUnavailable("the store writer is not running; try again later")
 
     async def admit(self, caller: Caller) -> None:
@@ -63,12 +70,24 @@ class Services:
             await self.limiter.check(caller)
 
     async def record(self, exchange: Exchange) -> None:
-        """Commit ``exchange`` (durable mode) or queue it (async mode); in async mode,
-        with the writer four batches behind, wait for its commit as durable mode does (a
-        failed commit then reaches the client as durable mode's would)."""
-        if self.settings.recording == "async":
+        """Commit ``exchange`` (durable mode), write it to the journal and queue it
+        (journal mode), or queue it (async mode); in the last two, with the writer four
+        batches behind, wait for its commit as durable mode does (a failed commit then
+        reaches the client as durable mode's would)."""
+        limit = ASYNC_BACKLOG_BATCHES * self.settings.writer_batch_max
+        pending: asyncio.Future[Any] | None
+        if self.journal is not None and self.journal.takes(exchange):
+            # Acknowledged once on the journal, unless the writer is a few batches behind.
+            segment = self.journal.append(exchange)
+            pending = self.writer.submit(exchange)
+            pending.add_done_callback(functools.partial(self.journal.settled, segment))
+            if self.journal.pending <= limit:
+                return
+            # A client that leaves while waiting must not cancel the commit's future: the
+            # journal would take the record for failed.
+            pending = asyncio.shield(pending)
+        elif self.settings.recording == "async":
             # Acknowledged before the commit, unless the writer is a few batches behind.
-            limit = ASYNC_BACKLOG_BATCHES * self.settings.writer_batch_max
             pending = self.writer.submit_unless_behind(exchange, limit)
             if pending is None:
                 return

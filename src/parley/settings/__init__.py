@@ -122,7 +122,7 @@ def load_settings(
         ).upper(),
         "recording": s.choice(
             env.get("PARLEY_RECORDING") or server.get("recording", "durable"),
-            ("durable", "async"),
+            ("durable", "journal", "async"),
             "recording",
         ),
         "writer": s.choice(

@@ -183,6 +183,11 @@ class Settings:
         return Backups(dir=self.data_dir / "backups", fallback_dir=default_fallback_dir())
 
     @property
+    def journal_dir(self) -> Path:
+        """Journal recording's segments (``store.journal``); replayed at every start."""
+        return self.data_dir / "journal"
+
+    @property
     def secret_key_file(self) -> Path:
         """Where the master secret is kept when ``PARLEY_SECRET_KEY`` is not set."""
         return self.data_dir / "secret.key"
