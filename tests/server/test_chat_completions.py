@@ -504,6 +504,11 @@ def test_async_and_journal_recording_answer_first_and_record_everything(
 
         assert asyncio.run(burst()) == [f"echo: q{i}" for i in range(40)]
         wait_for(lambda: len(rows(database_url, "SELECT id FROM request_log")) == 40)
+        health = httpx.get(f"{running.root}/healthz").json()
+        if recording == "journal":
+            wait_for(lambda: httpx.get(f"{running.root}/healthz").json()["journal"]["pending"] == 0)
+        else:
+            assert "journal" not in health
     answers = rows(database_url, "SELECT content FROM messages WHERE role = 'assistant'")
     assert sorted(a["content"] for a in answers) == sorted(f"echo: q{i}" for i in range(40))
     # Every record committed, the journal's segments are gone with the server.

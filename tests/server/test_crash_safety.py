@@ -122,5 +122,10 @@ def _stop_under_load(
                 assert integrity(database_url) == "ok"
         if recording == "journal":
             assert not list(journal.glob("*.journal")), "the start replayed the journal"
+            # Nothing twice: one attempt per request here, so one row per chain.
+            [tally] = rows(
+                database_url, "SELECT count(*) AS n, count(DISTINCT chain_id) AS d FROM request_log"
+            )
+            assert tally["n"] == tally["d"]
             if sig == signal.SIGKILL:
                 assert "replayed" in (tmp_path / "restart.log").read_text()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -118,7 +119,7 @@ async def test_a_running_servers_segment_is_left_alone(
     assert count(migrated_engine) == 1
 
 
-async def test_a_record_that_cannot_be_committed_is_kept_for_an_operator(
+async def test_a_record_that_cannot_be_committed_is_kept_for_the_next_start(
     tmp_path: Path, writer: Writer, migrated_engine: sa.Engine
 ) -> None:
     directory = tmp_path / "journal"
@@ -128,7 +129,44 @@ async def test_a_record_that_cannot_be_committed_is_kept_for_an_operator(
     log.close()
     assert len(segments(directory)) == 1  # kept: a commit failed
     assert count(migrated_engine) == 1
-    # Replayed at the next start: the good record was stored, the bad one fails again.
-    assert await replay(directory, migrated_engine, writer) == 0
-    assert segments(directory) == [] and len(segments(directory / "failed")) == 1
+    # Replayed at each start: the good record was stored, the bad one fails again, and
+    # the segment stays (a database that failed for a while must not lose records).
+    for _start in range(2):
+        assert await replay(directory, migrated_engine, writer) == 0
+        assert len(segments(directory)) == 1 and not (directory / "failed").exists()
     assert count(migrated_engine) == 1
+
+
+async def test_records_of_another_format_go_to_failed_once_the_rest_is_stored(
+    tmp_path: Path, writer: Writer, migrated_engine: sa.Engine
+) -> None:
+    directory = tmp_path / "journal"
+    dead = Journal(directory)
+    dead.append(exchange(0))
+    dead.append(exchange(1))
+    dead.close()
+    [name] = segments(directory)
+    data = bytearray((directory / name).read_bytes())
+    data[0] = 99  # the first record's format: as if written by another parley version
+    (directory / name).write_bytes(bytes(data))
+    assert await replay(directory, migrated_engine, writer) == 1
+    assert segments(directory) == [] and segments(directory / "failed") == [name]
+    assert count(migrated_engine) == 1
+
+
+async def test_segments_stay_while_the_owner_lock_is_held(
+    tmp_path: Path, writer: Writer, migrated_engine: sa.Engine
+) -> None:
+    # A process writer's child inherits the owner lock: its server is gone (segments
+    # unlocked), it still commits what it was sent. Replay waits for it to go too.
+    directory = tmp_path / "journal"
+    dead = Journal(directory)
+    dead.append(exchange(0))
+    child = os.dup(dead.owner_fd)  # the same open file, as an inherited descriptor
+    dead.close()
+    assert await replay(directory, migrated_engine, writer) == 0
+    assert len(segments(directory)) == 1
+    os.close(child)
+    assert await replay(directory, migrated_engine, writer) == 1
+    assert segments(directory) == [] and count(migrated_engine) == 1
+    assert list(directory.glob(f"*{journal.OWNER_SUFFIX}")) == []  # forgotten with it

@@ -149,18 +149,21 @@ async def _serving(
 ) -> AsyncIterator[None]:
     engine = create_engine(settings)
     prometheus = PrometheusMetrics()
+    # Journal recording: created first, so that a process writer's child holds its owner
+    # lock too (a start must not replay what a surviving child still commits).
+    journaled = journal.Journal(settings.journal_dir) if settings.recording == "journal" else None
     writer: RecordWriter
     if settings.writer == "process":
-        writer = ProcessWriter(settings, on_commit=prometheus.observe_tallies)
+        writer = ProcessWriter(
+            settings,
+            on_commit=prometheus.observe_tallies,
+            inherit_fds=() if journaled is None else (journaled.owner_fd,),
+        )
     else:
         writer = Writer(
             engine, batch_max=settings.writer_batch_max, on_commit=prometheus.observe_rows
         )
     await asyncio.to_thread(writer.start)
-    # What a server in journal mode acknowledged and did not commit before it died
-    # (whatever this server's own mode): committed before anything is answered.
-    await journal.replay(settings.journal_dir, engine, writer)
-    journaled = journal.Journal(settings.journal_dir) if settings.recording == "journal" else None
     session = aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=0, limit_per_host=0, ttl_dns_cache=300),
         timeout=aiohttp.ClientTimeout(total=None),
@@ -169,6 +172,9 @@ async def _serving(
     )
     scheduler = app[SCHEDULER] = Scheduler(server_jobs(settings))
     try:
+        # What a server in journal mode acknowledged and did not commit before it died
+        # (whatever this server's own mode): committed before anything is answered.
+        await journal.replay(settings.journal_dir, engine, writer)
         providers = build_providers(settings, session)
         # Provider configurations in the database, and users' own keys (issue 4).
         directory, user_keys = await open_directory(settings, engine, session)
@@ -219,7 +225,9 @@ async def _serving(
             await asyncio.to_thread(close_search, search_services)
         await session.close()
         clean = await asyncio.to_thread(_close_store, writer, engine)
-        if journaled is not None:
+        # A writer that did not stop may still commit: its segments stay locked until
+        # the process exits.
+        if journaled is not None and clean:
             await asyncio.sleep(0)  # the commits' callbacks, scheduled by the writer, run
             journaled.close()
         if clean:
@@ -323,6 +331,9 @@ async def _healthz(request: web.Request) -> web.Response:
             "batches": writer.batches,
         },
     }
+    if services.journal is not None:
+        # Acknowledged on the journal and not yet committed.
+        body["journal"] = {"pending": services.journal.pending}
     return web.Response(
         body=orjson.dumps(body), status=200 if alive else 503, content_type="application/json"
     )

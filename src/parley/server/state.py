@@ -79,7 +79,11 @@ class Services:
         if self.journal is not None and self.journal.takes(exchange):
             # Acknowledged once on the journal, unless the writer is a few batches behind.
             segment = self.journal.append(exchange)
-            pending = self.writer.submit(exchange)
+            try:
+                pending = self.writer.submit(exchange)
+            except BaseException:
+                self.journal.failed(segment)  # kept for the next start's replay
+                raise
             pending.add_done_callback(functools.partial(self.journal.settled, segment))
             if self.journal.pending <= limit:
                 return

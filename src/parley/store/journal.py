@@ -19,15 +19,20 @@ Invariants:
   every exchange whose chain id the request log already holds, so nothing is stored
   twice, whatever the writer committed before the crash;
 - a segment is deleted only once all its records' commits succeeded; one whose commit
-  failed stays for the next start's replay (a segment whose replay fails too moves to
-  ``failed/``, where an operator can look at it);
+  failed stays for the next start's replay, and so does one whose replay could not
+  commit (the database failed: the next start tries again). Only records no parley here
+  can decode (another version's) send a segment to ``failed/``, once the rest of it is
+  committed;
 - each server holds an exclusive ``flock`` on the segments it writes, until it deletes
-  them: replay takes only the segments whose lock it gets, those of a server that is gone.
-  Several servers may share a data directory.
+  them, and one on its owner file for its whole life, shared with its process writer's
+  child: replay takes a segment only when it gets both locks, so never one whose server,
+  or whose server's surviving writer, may still commit it. Several servers may share a
+  data directory.
 
-Only exchanges with attempts and without ``reply_to`` are journaled (``/v1`` traffic):
-the chat API reads its answer back after the commit, so its exchanges wait as in durable
-mode. The journal's methods run on the event loop, except ``replay`` (a thread).
+Only exchanges with attempts and without ``reply_to`` are journaled (the ``/v1``
+traffic, and the chat API's title exchanges): the chat API reads its answers back after
+the commit, so those wait as in durable mode. The journal's methods run on the event
+loop.
 """
 
 from __future__ import annotations
@@ -60,22 +65,27 @@ log = logging.getLogger(__name__)
 
 # A segment is closed for new records past this size; it is deleted once they commit.
 SEGMENT_BYTES = 4 << 20
-# An idle segment (every record committed) older than this is deleted, a new one begun.
+# A segment a commit leaves with nothing pending is deleted (a new one begun) once it is
+# this old.
 SEGMENT_SECONDS = 10.0
 SUFFIX = ".journal"
-# Each record: its payload's length and CRC-32, then the payload (a pickled exchange tuple).
-_HEAD = struct.Struct("!II")
+OWNER_SUFFIX = ".owner"
+# Each record: the format, the payload's length and CRC-32, then the payload (the writer
+# wire's exchange tuple, pickled). Another format (another parley version) is not decoded.
+_FORMAT = 1
+_HEAD = struct.Struct("!BII")
 # Chain ids looked up per query during replay.
 _LOOKUP = 500
 
 
 class _Segment:
+    """One journal file: appended to by its server, locked by it until deleted."""
+
     __slots__ = ("fd", "keep", "opened", "path", "pending", "size")
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
-        fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        self.fd = _locked(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
         self.pending = 0  # records appended and not yet committed
         self.size = 0
         self.keep = False  # a commit failed: left for the next start's replay
@@ -84,19 +94,28 @@ class _Segment:
     def close(self, *, delete: bool) -> None:
         if self.fd < 0:
             return
-        if delete:
-            self.path.unlink(missing_ok=True)  # before the lock goes: nobody replays it
-        os.close(self.fd)
-        self.fd = -1
+        try:
+            if delete:
+                self.path.unlink(missing_ok=True)  # before the lock goes: nobody replays it
+        finally:
+            os.close(self.fd)
+            self.fd = -1
 
 
 class Journal:
-    """This server's journal segments in ``directory``."""
+    """This server's journal segments in ``directory``.
+
+    ``owner_fd`` is locked for as long as anything of this server may still commit: a
+    process writer's child inherits it (``ProcessWriter``'s ``inherit_fds``), so that a
+    start does not replay segments whose records a surviving child is still committing.
+    """
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
-        directory.mkdir(parents=True, exist_ok=True)
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._name = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        self._owner = directory / f"{self._name}{OWNER_SUFFIX}"
+        self.owner_fd = _locked(self._owner, os.O_WRONLY | os.O_CREAT)
         self._serial = 0
         self._current: _Segment | None = None
         self._closed: list[_Segment] = []  # full segments waiting for their commits
@@ -105,7 +124,9 @@ class Journal:
 
     @staticmethod
     def takes(exchange: Exchange) -> bool:
-        """Whether ``exchange`` is acknowledged on the journal (see the module docstring)."""
+        """Whether ``exchange`` is acknowledged on the journal: it has attempts (so a
+        request-log row to find it by at replay) and no ``reply_to`` (the chat API reads
+        its answers back, so it waits for their commit)."""
         return bool(exchange.attempts) and exchange.reply_to is None
 
     def append(self, exchange: Exchange) -> _Segment:
@@ -113,9 +134,9 @@ class Journal:
         if exchange.chain_id is None:
             exchange.chain_id = self._ids.new()
         payload = pickle.dumps(pack_exchange(exchange), protocol=pickle.HIGHEST_PROTOCOL)
-        record = _HEAD.pack(len(payload), zlib.crc32(payload)) + payload
-        segment = self._segment()
+        record = _HEAD.pack(_FORMAT, len(payload), zlib.crc32(payload)) + payload
         try:
+            segment = self._segment()
             written = os.write(segment.fd, record)
         except OSError as exc:
             self._retire()  # whatever part of it landed ends that segment
@@ -134,30 +155,45 @@ class Journal:
 
     def settled(self, segment: _Segment, future: asyncio.Future[Any]) -> None:
         """The writer's outcome for a record of ``segment`` (a done callback)."""
+        if future.cancelled() or future.exception() is not None:
+            self.failed(segment)
+        else:
+            self._done(segment)
+
+    def failed(self, segment: _Segment) -> None:
+        """A record of ``segment`` was not committed (or not even queued)."""
+        if not segment.keep:
+            log.error(
+                "an acknowledged exchange could not be committed; its journal segment %s "
+                "is kept and replayed at the next start",
+                segment.path.name,
+            )
+        segment.keep = True
+        self._done(segment)
+
+    def close(self) -> None:
+        """Release every segment; those with records not known to be committed stay on
+        disk, for the next start's replay (which skips what was committed). Call it only
+        once the writer has stopped: the owner lock goes with it."""
+        self._retire()
+        for segment in self._closed:
+            segment.close(delete=segment.pending == 0 and not segment.keep)
+        self._closed = []
+        if self.owner_fd >= 0:
+            if not any(self.directory.glob(f"{self._name}-*{SUFFIX}")):
+                self._owner.unlink(missing_ok=True)
+            os.close(self.owner_fd)
+            self.owner_fd = -1
+
+    def _done(self, segment: _Segment) -> None:
         segment.pending -= 1
         self.pending -= 1
-        if future.cancelled() or future.exception() is not None:
-            if not segment.keep:
-                log.error(
-                    "an acknowledged exchange could not be committed; its journal segment "
-                    "%s is kept and replayed at the next start",
-                    segment.path.name,
-                )
-            segment.keep = True
         if segment is self._current:
             if segment.pending == 0 and time.monotonic() - segment.opened >= SEGMENT_SECONDS:
                 self._retire()
         elif segment.pending == 0 and segment in self._closed:
             self._closed.remove(segment)
             segment.close(delete=not segment.keep)
-
-    def close(self) -> None:
-        """Release every segment; those with records not known to be committed stay on
-        disk, for the next start's replay (which skips what was committed)."""
-        self._retire()
-        for segment in self._closed:
-            segment.close(delete=segment.pending == 0 and not segment.keep)
-        self._closed = []
 
     def _segment(self) -> _Segment:
         if self._current is None:
@@ -176,34 +212,53 @@ class Journal:
             self._closed.append(segment)
 
 
+def _locked(path: Path, flags: int) -> int:
+    """``path`` opened and locked (exclusive); ``BlockingIOError`` when another holds it."""
+    fd = os.open(path, flags | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 async def replay(directory: Path, engine: sqlalchemy.Engine, writer: RecordWriter) -> int:
-    """Commit the records of every segment in ``directory`` that no running server holds,
-    skipping exchanges already stored; return how many were committed. Run it with
-    ``writer`` started, before the server answers."""
+    """Commit the records of every segment in ``directory`` whose server is gone, skipping
+    exchanges already stored; return how many were committed. Run it with ``writer``
+    started, before the server answers. A segment that cannot be replayed now (the
+    database failed) stays for the next start; one with records no parley here can decode
+    moves to ``failed/`` once the rest are committed."""
     committed = 0
     for path in await asyncio.to_thread(_segments, directory):
-        fd = await asyncio.to_thread(_take, path)
-        if fd is None:
-            continue  # a running server's (or deleted by it meanwhile)
+        fds = await asyncio.to_thread(_take, path)
+        if fds is None:
+            continue  # its server (or that server's writer) still runs, or deleted it
         try:
-            exchanges, unreadable = await asyncio.to_thread(_read, fd, path)
+            exchanges, unreadable = await asyncio.to_thread(_read, fds[-1], path)
             stored = await asyncio.to_thread(_stored_chains, engine, exchanges)
             missing = [e for e in exchanges if e.chain_id not in stored]
             outcomes = await asyncio.gather(
                 *(writer.submit(e) for e in missing), return_exceptions=True
             )
-            failed = unreadable + sum(isinstance(o, BaseException) for o in outcomes)
-            await asyncio.to_thread(_done_with, path, failed)
+            failed = sum(isinstance(o, BaseException) for o in outcomes)
+            await asyncio.to_thread(_done_with, path, failed, unreadable)
+            committed += len(missing) - failed
+            log.warning(
+                "journal segment %s replayed: %d exchange(s) committed, %d already stored, "
+                "%d not committed, %d not readable",
+                path.name,
+                len(missing) - failed,
+                len(exchanges) - len(missing),
+                failed,
+                unreadable,
+            )
+        except Exception:
+            log.exception("journal segment %s could not be replayed; it is kept", path.name)
         finally:
-            os.close(fd)
-        committed += len(missing) - (failed - unreadable)
-        log.warning(
-            "journal segment %s replayed: %d exchange(s) committed, %d already stored, %d failed",
-            path.name,
-            len(missing) - (failed - unreadable),
-            len(exchanges) - len(missing),
-            failed,
-        )
+            for fd in fds:
+                os.close(fd)
+    await asyncio.to_thread(_forget_owners, directory)
     return committed
 
 
@@ -211,18 +266,42 @@ def _segments(directory: Path) -> list[Path]:
     return sorted(directory.glob(f"*{SUFFIX}")) if directory.is_dir() else []
 
 
-def _take(path: Path) -> int | None:
-    """The segment opened and locked, or None when its server still holds it."""
+def _owner_of(segment: Path) -> Path:
+    return segment.with_name(segment.name.rsplit("-", 1)[0] + OWNER_SUFFIX)
+
+
+def _take(path: Path) -> tuple[int, ...] | None:
+    """Locks on the segment's owner (when its file is there) and on the segment, the
+    segment's last; None when either is held: its server, or a writer of it, still runs."""
+    taken: list[int] = []
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
+        for lock in (_owner_of(path), path):
+            try:
+                taken.append(_locked(lock, os.O_RDONLY))
+            except FileNotFoundError:
+                if lock == path:
+                    raise
+    except (BlockingIOError, FileNotFoundError):
+        for fd in taken:
+            os.close(fd)
         return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        return None
-    return fd
+    return tuple(taken)
+
+
+def _forget_owners(directory: Path) -> None:
+    """Delete the owner files of servers that are gone and left no segment."""
+    for owner in directory.glob(f"*{OWNER_SUFFIX}") if directory.is_dir() else []:
+        name = owner.name.removesuffix(OWNER_SUFFIX)
+        if any(directory.glob(f"{name}-*{SUFFIX}")):
+            continue
+        try:
+            fd = _locked(owner, os.O_RDONLY)
+        except (BlockingIOError, FileNotFoundError):
+            continue
+        try:
+            owner.unlink(missing_ok=True)
+        finally:
+            os.close(fd)
 
 
 def _read(fd: int, path: Path) -> tuple[list[Exchange], int]:
@@ -235,15 +314,20 @@ def _read(fd: int, path: Path) -> tuple[list[Exchange], int]:
     unreadable = 0
     at = 0
     while at + _HEAD.size <= len(data):
-        length, crc = _HEAD.unpack_from(data, at)
+        version, length, crc = _HEAD.unpack_from(data, at)
         payload = data[at + _HEAD.size : at + _HEAD.size + length]
         if len(payload) < length or zlib.crc32(payload) != crc:
             break
         at += _HEAD.size + length
+        if version != _FORMAT:
+            log.error(
+                "journal segment %s: a record of format %d, not %d", path.name, version, _FORMAT
+            )
+            unreadable += 1
+            continue
         try:
             exchanges.append(unpack_exchange(pickle.loads(payload)))
         except Exception:
-            # Written by another version of parley (a crash, then an upgrade).
             log.exception("journal segment %s: a record could not be decoded", path.name)
             unreadable += 1
     if at < len(data):
@@ -265,20 +349,28 @@ def _stored_chains(engine: sqlalchemy.Engine, exchanges: list[Exchange]) -> set[
     return found
 
 
-def _done_with(path: Path, failed: int) -> None:
-    """Delete a replayed segment, or move it to ``failed/`` when records of it failed."""
+def _done_with(path: Path, failed: int, unreadable: int) -> None:
+    """Delete a replayed segment; keep it for the next start when commits failed; move it
+    to ``failed/`` when only undecodable records are left in it."""
     # missing_ok: a server deleting its own segment may have been between unlink and
     # unlock when this replay took it.
-    if not failed:
+    if failed:
+        log.error(
+            "%d exchange(s) of journal segment %s could not be committed; it is kept for "
+            "the next start",
+            failed,
+            path.name,
+        )
+    elif unreadable:
+        failed_dir = path.parent / "failed"
+        failed_dir.mkdir(mode=0o700, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            path.rename(failed_dir / path.name)
+        log.error(
+            "%d record(s) of journal segment %s could not be decoded; it is kept in %s",
+            unreadable,
+            path.name,
+            failed_dir,
+        )
+    else:
         path.unlink(missing_ok=True)
-        return
-    failed_dir = path.parent / "failed"
-    failed_dir.mkdir(exist_ok=True)
-    with contextlib.suppress(FileNotFoundError):
-        path.rename(failed_dir / path.name)
-    log.error(
-        "%d exchange(s) of journal segment %s could not be committed; it is kept in %s",
-        failed,
-        path.name,
-        failed_dir,
-    )

@@ -86,9 +86,12 @@ class ProcessWriter:
         settings: Settings,
         *,
         on_commit: Callable[[Tallies], None] | None = None,
+        inherit_fds: tuple[int, ...] = (),
     ) -> None:
         self._settings = settings
         self._on_commit = on_commit
+        # Kept open in the child for its whole life (a journal's owner lock).
+        self._inherit_fds = inherit_fds
         self._process: subprocess.Popen[bytes] | None = None
         self._sock: socket.socket | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -116,7 +119,7 @@ class ProcessWriter:
         try:
             self._process = subprocess.Popen(
                 [sys.executable, "-m", "parley.store.writer_child", str(theirs.fileno())],
-                pass_fds=(theirs.fileno(),),
+                pass_fds=(theirs.fileno(), *self._inherit_fds),
                 stdin=subprocess.DEVNULL,
             )
         finally:
