@@ -336,7 +336,7 @@ def test_the_log_starts_over_under_steady_writes(
     tmp_path: Path, make_settings: MakeSettings
 ) -> None:
     """A checkpoint on another thread seldom catches a writer that never pauses, so the
-    log would only grow (~48 MB here); the writer's connection folds in the last frames
+    log would only grow (~100 MB here); the writer's connection folds in the last frames
     once it is long, and the next write starts the log over."""
     settings = make_settings(tmp_path)
     upgrade(settings)
@@ -347,7 +347,7 @@ def test_the_log_starts_over_under_steady_writes(
     try:
         with writer_connection(engine) as conn:
             conn.connection.driver_connection.execute("PRAGMA wal_autocheckpoint=0")  # type: ignore[union-attr]
-            for i in range(400):
+            for i in range(800):
                 with conn.begin():
                     write_batch(conn, [exchange(i)])
                 checkpointer.committed(conn)
@@ -355,9 +355,12 @@ def test_the_log_starts_over_under_steady_writes(
         checkpointer.stop()
         size = wal.stat().st_size
         engine.dispose()
-    # 400 commits of ~30 pages each would make ~48 MB of log.
+    # 800 commits of ~30 pages each make ~100 MB of log without a restart, ~2 MB on an
+    # idle machine with them. The log's size is set by the longest stretch before a
+    # restart, which a busy machine lengthens (24 MB once in CI, when the checkpoint
+    # thread waited ~200 commits for its first turn): the bound leaves room for that.
     assert checkpointer.restarts > 0
-    assert size < 8 * 1024 * 1024, size
+    assert size < 40 * 1024 * 1024, size
 
 
 def test_two_writers_on_one_database_take_turns_and_share_one_thread(
