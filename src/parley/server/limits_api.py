@@ -31,7 +31,6 @@ from parley.gateway.limits import Limiter
 from parley.server import identity
 from parley.server.openai_parse import parse_json_object
 from parley.server.state import SERVICES, read_body
-from parley.store.limits import check_values
 from parley.store.metrics import MetricsStore
 
 
@@ -55,7 +54,8 @@ async def put_limit(request: web.Request) -> web.Response:
     limiter = _limiter(request)
     user_id, key_id = await _subject(request)
     settings = request.app[SERVICES].settings
-    values = check_values(parse_json_object(await read_body(request, settings.max_body_bytes)))
+    # Checked by set_limit (``store.limits.check_values``): a bad value is a 400.
+    values = parse_json_object(await read_body(request, settings.max_body_bytes))
     limit = await asyncio.to_thread(
         lambda: limiter.store.set_limit(user_id=user_id, api_key_id=key_id, values=values)
     )

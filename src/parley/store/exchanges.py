@@ -209,6 +209,18 @@ def write_batch(
     return [Recorded(plan) for plan in plans]
 
 
+def stored_chains(conn: Connection, exchanges: Sequence[Exchange]) -> set[uuid.UUID]:
+    """The chain ids of ``exchanges`` already in the request log: those committed (every
+    exchange with an attempt has its chain id there once committed)."""
+    chains = [e.chain_id for e in exchanges if e.chain_id is not None and e.attempts]
+    found: set[uuid.UUID] = set()
+    for start in range(0, len(chains), _LOOKUP_CHUNK):
+        part = chains[start : start + _LOOKUP_CHUNK]
+        query = select(request_log.c.chain_id).where(request_log.c.chain_id.in_(part))
+        found.update(conn.execute(query).scalars())
+    return found
+
+
 def list_requests(conn: Connection, limit: int = 100) -> Sequence[Row[Any]]:
     """The newest request-log rows first."""
     return conn.execute(select(request_log).order_by(request_log.c.id.desc()).limit(limit)).all()

@@ -52,12 +52,11 @@ from pathlib import Path
 from typing import Any
 
 import sqlalchemy
-from sqlalchemy import select
 
 from parley.domain.exchange import Exchange
 from parley.errors import StoreError, StoreFull
 from parley.store.bulk import PublicIds
-from parley.store.schema import request_log
+from parley.store.exchanges import stored_chains
 from parley.store.writer import RecordWriter
 from parley.store.writer_wire import pack_exchange, unpack_exchange
 
@@ -74,8 +73,6 @@ OWNER_SUFFIX = ".owner"
 # wire's exchange tuple, pickled). Another format (another parley version) is not decoded.
 _FORMAT = 1
 _HEAD = struct.Struct("!BII")
-# Chain ids looked up per query during replay.
-_LOOKUP = 500
 
 
 class _Segment:
@@ -236,7 +233,7 @@ async def replay(directory: Path, engine: sqlalchemy.Engine, writer: RecordWrite
             continue  # its server (or that server's writer) still runs, or deleted it
         try:
             exchanges, unreadable = await asyncio.to_thread(_read, fds[-1], path)
-            stored = await asyncio.to_thread(_stored_chains, engine, exchanges)
+            stored = await asyncio.to_thread(_stored, engine, exchanges)
             missing = [e for e in exchanges if e.chain_id not in stored]
             outcomes = await asyncio.gather(
                 *(writer.submit(e) for e in missing), return_exceptions=True
@@ -338,15 +335,9 @@ def _read(fd: int, path: Path) -> tuple[list[Exchange], int]:
     return exchanges, unreadable
 
 
-def _stored_chains(engine: sqlalchemy.Engine, exchanges: list[Exchange]) -> set[uuid.UUID]:
-    chains = [e.chain_id for e in exchanges if e.chain_id is not None]
-    found: set[uuid.UUID] = set()
+def _stored(engine: sqlalchemy.Engine, exchanges: list[Exchange]) -> set[uuid.UUID]:
     with engine.connect() as conn:
-        for start in range(0, len(chains), _LOOKUP):
-            part = chains[start : start + _LOOKUP]
-            query = select(request_log.c.chain_id).where(request_log.c.chain_id.in_(part))
-            found.update(conn.execute(query).scalars())
-    return found
+        return stored_chains(conn, exchanges)
 
 
 def _done_with(path: Path, failed: int, unreadable: int) -> None:

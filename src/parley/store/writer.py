@@ -42,7 +42,6 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import sqlalchemy
-from sqlalchemy import select
 from sqlalchemy.exc import InterfaceError, OperationalError
 
 from parley.domain.exchange import Exchange
@@ -55,8 +54,8 @@ from parley.store.engine import (
     is_disk_full,
     writer_connection,
 )
-from parley.store.exchanges import Recorded, write_batch
-from parley.store.schema import http_metrics, request_log
+from parley.store.exchanges import Recorded, stored_chains, write_batch
+from parley.store.schema import http_metrics
 
 log = logging.getLogger(__name__)
 
@@ -379,8 +378,7 @@ class Writer:
                 )
                 # Outcomes here mean the rows were written and the COMMIT itself failed:
                 # on a lost connection it may have committed all the same.
-                written = dict(zip(map(id, exchanges), outcomes, strict=True)) if outcomes else {}
-                outcomes = self._one_by_one(conn, exchanges, written)
+                outcomes = self._one_by_one(conn, exchanges, outcomes)
                 healthy = not any(_database_failed(outcome) for outcome in outcomes)
         if metrics:
             # Before the results: a drain marker waits for the rows queued before it.
@@ -412,17 +410,17 @@ class Writer:
         self,
         conn: sqlalchemy.Connection,
         exchanges: list[Exchange],
-        written: dict[int, Outcome],
+        written: list[Outcome],
     ) -> list[Outcome]:
-        """Retry a failed batch's exchanges one at a time. ``written`` (by ``id``) are the
-        outcomes of a batch whose COMMIT failed: those it committed after all are not
+        """Retry a failed batch's exchanges one at a time. ``written`` (in batch order) are
+        the outcomes of a batch whose COMMIT failed: those it committed after all are not
         written twice."""
-        stored = _committed_chains(conn, exchanges) if written else set()
+        stored = _committed_anyway(conn, exchanges) if written else set()
         outcomes: list[Outcome] = []
         for i, exchange in enumerate(exchanges):
             if exchange.chain_id in stored:
                 self.committed += 1
-                outcomes.append(written[id(exchange)])
+                outcomes.append(written[i])
                 continue
             outcome = self._one(conn, exchange)
             outcomes.append(outcome)
@@ -485,16 +483,11 @@ class Writer:
         self._resolve(pending)
 
 
-def _committed_chains(conn: sqlalchemy.Connection, exchanges: list[Exchange]) -> set[uuid.UUID]:
-    """The chain ids of ``exchanges`` that are in the request log (every exchange with an
-    attempt has its chain id there once committed); empty when the database cannot say."""
-    chains = [e.chain_id for e in exchanges if e.chain_id is not None and e.attempts]
+def _committed_anyway(conn: sqlalchemy.Connection, exchanges: list[Exchange]) -> set[uuid.UUID]:
+    """``stored_chains`` after a failed COMMIT; empty when the database cannot say."""
     try:
         with conn.begin():
-            found = conn.execute(
-                select(request_log.c.chain_id).where(request_log.c.chain_id.in_(chains))
-            )
-            return set(found.scalars())
+            return stored_chains(conn, exchanges)
     except Exception as exc:
         log.warning("could not tell which exchanges of the failed batch committed: %s", exc)
         return set()
