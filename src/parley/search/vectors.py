@@ -387,7 +387,12 @@ class VectorStore:
         self._meta = (None, None)
         if META not in self._names():
             return
-        rows = self._connection().open_table(META).to_arrow().to_pylist()
+        try:
+            rows = self._connection().open_table(META).to_arrow().to_pylist()
+        except ValueError:
+            # LanceDB's "table not found": dropped since it was listed, by another process
+            # preparing the store for another model. It holds no model until that ends.
+            return
         if len(rows) == 1 and self._complete():
             self._meta = (str(rows[0]["model"]), int(rows[0]["dimension"]))
 
