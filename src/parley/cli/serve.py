@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import gc
 import ipaddress
 import logging
 import sys
@@ -13,11 +12,10 @@ from typing import Any
 import click
 from aiohttp import web
 
+from parley.collector import tune_for_serving
 from parley.errors import ConfigError
 from parley.settings import Settings, load_settings
 
-# The collector's first-generation threshold while serving (the default is 700).
-GC_YOUNG_THRESHOLD = 10_000
 # Errors of binding the listening socket that come from the operator's choice of address.
 _LISTEN_ERRORS = frozenset({errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES})
 
@@ -76,17 +74,7 @@ def serve(host: str | None, port: int | None) -> None:
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     except ImportError:
         pass
-    # Everything imported and built at start lives as long as the process: out of the
-    # collector's sight, a full collection no longer walks it (measured with
-    # bench/chat_bench.py: loading a 1,000-message conversation, p99 48 ms -> 8 ms).
-    gc.freeze()
-    # Requests in flight keep thousands of young container objects alive, so with the
-    # default first generation (700) the collector ran several times per 10 requests,
-    # walking live objects and promoting them until a full collection (tens of ms with a
-    # queue of async records) came due: 4-11% of the event loop's CPU (perf). Objects
-    # that die young are freed by reference counting whatever the threshold; cycles are
-    # still collected, only in larger steps.
-    gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
+    tune_for_serving()
     try:
         web.run_app(
             create_app(settings),

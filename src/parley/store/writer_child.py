@@ -18,6 +18,7 @@ from typing import Any
 
 import sqlalchemy
 
+from parley.collector import tune_for_serving
 from parley.domain.rollup import tally_hours
 from parley.settings import Settings
 from parley.store.engine import create_engine
@@ -119,6 +120,7 @@ def main() -> None:
     engine = create_engine(settings)
     writer = _InlineWriter(engine, settings.writer_batch_max)
     writer.open()
+    tune_for_serving()
     try:
         sock.sendall(frame([(COUNTS, 0, 0, 0)]))
         _serve(sock, writer, settings.writer_batch_max)
