@@ -1,9 +1,11 @@
-"""The anomaly watch on real rollups: an injected latency step is logged once."""
+"""The anomaly watch on real rollups: an injected latency step is logged once, by one of
+several processes, and not again after a restart."""
 
 from __future__ import annotations
 
 import logging
 import random
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -17,9 +19,8 @@ from tests.store.test_exchanges import attempt, chat, write
 NOW = datetime.now(UTC).replace(minute=50, second=0, microsecond=0)
 
 
-def test_a_latency_step_is_logged_once_per_episode(
-    settings: Settings, migrated_engine: sa.Engine, caplog: pytest.LogCaptureFixture
-) -> None:
+def _latency_step(engine: sa.Engine) -> None:
+    """30 hours of traffic on model m, the last two three times slower."""
     rng = random.Random(5)
     exchanges = []
     for hours_ago in range(30, -1, -1):
@@ -33,7 +34,13 @@ def test_a_latency_step_is_logged_once_per_episode(
                     attempts=[attempt(started_at=at, model_used="m", response_time_ms=latency)],
                 )
             )
-    write(migrated_engine, *exchanges)
+    write(engine, *exchanges)
+
+
+def test_a_latency_step_is_logged_once_per_episode(
+    settings: Settings, migrated_engine: sa.Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    _latency_step(migrated_engine)
     watch = AnomalyWatch(settings)
     caplog.set_level(logging.WARNING, logger="parley.metrics.watch")
     first = watch(NOW)
@@ -42,4 +49,19 @@ def test_a_latency_step_is_logged_once_per_episode(
     assert watch(NOW + timedelta(minutes=5)) == []  # the same episode: not again
     # Later, the runs' window starts inside the episode: still the same one, not again.
     assert watch(NOW + timedelta(hours=2, minutes=15)) == []
+    assert caplog.text.count("anomaly: openai/m latency_p90_ms") == 1
+
+
+def test_watches_sharing_a_database_log_an_episode_once_between_them(
+    settings: Settings, migrated_engine: sa.Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    _latency_step(migrated_engine)
+    caplog.set_level(logging.WARNING, logger="parley.metrics.watch")
+    # Four processes' watches run at once: one of them logs the episode.
+    watches = [AnomalyWatch(settings) for _ in range(4)]
+    with ThreadPoolExecutor(len(watches)) as pool:
+        logged = list(pool.map(lambda watch: watch(NOW), watches))
+    assert sorted(len(episodes) for episodes in logged) == [0, 0, 0, 1]
+    # A restarted process (a new watch) knows it was logged.
+    assert AnomalyWatch(settings)(NOW + timedelta(minutes=5)) == []
     assert caplog.text.count("anomaly: openai/m latency_p90_ms") == 1

@@ -2,11 +2,12 @@
 
 Every run reads the model-level hourly rollups of the last ``LOOKBACK`` hours (plus the
 baseline before them), finds episodes with ``metrics.anomalies`` and logs a warning for
-each episode it has not logged before. An episode is known by (provider, model, metric)
-and its hours: one that goes on over several runs is logged when it starts, not again,
-even once the runs' window has moved past its first hour (a run then sees it start
-later); one that starts after an hour back to normal is new. The memory is this
-process's: several processes on one database each log it once.
+each episode no run logged before. An episode is known by (provider, model, metric) and
+its hours: one that goes on over several runs is logged when it starts, not again, even
+once the runs' window has moved past its first hour (a run then sees it start later);
+one that starts after an hour back to normal is new. What was logged is kept in the
+database (``store.anomaly_log``), so several processes on one database, and a restarted
+one, log each episode once between them.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from datetime import UTC, datetime, timedelta
 from parley.domain.rollup import HOUR
 from parley.metrics import anomalies
 from parley.settings import Settings
+from parley.store import anomaly_log
+from parley.store.anomaly_log import Seen
 from parley.store.engine import create_engine
 from parley.store.metrics import MetricsStore, floor_hour
 
@@ -30,8 +33,6 @@ INTERVAL = 300.0
 class AnomalyWatch:
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
-        # (provider, model, metric) -> the end of the last episode logged for it.
-        self._logged: dict[tuple[str, str, str], datetime] = {}
 
     def __call__(self, now: datetime | None = None) -> list[anomalies.Episode]:
         """One run; returns the episodes logged by it."""
@@ -46,16 +47,22 @@ class AnomalyWatch:
                 {},
                 ("provider", "model"),
             )
+            found = anomalies.find(rows, since)
+            # Nothing found, nothing to claim: no write transaction every run.
+            claimed = (
+                anomaly_log.claim(
+                    engine,
+                    [Seen(e.provider, e.model, e.metric, e.start, e.end) for e in found],
+                    # Episodes that ended long ago can no longer come back: forgotten.
+                    forget_before=since - timedelta(days=1),
+                )
+                if found
+                else []
+            )
         finally:
             engine.dispose()
-        new = []
-        for episode in anomalies.find(rows, since):
-            key = (episode.provider, episode.model, episode.metric)
-            logged_end = self._logged.get(key)
-            self._logged[key] = max(episode.end, logged_end or episode.end)
-            if logged_end is not None and episode.start <= logged_end:
-                continue  # the logged episode, still going on
-            new.append(episode)
+        new = [episode for episode, mine in zip(found, claimed, strict=True) if mine]
+        for episode in new:
             log.warning(
                 "anomaly: %s/%s %s is %.4g since %s (its baseline: %.4g)",
                 episode.provider,
@@ -65,7 +72,4 @@ class AnomalyWatch:
                 episode.start.isoformat(),
                 episode.baseline,
             )
-        # Episodes that ended long ago can no longer come back: forget them.
-        forget = since - timedelta(days=1)
-        self._logged = {key: end for key, end in self._logged.items() if end >= forget}
         return new

@@ -396,6 +396,19 @@ rate_windows = Table(
     Column("tokens", BigInteger, nullable=False),
 )
 
+# The end of the last anomaly episode logged per series (metrics.watch, migration 0009):
+# shared by every parley process on the database, so an episode is logged once, not once
+# per process or again after a restart.
+anomaly_log = Table(
+    "anomaly_log",
+    metadata,
+    Column("provider", String(128), primary_key=True),
+    Column("model", String(255), primary_key=True),
+    Column("metric", String(32), primary_key=True),
+    # Exclusive: the hour after the episode's last anomalous one.
+    Column("logged_end", TS, nullable=False),
+)
+
 # Issue 7: full-text search (store.search).
 
 
