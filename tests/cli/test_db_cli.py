@@ -44,7 +44,7 @@ def test_upgrade_current_history_check_downgrade(tmp_path: Path, database_url: s
 
     result = run(tmp_path, database_url, "history")
     assert result.exit_code == 0
-    assert result.output.startswith(f"0008 -> {HEAD} (head): Anomaly episodes logged, shared by")
+    assert result.output.startswith(f"0009 -> {HEAD} (head): The chain-key index holds only")
     assert "0006 -> 0007: The request log says when its tokens" in result.output
     assert "0004 -> 0005: The search outbox" in result.output
     assert "0003 -> 0004: Full-text search" in result.output

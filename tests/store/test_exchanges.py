@@ -12,6 +12,7 @@ import sqlalchemy as sa
 from parley.domain.exchange import Attempt, Choice, Exchange
 from parley.domain.messages import Message, ToolCall, chain_hashes
 from parley.domain.usage import Usage
+from parley.store import exchanges
 from parley.store.engine import writer_connection
 from parley.store.exchanges import (
     Recorded,
@@ -118,6 +119,26 @@ def test_stateless_client_resending_history_threads_one_conversation(
 def test_threading_works_within_one_batch(migrated_engine: sa.Engine) -> None:
     recorded = write(migrated_engine, *stateless_rounds())
     assert_one_threaded_conversation(migrated_engine, recorded)
+
+
+def test_only_messages_after_an_answer_get_a_lookup_key(migrated_engine: sa.Engine) -> None:
+    # A client that starts over with a system and a user message, then continues.
+    recorded = [write(migrated_engine, exchange)[0] for exchange in stateless_rounds()]
+    messages = rows(migrated_engine, "SELECT role, content, chain_key FROM messages ORDER BY id")
+    unkeyed = [(m["role"], m["content"]) for m in messages if m["chain_key"] == 0]
+    assert unkeyed == [("system", "Be brief."), ("user", "question 1")]
+    # The continuations found their conversation through the keyed messages alone.
+    assert len({r.conversation_id for r in recorded}) == 1
+    with migrated_engine.connect() as conn:
+        if conn.dialect.name == "sqlite":
+            # The lookup reads the partial index (a full scan would grow with the table).
+            lookup = exchanges._MATCHES_SQL.format(marks="?, ?")
+            plan = conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {lookup}", (5, 7)).all()
+            assert any("ix_messages_chain_key" in str(row) for row in plan), plan
+        entries = conn.exec_driver_sql(
+            "SELECT count(*) FROM messages WHERE chain_key <> 0"
+        ).scalar_one()
+    assert entries == len(messages) - 2
 
 
 def test_two_clients_saying_hi_get_two_conversations(migrated_engine: sa.Engine) -> None:

@@ -152,6 +152,7 @@ def test_heads_and_history_name_every_revision() -> None:
     assert migrate.heads() == [HEAD]
     history = migrate.history()
     assert [(revision, down) for revision, down, _doc in history] == [
+        ("0010", "0009"),
         ("0009", "0008"),
         ("0008", "0007"),
         ("0007", "0006"),
@@ -172,6 +173,7 @@ def test_heads_and_history_name_every_revision() -> None:
     assert docs["0007"].startswith("The request log says when its tokens are")
     assert docs["0008"].startswith("The request log says when each attempt finished")
     assert docs["0009"].startswith("Anomaly episodes logged, shared by every process")
+    assert docs["0010"].startswith("The chain-key index holds only messages a request can")
 
 
 def test_check_names_a_missing_outbox_trigger(settings: Settings) -> None:

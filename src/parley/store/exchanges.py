@@ -13,7 +13,9 @@
   conversation only if the matched prefix holds an assistant message: a prefix of system
   and user messages alone ("Hi") says nothing about which conversation it belongs to, so
   two clients sending the same greeting get two conversations. Among equal matches the
-  newest row wins;
+  newest row wins. So only a message after an assistant message is ever looked up: the
+  others (a new chat's system and first user message) are stored with chain key 0,
+  which the lookup index leaves out;
 - each answer (a ``Choice``) is a new assistant message, a child of the request's last
   message with the chain hash the client will send back, plus a ``responses`` row pointing
   at the attempt that produced it. Identical answers are sibling rows, never merged;
@@ -323,7 +325,11 @@ class _Planner:
                     "payload": hashed.payloads[i],
                     "content_hash": hashed.content_hashes[i],
                     "chain_hash": hashed.chains[i],
-                    "chain_key": chain_key(hashed.chains[i]),
+                    # Only a message after an assistant one can be continued from
+                    # (see ``_match``): the others get no entry in the lookup index.
+                    "chain_key": chain_key(hashed.chains[i])
+                    if hashed.first_assistant is not None and i >= hashed.first_assistant
+                    else UNINDEXED,
                     "created_at": started,
                     "user_id": exchange.user_id,
                     "api_key_id": exchange.api_key_id,
@@ -497,7 +503,8 @@ def _stored_matches(
 _MATCHES_SQL = (
     "SELECT m.chain_hash, m.id, m.conversation_id, c.public_id, c.user_id, c.api_key_id "
     "FROM messages AS m JOIN conversations AS c ON c.id = m.conversation_id "
-    "WHERE m.chain_key IN ({marks})"
+    # The partial index's own condition, spelled out so that both databases use it.
+    "WHERE m.chain_key IN ({marks}) AND m.chain_key <> 0"
 )
 
 
@@ -593,7 +600,14 @@ def _text(value: str) -> str:
     return value
 
 
+# The chain key of a message no request can continue from: left out of the lookup index
+# (``ix_messages_chain_key`` is partial, migration 0010).
+UNINDEXED = 0
+
+
 def chain_key(chain: str) -> int:
-    """The first 64 bits of a chain hash as a signed integer (the indexed lookup key)."""
+    """The first 64 bits of a chain hash as a signed integer (the indexed lookup key),
+    never ``UNINDEXED``: a hash whose first 64 bits are zero gets 1 (keys only narrow
+    the lookup; matches are confirmed against the whole hash)."""
     value = int(chain[:16], 16)
-    return value - (1 << 64) if value >= 1 << 63 else value
+    return (value - (1 << 64) if value >= 1 << 63 else value) or 1

@@ -172,13 +172,20 @@ messages = Table(
     # The chain hash's first 64 bits: what the continuation lookup is indexed by. A hash
     # is a random key, so each insert dirties a random index page; an 8-byte key keeps
     # that index small (measured: ~70 us less per exchange than indexing the hex text).
-    # Matches are confirmed against the full ``chain_hash``.
+    # Matches are confirmed against the full ``chain_hash``. 0 for a message no request
+    # can continue from (nothing before it is an assistant message: a new chat's system
+    # and first user message), which the partial index leaves out (migration 0010).
     Column("chain_key", BigInteger, nullable=False),
     Column("created_at", TS, nullable=False),
     Column("request_id", Integer, ForeignKey("request_log.id", ondelete="SET NULL"), index=True),
     Column("user_id", Integer),
     Column("api_key_id", Integer),
-    Index("ix_messages_chain_key", "chain_key"),
+    Index(
+        "ix_messages_chain_key",
+        "chain_key",
+        sqlite_where=text("chain_key <> 0"),
+        postgresql_where=text("chain_key <> 0"),
+    ),
 )
 
 responses = Table(
