@@ -21,6 +21,8 @@ The tree::
     │   └── UpstreamInterrupted      the stream broke after it started (reset, EOF without end)
     ├── StoreError                   the record could not be committed
     │   ├── StoreUnavailable         503 the writer is down; refused before any upstream call
+    │   ├── StoreBusy                503 SQLite's write lock stayed taken past the busy
+    │   │                            timeout; nothing was written, try again later
     │   └── StoreFull                507 the database's disk is full; writes resume once
     │                                space is freed
     ├── SearchUnavailable            503 semantic search needs an embedder: none is
@@ -241,6 +243,12 @@ class StoreError(ParleyError):
 
 class StoreUnavailable(StoreError):
     """The writer is not running: refuse before spending upstream tokens."""
+
+    status = 503
+
+
+class StoreBusy(StoreError):
+    """SQLite's write lock stayed taken past the busy timeout: nothing was written."""
 
     status = 503
 

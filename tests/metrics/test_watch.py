@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 
@@ -14,6 +15,7 @@ import sqlalchemy as sa
 from parley.domain.messages import Message
 from parley.metrics.watch import AnomalyWatch
 from parley.settings import Settings
+from parley.store.engine import writer_connection
 from tests.store.test_exchanges import attempt, chat, write
 
 NOW = datetime.now(UTC).replace(minute=50, second=0, microsecond=0)
@@ -64,4 +66,26 @@ def test_watches_sharing_a_database_log_an_episode_once_between_them(
     assert sorted(len(episodes) for episodes in logged) == [0, 0, 0, 1]
     # A restarted process (a new watch) knows it was logged.
     assert AnomalyWatch(settings)(NOW + timedelta(minutes=5)) == []
+    assert caplog.text.count("anomaly: openai/m latency_p90_ms") == 1
+
+
+def test_a_busy_sqlite_writer_delays_a_new_episode_and_never_an_old_one(
+    settings: Settings, migrated_engine: sa.Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    if migrated_engine.dialect.name != "sqlite":
+        pytest.skip("SQLite's write lock")
+    _latency_step(migrated_engine)
+    caplog.set_level(logging.WARNING, logger="parley.metrics.watch")
+    watch = AnomalyWatch(settings)
+    # Another connection holds the write lock for longer than the busy timeout, as the
+    # group-commit writer can under a heavy load.
+    with writer_connection(migrated_engine) as holder, holder.begin():
+        assert watch(NOW) == []  # not claimed: no episode logged, and no traceback
+        assert "stayed locked past the busy timeout; nothing claimed" in caplog.text
+    assert len(watch(NOW + timedelta(minutes=5))) == 1  # the next run claims it
+    with writer_connection(migrated_engine) as holder, holder.begin():
+        started = time.monotonic()
+        # Already logged, still going on: decided without the write lock.
+        assert watch(NOW + timedelta(minutes=10)) == []
+        assert time.monotonic() - started < 2
     assert caplog.text.count("anomaly: openai/m latency_p90_ms") == 1

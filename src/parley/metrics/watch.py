@@ -15,7 +15,10 @@ from __future__ import annotations
 import logging
 from datetime import UTC, datetime, timedelta
 
+import sqlalchemy
+
 from parley.domain.rollup import HOUR
+from parley.errors import StoreBusy
 from parley.metrics import anomalies
 from parley.settings import Settings
 from parley.store import anomaly_log
@@ -48,17 +51,7 @@ class AnomalyWatch:
                 ("provider", "model"),
             )
             found = anomalies.find(rows, since)
-            # Nothing found, nothing to claim: no write transaction every run.
-            claimed = (
-                anomaly_log.claim(
-                    engine,
-                    [Seen(e.provider, e.model, e.metric, e.start, e.end) for e in found],
-                    # Episodes that ended long ago can no longer come back: forgotten.
-                    forget_before=since - timedelta(days=1),
-                )
-                if found
-                else []
-            )
+            claimed = self._claim(engine, found, since) if found else []
         finally:
             engine.dispose()
         new = [episode for episode, mine in zip(found, claimed, strict=True) if mine]
@@ -73,3 +66,19 @@ class AnomalyWatch:
                 episode.baseline,
             )
         return new
+
+    @staticmethod
+    def _claim(
+        engine: sqlalchemy.Engine, found: list[anomalies.Episode], since: datetime
+    ) -> list[bool]:
+        try:
+            return anomaly_log.claim(
+                engine,
+                [Seen(e.provider, e.model, e.metric, e.start, e.end) for e in found],
+                # Episodes that ended long ago can no longer come back: forgotten.
+                forget_before=since - timedelta(days=1),
+            )
+        except StoreBusy as exc:
+            # Nothing was claimed, so the next run finds the same episodes new.
+            log.warning("anomaly watch: %s; nothing claimed, trying again next run", exc.message)
+            return [False] * len(found)

@@ -5,8 +5,10 @@ instead of ``conn.execute(insert(table), rows)``: measured on SQLite, SQLAlchemy
 per-row parameter handling cost more than the insert itself. The SQL is still compiled
 by SQLAlchemy for the connection's dialect and every value still goes through the
 column type's own bind processor, so what is stored is exactly what Core would store;
-on SQLite, processors that cannot change the stored value are skipped and a DATETIME is
-formatted in one C call (``_processors``; a test compares every column with Core's).
+on SQLite, a DATETIME is formatted in one C call and the Boolean and Float processors
+are skipped (``_processors``; a test compares every column with Core's). That holds for
+the values the store passes: bools to Boolean columns, ints and floats to Float ones
+(Core would also take a Decimal, and refuse a non-bool in a Boolean column).
 
 Invariants:
 - ``assign_ids`` gives rows ascending primary keys nobody else can take: on SQLite the
