@@ -120,6 +120,12 @@ def test_summary_timeseries_and_request_log_match_the_traffic(
     second = _get(server, "/api/metrics/requests", limit=5, cursor=first["next_cursor"])
     ids = [r["id"] for r in first["data"] + second["data"]]
     assert len(ids) == len(set(ids)) == 9 and second["next_cursor"] is None
+    # The listing takes a window as the reports do: the traffic is minutes old.
+    assert len(_get(server, "/api/metrics/requests", window="1h")["data"]) == 9
+    assert (
+        _get(server, "/api/metrics/requests", window="1s", until="2000-01-01T00:00:00Z")["data"]
+        == []
+    )
     assert {r["user"] for r in first["data"] + second["data"]} >= {alice["id"]}
     for r in first["data"]:  # an attempt ends its response time after it started
         started, finished = (datetime.fromisoformat(r[f]) for f in ("created_at", "finished_at"))
@@ -128,11 +134,14 @@ def test_summary_timeseries_and_request_log_match_the_traffic(
 
 def test_bad_metrics_queries_get_openai_errors(server: ParleyServer) -> None:
     for params in ({"group_by": "password"}, {"window": "forever"}, {"since": "yesterday"}):
-        reply = httpx.get(
-            f"{server.root}/api/metrics/summary", params=params, headers=bearer(MASTER)
-        )
-        assert reply.status_code == 400
-        assert reply.json()["error"]["type"] == "invalid_request_error"
+        for report in ("summary", "requests"):
+            if report == "requests" and "group_by" in params:
+                continue  # the listing has no grouping
+            reply = httpx.get(
+                f"{server.root}/api/metrics/{report}", params=params, headers=bearer(MASTER)
+            )
+            assert reply.status_code == 400, (report, params)
+            assert reply.json()["error"]["type"] == "invalid_request_error"
     reply = httpx.get(
         f"{server.root}/api/metrics/timeseries",
         params={"window": "2d", "bucket": "5m"},

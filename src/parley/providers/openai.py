@@ -21,9 +21,10 @@ Invariants:
   first-byte ``UpstreamTimeout``, ``UpstreamHTTPError`` (an error object in a 200 answer
   included). After it: ``UpstreamInterrupted`` (reset, EOF before the end, an error object
   in the stream), ``UpstreamTimeout`` ("idle" / "total") or ``UpstreamProtocolError``.
-- Timeouts: ``connect`` through aiohttp; ``first_byte`` covers the response headers and
-  the first SSE event (the whole body when not streaming); ``idle`` each later read;
-  ``total`` the whole attempt.
+- Timeouts: ``connect`` through aiohttp; ``first_byte`` covers a stream's response
+  headers and first SSE event; ``idle`` each later read; ``total`` the whole attempt. A
+  non-streaming answer's headers come only once it is all made, so only ``total`` bounds
+  it, and that timeout is not retried (``UpstreamHTTP.total_deadline``).
 - No error message carries request headers, the API key or an auth-like header value.
 """
 

@@ -132,6 +132,9 @@ async def requests(request: web.Request) -> web.Response:
     filters = await q.filters(request, caller, store)
     start = q.moment(request.query["since"], "since") if request.query.get("since") else None
     end = q.moment(request.query["until"], "until") if request.query.get("until") else None
+    if start is None and request.query.get("window"):
+        # As the reports take it; without since, until or window the listing is unbounded.
+        start, end = q.window(request, _now())
     try:
         limit = int(request.query.get("limit", "50"))
     except ValueError:
