@@ -907,6 +907,7 @@ ROUTES: tuple[Route, ...] = (
         plain("/v1/embeddings", json={"model": "up/text-embedding-3-small", "input": "x"}),
     ),
     Route("GET", "/v1/models", V1, plain("/v1/models")),
+    Route("GET", "/v1/models/{model}", V1, plain("/v1/models/up%2Fgpt-4o-mini")),
     Route("POST", "/v1/messages", V1, anthropic_body(max_tokens=True)),
     Route(
         "POST",

@@ -101,6 +101,8 @@ def create_app(settings: Settings, *, embedder: Embedder | None = None) -> web.A
     auth.install(app, settings)
     app.router.add_post("/v1/chat/completions", openai_api.chat_completions)
     app.router.add_get("/v1/models", openai_api.list_models)
+    # Model ids are "provider/model": the id may span path segments.
+    app.router.add_get("/v1/models/{model:.+}", openai_api.retrieve_model)
     app.router.add_post("/v1/embeddings", openai_api.embeddings)
     app.router.add_post("/v1/messages", anthropic_api.messages)
     app.router.add_post("/v1/messages/count_tokens", anthropic_api.count_tokens)

@@ -1,4 +1,5 @@
-"""The OpenAI-compatible ``/v1`` endpoints: chat completions, models, embeddings.
+"""The OpenAI-compatible ``/v1`` endpoints: chat completions, models (listed and one by
+id), embeddings.
 
 Chat completions go through ``relay``: an OpenAI upstream's bytes are forwarded as they
 came, any other upstream's events are encoded by ``openai_encode``. Durability: in the
@@ -10,15 +11,21 @@ embeddings answer.
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import Any
 
 import orjson
 from aiohttp import web
 
 from parley.domain.exchange import Exchange
-from parley.errors import InvalidRequest, ParleyError, StoreError
+from parley.errors import ModelNotFound, ParleyError, StoreError
+from parley.gateway.catalog import ModelEntry
 from parley.server import identity
 from parley.server.openai_encode import OpenAIEncoder, sse_error
-from parley.server.openai_parse import parse_chat_request, parse_json_object
+from parley.server.openai_parse import (
+    parse_chat_request,
+    parse_embeddings_request,
+    parse_json_object,
+)
 from parley.server.relay import Front, answer, exchange_for
 from parley.server.state import SERVICES, read_body
 
@@ -50,31 +57,40 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 async def list_models(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
     created = int(services.started_at)
-    data = [
-        {
-            "id": entry.id,
-            "object": "model",
-            "created": created,
-            "owned_by": entry.owned_by,
-            # parley's addition (known fields only); OpenAI clients ignore it.
-            "capabilities": entry.capabilities.known(),
-        }
-        for entry in await services.catalog.entries()
-    ]
+    data = [_model_object(entry, created) for entry in await services.catalog.entries()]
     return web.Response(
         body=orjson.dumps({"object": "list", "data": data}), content_type="application/json"
     )
 
 
+async def retrieve_model(request: web.Request) -> web.Response:
+    # Looked up in the very list /v1/models answers, so the two never disagree about
+    # which ids exist or what they carry. aiohttp decodes the SDK's %2F back into '/'.
+    services = request.app[SERVICES]
+    model = request.match_info["model"]
+    for entry in await services.catalog.entries():
+        if entry.id == model:
+            body = _model_object(entry, int(services.started_at))
+            return web.Response(body=orjson.dumps(body), content_type="application/json")
+    raise ModelNotFound(f"The model '{model}' does not exist")
+
+
+def _model_object(entry: ModelEntry, created: int) -> dict[str, Any]:
+    return {
+        "id": entry.id,
+        "object": "model",
+        "created": created,
+        "owned_by": entry.owned_by,
+        # parley's addition (known fields only); OpenAI clients ignore it.
+        "capabilities": entry.capabilities.known(),
+    }
+
+
 async def embeddings(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
     data = parse_json_object(await read_body(request, services.settings.max_body_bytes))
-    model = data.get("model")
-    if not isinstance(model, str) or not model:
-        raise InvalidRequest("'model' is required and must be a non-empty string", "model")
-    items = data.get("input")
-    if not isinstance(items, str) and not (isinstance(items, list) and items):
-        raise InvalidRequest("'input' must be a string or a non-empty array", "input")
+    # Refused before admission and before the exchange exists: nothing is recorded.
+    model = parse_embeddings_request(data)
     await services.admit(identity.current(request))
     caller = identity.current(request)
     exchange = Exchange(

@@ -3,7 +3,9 @@
 Validation is strict about what parley itself relies on (model, messages, roles, the types
 of sampling parameters) and lenient about everything else: unknown fields are kept and
 passed through to upstreams that understand them. Every refusal is an ``InvalidRequest``
-naming the offending parameter, which the server turns into OpenAI error JSON.
+naming the offending parameter, which the server turns into OpenAI error JSON. Parsing runs
+before any upstream call and before anything is recorded, so a refused request leaves no
+trace in the request log.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ _MODELLED = frozenset(
         "user",
     }
 )
+_ENCODING_FORMATS = frozenset({"float", "base64"})
 
 
 def parse_json_object(body: bytes) -> dict[str, Any]:
@@ -49,9 +52,7 @@ def parse_json_object(body: bytes) -> dict[str, Any]:
 
 
 def parse_chat_request(data: dict[str, Any]) -> ChatRequest:
-    model = data.get("model")
-    if not isinstance(model, str) or not model.strip():
-        raise InvalidRequest("'model' is required and must be a non-empty string", "model")
+    model = _model(data)
     raw_messages = data.get("messages")
     if not isinstance(raw_messages, list) or not raw_messages:
         raise InvalidRequest("'messages' must be a non-empty array", "messages")
@@ -70,9 +71,7 @@ def parse_chat_request(data: dict[str, Any]) -> ChatRequest:
         not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools)
     ):
         raise InvalidRequest("'tools' must be an array of objects", "tools")
-    user = data.get("user")
-    if user is not None and not isinstance(user, str):
-        raise InvalidRequest("'user' must be a string", "user")
+    user = _user(data)
     return ChatRequest(
         model=model,
         messages=messages,
@@ -90,6 +89,62 @@ def parse_chat_request(data: dict[str, Any]) -> ChatRequest:
         client_protocol="openai",
         user=user,
     )
+
+
+def parse_embeddings_request(data: Mapping[str, Any]) -> str:
+    """Check an embeddings request and return its model; the body itself goes upstream as
+    it came, unknown fields included.
+
+    Upstreams answer a wrong type with anything from a 400 to a 500 (retried, then a 502)
+    or, worse, a 200; refusing here gives the client OpenAI's 400 every time.
+    """
+    model = _model(data)
+    if not _is_embedding_input(data.get("input")):
+        raise InvalidRequest(
+            "'input' is required and must be a non-empty string, a non-empty array of "
+            "strings, a non-empty array of integers (token ids), or a non-empty array of "
+            "non-empty arrays of integers",
+            "input",
+        )
+    _int(data, "dimensions", minimum=1)
+    encoding_format = data.get("encoding_format")
+    if encoding_format is not None and encoding_format not in _ENCODING_FORMATS:
+        raise InvalidRequest("'encoding_format' must be 'float' or 'base64'", "encoding_format")
+    _user(data)
+    return model
+
+
+def _is_embedding_input(value: Any) -> bool:
+    if isinstance(value, str):
+        return bool(value)
+    if not isinstance(value, list) or not value:
+        return False
+    return (
+        all(isinstance(item, str) for item in value)
+        or all(_is_token(item) for item in value)
+        or all(
+            isinstance(item, list) and item and all(_is_token(t) for t in item) for item in value
+        )
+    )
+
+
+def _is_token(value: Any) -> bool:
+    # bool is a subclass of int, and ``true`` is no token id.
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _model(data: Mapping[str, Any]) -> str:
+    model = data.get("model")
+    if not isinstance(model, str) or not model.strip():
+        raise InvalidRequest("'model' is required and must be a non-empty string", "model")
+    return model
+
+
+def _user(data: Mapping[str, Any]) -> str | None:
+    user = data.get("user")
+    if user is not None and not isinstance(user, str):
+        raise InvalidRequest("'user' must be a string", "user")
+    return user
 
 
 def _message(raw: Any, index: int) -> Message:
