@@ -20,6 +20,7 @@ def _in_tmp_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 HEAD = migrate.heads()[0]
+NO_SCHEMA = "error: the database has no parley schema yet: run `parley db upgrade` first\n"
 
 
 def run(tmp_path: Path, database_url: str, *args: str) -> Result:
@@ -62,8 +63,15 @@ def test_upgrade_current_history_check_downgrade(tmp_path: Path, database_url: s
     assert at == "database at base"
 
     result = run(tmp_path, database_url, "check")
-    assert result.exit_code == 1
-    assert "table request_log is missing from the database" in result.output
+    assert (result.exit_code, result.stdout) == (1, "")
+    assert result.stderr == NO_SCHEMA
+
+
+def test_check_without_a_schema_is_one_line(tmp_path: Path, database_url: str) -> None:
+    assert run(tmp_path, database_url, "current").output == "none\n"
+    result = run(tmp_path, database_url, "check")
+    assert (result.exit_code, result.stdout, result.stderr) == (1, "", NO_SCHEMA)
+    assert run(tmp_path, database_url, "current").output == "none\n"
 
 
 def test_errors_are_one_line_without_traceback(tmp_path: Path) -> None:

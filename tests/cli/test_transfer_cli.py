@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import io
+import os
 import stat
+import threading
 import uuid
 import zipfile
 from datetime import UTC, datetime
@@ -210,8 +212,7 @@ def test_errors_are_one_line_without_traceback(
     not_migrated = run(tmp_path, database_url, import_command, doc)
     assert not_migrated.exit_code == 1
     assert not_migrated.stderr == (
-        "error: the database is at no schema revision, not at the schema head: "
-        "run `parley db upgrade` first\n"
+        "error: the database has no parley schema yet: run `parley db upgrade` first\n"
     )
     upgrade(settings)
     cases = [
@@ -226,3 +227,53 @@ def test_errors_are_one_line_without_traceback(
         assert result.exit_code == 1, (args, result.output)
         assert result.stderr.startswith("error: ") and message in result.stderr
         assert "Traceback" not in result.output and result.stderr.count("\n") == 1
+
+
+def test_files_that_cannot_be_read_or_written_are_one_line(
+    tmp_path: Path, database_url: str, settings: Settings
+) -> None:
+    upgrade(settings)
+    directory = tmp_path / "a-directory"
+    directory.mkdir()
+    missing = tmp_path / "no-such-dir" / "x.json"
+    cases = [
+        ((export_command, "--out", str(missing)), f"cannot write {missing}: No such file"),
+        ((export_command, "--out", str(directory)), f"cannot write {directory}: Is a directory"),
+        ((import_command, str(tmp_path / "gone.json")), "cannot read"),
+        ((import_command, str(directory)), f"cannot read {directory}: Is a directory"),
+    ]
+    for (command, *args), message in cases:
+        result = run(tmp_path, database_url, command, *args)
+        assert (result.exit_code, result.stdout) == (1, ""), (args, result.output)
+        assert result.stderr.startswith(f"error: {message}"), result.stderr
+        assert result.stderr.count("\n") == 1 and "Traceback" not in result.output
+    assert not missing.parent.exists()
+
+
+def test_export_makes_an_existing_file_private_and_leaves_a_pipe_alone(
+    tmp_path: Path, database_url: str, settings: Settings
+) -> None:
+    upgrade(settings)
+    assert (
+        run(tmp_path, database_url, import_command, write(tmp_path / "in.json", DOC)).exit_code == 0
+    )
+    shared = tmp_path / "pub.json"
+    shared.write_bytes(b"an older, longer file that was readable by everyone" * 100)
+    shared.chmod(0o644)
+    exported = run(tmp_path, database_url, export_command, "--out", str(shared))
+    assert exported.exit_code == 0, exported.output
+    assert stat.S_IMODE(shared.stat().st_mode) == 0o600
+    assert shape(orjson.loads(shared.read_bytes())) == shape(DOC)  # replaced, not appended
+
+    # A pipe is written to, its mode untouched (as /dev/stdout or /dev/null would be).
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)
+    pipe.chmod(0o644)
+    received: list[bytes] = []
+    reader = threading.Thread(target=lambda: received.append(pipe.read_bytes()), daemon=True)
+    reader.start()
+    piped = run(tmp_path, database_url, export_command, "--out", str(pipe))
+    reader.join(timeout=30)
+    assert piped.exit_code == 0, piped.output
+    assert shape(orjson.loads(received[0])) == shape(DOC)
+    assert stat.S_IMODE(pipe.stat().st_mode) == 0o644

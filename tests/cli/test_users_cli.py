@@ -10,8 +10,9 @@ import pytest
 from click.testing import CliRunner, Result
 
 from parley.cli.main import cli
+from parley.ops.migrate import upgrade
 from parley.security import tokens
-from parley.settings import load_settings
+from parley.settings import Settings, load_settings
 from parley.store.engine import create_engine
 from parley.store.users import Users
 from tests.harness import rows
@@ -43,8 +44,15 @@ def repository(tmp_path: Path, database_url: str) -> Iterator[Users]:
 
 
 def test_create_list_set_role_disable_enable(tmp_path: Path, database_url: str) -> None:
+    # A new install: the commands never create the schema, they say how to.
     result = run(tmp_path, database_url, "list")
-    # An empty database is prepared the way server start prepares it.
+    assert (result.exit_code, result.stderr) == (
+        1,
+        "error: the database has no parley schema yet: run `parley db upgrade` first\n",
+    )
+    env = {"DATABASE_URL": database_url, "PARLEY_DATA_DIR": str(tmp_path / "data")}
+    assert CliRunner().invoke(cli, ["db", "upgrade"], env=env).exit_code == 0
+    result = run(tmp_path, database_url, "list")
     assert (result.exit_code, result.output) == (
         0,
         "no users yet: create one with `parley users create --admin`\n",
@@ -110,7 +118,8 @@ def check_disable_and_enable(tmp_path: Path, database_url: str, repo: Users) -> 
     assert repo.check_login("someone", "someone's password") is not None
 
 
-def test_reset_password(tmp_path: Path, database_url: str) -> None:
+def test_reset_password(tmp_path: Path, database_url: str, settings: Settings) -> None:
+    upgrade(settings)
     args = ("create", "--email", "a@example.org", "--username", "ann", "--password-stdin")
     assert run(tmp_path, database_url, *args, stdin="first password\n").exit_code == 0
     with repository(tmp_path, database_url) as repo:
@@ -136,7 +145,10 @@ def check_reset_password(tmp_path: Path, database_url: str, repo: Users) -> None
     assert by_stdin.exit_code == 0 and repo.check_login("ann", "x" * 9) is not None
 
 
-def test_errors_are_one_line_without_traceback(tmp_path: Path, database_url: str) -> None:
+def test_errors_are_one_line_without_traceback(
+    tmp_path: Path, database_url: str, settings: Settings
+) -> None:
+    upgrade(settings)
     create = ("create", "--email", "b@example.org", "--username", "bea", "--password-stdin")
     short = run(tmp_path, database_url, *create, stdin="short\n")
     assert (short.exit_code, short.stderr) == (

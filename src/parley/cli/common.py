@@ -1,8 +1,12 @@
-"""What every ``parley`` command shares: one-line errors and the prepared database.
+"""What every ``parley`` command shares: one-line errors and the database at head.
 
 A ``ParleyError`` becomes one line on stderr and exit status 1, never a traceback.
-``prepared_engine`` reads settings the way the server does and prepares the database the
-way server start does (an empty one is migrated), then disposes of the engine.
+``engine_at_head`` reads settings the way the server does and opens the database only if
+it is at the schema head and matches the models, then disposes of the engine. It never
+migrates: only server start and ``parley db upgrade`` do, so a command run beside a
+server (or by mistake on an old database) changes no schema and takes no backup. An
+empty database, one behind head, a newer, drifted or foreign one is refused with one line
+saying what to run.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import click
 import sqlalchemy
 
 from parley.errors import ParleyError
-from parley.ops.migrate import prepare_on_start
+from parley.ops.migrate import require_head
 from parley.settings import load_settings
 from parley.store.engine import create_engine
 
@@ -35,9 +39,9 @@ def fail(message: str) -> NoReturn:
 
 
 @contextmanager
-def prepared_engine() -> Iterator[sqlalchemy.Engine]:
+def engine_at_head() -> Iterator[sqlalchemy.Engine]:
     settings = run(load_settings)
-    run(lambda: prepare_on_start(settings))
+    run(lambda: require_head(settings))
     engine = run(lambda: create_engine(settings))
     try:
         yield engine

@@ -95,7 +95,11 @@ def history() -> None:
 
 @db.command()
 def check() -> None:
-    """Compare the database's schema with parley's models; exit 1 on any difference."""
+    """Compare the database's schema with parley's models; exit 1 on any difference.
+
+    A database with no parley schema yet (``current`` says "none") is one line and exit 1:
+    create the schema with ``parley db upgrade``.
+    """
     settings = _settings()
     drift = _run(lambda: migrate.check(settings))
     if not drift:

@@ -5,8 +5,9 @@ from the shell; thin clients of ``store.search`` and ``parley.search``.
 one user's (by username or email); ``--mode`` is the API's (hybrid by default, keyword
 when no embedder is configured, which it says on stderr). ``reindex`` reconciles the vector
 store with the database (rows without vectors embedded, vectors without rows deleted) and
-drains the outbox; ``--full`` re-embeds everything. Both read settings and prepare the
-database the way server start does; errors are one line on stderr and exit status 1.
+drains the outbox; ``--full`` re-embeds everything. Both read settings the way the server
+does and need the database at the schema head, which they never migrate
+(``cli.common.engine_at_head``); errors are one line on stderr and exit status 1.
 A remote embedder is reached through a provider of the config file named in
 ``[search] model`` ("provider/model"); the server also knows aliases and database providers.
 """
@@ -25,7 +26,7 @@ import click
 import orjson
 import sqlalchemy
 
-from parley.cli.common import fail, prepared_engine, run
+from parley.cli.common import engine_at_head, fail, run
 from parley.errors import ParleyError
 from parley.providers.registry import build_providers
 from parley.search.embedders import RemoteCall, vectors_of
@@ -73,7 +74,7 @@ def search(
     settings = run(load_settings)
     if mode == "keyword":
         settings = _without_embedder(settings)
-    with prepared_engine() as engine:
+    with engine_at_head() as engine:
         scope = Scope(None, everyone=True)
         if user is not None:
             found = run(lambda: Users(engine).find_user(user))
@@ -112,7 +113,7 @@ def reindex(full: bool) -> None:
     settings = run(load_settings)
     if settings.search.embedder == "none":
         fail("no embedder is configured ([search] embedder = 'none'): nothing to index")
-    with prepared_engine() as engine:
+    with engine_at_head() as engine:
 
         async def work(services: SearchServices) -> tuple[bool, Reconciled, int, float]:
             if services.embedder is None:

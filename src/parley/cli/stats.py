@@ -1,8 +1,9 @@
 """``parley stats`` and ``parley limits``: the metrics API's reports and the limits, from the
 shell; thin clients of ``parley.metrics.report``, ``store.metrics`` and ``store.limits``.
 
-Commands read settings the way the server does and prepare the database the way server
-start does. Errors are one line on stderr and exit status 1, never a traceback.
+Commands read settings the way the server does and need the database at the schema head:
+they never migrate it (``cli.common.engine_at_head``). Errors are one line on stderr and
+exit status 1, never a traceback.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import click
 import orjson
 import sqlalchemy
 
-from parley.cli.common import fail, prepared_engine, run
+from parley.cli.common import engine_at_head, fail, run
 from parley.metrics import report
 from parley.store.limits import MAX_PER_MINUTE, LimitStore
 from parley.store.metrics import MetricsStore
@@ -56,7 +57,7 @@ def stats(window: str, group_by: str, as_json: bool) -> None:
     if unknown:
         fail(f"cannot group by {', '.join(unknown)}: choose from {', '.join(_GROUPS)}")
     end = datetime.now(UTC)
-    with prepared_engine() as engine:
+    with engine_at_head() as engine:
         grouping = [_GROUPS[n] for n in names]
         rows = MetricsStore(engine).window(end - span, end, {}, grouping)
     entries = report.summary(rows, grouping)
@@ -93,7 +94,7 @@ def limits() -> None:
 @limits.command("list")
 def list_limits() -> None:
     """Every limit set."""
-    with prepared_engine() as engine:
+    with engine_at_head() as engine:
         for row in LimitStore(engine).listing():
             subject = f"user {row['user']}" if row["user"] else f"key {row['api_key']}"
             values = ", ".join(
@@ -140,7 +141,7 @@ def set_limit(
         "usd_per_day": usd_day,
         "usd_per_month": usd_month,
     }
-    with prepared_engine() as engine:
+    with engine_at_head() as engine:
         user_id, key_id = _subject(engine, user_ref, key_ref)
         store = LimitStore(engine)
         run(lambda: store.set_limit(user_id=user_id, api_key_id=key_id, values=values))
@@ -151,7 +152,7 @@ def set_limit(
 @_subject_options
 def clear_limit(user_ref: str | None, key_ref: str | None) -> None:
     """Remove every limit of a user or an API key."""
-    with prepared_engine() as engine:
+    with engine_at_head() as engine:
         user_id, key_id = _subject(engine, user_ref, key_ref)
         if not LimitStore(engine).delete_limit(user_id=user_id, api_key_id=key_id):
             fail("no limits are set for it")

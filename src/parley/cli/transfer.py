@@ -2,51 +2,29 @@
 
 Both read settings the way the server does (``DATABASE_URL``, the config file) and act on
 the database the server would use; the database must be at the schema head (``parley db
-upgrade``). The CLI is the operator: ``--user`` picks whose history, and without it the
-history with no owner (local mode's) is meant. Errors are one line on stderr and exit
-status 1, never a traceback.
+upgrade``), never migrated here (``cli.common.engine_at_head``). The CLI is the operator:
+``--user`` picks whose history, and without it the history with no owner (local mode's)
+is meant. An export written to a file is private: the file has mode 0600 before any of it
+is written, whether or not it existed. Errors, a file that cannot be read or written
+included, are one line on stderr and exit status 1, never a traceback.
 """
 
 from __future__ import annotations
 
-import contextlib
 import io
 import os
+import stat
 import sys
 import uuid
 import zipfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import click
-import sqlalchemy
 
 from parley.chat import history
+from parley.cli.common import engine_at_head, fail
 from parley.cli.common import run as _run
-from parley.errors import ConfigError, InvalidRequest, NotFound
-from parley.ops import migrate
-from parley.settings import Settings, load_settings
-from parley.store.engine import create_engine
-
-
-@contextlib.contextmanager
-def _engine() -> Iterator[sqlalchemy.Engine]:
-    settings = _run(load_settings)
-    _run(lambda: _check_head(settings))
-    engine = create_engine(settings)
-    try:
-        yield engine
-    finally:
-        engine.dispose()
-
-
-def _check_head(settings: Settings) -> None:
-    revision = migrate.current(settings)
-    if revision not in migrate.heads():
-        raise ConfigError(
-            f"the database is at {revision or 'no schema revision'}, not at the schema head: "
-            "run `parley db upgrade` first"
-        )
+from parley.errors import InvalidRequest, NotFound
 
 
 @click.command("export")
@@ -70,15 +48,16 @@ def _check_head(settings: Settings) -> None:
 )
 @click.option(
     "--out",
-    type=click.Path(dir_okay=False, writable=True, path_type=Path),
-    help="Write here (created with mode 0600) instead of standard output.",
+    type=click.Path(path_type=Path),
+    help="Write here instead of standard output, with mode 0600 (an existing file is made "
+    "0600 before anything is written to it).",
 )
 def export_command(user: str | None, conversation: str | None, fmt: str, out: Path | None) -> None:
     """Export conversations with their messages.
 
     Without --user or --conversation: the history that has no owner (local mode's).
     """
-    with _engine() as engine:
+    with engine_at_head() as engine:
         owner = _run(lambda: history.user_id_by_name(engine, user)) if user else None
         if conversation is not None:
             public_id = _run(lambda: _uuid(conversation))
@@ -91,17 +70,56 @@ def export_command(user: str | None, conversation: str | None, fmt: str, out: Pa
         sys.stdout.buffer.write(body)
         sys.stdout.buffer.flush()
     else:
-        # The history is private: never readable by other local users, even briefly.
-        fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(body)
+        _write_private(out, body)
         click.echo(f"exported {len(ids)} conversation(s) to {out}", err=True)
 
 
+def _write_private(out: Path, body: bytes) -> None:
+    """Write ``body`` to ``out`` with mode 0600, whether the file is new or not.
+
+    The history is private: never readable by other local users, even briefly. Opening an
+    existing file keeps its mode, so the mode is set first, and only then is the file
+    emptied and written; when the mode cannot be set, the file is left as it was. A device
+    or pipe (``/dev/stdout``) is written to as it is, its mode untouched.
+    """
+    try:
+        fd = os.open(out, os.O_WRONLY | os.O_CREAT, 0o600)
+    except OSError as exc:
+        fail(f"cannot write {out}: {_reason(exc)}")
+    try:
+        regular = stat.S_ISREG(os.fstat(fd).st_mode)
+        if regular:
+            try:
+                os.fchmod(fd, 0o600)
+            except OSError as exc:
+                fail(f"cannot make {out} private (mode 0600), left unchanged: {_reason(exc)}")
+        try:
+            if regular:
+                os.ftruncate(fd, 0)
+            view = memoryview(body)
+            while view:
+                view = view[os.write(fd, view) :]
+        except OSError as exc:
+            fail(f"cannot write {out}: {_reason(exc)}")
+    finally:
+        os.close(fd)
+
+
+def _read(file: Path) -> bytes:
+    if str(file) == "-":
+        return sys.stdin.buffer.read()
+    try:
+        return file.read_bytes()
+    except OSError as exc:
+        fail(f"cannot read {file}: {_reason(exc)}")
+
+
+def _reason(exc: OSError) -> str:
+    return exc.strerror or str(exc)
+
+
 @click.command("import")
-@click.argument(
-    "file", type=click.Path(exists=True, dir_okay=False, allow_dash=True, path_type=Path)
-)
+@click.argument("file", type=click.Path(allow_dash=True, path_type=Path))
 @click.option("--user", "user", metavar="USER", help="Username or email: import for that user.")
 @click.option(
     "--format",
@@ -113,9 +131,8 @@ def export_command(user: str | None, conversation: str | None, fmt: str, out: Pa
 )
 def import_command(file: Path, user: str | None, fmt: str | None) -> None:
     """Import conversations from FILE ("-": standard input), in one transaction."""
-    raw = sys.stdin.buffer.read() if str(file) == "-" else file.read_bytes()
-    raw = _run(lambda: _unzip(raw))
-    with _engine() as engine:
+    raw = _run(lambda: _unzip(_read(file)))
+    with engine_at_head() as engine:
         owner = _run(lambda: history.user_id_by_name(engine, user)) if user else None
         ids = _run(lambda: history.import_document(engine, raw, fmt, owner))
     for public_id in ids:

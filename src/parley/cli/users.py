@@ -2,9 +2,10 @@
 
 This is how the first admin is made (``parley users create --admin``); the other way is
 the master key over HTTP (``POST /api/admin/users``). Commands read settings the way the
-server does and prepare the database the way server start does (an empty one is
-migrated). A password is never an argument (it would land in the shell history and the
-process list): it is prompted for twice, or read from stdin with ``--password-stdin``.
+server does and need the database at the schema head: they never migrate it, an empty one
+included (``parley db upgrade`` or server start creates the schema). A password is never
+an argument (it would land in the shell history and the process list): it is prompted
+for twice, or read from stdin with ``--password-stdin``.
 Errors are one line on stderr and exit status 1, never a traceback.
 """
 
@@ -17,23 +18,16 @@ from datetime import datetime
 
 import click
 
+from parley.cli.common import engine_at_head
 from parley.cli.common import run as _run
 from parley.domain.users import User
-from parley.ops.migrate import prepare_on_start
-from parley.settings import load_settings
-from parley.store.engine import create_engine
 from parley.store.users import Users
 
 
 @contextmanager
 def _repository() -> Iterator[Users]:
-    settings = _run(load_settings)
-    _run(lambda: prepare_on_start(settings))
-    engine = _run(lambda: create_engine(settings))
-    try:
+    with engine_at_head() as engine:
         yield Users(engine)
-    finally:
-        engine.dispose()
 
 
 def _find(users: Users, ref: str) -> User:

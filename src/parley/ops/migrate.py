@@ -24,7 +24,9 @@ Invariants:
   parley's and is refused, never migrated into.
 
 ``prepare_on_start`` is server start: it creates an empty database at head, migrates one
-behind head as above, and refuses drift, newer and foreign databases.
+behind head as above, and refuses drift, newer and foreign databases. ``require_head`` is
+every other command that uses the schema: it refuses the same databases, and an empty one
+or one behind head too, without writing anything.
 """
 
 from __future__ import annotations
@@ -73,6 +75,7 @@ __all__ = [
     "heads",
     "history",
     "prepare_on_start",
+    "require_head",
     "script_location",
     "upgrade",
 ]
@@ -105,9 +108,40 @@ def current(settings: Settings) -> str | None:
 
 
 def check(settings: Settings) -> list[str]:
-    """Every difference between the database's schema and the models (empty: none)."""
+    """Every difference between the database's schema and the models (empty: none).
+
+    A database with no parley schema revision is refused (``ConfigError``): compared with
+    the models, an empty one would list every table as missing.
+    """
     with _connection(settings) as conn:
+        _require_revision(conn)
         return drift(conn)
+
+
+def require_head(settings: Settings) -> str:
+    """The database's revision, when it is at the schema head and matches the models;
+    otherwise a ``ConfigError`` that says what to run. Reads only, never migrates: for the
+    commands that use the schema but may not change it (all but server start, ``parley
+    db`` and ``parley restore``), which may run beside a server on the same database.
+    """
+    with _connection(settings) as conn:
+        revision = _require_revision(conn)
+        refuse_unknown(revision)
+        if revision not in heads():
+            raise ConfigError(
+                f"the database is at {revision}, not at the schema head: "
+                "run `parley db upgrade` first"
+            )
+        _refuse_drift(conn)
+        return revision
+
+
+def _require_revision(conn: Connection) -> str:
+    revision = current_on(conn)
+    if revision is None:
+        _refuse_foreign(conn)
+        raise ConfigError("the database has no parley schema yet: run `parley db upgrade` first")
+    return revision
 
 
 def upgrade(
