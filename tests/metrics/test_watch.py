@@ -8,14 +8,17 @@ import random
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 
 from parley.domain.messages import Message
 from parley.metrics.watch import AnomalyWatch
+from parley.ops.migrate import upgrade
 from parley.settings import Settings
-from parley.store.engine import writer_connection
+from parley.store.engine import create_engine, writer_connection
+from tests.conftest import MakeSettings
 from tests.store.test_exchanges import attempt, chat, write
 
 NOW = datetime.now(UTC).replace(minute=50, second=0, microsecond=0)
@@ -70,10 +73,12 @@ def test_watches_sharing_a_database_log_an_episode_once_between_them(
 
 
 def test_a_busy_sqlite_writer_delays_a_new_episode_and_never_an_old_one(
-    settings: Settings, migrated_engine: sa.Engine, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, make_settings: MakeSettings, caplog: pytest.LogCaptureFixture
 ) -> None:
-    if migrated_engine.dialect.name != "sqlite":
-        pytest.skip("SQLite's write lock")
+    # SQLite only: its write lock is what a busy writer holds.
+    settings = make_settings(tmp_path)
+    upgrade(settings)
+    migrated_engine = create_engine(settings)
     _latency_step(migrated_engine)
     caplog.set_level(logging.WARNING, logger="parley.metrics.watch")
     watch = AnomalyWatch(settings)
@@ -89,3 +94,4 @@ def test_a_busy_sqlite_writer_delays_a_new_episode_and_never_an_old_one(
         assert watch(NOW + timedelta(minutes=10)) == []
         assert time.monotonic() - started < 2
     assert caplog.text.count("anomaly: openai/m latency_p90_ms") == 1
+    migrated_engine.dispose()
