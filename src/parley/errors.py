@@ -7,7 +7,8 @@ The tree::
     ├── ClientError                  the caller sent something we refuse (4xx, never retried)
     │   ├── InvalidRequest           400 malformed JSON, wrong types, missing fields
     │   ├── AuthenticationFailed     401 missing or wrong credentials
-    │   ├── PermissionDenied         403 authenticated, but this channel may not (CSRF)
+    │   ├── PermissionDenied         403 authenticated, but this channel may not
+    │   │   └── CsrfTokenInvalid     403 a cookie write without the session's CSRF token
     │   ├── NotFound                 404 no such endpoint or object
     │   │   └── ModelNotFound        404 unknown model, alias or provider
     │   ├── BodyTooLarge             413 request body over the configured limit
@@ -124,6 +125,10 @@ class PermissionDenied(ClientError):
     status = 403
     code = "permission_denied"
     error_type = "permission"
+
+
+class CsrfTokenInvalid(PermissionDenied):
+    code = "csrf_token_invalid"
 
 
 class NotFound(ClientError):

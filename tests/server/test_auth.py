@@ -252,6 +252,7 @@ def test_every_channel_on_api_me(server: ParleyServer, alice: Browser, database_
         "/api/me", json={"full_name": "A"}, headers={"X-CSRF-Token": "not-it"}
     )
     assert wrong_token.status_code == 403
+    assert wrong_token.json()["error"]["code"] == "csrf_token_invalid"  # as documented
     changed = alice.write(
         "PATCH", "/api/me", json={"full_name": "Alice A.", "preferences": {"x": 1}}
     )

@@ -8,8 +8,10 @@ whichever channel made it.
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -576,3 +578,32 @@ def test_deleting_a_conversation_deletes_its_attachments_blobs(
 )
 def test_generated_titles_are_cleaned_up(answer: str, title: str | None) -> None:
     assert clean_title(answer) == title
+
+
+def test_deleting_a_conversation_mid_answer_keeps_the_request_log_row(
+    server: Server, database_url: str
+) -> None:
+    api = Api(server)
+    doomed = api.create(default_model="up/slow-stream")["id"]  # five chunks, 100 ms apart
+    with ThreadPoolExecutor(1) as pool:
+        answering = pool.submit(api.send, doomed, "tell me slowly")
+        time.sleep(0.2)
+        assert Api(server).http.delete(f"/conversations/{doomed}").status_code == 204
+        events = answering.result(timeout=10)
+    # The answer still reaches the client; it has no conversation left to be stored in.
+    assert [event for event, _ in events][-1] == "done", events
+    assert Api(server).http.get(f"/conversations/{doomed}").status_code == 404
+    engine = sa.create_engine(database_url)
+    try:
+        with engine.connect() as conn:
+            logged = conn.execute(
+                # The title exchange (endpoint "title") is recorded outside conversations.
+                sa.text(
+                    "SELECT success, conversation_id FROM request_log "
+                    "WHERE model = :m AND endpoint <> 'title'"
+                ),
+                {"m": "slow-stream"},
+            ).all()
+    finally:
+        engine.dispose()
+    assert [(bool(success), conv) for success, conv in logged] == [(True, None)]

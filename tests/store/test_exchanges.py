@@ -9,7 +9,7 @@ from typing import Any
 import orjson
 import sqlalchemy as sa
 
-from parley.domain.exchange import Attempt, Choice, Exchange
+from parley.domain.exchange import Attempt, Choice, Exchange, ReplyTo
 from parley.domain.messages import Message, ToolCall, chain_hashes
 from parley.domain.usage import Usage
 from parley.store import exchanges
@@ -20,6 +20,7 @@ from parley.store.exchanges import (
     list_requests,
     write_batch,
 )
+from parley.store.schema import conversations, messages
 
 SYSTEM = Message("system", "Be brief.")
 
@@ -206,6 +207,38 @@ def test_fallback_chain_records_every_attempt(migrated_engine: sa.Engine) -> Non
     messages = rows(migrated_engine, "SELECT * FROM messages ORDER BY id")
     assert {m["request_id"] for m in messages} == {requests[1]["id"]}
     assert {r["conversation_id"] for r in requests} == {recorded.conversation_id}
+
+
+def test_an_answer_whose_conversation_was_deleted_keeps_its_attempts(
+    migrated_engine: sa.Engine,
+) -> None:
+    # Two chat-API answers: one to a conversation its owner deleted while the answer was
+    # being made, one to a message deleted meanwhile; and one answer whose place exists.
+    kept, gone, pruned = (
+        write(migrated_engine, chat([SYSTEM, Message("user", f"q{n}")]))[0] for n in range(3)
+    )
+
+    def reply(to: Recorded, parent: int) -> Exchange:
+        assert to.conversation_id is not None and to.conversation_public_id is not None
+        return chat(
+            [],
+            [f"answer to {to.conversation_id}"],
+            reply_to=ReplyTo(to.conversation_id, to.conversation_public_id, parent, "h"),
+        )
+
+    replies = [reply(kept, kept.message_ids[-1]), reply(gone, gone.message_ids[-1])]
+    replies.append(reply(pruned, pruned.message_ids[-1]))
+    with migrated_engine.begin() as conn:
+        conn.execute(sa.delete(conversations).where(conversations.c.id == gone.conversation_id))
+        conn.execute(sa.delete(messages).where(messages.c.id == pruned.message_ids[-1]))
+    recorded = write(migrated_engine, *replies)  # one batch: the others are not sunk
+    answers = rows(migrated_engine, "SELECT content FROM messages WHERE role = 'assistant'")
+    assert [a["content"] for a in answers if a["content"].startswith("answer to")] == [
+        f"answer to {kept.conversation_id}"
+    ]
+    logged = rows(migrated_engine, "SELECT id, conversation_id FROM request_log ORDER BY id")
+    assert [r["conversation_id"] for r in logged[-3:]] == [kept.conversation_id, None, None]
+    assert [r.answer_public_ids == () for r in recorded] == [False, True, True]
 
 
 def test_failed_exchange_keeps_what_the_user_sent(migrated_engine: sa.Engine) -> None:

@@ -31,7 +31,7 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from parley.domain.users import Principal
-from parley.errors import AuthenticationFailed, PermissionDenied
+from parley.errors import AuthenticationFailed, CsrfTokenInvalid
 from parley.security import tokens
 from parley.server.activity import Activity
 from parley.server.identity import IDENTITY_KEY, LOCAL_MODE, MASTER, Identity
@@ -122,7 +122,7 @@ async def identify(request: web.Request, master: str) -> Identity:
         token = request.headers.get(CSRF_HEADER, "")
         assert session.csrf_token is not None
         if not tokens.same(token, session.csrf_token):
-            raise PermissionDenied(
+            raise CsrfTokenInvalid(
                 f"a write with a session cookie needs the session's CSRF token in {CSRF_HEADER}"
             )
     request.app[ACTIVITY].seen(session)

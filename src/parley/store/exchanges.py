@@ -43,7 +43,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
-from sqlalchemy import Connection, Dialect, Row, select
+from sqlalchemy import Connection, Dialect, Row, Table, select
 
 from parley.domain.exchange import Attempt, Exchange
 from parley.domain.messages import chain_hash, chain_of, content_hash_of
@@ -173,7 +173,7 @@ def write_batch(
         conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({WRITER_LOCK})")
     now = datetime.now(UTC)
     hashed = [_hash(exchange) for exchange in batch]
-    planner = _Planner(now, _stored_matches(conn, hashed))
+    planner = _Planner(now, _stored_matches(conn, hashed), _unanswerable(conn, batch))
     plans = [planner.plan(exchange, h) for exchange, h in zip(batch, hashed, strict=True)]
 
     # A conversation started in this batch may be continued in it too: one row, once.
@@ -271,8 +271,14 @@ def _link(plan: _Plan) -> list[dict[str, Any]]:
 class _Planner:
     """Decides, in Python, every row of a batch and how the rows link to each other."""
 
-    def __init__(self, now: datetime, stored: dict[tuple[str, _Owner], _Stored]) -> None:
+    def __init__(
+        self,
+        now: datetime,
+        stored: dict[tuple[str, _Owner], _Stored],
+        unanswerable: set[int],
+    ) -> None:
         self.now = now
+        self.unanswerable = unanswerable
         self.ids = PublicIds()
         self.stored = stored
         # Messages planned earlier in this batch, by (chain hash, owner): newest wins.
@@ -286,6 +292,10 @@ class _Planner:
         )
         target = exchange.reply_to
         if target is not None:
+            if id(exchange) in self.unanswerable:
+                # Its conversation, or the message answered, was deleted while the answer
+                # was being made: the attempts are still facts, the answer has no place.
+                return plan
             plan.conv = _Conv(target.conversation_public_id, target.conversation_id)
             self._plan_answers(
                 plan,
@@ -452,6 +462,44 @@ def _hash(exchange: Exchange) -> _Hashed | None:
         first_assistant,
         _owner(exchange.user_id, exchange.api_key_id),
     )
+
+
+def _unanswerable(conn: Connection, batch: Sequence[Exchange]) -> set[int]:
+    """The chat-API exchanges (by ``id()``) whose conversation or parent message is gone:
+    deleted by their owner while the answer was being made. Two lookups per batch, only
+    when it holds chat-API exchanges."""
+    replies = [e for e in batch if e.reply_to is not None]
+    if not replies:
+        return set()
+    conv_ids = {e.reply_to.conversation_id for e in replies if e.reply_to is not None}
+    parent_ids = {
+        e.reply_to.parent_message_id
+        for e in replies
+        if e.reply_to is not None and e.reply_to.parent_message_id is not None
+    }
+    found_convs = _existing(conn, conversations, conv_ids)
+    found_parents = _existing(conn, messages, parent_ids)
+    return {
+        id(e)
+        for e in replies
+        if e.reply_to is not None
+        and (
+            e.reply_to.conversation_id not in found_convs
+            or (
+                e.reply_to.parent_message_id is not None
+                and e.reply_to.parent_message_id not in found_parents
+            )
+        )
+    }
+
+
+def _existing(conn: Connection, table: Table, ids: set[int]) -> set[int]:
+    found: set[int] = set()
+    wanted = sorted(ids)
+    for start in range(0, len(wanted), _LOOKUP_CHUNK):
+        part = wanted[start : start + _LOOKUP_CHUNK]
+        found.update(conn.execute(select(table.c.id).where(table.c.id.in_(part))).scalars())
+    return found
 
 
 def _owner(user_id: int | None, api_key_id: int | None) -> _Owner:
