@@ -25,6 +25,7 @@ from aiohttp import web
 from parley.chat.service import clean_title
 from parley.server.app import create_app
 from parley.server.identity import IDENTITY_KEY, Identity
+from parley.store.schema import conversations
 from tests.fakes.openai_upstream import FakeOpenAI
 from tests.harness import ParleyServer, rows, settings_for, wait_for, write_config
 
@@ -333,15 +334,17 @@ def test_per_message_model_override(server: Server, database_url: str) -> None:
     refused = api.http.post(f"/conversations/{cid}/messages", json={"content": "x", "model": "zz"})
     assert refused.status_code == 400
     assert len(api.get(cid)["messages"]) == 2
-    # A default model that left the configuration is the request's fault, not a 404.
+    # A default model that left the configuration is the request's fault, not a 404,
+    # and refused before anything is stored, as an unknown override is.
     engine = sa.create_engine(database_url)
     try:
         with engine.begin() as conn:
             conn.execute(sa.text("UPDATE conversations SET default_model = 'gone/model'"))
     finally:
         engine.dispose()
-    error = last(api.send(cid, "still there?"), "error")
-    assert (error["status"], error["type"]) == (400, "bad_request") and "gone" in error["message"]
+    gone = api.http.post(f"/conversations/{cid}/messages", json={"content": "still there?"})
+    assert gone.status_code == 400 and "gone" in gone.json()["error"]["message"]
+    assert len(api.get(cid)["messages"]) == 2
 
 
 def test_edit_and_regenerate_make_branches(server: Server, upstream: FakeOpenAI) -> None:
@@ -607,3 +610,31 @@ def test_deleting_a_conversation_mid_answer_keeps_the_request_log_row(
     finally:
         engine.dispose()
     assert [(bool(success), conv) for success, conv in logged] == [(True, None)]
+
+
+def test_a_send_no_model_can_answer_stores_nothing(server: Server, database_url: str) -> None:
+    api = Api(server)
+    # An imported conversation has no default model; another's left the configuration.
+    cases = {None: "the conversation has no default model", "gone/model": "gone"}
+    ids = {model: api.create()["id"] for model in cases}
+    engine = sa.create_engine(database_url)
+    try:
+        with engine.begin() as conn:
+            for model, conversation_id in ids.items():
+                conn.execute(
+                    sa.update(conversations)
+                    .where(conversations.c.public_id == uuid.UUID(conversation_id))
+                    .values(default_model=model)
+                )
+    finally:
+        engine.dispose()
+    for model, wanted in cases.items():
+        for stream in (True, False):
+            reply = api.http.post(
+                f"/conversations/{ids[model]}/messages",
+                json={"content": "continue", "stream": stream},
+            )
+            assert reply.status_code == 400, reply.text
+            error = reply.json()["error"]
+            assert wanted in error["message"] and error["param"] == "model"
+        assert api.get(ids[model])["message_count"] == 0  # no stray user messages

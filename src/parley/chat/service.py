@@ -206,8 +206,7 @@ class ChatService:
         """Commit ``message`` under ``parent`` (see ``Conversations.add_user_message``)
         with the uploads ``attachments`` (the caller's own: any other is ``NotFound``),
         then answer it."""
-        if options.model is not None:
-            await self.check_model(options.model)
+        await self._check_answerable(caller, conversation_id, options)
         self._check_sources(options)
         # Refused before the message is stored: the caller knows nothing was kept.
         await self._recorder.admit(caller)
@@ -241,14 +240,29 @@ class ChatService:
     ) -> Reply:
         """A new answer to what ``message_id`` answered (or to ``message_id`` itself, a
         user message): a sibling branch; the old answer stays."""
-        if options.model is not None:
-            await self.check_model(options.model)
+        await self._check_answerable(caller, conversation_id, options)
         self._check_sources(options)
         await self._recorder.admit(caller)
         turn = await asyncio.to_thread(self.store.answer_again, caller, conversation_id, message_id)
         if turn is None:
             raise NotFound("no such conversation")
         return Reply(turn.message, self._answer(caller, turn, options))
+
+    async def _check_answerable(
+        self, caller: Caller, conversation_id: uuid.UUID, options: Options
+    ) -> None:
+        """The model that would answer is known to the router: the one asked for, else
+        the conversation's default. Checked before anything is stored, so a refused send
+        leaves no stray message behind (an imported conversation has no default model)."""
+        if options.model is not None:
+            await self.check_model(options.model)
+            return
+        conversation = await asyncio.to_thread(self.store.get, caller, conversation_id)
+        if conversation is None:
+            raise NotFound("no such conversation")
+        if conversation.default_model is None:
+            raise InvalidRequest("the conversation has no default model: pass 'model'", "model")
+        await self.check_model(conversation.default_model)
 
     async def close(self) -> None:
         """Let titles being made finish (briefly), then cancel the rest."""
