@@ -58,3 +58,21 @@ def test_the_marker_stays_while_another_server_still_runs(
         with ServerPresence(settings) as third:
             assert not third.previous_run_unclean  # another holder: not a crash
             third.mark_clean()
+
+
+def test_a_second_server_keeps_the_database_after_the_first_stops(
+    tmp_path: Path, make_settings: MakeSettings
+) -> None:
+    # A restore or an offline VACUUM under the second server would swap the file it
+    # still writes to: its commits would go to a deleted file.
+    settings = make_settings(tmp_path)
+    first = ServerPresence(settings)
+    first.__enter__()
+    with ServerPresence(settings) as second:
+        first.mark_clean()
+        first.__exit__(None, None, None)
+        assert server_running(settings)
+        with pytest.raises(ConfigError, match="stop it first"), exclusive(settings):
+            pass
+        second.mark_clean()
+    assert not server_running(settings)

@@ -115,7 +115,15 @@ class ServerPresence:
         self._fd = fd
         marker = marker_path(database)
         # A marker with no other server holding the lock was left by a run that crashed.
-        others = _others_hold(fd)
+        try:
+            others = _others_hold(fd)
+        except BlockingIOError:
+            self._fd = None
+            os.close(fd)
+            raise ConfigError(
+                f"{database} is being restored or maintained by another parley command "
+                f"(it holds {lock_path(database)}): start the server once that finishes"
+            ) from None
         self.previous_run_unclean = marker.exists() and not others
         marker.touch(mode=0o600, exist_ok=True)
 
@@ -137,10 +145,15 @@ class ServerPresence:
 
 
 def _others_hold(fd: int) -> bool:
-    """Whether another process holds the lock too (we hold it shared on ``fd``)."""
+    """Whether another process holds the lock too (we hold it shared on ``fd``, and still
+    do on return)."""
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
+        # A conversion that fails leaves no lock at all (Linux removes the shared lock
+        # before it tries the exclusive one): take the shared one again. Another server
+        # holds it shared, so no exclusive command can have taken it in between.
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         return True
     # Alone: go back to shared so other servers may join.
     fcntl.flock(fd, fcntl.LOCK_SH)
