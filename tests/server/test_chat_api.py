@@ -638,3 +638,16 @@ def test_a_send_no_model_can_answer_stores_nothing(server: Server, database_url:
             error = reply.json()["error"]
             assert wanted in error["message"] and error["param"] == "model"
         assert api.get(ids[model])["message_count"] == 0  # no stray user messages
+
+
+def test_text_with_a_nul_character_is_a_400_on_both_databases(server: Server) -> None:
+    api = Api(server)
+    refused = api.http.post(
+        "/conversations", json={"default_model": "up/gpt-4o-mini", "title": "a\u0000b"}
+    )
+    assert refused.status_code == 400, refused.text
+    assert "NUL" in refused.json()["error"]["message"]
+    cid = api.create()["id"]
+    sent = api.http.post(f"/conversations/{cid}/messages", json={"content": "a\u0000b"})
+    assert sent.status_code == 400, sent.text
+    assert api.get(cid)["message_count"] == 0

@@ -40,7 +40,7 @@ from parley.search.rag import MAX_COLLECTIONS
 from parley.server import identity
 from parley.server.documents_api import DOCUMENTS
 from parley.server.files_api import FILES
-from parley.server.openai_parse import parse_json_object
+from parley.server.openai_parse import parse_api_object
 from parley.server.relay import SSE_HEADERS
 from parley.server.state import SERVICES, read_body
 from parley.store.conversations import (
@@ -403,7 +403,7 @@ async def _body(
     raw = await read_body(request, request.app[SERVICES].settings.max_body_bytes)
     if allow_empty and not raw.strip():
         return {}
-    data = parse_json_object(raw)
+    data = parse_api_object(raw)
     unknown = set(data) - fields
     if unknown:
         raise InvalidRequest(

@@ -29,7 +29,7 @@ from aiohttp import web
 from parley.errors import NotFound, StoreUnavailable
 from parley.gateway.limits import Limiter
 from parley.server import identity
-from parley.server.openai_parse import parse_json_object
+from parley.server.openai_parse import parse_api_object
 from parley.server.state import SERVICES, read_body
 from parley.store.metrics import MetricsStore
 
@@ -55,7 +55,7 @@ async def put_limit(request: web.Request) -> web.Response:
     user_id, key_id = await _subject(request)
     settings = request.app[SERVICES].settings
     # Checked by set_limit (``store.limits.check_values``): a bad value is a 400.
-    values = parse_json_object(await read_body(request, settings.max_body_bytes))
+    values = parse_api_object(await read_body(request, settings.max_body_bytes))
     limit = await asyncio.to_thread(
         lambda: limiter.store.set_limit(user_id=user_id, api_key_id=key_id, values=values)
     )

@@ -51,6 +51,27 @@ def parse_json_object(body: bytes) -> dict[str, Any]:
     return data
 
 
+def parse_api_object(body: bytes) -> dict[str, Any]:
+    """A JSON object body of the chat and admin APIs (``/api``): as ``parse_json_object``,
+    and no string in it (key or value, at any depth) may hold a NUL character. Those APIs
+    store text, which PostgreSQL refuses with a NUL: a 400 on both databases alike, not a
+    500 on one (``/v1`` instead stores exchanges with U+FFFD in its place)."""
+    data = parse_json_object(body)
+    if _holds_nul(data):
+        raise InvalidRequest("text may not contain the NUL character (U+0000)")
+    return data
+
+
+def _holds_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any("\x00" in key or _holds_nul(item) for key, item in value.items())
+    if isinstance(value, list):
+        return any(_holds_nul(item) for item in value)
+    return False
+
+
 def parse_chat_request(data: dict[str, Any]) -> ChatRequest:
     model = _model(data)
     raw_messages = data.get("messages")

@@ -28,7 +28,7 @@ from aiohttp import web
 from parley.errors import InvalidRequest, NotFound, StoreUnavailable
 from parley.gateway.directory import ProviderDirectory, effective_base_url
 from parley.server import identity
-from parley.server.openai_parse import parse_json_object
+from parley.server.openai_parse import parse_api_object
 from parley.server.state import SERVICES, read_body
 from parley.settings import PROVIDER_KINDS
 from parley.store.provider_configs import FIELDS, ProviderConfigStore, StoredConfig, StoredKey
@@ -390,7 +390,7 @@ def _json(body: Any, status: int = 200) -> web.Response:
 
 async def _body(request: web.Request, allowed: frozenset[str] | set[str]) -> dict[str, Any]:
     limit = request.app[SERVICES].settings.max_body_bytes
-    data = parse_json_object(await read_body(request, limit))
+    data = parse_api_object(await read_body(request, limit))
     unknown = sorted(set(data) - allowed)
     if unknown:
         raise InvalidRequest(

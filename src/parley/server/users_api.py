@@ -29,7 +29,7 @@ from parley.domain.times import utc
 from parley.domain.users import ApiKey, User
 from parley.errors import AuthenticationFailed, InvalidRequest, NotFound
 from parley.server import auth, identity
-from parley.server.openai_parse import parse_json_object
+from parley.server.openai_parse import parse_api_object
 from parley.server.state import SERVICES, read_body
 from parley.store.users import KEEP, Users
 
@@ -317,7 +317,7 @@ def _json(body: Any, status: int = 200) -> web.Response:
 
 async def _body(request: web.Request, allowed: set[str]) -> dict[str, Any]:
     limit = request.app[SERVICES].settings.max_body_bytes
-    data = parse_json_object(await read_body(request, limit))
+    data = parse_api_object(await read_body(request, limit))
     unknown = sorted(set(data) - allowed)
     if unknown:
         raise InvalidRequest(
