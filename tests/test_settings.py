@@ -55,3 +55,35 @@ def test_bad_kind_and_base_url_are_named(tmp_path: Path) -> None:
         _load(
             tmp_path, '[[providers]]\nname = "a"\nkind = "ollama"\nbase_url = "localhost:11434"\n'
         )
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("PARLEY_RETENTION_REQUEST_LOG_DAYS", "nan"),
+        ("PARLEY_RETENTION_REQUEST_LOG_DAYS", "inf"),
+        ("PARLEY_RETENTION_REQUEST_LOG_DAYS", "1e400"),
+        ("PARLEY_RETENTION_REQUEST_LOG_DAYS", "1000000"),
+        ("PARLEY_RETENTION_REQUEST_LOG_DAYS", "-1"),
+        ("PARLEY_RETENTION_HTTP_METRICS_DAYS", "inf"),
+        ("PARLEY_RETENTION_HTTP_METRICS_DAYS", "36501"),
+    ],
+)
+def test_retention_ages_must_be_finite_and_at_most_a_century(
+    tmp_path: Path, variable: str, value: str
+) -> None:
+    setting = "retention." + variable.removeprefix("PARLEY_RETENTION_").lower()
+    with pytest.raises(ConfigError, match=setting):
+        load_settings(env={variable: value}, cwd=tmp_path)
+
+
+def test_retention_ages_up_to_a_century_are_read(tmp_path: Path) -> None:
+    settings = _load(tmp_path, "[retention]\nrequest_log_days = 36500\nhttp_metrics_days = 0.5\n")
+    assert settings.retention.request_log_days == 36500  # type: ignore[attr-defined]
+    assert settings.retention.http_metrics_days == 0.5  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-1"])
+def test_intervals_must_be_finite_and_not_negative(tmp_path: Path, value: str) -> None:
+    with pytest.raises(ConfigError, match="interval_hours"):
+        _load(tmp_path, f'[retention]\ninterval_hours = "{value}"\n')

@@ -93,3 +93,17 @@ def test_limits_set_refuses_values_the_database_cannot_hold(
     largest = run(tmp_path, database_url, "limits", "set", "--user", "hank", "--rpm", "2147483647")
     assert largest.exit_code == 0, largest.output
     assert "requests_per_minute=2147483647" in run(tmp_path, database_url, "limits", "list").output
+
+
+def test_stats_refuses_a_window_the_api_would_refuse(tmp_path: Path, database_url: str) -> None:
+    for window, reason in (
+        ("99999999d", "at most ten years"),
+        ("3661d", "at most ten years"),
+        ("0m", "positive duration"),
+        ("week", "positive duration"),
+    ):
+        result = run(tmp_path, database_url, "stats", "--window", window)
+        assert result.exit_code == 1, (window, result.output)
+        assert result.exception is None or isinstance(result.exception, SystemExit)
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and reason in lines[0] and "--window" in lines[0], lines

@@ -148,6 +148,46 @@ def test_bad_metrics_queries_get_openai_errors(server: ParleyServer) -> None:
         headers=bearer(MASTER),
     )
     assert reply.status_code == 400 and "6 hours" in reply.json()["error"]["message"]
+    # Each once gave a 500: an overflow in the date arithmetic, a cursor past PostgreSQL's
+    # INTEGER, or a NUL that PostgreSQL text cannot hold.
+    for report, params, param in (
+        ("summary", {"window": "99999999d"}, "window"),
+        ("http", {"window": "99999999d"}, "window"),
+        ("anomalies", {"window": "99999999d"}, "window"),
+        ("requests", {"window": "99999999d"}, "window"),
+        ("summary", {"window": "3661d"}, "window"),
+        ("summary", {"window": "9" * 5000 + "d"}, "window"),
+        ("timeseries", {"bucket": "99999999999999d"}, "bucket"),
+        ("summary", {"until": "9999-12-31T23:59:59Z"}, "until"),
+        ("summary", {"until": "9999-12-31T23:59:59-01:00"}, "until"),
+        ("anomalies", {"since": "0001-01-01T00:00:00Z"}, "since"),
+        ("requests", {"until": "9999-12-31T23:59:59Z"}, "until"),
+        ("requests", {"cursor": "99999999999999999999999"}, "cursor"),
+        ("requests", {"cursor": str(2**31)}, "cursor"),
+        ("requests", {"cursor": "-5"}, "cursor"),
+        ("summary", {"model": "\x00"}, "model"),
+        ("summary", {"error_type": "x\x00y"}, "error_type"),
+        ("requests", {"model": "\x00"}, "model"),
+        ("timeseries", {"provider": "a,b\x00"}, "provider"),
+    ):
+        reply = httpx.get(
+            f"{server.root}/api/metrics/{report}", params=params, headers=bearer(MASTER)
+        )
+        assert reply.status_code == 400, (report, params, reply.text)
+        error = reply.json()["error"]
+        assert error["type"] == "invalid_request_error" and error["param"] == param, error
+    # The limits themselves are accepted.
+    for report, params in (
+        ("summary", {"window": "3660d"}),
+        ("timeseries", {"window": "3660d", "bucket": "3660d"}),
+        ("summary", {"until": "9998-12-31T23:59:59Z"}),
+        ("anomalies", {"since": "1000-01-01T00:00:00Z", "until": "1000-01-02T00:00:00Z"}),
+        ("requests", {"cursor": str(2**31 - 1)}),
+    ):
+        reply = httpx.get(
+            f"{server.root}/api/metrics/{report}", params=params, headers=bearer(MASTER)
+        )
+        assert reply.status_code == 200, (report, params, reply.text)
 
 
 def test_prometheus_counts_what_was_recorded(server: ParleyServer) -> None:

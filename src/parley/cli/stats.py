@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import uuid
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 import click
@@ -19,7 +19,9 @@ import orjson
 import sqlalchemy
 
 from parley.cli.common import engine_at_head, fail, run
+from parley.errors import InvalidRequest
 from parley.metrics import report
+from parley.server.metrics_query import duration
 from parley.store.limits import MAX_PER_MINUTE, LimitStore
 from parley.store.metrics import MetricsStore
 from parley.store.users import Users
@@ -47,11 +49,11 @@ _GROUPS = {
 def stats(window: str, group_by: str, as_json: bool) -> None:
     """Requests, errors, latency percentiles, tokens and cost over a window, from the
     rollups (the same figures as GET /api/metrics/summary)."""
-    units = {"m": "minutes", "h": "hours", "d": "days"}
     try:
-        span = timedelta(**{units[window[-1]]: int(window[:-1])})
-    except (KeyError, ValueError):
-        fail(f"--window must look like 30m, 24h or 7d, not {window!r}")
+        # The API's rules: positive, at most ten years.
+        span = duration(window, "--window")
+    except InvalidRequest as exc:
+        fail(f"{exc}, not {window!r}")
     names = [n.strip() for n in group_by.split(",") if n.strip()]
     unknown = [n for n in names if n not in _GROUPS]
     if unknown:

@@ -141,11 +141,7 @@ async def requests(request: web.Request) -> web.Response:
         limit = 0
     if not 1 <= limit <= _MAX_PAGE:
         raise InvalidRequest(f"'limit' must be an integer from 1 to {_MAX_PAGE}", "limit")
-    raw_cursor = request.query.get("cursor")
-    try:
-        cursor = int(raw_cursor) if raw_cursor else None
-    except ValueError:
-        raise InvalidRequest("'cursor' must come from a previous page", "cursor") from None
+    cursor = q.cursor(request)
     page = await asyncio.to_thread(
         lambda: store.requests_page(filters, start=start, end=end, cursor=cursor, limit=limit)
     )

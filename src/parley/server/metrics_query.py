@@ -32,8 +32,15 @@ DIMENSIONS = {
     "user": "user_id",
     "api_key": "api_key_id",
 }
-_DURATION = re.compile(r"^(\d+)\s*([smhd])$")
+# Digits capped so a long string fails the match, not int() or timedelta().
+_DURATION = re.compile(r"^(\d{1,12})\s*([smhd])$")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
+_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+# Moments outside these years are refused: a ten-year window, a day's baseline or a bucket
+# around them would step past datetime.min or datetime.max.
+FIRST_YEAR, LAST_YEAR = 1000, 9998
+# request_log.id is a 32-bit INTEGER on PostgreSQL.
+MAX_CURSOR = 2**31 - 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,10 +52,15 @@ class Query:
 
 
 def duration(text: str, name: str) -> timedelta:
+    """A positive duration of at most ten years, such as ``15m``, ``1h`` or ``7d``."""
     match = _DURATION.match(text.strip())
-    if match is None or int(match.group(1)) == 0:
+    amount = int(match.group(1)) if match else 0
+    if match is None or amount == 0:
         raise InvalidRequest(f"'{name}' must be a positive duration such as 15m, 1h or 7d", name)
-    return timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
+    # Compared in seconds before any timedelta exists: a huge one overflows.
+    if amount * _SECONDS[match.group(2)] > MAX_WINDOW.total_seconds():
+        raise InvalidRequest(f"'{name}' may be at most ten years", name)
+    return timedelta(**{_UNITS[match.group(2)]: amount})
 
 
 def moment(text: str, name: str) -> datetime:
@@ -56,6 +68,11 @@ def moment(text: str, name: str) -> datetime:
         parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
         raise InvalidRequest(f"'{name}' must be an ISO 8601 time", name) from None
+    # Checked before the conversion to UTC, which can itself overflow near the ends.
+    if not FIRST_YEAR <= parsed.year <= LAST_YEAR:
+        raise InvalidRequest(
+            f"'{name}' must be a time between the years {FIRST_YEAR} and {LAST_YEAR}", name
+        )
     return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
 
 
@@ -71,6 +88,20 @@ def window(request: web.Request, now: datetime) -> tuple[datetime, datetime]:
     if end - start > MAX_WINDOW:
         raise InvalidRequest("the window may span at most ten years", "since")
     return start, end
+
+
+def cursor(request: web.Request) -> int | None:
+    """The ``cursor`` of ``/requests``: a row id from a previous page, or None."""
+    raw = request.query.get("cursor")
+    if not raw:
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= MAX_CURSOR:
+        raise InvalidRequest("'cursor' must come from a previous page", "cursor")
+    return value
 
 
 def group_by(request: web.Request) -> tuple[str, ...]:
@@ -90,6 +121,9 @@ async def filters(request: web.Request, caller: Identity, store: MetricsStore) -
     out: dict[str, Any] = {}
     for name in ("model", "provider", "origin", "error_type"):
         values = [v for raw in request.query.getall(name, []) for v in raw.split(",") if v]
+        if any("\x00" in v for v in values):
+            # PostgreSQL text cannot hold NUL, so no stored value could match.
+            raise InvalidRequest(f"'{name}' must not contain NUL characters", name)
         if values:
             out[name] = values if len(values) > 1 else values[0]
     if "success" in request.query:

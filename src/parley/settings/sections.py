@@ -5,6 +5,7 @@ failure is a ``ConfigError`` that names the setting.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -38,9 +39,24 @@ def share(value: Any, name: str) -> float:
 
 
 def nonnegative(value: float, name: str) -> float:
-    if value < 0:
-        raise ConfigError(f"{name} must not be negative, got {value}")
+    # "nan" and "inf" parse as floats: neither is an interval or a size.
+    if not math.isfinite(value) or value < 0:
+        raise ConfigError(f"{name} must be a finite number, not negative, got {value}")
     return value
+
+
+# A century: older data is kept forever in all but name, and larger ages overflow the
+# date arithmetic of a retention pass (datetime.min is year 1).
+MAX_DAYS = 36_500
+
+
+def days(value: Any, name: str) -> float:
+    """An age in days, from 0 to ``MAX_DAYS``; "nan" and "inf" parse as floats but are
+    not ages."""
+    age = number(value, name)
+    if not math.isfinite(age) or not 0 <= age <= MAX_DAYS:
+        raise ConfigError(f"{name} must be a number of days from 0 to {MAX_DAYS}, got {value!r}")
+    return age
 
 
 def secret(value: Any) -> Secret | None:
@@ -214,20 +230,14 @@ def read_retention(table: Mapping[str, Any], env: Mapping[str, str]) -> Retentio
     if batch < 1:
         raise ConfigError(f"retention.batch_size must be at least 1, got {batch}")
     return Retention(
-        request_log_days=nonnegative(
-            number(
-                env.get("PARLEY_RETENTION_REQUEST_LOG_DAYS")
-                or table.get("request_log_days", base.request_log_days),
-                "retention.request_log_days",
-            ),
+        request_log_days=days(
+            env.get("PARLEY_RETENTION_REQUEST_LOG_DAYS")
+            or table.get("request_log_days", base.request_log_days),
             "retention.request_log_days",
         ),
-        http_metrics_days=nonnegative(
-            number(
-                env.get("PARLEY_RETENTION_HTTP_METRICS_DAYS")
-                or table.get("http_metrics_days", base.http_metrics_days),
-                "retention.http_metrics_days",
-            ),
+        http_metrics_days=days(
+            env.get("PARLEY_RETENTION_HTTP_METRICS_DAYS")
+            or table.get("http_metrics_days", base.http_metrics_days),
             "retention.http_metrics_days",
         ),
         batch_size=batch,
