@@ -12,7 +12,8 @@ The tree::
     │   ├── NotFound                 404 no such endpoint or object
     │   │   └── ModelNotFound        404 unknown model, alias or provider
     │   ├── BodyTooLarge             413 request body over the configured limit
-    │   └── RateLimited              429 over a requests / tokens per minute limit
+    │   └── RateLimited              429 over a requests per minute limit
+    │       ├── TokensRateLimited    429 over a tokens per minute limit (OpenAI's ``tokens``)
     │       └── BudgetExceeded       429 a daily or monthly spend budget is used up
     ├── UpstreamError                an upstream attempt failed; ``retryable`` says whether
     │   ├── UpstreamConnectError     could not connect (retryable)
@@ -297,6 +298,12 @@ class RateLimited(ClientError):
 
     def headers(self) -> dict[str, str]:
         return {"Retry-After": str(max(1, math.ceil(self.retry_after)))}
+
+
+class TokensRateLimited(RateLimited):
+    """Over a tokens-per-minute limit: OpenAI types it ``tokens``, not ``requests``."""
+
+    openai_type = "tokens"
 
 
 class BudgetExceeded(RateLimited):

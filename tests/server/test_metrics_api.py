@@ -307,6 +307,7 @@ def test_a_stream_cut_off_before_its_usage_counts_against_the_token_limit(
             model="up/gpt-4o-mini", messages=[{"role": "user", "content": "again"}]
         )
     assert "tokens per minute" in refused.value.body["message"]  # type: ignore[index]
+    assert refused.value.body["type"] == "tokens"  # type: ignore[index]  # as OpenAI types it
 
 
 def test_limits_the_database_cannot_hold_get_400_not_500(server: ParleyServer) -> None:

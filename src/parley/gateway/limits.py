@@ -25,7 +25,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
-from parley.errors import BudgetExceeded, RateLimited
+from parley.errors import BudgetExceeded, RateLimited, TokensRateLimited
 from parley.store.limits import MINUTE, Limit, LimitStore, Usage, minute_of
 
 
@@ -130,7 +130,7 @@ def _over(limit: Limit, usage: Usage, now: datetime) -> list[RateLimited]:
     if limit.tokens_per_minute is not None and usage.tokens_last_minute >= limit.tokens_per_minute:
         oldest = usage.oldest_token_at or now
         over.append(
-            RateLimited(
+            TokensRateLimited(
                 f"rate limit reached: {limit.tokens_per_minute} tokens per minute for this "
                 f"{_what(limit)}",
                 retry_after=_seconds(oldest + MINUTE - now),
