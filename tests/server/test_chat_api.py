@@ -651,3 +651,26 @@ def test_text_with_a_nul_character_is_a_400_on_both_databases(server: Server) ->
     sent = api.http.post(f"/conversations/{cid}/messages", json={"content": "a\u0000b"})
     assert sent.status_code == 400, sent.text
     assert api.get(cid)["message_count"] == 0
+
+
+def test_content_parts_an_upstream_would_refuse_are_a_400(server: Server) -> None:
+    api = Api(server)
+    cid = api.create()["id"]
+    for content in (
+        [{"type": "bogus"}],
+        [{"type": "text"}],
+        [{"type": "text", "text": 5}],
+        [{"type": "image_url", "image_url": "notadict"}],
+        [{"type": "image_url", "image_url": {"detail": "low"}}],
+    ):
+        reply = api.http.post(
+            f"/conversations/{cid}/messages", json={"content": content, "stream": False}
+        )
+        assert reply.status_code == 400, (content, reply.text)
+        assert reply.json()["error"]["param"] == "content"
+    assert api.get(cid)["message_count"] == 0
+    parts = [
+        {"type": "text", "text": "what is in this picture?"},
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}},
+    ]
+    assert last(api.send(cid, parts), "done")["role"] == "assistant"

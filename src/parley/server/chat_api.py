@@ -494,15 +494,38 @@ def _content(value: Any, *, empty_ok: bool = False) -> str | tuple[Mapping[str, 
         if not value.strip():
             raise InvalidRequest("'content' must not be empty", "content")
         return value
-    if (
-        isinstance(value, list)
-        and value
-        and all(isinstance(p, dict) and isinstance(p.get("type"), str) for p in value)
-    ):
+    if isinstance(value, list) and value and all(_part_ok(p) for p in value):
         return tuple(value)
     raise InvalidRequest(
-        "'content' must be a non-empty string or an array of OpenAI content parts", "content"
+        "'content' must be a non-empty string or an array of OpenAI content parts "
+        f"({', '.join(sorted(_PART_FIELDS))}, each with its own object or text)",
+        "content",
     )
+
+
+# The user content parts OpenAI's chat completions take, and the field each must carry:
+# the chat API stores them and resends them on every later turn of the branch, so a part
+# an upstream would refuse must be refused here, once, not on every turn after it.
+_PART_FIELDS = {
+    "text": "text",
+    "image_url": "image_url",
+    "input_audio": "input_audio",
+    "file": "file",
+}
+
+
+def _part_ok(part: Any) -> bool:
+    if not isinstance(part, dict):
+        return False
+    field = _PART_FIELDS.get(part.get("type"))  # type: ignore[arg-type]
+    if field is None:
+        return False
+    value = part.get(field)
+    if field == "text":
+        return isinstance(value, str)
+    if field == "image_url":
+        return isinstance(value, dict) and isinstance(value.get("url"), str)
+    return isinstance(value, dict)
 
 
 def _attachment_ids(value: Any) -> list[uuid.UUID]:
