@@ -107,3 +107,23 @@ def test_stats_refuses_a_window_the_api_would_refuse(tmp_path: Path, database_ur
         assert result.exception is None or isinstance(result.exception, SystemExit)
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and reason in lines[0] and "--window" in lines[0], lines
+
+
+def test_stats_names_users_by_their_public_ids(tmp_path: Path, database_url: str) -> None:
+    settings = load_settings(env=_env(tmp_path, database_url), cwd=tmp_path)
+    upgrade(settings)
+    engine = create_engine(settings)
+    try:
+        user = Users(engine).create_user(
+            email="h@example.org", username="hal", password="pw-long-enough"
+        )
+        write(engine, chat([Message("user", "q")], user_id=user.id))
+    finally:
+        engine.dispose()
+    result = run(tmp_path, database_url, "stats", "--json", "--group-by", "user")
+    assert result.exit_code == 0, result.output
+    [entry] = orjson.loads(result.output)["data"]
+    # As the API and `parley limits list` name them; the row id is internal.
+    assert entry["group"] == {"user": str(user.public_id)}
+    table = run(tmp_path, database_url, "stats", "--group-by", "user")
+    assert f"user={user.public_id}" in table.output

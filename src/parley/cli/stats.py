@@ -21,7 +21,7 @@ import sqlalchemy
 from parley.cli.common import engine_at_head, fail, run
 from parley.errors import InvalidRequest
 from parley.metrics import report
-from parley.server.metrics_query import duration
+from parley.server.metrics_query import duration, published
 from parley.store.limits import MAX_PER_MINUTE, LimitStore
 from parley.store.metrics import MetricsStore
 from parley.store.users import Users
@@ -61,23 +61,28 @@ def stats(window: str, group_by: str, as_json: bool) -> None:
     end = datetime.now(UTC)
     with engine_at_head() as engine:
         grouping = [_GROUPS[n] for n in names]
-        rows = MetricsStore(engine).window(end - span, end, {}, grouping)
-    entries = report.summary(rows, grouping)
+        store = MetricsStore(engine)
+        # Users and keys by their public ids, as the API and `parley limits` name them.
+        entries = published(
+            report.summary(store.window(end - span, end, {}, grouping), grouping), store
+        )
     if as_json:
         click.echo(orjson.dumps({"window": window, "data": entries}, default=str).decode())
         return
+    labels = [", ".join(f"{k}={v}" for k, v in e["group"].items()) or "(all)" for e in entries]
+    # Wide enough for every label: a public id cut short names nobody.
+    width = max([40, *map(len, labels)])
     header = (
-        f"{'group':<40} {'requests':>8} {'err %':>6} {'p50 ms':>8} {'p90 ms':>8} "
+        f"{'group':<{width}} {'requests':>8} {'err %':>6} {'p50 ms':>8} {'p90 ms':>8} "
         f"{'p99 ms':>8} {'ttft p50':>8} {'tokens':>10} {'cost $':>10}"
     )
     click.echo(header)
-    for e in entries:
-        label = ", ".join(f"{k}={v}" for k, v in e["group"].items()) or "(all)"
+    for e, label in zip(entries, labels, strict=True):
         lat, ttft = e["latency_ms"], e["time_to_first_token_ms"]
         rate = "" if e["error_rate"] is None else f"{100 * e['error_rate']:.1f}"
         cost = "" if e["cost_usd"] is None else f"{e['cost_usd']:.4f}"
         click.echo(
-            f"{label[:40]:<40} {e['requests']:>8} {rate:>6} {_ms(lat['p50']):>8} "
+            f"{label:<{width}} {e['requests']:>8} {rate:>6} {_ms(lat['p50']):>8} "
             f"{_ms(lat['p90']):>8} {_ms(lat['p99']):>8} {_ms(ttft['p50']):>8} "
             f"{e['total_tokens']:>10} {cost:>10}"
         )

@@ -156,12 +156,17 @@ async def _internal(store: MetricsStore, table: str, raw: str, name: str) -> int
 
 async def publish(entries: list[dict[str, Any]], store: MetricsStore) -> list[dict[str, Any]]:
     """Replace internal user and key ids in report groups by public ids."""
+    return await asyncio.to_thread(published, entries, store)
+
+
+def published(entries: list[dict[str, Any]], store: MetricsStore) -> list[dict[str, Any]]:
+    """``publish`` for a caller off the event loop (``parley stats``)."""
     groups = [e["group"] for e in entries if "group" in e] + [
         g["group"] for e in entries for g in e.get("groups", [])
     ]
     user_ids = {g["user_id"] for g in groups if g.get("user_id") is not None}
     key_ids = {g["api_key_id"] for g in groups if g.get("api_key_id") is not None}
-    users, keys = await asyncio.to_thread(store.public_ids, user_ids, key_ids)
+    users, keys = store.public_ids(user_ids, key_ids)
     for group in groups:
         if "user_id" in group:
             value = group.pop("user_id")
