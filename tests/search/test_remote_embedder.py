@@ -156,15 +156,16 @@ def test_changing_the_remote_model_empties_the_store_and_embeds_everything_again
     with ParleyServer(settings) as server:
 
         def switched() -> bool:
+            # The store is read on first use (the model, then the ids), not at open.
+            store = VectorStore.open(settings.vector_uri)
             try:
-                store = VectorStore.open(settings.vector_uri)
+                return store.model == "remote/wide" and store.message_ids() == everything
             except RuntimeError as exc:
                 # This process read the meta table while the server was replacing it
                 # (LanceDB: a data file "Not found"); the next poll reads the new one.
                 if "Not found" in str(exc):
                     return False
                 raise
-            return store.model == "remote/wide" and store.message_ids() == everything
 
         wait_for(switched, timeout=30)
         wait_for(lambda: _drained(database_url), timeout=30)
