@@ -12,7 +12,7 @@ import sqlalchemy as sa
 from parley.domain.exchange import Attempt, Choice, Exchange, ReplyTo
 from parley.domain.messages import Message, ToolCall, chain_hashes
 from parley.domain.usage import Usage
-from parley.store import exchanges
+from parley.store import exchange_lookups
 from parley.store.engine import writer_connection
 from parley.store.exchanges import (
     Recorded,
@@ -133,7 +133,7 @@ def test_only_messages_after_an_answer_get_a_lookup_key(migrated_engine: sa.Engi
     with migrated_engine.connect() as conn:
         if conn.dialect.name == "sqlite":
             # The lookup reads the partial index (a full scan would grow with the table).
-            lookup = exchanges._MATCHES_SQL.format(marks="?, ?")
+            lookup = exchange_lookups._MATCHES_SQL.format(marks="?, ?")
             plan = conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {lookup}", (5, 7)).all()
             assert any("ix_messages_chain_key" in str(row) for row in plan), plan
         entries = conn.exec_driver_sql(

@@ -38,6 +38,7 @@ from parley.errors import InvalidRequest, NotFound, ParleyError
 from parley.search.documents_library import collection_name
 from parley.search.rag import MAX_COLLECTIONS
 from parley.server import identity
+from parley.server.chat_content import message_content
 from parley.server.documents_api import DOCUMENTS
 from parley.server.files_api import FILES
 from parley.server.openai_parse import parse_api_object
@@ -240,7 +241,7 @@ async def send_message(request: web.Request) -> web.StreamResponse:
     conversation_id = _path_id(request)
     body = await _body(request, _SEND_FIELDS)
     attachments = _attachment_ids(body.get("attachments"))
-    message = Message("user", _content(body.get("content"), empty_ok=bool(attachments)))
+    message = Message("user", message_content(body.get("content"), empty_ok=bool(attachments)))
     parent: Parent = ACTIVE_LEAF
     if "parent_id" in body:
         raw = body["parent_id"]
@@ -484,48 +485,6 @@ _PATCHERS: dict[str, Any] = {
     "system_prompt": lambda _chat, body: _string(body, "system_prompt", empty_ok=True),
     "active_leaf_id": _patch_leaf,
 }
-
-
-def _content(value: Any, *, empty_ok: bool = False) -> str | tuple[Mapping[str, Any], ...]:
-    """The message's content; ``empty_ok`` (it carries files): missing or blank is ""."""
-    if empty_ok and (value is None or (isinstance(value, str) and not value.strip())):
-        return ""
-    if isinstance(value, str):
-        if not value.strip():
-            raise InvalidRequest("'content' must not be empty", "content")
-        return value
-    if isinstance(value, list) and value and all(_part_ok(p) for p in value):
-        return tuple(value)
-    raise InvalidRequest(
-        "'content' must be a non-empty string or an array of OpenAI content parts "
-        f"({', '.join(sorted(_PART_FIELDS))}, each with its own object or text)",
-        "content",
-    )
-
-
-# The user content parts OpenAI's chat completions take, and the field each must carry:
-# the chat API stores them and resends them on every later turn of the branch, so a part
-# an upstream would refuse must be refused here, once, not on every turn after it.
-_PART_FIELDS = {
-    "text": "text",
-    "image_url": "image_url",
-    "input_audio": "input_audio",
-    "file": "file",
-}
-
-
-def _part_ok(part: Any) -> bool:
-    if not isinstance(part, dict):
-        return False
-    field = _PART_FIELDS.get(part.get("type"))  # type: ignore[arg-type]
-    if field is None:
-        return False
-    value = part.get(field)
-    if field == "text":
-        return isinstance(value, str)
-    if field == "image_url":
-        return isinstance(value, dict) and isinstance(value.get("url"), str)
-    return isinstance(value, dict)
 
 
 def _attachment_ids(value: Any) -> list[uuid.UUID]:

@@ -34,8 +34,12 @@ DIMENSIONS = {
 }
 # Digits capped so a long string fails the match, not int() or timedelta().
 _DURATION = re.compile(r"^(\d{1,12})\s*([smhd])$")
-_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
-_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_UNITS = {
+    "s": timedelta(seconds=1),
+    "m": timedelta(minutes=1),
+    "h": timedelta(hours=1),
+    "d": timedelta(days=1),
+}
 # Moments outside these years are refused: a ten-year window, a day's baseline or a bucket
 # around them would step past datetime.min or datetime.max.
 FIRST_YEAR, LAST_YEAR = 1000, 9998
@@ -57,10 +61,11 @@ def duration(text: str, name: str) -> timedelta:
     amount = int(match.group(1)) if match else 0
     if match is None or amount == 0:
         raise InvalidRequest(f"'{name}' must be a positive duration such as 15m, 1h or 7d", name)
-    # Compared in seconds before any timedelta exists: a huge one overflows.
-    if amount * _SECONDS[match.group(2)] > MAX_WINDOW.total_seconds():
+    unit = _UNITS[match.group(2)]
+    # Compared before multiplying: a huge amount overflows timedelta.
+    if amount > MAX_WINDOW / unit:
         raise InvalidRequest(f"'{name}' may be at most ten years", name)
-    return timedelta(**{_UNITS[match.group(2)]: amount})
+    return amount * unit
 
 
 def moment(text: str, name: str) -> datetime:

@@ -72,7 +72,7 @@ from parley.store.conversation_rows import (
     with_files,
 )
 from parley.store.engine import IMMEDIATE
-from parley.store.exchanges import chain_key
+from parley.store.exchange_lookups import chain_key
 from parley.store.history_rows import index_conversations, index_messages
 from parley.store.schema import attachments, conversations, messages, responses
 

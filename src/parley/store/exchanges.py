@@ -35,33 +35,27 @@ reserved up front), then one driver-level ``executemany`` per table (``store.bul
 
 from __future__ import annotations
 
-import functools
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
-from sqlalchemy import Connection, Dialect, Row, Table, select
+from sqlalchemy import Connection, Row, select
 
 from parley.domain.exchange import Attempt, Exchange
 from parley.domain.messages import chain_hash, chain_of, content_hash_of
 from parley.domain.times import utc
+from parley.store import exchange_lookups as lookups
 from parley.store import rollups
-from parley.store.bulk import PublicIds, assign_ids, bulk_insert, bulk_update, placeholder
+from parley.store.bulk import PublicIds, assign_ids, bulk_insert, bulk_update
+from parley.store.exchange_lookups import Owner, Stored
 from parley.store.history_rows import insert_conversations, insert_messages
 from parley.store.schema import conversations, messages, request_log, responses
 
 # Endpoints whose exchanges are conversations: OpenAI chat completions, Anthropic messages.
 _CHAT_ENDPOINTS = frozenset({"chat", "messages"})
-# Bound parameters per IN (...) lookup: far below SQLite's and PostgreSQL's limits.
-_LOOKUP_CHUNK = 500
-
-# Who may continue a conversation: the user, or the API key when there is no user.
-_Owner = tuple[str, int | None]
-# A stored message a request may continue from: (id, conversation id, conversation public id).
-_Stored = tuple[int, int, uuid.UUID]
 
 # pg_advisory_xact_lock key of the writers' transactions ("parley-r": the key that once
 # guarded the rollups alone, so a server of an older version still takes turns with them).
@@ -153,7 +147,7 @@ class _Hashed:
     content_hashes: list[str]
     chains: list[str]
     first_assistant: int | None
-    owner: _Owner
+    owner: Owner
 
 
 def write_batch(
@@ -173,7 +167,9 @@ def write_batch(
         conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({WRITER_LOCK})")
     now = datetime.now(UTC)
     hashed = [_hash(exchange) for exchange in batch]
-    planner = _Planner(now, _stored_matches(conn, hashed), _unanswerable(conn, batch))
+    planner = _Planner(
+        now, lookups.stored_matches(conn, _continuable(hashed)), lookups.unanswerable(conn, batch)
+    )
     plans = [planner.plan(exchange, h) for exchange, h in zip(batch, hashed, strict=True)]
 
     # A conversation started in this batch may be continued in it too: one row, once.
@@ -209,18 +205,6 @@ def write_batch(
         ],
     )
     return [Recorded(plan) for plan in plans]
-
-
-def stored_chains(conn: Connection, exchanges: Sequence[Exchange]) -> set[uuid.UUID]:
-    """The chain ids of ``exchanges`` already in the request log: those committed (every
-    exchange with an attempt has its chain id there once committed)."""
-    chains = [e.chain_id for e in exchanges if e.chain_id is not None and e.attempts]
-    found: set[uuid.UUID] = set()
-    for start in range(0, len(chains), _LOOKUP_CHUNK):
-        part = chains[start : start + _LOOKUP_CHUNK]
-        query = select(request_log.c.chain_id).where(request_log.c.chain_id.in_(part))
-        found.update(conn.execute(query).scalars())
-    return found
 
 
 def list_requests(conn: Connection, limit: int = 100) -> Sequence[Row[Any]]:
@@ -274,7 +258,7 @@ class _Planner:
     def __init__(
         self,
         now: datetime,
-        stored: dict[tuple[str, _Owner], _Stored],
+        stored: dict[tuple[str, Owner], Stored],
         unanswerable: set[int],
     ) -> None:
         self.now = now
@@ -282,7 +266,7 @@ class _Planner:
         self.ids = PublicIds()
         self.stored = stored
         # Messages planned earlier in this batch, by (chain hash, owner): newest wins.
-        self.planned: dict[tuple[str, _Owner], _Node] = {}
+        self.planned: dict[tuple[str, Owner], _Node] = {}
         self.existing: dict[int, _Conv] = {}
         self.continued: list[int] = []
 
@@ -301,7 +285,7 @@ class _Planner:
                 plan,
                 target.parent_message_id,
                 target.parent_chain_hash,
-                _owner(exchange.user_id, exchange.api_key_id),
+                lookups.owner(exchange.user_id, exchange.api_key_id),
                 target.answer_public_ids,
             )
             return plan
@@ -337,9 +321,9 @@ class _Planner:
                     "chain_hash": hashed.chains[i],
                     # Only a message after an assistant one can be continued from
                     # (see ``_match``): the others get no entry in the lookup index.
-                    "chain_key": chain_key(hashed.chains[i])
+                    "chain_key": lookups.chain_key(hashed.chains[i])
                     if hashed.first_assistant is not None and i >= hashed.first_assistant
-                    else UNINDEXED,
+                    else lookups.UNINDEXED,
                     "created_at": started,
                     "user_id": exchange.user_id,
                     "api_key_id": exchange.api_key_id,
@@ -372,7 +356,7 @@ class _Planner:
         plan: _Plan,
         parent: _Node | int | None,
         parent_chain: str | None,
-        owner: _Owner,
+        owner: Owner,
         public_ids: Sequence[uuid.UUID] = (),
     ) -> None:
         """An assistant message and a response row per answer, children of ``parent``;
@@ -404,7 +388,7 @@ class _Planner:
                     "payload": orjson.dumps(payload).decode(),
                     "content_hash": content_hash,
                     "chain_hash": answer_chain,
-                    "chain_key": chain_key(answer_chain),
+                    "chain_key": lookups.chain_key(answer_chain),
                     "created_at": self.now,
                     "user_id": exchange.user_id,
                     "api_key_id": exchange.api_key_id,
@@ -430,13 +414,24 @@ class _Planner:
             )
 
     def _node(
-        self, plan: _Plan, parent: _Node | int | None, owner: _Owner, row: dict[str, Any]
+        self, plan: _Plan, parent: _Node | int | None, owner: Owner, row: dict[str, Any]
     ) -> _Node:
         assert plan.conv is not None
         node = _Node(row, parent, plan.conv)
         plan.nodes.append(node)
         self.planned[(row["chain_hash"], owner)] = node
         return node
+
+
+def _continuable(hashed: Iterable[_Hashed | None]) -> set[str]:
+    """The chain hashes a request of the batch might continue from: only a prefix holding
+    an assistant message may continue a conversation, so shorter prefixes are never looked
+    up (a new chat costs no query at all)."""
+    wanted: set[str] = set()
+    for h in hashed:
+        if h is not None and h.first_assistant is not None:
+            wanted.update(h.chains[h.first_assistant :])
+    return wanted
 
 
 def _hash(exchange: Exchange) -> _Hashed | None:
@@ -460,110 +455,8 @@ def _hash(exchange: Exchange) -> _Hashed | None:
         content_hashes,
         chains,
         first_assistant,
-        _owner(exchange.user_id, exchange.api_key_id),
+        lookups.owner(exchange.user_id, exchange.api_key_id),
     )
-
-
-def _unanswerable(conn: Connection, batch: Sequence[Exchange]) -> set[int]:
-    """The chat-API exchanges (by ``id()``) whose conversation or parent message is gone:
-    deleted by their owner while the answer was being made. Two lookups per batch, only
-    when it holds chat-API exchanges."""
-    replies = [e for e in batch if e.reply_to is not None]
-    if not replies:
-        return set()
-    conv_ids = {e.reply_to.conversation_id for e in replies if e.reply_to is not None}
-    parent_ids = {
-        e.reply_to.parent_message_id
-        for e in replies
-        if e.reply_to is not None and e.reply_to.parent_message_id is not None
-    }
-    found_convs = _existing(conn, conversations, conv_ids)
-    found_parents = _existing(conn, messages, parent_ids)
-    return {
-        id(e)
-        for e in replies
-        if e.reply_to is not None
-        and (
-            e.reply_to.conversation_id not in found_convs
-            or (
-                e.reply_to.parent_message_id is not None
-                and e.reply_to.parent_message_id not in found_parents
-            )
-        )
-    }
-
-
-def _existing(conn: Connection, table: Table, ids: set[int]) -> set[int]:
-    found: set[int] = set()
-    wanted = sorted(ids)
-    for start in range(0, len(wanted), _LOOKUP_CHUNK):
-        part = wanted[start : start + _LOOKUP_CHUNK]
-        found.update(conn.execute(select(table.c.id).where(table.c.id.in_(part))).scalars())
-    return found
-
-
-def _owner(user_id: int | None, api_key_id: int | None) -> _Owner:
-    return ("user", user_id) if user_id is not None else ("key", api_key_id)
-
-
-def _stored_matches(
-    conn: Connection, hashed: Iterable[_Hashed | None]
-) -> dict[tuple[str, _Owner], _Stored]:
-    """Stored messages a request of this batch might continue from, in one pass."""
-    wanted: set[str] = set()
-    for h in hashed:
-        # Only a prefix holding an assistant message may continue a conversation, so
-        # shorter prefixes are never looked up (a new chat costs no query at all).
-        if h is not None and h.first_assistant is not None:
-            wanted.update(h.chains[h.first_assistant :])
-    found: dict[tuple[str, _Owner], _Stored] = {}
-    if not wanted:
-        return found
-    ordered = sorted({chain_key(chain) for chain in wanted})
-    public_id_of = _public_id_processor(conn.dialect)
-    mark = placeholder(conn.dialect.paramstyle)
-    # Straight to the driver: building and caching the Core statement cost more than
-    # running it, once per group commit.
-    cursor = conn.connection.cursor()
-    try:
-        for start in range(0, len(ordered), _LOOKUP_CHUNK):
-            keys = ordered[start : start + _LOOKUP_CHUNK]
-            cursor.execute(_MATCHES_SQL.format(marks=", ".join([mark] * len(keys))), keys)
-            for (
-                chain,
-                message_id,
-                conv_id,
-                conv_public_id,
-                user_id,
-                api_key_id,
-            ) in cursor.fetchall():
-                if chain not in wanted:
-                    continue  # another chain with the same 64-bit key
-                key = (chain, _owner(user_id, api_key_id))
-                if key not in found or found[key][0] < message_id:
-                    public_id = public_id_of(conv_public_id) if public_id_of else conv_public_id
-                    found[key] = (message_id, conv_id, public_id)
-    finally:
-        cursor.close()
-    return found
-
-
-_MATCHES_SQL = (
-    "SELECT m.chain_hash, m.id, m.conversation_id, c.public_id, c.user_id, c.api_key_id "
-    "FROM messages AS m JOIN conversations AS c ON c.id = m.conversation_id "
-    # The partial index's own condition, spelled out so that both databases use it.
-    "WHERE m.chain_key IN ({marks}) AND m.chain_key <> 0"
-)
-
-
-@functools.lru_cache(maxsize=4)
-def _public_id_processor(dialect: Dialect) -> Callable[[Any], Any] | None:
-    """How the dialect turns a stored public id into a ``uuid.UUID`` (None: the driver
-    already does)."""
-    processor: Callable[[Any], Any] | None = conversations.c.public_id.type.dialect_impl(
-        dialect
-    ).result_processor(dialect, None)
-    return processor
 
 
 def _answer_attempt(attempts: Sequence[Attempt]) -> int | None:
@@ -646,16 +539,3 @@ def _text(value: str) -> str:
     if "\x00" in value:
         return value.replace("\x00", "\ufffd")
     return value
-
-
-# The chain key of a message no request can continue from: left out of the lookup index
-# (``ix_messages_chain_key`` is partial, migration 0010).
-UNINDEXED = 0
-
-
-def chain_key(chain: str) -> int:
-    """The first 64 bits of a chain hash as a signed integer (the indexed lookup key),
-    never ``UNINDEXED``: a hash whose first 64 bits are zero gets 1 (keys only narrow
-    the lookup; matches are confirmed against the whole hash)."""
-    value = int(chain[:16], 16)
-    return (value - (1 << 64) if value >= 1 << 63 else value) or 1

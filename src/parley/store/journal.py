@@ -56,7 +56,7 @@ import sqlalchemy
 from parley.domain.exchange import Exchange
 from parley.errors import StoreError, StoreFull
 from parley.store.bulk import PublicIds
-from parley.store.exchanges import stored_chains
+from parley.store.exchange_lookups import stored_chains
 from parley.store.writer import RecordWriter
 from parley.store.writer_wire import pack_exchange, unpack_exchange
 

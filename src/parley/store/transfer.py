@@ -21,7 +21,7 @@ from parley.domain.messages import Message, chain_hash, content_hash_of
 from parley.domain.times import utc
 from parley.domain.transfer import ConversationTree, TreeMessage, message_from_wire
 from parley.store.bulk import PublicIds, assign_ids, bulk_insert
-from parley.store.exchanges import chain_key
+from parley.store.exchange_lookups import chain_key
 from parley.store.history_rows import insert_conversations, insert_messages
 from parley.store.schema import conversations, messages, responses, users
 

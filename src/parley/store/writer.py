@@ -54,7 +54,8 @@ from parley.store.engine import (
     is_disk_full,
     writer_connection,
 )
-from parley.store.exchanges import Recorded, stored_chains, write_batch
+from parley.store.exchange_lookups import stored_chains
+from parley.store.exchanges import Recorded, write_batch
 from parley.store.schema import http_metrics
 
 log = logging.getLogger(__name__)
