@@ -99,12 +99,12 @@ class ConfigError(ParleyError):
 
 
 class ClientError(ParleyError):
+    """The client's request is refused; ``param`` names the field at fault, if one is."""
+
     status = 400
     openai_type = "invalid_request_error"
     error_type = "bad_request"
 
-
-class InvalidRequest(ClientError):
     def __init__(self, message: str, param: str | None = None) -> None:
         super().__init__(message)
         self.param = param
@@ -113,6 +113,10 @@ class InvalidRequest(ClientError):
         body = super().to_openai()
         body["error"]["param"] = self.param
         return body
+
+
+class InvalidRequest(ClientError):
+    pass
 
 
 class AuthenticationFailed(ClientError):

@@ -211,6 +211,50 @@ def test_bad_imports_say_what_is_wrong(body: bytes, message: str) -> None:
         transfer.import_trees(transfer.parse_json(body))
 
 
+@pytest.mark.parametrize(
+    ("changes", "param", "message"),
+    [
+        ({"title": 7}, "title", "must be a string or null"),
+        ({"title": "t" * 501}, "title", "is longer than 500 characters"),
+        ({"default_model": ""}, "default_model", "must be a non-empty string"),
+        ({"default_model": ["up/m"]}, "default_model", "must be a non-empty string"),
+        ({"default_model": "up/" + "m" * 253}, "default_model", "longer than 255 characters"),
+        ({"system_prompt": 3}, "system_prompt", "must be a string"),
+        ({"pinned": 1}, "pinned", "must be true or false"),
+        ({"archived": 0}, "archived", "must be true or false"),
+        ({"archived": "true"}, "archived", "must be true or false"),
+        ({"pinned": None}, "pinned", "must be true or false"),
+    ],
+)
+def test_a_parley_conversations_fields_are_checked_as_create_checks_them(
+    changes: dict[str, Any], param: str, message: str
+) -> None:
+    body = orjson.dumps(doc(BRANCHED, {**BRANCHED, **changes}))
+    with pytest.raises(InvalidRequest, match=message) as refused:
+        transfer.import_trees(transfer.parse_json(body))
+    where = f"conversations[1].{param}"
+    assert refused.value.param == where and refused.value.message.startswith(f"'{where}'")
+
+
+def test_an_import_refuses_unknown_fields_and_nul_characters() -> None:
+    typo = orjson.dumps(doc({**BRANCHED, "pined": True}))
+    with pytest.raises(InvalidRequest, match=r"unknown field\(s\) in conversations\[0\]: pined"):
+        transfer.import_trees(transfer.parse_json(typo))
+    for conversation in (
+        {**BRANCHED, "system_prompt": "a\u0000b"},
+        {**BRANCHED, "messages": [msg("u", None, "user", "a\u0000b", 0)], "active_leaf_id": "u"},
+    ):
+        with pytest.raises(InvalidRequest, match=r"NUL character") as refused:
+            transfer.import_trees(transfer.parse_json(orjson.dumps(doc(conversation))))
+        assert refused.value.param == "conversations[0]"
+
+
+def test_an_imported_title_is_tidied_as_a_created_one() -> None:
+    for title, kept in (("  Trip \n  plans ", "Trip plans"), (" ", None)):
+        [tree] = transfer.from_parley(doc({**BRANCHED, "title": title}))
+        assert tree.title == kept
+
+
 def test_jsonl_is_one_line_per_conversation_along_the_active_branch() -> None:
     newest = {**BRANCHED, "active_leaf_id": None, "system_prompt": None}
     empty = {**BRANCHED, "messages": [], "active_leaf_id": None}
@@ -403,3 +447,23 @@ def test_a_chatgpt_cycle_is_refused() -> None:
     }
     with pytest.raises(InvalidRequest, match="cycle"):
         transfer.from_chatgpt([looped])
+
+
+def test_chatgpt_titles_and_kept_text_are_checked_as_create_checks_them() -> None:
+    [conversation, _] = chatgpt_export()
+    with pytest.raises(InvalidRequest, match="longer than 500") as refused:
+        transfer.from_chatgpt([{**conversation, "title": "t" * 501}])
+    assert refused.value.param == "ChatGPT conversation [0].title"
+    for title in (5, "a\u0000b"):
+        with pytest.raises(InvalidRequest):
+            transfer.from_chatgpt([{**conversation, "title": title}])
+    nul = copy.deepcopy(conversation)
+    nul["mapping"]["a1b"]["message"]["content"]["parts"] = ["He\u0000y"]
+    with pytest.raises(InvalidRequest, match="NUL character") as refused:
+        transfer.from_chatgpt([nul])
+    assert refused.value.param == "ChatGPT conversation [0].mapping['a1b']"
+    # A NUL in what is left out (ChatGPT's own tool traffic) refuses nothing.
+    hidden = copy.deepcopy(conversation)
+    hidden["mapping"]["out"]["message"]["content"]["text"] = "\u0000binary"
+    [tree] = transfer.from_chatgpt([hidden])
+    assert len(tree.messages) == 5

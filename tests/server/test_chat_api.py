@@ -674,3 +674,103 @@ def test_content_parts_an_upstream_would_refuse_are_a_400(server: Server) -> Non
         {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}},
     ]
     assert last(api.send(cid, parts), "done")["role"] == "assistant"
+
+
+def _import(api: Api, conversation: dict[str, Any]) -> httpx.Response:
+    base = {"created_at": "2024-05-01T10:00:00Z", "messages": []}
+    document = {"format": "parley", "version": 1, "conversations": [{**base, **conversation}]}
+    return api.http.post("/import", content=orjson.dumps(document))
+
+
+def test_an_import_refuses_what_create_refuses_with_the_same_error(server: Server) -> None:
+    api = Api(server)
+    for field, value in [
+        ("title", 7),
+        ("title", "t" * 501),
+        ("default_model", ""),
+        ("default_model", 5),
+        ("default_model", "up/" + "m" * 253),
+        ("system_prompt", ["Be brief."]),
+    ]:
+        body = {"default_model": "up/gpt-4o-mini", field: value}
+        created = api.http.post("/conversations", json=body)
+        imported = _import(api, {field: value})
+        assert (created.status_code, imported.status_code) == (400, 400), (field, imported.text)
+        create_error, import_error = created.json()["error"], imported.json()["error"]
+        where = f"conversations[0].{field}"
+        assert create_error["param"] == field and import_error["param"] == where
+        assert import_error["message"] == create_error["message"].replace(
+            f"'{field}'", f"'{where}'"
+        )
+    # NUL: a 400 on both databases (PostgreSQL cannot store it), before anything is stored.
+    for conversation in (
+        {"title": "a\u0000b"},
+        {"messages": [_entry("u", "a\u0000b")]},
+    ):
+        imported = _import(api, conversation)
+        assert imported.status_code == 400, imported.text
+        assert "NUL" in imported.json()["error"]["message"]
+    assert api.http.get("/conversations").json()["data"] == []
+    # What create accepts, import accepts alike: the title tidied the same way.
+    imported = _import(api, {"title": "  Trip   plans ", "messages": [_entry("u", "hi")]})
+    assert imported.status_code == 201, imported.text
+    [conversation_id] = imported.json()["conversations"]
+    assert api.get(conversation_id)["title"] == api.create(title="  Trip   plans ")["title"]
+
+
+def _entry(key: str, content: str) -> dict[str, Any]:
+    return {
+        "id": key,
+        "parent_id": None,
+        "created_at": "2024-05-01T10:00:01Z",
+        "message": {"role": "user", "content": content},
+    }
+
+
+def test_a_malformed_message_id_to_regenerate_is_a_400_naming_it(server: Server) -> None:
+    api = Api(server)
+    cid = api.create(title="t")["id"]
+    events = api.send(cid, "hello")
+    answer = last(events, "done")["id"]
+    for message_id in ("12", "not-a-uuid", str(uuid.uuid4())):
+        path = f"/conversations/{cid}/messages/{message_id}/regenerate"
+        reply = api.http.post(path, json={"stream": False})
+        assert reply.status_code == 400, (message_id, reply.text)
+        assert reply.json()["error"]["param"] == "message_id"
+    # A malformed conversation id stays the 404 of any conversation one may not see.
+    reply = api.http.post(f"/conversations/12/messages/{answer}/regenerate", json={})
+    assert reply.status_code == 404
+    assert len(api.get(cid)["messages"]) == 2
+
+
+def test_booleans_must_be_json_booleans(server: Server) -> None:
+    api = Api(server)
+    cid = api.create(title="t")["id"]
+    answer = last(api.send(cid, "hello"), "done")["id"]
+    # The list's filters are words (true, false, all): 1 and 0 are not read as them.
+    for field in ("pinned", "archived"):
+        for value in ("1", "0", "yes"):
+            reply = api.http.get("/conversations", params={field: value})
+            assert reply.status_code == 400, (field, value, reply.text)
+            assert reply.json()["error"]["param"] == field
+        assert api.http.get("/conversations", params={field: "TRUE"}).status_code == 200
+    for value in (1, 0, "true", None):
+        for field in ("pinned", "archived", "is_active"):
+            reply = api.http.patch(f"/conversations/{cid}", json={field: value})
+            assert reply.status_code == 400, (field, value, reply.text)
+            assert reply.json()["error"]["param"] == field
+        for path in (
+            f"/conversations/{cid}/messages",
+            f"/conversations/{cid}/messages/{answer}/regenerate",
+        ):
+            body: dict[str, Any] = {} if path.endswith("regenerate") else {"content": "x"}
+            reply = api.http.post(path, json={**body, "stream": value})
+            assert reply.status_code == 400, (path, value, reply.text)
+            assert reply.json()["error"]["param"] == "stream"
+        for field in ("pinned", "archived"):
+            reply = _import(api, {field: value})
+            assert reply.status_code == 400, (field, value, reply.text)
+            assert reply.json()["error"]["param"] == f"conversations[0].{field}"
+    got = api.get(cid)
+    assert (got["pinned"], got["archived"], got["is_active"]) == (False, False, True)
+    assert len(got["messages"]) == 2

@@ -46,7 +46,7 @@ def upstream() -> Iterator[FakeOpenAI]:
 
 
 def _serve(
-    tmp_path: Path, database_url: str, upstream: FakeOpenAI, extra: str = ""
+    tmp_path: Path, database_url: str, upstream: FakeOpenAI, extra: str = "", **env: str
 ) -> ParleyServer:
     provider = {
         "name": "up",
@@ -56,7 +56,8 @@ def _serve(
         "list_models": False,
     }
     write_config(tmp_path, [provider], extra="[retry]\nattempts = 1\n" + extra)
-    return ParleyServer(settings_for(tmp_path, database_url, PARLEY_MASTER_KEY=MASTER)).start()
+    settings = settings_for(tmp_path, database_url, PARLEY_MASTER_KEY=MASTER, **env)
+    return ParleyServer(settings).start()
 
 
 @pytest.fixture
@@ -394,3 +395,32 @@ def test_deleting_the_conversation_deletes_its_attachments_and_their_blobs(
     assert [p.name for p in blob_files(server)] == [kept["sha256"]]
     for gone in (image, notes):
         assert alice.http.get(f"/attachments/{gone['id']}").status_code == 404
+
+
+def test_an_oversized_document_is_a_413_about_the_file(
+    tmp_path: Path, database_url: str, upstream: FakeOpenAI
+) -> None:
+    limit = 64 * 1024
+    running = _serve(tmp_path, database_url, upstream, PARLEY_MAX_UPLOAD_BYTES=str(limit))
+    try:
+        alice = User(running, "alice")
+        # Just over the limit (refused while streaming), and far over it (refused from
+        # Content-Length before a byte is read): the same error as the upload's others.
+        for size in (limit + 1, limit * 8):
+            reply = alice.http.post(
+                "/documents",
+                files={"file": ("big.txt", b"a" * size, "text/plain")},
+                data={"collection": "inbox"},
+            )
+            assert reply.status_code == 413, reply.text
+            error = reply.json()["error"]
+            assert (error["param"], error["code"]) == ("file", "request_too_large")
+            assert str(limit) in error["message"]
+        refused = alice.http.post(
+            "/documents", files={"file": ("empty.txt", b"", "text/plain")}, data={"collection": "x"}
+        )
+        assert refused.json()["error"]["param"] == "file"
+        assert alice.http.get("/documents").json()["data"] == []
+        assert blob_files(running) == []
+    finally:
+        running.stop()

@@ -192,9 +192,11 @@ def test_oversized_uploads_are_413_and_leave_no_temporary_file(
     streamed = upload(http, b"a" * (LIMIT + 1), "big.txt")
     assert streamed.status_code == 413, streamed.text
     assert str(LIMIT) in error_message(streamed)
+    assert streamed.json()["error"]["param"] == "file"
     # Far over it: refused from Content-Length before a byte is read.
     announced = upload(http, b"b" * (LIMIT * 8), "bigger.txt")
     assert announced.status_code == 413
+    assert announced.json()["error"]["param"] == "file"
     assert blob_files(server) == []
     assert rows(database_url, "SELECT count(*) AS n FROM attachments") == [{"n": 0}]
     # Exactly at the limit is fine, and the connection pool still works.

@@ -14,7 +14,12 @@ Formats:
   the nearest kept ancestor.
 
 Invariants: every ``ConversationTree`` returned lists parents before children; bad input
-raises ``InvalidRequest`` naming where in the document it is, never a traceback.
+raises ``InvalidRequest`` naming where in the document it is, never a traceback. A
+conversation's own fields (title, default model, system prompt, flags) pass the checks
+that creating one through the chat API applies (``chat.fields``), with the same messages
+and the field's place as ``param`` (``conversations[2].title``); a parley conversation
+with a field it does not know is refused, as a create body is; no text that is kept may
+hold a NUL character.
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ from typing import Any
 
 import orjson
 
+from parley.chat import fields
+from parley.chat.fields import NUL_REFUSED, holds_nul
 from parley.domain.times import utc
 from parley.domain.transfer import ConversationTree, TreeMessage, message_from_wire
 from parley.errors import InvalidRequest
@@ -35,6 +42,22 @@ FORMAT = "parley"
 VERSION = 1
 _CHATGPT_ROLES = frozenset({"user", "assistant", "system"})
 _CHATGPT_FINISH = {"stop": "stop", "max_tokens": "length"}
+# The fields of a conversation in a parley export (``_tree_json`` writes exactly these).
+_PARLEY_FIELDS = frozenset(
+    {
+        "id",
+        "title",
+        "source",
+        "default_model",
+        "system_prompt",
+        "archived",
+        "pinned",
+        "created_at",
+        "updated_at",
+        "active_leaf_id",
+        "messages",
+    }
+)
 
 
 def detect_format(data: Any) -> str:
@@ -127,6 +150,8 @@ def from_parley(data: Any) -> list[ConversationTree]:
 def _parley_tree(raw: Any, where: str) -> ConversationTree:
     if not isinstance(raw, dict):
         raise InvalidRequest(f"{where} must be an object")
+    fields.known_fields(raw, _PARLEY_FIELDS, where)
+    _refuse_nul(raw, where)
     raw_messages = raw.get("messages")
     if not isinstance(raw_messages, list):
         raise InvalidRequest(f"{where}.messages must be an array")
@@ -163,15 +188,17 @@ def _parley_tree(raw: Any, where: str) -> ConversationTree:
     created = _time(raw.get("created_at"), f"{where}.created_at")
     return ConversationTree(
         key=_opt_str(raw, "id", where),
-        title=_opt_str(raw, "title", where),
+        title=fields.title(raw.get("title"), f"{where}.title"),
         created_at=created,
         updated_at=_time(raw.get("updated_at", raw.get("created_at")), f"{where}.updated_at"),
         messages=tuple(nodes),
         source=_opt_str(raw, "source", where) or "import",
-        default_model=_opt_str(raw, "default_model", where),
-        system_prompt=_opt_str(raw, "system_prompt", where),
-        archived=_flag(raw, "archived", where),
-        pinned=_flag(raw, "pinned", where),
+        default_model=fields.model_id(raw.get("default_model"), f"{where}.default_model"),
+        system_prompt=fields.text(
+            raw.get("system_prompt"), f"{where}.system_prompt", empty_ok=True
+        ),
+        archived=fields.flag(raw.get("archived", False), f"{where}.archived"),
+        pinned=fields.flag(raw.get("pinned", False), f"{where}.pinned"),
         active_leaf=leaf,
     )
 
@@ -230,10 +257,11 @@ def _chatgpt_tree(raw: Any, where: str) -> ConversationTree:
             kept[node_id] = message
             order[node_id] = index
     leaf = _kept_ancestor(raw.get("current_node"), mapping, kept)
-    title = raw.get("title")
+    title = fields.title(raw.get("title"), f"{where}.title")
+    _refuse_nul(title, f"{where}.title")
     return ConversationTree(
         key=str(raw.get("conversation_id") or raw.get("id") or "") or None,
-        title=title if isinstance(title, str) and title else None,
+        title=title,
         created_at=created,
         updated_at=updated,
         messages=tuple(_parents_first(kept, mapping, order)),
@@ -265,14 +293,18 @@ def _chatgpt_message(
         return None
     finish = metadata.get("finish_details")
     finish_type = finish.get("type") if isinstance(finish, dict) else None
-    model = metadata.get("model_slug")
-    parsed, _ = message_from_wire({"role": role, "content": text}, f"{where}[{node_id!r}]")
+    model = metadata.get("model_slug") if role == "assistant" else None
+    model = model if isinstance(model, str) else None
+    at = f"{where}[{node_id!r}]"
+    # Only what is kept: a NUL in a node left out (tool output, say) refuses nothing.
+    _refuse_nul([text, model], at)
+    parsed, _ = message_from_wire({"role": role, "content": text}, at)
     return TreeMessage(
         key=node_id,
         parent=None,  # set by _parents_first, once every kept node is known
         message=parsed,
         created_at=_epoch(message.get("create_time")) or created,
-        model=model if role == "assistant" and isinstance(model, str) else None,
+        model=model,
         finish_reason=_CHATGPT_FINISH.get(str(finish_type)) if role == "assistant" else None,
     )
 
@@ -356,8 +388,6 @@ def _opt_str(raw: Mapping[str, Any], key: str, where: str) -> str | None:
     return value
 
 
-def _flag(raw: Mapping[str, Any], key: str, where: str) -> bool:
-    value = raw.get(key, False)
-    if not isinstance(value, bool):
-        raise InvalidRequest(f"{where}.{key} must be true or false")
-    return value
+def _refuse_nul(value: Any, where: str) -> None:
+    if holds_nul(value):
+        raise InvalidRequest(f"{where}: {NUL_REFUSED}", where)

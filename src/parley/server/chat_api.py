@@ -4,8 +4,11 @@ Handlers parse and validate JSON, ask ``identity.current`` who calls, and hand t
 to ``chat.service`` (sending) or the conversation repository (everything else); neither
 is called with anything a handler has not validated. Invariants:
 
-- every id in a URL or a body is a public UUID; a malformed, unknown or not-yours id is
-  the same 404 (``Viewer.may_see`` decides, in the repository);
+- every id in a URL or a body is a public UUID; a malformed, unknown or not-yours
+  conversation id is the same 404 (``Viewer.may_see`` decides, in the repository); a
+  message id (``message_id`` in a URL, ``parent_id``, ``active_leaf_id``) that is
+  malformed or not of the conversation is a 400 naming it;
+- the conversation's own fields are checked by ``chat.fields``, as an import checks them;
 - a message send answers as SSE (``event: message`` with the stored message answered,
   ``event: delta`` per text piece, then ``event: done`` with the stored answer or
   ``event: error``) or, with ``"stream": false``, as one JSON body. ``done`` is sent only
@@ -32,6 +35,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from parley.chat import fields
 from parley.chat.service import ChatService, Delta, Done, Failed, Options, Reply
 from parley.domain.messages import Message
 from parley.errors import InvalidRequest, NotFound, ParleyError
@@ -57,7 +61,6 @@ from parley.store.provider_configs import ProviderConfigStore
 
 CHAT = web.AppKey("parley.chat", ChatService)
 
-MAX_TITLE = 500
 _CREATE_FIELDS = frozenset({"title", "default_model", "system_prompt", "provider_configuration"})
 _SEND_FIELDS = frozenset(
     {
@@ -125,7 +128,7 @@ async def create_conversation(request: web.Request) -> web.Response:
     chat = request.app[CHAT]
     body = await _body(request, _CREATE_FIELDS)
     config_id: int | None = None
-    config_name = _string(body, "provider_configuration")
+    config_name = fields.text(body.get("provider_configuration"), "provider_configuration")
     if config_name is not None:
         store = ProviderConfigStore(request.app[SERVICES].engine)
         stored = await asyncio.to_thread(store.get_by_name, config_name)
@@ -135,15 +138,18 @@ async def create_conversation(request: web.Request) -> web.Response:
                 "provider_configuration",
             )
         config_id = stored.id
-    model = _string(body, "default_model", required=config_name is None) or config_name
+    model = (
+        fields.model_id(body.get("default_model"), "default_model", required=config_name is None)
+        or config_name
+    )
     assert model is not None
     conversation = await asyncio.to_thread(
         chat.store.create,
         user_id=caller.user_id,
         api_key_id=caller.api_key_id,
         default_model=await chat.check_model(model, "default_model"),
-        title=_title(body),
-        system_prompt=_string(body, "system_prompt", empty_ok=True),
+        title=fields.title(body.get("title")),
+        system_prompt=fields.text(body.get("system_prompt"), "system_prompt", empty_ok=True),
         provider_config_id=config_id,
     )
     return _json(conversation_json(conversation), status=201)
@@ -262,10 +268,8 @@ async def regenerate_message(request: web.Request) -> web.StreamResponse:
     """
     caller = identity.current(request)
     conversation_id = _path_id(request)
-    try:
-        message_id = uuid.UUID(request.match_info["message_id"])
-    except ValueError:
-        raise _missing() from None
+    # Malformed: the 400 of an id this conversation does not hold (the store's), not a 404.
+    message_id = _body_id(request.match_info["message_id"], "message_id")
     body = await _body(request, _REGENERATE_FIELDS, allow_empty=True)
     options = _options(request, body)
     reply = await request.app[CHAT].regenerate(caller, conversation_id, message_id, options)
@@ -399,17 +403,13 @@ def _json(
 
 
 async def _body(
-    request: web.Request, fields: frozenset[str], *, allow_empty: bool = False
+    request: web.Request, allowed: frozenset[str], *, allow_empty: bool = False
 ) -> dict[str, Any]:
     raw = await read_body(request, request.app[SERVICES].settings.max_body_bytes)
     if allow_empty and not raw.strip():
         return {}
     data = parse_api_object(raw)
-    unknown = set(data) - fields
-    if unknown:
-        raise InvalidRequest(
-            f"unknown field(s): {', '.join(sorted(unknown))}; expected {', '.join(sorted(fields))}"
-        )
+    fields.known_fields(data, allowed)
     return data
 
 
@@ -433,40 +433,8 @@ def _body_id(value: Any, param: str) -> uuid.UUID:
         raise InvalidRequest(f"'{param}' is not a message id", param) from None
 
 
-def _string(
-    body: Mapping[str, Any], key: str, *, required: bool = False, empty_ok: bool = False
-) -> str | None:
-    value = body.get(key)
-    if value is None:
-        if required:
-            raise InvalidRequest(f"'{key}' is required", key)
-        return None
-    if not isinstance(value, str) or (not empty_ok and not value.strip()):
-        raise InvalidRequest(f"'{key}' must be a non-empty string", key)
-    return value
-
-
-def _title(body: Mapping[str, Any]) -> str | None:
-    value = body.get("title")
-    if value is None:
-        return None
-    if not isinstance(value, str):
-        raise InvalidRequest("'title' must be a string or null", "title")
-    value = " ".join(value.split())
-    if len(value) > MAX_TITLE:
-        raise InvalidRequest(f"'title' is longer than {MAX_TITLE} characters", "title")
-    return value or None
-
-
-def _bool(body: Mapping[str, Any], key: str) -> bool:
-    value = body.get(key)
-    if not isinstance(value, bool):
-        raise InvalidRequest(f"'{key}' must be true or false", key)
-    return value
-
-
 async def _patch_model(chat: ChatService, body: Mapping[str, Any]) -> str:
-    model = _string(body, "default_model", required=True)
+    model = fields.model_id(body.get("default_model"), "default_model", required=True)
     assert model is not None
     return await chat.check_model(model, "default_model")
 
@@ -477,12 +445,14 @@ def _patch_leaf(_chat: ChatService, body: Mapping[str, Any]) -> uuid.UUID | None
 
 
 _PATCHERS: dict[str, Any] = {
-    "title": lambda _chat, body: _title(body),
+    "title": lambda _chat, body: fields.title(body.get("title")),
     "default_model": _patch_model,
-    "archived": lambda _chat, body: _bool(body, "archived"),
-    "pinned": lambda _chat, body: _bool(body, "pinned"),
-    "is_active": lambda _chat, body: _bool(body, "is_active"),
-    "system_prompt": lambda _chat, body: _string(body, "system_prompt", empty_ok=True),
+    "archived": lambda _chat, body: fields.flag(body.get("archived"), "archived"),
+    "pinned": lambda _chat, body: fields.flag(body.get("pinned"), "pinned"),
+    "is_active": lambda _chat, body: fields.flag(body.get("is_active"), "is_active"),
+    "system_prompt": lambda _chat, body: fields.text(
+        body.get("system_prompt"), "system_prompt", empty_ok=True
+    ),
     "active_leaf_id": _patch_leaf,
 }
 
@@ -511,10 +481,8 @@ def _attachment_ids(value: Any) -> list[uuid.UUID]:
 
 
 def _options(request: web.Request, body: Mapping[str, Any]) -> Options:
-    model = _string(body, "model")
-    stream = body.get("stream", True)
-    if not isinstance(stream, bool):
-        raise InvalidRequest("'stream' must be true or false", "stream")
+    model = fields.model_id(body.get("model"), "model")
+    stream = fields.flag(body.get("stream", True), "stream")
     temperature = body.get("temperature")
     if temperature is not None and (
         isinstance(temperature, bool)
@@ -562,14 +530,15 @@ def _limit(value: str | None) -> int:
 
 
 def _flag(query: Mapping[str, str], key: str, *, default: bool | None) -> bool | None:
-    """A filter: true, false, or all (None)."""
+    """A filter: true, false, or all (None). Spelled out: 1 and 0 are refused, as a
+    boolean field of a body refuses them."""
     value = query.get(key)
     if value is None or value == "":
         return default
     lowered = value.lower()
-    if lowered in ("true", "1"):
+    if lowered == "true":
         return True
-    if lowered in ("false", "0"):
+    if lowered == "false":
         return False
     if lowered == "all":
         return None

@@ -7,7 +7,8 @@ The file is streamed into the blob store while counted, hashed and sniffed, then
 chunked (``search.documents``) before anything is stored: an empty file, a file named
 ``.pdf`` that is not a PDF, an encrypted or damaged PDF, a file without text is a 400 with
 a ``code`` saying why, a type that is not a document a 415, a file over
-``max_upload_bytes`` a 413; in every refused case nothing is kept. An accepted document is
+``max_upload_bytes`` a 413; each of them with ``param`` ``file``. In every refused case
+nothing is kept. An accepted document is
 ``pending`` until the indexer has embedded all of its chunks (``indexed``), or ``failed``
 with its ``error``.
 
@@ -34,7 +35,7 @@ from parley.search.rag import Retriever
 from parley.server import identity
 from parley.server.multipart import FRAMING_SLACK, receive_form
 from parley.server.state import SERVICES
-from parley.store.blobs import BlobStore, PendingBlob
+from parley.store.blobs import BlobStore
 from parley.store.documents import MAX_PAGE, STATUSES, DocumentRow
 
 
@@ -85,25 +86,20 @@ async def upload(request: web.Request) -> web.Response:
     if request.content_type != "multipart/form-data":
         raise InvalidRequest("send the file as multipart/form-data, in a field named 'file'")
     if request.content_length is not None and request.content_length > limit + FRAMING_SLACK:
-        raise BodyTooLarge(f"the file is larger than the upload limit of {limit} bytes")
-    pending: PendingBlob | None = None
+        raise BodyTooLarge(f"the file is larger than the upload limit of {limit} bytes", "file")
+    # receive_form discards the file it was writing when it refuses the form.
+    upload = await receive_form(
+        request,
+        library.begin,
+        limit,
+        fields=("conversation_id", "collection"),
+        expected="'file' and 'conversation_id' or 'collection'",
+        keep=True,
+        once=True,
+    )
+    pending = upload.pending
+    data, filename, sniffer, fields = upload.data, upload.filename, upload.sniffer, upload.fields
     try:
-        upload = await receive_form(
-            request,
-            library.begin,
-            limit,
-            fields=("conversation_id", "collection"),
-            expected="'file' and 'conversation_id' or 'collection'",
-            keep=True,
-            once=True,
-        )
-        pending, data, filename, sniffer, fields = (
-            upload.pending,
-            upload.data,
-            upload.filename,
-            upload.sniffer,
-            upload.fields,
-        )
         conversation = fields.get("conversation_id")
         place = await asyncio.to_thread(
             library.place,
@@ -121,8 +117,7 @@ async def upload(request: web.Request) -> web.Response:
             library.record, pending, place, filename=filename, extracted=extracted, chunks=chunks
         )
     finally:
-        if pending is not None:
-            await asyncio.to_thread(pending.discard)
+        await asyncio.to_thread(pending.discard)
     return _json(document_json(row), status=201)
 
 

@@ -88,7 +88,7 @@ async def upload(request: web.Request) -> web.Response:
     if request.content_type != "multipart/form-data":
         raise InvalidRequest("send the file as multipart/form-data, in a field named 'file'")
     if request.content_length is not None and request.content_length > limit + FRAMING_SLACK:
-        raise BodyTooLarge(f"the file is larger than the upload limit of {limit} bytes")
+        raise BodyTooLarge(f"the file is larger than the upload limit of {limit} bytes", "file")
     pending: PendingBlob | None = None
     try:
         upload = await receive_form(

@@ -105,7 +105,7 @@ async def stream_file(
     while chunk := await part.read_chunk(CHUNK):
         received += len(chunk)
         if received > limit:
-            raise BodyTooLarge(f"the file is larger than the upload limit of {limit} bytes")
+            raise BodyTooLarge(f"the file is larger than the upload limit of {limit} bytes", "file")
         sniffer.feed(chunk)
         if keep is not None:
             keep += chunk
