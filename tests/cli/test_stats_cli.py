@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import orjson
+import sqlalchemy
 from click.testing import CliRunner, Result
 
 from parley.cli.main import cli
 from parley.domain.messages import Message
+from parley.domain.users import User
 from parley.ops.migrate import upgrade
 from parley.settings import load_settings
 from parley.store.engine import create_engine
@@ -28,11 +32,26 @@ def run(tmp_path: Path, database_url: str, *args: str) -> Result:
     return CliRunner().invoke(cli, list(args), env=_env(tmp_path, database_url))
 
 
-def test_stats_reports_the_recorded_traffic(tmp_path: Path, database_url: str) -> None:
+@contextmanager
+def _database(tmp_path: Path, database_url: str) -> Iterator[sqlalchemy.Engine]:
+    """The CLI's database at the schema head, with an engine to fill it before the run."""
     settings = load_settings(env=_env(tmp_path, database_url), cwd=tmp_path)
     upgrade(settings)
     engine = create_engine(settings)
     try:
+        yield engine
+    finally:
+        engine.dispose()
+
+
+def _user(engine: sqlalchemy.Engine, name: str) -> User:
+    return Users(engine).create_user(
+        email=f"{name}@example.org", username=name, password="pw-long-enough"
+    )
+
+
+def test_stats_reports_the_recorded_traffic(tmp_path: Path, database_url: str) -> None:
+    with _database(tmp_path, database_url) as engine:
         write(
             engine,
             *[
@@ -44,11 +63,7 @@ def test_stats_reports_the_recorded_traffic(tmp_path: Path, database_url: str) -
                 attempts=[attempt(ok=False, model_used="m-b", error_type="timeout")],
             ),
         )
-        user = Users(engine).create_user(
-            email="g@example.org", username="gail", password="pw-long-enough"
-        )
-    finally:
-        engine.dispose()
+        user = _user(engine, "gail")
     result = run(tmp_path, database_url, "stats", "--json", "--group-by", "model")
     assert result.exit_code == 0, result.output
     data = {e["group"]["model"]: e for e in orjson.loads(result.output)["data"]}
@@ -69,16 +84,48 @@ def test_stats_reports_the_recorded_traffic(tmp_path: Path, database_url: str) -
     assert both.exit_code == 1 and "exactly one" in both.output
 
 
+def test_limits_set_changes_only_the_limits_given_and_clear_can_remove_one(
+    tmp_path: Path, database_url: str
+) -> None:
+    with _database(tmp_path, database_url) as engine:
+        user = _user(engine, "ida")
+
+    def limits(*args: str) -> Result:
+        result = run(tmp_path, database_url, "limits", *args)
+        assert result.exit_code == 0, (args, result.output)
+        return result
+
+    limits("set", "--user", "ida", "--rpm", "10")
+    # Before: the tpm replaced the whole set, and the rpm was gone.
+    limits("set", "--user", "ida", "--tpm", "500", "--usd-day", "2.5")
+    listed = limits("list").output
+    assert (
+        f"user {user.public_id}: requests_per_minute=10, tokens_per_minute=500, usd_per_day=2.5"
+        in listed
+    )
+    limits("set", "--user", "ida", "--rpm", "20")
+    assert "requests_per_minute=20, tokens_per_minute=500" in limits("list").output
+
+    cleared = limits("clear", "--user", "ida", "--tpm", "--usd-day")
+    assert "left: requests_per_minute=20" in cleared.output
+    assert limits("list").output == f"user {user.public_id}: requests_per_minute=20\n"
+    limits("clear", "--user", "ida")
+    assert limits("list").output == ""
+    # Nothing to clear, and a set with nothing to set, are errors (nothing is created).
+    missing = run(tmp_path, database_url, "limits", "clear", "--user", "ida", "--rpm")
+    assert missing.exit_code == 1 and "no limits" in missing.output
+    empty = run(tmp_path, database_url, "limits", "set", "--user", "ida")
+    assert empty.exit_code == 1 and "at least one" in empty.output
+    assert limits("list").output == ""
+    helped = run(tmp_path, database_url, "limits", "set", "--help").output
+    assert "other limits stay" in " ".join(helped.split())
+
+
 def test_limits_set_refuses_values_the_database_cannot_hold(
     tmp_path: Path, database_url: str
 ) -> None:
-    settings = load_settings(env=_env(tmp_path, database_url), cwd=tmp_path)
-    upgrade(settings)
-    engine = create_engine(settings)
-    try:
-        Users(engine).create_user(email="h@example.org", username="hank", password="pw-long-enough")
-    finally:
-        engine.dispose()
+    with _database(tmp_path, database_url) as engine:
+        _user(engine, "hank")
     for option, value in (
         ("--rpm", "2147483648"),
         ("--tpm", "9223372036854775808"),
@@ -110,16 +157,9 @@ def test_stats_refuses_a_window_the_api_would_refuse(tmp_path: Path, database_ur
 
 
 def test_stats_names_users_by_their_public_ids(tmp_path: Path, database_url: str) -> None:
-    settings = load_settings(env=_env(tmp_path, database_url), cwd=tmp_path)
-    upgrade(settings)
-    engine = create_engine(settings)
-    try:
-        user = Users(engine).create_user(
-            email="h@example.org", username="hal", password="pw-long-enough"
-        )
+    with _database(tmp_path, database_url) as engine:
+        user = _user(engine, "hal")
         write(engine, chat([Message("user", "q")], user_id=user.id))
-    finally:
-        engine.dispose()
     result = run(tmp_path, database_url, "stats", "--json", "--group-by", "user")
     assert result.exit_code == 0, result.output
     [entry] = orjson.loads(result.output)["data"]

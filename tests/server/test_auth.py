@@ -316,6 +316,27 @@ def test_expired_key_and_expired_session_are_refused(
     assert "session has expired" in stale.json()["error"]["message"]
 
 
+def test_a_key_expiry_more_than_ten_years_ahead_is_a_400(
+    server: ParleyServer, alice: Browser, database_url: str
+) -> None:
+    now = datetime.now(UTC)
+    for fields, param in (
+        ({"expires_at": "9999-12-31T23:59:59Z"}, "expires_at"),
+        # Before: accepted as is, or a 500 where it could not be converted to UTC.
+        ({"expires_at": "9999-12-31T23:59:59-05:00"}, "expires_at"),
+        ({"expires_at": (now + timedelta(days=3651)).isoformat()}, "expires_at"),
+        ({"expires_in_days": 3651}, "expires_in_days"),
+    ):
+        reply = alice.write("POST", "/api/keys", json={"name": "far", **fields})
+        assert reply.status_code == 400, (fields, reply.text)
+        error = reply.json()["error"]
+        assert error["type"] == "invalid_request_error" and error["param"] == param
+        assert "at most 3650" in error["message"]
+    assert rows(database_url, "SELECT id FROM api_keys") == []
+    near = alice.new_key(expires_at=(now + timedelta(days=3649)).isoformat())
+    assert datetime.fromisoformat(near["expires_at"]) - now > timedelta(days=3648)
+
+
 def test_disabled_user_loses_keys_and_sessions(server: ParleyServer, alice: Browser) -> None:
     key = alice.new_key()["key"]
     user_id = alice.http.get("/api/me").json()["user"]["id"]

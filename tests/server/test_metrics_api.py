@@ -228,7 +228,8 @@ def test_a_request_limit_refuses_with_retry_after_and_usage_shows_it(
     assert refused.value.body["code"] == "rate_limit_exceeded"  # type: ignore[index]
     usage = _get(server, "/api/me/usage", key=key["key"])["data"]
     assert usage[0]["limits"]["requests_per_minute"] == 3
-    assert usage[0]["usage"]["requests_this_minute"] == 4
+    # The refused request is not counted: it used up nothing.
+    assert usage[0]["usage"]["requests_this_minute"] == 3
     listed = _get(server, "/api/admin/limits")["data"]
     assert listed == [
         {
@@ -336,3 +337,34 @@ def test_limits_the_database_cannot_hold_get_400_not_500(server: ParleyServer) -
     assert reply.status_code == 200, reply.text
     [listed] = _get(server, "/api/admin/limits")["data"]
     assert listed["requests_per_minute"] == listed["tokens_per_minute"] == 2**31 - 1
+
+
+def test_a_limits_put_changes_only_the_fields_it_names(server: ParleyServer) -> None:
+    _user, key = _user_with_key(server, "ivy")
+    path = f"{server.root}/api/admin/limits/keys/{key['id']}"
+
+    def put(body: dict[str, Any]) -> dict[str, Any]:
+        reply = httpx.put(path, json=body, headers=bearer(MASTER))
+        assert reply.status_code == 200, reply.text
+        answer: dict[str, Any] = reply.json()
+        return answer
+
+    put({"requests_per_minute": 60})
+    # Before: the second PUT replaced the first, and the rpm was gone.
+    answer = put({"tokens_per_minute": 1000})
+    assert (answer["requests_per_minute"], answer["tokens_per_minute"]) == (60, 1000)
+    answer = put({"requests_per_minute": None, "usd_per_day": 3})
+    assert answer == {
+        "kind": "keys",
+        "id": key["id"],
+        "requests_per_minute": None,
+        "tokens_per_minute": 1000,
+        "usd_per_day": 3,
+        "usd_per_month": None,
+    }
+    [listed] = _get(server, "/api/admin/limits")["data"]
+    assert {k: v for k, v in listed.items() if k not in ("user", "api_key")} == {
+        k: v for k, v in answer.items() if k not in ("kind", "id")
+    }
+    usage = _get(server, "/api/me/usage", key=key["key"])["data"]
+    assert usage[0]["limits"]["tokens_per_minute"] == 1000

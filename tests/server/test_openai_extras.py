@@ -126,6 +126,9 @@ def _embed(server: ParleyServer, body: dict[str, Any]) -> httpx.Response:
     [
         ({"model": "  "}, "model"),
         ({"input": ""}, "input"),
+        # OpenAI refuses an empty string inside the array too.
+        ({"input": [""]}, "input"),
+        ({"input": ["a", ""]}, "input"),
         ({"input": [{"a": 1}]}, "input"),
         ({"input": [True, False]}, "input"),
         ({"input": [1, "a"]}, "input"),

@@ -18,7 +18,7 @@ from parley.domain.usage import Usage
 from parley.errors import InvalidRequest, RateLimited
 from parley.gateway.limits import Limiter
 from parley.server.identity import Identity
-from parley.store.limits import LimitStore
+from parley.store.limits import LimitStore, minute_of
 from parley.store.schema import request_log
 from parley.store.users import Users
 from tests.store.test_exchanges import attempt, chat, write
@@ -53,10 +53,52 @@ def test_concurrent_puts_of_one_subject_all_succeed_and_leave_one_row(
     listed = store.listing()
     assert len(listed) == 2
     assert {row["requests_per_minute"] for row in listed} <= set(range(1, threads + 1))
-    # A later PUT replaces every field: the one left out is no limit any more.
-    store.set_limit(user_id=None, api_key_id=key_id, values={"tokens_per_minute": 7})
-    [key_limit] = [r for r in store.all_limits() if r.api_key_id == key_id]
-    assert (key_limit.requests_per_minute, key_limit.tokens_per_minute) == (None, 7)
+
+
+def test_setting_limits_changes_only_the_fields_given(migrated_engine: sa.Engine) -> None:
+    _user_id, key_id = _key(migrated_engine)
+    store = LimitStore(migrated_engine)
+    store.set_limit(user_id=None, api_key_id=key_id, values={"requests_per_minute": 60})
+    # Before: a later set replaced every field, and the rpm left out was no limit any more.
+    both = store.set_limit(user_id=None, api_key_id=key_id, values={"tokens_per_minute": 7})
+    assert (both.requests_per_minute, both.tokens_per_minute) == (60, 7)
+    [stored] = store.all_limits()
+    assert stored == both
+    # None removes that one limit and keeps the others.
+    left = store.set_limit(user_id=None, api_key_id=key_id, values={"requests_per_minute": None})
+    assert left.values() == {
+        "requests_per_minute": None,
+        "tokens_per_minute": 7,
+        "usd_per_day": None,
+        "usd_per_month": None,
+    }
+    assert store.all_limits() == [left]
+    # Concurrent writers of different fields of one subject both land.
+    errors = _at_once(
+        2,
+        lambda n: store.set_limit(
+            user_id=None, api_key_id=key_id, values=[{"usd_per_day": 1.5}, {"usd_per_month": 9}][n]
+        ),
+    )
+    assert errors == []
+    [merged] = store.all_limits()
+    assert (merged.tokens_per_minute, merged.usd_per_day, merged.usd_per_month) == (7, 1.5, 9)
+
+
+def test_removing_some_limits_keeps_the_others_and_creates_nothing(
+    migrated_engine: sa.Engine,
+) -> None:
+    user_id, key_id = _key(migrated_engine)
+    store = LimitStore(migrated_engine)
+    assert store.remove_limits(user_id=user_id, api_key_id=None, fields=["usd_per_day"]) is None
+    assert store.all_limits() == []
+    store.set_limit(
+        user_id=None, api_key_id=key_id, values={"requests_per_minute": 5, "usd_per_day": 2}
+    )
+    left = store.remove_limits(user_id=None, api_key_id=key_id, fields=["requests_per_minute"])
+    assert left is not None
+    assert (left.requests_per_minute, left.usd_per_day) == (None, 2)
+    assert store.all_limits() == [left]
 
 
 def _at_once(threads: int, action: Callable[[int], object]) -> list[str]:
@@ -167,3 +209,56 @@ def _times(engine: sa.Engine) -> list[tuple[datetime, datetime]]:
     query = sa.select(request_log.c.created_at, request_log.c.finished_at)
     with engine.connect() as conn:
         return [(utc(a), utc(b)) for a, b in conn.execute(query)]
+
+
+async def test_a_refused_request_uses_up_no_slot_and_does_not_show_as_used(
+    migrated_engine: sa.Engine,
+) -> None:
+    user_id, key_id = _key(migrated_engine)
+    store = LimitStore(migrated_engine)
+    key_limit = store.set_limit(user_id=None, api_key_id=key_id, values={"requests_per_minute": 2})
+    now = datetime.now(UTC).replace(second=10)
+    limiter = Limiter(store, clock=now.timestamp)
+    caller = Identity(user_id=user_id, api_key_id=key_id, role="user", via="api_key")
+    await limiter.check(caller)
+    await limiter.check(caller)
+    for _refused in range(3):
+        with pytest.raises(RateLimited):
+            await limiter.check(caller)
+    # Before: 5, every refusal counted as a request of the minute.
+    assert store.usage(key_limit, now).requests_this_minute == 2
+
+    # Refused by the user's limit: the key's count is not used up either.
+    user_limit = store.set_limit(
+        user_id=user_id, api_key_id=None, values={"requests_per_minute": 1}
+    )
+    store.set_limit(user_id=None, api_key_id=key_id, values={"requests_per_minute": 5})
+    later = now + timedelta(minutes=1)
+    limiter = Limiter(store, clock=later.timestamp)
+    await limiter.check(caller)
+    with pytest.raises(RateLimited) as refused:
+        await limiter.check(caller)
+    assert "1 requests per minute for this user" in refused.value.message
+    assert store.usage(key_limit, later).requests_this_minute == 1
+    assert store.usage(user_limit, later).requests_this_minute == 1
+
+
+def test_concurrent_requests_get_exactly_the_limit_and_the_count_stops_there(
+    migrated_engine: sa.Engine,
+) -> None:
+    user_id, key_id = _key(migrated_engine)
+    store = LimitStore(migrated_engine)
+    key_limit = store.set_limit(user_id=None, api_key_id=key_id, values={"requests_per_minute": 5})
+    user_limit = store.set_limit(
+        user_id=user_id, api_key_id=None, values={"requests_per_minute": 7}
+    )
+    window = minute_of(datetime.now(UTC))
+    taken: list[object] = []
+    errors = _at_once(
+        12, lambda _n: taken.append(store.take_request([key_limit, user_limit], window))
+    )
+    assert errors == []
+    assert taken.count(None) == 5
+    assert all(t == key_limit for t in taken if t is not None)
+    assert store.usage(key_limit, window).requests_this_minute == 5
+    assert store.usage(user_limit, window).requests_this_minute == 5

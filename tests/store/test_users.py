@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 import sqlalchemy as sa
@@ -114,6 +114,25 @@ def test_keys_resolve_until_revoked_expired_or_disabled(repo: Users) -> None:
     rest, more = repo.list_keys(limit=5, after=first[0].public_id)
     assert [k.name for k in rest] == ["short", "laptop"] and not more
     assert repo.get_key(key.public_id) == revoked
+
+
+def test_a_key_expiry_is_in_the_future_and_at_most_ten_years_ahead(repo: Users) -> None:
+    user = repo.create_user(email="k@example.org", username="kim", password=PASSWORD)
+    now = datetime.now(UTC)
+    for moment in (
+        now - timedelta(seconds=1),
+        now + timedelta(days=3651),
+        datetime(9999, 12, 31, 23, 59, 59),
+        datetime(9999, 12, 31, 23, 59, 59, tzinfo=timezone(timedelta(hours=-5))),
+    ):
+        with pytest.raises(InvalidRequest) as refused:
+            repo.create_key(user.id, "k", expires_at=moment)
+        assert refused.value.param == "expires_at", moment
+    assert repo.list_keys(user.id) == ([], False)
+    # A time without an offset is UTC.
+    later = (now + timedelta(days=3649)).replace(tzinfo=None, microsecond=0)
+    key, _plain = repo.create_key(user.id, "k", expires_at=later)
+    assert key.expires_at == later.replace(tzinfo=UTC)
 
 
 def test_sessions_expire_end_and_record_activity(repo: Users) -> None:

@@ -127,43 +127,62 @@ def _finite(_ctx: click.Context, param: click.Parameter, value: float | None) ->
     return value
 
 
+# The option of each limit field, as `set` takes it and `clear` names it.
+_OPTIONS = {
+    "rpm": "requests_per_minute",
+    "tpm": "tokens_per_minute",
+    "usd_day": "usd_per_day",
+    "usd_month": "usd_per_month",
+}
+
+
 @limits.command("set")
 @_subject_options
 @click.option("--rpm", type=_PER_MINUTE, help="Requests per minute.")
 @click.option("--tpm", type=_PER_MINUTE, help="Tokens per minute.")
 @click.option("--usd-day", type=_USD, callback=_finite, help="Spend per day (UTC), in USD.")
 @click.option("--usd-month", type=_USD, callback=_finite, help="Spend per month, in USD.")
-def set_limit(
-    user_ref: str | None,
-    key_ref: str | None,
-    rpm: int | None,
-    tpm: int | None,
-    usd_day: float | None,
-    usd_month: float | None,
-) -> None:
-    """Replace the limits of a user or an API key (a limit not given is no limit)."""
-    values = {
-        "requests_per_minute": rpm,
-        "tokens_per_minute": tpm,
-        "usd_per_day": usd_day,
-        "usd_per_month": usd_month,
-    }
+def set_limit(user_ref: str | None, key_ref: str | None, **given: float | None) -> None:
+    """Set the given limits of a user or an API key; its other limits stay as they are
+    (remove one with `parley limits clear --rpm` etc.)."""
+    values = {_OPTIONS[option]: value for option, value in given.items() if value is not None}
+    if not values:
+        fail("give at least one of --rpm, --tpm, --usd-day and --usd-month")
     with engine_at_head() as engine:
         user_id, key_id = _subject(engine, user_ref, key_ref)
         store = LimitStore(engine)
-        run(lambda: store.set_limit(user_id=user_id, api_key_id=key_id, values=values))
-    click.echo("limits set (running servers apply them within 5 seconds)")
+        limit = run(lambda: store.set_limit(user_id=user_id, api_key_id=key_id, values=values))
+    click.echo(
+        f"limits set: {_describe(limit.values())} (running servers apply them within 5 seconds)"
+    )
 
 
 @limits.command("clear")
 @_subject_options
-def clear_limit(user_ref: str | None, key_ref: str | None) -> None:
-    """Remove every limit of a user or an API key."""
+@click.option("--rpm", is_flag=True, help="Remove only the requests-per-minute limit.")
+@click.option("--tpm", is_flag=True, help="Remove only the tokens-per-minute limit.")
+@click.option("--usd-day", is_flag=True, help="Remove only the daily spend limit.")
+@click.option("--usd-month", is_flag=True, help="Remove only the monthly spend limit.")
+def clear_limit(user_ref: str | None, key_ref: str | None, **chosen: bool) -> None:
+    """Remove every limit of a user or an API key or, with --rpm, --tpm, --usd-day or
+    --usd-month, only those (the others stay)."""
+    fields = [_OPTIONS[option] for option, on in chosen.items() if on]
     with engine_at_head() as engine:
         user_id, key_id = _subject(engine, user_ref, key_ref)
-        if not LimitStore(engine).delete_limit(user_id=user_id, api_key_id=key_id):
-            fail("no limits are set for it")
-    click.echo("limits cleared")
+        store = LimitStore(engine)
+        if not fields:
+            if not store.delete_limit(user_id=user_id, api_key_id=key_id):
+                fail("no limits are set for it")
+            click.echo("limits cleared")
+            return
+        left = store.remove_limits(user_id=user_id, api_key_id=key_id, fields=fields)
+    if left is None:
+        fail("no limits are set for it")
+    click.echo(f"limits cleared: {', '.join(fields)}; left: {_describe(left.values())}")
+
+
+def _describe(values: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in values.items() if v is not None) or "no limits"
 
 
 def _subject(

@@ -9,15 +9,20 @@ from __future__ import annotations
 import re
 import uuid
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
+from parley.domain.times import utc
 from parley.errors import InvalidRequest
 
 ROLES: Final = ("user", "admin")
 _USERNAME = re.compile(r"[A-Za-z0-9_.-]{3,64}")
 _MAX_FULL_NAME = 200
 _MAX_KEY_NAME = 128
+# The furthest ahead a key's expiry may be, in days (a key that should not expire gets
+# none): a year-9999 expiry is a mistake, and near the end of the calendar a time cannot
+# even be converted to UTC.
+MAX_KEY_DAYS: Final = 3650
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,3 +144,20 @@ def check_key_name(name: object) -> str:
             f"'name' must be a non-empty string of at most {_MAX_KEY_NAME} characters", "name"
         )
     return name.strip()
+
+
+def check_key_expiry(expires_at: datetime | None, now: datetime) -> datetime | None:
+    """A key's expiry in UTC: None (never), or a time after ``now`` and at most
+    ``MAX_KEY_DAYS`` days after it (a time without an offset is UTC)."""
+    if expires_at is None:
+        return None
+    if expires_at.tzinfo is None:
+        expires_at = expires_at.replace(tzinfo=UTC)
+    # Compared before converting: a time beyond the bound may not convert at all.
+    if expires_at <= now:
+        raise InvalidRequest("'expires_at' must be in the future", "expires_at")
+    if expires_at > now + timedelta(days=MAX_KEY_DAYS):
+        raise InvalidRequest(
+            f"'expires_at' must be at most {MAX_KEY_DAYS} days ahead", "expires_at"
+        )
+    return utc(expires_at)

@@ -5,9 +5,10 @@ Invariants:
 - a caller without limits costs two dictionary lookups, nothing more; limits are reloaded
   from the database every ``reload_seconds`` (a change made through this process applies
   at once: the API calls ``reload``; one made by another process within that interval);
-- spend and tokens are checked before the request is counted, so a refused request does
-  not use up a request-per-minute slot; the request count is one atomic upsert shared by
-  every process on the database (``store.limits``);
+- a refused request uses up no request-per-minute slot, nor shows in the count: spend and
+  tokens are checked before the request is counted, and the counts of the key's and the
+  user's limits are taken together or not at all (``LimitStore.take_request``: atomic
+  upserts in one transaction, shared by every process on the database);
 - the database work runs in a thread, never on the event loop;
 - spend is what committed exchanges cost: requests already in flight when a budget runs
   out still finish, so a budget can be overshot by at most their cost;
@@ -67,6 +68,7 @@ class Limiter:
             await asyncio.to_thread(self._check, found, now)
 
     def limits_of(self, caller: Caller) -> list[Limit]:
+        """The caller's key's limit, then its user's (``take_request`` relies on the order)."""
         found = []
         if caller.api_key_id is not None and caller.api_key_id in self._by_key:
             found.append(self._by_key[caller.api_key_id])
@@ -95,17 +97,16 @@ class Limiter:
             # Of several limits spent, the one that frees up last: a client that waits
             # for its Retry-After is not refused again by another.
             raise max(refusals, key=lambda refusal: refusal.retry_after)
-        for limit in found:
-            if limit.requests_per_minute is None:
-                continue
-            window = minute_of(now)
-            count = self.store.count_request(limit.subject, window)
-            if count > limit.requests_per_minute:
-                raise RateLimited(
-                    f"rate limit reached: {limit.requests_per_minute} requests per minute "
-                    f"for this {_what(limit)}",
-                    retry_after=_seconds(window + MINUTE - now),
-                )
+        if all(limit.requests_per_minute is None for limit in found):
+            return
+        window = minute_of(now)
+        full = self.store.take_request(found, window)
+        if full is not None:
+            raise RateLimited(
+                f"rate limit reached: {full.requests_per_minute} requests per minute "
+                f"for this {_what(full)}",
+                retry_after=_seconds(window + MINUTE - now),
+            )
 
 
 def _over(limit: Limit, usage: Usage, now: datetime) -> list[RateLimited]:

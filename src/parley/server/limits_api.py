@@ -3,12 +3,13 @@
 Routes (JSON; errors are OpenAI error JSON):
 
 - ``GET /api/admin/limits``: every limit, with its subject's public id;
-- ``PUT /api/admin/limits/{kind}/{id}`` (``kind``: ``users`` or ``keys``): replace a
+- ``PUT /api/admin/limits/{kind}/{id}`` (``kind``: ``users`` or ``keys``): set some of a
   subject's limits: ``requests_per_minute`` and ``tokens_per_minute`` (integers from 1 to
-  2,147,483,647), ``usd_per_day`` and ``usd_per_month`` (finite numbers of 0 or more); a
-  field left out or null is no limit, any other value is a 400 naming the field
-  (``store.limits.check_values``);
-- ``DELETE /api/admin/limits/{kind}/{id}``;
+  2,147,483,647), ``usd_per_day`` and ``usd_per_month`` (finite numbers of 0 or more). A
+  field given sets that limit, null removes it, a field left out stays as it was (as
+  ``parley limits set`` and ``clear --rpm`` etc.); any other value is a 400 naming the
+  field (``store.limits.check_values``). The answer holds all of the subject's limits;
+- ``DELETE /api/admin/limits/{kind}/{id}``: remove all of them;
 - ``GET /api/me/usage``: the limits that apply to the caller (their key's and their
   user's), each with its current usage.
 
@@ -29,8 +30,8 @@ from aiohttp import web
 from parley.errors import NotFound, StoreUnavailable
 from parley.gateway.limits import Limiter
 from parley.server import identity
-from parley.server.openai_parse import parse_api_object
-from parley.server.state import SERVICES, read_body
+from parley.server.api_body import read_object
+from parley.server.state import SERVICES
 from parley.store.metrics import MetricsStore
 
 
@@ -49,13 +50,12 @@ async def list_limits(request: web.Request) -> web.Response:
 
 
 async def put_limit(request: web.Request) -> web.Response:
-    """Admins: replace the limits of a user or an API key (left out or null: no limit)."""
+    """Admins: set limits of a user or an API key; the others stay (null removes one)."""
     identity.admin(request)
     limiter = _limiter(request)
     user_id, key_id = await _subject(request)
-    settings = request.app[SERVICES].settings
     # Checked by set_limit (``store.limits.check_values``): a bad value is a 400.
-    values = parse_api_object(await read_body(request, settings.max_body_bytes))
+    values = await read_object(request)
     limit = await asyncio.to_thread(
         lambda: limiter.store.set_limit(user_id=user_id, api_key_id=key_id, values=values)
     )

@@ -15,6 +15,7 @@ from typing import Any
 
 import orjson
 
+from parley.chat.fields import NUL_REFUSED, holds_nul
 from parley.domain.messages import ROLES, ChatRequest, Message, ToolCall
 from parley.errors import InvalidRequest
 
@@ -57,19 +58,9 @@ def parse_api_object(body: bytes) -> dict[str, Any]:
     store text, which PostgreSQL refuses with a NUL: a 400 on both databases alike, not a
     500 on one (``/v1`` instead stores exchanges with U+FFFD in its place)."""
     data = parse_json_object(body)
-    if _holds_nul(data):
-        raise InvalidRequest("text may not contain the NUL character (U+0000)")
+    if holds_nul(data):
+        raise InvalidRequest(NUL_REFUSED)
     return data
-
-
-def _holds_nul(value: Any) -> bool:
-    if isinstance(value, str):
-        return "\x00" in value
-    if isinstance(value, dict):
-        return any("\x00" in key or _holds_nul(item) for key, item in value.items())
-    if isinstance(value, list):
-        return any(_holds_nul(item) for item in value)
-    return False
 
 
 def parse_chat_request(data: dict[str, Any]) -> ChatRequest:
@@ -123,8 +114,8 @@ def parse_embeddings_request(data: Mapping[str, Any]) -> str:
     if not _is_embedding_input(data.get("input")):
         raise InvalidRequest(
             "'input' is required and must be a non-empty string, a non-empty array of "
-            "strings, a non-empty array of integers (token ids), or a non-empty array of "
-            "non-empty arrays of integers",
+            "non-empty strings, a non-empty array of integers (token ids), or a non-empty "
+            "array of non-empty arrays of integers",
             "input",
         )
     _int(data, "dimensions", minimum=1)
@@ -141,7 +132,8 @@ def _is_embedding_input(value: Any) -> bool:
     if not isinstance(value, list) or not value:
         return False
     return (
-        all(isinstance(item, str) for item in value)
+        # OpenAI refuses an empty string anywhere in the array, as on its own.
+        all(isinstance(item, str) and item for item in value)
         or all(_is_token(item) for item in value)
         or all(
             isinstance(item, list) and item and all(_is_token(t) for t in item) for item in value

@@ -28,8 +28,8 @@ from aiohttp import web
 from parley.errors import InvalidRequest, NotFound, StoreUnavailable
 from parley.gateway.directory import ProviderDirectory, effective_base_url
 from parley.server import identity
-from parley.server.openai_parse import parse_api_object
-from parley.server.state import SERVICES, read_body
+from parley.server.api_body import read_fields
+from parley.server.state import SERVICES
 from parley.settings import PROVIDER_KINDS
 from parley.store.provider_configs import FIELDS, ProviderConfigStore, StoredConfig, StoredKey
 
@@ -96,7 +96,7 @@ async def create_config(request: web.Request) -> web.Response:
     """Admins: create a provider configuration (its API key is encrypted)."""
     identity.admin(request)
     directory = _directory(request)
-    data = await _body(request, _FIELDS)
+    data = await read_fields(request, _FIELDS)
     missing = [name for name in ("name", "kind", "model") if data.get(name) is None]
     if missing:
         raise InvalidRequest(f"required: {', '.join(missing)}", missing[0])
@@ -118,7 +118,7 @@ async def update_config(request: web.Request) -> web.Response:
     identity.admin(request)
     directory = _directory(request)
     public_id = _public_id(request)
-    data = await _body(request, _FIELDS)
+    data = await read_fields(request, _FIELDS)
     changes = _columns(data, directory)
     updated = await asyncio.to_thread(directory.store.update_config, public_id, changes)
     if updated is None:
@@ -155,7 +155,7 @@ async def put_my_key(request: web.Request) -> web.Response:
     user_id = _user_id(request)
     directory = _directory(request)
     provider = request.match_info["provider"]
-    data = await _body(request, {"api_key"})
+    data = await read_fields(request, {"api_key"})
     key = _api_key(data.get("api_key"))
     if key is None:
         raise InvalidRequest("'api_key' is required (to remove a key, DELETE it)", "api_key")
@@ -386,15 +386,3 @@ def _public_id(request: web.Request) -> uuid.UUID:
 
 def _json(body: Any, status: int = 200) -> web.Response:
     return web.Response(body=orjson.dumps(body), status=status, content_type="application/json")
-
-
-async def _body(request: web.Request, allowed: frozenset[str] | set[str]) -> dict[str, Any]:
-    limit = request.app[SERVICES].settings.max_body_bytes
-    data = parse_api_object(await read_body(request, limit))
-    unknown = sorted(set(data) - allowed)
-    if unknown:
-        raise InvalidRequest(
-            f"unknown field(s): {', '.join(repr(f) for f in unknown)}; "
-            f"expected: {', '.join(sorted(allowed))}"
-        )
-    return data

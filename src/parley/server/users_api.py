@@ -25,17 +25,14 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from parley.domain.times import utc
-from parley.domain.users import ApiKey, User
+from parley.domain.users import MAX_KEY_DAYS, ApiKey, User, check_key_expiry
 from parley.errors import AuthenticationFailed, InvalidRequest, NotFound
 from parley.server import auth, identity
-from parley.server.openai_parse import parse_api_object
-from parley.server.state import SERVICES, read_body
+from parley.server.api_body import read_fields
+from parley.server.state import SERVICES
 from parley.store.users import KEEP, Users
 
 _MAX_PAGE = 200
-# The longest expiry a key may be given, in days (a key that should not expire gets none).
-_MAX_KEY_DAYS = 3650
 
 
 def add_routes(app: web.Application) -> None:
@@ -63,7 +60,7 @@ async def login(request: web.Request) -> web.Response:
     # JSON only: a cross-site form cannot send it without a CORS preflight (login CSRF).
     if request.content_type != "application/json":
         raise InvalidRequest("send the credentials as JSON (Content-Type: application/json)")
-    data = await _body(request, {"login", "password"})
+    data = await read_fields(request, {"login", "password"})
     name, password = data.get("login"), data.get("password")
     if not isinstance(name, str) or not name or not isinstance(password, str):
         raise InvalidRequest("'login' (email or username) and 'password' are required strings")
@@ -131,7 +128,7 @@ async def update_me(request: web.Request) -> web.Response:
     user_id = caller.user_id
     if user_id is None:
         raise InvalidRequest(f"this caller ({caller.via}) has no user profile to change")
-    data = await _body(request, {"full_name", "preferences", "password", "current_password"})
+    data = await read_fields(request, {"full_name", "preferences", "password", "current_password"})
     users = _users(request)
     changes: dict[str, Any] = {}
     if "full_name" in data:
@@ -177,7 +174,7 @@ async def create_key(request: web.Request) -> web.Response:
     """A new key for the caller (an admin may name another ``user``); the key is in this
     answer and nowhere else, ever."""
     caller = identity.current(request)
-    data = await _body(request, {"name", "expires_at", "expires_in_days", "user"})
+    data = await read_fields(request, {"name", "expires_at", "expires_in_days", "user"})
     users = _users(request)
     owner_id = caller.user_id
     if "user" in data:
@@ -220,7 +217,7 @@ async def admin_list_users(request: web.Request) -> web.Response:
 async def admin_create_user(request: web.Request) -> web.Response:
     """Admins: create a user (email, username, password, full name, role)."""
     identity.admin(request)
-    data = await _body(request, {"email", "username", "password", "full_name", "role"})
+    data = await read_fields(request, {"email", "username", "password", "full_name", "role"})
     users = _users(request)
     user = await auth.hashing(
         request,
@@ -247,7 +244,7 @@ async def admin_update_user(request: web.Request) -> web.Response:
     (and work again if the user is enabled)."""
     identity.admin(request)
     target = await _user_by_path(request)
-    data = await _body(request, {"role", "is_active", "password", "full_name"})
+    data = await read_fields(request, {"role", "is_active", "password", "full_name"})
     changes: dict[str, Any] = {key: data.get(key, KEEP) for key in data}
     changes["end_sessions"] = data.get("is_active") is False or "password" in data
     users = _users(request)
@@ -315,18 +312,6 @@ def _json(body: Any, status: int = 200) -> web.Response:
     return web.Response(body=orjson.dumps(body), status=status, content_type="application/json")
 
 
-async def _body(request: web.Request, allowed: set[str]) -> dict[str, Any]:
-    limit = request.app[SERVICES].settings.max_body_bytes
-    data = parse_api_object(await read_body(request, limit))
-    unknown = sorted(set(data) - allowed)
-    if unknown:
-        raise InvalidRequest(
-            f"unknown field(s): {', '.join(repr(f) for f in unknown)}; "
-            f"expected: {', '.join(sorted(allowed))}"
-        )
-    return data
-
-
 async def _user_or_401(request: web.Request, user_id: int) -> User:
     user = await asyncio.to_thread(_users(request).get_user, user_id)
     if user is None:
@@ -377,7 +362,8 @@ def _page(request: web.Request) -> tuple[int, uuid.UUID | None]:
 
 
 def _expiry(data: dict[str, Any]) -> datetime | None:
-    """The key's expiry from ``expires_at`` (ISO 8601) or ``expires_in_days``; None: never."""
+    """The key's expiry from ``expires_at`` (ISO 8601) or ``expires_in_days``; None: never.
+    Either way at most ``MAX_KEY_DAYS`` ahead (``domain.users.check_key_expiry``)."""
     at, days = data.get("expires_at"), data.get("expires_in_days")
     if at is not None and days is not None:
         raise InvalidRequest("give 'expires_at' or 'expires_in_days', not both")
@@ -385,9 +371,9 @@ def _expiry(data: dict[str, Any]) -> datetime | None:
     if days is not None:
         if isinstance(days, bool) or not isinstance(days, int | float) or days <= 0:
             raise InvalidRequest("'expires_in_days' must be a positive number", "expires_in_days")
-        if days > _MAX_KEY_DAYS:
+        if days > MAX_KEY_DAYS:
             raise InvalidRequest(
-                f"'expires_in_days' must be at most {_MAX_KEY_DAYS}", "expires_in_days"
+                f"'expires_in_days' must be at most {MAX_KEY_DAYS}", "expires_in_days"
             )
         return now + timedelta(days=days)
     if at is None:
@@ -398,8 +384,5 @@ def _expiry(data: dict[str, Any]) -> datetime | None:
         moment = datetime.fromisoformat(at)
     except ValueError:
         raise InvalidRequest("'expires_at' must be an ISO 8601 date-time", "expires_at") from None
-    # A time without an offset is taken as UTC.
-    moment = utc(moment)
-    if moment <= now:
-        raise InvalidRequest("'expires_at' must be in the future", "expires_at")
-    return moment
+    # Checked here too, not only by the store: a refusal before any database work.
+    return check_key_expiry(moment, now)

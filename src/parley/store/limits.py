@@ -2,16 +2,19 @@
 
 Invariants:
 - a limit row names exactly one subject, an API key or a user (a unique column each);
-  every limit is optional. Setting a subject's limits is one atomic upsert, so any
-  number of concurrent writers (API requests, CLI runs, processes) of one subject all
-  succeed and leave one row, the last one's;
+  every limit is optional. Setting limits changes only the fields given (None removes
+  one) in one atomic upsert, so any number of concurrent writers (API requests, CLI
+  runs, processes) of one subject all succeed and leave one row, each field as the last
+  writer that gave it left it;
 - every value is checked before it is written (``check_values``, whoever sets it): the
   per-minute limits are integers from 1 to ``MAX_PER_MINUTE`` (what PostgreSQL's
   ``integer`` column holds), spend limits finite numbers of 0 or more;
 - requests per minute are counted at request time in ``rate_windows``, one row per subject
-  and minute, incremented with one atomic upsert (``INSERT .. ON CONFLICT DO UPDATE ..
-  RETURNING``), so several parley processes on one database never let more than the limit
-  through in a minute;
+  and minute, incremented with one atomic upsert that counts only below the limit
+  (``INSERT .. ON CONFLICT DO UPDATE .. WHERE requests < limit RETURNING``), so several
+  parley processes on one database never let more than the limit through in a minute,
+  and a refused request is counted nowhere: the counts of one request's limits are
+  taken in one transaction, rolled back if any of them is full (``take_request``);
 - tokens per minute and spend are read from what the writer committed: the request log
   rows that finished over the last 60 seconds (``finished_at``: a sliding window; a stream
   counts when it ends, however long it ran; partial streams record their usage too) and
@@ -22,13 +25,13 @@ from __future__ import annotations
 
 import math
 import uuid
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import sqlalchemy
-from sqlalchemy import Connection, delete, func, select
+from sqlalchemy import Connection, delete, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from parley.domain.rollup import DAY
@@ -107,36 +110,80 @@ class LimitStore:
     def set_limit(
         self, *, user_id: int | None, api_key_id: int | None, values: Mapping[str, object]
     ) -> Limit:
-        """Create or replace the limits of one subject (fields not given or None: no
-        limit); ``InvalidRequest`` for a value ``check_values`` refuses."""
+        """Set the limits given in ``values`` for one subject and keep its others (a field
+        given as None: that limit is removed); return all of the subject's limits.
+        ``InvalidRequest`` for a value ``check_values`` refuses."""
         if (user_id is None) == (api_key_id is None):
             raise ValueError("a limit names exactly one of a user and an API key")
         checked = check_values(values)
-        row: dict[str, Any] = {name: checked.get(name) for name in LIMIT_FIELDS}
-        row["updated_at"] = datetime.now(UTC)
+        given: dict[str, Any] = {name: checked.get(name) for name in LIMIT_FIELDS if name in values}
+        given["updated_at"] = datetime.now(UTC)
         column, _subject_id = _subject_column(limits, user_id, api_key_id)
         with self._engine.begin() as conn:
             insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
-            statement = insert(limits).values(user_id=user_id, api_key_id=api_key_id, **row)
-            # One statement: a read then an insert let two concurrent writers of one
-            # subject both insert, and the second failed on the unique column.
-            conn.execute(
+            statement = insert(limits).values(user_id=user_id, api_key_id=api_key_id, **given)
+            # One statement: a read then a write let two concurrent writers of one subject
+            # both insert (the second failed on the unique column), or merge into values
+            # another writer had just changed.
+            row = conn.execute(
                 statement.on_conflict_do_update(
                     index_elements=[column],
-                    set_={name: statement.excluded[name] for name in row},
-                )
-            )
-        return Limit(user_id, api_key_id, **checked)
+                    set_={name: statement.excluded[name] for name in given},
+                ).returning(limits)
+            ).one()
+        return _limit(row._mapping)
+
+    def remove_limits(
+        self, *, user_id: int | None, api_key_id: int | None, fields: Collection[str]
+    ) -> Limit | None:
+        """Remove the limits named in ``fields`` of one subject and keep its others; return
+        what is left, or None when the subject has no limits at all (nothing is created)."""
+        unknown = sorted(set(fields) - set(LIMIT_FIELDS))
+        if unknown:
+            raise ValueError(f"not limit fields: {', '.join(unknown)}")
+        column, subject_id = _subject_column(limits, user_id, api_key_id)
+        changes: dict[str, Any] = dict.fromkeys(fields)
+        changes["updated_at"] = datetime.now(UTC)
+        with self._engine.begin() as conn:
+            row = conn.execute(
+                update(limits).where(column == subject_id).values(changes).returning(limits)
+            ).one_or_none()
+        return None if row is None else _limit(row._mapping)
 
     def delete_limit(self, *, user_id: int | None, api_key_id: int | None) -> bool:
         column, subject_id = _subject_column(limits, user_id, api_key_id)
         with self._engine.begin() as conn:
             return bool(conn.execute(delete(limits).where(column == subject_id)).rowcount)
 
+    def take_request(self, found: Sequence[Limit], window_start: datetime) -> Limit | None:
+        """Count one request in the minute starting at ``window_start`` of each limit of
+        ``found`` that has ``requests_per_minute`` (in ``found``'s order), unless one of
+        them has already counted that many: then count it in none of them and return the
+        first such limit. None: the request was counted and may go.
+
+        One transaction: a request refused by its user's limit does not use up a slot of
+        its key's. On PostgreSQL each counter's row stays locked until the commit; callers
+        pass a key's limit before its user's (``Limiter.limits_of``), so two requests
+        always lock in the same order and cannot deadlock."""
+        with self._engine.connect() as conn, conn.begin() as transaction:
+            for limit in found:
+                if limit.requests_per_minute is None:
+                    continue
+                count = _count_request(
+                    conn, limit.subject, window_start, below=limit.requests_per_minute
+                )
+                if count is None:
+                    transaction.rollback()
+                    return limit
+        return None
+
     def count_request(self, subject: str, window_start: datetime) -> int:
-        """Count one request in ``subject``'s minute; return the count including it."""
+        """Count one request in ``subject``'s minute whatever its limit; return the count
+        including it."""
         with self._engine.begin() as conn:
-            return _count_request(conn, subject, window_start)
+            count = _count_request(conn, subject, window_start, below=None)
+        assert count is not None
+        return count
 
     def usage(self, limit: Limit, now: datetime) -> Usage:
         today = now.replace(hour=0, minute=0, second=0, microsecond=0)
@@ -193,7 +240,11 @@ def minute_of(moment: datetime) -> datetime:
     return moment.replace(second=0, microsecond=0)
 
 
-def _count_request(conn: Connection, subject: str, window_start: datetime) -> int:
+def _count_request(
+    conn: Connection, subject: str, window_start: datetime, *, below: int | None
+) -> int | None:
+    """Add one to the subject's count of the minute if it is ``below`` (or always, for
+    None); the new count, or None when it was not below and is left as it was."""
     insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
     statement = (
         insert(rate_windows)
@@ -201,10 +252,15 @@ def _count_request(conn: Connection, subject: str, window_start: datetime) -> in
         .on_conflict_do_update(
             index_elements=[rate_windows.c.subject, rate_windows.c.window_start],
             set_={"requests": rate_windows.c.requests + 1},
+            # A row this statement does not update is not returned. On PostgreSQL the
+            # condition is checked on the row's latest version, after any concurrent
+            # writer of it committed, so concurrent requests never count past ``below``.
+            where=None if below is None else rate_windows.c.requests < below,
         )
         .returning(rate_windows.c.requests)
     )
-    return int(conn.execute(statement).scalar_one())
+    count = conn.execute(statement).scalar_one_or_none()
+    return None if count is None else int(count)
 
 
 def _tokens_since(conn: Connection, limit: Limit, since: datetime) -> tuple[int, datetime | None]:

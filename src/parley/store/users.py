@@ -35,6 +35,7 @@ from parley.domain.users import (
     Principal,
     User,
     check_full_name,
+    check_key_expiry,
     check_key_name,
     check_role,
     check_username,
@@ -224,16 +225,18 @@ class Users:
     def create_key(
         self, user_id: int, name: object, expires_at: datetime | None = None
     ) -> tuple[ApiKey, str]:
-        """A new key for the user: its description and the plain key (returned only here)."""
+        """A new key for the user: its description and the plain key (returned only here).
+        ``expires_at`` (None: never) must pass ``check_key_expiry``."""
         plain = tokens.new_api_key()
+        now = datetime.now(UTC)
         values = {
             "public_id": new_public_id(),
             "user_id": user_id,
             "name": check_key_name(name),
             "prefix": tokens.display_prefix(plain),
             "key_hash": tokens.digest(plain),
-            "created_at": datetime.now(UTC),
-            "expires_at": utc(expires_at) if expires_at is not None else None,
+            "created_at": now,
+            "expires_at": check_key_expiry(expires_at, now),
         }
         with self._writing() as conn:
             key_id = conn.execute(
