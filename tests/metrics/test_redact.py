@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import pickle
+from urllib.parse import urlencode
+
 import orjson
 
-from parley.metrics.redact import REDACTED, redact_body
+from parley.metrics.redact import REDACTED, SecretSet, redact_body, redact_text
 
 CANARY = "canary-8f3b2e91d7c4a5"
 
@@ -45,3 +48,49 @@ def test_large_bodies_are_cut_after_redaction() -> None:
     assert out is not None and len(out) < 200 and "truncated" in out and CANARY not in out
     assert redact_body(b"", "application/json") is None
     assert redact_body(b"--x\r\n", "multipart/form-data; boundary=x") == "[multipart body, 5 bytes]"
+
+
+# The vault's master secret from its key file (URL-safe base64, "=" padded), and a
+# PARLEY_SECRET_KEY, which may be any string.
+KEY_FILE_SECRET = "q0_Ny-3vT8canaryKx1Zb9Yw2Lm5Rj7Hs4Fd6Ga8Pc0E="
+PASSPHRASE = 'canary "quoted\\ passphrase'
+
+
+def test_known_secrets_are_found_however_the_body_spells_them() -> None:
+    secrets = SecretSet.of([KEY_FILE_SECRET, PASSPHRASE])
+    form = urlencode({"note": KEY_FILE_SECRET, "other": PASSPHRASE, "keep": "visible"})
+    as_json = orjson.dumps({"content": f"{KEY_FILE_SECRET} and {PASSPHRASE}"})
+    for body, content_type in (
+        (form.encode(), "application/x-www-form-urlencoded"),
+        (as_json, "application/json"),
+        (f"pasted: {form}".encode(), "text/plain"),
+    ):
+        out = redact_body(body, content_type, secrets)
+        assert out is not None and "canary" not in out, content_type
+        assert "visible" in out or "content" in out
+    # Given as plain strings, as before.
+    assert "canary" not in (
+        redact_body(
+            form.encode(), "application/x-www-form-urlencoded", [KEY_FILE_SECRET, PASSPHRASE]
+        )
+        or ""
+    )
+
+
+def test_secrets_that_begin_alike_are_removed_whole_and_nothing_else() -> None:
+    short, long = "mk-canary-0123456789", "mk-canary-0123456789-abcdef"
+    others = [f"mk-canary-{i:06d}-{i * 7919:x}" for i in range(2000)]
+    secrets = SecretSet.of([short, long, *others])
+    text = f"a {long} b {short}. c {others[1234]} d mk-canary-01234 e mk-canary-"
+    assert redact_text(text, secrets) == (
+        f"a {REDACTED} b {REDACTED}. c {REDACTED} d mk-canary-01234 e mk-canary-"
+    )
+    # It travels to the writer's process with the rows.
+    assert pickle.loads(pickle.dumps(secrets)).sub(long) == REDACTED
+    assert SecretSet.of(["abc", ""]).spellings == ()  # too short to be told from words
+
+
+def test_google_api_keys_are_redacted_by_shape() -> None:
+    key = "AIza" + "SyCanary0123456789abcdefghijklmno_-"
+    assert len(key) == 39
+    assert redact_text(f"gemini key {key}, thanks") == f"gemini key {REDACTED}, thanks"

@@ -83,6 +83,78 @@ def test_every_request_is_measured_by_route_template_and_secrets_never_stored(
     assert {r["user_id"] for r in stored if r["endpoint"] == "/api/admin/users"} <= {None}
 
 
+# A provider key of no well-known shape (as Mistral's or a private gateway's are): only
+# the database knows it is a secret.
+STORED_KEY = "Q7v2Lx9RkP4tW8zNcanary3JmH"
+
+
+def test_keys_known_only_to_the_database_and_the_key_file_are_never_stored(
+    tmp_path: Path,
+    database_url: str,
+    upstream: FakeOpenAI,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    first = _server(tmp_path, database_url, upstream)
+    try:
+        created = httpx.post(
+            f"{first.root}/api/admin/providers",
+            json={"name": "house", "kind": "openai", "model": "m", "api_key": STORED_KEY},
+            headers=bearer(MASTER),
+            timeout=10,
+        )
+        assert created.status_code == 201, created.text
+    finally:
+        first.stop()
+    # The vault's master secret, from the key file in the data directory (URL-safe base64:
+    # its "=" is "%3D" once a form body is stored).
+    master_secret = (tmp_path / "data" / "secret.key").read_text().strip()
+    assert master_secret.endswith("=")
+    # A restarted server: the key is in the database only, never sent to this process.
+    server = _server(tmp_path, database_url, upstream)
+    try:
+        root = server.root
+        for canary in (STORED_KEY, master_secret):
+            # Pasted into a prompt, into the user agent and the tags of another request.
+            reply = httpx.post(
+                f"{root}/v1/chat/completions",
+                json={
+                    "model": "up/m",
+                    "messages": [{"role": "user", "content": f"is {canary} ok?"}],
+                },
+                headers={
+                    **bearer(MASTER),
+                    "User-Agent": f"script/1.0 ({canary})",
+                    "X-Parley-Tags": f"debug,{canary}",
+                },
+                timeout=10,
+            )
+            assert reply.status_code == 200, reply.text
+            # In a form body (refused, and still measured).
+            httpx.post(
+                f"{root}/v1/chat/completions",
+                data={"note": canary},
+                headers=bearer(MASTER),
+                timeout=10,
+            )
+        stored = wait_for(
+            lambda: (
+                (found := rows(database_url, "SELECT * FROM http_metrics"))
+                and len([r for r in found if r["endpoint"] == "/v1/chat/completions"]) == 4
+                and found
+            )
+        )
+    finally:
+        server.stop()
+    # The admin request that set the key is stored too (its "api_key" field redacted).
+    assert {r["endpoint"] for r in stored} == {"/api/admin/providers", "/v1/chat/completions"}
+    assert all(r["request_body"] for r in stored)
+    # The server's own log lines (the test's HTTP client logs what it sent).
+    server_log = "\n".join(r.getMessage() for r in caplog.records if not r.name.startswith("http"))
+    for canary in (STORED_KEY, master_secret, master_secret.rstrip("=")):
+        assert canary not in repr(stored) and canary not in server_log
+
+
 def test_sampling_zero_records_nothing_but_prometheus_still_counts(
     tmp_path: Path, database_url: str, upstream: FakeOpenAI
 ) -> None:

@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 
 import orjson
 
-from parley.metrics.redact import redact_body, redact_text
+from parley.metrics.redact import SecretSet, as_secret_set, redact_body, redact_text
 
 
 class HttpRow(NamedTuple):
@@ -31,11 +31,13 @@ class HttpRow(NamedTuple):
     content_type: str
     user_id: int | None
     api_key_id: int | None
-    secrets: tuple[str, ...]
+    # One ``SecretSet`` shared by every row until the secrets change, so it is pickled
+    # once per batch sent to the writer's process (a tuple of strings: tests, old callers).
+    secrets: SecretSet | tuple[str, ...]
     limit: int
 
     def __call__(self) -> dict[str, Any]:
-        secrets = self.secrets
+        secrets = as_secret_set(self.secrets)
         user_agent, error, body = self.user_agent, self.error, self.body
         return {
             "created_at": self.at,
@@ -55,7 +57,7 @@ class HttpRow(NamedTuple):
         }
 
 
-def _tags(header: str | None, secrets: tuple[str, ...]) -> str | None:
+def _tags(header: str | None, secrets: SecretSet) -> str | None:
     if not header:
         return None
     tags = [redact_text(t.strip(), secrets)[:64] for t in header.split(",") if t.strip()]

@@ -12,6 +12,12 @@ makes a full-strength key and the secret itself is used for nothing else. Cipher
 every encryption differ and detects tampering; the key id (also derived by HKDF, so it
 reveals nothing of the key) lets a wrong master secret be named as the cause instead of
 "damaged data". Invariants: plaintext never appears in an error, a log line or a repr.
+
+Every provider key passes through the vault in plain text (set through the API, or read
+from the database), so it keeps ``known_secrets``: the master secret and every plaintext
+it encrypted or decrypted, for what stores request text (``metrics.redact``) to remove.
+The set only grows (a replaced key stays a secret) and is replaced, never changed in
+place, so a reader may cache what it derives from it by its identity.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import base64
 import binascii
 import os
 import stat
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,7 +55,7 @@ class _Keys:
 class Vault:
     """Encrypts and decrypts short secrets (provider API keys) with the master secret."""
 
-    __slots__ = ("_keys", "source")
+    __slots__ = ("_keys", "_known", "_lock", "source")
 
     def __init__(self, master_secret: str, source: str = "the master secret") -> None:
         """``source`` names where the secret came from, for error messages."""
@@ -59,6 +66,8 @@ class Vault:
         key_id = _derive(raw, b"parley key id")[:4].hex()
         self._keys = _Keys(Fernet(base64.urlsafe_b64encode(fernet_key)), key_id)
         self.source = source
+        self._known = frozenset({master_secret})
+        self._lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"Vault(key_id={self._keys.key_id!r}, source={self.source!r})"
@@ -67,6 +76,11 @@ class Vault:
     def key_id(self) -> str:
         """A fingerprint of the encryption key (safe to show: it is derived separately)."""
         return self._keys.key_id
+
+    @property
+    def known_secrets(self) -> frozenset[str]:
+        """The master secret and every plaintext this vault encrypted or decrypted."""
+        return self._known
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Vault:
@@ -79,6 +93,7 @@ class Vault:
 
     def encrypt(self, plaintext: str) -> str:
         """Ciphertext as ASCII text; two encryptions of the same text differ."""
+        self._remember(plaintext)
         token = self._keys.fernet.encrypt(plaintext.encode()).decode("ascii")
         return f"{_FORMAT}.{self._keys.key_id}.{token}"
 
@@ -96,11 +111,18 @@ class Vault:
                 "changed or the key file replaced? Restore it, or set the key again"
             )
         try:
-            return self._keys.fernet.decrypt(token.encode("ascii")).decode()
+            plaintext = self._keys.fernet.decrypt(token.encode("ascii")).decode()
         except (InvalidToken, UnicodeError):
             raise VaultError(
                 "a stored provider key could not be decrypted: its ciphertext is damaged"
             ) from None
+        self._remember(plaintext)
+        return plaintext
+
+    def _remember(self, plaintext: str) -> None:
+        if plaintext not in self._known:
+            with self._lock:  # callers run on the event loop and in worker threads
+                self._known = self._known | {plaintext}
 
 
 def _derive(secret: bytes, info: bytes) -> bytes:

@@ -3,8 +3,14 @@
 The middleware runs outermost, so it sees every answer, errors included, and the caller
 the auth middleware found. It measures, then hands the writer a closure: the row is built
 on the writer thread, where the body is redacted (``metrics.redact``: fields named like
-secrets, credential-shaped values and the configured secrets themselves) and truncated.
+secrets, credential-shaped values and the known secrets themselves) and truncated.
 So the request path pays for a timer and a queue put, never for redaction or SQL.
+
+The known secrets are the configured ones (master key, ``PARLEY_SECRET_KEY``, config-file
+provider keys) and the vault's (``security.vault``: its master secret, from the key file
+too, and every provider key it encrypted or decrypted: configurations in the database,
+users' own keys). ``KnownSecrets`` makes them one ``SecretSet`` again only when the vault
+learned a new one, so a request pays an identity check, never a database read.
 
 Invariants: the endpoint is the route template (``/api/conversations/{id}``), never the
 raw path, and the query string is never stored; headers are not stored except the user
@@ -22,6 +28,7 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from parley.metrics.http_row import HttpRow
+from parley.metrics.redact import SecretSet
 from parley.server.identity import IDENTITY_KEY
 from parley.server.state import BODY_KEY, SERVICES
 from parley.settings import Settings
@@ -39,8 +46,27 @@ def secrets_of(settings: Settings) -> tuple[str, ...]:
     return tuple(s.get() for s in found if s is not None)
 
 
+class KnownSecrets:
+    """The configured secrets and the vault's, as one ``SecretSet`` (see the module)."""
+
+    __slots__ = ("_configured", "_seen", "_set")
+
+    def __init__(self, configured: tuple[str, ...]) -> None:
+        self._configured = configured
+        self._seen: frozenset[str] = frozenset()
+        self._set = SecretSet.of(configured)
+
+    def current(self, vault_secrets: frozenset[str]) -> SecretSet:
+        if vault_secrets is not self._seen:
+            # On the event loop, once per key the vault learns: a sort of the spellings.
+            self._set = SecretSet.of((*self._configured, *vault_secrets))
+            self._seen = vault_secrets
+        return self._set
+
+
 def middleware(settings: Settings) -> Middleware:
-    secrets = secrets_of(settings)
+    known = KnownSecrets(secrets_of(settings))
+    no_vault: frozenset[str] = frozenset()
     sample = settings.http_metrics_sample
     limit = settings.http_metrics_body_bytes
 
@@ -60,6 +86,10 @@ def middleware(settings: Settings) -> Middleware:
                 if services.prometheus is not None:
                     services.prometheus.observe_http(endpoint, request.method, status, elapsed)
                 if sample > 0 and (sample >= 1 or random.random() < sample):
+                    directory = services.directory
+                    secrets = known.current(
+                        no_vault if directory is None else directory.vault.known_secrets
+                    )
                     services.writer.submit_metric(
                         _row_maker(request, endpoint, status, elapsed, secrets, limit)
                     )
@@ -80,7 +110,7 @@ def _row_maker(
     endpoint: str,
     status: int,
     elapsed: float,
-    secrets: tuple[str, ...],
+    secrets: SecretSet,
     limit: int,
 ) -> HttpRow:
     # Everything read from the request now: it is gone once the handler returns.

@@ -23,15 +23,23 @@ Invariants:
   recognises either database's "out of space" refusal (SQLite's ``SQLITE_FULL``,
   PostgreSQL's SQLSTATE 53100, ``ENOSPC``), so callers can answer 507 rather than 500.
 
-Creating an engine touches the file system only to create the SQLite file's directory
-(mode 0700: the database holds every conversation). Nothing connects until first use.
+The SQLite database holds every conversation and the encrypted provider keys, so only its
+owner may read it: creating an engine makes a missing directory for it with mode 0700, and
+takes group and other permissions away from an existing database file and its ``-wal``,
+``-shm`` and ``-journal`` files (logged as a warning: a database made before parley did
+this, or by hand, is 0644 under the usual umask). The first connection creates a missing
+database file with mode 0600 before SQLite opens it; SQLite gives the ``-wal``, ``-shm``
+and ``-journal`` files it makes later the database file's own mode. Nothing else touches
+the file system, and nothing connects until first use.
 """
 
 from __future__ import annotations
 
 import errno
 import logging
+import os
 import sqlite3
+import stat
 import threading
 import time
 from collections.abc import Iterator
@@ -319,9 +327,20 @@ def _sqlite_engine(settings: Settings, **kwargs: Any) -> sqlalchemy.Engine:
         # Interpolated into a PRAGMA below, so it must be one of SQLite's own words.
         raise ConfigError(f"sqlite_synchronous must be FULL or NORMAL, got {synchronous!r}")
     path = sqlite_path(settings)
-    if path is not None and not path.parent.exists():
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if path is not None:
+        if not path.parent.exists():
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        owner_only(path)
     engine = sqlalchemy.create_engine(settings.database_url, **kwargs)
+
+    if path is not None:
+        database = path
+
+        @event.listens_for(engine, "do_connect")
+        def _before_connect(*_args: Any) -> None:
+            # Made here, not by SQLite (0644 under the usual umask), so that it and the
+            # -wal and -shm files SQLite copies its mode to are never readable by others.
+            create_owner_only(database)
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
@@ -343,3 +362,55 @@ def _sqlite_engine(settings: Settings, **kwargs: Any) -> sqlalchemy.Engine:
         conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
     return engine
+
+
+# Owner read and write: the database holds every conversation and the encrypted keys.
+DATABASE_MODE = 0o600
+SIDECARS = ("-wal", "-shm", "-journal")
+
+
+def create_owner_only(database: Path) -> None:
+    """Create ``database`` as an empty file with mode 0600 unless it exists (SQLite takes
+    an empty file for an empty database); an existing file is never touched."""
+    try:
+        fd = os.open(database, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, DATABASE_MODE)
+    except OSError:
+        # It exists; or it cannot be made, and SQLite's own open then fails with the
+        # error its callers expect.
+        return
+    try:
+        # The umask may have narrowed the mode (0400 would make it read-only): set it.
+        os.fchmod(fd, DATABASE_MODE)
+    finally:
+        os.close(fd)
+
+
+def owner_only(database: Path) -> None:
+    """Take group and other permissions away from ``database`` and its -wal, -shm and
+    -journal files, where they have any; logged, as it changes a file the user made."""
+    for path in (database, *(database.with_name(database.name + s) for s in SIDECARS)):
+        try:
+            info = path.stat()
+        except OSError:
+            continue  # missing (most sidecars), or unreadable: SQLite will say so
+        before = stat.S_IMODE(info.st_mode)
+        if not stat.S_ISREG(info.st_mode) or not before & 0o077:
+            continue
+        after = before & ~0o077
+        try:
+            os.chmod(path, after)
+        except OSError as exc:
+            log.warning(
+                "%s may be read by other users (mode %04o) and could not be made owner-only: %s",
+                path,
+                before,
+                exc,
+            )
+            continue
+        log.warning(
+            "%s could be read by other users (mode %04o): made it owner-only (mode %04o), "
+            "as parley makes its database files",
+            path,
+            before,
+            after,
+        )
