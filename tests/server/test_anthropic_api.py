@@ -463,6 +463,31 @@ def test_an_answer_that_cannot_be_encoded_is_recorded_as_the_error_the_client_go
     assert req["status_code"] == 200 and req["completion_tokens"] == 5
 
 
+def test_a_stream_whose_tool_arguments_are_not_an_object_ends_in_an_error(
+    server: ParleyServer, database_url: str, sdk: anthropic.Anthropic
+) -> None:
+    # The deltas are out before the arguments are whole: the stream cannot end cleanly
+    # with a tool_use whose input the SDK would make up from a fragment.
+    seen: list[str] = []
+    with pytest.raises(anthropic.APIStatusError) as caught:
+        for event in sdk.messages.create(
+            model="up/tool-call-garbled",
+            max_tokens=50,
+            messages=USER_X,
+            tools=[WEATHER_TOOL],
+            stream=True,
+        ):
+            seen.append(event.type)
+    assert "content_block_start" in seen
+    assert "message_delta" not in seen and "message_stop" not in seen
+    assert isinstance(caught.value.body, dict)
+    assert caught.value.body["error"]["type"] == "api_error"
+    assert "not a JSON object" in caught.value.body["error"]["message"]
+    [req] = rows(database_url, "SELECT * FROM request_log")
+    assert not req["success"] and req["error_type"] == "protocol"
+    assert req["finish_reason"] == "error"
+
+
 USER_X = [{"role": "user", "content": "x"}]
 TOOL_USE_BAD_INPUT = {"type": "tool_use", "id": "t", "name": "f", "input": "{}"}
 
@@ -479,6 +504,22 @@ BAD_REQUESTS: list[tuple[dict[str, Any], str]] = [
     ({"tool_choice": {"type": "maybe"}}, "tool_choice"),
     ({"system": [{"type": "image"}]}, "system"),
     ({"stream": "yes"}, "stream"),
+    # Anthropic refuses an empty turn; dropping it would change the conversation.
+    ({"messages": [{"role": "user", "content": ""}]}, "non-empty content"),
+    (
+        {
+            "messages": [
+                *USER_X,
+                {"role": "assistant", "content": "a"},
+                {"role": "user", "content": []},
+            ]
+        },
+        "messages.2: all messages must have non-empty content",
+    ),
+    (
+        {"messages": [*USER_X, {"role": "assistant", "content": []}, *USER_X]},
+        "messages.1: all messages must have non-empty content",
+    ),
 ]
 
 

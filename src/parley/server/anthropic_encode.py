@@ -20,6 +20,9 @@ Invariants and choices where the protocols differ:
 - ``message_start`` carries the input tokens known by then (0 if none); ``message_delta``
   is held until usage arrives after the finish, or until the final chunk, whichever comes
   first; ``message_stop`` ends the final chunk's frames;
+- tool-call arguments that are not a JSON object raise ``UpstreamProtocolError``: a
+  whole body cannot be built, and a stream ends in an error event in place of
+  ``message_delta`` (its deltas are already out);
 - a thinking block has an empty ``signature``: parley cannot sign reasoning, so such a
   block cannot be replayed to Anthropic itself.
 """
@@ -239,6 +242,10 @@ class AnthropicEncoder:
                 usage_now = True
         if not self._delta_sent and (chunk.final or (usage_now and self._stop is not None)):
             self._close(out)
+            for tool in self._tools.values():
+                # Raises for arguments that are not a JSON object: the stream then ends
+                # in an error event, never in a tool_use whose input the SDK made up.
+                _input(tool)
             self._message_delta(out)
         if chunk.final:
             out.append(_event("message_stop", {"type": "message_stop"}))
@@ -253,6 +260,7 @@ class AnthropicEncoder:
             self._start_block(out, "tool_use", start)
             tool.block = self._open
         if event.arguments:
+            tool.arguments.append(event.arguments)
             # A fragment of an earlier call after another block began still names its
             # own block: SDKs file deltas by index.
             delta = {"type": "input_json_delta", "partial_json": event.arguments}

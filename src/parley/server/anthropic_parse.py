@@ -11,7 +11,8 @@ body as sent, so an Anthropic upstream receives every block and field untouched.
 What the neutral form cannot carry is left out of it (and so out of the store), never
 refused: ``thinking`` / ``redacted_thinking`` blocks, the blocks of Anthropic-hosted
 (server) tools, and server tool definitions. Unknown content block types are refused,
-because dropping what a user wrote would silently change the conversation.
+because dropping what a user wrote would silently change the conversation; so is an
+empty message (``""`` or ``[]``) other than a final assistant one, as Anthropic refuses it.
 Every refusal is an ``InvalidRequest``, which the server answers as Anthropic error JSON.
 """
 
@@ -59,8 +60,9 @@ def parse_messages_request(data: dict[str, Any], *, require_max_tokens: bool = T
     if not isinstance(raw_messages, list) or not raw_messages:
         raise InvalidRequest("messages: must be a non-empty array", "messages")
     messages = _system(data.get("system"))
+    last = len(raw_messages) - 1
     for index, raw in enumerate(raw_messages):
-        messages.extend(_turn(raw, index))
+        messages.extend(_turn(raw, index, final=index == last))
     stream = data.get("stream", False)
     if stream is not None and not isinstance(stream, bool):
         raise InvalidRequest("stream: must be a boolean", "stream")
@@ -113,7 +115,7 @@ def _system(system: Any) -> list[Message]:
     raise InvalidRequest("system: must be a string or an array of text blocks", "system")
 
 
-def _turn(raw: Any, index: int) -> list[Message]:
+def _turn(raw: Any, index: int, *, final: bool) -> list[Message]:
     """The neutral messages of one Anthropic message (a user turn may give several)."""
     param = f"messages.{index}"
     if not isinstance(raw, dict):
@@ -122,6 +124,14 @@ def _turn(raw: Any, index: int) -> list[Message]:
     if role not in ("user", "assistant"):
         raise InvalidRequest(f"{param}.role: must be 'user' or 'assistant'", f"{param}.role")
     content = raw.get("content")
+    if isinstance(content, str | list) and not content and not (final and role == "assistant"):
+        # Anthropic's rule, in its words. An empty turn would otherwise vanish from the
+        # neutral form and change the conversation an OpenAI-style upstream sees.
+        raise InvalidRequest(
+            f"{param}: all messages must have non-empty content except for the optional "
+            "final assistant message",
+            f"{param}.content",
+        )
     if isinstance(content, str):
         return [Message(role=role, content=content)]
     if not isinstance(content, list):
