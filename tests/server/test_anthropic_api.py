@@ -846,3 +846,53 @@ def test_message_delta_without_usage_comes_with_the_final_chunk() -> None:
     assert [e.type for e in events][-2:] == ["message_delta", "message_stop"]
     assert events[0].message.model == "requested"
     assert events[-2].usage.output_tokens == 0 and events[-2].usage.input_tokens is None
+
+
+def test_an_anthropic_clients_beta_features_reach_an_anthropic_upstream(
+    tmp_path: Path, database_url: str, upstream: FakeOpenAI, anthropic_fake: FakeAnthropic
+) -> None:
+    write_config(
+        tmp_path,
+        [
+            {"name": "up", "kind": "openai", "base_url": upstream.base_url},
+            {
+                "name": "an",
+                "kind": "anthropic",
+                "base_url": anthropic_fake.base_url,
+                "api_key": "sk-ant-test",
+                "headers": {"Anthropic-Beta": "configured-2025-01-01"},
+            },
+        ],
+    )
+    with ParleyServer(settings_for(tmp_path, database_url)) as running, connect(running) as sdk:
+        question = [{"role": "user", "content": "hi"}]
+        beta = {"anthropic-beta": "context-1m-2025-08-07, configured-2025-01-01"}
+        sdk.messages.create(
+            model="an/claude-fake-opus", max_tokens=50, messages=question, extra_headers=beta
+        )
+        with sdk.messages.stream(
+            model="an/claude-fake-opus", max_tokens=50, messages=question, extra_headers=beta
+        ) as stream:
+            stream.get_final_message()
+        sdk.messages.count_tokens(
+            model="an/claude-fake-opus", messages=question, extra_headers=beta
+        )
+        # Without the client's header the configured features alone go out.
+        sdk.messages.create(model="an/claude-fake-opus", max_tokens=50, messages=question)
+        # An OpenAI-style upstream gets a translated body: no Anthropic header to pass.
+        sdk.messages.create(
+            model="up/gpt-4o-mini", max_tokens=50, messages=question, extra_headers=beta
+        )
+    sent = [
+        {k.lower(): v for k, v in headers.items()}.get("anthropic-beta")
+        for _, headers, _ in anthropic_fake.received
+    ]
+    assert sent == [
+        "context-1m-2025-08-07,configured-2025-01-01",
+        "context-1m-2025-08-07,configured-2025-01-01",
+        "context-1m-2025-08-07,configured-2025-01-01",
+        "configured-2025-01-01",
+    ]
+    assert all(
+        "anthropic-beta" not in {k.lower() for k in headers} for _, headers, _ in upstream.received
+    )

@@ -146,4 +146,7 @@ class ChatRequest:
     # The client's original body, when it spoke ``client_protocol``.
     raw: Mapping[str, Any] | None = None
     client_protocol: str = "openai"
+    # Headers of ``client_protocol`` that change what its body means (Anthropic's
+    # ``anthropic-beta``), for an adapter of that protocol to send on with ``raw``.
+    client_headers: Mapping[str, str] = field(default_factory=dict)
     user: str | None = None

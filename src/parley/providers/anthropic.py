@@ -9,7 +9,9 @@ already ends in ``/v1`` gets ``/messages`` (and so on) only, so both spellings w
 
 Headers: ``x-api-key`` (when a key is configured) and ``anthropic-version: 2023-06-01``;
 ``config.headers`` may replace either (names compared without case) or add others, e.g.
-``anthropic-beta``.
+``anthropic-beta``. An Anthropic client's own ``anthropic-beta`` features are sent on
+with its body, together with the configured ones (the body may use fields only they
+enable); a client of another protocol has none.
 
 Invariants:
 
@@ -57,6 +59,7 @@ from parley.providers.wire import dumps, loads_object
 from parley.settings import ProviderConfig
 
 # list_models follows ``has_more`` for at most this many pages of this many models.
+BETA_HEADER = "anthropic-beta"
 MODEL_PAGES = 5
 MODEL_PAGE_SIZE = 1000
 
@@ -79,6 +82,9 @@ class AnthropicProvider:
         configured = {name.lower() for name in config.headers}
         headers = {k: v for k, v in headers.items() if k not in configured}
         self._http = UpstreamHTTP(config, session, headers, (key,))
+        self._betas = _betas(
+            next((v for k, v in config.headers.items() if k.lower() == BETA_HEADER), "")
+        )
 
     @property
     def protocol(self) -> str:
@@ -124,7 +130,13 @@ class AnthropicProvider:
         payload = {key: body[key] for key in wire.COUNT_FIELDS if key in body}
         deadline, phase = self._http.first_deadline()
         _, raw = await self._http.open(
-            self._count_url, dumps(payload), deadline, phase, self._error_for, whole=True
+            self._count_url,
+            dumps(payload),
+            deadline,
+            phase,
+            self._error_for,
+            whole=True,
+            headers=self._client_headers(request),
         )
         tokens = loads_object(raw, "token count").get("input_tokens")
         if type(tokens) is not int:
@@ -153,7 +165,13 @@ class AnthropicProvider:
         # ``total`` bounds it; such a timeout is not retried (it would bill twice).
         deadline, phase = self._http.total_deadline()
         _, raw = await self._http.open(
-            self._chat_url, data, deadline, phase, self._error_for, whole=True
+            self._chat_url,
+            data,
+            deadline,
+            phase,
+            self._error_for,
+            whole=True,
+            headers=self._client_headers(request),
         )
         obj = loads_object(raw, "response")
         if not isinstance(obj.get("content"), list):
@@ -169,7 +187,14 @@ class AnthropicProvider:
         http = self._http
         total_at = http.now() + self.config.timeouts.total
         deadline, phase = http.first_deadline()
-        resp, _ = await http.open(self._chat_url, data, deadline, phase, self._error_for)
+        resp, _ = await http.open(
+            self._chat_url,
+            data,
+            deadline,
+            phase,
+            self._error_for,
+            headers=self._client_headers(request),
+        )
         try:
             if resp.content_type == "application/json":
                 # An upstream may answer a stream request with a JSON body (often an error).
@@ -193,6 +218,16 @@ class AnthropicProvider:
         finally:
             finish(resp)
 
+    def _client_headers(self, request: ChatRequest) -> dict[str, str] | None:
+        """The client's ``anthropic-beta`` features, with the configured ones: the body
+        passed on as sent may use fields only they enable."""
+        if request.client_protocol != wire.PROTOCOL:
+            return None
+        client = _betas(request.client_headers.get(BETA_HEADER, ""))
+        if not client:
+            return None
+        return {BETA_HEADER: ",".join(dict.fromkeys((*client, *self._betas)))}
+
     def _error_for(self, status: int, body: bytes, headers: Mapping[str, str]) -> UpstreamError:
         return wire.http_error(status, body, headers, self._http.scrub)
 
@@ -200,3 +235,8 @@ class AnthropicProvider:
         if obj.get("type") == "error" or obj.get("error"):
             return wire.error_object(obj.get("error"), False, self._http.scrub)
         return UpstreamProtocolError(f"upstream {self.config.name}: {otherwise}")
+
+
+def _betas(value: str) -> tuple[str, ...]:
+    """The features of an ``anthropic-beta`` value (comma-separated)."""
+    return tuple(part.strip() for part in value.split(",") if part.strip())

@@ -128,9 +128,12 @@ class UpstreamHTTP:
         *,
         whole: bool = False,
         method: str = "POST",
+        headers: Mapping[str, str] | None = None,
     ) -> tuple[aiohttp.ClientResponse, bytes]:
         """Send and wait for a 2xx answer's headers, and its body too when ``whole`` (the
-        response is then finished); any other answer raises ``error_for``'s error."""
+        response is then finished); any other answer raises ``error_for``'s error.
+        ``headers`` are added to the provider's own, replacing any of the same name (the
+        adapter merges what must be merged)."""
         body = b""
         try:
             # One timer for headers and body: this is the per-request hot path.
@@ -139,7 +142,7 @@ class UpstreamHTTP:
                     method,
                     url,
                     data=data,
-                    headers=self.headers,
+                    headers=self.headers if not headers else _with(self.headers, headers),
                     timeout=self.client_timeout,
                     allow_redirects=False,
                 )
@@ -293,3 +296,9 @@ async def drain(content: aiohttp.StreamReader) -> None:
         async with asyncio.timeout(DRAIN_GRACE):
             while await content.readany():
                 pass
+
+
+def _with(own: Mapping[str, str], extra: Mapping[str, str]) -> dict[str, str]:
+    """``own`` with ``extra`` added, names compared without case."""
+    replaced = {name.lower() for name in extra}
+    return {**{k: v for k, v in own.items() if k.lower() not in replaced}, **extra}

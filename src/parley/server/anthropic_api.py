@@ -46,6 +46,7 @@ async def messages(request: web.Request) -> web.StreamResponse:
     services = request.app[SERVICES]
     data = parse_json_object(await read_body(request, services.settings.max_body_bytes))
     chat = parse_messages_request(data)
+    chat.client_headers = _protocol_headers(request)
     front = Front(
         protocol=PROTOCOL,
         encoder=AnthropicEncoder(chat.model),
@@ -59,6 +60,7 @@ async def count_tokens(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
     data = parse_json_object(await read_body(request, services.settings.max_body_bytes))
     chat = parse_messages_request(data, require_max_tokens=False)
+    chat.client_headers = _protocol_headers(request)
     candidates = await services.gateway.candidates(chat.model, identity.current(request).user_id)
     if not candidates:
         raise ModelNotFound(f"no upstream candidate for model '{chat.model}'")
@@ -74,3 +76,10 @@ async def count_tokens(request: web.Request) -> web.Response:
     return web.Response(
         body=orjson.dumps({"input_tokens": tokens}), content_type="application/json"
     )
+
+
+def _protocol_headers(request: web.Request) -> dict[str, str]:
+    """The client's ``anthropic-beta``: an Anthropic upstream, which gets the body as
+    sent, needs it for the fields it enables (Claude Code sends several)."""
+    beta = request.headers.get("anthropic-beta")
+    return {"anthropic-beta": beta} if beta else {}
