@@ -7,7 +7,9 @@
 - **hybrid** (the API's default): reciprocal rank fusion of the keyword and the semantic
   lists, ``score = sum(1 / (RRF_K + rank))`` over the lists an item appears in (rank from
   1). A message found by both ranks above one found by either alone at the same ranks.
-  Without an embedder hybrid is keyword search, and says so (``mode`` "keyword").
+  Without an embedder hybrid is keyword search, and says so (``mode`` "keyword"); so it
+  is when the embedder fails (a remote one unreachable, the index being rebuilt): the
+  words still answer, with a ``notice`` saying why, where ``semantic`` mode is the error.
 
 The query rules are keyword search's (``store.search.words``): an empty or over-long query
 is a 400 whatever the mode.
@@ -16,12 +18,13 @@ is a 400 whatever the mode.
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 from dataclasses import dataclass, replace
 
 import sqlalchemy
 
-from parley.errors import InvalidRequest, SearchUnavailable
+from parley.errors import InvalidRequest, ParleyError, SearchUnavailable
 from parley.search.embedders import Embedder
 from parley.search.vectors import ModelMismatch, VectorStore
 from parley.store import outbox
@@ -32,6 +35,8 @@ RRF_K = 60
 SNIPPET_CHARS = 240
 # Each list hybrid fuses holds this many candidates (at least ``limit``).
 CANDIDATES = 50
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,7 +90,14 @@ class SemanticSearch:
         if not self.available:
             notice = "semantic search is not available (no embedder): keyword results only"
             return Results(by_words[:limit], "keyword", notice)
-        by_meaning = await self.semantic(query, scope, conversation, min(size, MAX_LIMIT))
+        try:
+            by_meaning = await self.semantic(query, scope, conversation, min(size, MAX_LIMIT))
+        except ParleyError as exc:
+            # The query was checked above: whatever fails here is the embedder's or the
+            # vector store's, and the words can still answer.
+            log.warning("hybrid search answered by words only: %s", exc.message)
+            notice = f"semantic search failed ({exc.message}): keyword results only"
+            return Results(by_words[:limit], "keyword", notice)
         return Results(fuse([by_words, by_meaning])[:limit], "hybrid")
 
     async def semantic(

@@ -205,7 +205,7 @@ def list_documents(
 ) -> list[DocumentRow]:
     """Newest first: the documents of a conversation (``conversation_id``), else those
     of ``user_id`` (NULL: the local admin's); optionally one collection, one status, and
-    only those older than the document ``after`` (a page's last)."""
+    only those older than the document ``after`` (a page's last, even if since deleted)."""
     query = _SELECT
     if conversation_id is not None:
         query = query.where(_D.conversation_id == conversation_id)
@@ -216,8 +216,11 @@ def list_documents(
     if status is not None:
         query = query.where(_D.status == status)
     if after is not None:
-        anchor = select(_D.id).where(_D.public_id == after).scalar_subquery()
-        query = query.where(_D.id < anchor)
+        anchor = conn.execute(select(_D.id).where(_D.public_id == after)).scalar_one_or_none()
+        # A page's last document may be deleted before the next page is asked for: its
+        # public id, a UUIDv7, still says when it was made (to the millisecond), so the
+        # page goes on from there instead of coming back empty.
+        query = query.where(_D.id < anchor if anchor is not None else _D.public_id < after)
     limit = max(1, min(limit, MAX_PAGE))
     return [_document(r) for r in conn.execute(query.order_by(_D.id.desc()).limit(limit))]
 

@@ -5,10 +5,13 @@ SQLite, a generated ``tsvector`` column with a GIN index on PostgreSQL, both mai
 in the transaction that writes the rows, so a committed message is searchable at once
 and a deleted one is gone at once. Invariants:
 
-- a query is user text, never search syntax: it is cut into words the way both indexes
-  cut text (runs of letters and digits), and the words are bound as quoted FTS5 strings
-  or handed to ``plainto_tsquery``; every word must match (AND). Quotes, ``*``, ``NEAR``,
-  ``AND``, ``OR`` are words or separators like any other;
+- a query is user text, never search syntax: it is put in Unicode NFC (the form text is
+  typed and stored in) and cut into words (runs of letters and digits, with the combining
+  marks that follow them: a Devanagari or Thai word, or a decomposed "é", stays one word,
+  as PostgreSQL's parser keeps it; FTS5 cuts such a quoted word into a phrase the way it
+  cut the text). The words are bound as quoted FTS5 strings or handed to
+  ``plainto_tsquery``; every word must match (AND). Quotes, ``*``, ``NEAR``, ``AND``,
+  ``OR`` are words or separators like any other;
 - the owner filter is inside the query that ranks: a search only ever ranks rows the
   scope may see (``Scope``: one owner's history, NULL for the local / master admin, or
   everyone's for admins); a conversation filter narrows it further, never widens it;
@@ -23,7 +26,7 @@ Every method blocks: call it through ``asyncio.to_thread`` from the event loop.
 
 from __future__ import annotations
 
-import re
+import unicodedata
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
@@ -45,9 +48,6 @@ _HEADLINE = (
     f"StartSel={MARK_START}, StopSel={MARK_END}, MaxWords=24, MinWords=8, "
     'MaxFragments=2, FragmentDelimiter=" … "'
 )
-# What FTS5's unicode61 tokenizer and PostgreSQL's default parser both take as one word:
-# a run of letters and digits (underscore and punctuation separate words).
-_WORD = re.compile(r"[^\W_]+")
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,7 +83,23 @@ def words(query: str) -> list[str]:
             f"the search query 'q' is {len(query)} characters long; the limit is {MAX_QUERY}",
             "q",
         )
-    return _WORD.findall(query)
+    return _words(unicodedata.normalize("NFC", query))
+
+
+def _words(text: str) -> list[str]:
+    """Runs of letters and digits, each with the combining marks that follow its letters
+    (``re`` has no class for marks); underscore and punctuation separate words."""
+    found: list[str] = []
+    word: list[str] = []
+    for char in text:
+        if char.isalnum() or (word and unicodedata.category(char).startswith("M")):
+            word.append(char)
+        elif word:
+            found.append("".join(word))
+            word = []
+    if word:
+        found.append("".join(word))
+    return found
 
 
 class Search:
