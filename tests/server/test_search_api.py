@@ -145,12 +145,22 @@ def test_without_an_embedder_semantic_is_503_and_hybrid_says_keyword(
 
 def test_a_100_kb_query_is_refused(server: ParleyServer) -> None:
     # Longer than any HTTP client sends in a URL (httpx refuses), so over a raw socket:
-    # the HTTP server refuses a request line over 8 KB before parley parses the query.
+    # the HTTP server refuses a request line over 32 KB before parley parses the query.
     line = f"GET /api/search?q={'x' * 100_000} HTTP/1.1\r\n"
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
         sock.sendall((line + f"Host: 127.0.0.1\r\nAuthorization: Bearer {MASTER}\r\n\r\n").encode())
         status = sock.recv(64).split(b"\r\n")[0]
     assert status.split()[1] == b"400", status
+
+
+def test_the_longest_query_allowed_gets_a_json_answer_in_any_script(
+    server: ParleyServer,
+) -> None:
+    # 1,000 characters (the limit) of 4-byte UTF-8: 12 KB once percent-encoded, over the
+    # HTTP server's default request line (a plain-text 400 before parley saw it).
+    assert hits(server, MASTER, q="\U00020000" * 1000) == []
+    over = search(server, MASTER, q="漢" * 1001)
+    assert over.status_code == 400 and over.json()["error"]["param"] == "q"
 
 
 def test_syntax_characters_are_text(server: ParleyServer) -> None:

@@ -79,6 +79,10 @@ SCHEDULER = web.AppKey("scheduler", Scheduler)
 EMBEDDER = web.AppKey("embedder", Embedder)
 
 
+# Bytes in a request line (method, path, query string, version).
+MAX_REQUEST_LINE = 32 * 1024
+
+
 def create_app(settings: Settings, *, embedder: Embedder | None = None) -> web.Application:
     # HTTP metrics outermost: they see every answer, errors included. Local mode: no
     # credentials, so only programs on this machine (local_guard).
@@ -89,6 +93,10 @@ def create_app(settings: Settings, *, embedder: Embedder | None = None) -> web.A
         middlewares=middlewares,
         # The body limit is checked again in read_body for a clear 413 in OpenAI shape.
         client_max_size=settings.max_body_bytes,
+        # A request line the API's own limits allow must reach it: a 1,000-character
+        # search query in 4-byte UTF-8 is 12 KB percent-encoded, over aiohttp's 8 KB
+        # default, which answers in plain text before parley sees the request.
+        handler_args={"max_line_size": MAX_REQUEST_LINE},
     )
     app[SETTINGS] = settings
     app[LOCAL_MODE] = settings.master_key is None
