@@ -190,6 +190,9 @@ def test_create_list_get_update_delete(server: Server, database_url: str) -> Non
     assert [c["id"] for c in archived] == [alias["id"]]
     assert [c["id"] for c in api.http.get("/conversations?q=LYO").json()["data"]] == [cid]
     assert api.http.get("/conversations?limit=0").status_code == 400
+    for spelled in ("+5", "1_0", "\u0665"):
+        refused = api.http.get("/conversations", params={"limit": spelled})
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == "limit"
 
     got = api.get(cid)
     assert got["messages"] == [] and got["active_path"] == [] and got["active_leaf_id"] is None

@@ -119,6 +119,11 @@ def test_search_is_scoped_to_the_callers_own_history(server: ParleyServer) -> No
         ({"q": "word", "mode": "fuzzy"}, "mode"),
         ({"q": "word", "limit": "0"}, "limit"),
         ({"q": "word", "limit": "many"}, "limit"),
+        # What Python's int() would read, and no client means.
+        ({"q": "word", "limit": " 5"}, "limit"),
+        ({"q": "word", "limit": "+5"}, "limit"),
+        ({"q": "word", "limit": "1_0"}, "limit"),
+        ({"q": "word", "limit": "\u0665"}, "limit"),
         ({"q": "word", "conversation": "not-an-id"}, "conversation"),
     ],
 )

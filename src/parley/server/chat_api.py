@@ -46,6 +46,7 @@ from parley.server.chat_content import message_content
 from parley.server.documents_api import DOCUMENTS
 from parley.server.files_api import FILES
 from parley.server.openai_parse import parse_api_object
+from parley.server.params import page_size
 from parley.server.relay import SSE_HEADERS
 from parley.server.state import SERVICES, read_body
 from parley.store.conversations import (
@@ -168,7 +169,7 @@ async def list_conversations(request: web.Request) -> web.Response:
     page = await asyncio.to_thread(
         request.app[CHAT].store.list_page,
         caller,
-        limit=_limit(query.get("limit")),
+        limit=page_size(query.get("limit"), MAX_PAGE),
         cursor=query.get("cursor") or None,
         archived=_flag(query, "archived", default=False),
         pinned=_flag(query, "pinned", default=None),
@@ -515,18 +516,6 @@ def _collections(value: Any) -> tuple[str, ...]:
         )
     names = [collection_name(v, "collections") for v in value]
     return tuple(dict.fromkeys(names))
-
-
-def _limit(value: str | None) -> int:
-    if value is None or value == "":
-        return 50
-    try:
-        limit = int(value)
-    except ValueError:
-        raise InvalidRequest("'limit' must be an integer", "limit") from None
-    if not 1 <= limit <= MAX_PAGE:
-        raise InvalidRequest(f"'limit' must be between 1 and {MAX_PAGE}", "limit")
-    return limit
 
 
 def _flag(query: Mapping[str, str], key: str, *, default: bool | None) -> bool | None:

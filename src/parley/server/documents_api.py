@@ -34,6 +34,7 @@ from parley.search.documents_library import DocumentLibrary, collection_name
 from parley.search.rag import Retriever
 from parley.server import identity
 from parley.server.multipart import FRAMING_SLACK, receive_form
+from parley.server.params import page_size
 from parley.server.state import SERVICES
 from parley.store.blobs import BlobStore
 from parley.store.documents import MAX_PAGE, STATUSES, DocumentRow
@@ -135,7 +136,7 @@ async def list_documents(request: web.Request) -> web.Response:
         raise InvalidRequest("'status' must be pending, indexed or failed", "status")
     conversation = query.get("conversation_id") or None
     after = query.get("after") or None
-    limit = _limit(query.get("limit"))
+    limit = page_size(query.get("limit"), MAX_PAGE)
     rows = await asyncio.to_thread(
         request.app[DOCUMENTS].library.listing,
         user_id=caller.user_id,
@@ -207,18 +208,6 @@ def _cursor(value: str) -> uuid.UUID:
         return uuid.UUID(value)
     except ValueError:
         raise InvalidRequest("'after' must be a page's next_cursor", "after") from None
-
-
-def _limit(raw: str | None) -> int:
-    if raw is None or raw == "":
-        return 50
-    try:
-        value = int(raw)
-    except ValueError:
-        raise InvalidRequest("'limit' must be an integer", "limit") from None
-    if not 1 <= value <= MAX_PAGE:
-        raise InvalidRequest(f"'limit' must be between 1 and {MAX_PAGE}", "limit")
-    return value
 
 
 def _opt_str(value: uuid.UUID | None) -> str | None:

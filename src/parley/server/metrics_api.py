@@ -37,6 +37,7 @@ from parley.errors import InvalidRequest
 from parley.metrics import anomalies, report
 from parley.server import identity
 from parley.server import metrics_query as q
+from parley.server.params import page_size
 from parley.server.state import SERVICES
 from parley.store.metrics import MetricsStore, floor_day, floor_hour
 
@@ -135,12 +136,7 @@ async def requests(request: web.Request) -> web.Response:
     if start is None and request.query.get("window"):
         # As the reports take it; without since, until or window the listing is unbounded.
         start, end = q.window(request, _now())
-    try:
-        limit = int(request.query.get("limit", "50"))
-    except ValueError:
-        limit = 0
-    if not 1 <= limit <= _MAX_PAGE:
-        raise InvalidRequest(f"'limit' must be an integer from 1 to {_MAX_PAGE}", "limit")
+    limit = page_size(request.query.get("limit"), _MAX_PAGE)
     cursor = q.cursor(request)
     page = await asyncio.to_thread(
         lambda: store.requests_page(filters, start=start, end=end, cursor=cursor, limit=limit)

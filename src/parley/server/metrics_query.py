@@ -18,6 +18,7 @@ from aiohttp import web
 
 from parley.errors import InvalidRequest
 from parley.server.identity import Identity
+from parley.server.params import bounded_int
 from parley.store.metrics import MetricsStore
 
 DEFAULT_WINDOW = timedelta(hours=24)
@@ -97,16 +98,13 @@ def window(request: web.Request, now: datetime) -> tuple[datetime, datetime]:
 
 def cursor(request: web.Request) -> int | None:
     """The ``cursor`` of ``/requests``: a row id from a previous page, or None."""
-    raw = request.query.get("cursor")
-    if not raw:
-        return None
-    try:
-        value = int(raw)
-    except ValueError:
-        value = 0
-    if not 1 <= value <= MAX_CURSOR:
-        raise InvalidRequest("'cursor' must come from a previous page", "cursor")
-    return value
+    return bounded_int(
+        request.query.get("cursor"),
+        "cursor",
+        1,
+        MAX_CURSOR,
+        refusal="'cursor' must come from a previous page",
+    )
 
 
 def group_by(request: web.Request) -> tuple[str, ...]:

@@ -29,6 +29,7 @@ from parley.errors import InvalidRequest
 from parley.search.embedders import RemoteCall, vectors_of
 from parley.search.hybrid import SemanticSearch
 from parley.server import identity
+from parley.server.params import page_size
 from parley.server.state import SERVICES, Services
 from parley.store.search import MARK_END, MARK_START, MAX_LIMIT, Hit, Scope
 
@@ -76,7 +77,7 @@ async def search(request: web.Request) -> web.Response:
         Scope(caller.user_id, everyone=scope_name == "all"),
         mode=mode,
         conversation=_conversation(query.get("conversation")),
-        limit=_limit(query.get("limit")),
+        limit=page_size(query.get("limit"), MAX_LIMIT, DEFAULT_LIMIT),
     )
     body: dict[str, Any] = {"data": [hit_json(hit) for hit in results.hits], "mode": results.mode}
     if results.notice is not None:
@@ -149,15 +150,3 @@ def _conversation(raw: str | None) -> uuid.UUID | None:
         return uuid.UUID(raw)
     except ValueError:
         raise InvalidRequest("'conversation' is not a conversation id", "conversation") from None
-
-
-def _limit(raw: str | None) -> int:
-    if raw is None:
-        return DEFAULT_LIMIT
-    try:
-        value = int(raw)
-    except ValueError:
-        value = 0
-    if not 1 <= value <= MAX_LIMIT:
-        raise InvalidRequest(f"'limit' must be an integer from 1 to {MAX_LIMIT}", "limit")
-    return value

@@ -29,6 +29,7 @@ from parley.domain.users import MAX_KEY_DAYS, ApiKey, User, check_key_expiry
 from parley.errors import AuthenticationFailed, InvalidRequest, NotFound
 from parley.server import auth, identity
 from parley.server.api_body import read_fields
+from parley.server.params import page_size
 from parley.server.state import SERVICES
 from parley.store.users import KEEP, Users
 
@@ -345,13 +346,7 @@ def _public_id(request: web.Request, missing: str) -> uuid.UUID:
 
 
 def _page(request: web.Request) -> tuple[int, uuid.UUID | None]:
-    raw_limit = request.query.get("limit", "50")
-    try:
-        limit = int(raw_limit)
-    except ValueError:
-        limit = 0
-    if not 1 <= limit <= _MAX_PAGE:
-        raise InvalidRequest(f"'limit' must be an integer from 1 to {_MAX_PAGE}", "limit")
+    limit = page_size(request.query.get("limit"), _MAX_PAGE)
     raw_after = request.query.get("after")
     if not raw_after:
         return limit, None
