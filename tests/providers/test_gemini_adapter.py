@@ -434,6 +434,17 @@ async def test_generation_config(fake: FakeGemini, session: aiohttp.ClientSessio
     assert "toolConfig" not in last_body(fake), "no tool config without tools"
 
 
+async def test_top_k_reaches_gemini_as_top_k(
+    fake: FakeGemini, session: aiohttp.ClientSession
+) -> None:
+    # The Anthropic front door passes top_k on "for upstreams that take them" (docs/api.md),
+    # and Gemini takes it: dropped, it would silently sample from the whole vocabulary.
+    await collect(
+        make_provider(session, fake.base_url).chat(request(extra={"top_k": 5}), "gemini-2.0-flash")
+    )
+    assert last_body(fake)["generationConfig"] == {"topK": 5}
+
+
 async def test_two_candidates_stream(fake: FakeGemini, session: aiohttp.ClientSession) -> None:
     chunks = await collect(
         make_provider(session, fake.base_url).chat(request(stream=True, n=2), "m")

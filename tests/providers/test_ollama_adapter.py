@@ -370,9 +370,12 @@ async def test_a_tool_call_comes_back_with_a_synthesised_id(
     chunks = await collect(make_provider(session, fake.base_url).chat(neutral, "tool-call"))
     assert sent(fake)["tools"] == [dict(WEATHER)]
     assert "tool_choice" not in sent(fake)
-    assert events(chunks, ToolCallDelta) == [
-        ToolCallDelta(0, 0, "call_0", "get_weather", '{"city":"Paris"}')
-    ]
+    [call] = events(chunks, ToolCallDelta)
+    start = events(chunks, ResponseStart)[0]
+    # The id is made from the response's own: call_<first 8 hex of it>_<n>.
+    assert call == ToolCallDelta(
+        0, 0, f"call_{start.id.removeprefix('ollama-')[:8]}_0", "get_weather", '{"city":"Paris"}'
+    )
     assert events(chunks, Finish) == [Finish(0, "tool_calls")]
     assert text(chunks) == ""
 
@@ -383,11 +386,66 @@ async def test_several_tool_calls_are_numbered_across_lines(
     neutral = request("weather and time?", stream=True, tools=(WEATHER, CLOCK))
     chunks = await collect(make_provider(session, fake.base_url).chat(neutral, "two-tools"))
     calls = events(chunks, ToolCallDelta)
+    tag = events(chunks, ResponseStart)[0].id.removeprefix("ollama-")[:8]
     assert [(c.index, c.id, c.name) for c in calls] == [
-        (0, "call_0", "get_weather"),
-        (1, "call_1", "get_time"),
+        (0, f"call_{tag}_0", "get_weather"),
+        (1, f"call_{tag}_1", "get_time"),
     ]
     assert len([c for c in chunks if events([c], ToolCallDelta)]) == 2, "one call per line"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_tool_call_ids_never_repeat_across_the_turns_of_a_conversation(
+    fake: FakeOllama, session: aiohttp.ClientSession, stream: bool
+) -> None:
+    # Two tool rounds of one agent loop: were both calls "call_0", the history would hold
+    # the same id twice, which Anthropic refuses ("tool_use ids must be unique") once the
+    # conversation moves there, and which clients keying results by id mix up.
+    provider = make_provider(session, fake.base_url)
+    neutral = request("weather in Paris?", stream=stream, tools=(WEATHER,))
+    first = events(await collect(provider.chat(neutral, "tool-call")), ToolCallDelta)
+    second = events(await collect(provider.chat(neutral, "tool-call")), ToolCallDelta)
+    assert len(first) == len(second) == 1
+    assert first[0].id != second[0].id
+    assert all(re.fullmatch(r"call_[0-9a-f]{8}_0", c.id) for c in (*first, *second))
+
+
+async def test_n_over_one_is_refused_before_any_call(
+    fake: FakeOllama, session: aiohttp.ClientSession
+) -> None:
+    # Ollama has no n: the client would silently get one choice where it asked for three.
+    fake.clear()
+    with pytest.raises(InvalidRequest) as caught:
+        await collect(make_provider(session, fake.base_url).chat(request(n=3), "llama3.2"))
+    assert caught.value.param == "n"
+    assert fake.received == []
+    await collect(make_provider(session, fake.base_url).chat(request(n=1), "llama3.2"))
+    assert "n" not in sent(fake)
+
+
+@pytest.mark.parametrize(
+    ("tools", "tool_choice", "param"),
+    [
+        ((MappingProxyType({"type": "custom", "custom": {"name": "grep"}}),), None, "tools"),
+        ((MappingProxyType({"type": "function"}),), None, "tools"),
+        ((WEATHER,), {"type": "function", "function": {"name": "get_time"}}, "tool_choice"),
+    ],
+)
+async def test_tools_ollama_cannot_offer_are_refused_before_any_call(
+    fake: FakeOllama,
+    session: aiohttp.ClientSession,
+    tools: tuple[Any, ...],
+    tool_choice: Any,
+    param: str,
+) -> None:
+    # Sent on, a custom tool reached Ollama nameless and a forced function absent from
+    # the tools left the model with no tool at all: the client's intent was lost.
+    fake.clear()
+    neutral = request(tools=tools, tool_choice=tool_choice)
+    with pytest.raises(InvalidRequest) as caught:
+        await collect(make_provider(session, fake.base_url).chat(neutral, "tool-call"))
+    assert caught.value.param == param
+    assert fake.received == []
 
 
 @pytest.mark.parametrize(

@@ -218,6 +218,8 @@ def _generation_config(request: ChatRequest) -> dict[str, Any]:
     for key, value in (
         ("temperature", request.temperature),
         ("topP", request.top_p),
+        # Anthropic clients send top_k, and so do OpenAI clients of vLLM-style servers.
+        ("topK", request.extra.get("top_k")),
         ("maxOutputTokens", request.max_tokens),
         ("candidateCount", request.n),
         ("seed", request.extra.get("seed")),

@@ -9,11 +9,15 @@ Invariants:
 - No client speaks Ollama's protocol: every chunk has ``raw=None`` and ``protocol=None``
   (the server encodes the events for its client).
 - A request Ollama cannot take as it is (an image by URL, tool-call arguments that are not
-  a JSON object, a part type Ollama has no field for) is refused with ``InvalidRequest``
+  a JSON object, a part type Ollama has no field for, ``n`` over 1, a tool that is not a
+  function, a ``tool_choice`` naming no offered tool) is refused with ``InvalidRequest``
   while the body is built, so before any HTTP call.
 - Ollama has no response or tool-call ids: a response id is ``ollama-<uuid4 hex>``; a tool
-  call without an upstream id gets ``call_<n>``, ``n`` counting the calls of one response
-  from 0 (the same answer always gets the same ids).
+  call without an upstream id gets ``call_<tag>_<n>``, ``tag`` the first 8 hex digits of
+  that uuid and ``n`` counting the calls of the response from 0. Ids stay the same within
+  a response (stream and record agree) and differ across the turns of a conversation:
+  Anthropic refuses a history whose ``tool_use`` ids repeat, and a conversation may move
+  there.
 - ``NDJSONDecoder`` returns exactly the non-blank lines of a byte stream whatever the read
   boundaries, and refuses a line over ``MAX_LINE_BYTES`` rather than buffer it.
 - Error messages built here are the upstream's ``error`` text, cut to 500 characters and
@@ -72,6 +76,8 @@ def chat_body(request: ChatRequest, model: str) -> dict[str, Any]:
         body["model"] = model
         body["stream"] = request.stream
         return body
+    if request.n is not None and request.n > 1:
+        raise InvalidRequest("Ollama models return one choice: n must be 1", "n")
     extra = request.extra
     body = {"model": model, "messages": messages(request.messages), "stream": request.stream}
     tools = _tools(request.tools, request.tool_choice)
@@ -192,14 +198,23 @@ def _arguments(arguments: str, param: str) -> dict[str, Any]:
 def _tools(tools: Sequence[Mapping[str, Any]], choice: Any) -> list[Mapping[str, Any]]:
     """The tools to offer. Ollama has no ``tool_choice`` and cannot force a call: "none"
     offers no tool and a named function offers only that one; "auto" and "required"
-    offer them all."""
+    offer them all. Ollama runs function tools only: any other type, or a named choice
+    that matches no tool, would leave the model without the tool the client meant."""
+    for tool in tools:
+        if tool.get("type", "function") != "function" or not isinstance(_tool_name(tool), str):
+            raise InvalidRequest("Ollama takes only tools of type 'function' with a name", "tools")
     if not tools or choice == "none":
         return []
     if isinstance(choice, Mapping):
         function = choice.get("function")
         wanted = function.get("name") if isinstance(function, Mapping) else None
         if wanted is not None:
-            return [t for t in tools if _tool_name(t) == wanted]
+            offered = [t for t in tools if _tool_name(t) == wanted]
+            if not offered:
+                raise InvalidRequest(
+                    f"tool_choice names {wanted!r}, which is not among 'tools'", "tool_choice"
+                )
+            return offered
     return list(tools)
 
 
@@ -269,10 +284,12 @@ class NDJSONDecoder:
 class Answer:
     """One response's state (its id, tool-call count) and the parse of its objects."""
 
-    __slots__ = ("id", "model", "scrub", "started", "tool_calls")
+    __slots__ = ("id", "model", "scrub", "started", "tag", "tool_calls")
 
     def __init__(self, model: str, scrub: Scrub) -> None:
-        self.id = f"ollama-{uuid.uuid4().hex}"
+        tag = uuid.uuid4().hex
+        self.id = f"ollama-{tag}"
+        self.tag = tag[:8]
         self.model = model
         self.scrub = scrub
         self.started = False
@@ -353,7 +370,7 @@ class Answer:
         return ToolCallDelta(
             choice=0,
             index=index,
-            id=text_of(call_id) if call_id else f"call_{index}",
+            id=text_of(call_id) if call_id else f"call_{self.tag}_{index}",
             name=text_of(function.get("name")),
             arguments=arguments,
         )
