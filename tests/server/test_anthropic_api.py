@@ -679,6 +679,8 @@ def both(
                 "api_key": "sk-ant-test",
             },
         ],
+        # An OpenAI-style upstream first: it cannot count tokens, the second can.
+        aliases={"either": ["up/gpt-4o-mini", "an/claude-fake-opus"]},
     )
     with ParleyServer(settings_for(tmp_path, database_url)) as running:
         yield running
@@ -732,12 +734,16 @@ def test_count_tokens_asks_an_upstream_that_can_count(
         )
         assert counted.input_tokens == 5  # the fake counts words
         assert anthropic_fake.received[-1][0] == "/v1/messages/count_tokens"
+        through_alias = sdk.messages.count_tokens(
+            model="either", messages=[{"role": "user", "content": "three more words"}]
+        )
+        assert through_alias.input_tokens == 3
         with pytest.raises(anthropic.BadRequestError) as caught:
             sdk.messages.count_tokens(
                 model="up/gpt-4o-mini", messages=[{"role": "user", "content": "x"}]
             )
     assert isinstance(caught.value.body, dict)
-    assert "cannot count tokens" in caught.value.body["error"]["message"]
+    assert "can count tokens" in caught.value.body["error"]["message"]
     # Counting is not an exchange: nothing recorded, nothing sent to the OpenAI upstream.
     assert rows(database_url, "SELECT id FROM request_log") == []
     assert upstream.received == []

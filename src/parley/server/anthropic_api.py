@@ -8,9 +8,9 @@ encoded by ``anthropic_encode``. Durability is ``relay``'s: the body, or the fin
 ``message_stop`` event, goes out only after the record is committed.
 
 Every error is Anthropic error JSON (``{"type": "error", "error": {"type", "message"}}``),
-with the status parley chose and its ``Retry-After``. ``count_tokens`` asks the first
-candidate of the model, when its adapter can count (``providers.base.TokenCounter``); it
-spends no generation and is not recorded as an exchange.
+with the status parley chose and its ``Retry-After``. ``count_tokens`` asks the model's
+first candidate whose adapter can count (``providers.base.TokenCounter``); it spends no
+generation and is not recorded as an exchange.
 """
 
 from __future__ import annotations
@@ -64,15 +64,16 @@ async def count_tokens(request: web.Request) -> web.Response:
     candidates = await services.gateway.candidates(chat.model, identity.current(request).user_id)
     if not candidates:
         raise ModelNotFound(f"no upstream candidate for model '{chat.model}'")
-    candidate = candidates[0]
-    provider = candidate.provider
-    if not isinstance(provider, TokenCounter):
+    # The first that can count: an alias may put an upstream that cannot first.
+    counting = [c for c in candidates if isinstance(c.provider, TokenCounter)]
+    if not counting:
+        kinds = ", ".join(f"{c.provider_name} (kind {c.provider.config.kind})" for c in candidates)
         raise InvalidRequest(
-            f"the upstream of model '{chat.model}' ({candidate.provider_name}, "
-            f"kind {provider.config.kind}) cannot count tokens",
-            "model",
+            f"no upstream of model '{chat.model}' can count tokens: {kinds}", "model"
         )
-    tokens = await provider.count_tokens(chat, candidate.model)
+    candidate = counting[0]
+    assert isinstance(candidate.provider, TokenCounter)
+    tokens = await candidate.provider.count_tokens(chat, candidate.model)
     return web.Response(
         body=orjson.dumps({"input_tokens": tokens}), content_type="application/json"
     )
