@@ -15,8 +15,11 @@ With ``api_key`` set, the ``x-goog-api-key`` header must match: a missing key is
 wrong one a 400 ``API_KEY_INVALID`` whose message echoes the key (the adapter must scrub
 it). Like Google, the fake refuses with a 400 what Gemini refuses: roles other than
 ``user``/``model``, empty parts, a ``toolConfig`` without tools, schema keys outside its
-OpenAPI subset, an OBJECT parameter schema without properties, and for ``gemini-3*``
-models a replayed ``functionCall`` turn without a ``thoughtSignature``.
+OpenAPI subset, an OBJECT parameter schema without properties, for ``gemini-3*``
+models a replayed ``functionCall`` turn without a ``thoughtSignature``, and in
+``thinkingConfig``: both ``thinkingBudget`` and ``thinkingLevel``, ``thinkingLevel`` for a
+model before Gemini 3, level ``minimal`` for a Gemini 3 Pro, budget 0 for a Pro model
+(it cannot stop thinking).
 
 Behaviour is chosen by the model name:
 
@@ -25,7 +28,8 @@ Behaviour is chosen by the model name:
 - ``tool-call`` / ``tool-call-2``: with tools declared (and mode not NONE), one / two
   ``functionCall`` parts (``{"city": "Paris"}``, then ``"London"``); after a
   ``functionResponse``, ``"tool said: <its response as JSON>"``;
-- ``thinking``: a ``thought`` part, then the echo; usage with thoughts and cached tokens;
+- ``thinking``: usage with thoughts and cached tokens; with ``includeThoughts`` (and only
+  then, as Gemini), a ``thought`` part before the echo;
 - ``finish-<REASON>``: the echo ending with that finishReason;
 - ``blocked-prompt``: ``promptFeedback.blockReason`` SAFETY and no candidates;
   ``safety-first``: one candidate finishing SAFETY with no content; ``safety-mid``: some
@@ -338,6 +342,8 @@ class _Answer:
         system = body.get("systemInstruction") or {}
         self.prompt = sum(len(t.split()) for c in [system, *contents] for t in _texts(c))
         self.thinking = model == "thinking"
+        shown = (config.get("thinkingConfig") or {}).get("includeThoughts") is True
+        self.thoughts = self.thinking and shown
 
     def _head(self) -> dict[str, Any]:
         return {"modelVersion": f"{self.model}-001", "responseId": self.id}
@@ -357,7 +363,7 @@ class _Answer:
             return [[{"functionCall": call} for call in self.calls]]
         pieces = _split(self.text, 3)
         frames = [[{"text": p}] for p in pieces]
-        if self.thinking:
+        if self.thoughts:
             frames.insert(0, [{"text": "Let me think.", "thought": True}])
         return frames
 
@@ -371,7 +377,7 @@ class _Answer:
                 "usageMetadata": self.usage(0, True),
             }
         parts = [p for frame in self._parts() for p in frame]
-        if self.thinking:
+        if self.thoughts:
             parts = [parts[0], {"text": self.text}]
         elif not self.calls:
             parts = [{"text": self.text}]
@@ -449,6 +455,21 @@ def _validate(body: dict[str, Any], model: str) -> None:
     schema = (body.get("generationConfig") or {}).get("responseSchema")
     if schema is not None:
         _check_schema(schema, "generation_config.response_schema")
+    thinking = (body.get("generationConfig") or {}).get("thinkingConfig")
+    if thinking is not None:
+        _check_thinking(thinking, model)
+
+
+def _check_thinking(config: dict[str, Any], model: str) -> None:
+    level = config.get("thinkingLevel")
+    if level is not None and config.get("thinkingBudget") is not None:
+        raise _Refused("You can only set one of thinking budget and thinking level.")
+    if level is not None and not model.startswith("gemini-3"):
+        raise _Refused("Thinking level is not supported for this model.")
+    if level == "minimal" and model.startswith("gemini-3") and "-pro" in model:
+        raise _Refused("Thinking level MINIMAL is not supported for this model.")
+    if config.get("thinkingBudget") == 0 and "-pro" in model:
+        raise _Refused("Budget 0 is invalid. This model only works in thinking mode.")
 
 
 def _check_schema(schema: Any, where: str) -> None:

@@ -257,7 +257,14 @@ async def test_sampling_fields_are_mapped(
         top_p=0.9,
         stop=("END", "STOP"),
         user="u-42",
-        extra={"top_k": 5, "seed": 7, "frequency_penalty": 0.5, "response_format": {}},
+        extra={
+            "top_k": 5,
+            "seed": 7,
+            "frequency_penalty": 0.5,
+            "response_format": {},
+            "logprobs": False,
+            "logit_bias": None,
+        },
     )
     await collect(provider.chat(neutral, "m"))
     body = sent(fake)
@@ -471,6 +478,9 @@ async def test_parallel_tool_calls_are_indexed_among_calls_and_results_share_a_t
             "not a JSON object",
         ),
         (request(n=2), "n must be 1"),
+        (request(extra={"logprobs": True}), "'logprobs' cannot be sent to Anthropic"),
+        (request(extra={"top_logprobs": 3}), "'top_logprobs' cannot be sent to Anthropic"),
+        (request(extra={"logit_bias": {"9": 1}}), "'logit_bias' cannot be sent to Anthropic"),
         (request(messages=(Message("tool", "x"),)), "tool_call_id"),
     ],
 )

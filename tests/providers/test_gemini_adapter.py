@@ -402,7 +402,11 @@ async def test_generation_config(fake: FakeGemini, session: aiohttp.ClientSessio
             "seed": 7,
             "presence_penalty": 0.1,
             "frequency_penalty": 0.2,
-            "logit_bias": {"1": 2},
+            # Fields that ask for nothing are no reason to refuse.
+            "logprobs": False,
+            "top_logprobs": 0,
+            "logit_bias": {},
+            "parallel_tool_calls": False,
             "response_format": {
                 "type": "json_schema",
                 "json_schema": {"name": "a", "schema": schema, "strict": True},
@@ -455,12 +459,16 @@ async def test_two_candidates_stream(fake: FakeGemini, session: aiohttp.ClientSe
 
 
 @pytest.mark.parametrize("stream", [False, True])
-async def test_thoughts_and_reasoning_usage(
+async def test_reasoning_effort_brings_thoughts_back_as_reasoning(
     fake: FakeGemini, session: aiohttp.ClientSession, stream: bool
 ) -> None:
-    chunks = await collect(
-        make_provider(session, fake.base_url).chat(request(stream=stream), "thinking")
-    )
+    # Gemini sends thought summaries only when asked to (includeThoughts): without it the
+    # reasoning_content docs/api.md promises never came.
+    neutral = request(stream=stream, extra={"reasoning_effort": "high"})
+    chunks = await collect(make_provider(session, fake.base_url).chat(neutral, "thinking"))
+    assert last_body(fake)["generationConfig"] == {
+        "thinkingConfig": {"thinkingBudget": 24576, "includeThoughts": True}
+    }
     assert events(chunks, ReasoningDelta) == [ReasoningDelta(0, "Let me think.")]
     assert text(chunks) == "echo: hello big world"
     # completion = candidates (4) + thoughts (7); prompt includes the cached tokens.
@@ -475,6 +483,116 @@ async def test_thoughts_and_reasoning_usage(
             )
         )
     ]
+
+
+async def test_without_reasoning_effort_no_thinking_config_is_sent(
+    fake: FakeGemini, session: aiohttp.ClientSession
+) -> None:
+    # The model thinks as it would by default; its thoughts are counted, not shown.
+    chunks = await collect(make_provider(session, fake.base_url).chat(request(), "thinking"))
+    assert "generationConfig" not in last_body(fake)
+    assert events(chunks, ReasoningDelta) == []
+    assert events(chunks, UsageReport)[-1].usage.reasoning_tokens == 7
+
+
+THOUGHTS = {"includeThoughts": True}
+
+
+@pytest.mark.parametrize(
+    ("model", "effort", "expected"),
+    [
+        # Gemini 2.5: budgets as Google's OpenAI compatibility layer maps them.
+        ("gemini-2.5-flash", "minimal", {"thinkingBudget": 1024, **THOUGHTS}),
+        ("gemini-2.5-flash", "low", {"thinkingBudget": 1024, **THOUGHTS}),
+        ("gemini-2.5-flash", "medium", {"thinkingBudget": 8192, **THOUGHTS}),
+        ("gemini-2.5-flash", "high", {"thinkingBudget": 24576, **THOUGHTS}),
+        ("gemini-2.5-flash", "xhigh", {"thinkingBudget": 24576, **THOUGHTS}),
+        ("gemini-2.5-flash-lite", "none", {"thinkingBudget": 0}),
+        # 2.5 Pro cannot stop thinking (budget 0 is a 400): its least budget.
+        ("gemini-2.5-pro", "none", {"thinkingBudget": 128}),
+        ("models/gemini-2.5-pro", "low", {"thinkingBudget": 1024, **THOUGHTS}),
+        # Gemini 3: levels (only Gemini 3 takes them).
+        ("gemini-3-flash-preview", "none", {"thinkingLevel": "minimal"}),
+        ("gemini-3-flash-preview", "minimal", {"thinkingLevel": "minimal", **THOUGHTS}),
+        ("gemini-3-flash-preview", "medium", {"thinkingLevel": "medium", **THOUGHTS}),
+        ("gemini-3-pro-preview", "none", {"thinkingLevel": "low"}),
+        ("gemini-3-pro-preview", "minimal", {"thinkingLevel": "low", **THOUGHTS}),
+        ("gemini-3.1-pro-preview", "xhigh", {"thinkingLevel": "high", **THOUGHTS}),
+        # No version in the name: a budget, which every thinking Gemini takes.
+        ("gemini-flash-latest", "high", {"thinkingBudget": 24576, **THOUGHTS}),
+        ("gemini-pro-latest", "none", {"thinkingBudget": 128}),
+        # Before 2.5 Gemini does not think: "none" needs nothing, the others are asked.
+        ("gemini-2.0-flash", "none", None),
+        ("gemini-2.0-flash", "low", {"thinkingBudget": 1024, **THOUGHTS}),
+        ("gemini-2.5-flash", None, None),
+    ],
+)
+async def test_reasoning_effort_becomes_a_thinking_config(
+    fake: FakeGemini,
+    session: aiohttp.ClientSession,
+    model: str,
+    effort: str | None,
+    expected: dict[str, Any] | None,
+) -> None:
+    neutral = request(extra={"reasoning_effort": effort} if effort else {})
+    # The fake refuses (400) the thinking configs Gemini refuses.
+    await collect(make_provider(session, fake.base_url).chat(neutral, model))
+    assert last_body(fake).get("generationConfig", {}).get("thinkingConfig") == expected
+
+
+SNAKE = {"thinking_budget": 2048, "include_thoughts": True}
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"thinking_config": SNAKE},
+        {"thinkingConfig": {"thinkingBudget": 2048, "includeThoughts": True}},
+        # The form Google's OpenAI compatibility layer documents (the SDK's extra_body).
+        {"extra_body": {"google": {"thinking_config": SNAKE}}},
+    ],
+)
+async def test_a_gemini_thinking_config_from_the_client_wins(
+    fake: FakeGemini, session: aiohttp.ClientSession, extra: dict[str, Any]
+) -> None:
+    neutral = request(extra={**extra, "reasoning_effort": "none"})
+    chunks = await collect(make_provider(session, fake.base_url).chat(neutral, "thinking"))
+    thinking = {"thinkingBudget": 2048, "includeThoughts": True}
+    assert last_body(fake)["generationConfig"] == {"thinkingConfig": thinking}
+    assert events(chunks, ReasoningDelta) == [ReasoningDelta(0, "Let me think.")]
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"reasoning_effort": "max"}, "reasoning_effort"),
+        ({"reasoning_effort": 3}, "reasoning_effort"),
+        ({"thinking_config": "high"}, "thinking_config"),
+        ({"logprobs": True}, "logprobs"),
+        ({"logprobs": True, "top_logprobs": 5}, "logprobs"),
+        ({"top_logprobs": 5}, "top_logprobs"),
+        ({"logit_bias": {"50256": -100}}, "logit_bias"),
+    ],
+)
+async def test_what_gemini_cannot_honour_is_refused_before_sending(
+    fake: FakeGemini, session: aiohttp.ClientSession, extra: dict[str, Any], param: str
+) -> None:
+    # Dropped, these came back as "logprobs": null, an unbiased sample, a guessed effort.
+    sent = len(fake.received)
+    with pytest.raises(InvalidRequest) as caught:
+        await collect(make_provider(session, fake.base_url).chat(request(extra=extra), "m"))
+    assert caught.value.param == param and param in caught.value.message
+    assert len(fake.received) == sent
+
+
+async def test_parallel_tool_calls_false_is_not_refused(
+    fake: FakeGemini, session: aiohttp.ClientSession
+) -> None:
+    # Gemini has no switch for parallel calls; agents send the field with every request.
+    neutral = request(tools=(WEATHER,), extra={"parallel_tool_calls": False})
+    chunks = await collect(make_provider(session, fake.base_url).chat(neutral, "tool-call"))
+    assert [c.name for c in events(chunks, ToolCallDelta)] == ["get_weather"]
+    assert set(last_body(fake)) == {"contents", "tools"}
 
 
 @pytest.mark.parametrize("stream", [False, True])

@@ -237,7 +237,10 @@ async def test_sampling_fields_become_options(
             "frequency_penalty": 0.5,
             "presence_penalty": 0.25,
             "keep_alive": "10m",
-            "logprobs": True,  # no Ollama equivalent: dropped
+            # Asking for nothing Ollama lacks: no reason to refuse.
+            "logprobs": False,
+            "top_logprobs": None,
+            "logit_bias": {},
             "metadata": {"k": "v"},
         },
     )
@@ -421,6 +424,36 @@ async def test_n_over_one_is_refused_before_any_call(
     assert fake.received == []
     await collect(make_provider(session, fake.base_url).chat(request(n=1), "llama3.2"))
     assert "n" not in sent(fake)
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"logprobs": True}, "logprobs"),
+        ({"logprobs": True, "top_logprobs": 2}, "logprobs"),
+        ({"top_logprobs": 2}, "top_logprobs"),
+        ({"logit_bias": {"1": 5}}, "logit_bias"),
+    ],
+)
+async def test_logprobs_and_logit_bias_are_refused_before_any_call(
+    fake: FakeOllama, session: aiohttp.ClientSession, extra: dict[str, Any], param: str
+) -> None:
+    # Dropped, the client got "logprobs": null or an unbiased sample and no word of it.
+    fake.clear()
+    with pytest.raises(InvalidRequest) as caught:
+        await collect(make_provider(session, fake.base_url).chat(request(extra=extra), "llama3.2"))
+    assert caught.value.param == param and param in caught.value.message
+    assert fake.received == []
+
+
+async def test_parallel_tool_calls_false_is_not_refused(
+    fake: FakeOllama, session: aiohttp.ClientSession
+) -> None:
+    # Ollama cannot forbid parallel calls, and agents send the field with every request.
+    neutral = request(tools=(WEATHER,), extra={"parallel_tool_calls": False})
+    chunks = await collect(make_provider(session, fake.base_url).chat(neutral, "tool-call"))
+    assert len(events(chunks, ToolCallDelta)) == 1
+    assert "parallel_tool_calls" not in sent(fake)
 
 
 @pytest.mark.parametrize(

@@ -5,6 +5,10 @@ needs of it.
 to lack, never for one nobody configured. The prompt size check uses a lower bound of the
 token count (UTF-8 bytes / 6: tokens average about four bytes of English and fewer of
 code, so real counts are higher), so it refuses only prompts that certainly do not fit.
+
+``openai_only`` names what no translating adapter can honour whatever the model: the
+OpenAI fields whose effect only an upstream speaking OpenAI's protocol gives through
+parley. The adapters of other protocols refuse them before any call.
 """
 
 from __future__ import annotations
@@ -92,6 +96,28 @@ def needs_of(request: ChatRequest) -> Needs:
         json_mode=json_mode,
         min_tokens=size // BYTES_PER_TOKEN_BOUND + (request.max_tokens or 0),
     )
+
+
+# Why ``openai_only`` refuses a field: parley's neutral events have no place for token log
+# probabilities, and no other protocol takes a token bias.
+_NO_LOGPROBS = "parley relays token log probabilities only from upstreams that speak OpenAI's API"
+_NO_BIAS = "only upstreams that speak OpenAI's API take a token bias"
+
+
+def openai_only(extra: Mapping[str, Any]) -> tuple[str, str] | None:
+    """(field, why) for the first of a request's unmodelled OpenAI fields (``extra``) that
+    asks for an effect only an OpenAI-protocol upstream gives through parley, else None.
+
+    A value that asks for nothing is no reason to refuse: ``logprobs`` false or null,
+    ``top_logprobs`` 0 or null, an empty or null ``logit_bias``.
+    """
+    if extra.get("logprobs") not in (None, False):
+        return "logprobs", _NO_LOGPROBS
+    if extra.get("top_logprobs") not in (None, 0):
+        return "top_logprobs", _NO_LOGPROBS
+    if extra.get("logit_bias"):
+        return "logit_bias", _NO_BIAS
+    return None
 
 
 _FIELDS: dict[str, type] = {

@@ -9,7 +9,11 @@ Invariants:
 
 - A neutral request is translated whole or refused with ``InvalidRequest`` (before any
   HTTP call): an image form Anthropic cannot take, a content part it has no block for,
-  tool-call arguments that are not a JSON object, ``n`` > 1.
+  tool-call arguments that are not a JSON object, ``n`` > 1, ``logprobs``,
+  ``top_logprobs`` or ``logit_bias`` asking for anything.
+- ``reasoning_effort`` is not mapped to ``thinking``: with thinking on, Anthropic wants the
+  signed thinking blocks of a tool-using turn sent back, which an OpenAI client cannot do.
+  A client that wants thinking sends Anthropic's ``thinking`` object, passed on as is.
 - ``StreamFrames.chunk`` forwards a frame as ``event: <type>\\ndata: <the JSON bytes as
   received>\\n\\n``: the shared SSE decoder drops the ``event:`` line, and Anthropic
   clients dispatch on it, so it is rebuilt from the JSON's ``type`` (which always equals
@@ -27,6 +31,7 @@ from typing import Any
 
 import orjson
 
+from parley.domain.capabilities import openai_only
 from parley.domain.events import (
     Chunk,
     Event,
@@ -102,6 +107,9 @@ def messages_body(request: ChatRequest, model: str) -> dict[str, Any]:
     """The ``/v1/messages`` body for a neutral request (``stream`` set by the caller)."""
     if request.n is not None and request.n > 1:
         raise InvalidRequest("Anthropic models return one choice: n must be 1", param="n")
+    if (refused := openai_only(request.extra)) is not None:
+        field, why = refused
+        raise InvalidRequest(f"'{field}' cannot be sent to Anthropic: {why}", param=field)
     extra = request.extra
     max_tokens = request.max_tokens or extra.get("max_completion_tokens") or DEFAULT_MAX_TOKENS
     body: dict[str, Any] = {"model": model, "max_tokens": max_tokens}

@@ -11,6 +11,14 @@ JSON schemas (tool parameters, ``response_format``) are reduced to the OpenAPI s
 Gemini accepts (``clean_schema``). Gemini 3 and later refuse a replayed function call
 without its thought signature; the neutral history cannot carry one, so the first call of
 each assistant turn gets Google's documented placeholder ``skip_thought_signature_validator``.
+
+Reasoning: a Gemini thinking config the client sent (``thinking_config`` / ``thinkingConfig``,
+or Google's compatibility form ``extra_body.google.thinking_config``) goes out as
+``thinkingConfig``, keys in camelCase; else ``reasoning_effort`` is mapped as Google's own
+OpenAI compatibility layer maps it (``_thinking_config``), with ``includeThoughts`` unless it
+is "none", so the thoughts come back as reasoning. ``logprobs``, ``top_logprobs`` and
+``logit_bias`` asking for anything are refused (``domain.capabilities.openai_only``);
+``parallel_tool_calls`` is not sent: Gemini has no switch for it.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ from urllib.parse import urlsplit
 
 import orjson
 
+from parley.domain.capabilities import openai_only
 from parley.domain.messages import ChatRequest, Message, arguments_object
 from parley.errors import InvalidRequest
 
@@ -54,13 +63,25 @@ _SCHEMA_KEYS = frozenset(
     }
 )
 _TOOL_CHOICES = {"auto": "AUTO", "none": "NONE", "required": "ANY"}
+# reasoning_effort as Google's OpenAI compatibility layer maps it: thinking budgets for
+# Gemini 2.5 ("low", "medium", "high" are 1K, 8K and 24K tokens), levels for Gemini 3.
+# OpenAI's "xhigh" gets the highest Gemini has.
+_BUDGETS = {"minimal": 1024, "low": 1024, "medium": 8192, "high": 24576, "xhigh": 24576}
+_LEVELS = {"minimal": "minimal", "low": "low", "medium": "medium", "high": "high", "xhigh": "high"}
+_EFFORTS = ("none", *_BUDGETS)
+# Pro models cannot stop thinking: for "none" they get their least (2.5 Pro's budget floor).
+_PRO_LEAST_BUDGET = 128
 
 
 def request_body(request: ChatRequest, model: str) -> dict[str, Any]:
     """The ``generateContent`` body for ``request`` (the model and streaming are in the URL)."""
     if request.raw is not None and request.client_protocol == PROTOCOL:
         return dict(request.raw)
-    system, contents = _contents(request.messages, _needs_signature(model))
+    if (refused := openai_only(request.extra)) is not None:
+        field, why = refused
+        raise InvalidRequest(f"'{field}' cannot be sent to Gemini: {why}", field)
+    version = _version(model)
+    system, contents = _contents(request.messages, version is not None and version >= (3, 0))
     body: dict[str, Any] = {"contents": contents}
     if system:
         body["systemInstruction"] = {"parts": system}
@@ -69,22 +90,26 @@ def request_body(request: ChatRequest, model: str) -> dict[str, Any]:
         # Gemini refuses a function calling config without function declarations.
         if request.tool_choice is not None:
             body["toolConfig"] = {"functionCallingConfig": _calling_config(request.tool_choice)}
-    config = _generation_config(request)
+    config = _generation_config(request, model)
     if config:
         body["generationConfig"] = config
     return body
 
 
-def _needs_signature(model: str) -> bool:
+def _version(model: str) -> tuple[int, int] | None:
+    """(major, minor) of a ``gemini-<major>[.<minor>]-...`` model; None for any other name
+    (``gemini-flash-latest``, ``gemma-3-27b-it``, a tuned model)."""
     name = model.removeprefix("models/")
     if not name.startswith("gemini-"):
-        return False
-    digits = ""
-    for char in name[7:]:
-        if not char.isdigit():
-            break
-        digits += char
-    return bool(digits) and int(digits) >= 3
+        return None
+    major, _, minor = name[7:].split("-", 1)[0].partition(".")
+    if not _number(major) or (minor and not _number(minor)):
+        return None
+    return int(major), int(minor or "0")
+
+
+def _number(text: str) -> bool:
+    return text.isascii() and text.isdigit()
 
 
 def _contents(
@@ -213,7 +238,7 @@ def _calling_config(choice: Any) -> dict[str, Any]:
     raise InvalidRequest("tool_choice must be auto, none, required or a function", "tool_choice")
 
 
-def _generation_config(request: ChatRequest) -> dict[str, Any]:
+def _generation_config(request: ChatRequest, model: str) -> dict[str, Any]:
     config: dict[str, Any] = {}
     for key, value in (
         ("temperature", request.temperature),
@@ -238,7 +263,67 @@ def _generation_config(request: ChatRequest) -> dict[str, Any]:
         schema = spec.get("schema") if isinstance(spec, Mapping) else None
         if isinstance(schema, Mapping):
             config["responseSchema"] = clean_schema(schema)
+    thinking = _thinking_config(request.extra, model)
+    if thinking is not None:
+        config["thinkingConfig"] = thinking
     return config
+
+
+def _thinking_config(extra: Mapping[str, Any], model: str) -> dict[str, Any] | None:
+    """The client's own Gemini thinking config, else ``reasoning_effort`` as Google maps it:
+    ``thinkingLevel`` for Gemini 3 and later (which only they take), ``thinkingBudget``
+    for the others (Gemini 3 takes it too, so it suits names without a version).
+
+    "none" turns thinking off where the model can: Pro models cannot, and get their
+    least; a Gemini before 2.5 never thinks, so it is sent nothing."""
+    native = _native_thinking(extra)
+    if native is not None:
+        return native
+    effort = extra.get("reasoning_effort")
+    if effort is None:
+        return None
+    if not isinstance(effort, str) or effort not in _EFFORTS:
+        raise InvalidRequest(
+            f"reasoning_effort must be one of {', '.join(_EFFORTS)}", "reasoning_effort"
+        )
+    version = _version(model)
+    pro = "-pro" in model
+    config: dict[str, Any]
+    if version is not None and version >= (3, 0):
+        level = "minimal" if effort == "none" else _LEVELS[effort]
+        # Gemini 3 Pro has no "minimal" level: "low" is the least it thinks.
+        config = {"thinkingLevel": "low" if pro and level == "minimal" else level}
+    elif effort == "none":
+        if version is not None and version < (2, 5):
+            return None
+        config = {"thinkingBudget": _PRO_LEAST_BUDGET if pro else 0}
+    else:
+        config = {"thinkingBudget": _BUDGETS[effort]}
+    if effort != "none":
+        config["includeThoughts"] = True
+    return config
+
+
+def _native_thinking(extra: Mapping[str, Any]) -> dict[str, Any] | None:
+    """A thinking config in Gemini's own terms, with its keys in camelCase, or None."""
+    body = extra.get("extra_body")
+    google = body.get("google") if isinstance(body, Mapping) else None
+    found = [(key, key, extra.get(key)) for key in ("thinkingConfig", "thinking_config")]
+    if isinstance(google, Mapping):
+        path = "extra_body.google.thinking_config"
+        found.append(("extra_body", path, google.get("thinking_config")))
+    for param, path, value in found:
+        if value is None:
+            continue
+        if not isinstance(value, Mapping):
+            raise InvalidRequest(f"'{path}' must be an object (Gemini's thinking config)", param)
+        return {_camel(str(key)): item for key, item in value.items()}
+    return None
+
+
+def _camel(key: str) -> str:
+    head, *rest = key.split("_")
+    return head + "".join(word[:1].upper() + word[1:] for word in rest)
 
 
 def clean_schema(schema: Any) -> dict[str, Any]:

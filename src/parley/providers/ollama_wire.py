@@ -10,8 +10,10 @@ Invariants:
   (the server encodes the events for its client).
 - A request Ollama cannot take as it is (an image by URL, tool-call arguments that are not
   a JSON object, a part type Ollama has no field for, ``n`` over 1, a tool that is not a
-  function, a ``tool_choice`` naming no offered tool) is refused with ``InvalidRequest``
-  while the body is built, so before any HTTP call.
+  function, a ``tool_choice`` naming no offered tool, ``logprobs``, ``top_logprobs`` or
+  ``logit_bias`` asking for anything) is refused with ``InvalidRequest`` while the body is
+  built, so before any HTTP call. ``parallel_tool_calls`` is not: Ollama can neither force
+  nor forbid parallel calls, and agents send it with every request.
 - Ollama has no response or tool-call ids: a response id is ``ollama-<uuid4 hex>``; a tool
   call without an upstream id gets ``call_<tag>_<n>``, ``tag`` the first 8 hex digits of
   that uuid and ``n`` counting the calls of the response from 0. Ids stay the same within
@@ -36,6 +38,7 @@ from typing import Any
 
 import orjson
 
+from parley.domain.capabilities import openai_only
 from parley.domain.events import (
     Chunk,
     Event,
@@ -78,6 +81,9 @@ def chat_body(request: ChatRequest, model: str) -> dict[str, Any]:
         return body
     if request.n is not None and request.n > 1:
         raise InvalidRequest("Ollama models return one choice: n must be 1", "n")
+    if (refused := openai_only(request.extra)) is not None:
+        field, why = refused
+        raise InvalidRequest(f"'{field}' cannot be sent to Ollama: {why}", field)
     extra = request.extra
     body = {"model": model, "messages": messages(request.messages), "stream": request.stream}
     tools = _tools(request.tools, request.tool_choice)
