@@ -10,7 +10,11 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import make_mocked_request
 
+from parley.errors import PermissionDenied
+from parley.server.local_guard import local_guard
 from tests.fakes.openai_upstream import FakeOpenAI
 from tests.harness import ParleyServer, settings_for, write_config
 
@@ -80,3 +84,62 @@ def test_with_a_master_key_credentials_decide(tmp_path: Path, upstream: FakeOpen
             timeout=10,
         )
         assert response.status_code == 200
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        # A reverse proxy on this machine put in front of local mode: its Host is often
+        # the upstream's own 127.0.0.1, but it names the real client.
+        {"X-Forwarded-For": "203.0.113.7"},
+        {"X-Forwarded-For": "127.0.0.1, 203.0.113.7"},
+        {"X-Real-IP": "198.51.100.2"},
+        {"Forwarded": 'for="[2001:db8::1]:443";proto=https'},
+        {"Forwarded": "for=unknown"},
+    ],
+)
+def test_requests_relayed_for_another_machine_are_refused(
+    tmp_path: Path, upstream: FakeOpenAI, headers: dict[str, str]
+) -> None:
+    with _start(tmp_path, upstream) as server:
+        response = httpx.post(
+            f"{server.base_url}/chat/completions", json=BODY, headers=headers, timeout=10
+        )
+        assert response.status_code == 403, response.text
+        assert "relayed" in response.json()["error"]["message"]
+        assert upstream.received == []
+
+
+def test_loopback_relays_and_mapped_loopback_addresses_are_served(
+    tmp_path: Path, upstream: FakeOpenAI
+) -> None:
+    with _start(tmp_path, upstream) as server:
+        for headers in (
+            {"X-Forwarded-For": "127.0.0.1, ::1"},
+            {"X-Forwarded-For": "::ffff:127.0.0.1"},
+            {"Forwarded": 'for="[::1]:5000"'},
+            {"Host": f"[::ffff:127.0.0.1]:{server.port}"},
+        ):
+            response = httpx.post(
+                f"{server.base_url}/chat/completions", json=BODY, headers=headers, timeout=10
+            )
+            assert response.status_code == 200, (headers, response.text)
+
+
+@pytest.mark.parametrize(
+    ("peer", "refused"),
+    [("192.0.2.10", True), ("::ffff:192.0.2.10", True), ("::ffff:127.0.0.1", False)],
+)
+async def test_a_peer_that_is_not_on_this_machine_is_refused(peer: str, refused: bool) -> None:
+    # parley serve listens on loopback only; this covers an app started some other way.
+    request = make_mocked_request("GET", "/v1/models", {"Host": "127.0.0.1"}).clone(remote=peer)
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        return web.Response(text="served")
+
+    if refused:
+        with pytest.raises(PermissionDenied):
+            await local_guard(request, handler)
+    else:
+        response = await local_guard(request, handler)
+        assert response.status == 200

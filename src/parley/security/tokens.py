@@ -35,7 +35,7 @@ def new_csrf_token() -> str:
 
 def digest(token: str) -> str:
     """The SHA-256 hex digest a token is stored and looked up by."""
-    return hashlib.sha256(token.encode()).hexdigest()
+    return hashlib.sha256(_raw(token)).hexdigest()
 
 
 def display_prefix(api_key: str) -> str:
@@ -50,4 +50,11 @@ def is_api_key(value: str) -> bool:
 
 def same(given: str, expected: str) -> bool:
     """Constant-time comparison of two secrets."""
-    return hmac.compare_digest(given.encode(), expected.encode())
+    return hmac.compare_digest(_raw(given), _raw(expected))
+
+
+def _raw(token: str) -> bytes:
+    # A header or cookie that is not UTF-8 reaches us with lone surrogates in it (aiohttp
+    # decodes with surrogateescape): encode them anyway, so such a value is a token that
+    # matches nothing (a 401), never an encoding error (a 500). Real tokens are ASCII.
+    return token.encode("utf-8", "surrogatepass")

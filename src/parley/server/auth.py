@@ -17,6 +17,10 @@ checked by ``identify``:
 
 Presented credentials that do not check out are a 401; a request never falls back from a
 bad key to a cookie. Error messages never repeat what was presented.
+
+Every answer, in either mode, carries ``X-Content-Type-Options: nosniff`` and, unless its
+handler chose its own caching, ``Cache-Control: no-store``: answers hold private history,
+keys shown once and CSRF tokens, and no browser or proxy cache may keep them.
 """
 
 from __future__ import annotations
@@ -60,6 +64,7 @@ def install(app: web.Application, settings: Settings) -> None:
     """Register the repository's lifespan and, with a master key, the auth middleware
     (after the ones already there: the error middleware stays first)."""
     app.cleanup_ctx.append(_lifespan(settings))
+    app.on_response_prepare.append(_private_headers)
     if settings.master_key is not None:
         app.middlewares.append(middleware(settings.master_key))
 
@@ -83,6 +88,13 @@ def _lifespan(
             await asyncio.to_thread(activity.stop)
 
     return lifespan
+
+
+async def _private_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """Before any answer's headers go out (streams and errors included): never sniffed,
+    never stored by a cache unless the handler said otherwise."""
+    response.headers.setdefault("X-Content-Type-Options", "nosniff")
+    response.headers.setdefault("Cache-Control", "no-store")
 
 
 def middleware(master_key: Secret) -> Middleware:
@@ -161,11 +173,32 @@ async def hashing(request: web.Request, call: Callable[[], T]) -> T:
     return await asyncio.get_running_loop().run_in_executor(request.app[PASSWORD_POOL], call)
 
 
+def came_over_https(request: web.Request) -> bool:
+    """Whether the browser spoke https: to parley itself, or to the TLS-terminating proxy
+    in front of it (``X-Forwarded-Proto: https`` or ``Forwarded: proto=https``).
+
+    The proxy's word is taken without knowing the proxy: it can only make the cookie
+    stricter (a client that claims https over plain http loses its own cookie), while
+    ignoring it would leave every cookie of a proxied https deployment without Secure,
+    so that the browser would also send it over plain http."""
+    if request.secure:
+        return True
+    forwarded_proto = request.headers.get("X-Forwarded-Proto", "")
+    if forwarded_proto.split(",")[0].strip().lower() == "https":
+        return True
+    forwarded = request.headers.get("Forwarded", "").split(",")[0]
+    for pair in forwarded.split(";"):
+        name, _, value = pair.partition("=")
+        if name.strip().lower() == "proto" and value.strip().strip('"').lower() == "https":
+            return True
+    return False
+
+
 def set_session_cookie(
     request: web.Request, response: web.StreamResponse, token: str, expires_at: datetime
 ) -> None:
-    """The session cookie: HttpOnly, SameSite=Lax, Path=/, Secure when the request came
-    over https; it lasts as long as the session."""
+    """The session cookie: HttpOnly, SameSite=Lax, Path=/, Secure when the browser came
+    over https (``came_over_https``); it lasts as long as the session."""
     max_age = max(0, int((expires_at - datetime.now(expires_at.tzinfo)).total_seconds()))
     response.set_cookie(
         COOKIE,
@@ -174,12 +207,14 @@ def set_session_cookie(
         path="/",
         httponly=True,
         samesite="Lax",
-        secure=request.secure,
+        secure=came_over_https(request),
     )
 
 
 def clear_session_cookie(request: web.Request, response: web.StreamResponse) -> None:
-    response.del_cookie(COOKIE, path="/", httponly=True, samesite="Lax", secure=request.secure)
+    response.del_cookie(
+        COOKIE, path="/", httponly=True, samesite="Lax", secure=came_over_https(request)
+    )
 
 
 def is_local(request: web.Request) -> bool:
