@@ -83,6 +83,32 @@ def test_every_request_is_measured_by_route_template_and_secrets_never_stored(
     assert {r["user_id"] for r in stored if r["endpoint"] == "/api/admin/users"} <= {None}
 
 
+def test_a_header_that_is_not_utf8_is_stored_with_replacement_characters(
+    tmp_path: Path, database_url: str, upstream: FakeOpenAI, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = _server(tmp_path, database_url, upstream)
+    try:
+        for agent in (b"caf\xe9-client/1.0", b"plain-client/1.0"):
+            reply = httpx.get(
+                f"{server.root}/api/me",
+                headers={**bearer(MASTER), "User-Agent": agent, "X-Parley-Tags": b"t\xff"},
+            )
+            assert reply.status_code < 500
+        stored = wait_for(
+            lambda: (
+                (found := rows(database_url, "SELECT user_agent, tags FROM http_metrics"))
+                and len(found) >= 2
+                and found
+            )
+        )
+    finally:
+        server.stop()
+    # Both rows of the batch are kept: the odd one did not fail its neighbour's.
+    assert sorted(r["user_agent"] for r in stored) == ["caf\ufffd-client/1.0", "plain-client/1.0"]
+    assert {r["tags"] for r in stored} == {'["t\ufffd"]'}
+    assert "HTTP metric rows could not be recorded" not in caplog.text
+
+
 # A provider key of no well-known shape (as Mistral's or a private gateway's are): only
 # the database knows it is a secret.
 STORED_KEY = "Q7v2Lx9RkP4tW8zNcanary3JmH"

@@ -38,7 +38,7 @@ class HttpRow(NamedTuple):
 
     def __call__(self) -> dict[str, Any]:
         secrets = as_secret_set(self.secrets)
-        user_agent, error, body = self.user_agent, self.error, self.body
+        user_agent, error, body = _text(self.user_agent), _text(self.error), self.body
         return {
             "created_at": self.at,
             "endpoint": self.endpoint,
@@ -58,7 +58,17 @@ class HttpRow(NamedTuple):
 
 
 def _tags(header: str | None, secrets: SecretSet) -> str | None:
+    header = _text(header)
     if not header:
         return None
     tags = [redact_text(t.strip(), secrets)[:64] for t in header.split(",") if t.strip()]
     return orjson.dumps(tags[:20]).decode() if tags else None
+
+
+def _text(value: str | None) -> str | None:
+    """``value`` storable as text: a header that was not UTF-8 reaches parley with lone
+    surrogates in it (aiohttp decodes with surrogateescape), which neither database nor
+    JSON takes; each becomes U+FFFD, so one odd client never fails its batch's rows."""
+    if value is None or value.isascii():
+        return value
+    return value.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
