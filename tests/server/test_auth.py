@@ -386,6 +386,22 @@ def test_login_cookie_logout(server: ParleyServer, alice: Browser) -> None:
     assert stale.status_code == 401
 
 
+def test_logging_in_again_ends_the_session_the_cookie_named(
+    server: ParleyServer, alice: Browser
+) -> None:
+    first = alice.http.cookies["parley_session"]
+    # A failed login changes nothing.
+    wrong = alice.http.post("/api/auth/login", json={"login": "alice", "password": "wrong!"})
+    assert wrong.status_code == 401
+    assert httpx.get(f"{server.root}/api/me", cookies={"parley_session": first}).status_code == 200
+    again = alice.http.post("/api/auth/login", json={"login": "alice", "password": PASSWORD})
+    assert again.status_code == 200
+    assert alice.http.cookies["parley_session"] != first
+    assert alice.http.get("/api/me").status_code == 200
+    stale = httpx.get(f"{server.root}/api/me", cookies={"parley_session": first})
+    assert stale.status_code == 401
+
+
 def test_login_failures_look_the_same(server: ParleyServer, alice: Browser) -> None:
     url = f"{server.root}/api/auth/login"
     wrong_password = httpx.post(url, json={"login": "alice", "password": "wrong password"})

@@ -71,6 +71,11 @@ async def login(request: web.Request) -> web.Response:
         # One message whatever went wrong: ids cannot be probed.
         raise AuthenticationFailed("wrong login or password")
     hours = request.app[SERVICES].settings.session_hours
+    # The browser's cookie is about to be replaced: the session it named ends here, or it
+    # would stay valid, unseen, until it expired.
+    replaced = await auth.session_of(request)
+    if replaced is not None and replaced.session_id is not None:
+        await asyncio.to_thread(users.delete_session, replaced.session_id)
     new = await asyncio.to_thread(users.create_session, user.id, hours)
     response = _json(
         {"user": user_json(user), "csrf_token": new.csrf_token, "expires_at": new.expires_at}
