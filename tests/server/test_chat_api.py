@@ -8,6 +8,9 @@ whichever channel made it.
 
 from __future__ import annotations
 
+import os
+import socket
+import tempfile
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
@@ -25,7 +28,7 @@ from aiohttp import web
 from parley.chat.service import clean_title
 from parley.server.app import create_app
 from parley.server.identity import IDENTITY_KEY, Identity
-from parley.store.schema import conversations
+from parley.store.schema import conversations, messages
 from tests.fakes.openai_upstream import FakeOpenAI
 from tests.harness import ParleyServer, rows, settings_for, wait_for, write_config
 
@@ -777,3 +780,100 @@ def test_booleans_must_be_json_booleans(server: Server) -> None:
     got = api.get(cid)
     assert (got["pinned"], got["archived"], got["is_active"]) == (False, False, True)
     assert len(got["messages"]) == 2
+
+
+def test_a_first_answer_cut_short_still_leads_to_a_title(server: Server) -> None:
+    api = Api(server)
+    cid = api.create()["id"]
+    events = api.send(cid, "plan a trip to Lyon", model="up/error-mid")
+    assert [e for e, _ in events][-1] == "error"
+    # The partial answer is kept, linked to its failed request; the user answers again.
+    assert [m["role"] for m in api.get(cid)["messages"]] == ["user", "assistant"]
+    assert last(api.regenerate(cid, last(events, "message")["id"]), "done")
+    assert wait_for(lambda: api.get(cid)["title"]) == "echo: plan a trip to Lyon"
+
+
+def test_a_conversation_begun_with_files_alone_is_titled_from_their_names(
+    server: Server,
+) -> None:
+    api = Api(server)
+    cid = api.create()["id"]
+    uploaded = api.http.post("/attachments", files={"file": ("q3-report.md", b"# Q3\n")})
+    assert uploaded.status_code == 201, uploaded.text
+    assert last(api.send(cid, "", attachments=[uploaded.json()["id"]]), "done")
+    assert wait_for(lambda: api.get(cid)["title"]) == "echo: [file: q3-report.md]"
+
+
+@pytest.mark.parametrize("fault", ["unreadable", "not-utf8"])
+def test_a_file_that_cannot_be_read_ends_the_answer_with_an_error(
+    server: Server, tmp_path: Path, fault: str
+) -> None:
+    api = Api(server)
+    cid = api.create(title="t")["id"]
+    uploaded = api.http.post("/attachments", files={"file": ("notes.txt", b"my notes\n")})
+    assert uploaded.status_code == 201, uploaded.text
+    assert last(api.send(cid, "read this", attachments=[uploaded.json()["id"]]), "done")
+    sha256 = uploaded.json()["sha256"]
+    blob = tmp_path / "data" / "blobs" / sha256[:2] / sha256
+    blob.unlink()
+    if fault == "unreadable":
+        # A socket where the blob was: opening it fails with an OSError (ENXIO), as a
+        # disk error would. Bound under a short path (socket paths are short), then moved.
+        with tempfile.TemporaryDirectory(dir="/tmp") as short, socket.socket(socket.AF_UNIX) as s:
+            s.bind(f"{short}/s")
+            os.rename(f"{short}/s", blob)
+    else:
+        blob.write_bytes(b"\xff\xfe no longer what was uploaded")
+    # The next turn sends the file again: the stream ends with an error, never silently.
+    events = api.send(cid, "and now?")
+    assert [e for e, _ in events] == ["message", "error"], events
+    error = last(events, "error")
+    assert error["status"] == 500 and "cannot be read" in error["message"]
+    plain = api.http.post(f"/conversations/{cid}/messages", json={"content": "?", "stream": False})
+    assert plain.status_code == 500 and "cannot be read" in plain.json()["error"]["message"]
+    assert plain.json()["user_message"]["content"] == "?"
+    assert [m["content"] for m in api.get(cid)["messages"]][-2:] == ["and now?", "?"]
+
+
+def test_a_failure_inside_the_answer_ends_the_stream_with_an_error_event(
+    server: Server, database_url: str
+) -> None:
+    api = Api(server)
+    cid = api.create(title="t")["id"]
+    first = last(api.send(cid, "hello"), "message")
+    # A stored message the branch cannot be rebuilt from (a fault of the database).
+    engine = sa.create_engine(database_url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(
+                sa.update(messages)
+                .where(messages.c.public_id == uuid.UUID(first["id"]))
+                .values(payload="{not json")
+            )
+    finally:
+        engine.dispose()
+    events = api.send(cid, "still there?")
+    assert [e for e, _ in events] == ["message", "error"], events
+    assert last(events, "error") == {
+        "message": "internal error while answering",
+        "type": "internal",
+        "status": 500,
+    }
+    plain = api.http.post(f"/conversations/{cid}/messages", json={"content": "?", "stream": False})
+    assert plain.status_code == 500, plain.text
+    assert plain.json()["user_message"]["content"] == "?"
+
+
+def test_line_separators_in_a_message_never_cut_an_event(server: Server) -> None:
+    # httpx's iter_lines (like str.splitlines) also ends lines at NEL, U+2028 and U+2029,
+    # which text pasted from documents holds: each event must still be one data line.
+    api = Api(server)
+    cid = api.create(title="t")["id"]
+    text = "one\u2028two\u2029three\x85four\r\nfive"
+    events = api.send(cid, text)
+    names = [e for e, _ in events]
+    assert names[0] == "message" and names[-1] == "done" and "error" not in names
+    assert last(events, "message")["content"] == text
+    assert text_of(events) == last(events, "done")["content"] == f"echo: {text}"
+    assert last(events, "done")["payload"]["content"] == f"echo: {text}"
+    assert [m["content"] for m in api.get(cid)["messages"]] == [text, f"echo: {text}"]

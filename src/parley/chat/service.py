@@ -31,8 +31,9 @@ Invariants:
   ``Done``; async mode: by a background task once the writer has committed it). Naming
   collections with no embedder configured is refused before anything is stored; a
   conversation's documents without an embedder are left out of the answer;
-- titles: after the first answer of an untitled conversation, a background task asks
-  the conversation's model for a short title of the message answered,
+- titles: after the first complete answer of an untitled conversation (a failed or
+  cut-short one does not count), a background task asks the conversation's model for a
+  short title of the message answered (of its files' names when it has no text),
   recorded as an exchange of its own (endpoint ``title``, outside the conversation), and
   stored only if nobody set a title meanwhile.
 """
@@ -219,7 +220,7 @@ class ChatService:
             rows = await asyncio.to_thread(
                 files.for_message, attachments, lambda owner: owner == caller.user_id
             )
-            parts = await asyncio.to_thread(files.parts, rows)
+            parts = await asyncio.to_thread(_parts, files, rows)
         turn = await asyncio.to_thread(
             self.store.add_user_message,
             caller,
@@ -360,7 +361,7 @@ class ChatService:
             return
         await finish(stream)
         if turn.needs_title:
-            self._spawn(self._make_title(caller, conversation, turn.message.content))
+            self._spawn(self._make_title(caller, conversation, _title_source(turn.message)))
         answer = await self._stored_answer(turn, exchange, answer_id)
         if sources:
             await self._cite(turn, answer, sources)
@@ -449,16 +450,7 @@ class ChatService:
 
     def _read_parts(self, messages: Sequence[StoredMessage]) -> dict[int, list[Part]]:
         files = self._attachments()
-        out: dict[int, list[Part]] = {}
-        for stored in messages:
-            try:
-                out[stored.id] = files.parts(stored.attachments)
-            except NotFound:
-                # The row is there and its blob is not: the store's fault, not the caller's.
-                raise StoreError(
-                    "a file attached to this conversation is missing from the blob store"
-                ) from None
-        return out
+        return {stored.id: _parts(files, stored.attachments) for stored in messages}
 
     async def _stored_answer(
         self, turn: Turn, exchange: Exchange, answer_id: uuid.UUID
@@ -531,6 +523,36 @@ async def _logged(work: Coroutine[Any, Any, None]) -> None:
         await work
     except Exception:
         log.exception("a background task of the chat service failed")
+
+
+def _title_source(message: StoredMessage) -> str:
+    """What a title is made from: the message's text, else (a message of files alone)
+    the names of its files, so that such a conversation is titled too."""
+    if message.content.strip():
+        return message.content
+    return "\n".join(f"[file: {a.filename}]" for a in message.attachments)
+
+
+def _parts(files: Attachments, rows: Sequence[AttachmentRow]) -> list[Part]:
+    """The content parts of ``rows``; a blob that is gone or cannot be read (a disk
+    error, bytes that are no longer what was uploaded) is the store's fault, not the
+    caller's: a ``StoreError`` that says so, never an unexplained 500."""
+    parts: list[Part] = []
+    for row in rows:
+        try:
+            parts.extend(files.parts([row]))
+        except NotFound:
+            raise StoreError(
+                "a file attached to this conversation is missing from the blob store"
+            ) from None
+        except (OSError, ValueError) as exc:
+            # The reason only: a decoding error's text holds the file's bytes.
+            reason = exc.strerror if isinstance(exc, OSError) else type(exc).__name__
+            log.error("blob %s of an attachment cannot be read: %s", row.sha256, reason)
+            raise StoreError(
+                "a file attached to this conversation cannot be read from the blob store"
+            ) from None
+    return parts
 
 
 def clean_title(text: str) -> str | None:

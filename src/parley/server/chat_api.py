@@ -11,10 +11,15 @@ is called with anything a handler has not validated. Invariants:
 - the conversation's own fields are checked by ``chat.fields``, as an import checks them;
 - a message send answers as SSE (``event: message`` with the stored message answered,
   ``event: delta`` per text piece, then ``event: done`` with the stored answer or
-  ``event: error``) or, with ``"stream": false``, as one JSON body. ``done`` is sent only
-  once the answer is committed (durable recording), as on ``/v1``;
+  ``event: error``; each event's data one line, even for a client that splits lines as
+  ``str.splitlines`` does) or, with ``"stream": false``, as one JSON body. ``done`` is
+  sent only once the answer is committed (durable recording), as on ``/v1``;
 - a client that goes away mid-stream cancels the upstream call (closing the event
   stream does it, see ``chat.service``); what was received is recorded;
+- an answer always ends with ``done`` or ``error``: a failure that is not a
+  ``ParleyError`` (parley's own fault) is logged and answered as an internal error, as
+  an event once the stream began, since headers already sent leave the error middleware
+  nothing to answer with;
 - a send may carry ``attachments``: ids of the caller's own uploads (any other id is the
   404 of a missing one, before anything is stored); messages show their files as
   metadata (id, file name, MIME type, size), never their bytes;
@@ -28,15 +33,16 @@ The service is built in a cleanup context that runs after the app's lifespan has
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from typing import Any
 
 import orjson
 from aiohttp import web
 
 from parley.chat import fields
-from parley.chat.service import ChatService, Delta, Done, Failed, Options, Reply
+from parley.chat.service import ChatEvent, ChatService, Delta, Done, Failed, Options, Reply
 from parley.domain.messages import Message
 from parley.errors import InvalidRequest, NotFound, ParleyError
 from parley.search.documents_library import collection_name
@@ -59,6 +65,8 @@ from parley.store.conversations import (
     Tree,
 )
 from parley.store.provider_configs import ProviderConfigStore
+
+log = logging.getLogger(__name__)
 
 CHAT = web.AppKey("parley.chat", ChatService)
 
@@ -278,7 +286,7 @@ async def regenerate_message(request: web.Request) -> web.StreamResponse:
 
 
 async def _answer(request: web.Request, reply: Reply, stream: bool) -> web.StreamResponse:
-    events = reply.events
+    events = _guarded(reply.events)
     if not stream:
         try:
             async for event in events:
@@ -309,10 +317,25 @@ async def _answer(request: web.Request, reply: Reply, stream: bool) -> web.Strea
                 await response.write(_frame("error", _error_json(event.error)))
         await response.write_eof()
     except (ConnectionError, OSError):
-        pass  # the client left; closing the events below cancels the upstream call
+        # Only writes raise these here (``_guarded`` turns the answer's own failures into
+        # ``Failed``): the client left; closing the events below cancels the upstream call.
+        pass
     finally:
         await events.aclose()
     return response
+
+
+async def _guarded(events: AsyncGenerator[ChatEvent, None]) -> AsyncGenerator[ChatEvent, None]:
+    """``events``, with a failure that is not a ``ParleyError`` (a bug, a fault of the
+    disk or the database) logged and ended as ``Failed``: never a silent end."""
+    try:
+        async for event in events:
+            yield event
+    except Exception:
+        log.exception("an answer of the chat API failed")
+        yield Failed(ParleyError("internal error while answering"))
+    finally:
+        await events.aclose()
 
 
 # -- JSON shapes -------------------------------------------------------------------------
@@ -384,8 +407,23 @@ def tree_json(tree: Tree) -> dict[str, Any]:
     return body
 
 
+# Characters that end a line for ``str.splitlines`` (so for httpx's ``iter_lines`` and
+# the SSE readers built on it) but that orjson writes raw: escaped in a frame, so that a
+# message holding one never cuts its event in two. (UTF-8 is self-synchronizing: these
+# bytes are always those characters.)
+_LINE_BREAKS = (
+    (b"\xc2\x85", b"\\u0085"),
+    (b"\xe2\x80\xa8", b"\\u2028"),
+    (b"\xe2\x80\xa9", b"\\u2029"),
+)
+
+
 def _frame(event: str, data: Mapping[str, Any]) -> bytes:
-    return b"event: " + event.encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n"
+    body = orjson.dumps(data)
+    if b"\xc2\x85" in body or b"\xe2\x80" in body:
+        for raw, escaped in _LINE_BREAKS:
+            body = body.replace(raw, escaped)
+    return b"event: " + event.encode() + b"\ndata: " + body + b"\n\n"
 
 
 def _error_json(error: ParleyError) -> dict[str, Any]:

@@ -17,7 +17,16 @@ from datetime import datetime
 from typing import Any, Final, Protocol
 
 import orjson
-from sqlalchemy import ColumnElement, Connection, Row, func, literal, select, type_coerce
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    Row,
+    func,
+    literal,
+    or_,
+    select,
+    type_coerce,
+)
 from sqlalchemy.types import NullType
 
 from parley.domain.messages import Message, ToolCall
@@ -26,7 +35,13 @@ from parley.errors import InvalidRequest
 from parley.store import attachments as files
 from parley.store.attachments import AttachmentRow
 from parley.store.documents import CitationRow
-from parley.store.schema import conversations, messages, provider_configs, responses
+from parley.store.schema import (
+    conversations,
+    messages,
+    provider_configs,
+    request_log,
+    responses,
+)
 
 _C = conversations.c
 _M = messages.c
@@ -154,7 +169,7 @@ class Turn:
     path: list[StoredMessage]
     # The conversation's own, else its provider configuration's.
     system_prompt: str | None
-    # Untitled and never answered: its first answer is what a title is made from.
+    # Untitled and never answered in full (``needs_title``): this answer makes a title.
     needs_title: bool = False
 
 
@@ -280,10 +295,21 @@ def system_prompt_of(conn: Connection, conversation: Row[Any]) -> str | None:
 
 
 def needs_title(conn: Connection, conversation: Row[Any]) -> bool:
+    """Untitled and never answered in full. The partial answer of a request that failed
+    or was cut short (the client left) does not count, or a chat whose first answer was
+    stopped would stay untitled; an answer without a request row (imported) does."""
     if conversation.title is not None:
         return False
     answered = conn.execute(
-        select(_M.id).where(_M.conversation_id == conversation.id, _M.role == "assistant").limit(1)
+        select(_M.id)
+        .outerjoin(responses, _R.message_id == _M.id)
+        .outerjoin(request_log, request_log.c.id == _R.request_id)
+        .where(
+            _M.conversation_id == conversation.id,
+            _M.role == "assistant",
+            or_(request_log.c.success.is_(None), request_log.c.success.is_(True)),
+        )
+        .limit(1)
     ).first()
     return answered is None
 
