@@ -84,6 +84,7 @@ def answer(engine: sa.Engine, turn: Turn, text: str | None, who: Identity = ALIC
             turn.message.id,
             turn.chain_hash,
             (uuid.uuid4(),),
+            turn.leaf_at_start,
         ),
     )
     with writer_connection(engine) as conn, conn.begin():
@@ -290,6 +291,37 @@ def test_answer_again_asks_the_parent_of_an_answer(
     assert store.answer_again(ALICE, conv.public_id, turn.message.public_id) is not None
     with pytest.raises(InvalidRequest):
         store.answer_again(ALICE, conv.public_id, uuid.uuid4())
+
+
+def test_an_answer_comes_into_view_only_if_the_view_did_not_move_meanwhile(
+    store: Conversations, migrated_engine: sa.Engine
+) -> None:
+    conv = new(store)
+
+    def leaf() -> uuid.UUID:
+        tree = store.load(ALICE, conv.public_id)
+        assert tree is not None
+        return {m.id: m for m in tree.messages}[tree.active_path[-1]].public_id
+
+    first = say(store, conv, "slow question")
+    # Another tab sends under it while its answer is still being made.
+    second = say(store, conv, "meanwhile")
+    late = answer(migrated_engine, first, "late answer")
+    assert leaf() == second.message.public_id  # the other tab's message stays in view
+    prompt = answer(migrated_engine, second, "answer to meanwhile")
+    assert leaf() == prompt.answer_public_ids[0]
+    # Regenerating an earlier answer with the view unmoved brings the new one into view.
+    again = store.answer_again(ALICE, conv.public_id, late.answer_public_ids[0])
+    assert again is not None
+    redone = answer(migrated_engine, again, "late answer, again")
+    assert leaf() == redone.answer_public_ids[0]
+    # A branch chosen while a regenerate runs stays chosen.
+    again = store.answer_again(ALICE, conv.public_id, prompt.answer_public_ids[0])
+    assert again is not None
+    chosen = store.update(ALICE, conv.public_id, {"active_leaf_id": late.answer_public_ids[0]})
+    assert chosen is not None
+    answer(migrated_engine, again, "not shown")
+    assert leaf() == late.answer_public_ids[0]
 
 
 def test_a_failed_answer_keeps_the_user_message_and_links_its_attempts(

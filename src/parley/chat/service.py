@@ -322,6 +322,7 @@ class ChatService:
                 parent_message_id=turn.message.id,
                 parent_chain_hash=turn.chain_hash,
                 answer_public_ids=(answer_id,),
+                leaf_at_start=turn.leaf_at_start,
             ),
         )
         stream = self._gateway.stream(chat, exchange)

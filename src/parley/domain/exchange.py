@@ -68,7 +68,9 @@ class ReplyTo:
 
     The request's messages are already stored, the last of them being ``parent_message_id``
     (None: the answers start the conversation); each answer becomes its child, chained
-    from ``parent_chain_hash``, and the conversation's active branch moves to the first.
+    from ``parent_chain_hash``, and the conversation's active branch moves to the first,
+    if it is still ``leaf_at_start`` (the active leaf when the turn began): a branch
+    chosen or a message sent meanwhile (another tab) stays in view.
     ``answer_public_ids`` (by choice index) are the public ids the answers get, chosen up
     front so that the client can be told before the record is read back.
     """
@@ -78,6 +80,7 @@ class ReplyTo:
     parent_message_id: int | None
     parent_chain_hash: str | None
     answer_public_ids: tuple[uuid.UUID, ...] = ()
+    leaf_at_start: int | None = None
 
 
 @dataclass(slots=True)

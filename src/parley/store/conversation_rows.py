@@ -171,6 +171,9 @@ class Turn:
     system_prompt: str | None
     # Untitled and never answered in full (``needs_title``): this answer makes a title.
     needs_title: bool = False
+    # The conversation's active leaf when the turn began: its answer becomes the active
+    # leaf only if nobody moved it meanwhile (``ReplyTo.leaf_at_start``).
+    leaf_at_start: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -352,6 +352,8 @@ class Conversations:
                 path,
                 system_prompt_of(conn, row),
                 needs_title(conn, row),
+                # Made the active leaf above, in this transaction.
+                leaf_at_start=stored.id,
             )
 
     def answer_again(
@@ -387,6 +389,7 @@ class Conversations:
                 path,
                 system_prompt_of(conn, row),
                 needs_title(conn, row),
+                leaf_at_start=row.active_leaf_id,
             )
 
     def get_message(self, conversation_id: int, public_id: uuid.UUID) -> StoredMessage | None:

@@ -22,7 +22,8 @@
 - a chat-API exchange names its conversation and the message it answers
   (``Exchange.reply_to``): its request's messages are already stored, so nothing is looked
   up or inserted but its answers, children of that message; the conversation's
-  ``updated_at`` and active branch (``active_leaf_id``) move to the first answer;
+  ``updated_at`` moves, and its active branch (``active_leaf_id``) moves to the first
+  answer unless it moved since the turn began (``ReplyTo.leaf_at_start``);
 - nothing the user sent is lost: an exchange that failed everywhere still records its
   attempts and its messages; its answers are kept only if they hold partial output;
 - embeddings (any endpoint but chat completions and Anthropic messages) record only
@@ -42,7 +43,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
-from sqlalchemy import Connection, Row, select
+from sqlalchemy import Connection, Row, bindparam, select, update
 
 from parley.domain.exchange import Attempt, Exchange
 from parley.domain.messages import chain_hash, chain_of, content_hash_of
@@ -194,17 +195,31 @@ def write_batch(
     bulk_update(
         conn, conversations, [{"id": conv_id, "updated_at": now} for conv_id in planner.continued]
     )
-    # In batch order: of two answers in one conversation, the later one is active.
-    bulk_update(
-        conn,
-        conversations,
-        [
-            {"id": plan.conv.id, "updated_at": now, "active_leaf_id": plan.answers[0][0].row["id"]}
-            for plan in plans
-            if plan.exchange.reply_to is not None and plan.conv is not None and plan.answers
-        ],
-    )
+    answered = [
+        (plan.conv.id, plan.exchange.reply_to.leaf_at_start, plan.answers[0][0].row["id"])
+        for plan in plans
+        if plan.exchange.reply_to is not None and plan.conv is not None and plan.answers
+    ]
+    bulk_update(conn, conversations, [{"id": conv, "updated_at": now} for conv, _, _ in answered])
+    if answered:
+        # The answer comes into view unless the view moved since its turn began (another
+        # tab sent a message or chose a branch). In batch order: of two answers begun
+        # from one view, the first moves it.
+        conn.execute(
+            _MOVE_LEAF,
+            [{"conv": conv, "expected": start, "leaf": leaf} for conv, start, leaf in answered],
+        )
     return [Recorded(plan) for plan in plans]
+
+
+_MOVE_LEAF = (
+    update(conversations)
+    .where(
+        conversations.c.id == bindparam("conv"),
+        conversations.c.active_leaf_id.is_not_distinct_from(bindparam("expected")),
+    )
+    .values(active_leaf_id=bindparam("leaf"))
+)
 
 
 def list_requests(conn: Connection, limit: int = 100) -> Sequence[Row[Any]]:

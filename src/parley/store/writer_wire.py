@@ -181,6 +181,7 @@ def pack_exchange(ex: Exchange) -> tuple[Any, ...]:
             reply.parent_message_id,
             reply.parent_chain_hash,
             tuple(u.int for u in reply.answer_public_ids),
+            reply.leaf_at_start,
         ),
     )
 
@@ -232,5 +233,6 @@ def unpack_exchange(v: tuple[Any, ...]) -> Exchange:
             reply[2],
             reply[3],
             tuple(uuid.UUID(int=u) for u in reply[4]),
+            reply[5],
         ),
     )
