@@ -743,7 +743,7 @@ def test_count_tokens_asks_an_upstream_that_can_count(
                 model="up/gpt-4o-mini", messages=[{"role": "user", "content": "x"}]
             )
     assert isinstance(caught.value.body, dict)
-    assert "can count tokens" in caught.value.body["error"]["message"]
+    assert "cannot count tokens" in caught.value.body["error"]["message"]
     # Counting is not an exchange: nothing recorded, nothing sent to the OpenAI upstream.
     assert rows(database_url, "SELECT id FROM request_log") == []
     assert upstream.received == []

@@ -928,7 +928,10 @@ KNOWN_BUGS: dict[str, str] = {}
 
 def login_case(w: World, c: Caller) -> None:
     """The login route is open: whoever calls, a wrong password, an unknown login and a
-    disabled user get one and the same 401; A's password opens a session."""
+    disabled user get one and the same 401; A's password opens a session, and ends the
+    one the caller's cookie named (a fresh one of the same user: the world's stays)."""
+    if c.channel == "session":
+        c = w.fresh_session(c)
     wrong = {"login": "alpha", "password": A_PASSWORD + "!"}
     unknown = {"login": "nobody-at-all", "password": A_PASSWORD + "!"}
     disabled = {"login": "charlie", "password": OTHER_PASSWORD}
@@ -941,6 +944,8 @@ def login_case(w: World, c: Caller) -> None:
     right = w.call(c, "POST", "/api/auth/login", json={"login": "alpha", "password": A_PASSWORD})
     assert right.status_code == 200, right.text
     w.session_tokens.append(right.cookies["parley_session"])
+    if c.channel == "session":
+        assert w.call(c, "GET", "/api/me").status_code == 401
 
 
 def openapi_case(w: World, c: Caller) -> None:

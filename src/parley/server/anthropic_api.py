@@ -69,7 +69,7 @@ async def count_tokens(request: web.Request) -> web.Response:
     if not counting:
         kinds = ", ".join(f"{c.provider_name} (kind {c.provider.config.kind})" for c in candidates)
         raise InvalidRequest(
-            f"no upstream of model '{chat.model}' can count tokens: {kinds}", "model"
+            f"the upstreams of model '{chat.model}' cannot count tokens: {kinds}", "model"
         )
     candidate = counting[0]
     assert isinstance(candidate.provider, TokenCounter)
