@@ -663,25 +663,35 @@ def anthropic_fake() -> Iterator[FakeAnthropic]:
         yield fake
 
 
+def write_both(
+    tmp_path: Path,
+    upstream: FakeOpenAI,
+    anthropic_fake: FakeAnthropic,
+    headers: dict[str, str] | None = None,
+) -> None:
+    """The OpenAI fake as ``up`` and the Anthropic fake as ``an`` (with ``headers``)."""
+    anthropic: dict[str, Any] = {
+        "name": "an",
+        "kind": "anthropic",
+        "base_url": anthropic_fake.base_url,
+        "api_key": "sk-ant-test",
+    }
+    if headers:
+        anthropic["headers"] = headers
+    write_config(
+        tmp_path,
+        [{"name": "up", "kind": "openai", "base_url": upstream.base_url}, anthropic],
+        # An OpenAI-style upstream first: it cannot count tokens, the second can.
+        aliases={"either": ["up/gpt-4o-mini", "an/claude-fake-opus"]},
+    )
+
+
 @pytest.fixture
 def both(
     tmp_path: Path, database_url: str, upstream: FakeOpenAI, anthropic_fake: FakeAnthropic
 ) -> Iterator[ParleyServer]:
     """A server with the OpenAI fake as ``up`` and the Anthropic fake as ``an``."""
-    write_config(
-        tmp_path,
-        [
-            {"name": "up", "kind": "openai", "base_url": upstream.base_url},
-            {
-                "name": "an",
-                "kind": "anthropic",
-                "base_url": anthropic_fake.base_url,
-                "api_key": "sk-ant-test",
-            },
-        ],
-        # An OpenAI-style upstream first: it cannot count tokens, the second can.
-        aliases={"either": ["up/gpt-4o-mini", "an/claude-fake-opus"]},
-    )
+    write_both(tmp_path, upstream, anthropic_fake)
     with ParleyServer(settings_for(tmp_path, database_url)) as running:
         yield running
 
@@ -857,19 +867,7 @@ def test_message_delta_without_usage_comes_with_the_final_chunk() -> None:
 def test_an_anthropic_clients_beta_features_reach_an_anthropic_upstream(
     tmp_path: Path, database_url: str, upstream: FakeOpenAI, anthropic_fake: FakeAnthropic
 ) -> None:
-    write_config(
-        tmp_path,
-        [
-            {"name": "up", "kind": "openai", "base_url": upstream.base_url},
-            {
-                "name": "an",
-                "kind": "anthropic",
-                "base_url": anthropic_fake.base_url,
-                "api_key": "sk-ant-test",
-                "headers": {"Anthropic-Beta": "configured-2025-01-01"},
-            },
-        ],
-    )
+    write_both(tmp_path, upstream, anthropic_fake, {"Anthropic-Beta": "configured-2025-01-01"})
     with ParleyServer(settings_for(tmp_path, database_url)) as running, connect(running) as sdk:
         question = [{"role": "user", "content": "hi"}]
         beta = {"anthropic-beta": "context-1m-2025-08-07, configured-2025-01-01"}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -30,6 +31,19 @@ def _server(tmp_path: Path, database_url: str, upstream: FakeOpenAI, **env: str)
     return ParleyServer(
         settings_for(tmp_path, database_url, PARLEY_MASTER_KEY=MASTER, **env)
     ).start()
+
+
+def _stored(database_url: str, at_least: int, columns: str = "*") -> list[dict[str, Any]]:
+    """The stored HTTP metric rows, once there are ``at_least`` of them (written off the
+    request's path, so a moment after the answers)."""
+    found: list[dict[str, Any]] = wait_for(
+        lambda: (
+            (got := rows(database_url, f"SELECT {columns} FROM http_metrics"))
+            and len(got) >= at_least
+            and got
+        )
+    )
+    return found
 
 
 def test_every_request_is_measured_by_route_template_and_secrets_never_stored(
@@ -58,13 +72,7 @@ def test_every_request_is_measured_by_route_template_and_secrets_never_stored(
         httpx.post(f"{root}/api/auth/login", json={"login": "frank", "password": CANARY})
         httpx.get(f"{root}/api/admin/users/{user['id']}", headers=bearer(CANARY))
         httpx.get(f"{root}/api/admin/users/{user['id']}?password={CANARY}", headers=bearer(MASTER))
-        stored = wait_for(
-            lambda: (
-                (found := rows(database_url, "SELECT * FROM http_metrics"))
-                and len(found) >= 5
-                and found
-            )
-        )
+        stored = _stored(database_url, 5)
     finally:
         server.stop()
     assert CANARY not in repr(stored)
@@ -94,13 +102,7 @@ def test_a_header_that_is_not_utf8_is_stored_with_replacement_characters(
                 headers={**bearer(MASTER), "User-Agent": agent, "X-Parley-Tags": b"t\xff"},
             )
             assert reply.status_code < 500
-        stored = wait_for(
-            lambda: (
-                (found := rows(database_url, "SELECT user_agent, tags FROM http_metrics"))
-                and len(found) >= 2
-                and found
-            )
-        )
+        stored = _stored(database_url, 2, "user_agent, tags")
     finally:
         server.stop()
     # Both rows of the batch are kept: the odd one did not fail its neighbour's.

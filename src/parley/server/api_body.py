@@ -19,10 +19,13 @@ from parley.server.openai_parse import parse_api_object
 from parley.server.state import SERVICES, read_body
 
 
-async def read_object(request: web.Request) -> dict[str, Any]:
-    """The request's JSON object, within the server's body limit."""
-    limit = request.app[SERVICES].settings.max_body_bytes
-    return parse_api_object(await read_body(request, limit))
+async def read_object(request: web.Request, *, allow_empty: bool = False) -> dict[str, Any]:
+    """The request's JSON object, within the server's body limit; with ``allow_empty``,
+    an empty (or blank) body is an empty object."""
+    raw = await read_body(request, request.app[SERVICES].settings.max_body_bytes)
+    if allow_empty and not raw.strip():
+        return {}
+    return parse_api_object(raw)
 
 
 async def read_fields(request: web.Request, allowed: Collection[str]) -> dict[str, Any]:

@@ -48,13 +48,13 @@ from parley.errors import InvalidRequest, NotFound, ParleyError
 from parley.search.documents_library import collection_name
 from parley.search.rag import MAX_COLLECTIONS
 from parley.server import identity
+from parley.server.api_body import read_object
 from parley.server.chat_content import message_content
 from parley.server.documents_api import DOCUMENTS
 from parley.server.files_api import FILES
-from parley.server.openai_parse import parse_api_object
 from parley.server.params import page_size
 from parley.server.relay import SSE_HEADERS
-from parley.server.state import SERVICES, read_body
+from parley.server.state import SERVICES
 from parley.store.conversations import (
     ACTIVE_LEAF,
     MAX_PAGE,
@@ -444,10 +444,7 @@ def _json(
 async def _body(
     request: web.Request, allowed: frozenset[str], *, allow_empty: bool = False
 ) -> dict[str, Any]:
-    raw = await read_body(request, request.app[SERVICES].settings.max_body_bytes)
-    if allow_empty and not raw.strip():
-        return {}
-    data = parse_api_object(raw)
+    data = await read_object(request, allow_empty=allow_empty)
     fields.known_fields(data, allowed)
     return data
 
