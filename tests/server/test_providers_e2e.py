@@ -97,7 +97,14 @@ def server(tmp_path: Path, database_url: str, fakes: Fakes) -> Iterator[ParleySe
                 "timeouts": TIMEOUTS,
             },
         ],
-        aliases={"resilient": ["an/fail-429", "ge/gemini-2.0-flash"]},
+        aliases={
+            "resilient": ["an/fail-429", "ge/gemini-2.0-flash"],
+            # Gemini and Ollama refuse logprobs before sending; OpenAI takes them.
+            "with-logprobs": ["ge/gemini-2.0-flash", "ol/llama3.2:latest", "oa/gpt-4o-mini"],
+            "no-logprobs": ["ge/gemini-2.0-flash", "ol/llama3.2:latest"],
+            # Anthropic has no embeddings API.
+            "embedder": ["an/claude-fake-opus", "oa/text-embedding-3-small"],
+        },
         extra=(
             "[retry]\nattempts = 2\nbackoff_base = 0.01\nmax_retry_after = 0.5\n"
             '[capabilities."ol/llama3.2:latest"]\nvision = false\n'
@@ -362,6 +369,52 @@ def test_a_capability_the_model_lacks_is_refused_before_any_call(
     )
     assert response.status_code == 400
     assert response.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_a_request_one_family_refuses_goes_to_the_next_candidate(
+    server: ParleyServer, oa: openai.OpenAI, fakes: Fakes, database_url: str
+) -> None:
+    answer = oa.chat.completions.create(
+        model="with-logprobs", messages=[{"role": "user", "content": "hi"}], logprobs=True
+    )
+    assert answer.choices[0].message.content
+    assert fakes.gemini.received == [] and fakes.ollama.received == []
+    assert len(fakes.openai.received) == 1
+    logged = rows(database_url, "SELECT * FROM request_log ORDER BY attempt")
+    assert [(r["provider"], r["success"], r["status_code"], r["error_type"]) for r in logged] == [
+        ("ge", False, 400, "bad_request"),
+        ("ol", False, 400, "bad_request"),
+        ("oa", True, 200, None),
+    ]
+    assert "logprobs" in logged[0]["error_message"] and "Gemini" in logged[0]["error_message"]
+    assert len({r["chain_id"] for r in logged}) == 1
+
+
+def test_a_request_every_candidate_refuses_gets_the_first_refusal(
+    server: ParleyServer, oa: openai.OpenAI, fakes: Fakes, database_url: str
+) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        oa.chat.completions.create(
+            model="no-logprobs", messages=[{"role": "user", "content": "hi"}], logprobs=True
+        )
+    assert caught.value.status_code == 400
+    assert "cannot be sent to Gemini" in caught.value.message
+    assert caught.value.param == "logprobs"
+    assert fakes.gemini.received == [] and fakes.ollama.received == []
+    logged = rows(database_url, "SELECT provider, status_code FROM request_log ORDER BY attempt")
+    assert [(r["provider"], r["status_code"]) for r in logged] == [("ge", 400), ("ol", 400)]
+
+
+def test_embeddings_go_past_a_family_without_an_embeddings_api(
+    server: ParleyServer, oa: openai.OpenAI, database_url: str
+) -> None:
+    result = oa.embeddings.create(model="embedder", input="alpha")
+    assert len(result.data[0].embedding) > 0
+    logged = rows(database_url, "SELECT * FROM request_log ORDER BY attempt")
+    assert [(r["provider"], r["success"], r["status_code"]) for r in logged] == [
+        ("an", False, 400),
+        ("oa", True, 200),
+    ]
 
 
 def test_an_anthropic_client_tool_round_trip_stays_in_one_conversation(

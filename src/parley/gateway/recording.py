@@ -25,7 +25,7 @@ from parley.domain.events import (
 from parley.domain.exchange import Attempt, Choice, Exchange
 from parley.domain.messages import ToolCall
 from parley.domain.usage import Usage
-from parley.errors import ParleyError, UpstreamError
+from parley.errors import ClientError, ParleyError, UpstreamError
 from parley.gateway.pricing import PriceBook
 
 # An attempt's error message is kept to this many characters.
@@ -132,6 +132,9 @@ class Fold:
         self.attempt.success = False
         if isinstance(error, UpstreamError):
             self.attempt.status_code = error.status_code
+        elif isinstance(error, ClientError):
+            # Refused by parley before it was sent: the status parley answers for it.
+            self.attempt.status_code = error.status
         self.attempt.error_type = error.error_type
         self.attempt.error_message = error.message[:ERROR_MESSAGE_CHARS]
         self.attempt.finish_reason = finish_reason

@@ -9,6 +9,10 @@ attempt (failed ones included) on the ``Exchange`` it is given. Invariants:
   is no longer than ``RetryPolicy.max_retry_after`` (longer: go to the next candidate);
 - errors that are the client's (a 400 from upstream, a content filter) are not retried
   or sent to another candidate: another model would refuse the same request;
+- a request an adapter refuses before sending it (``ClientError``: a field its provider
+  family cannot honour, such as ``logprobs`` for Gemini) goes to the next candidate,
+  which may be of another family; when every candidate refuses, the first refusal is
+  the answer. A candidate that was tried and failed upstream outranks a refusal;
 - when the consumer stops early (client disconnect), the upstream call is closed and the
   attempt is recorded as cancelled with finish reason ``client_disconnected``;
 - candidates come from ``candidates``: the router's, after the directory of database
@@ -84,6 +88,7 @@ class Gateway:
         """Yield the chunks of the first attempt that starts; record every attempt."""
         candidates = self.capable(request, await self.candidates(request.model, exchange.user_id))
         last_error: UpstreamError | None = None
+        refusal: ClientError | None = None
         for candidate in candidates:
             for try_number in range(max(1, self.retry.attempts)):
                 fold = self._begin(exchange, candidate)
@@ -97,7 +102,11 @@ class Gateway:
                     break
                 except BaseException as exc:
                     await upstream.aclose()
-                    last_error = self._failed(fold, candidate, exc)
+                    failure = self._failed(fold, candidate, exc)
+                    if isinstance(failure, ClientError):
+                        refusal = refusal or failure
+                        break
+                    last_error = failure
                     if await self._wait_to_retry(exchange, candidate, last_error, try_number):
                         continue
                     break
@@ -134,9 +143,7 @@ class Gateway:
                     fold.cancel()
                     await upstream.aclose()
                 return
-        if last_error is None:
-            raise ModelNotFound(f"no upstream candidate for model '{request.model}'")
-        raise last_error
+        raise _outcome(last_error, refusal, request.model)
 
     def capable(self, request: ChatRequest, candidates: list[Candidate]) -> list[Candidate]:
         """The candidates able to serve ``request``; ``InvalidRequest`` when none is, so
@@ -168,18 +175,17 @@ class Gateway:
         return Fold(exchange, attempt, self.prices)
 
     @staticmethod
-    def _failed(fold: Fold, candidate: Candidate, exc: BaseException) -> UpstreamError:
+    def _failed(
+        fold: Fold, candidate: Candidate, exc: BaseException
+    ) -> UpstreamError | ClientError:
         """Record the attempt ``exc`` ended before it answered. An upstream's error is
-        returned (another try may do better); any other is raised: the client's own
-        (``ClientError``: the adapter refused the request, no other attempt would take
-        it), a bug or an answer of an unexpected shape (an error of this attempt, never a
+        returned (another try may do better), and so is the adapter's refusal of the
+        request (``ClientError``: another candidate may take it); any other is raised: a
+        bug or an answer of an unexpected shape (an error of this attempt, never a
         traceback for the client), or a cancellation (the client went away meanwhile)."""
-        if isinstance(exc, UpstreamError):
+        if isinstance(exc, UpstreamError | ClientError):
             fold.fail(exc)
             return exc
-        if isinstance(exc, ClientError):
-            fold.fail(exc)
-            raise exc
         if isinstance(exc, Exception):
             error = _unreadable(candidate, exc)
             fold.fail(error)
@@ -223,13 +229,18 @@ class Gateway:
     ) -> EmbeddingsResult:
         """Create embeddings through the candidates of ``model``, recording each attempt."""
         last_error: UpstreamError | None = None
+        refusal: ClientError | None = None
         for candidate in await self.candidates(model, exchange.user_id):
             for try_number in range(max(1, self.retry.attempts)):
                 fold = self._begin(exchange, candidate)
                 try:
                     result = await candidate.provider.embeddings(body, candidate.model)
                 except BaseException as exc:
-                    last_error = self._failed(fold, candidate, exc)
+                    failure = self._failed(fold, candidate, exc)
+                    if isinstance(failure, ClientError):
+                        refusal = refusal or failure
+                        break
+                    last_error = failure
                     if await self._wait_to_retry(exchange, candidate, last_error, try_number):
                         continue
                     break
@@ -241,9 +252,20 @@ class Gateway:
                 fold.attempt.model_used = result.model or candidate.model
                 fold.finish()
                 return result
-        if last_error is None:
-            raise ModelNotFound(f"no upstream candidate for model '{model}'")
-        raise last_error
+        raise _outcome(last_error, refusal, model)
+
+
+def _outcome(
+    last_error: UpstreamError | None, refusal: ClientError | None, model: str
+) -> ParleyError:
+    """The error of a request no candidate answered: the last upstream failure (a
+    candidate that could take the request but failed is what the client may retry), else
+    the first adapter's refusal, else that there was no candidate."""
+    if last_error is not None:
+        return last_error
+    if refusal is not None:
+        return refusal
+    return ModelNotFound(f"no upstream candidate for model '{model}'")
 
 
 def _unreadable(candidate: Candidate, exc: Exception) -> UpstreamProtocolError:
