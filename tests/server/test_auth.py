@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 
 from parley.server.auth import set_session_cookie
+from parley.server.login_throttle import MAX_FAILURES
 from parley.store.schema import api_keys, metadata, web_sessions
 from tests.fakes.openai_upstream import FakeOpenAI
 from tests.harness import ParleyServer, rows, settings_for, wait_for, write_config
@@ -414,6 +416,46 @@ def test_login_failures_look_the_same(server: ParleyServer, alice: Browser) -> N
     by_username = httpx.post(url, json={"login": "alice", "password": PASSWORD})
     by_email = httpx.post(url, json={"login": "ALICE@example.ORG", "password": PASSWORD})
     assert by_username.status_code == by_email.status_code == 200
+
+
+def test_a_name_that_keeps_failing_is_refused_for_a_while(
+    server: ParleyServer, alice: Browser, database_url: str
+) -> None:
+    url = f"{server.root}/api/auth/login"
+    # A burst: of any number of concurrent guesses, at most MAX_FAILURES are checked.
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(
+            pool.map(
+                lambda n: httpx.post(url, json={"login": " Alice ", "password": f"guess {n}"}),
+                range(MAX_FAILURES + 6),
+            )
+        )
+    assert sorted(a.status_code for a in answers) == [401] * MAX_FAILURES + [429] * 6
+    refused = next(a for a in answers if a.status_code == 429)
+    assert 60 <= int(refused.headers["Retry-After"]) <= 16 * 60
+    assert refused.json()["error"]["code"] == "rate_limit_exceeded"
+    # The right password is refused too, unchecked, however the name is written.
+    right = httpx.post(url, json={"login": "ALICE", "password": PASSWORD})
+    assert right.status_code == 429 and "set-cookie" not in right.headers
+    # Other names are not affected, known or not.
+    assert httpx.post(url, json={"login": "nobody", "password": "x"}).status_code == 401
+    # The counter's key names no login.
+    subjects = [r["subject"] for r in rows(database_url, "SELECT subject FROM rate_windows")]
+    assert len(subjects) == 2 and all("alice" not in s and "nobody" not in s for s in subjects)
+    # A quiet window later (the counts moved back 16 minutes), the name logs in, and
+    # that success forgets its failures.
+    engine = sa.create_engine(database_url)
+    with engine.begin() as conn:
+        conn.execute(
+            sa.text("UPDATE rate_windows SET window_start = :then"),
+            {"then": datetime.now(UTC).replace(second=0, microsecond=0) - timedelta(minutes=16)},
+        )
+    engine.dispose()
+    for _ in range(MAX_FAILURES - 1):
+        httpx.post(url, json={"login": "alice", "password": "wrong"})
+    assert httpx.post(url, json={"login": "alice", "password": PASSWORD}).status_code == 200
+    for _ in range(MAX_FAILURES - 1):
+        assert httpx.post(url, json={"login": "alice", "password": "wrong"}).status_code == 401
 
 
 def test_password_change_needs_the_current_one_and_ends_other_sessions(

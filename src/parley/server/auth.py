@@ -39,14 +39,17 @@ from parley.errors import AuthenticationFailed, CsrfTokenInvalid
 from parley.security import tokens
 from parley.server.activity import Activity
 from parley.server.identity import IDENTITY_KEY, LOCAL_MODE, MASTER, Identity
+from parley.server.login_throttle import LoginThrottle
 from parley.server.state import SERVICES
 from parley.settings import Secret, Settings
+from parley.store.limits import LimitStore
 from parley.store.users import Users
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 T = TypeVar("T")
 
 USERS = web.AppKey("parley.users", Users)
+LOGIN_THROTTLE = web.AppKey("parley.login_throttle", LoginThrottle)
 ACTIVITY = web.AppKey("parley.activity", Activity)
 # Where argon2 runs (see ``hashing``).
 PASSWORD_POOL = web.AppKey("parley.password_pool", ThreadPoolExecutor)
@@ -79,6 +82,7 @@ def _lifespan(
         activity.start()
         pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="parley-passwords")
         app[USERS] = users
+        app[LOGIN_THROTTLE] = LoginThrottle(LimitStore(app[SERVICES].engine))
         app[ACTIVITY] = activity
         app[PASSWORD_POOL] = pool
         try:

@@ -66,10 +66,13 @@ async def login(request: web.Request) -> web.Response:
     if not isinstance(name, str) or not name or not isinstance(password, str):
         raise InvalidRequest("'login' (email or username) and 'password' are required strings")
     users = _users(request)
+    throttle = request.app[auth.LOGIN_THROTTLE]
+    await throttle.attempt(name)
     user = await auth.hashing(request, lambda: users.check_login(name, password))
     if user is None:
         # One message whatever went wrong: ids cannot be probed.
         raise AuthenticationFailed("wrong login or password")
+    await throttle.succeeded(name)
     hours = request.app[SERVICES].settings.session_hours
     # The browser's cookie is about to be replaced: the session it named ends here, or it
     # would stay valid, unseen, until it expired.

@@ -185,6 +185,22 @@ class LimitStore:
         assert count is not None
         return count
 
+    def counted_since(self, subject: str, since: datetime) -> tuple[int, datetime | None]:
+        """The sum of ``subject``'s counts over the minutes starting at or after ``since``,
+        and the start of the oldest of those minutes (None when there is none)."""
+        with self._engine.connect() as conn:
+            total, oldest = conn.execute(
+                select(func.sum(rate_windows.c.requests), func.min(rate_windows.c.window_start))
+                .where(rate_windows.c.subject == subject)
+                .where(rate_windows.c.window_start >= since)
+            ).one()
+        return int(total or 0), utc_or_none(oldest)
+
+    def forget(self, subject: str) -> None:
+        """Delete every count of ``subject``."""
+        with self._engine.begin() as conn:
+            conn.execute(delete(rate_windows).where(rate_windows.c.subject == subject))
+
     def usage(self, limit: Limit, now: datetime) -> Usage:
         today = now.replace(hour=0, minute=0, second=0, microsecond=0)
         with self._engine.connect() as conn:
