@@ -48,6 +48,18 @@ def test_an_explicit_key_variable_must_exist(tmp_path: Path) -> None:
         )
 
 
+def test_the_master_key_has_sixteen_characters_or_more(tmp_path: Path) -> None:
+    for source in ({"PARLEY_MASTER_KEY": "x" * 15}, {}):
+        (tmp_path / "parley.toml").write_text('[server]\nmaster_key = "yyyyyyyyyyyyyyy"\n')
+        with pytest.raises(ConfigError, match="at least 16 characters") as caught:
+            load_settings(env=source, cwd=tmp_path)
+        assert "xxx" not in str(caught.value) and "yyy" not in str(caught.value)
+    (tmp_path / "parley.toml").unlink()
+    settings = load_settings(env={"PARLEY_MASTER_KEY": "x" * 16}, cwd=tmp_path)
+    assert settings.master_key is not None and settings.master_key.get() == "x" * 16
+    assert load_settings(env={"PARLEY_MASTER_KEY": ""}, cwd=tmp_path).master_key is None
+
+
 def test_bad_kind_and_base_url_are_named(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="kind must be one of"):
         _load(tmp_path, '[[providers]]\nname = "a"\nkind = "bard"\n')

@@ -35,6 +35,16 @@ def test_refuses_a_public_address_without_a_master_key(tmp_path: Path) -> None:
     assert not (tmp_path / "data").exists()
 
 
+def test_refuses_a_short_master_key_without_echoing_it(tmp_path: Path) -> None:
+    env = {**os.environ, "PARLEY_DATA_DIR": str(tmp_path / "data")}
+    env["PARLEY_MASTER_KEY"] = "short-canary-15"
+    result = run_serve(tmp_path, env, "--host", "0.0.0.0", "--port", "0")
+    assert result.returncode == 1
+    assert "PARLEY_MASTER_KEY must be at least 16 characters" in result.stderr
+    assert "canary" not in result.stderr + result.stdout and "Traceback" not in result.stderr
+    assert not (tmp_path / "data").exists()
+
+
 def test_starts_on_embedded_defaults_in_a_fresh_directory(tmp_path: Path) -> None:
     # No config file, no DATABASE_URL: SQLite in ./data under the working directory.
     env = {"PARLEY_DATA_DIR": "", "DATABASE_URL": ""}

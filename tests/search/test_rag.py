@@ -24,7 +24,7 @@ from tests.fakes.openai_upstream import FakeOpenAI
 from tests.harness import ParleyServer, rows, settings_for, write_config
 from tests.search.pdfs import make_pdf
 
-MASTER = "rag-master-key"
+MASTER = "rag-master-key-0123456789"
 PASSWORD = "correct horse battery"
 MODEL = "up/gpt-4o-mini"
 # A's canary: on page 2 of A's PDF, and in a collection of A's with a name B also uses.

@@ -13,7 +13,7 @@ from parley.errors import InvalidRequest
 from parley.server.api_body import only_fields
 from tests.harness import ParleyServer, rows, settings_for
 
-MASTER = "mk-0123456789"
+MASTER = "mk-0123456789abcdef"
 LIMIT = 4096
 
 

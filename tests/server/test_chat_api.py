@@ -501,10 +501,10 @@ def test_master_key_protects_the_chat_api(
     tmp_path: Path, database_url: str, upstream: FakeOpenAI
 ) -> None:
     _config(tmp_path, upstream)
-    settings = settings_for(tmp_path, database_url, PARLEY_MASTER_KEY="sk-master")
+    settings = settings_for(tmp_path, database_url, PARLEY_MASTER_KEY="sk-master-0123456789")
     with ParleyServer(settings) as running:
         assert httpx.get(f"{running.root}/api/conversations").status_code == 401
-        api = Api(running, Authorization="Bearer sk-master")
+        api = Api(running, Authorization="Bearer sk-master-0123456789")
         cid = api.create()["id"]
         assert last(api.send(cid, "hi"), "done")["content"] == "echo: hi"
         assert [c["id"] for c in api.http.get("/conversations").json()["data"]] == [cid]

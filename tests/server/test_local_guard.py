@@ -76,11 +76,14 @@ def test_local_programs_and_local_pages_are_served(tmp_path: Path, upstream: Fak
 
 
 def test_with_a_master_key_credentials_decide(tmp_path: Path, upstream: FakeOpenAI) -> None:
-    with _start(tmp_path, upstream, PARLEY_MASTER_KEY="mk-0123456789") as server:
+    with _start(tmp_path, upstream, PARLEY_MASTER_KEY="mk-0123456789abcdef") as server:
         response = httpx.post(
             f"{server.base_url}/chat/completions",
             json=BODY,
-            headers={"Origin": "https://app.example", "Authorization": "Bearer mk-0123456789"},
+            headers={
+                "Origin": "https://app.example",
+                "Authorization": "Bearer mk-0123456789abcdef",
+            },
             timeout=10,
         )
         assert response.status_code == 200

@@ -14,7 +14,7 @@ from tests.harness import ParleyServer, settings_for
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[ParleyServer]:
     settings = settings_for(
-        tmp_path, f"sqlite:///{tmp_path / 'p.db'}", PARLEY_MASTER_KEY="mk-0123456789"
+        tmp_path, f"sqlite:///{tmp_path / 'p.db'}", PARLEY_MASTER_KEY="mk-0123456789abcdef"
     )
     with ParleyServer(settings) as running:
         yield running

@@ -108,7 +108,7 @@ def load_settings(
         "data_dir": data_dir,
         "database_url": _normalise_db_url(database_url),
         "config_path": config_path,
-        "master_key": Secret(str(master)) if master else None,
+        "master_key": s.master_key(master),
         "host": env.get("PARLEY_HOST") or str(server.get("host", "127.0.0.1")),
         "port": s.integer(env.get("PARLEY_PORT") or server.get("port", 8000), "port"),
         "max_body_bytes": s.integer(

@@ -63,6 +63,21 @@ def secret(value: Any) -> Secret | None:
     return Secret(str(value)) if value else None
 
 
+# The master key is the admin's bearer credential, guessed over HTTP if it is short.
+MIN_MASTER_KEY_LENGTH = 16
+
+
+def master_key(value: Any) -> Secret | None:
+    """The master key, refused (without echoing it) when shorter than 16 characters."""
+    key = secret(value)
+    if key is not None and len(key.get()) < MIN_MASTER_KEY_LENGTH:
+        raise ConfigError(
+            f"PARLEY_MASTER_KEY must be at least {MIN_MASTER_KEY_LENGTH} characters long; "
+            "make one with: python -c 'import secrets; print(secrets.token_urlsafe(32))'"
+        )
+    return key
+
+
 def section(config: Mapping[str, Any], key: str) -> dict[str, Any]:
     value = config.get(key, {})
     if not isinstance(value, dict):
