@@ -7,6 +7,7 @@ from __future__ import annotations
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +30,17 @@ GRACE = 6.0
 class Client(threading.Thread):
     """One chat request in a thread, keeping every line (or the body) it got."""
 
-    def __init__(self, url: str, model: str, stream: bool, path: str = "/v1/chat/completions"):
+    def __init__(
+        self,
+        url: str,
+        model: str,
+        stream: bool,
+        path: str = "/v1/chat/completions",
+        body: dict[str, Any] | None = None,
+    ):
         super().__init__(daemon=True)
         self.url = url + path
+        self.request_body = body
         self.model = model
         self.stream = stream
         self.anthropic = path == "/v1/messages"
@@ -43,7 +52,7 @@ class Client(threading.Thread):
         self.done_at = 0.0
 
     def run(self) -> None:
-        body: dict[str, Any] = {
+        body: dict[str, Any] = self.request_body or {
             "model": self.model,
             "stream": self.stream,
             "messages": [{"role": "user", "content": f"question for {self.model}"}],
@@ -200,25 +209,48 @@ def test_sigterm_when_idle_exits_at_once_and_leaves_no_log(tmp_path: Path) -> No
     assert rows(database_url, "SELECT count(*) AS n FROM request_log")[0]["n"] == 1
 
 
-def test_an_anthropic_stream_cut_by_the_shutdown_ends_in_an_error_event(
-    tmp_path: Path, database_url: str
-) -> None:
+def _stopped_while_answering(
+    tmp_path: Path,
+    database_url: str,
+    open_client: Callable[[ParleyServer], Client],
+    *,
+    first_line: bool,
+) -> Client:
+    """Run ``open_client``'s request against a server (grace 0.5 s) whose upstream stalls,
+    and stop the server once the upstream has the request (and, with ``first_line``, the
+    client its first line); return the client once it is done."""
     with DripOpenAI() as upstream:
         server_env(tmp_path, database_url, upstream.base_url)
         settings = settings_for(
             tmp_path, database_url, PARLEY_SHUTDOWN_GRACE="0.5", **backup_env(tmp_path)
         )
         server = ParleyServer(settings).start()
-        client = Client(server.root, "up/stall-a", True, path="/v1/messages")
         try:
+            client = open_client(server)
             client.start()
-            assert client.first.wait(30)
+            deadline = time.monotonic() + 30
+            while not upstream.received and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert upstream.received, "the request never reached the upstream"
+            assert not first_line or client.first.wait(30)
         finally:
             stopping = time.monotonic()
             server.stop()
             took = time.monotonic() - stopping
         client.join(30)
     assert took < 4, f"stop took {took:.1f}s"
+    return client
+
+
+def test_an_anthropic_stream_cut_by_the_shutdown_ends_in_an_error_event(
+    tmp_path: Path, database_url: str
+) -> None:
+    client = _stopped_while_answering(
+        tmp_path,
+        database_url,
+        lambda server: Client(server.root, "up/stall-a", True, path="/v1/messages"),
+        first_line=True,
+    )
     assert client.lines[-2:] == [
         "event: error",
         'data: {"type":"error","error":{"type":"api_error","message":'
@@ -260,3 +292,41 @@ def test_a_client_that_leaves_is_still_recorded_as_cancelled(
             assert recorded() == [
                 {"error_type": "cancelled", "finish_reason": "client_disconnected"}
             ]
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_chat_answer_cut_by_the_shutdown_ends_in_an_error(
+    tmp_path: Path, database_url: str, stream: bool
+) -> None:
+    def open_client(server: ParleyServer) -> Client:
+        created = httpx.post(
+            f"{server.root}/api/conversations", json={"default_model": "up/stall-chat"}
+        )
+        return Client(
+            server.root,
+            "up/stall-chat",
+            stream,
+            path=f"/api/conversations/{created.json()['id']}/messages",
+            body={"content": "a question", "stream": stream},
+        )
+
+    client = _stopped_while_answering(tmp_path, database_url, open_client, first_line=False)
+    if stream:
+        assert client.status == 200 and client.lines[0] == "event: message"
+        assert client.lines[-2] == "event: error", client.lines
+        assert orjson.loads(client.lines[-1].removeprefix("data: ")) == {
+            "message": "the server shut down before the answer was complete",
+            "type": "interrupted",
+            "status": 503,
+        }
+        assert "event: done" not in client.lines
+    else:
+        assert client.status == 503, client.body
+        assert client.body["error"]["code"] == "server_shutting_down"
+        assert client.body["user_message"]["content"] == "a question"
+    (row,) = rows(database_url, "SELECT error_type, finish_reason, endpoint FROM request_log")
+    assert row == {
+        "error_type": "interrupted",
+        "finish_reason": "server_shutdown",
+        "endpoint": "chat",
+    }

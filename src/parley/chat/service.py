@@ -23,6 +23,12 @@ Invariants:
   a failure records the attempts and then yields ``Failed``; a consumer that stops
   early (client gone) cancels the upstream call and the partial answer is recorded in
   the background;
+- the server's shutdown (``Interruptions``: the server's ``Drain``) may interrupt an
+  answer only while it waits on the upstream, never while it commits or a client reads:
+  the partial answer is recorded as interrupted by the shutdown and the answer ends in
+  ``Failed`` (``ServerShuttingDown``), so no client takes a cut-off answer for a complete
+  one. An answer still open when the server's last resort cancels it (its client too
+  slow to read) is recorded as interrupted too;
 - documents (RAG): when the conversation has documents, or the message names
   collections (``Options.collections``), the chunks nearest the message answered
   (``search.rag.Retriever``: the conversation's owner's documents, the caller's own
@@ -45,6 +51,7 @@ import logging
 import re
 import uuid
 from collections.abc import AsyncGenerator, Callable, Coroutine, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -61,8 +68,10 @@ from parley.errors import (
     NotFound,
     ParleyError,
     SearchUnavailable,
+    ServerShuttingDown,
     StoreError,
 )
+from parley.gateway.recording import INTERRUPTED_MESSAGE, mark_interrupted
 from parley.gateway.service import Gateway, finish
 from parley.search.rag import Retriever, Scope, Source, prompt
 from parley.store.attachments import AttachmentRow
@@ -104,6 +113,29 @@ class Caller(Viewer, Protocol):
 
     @property
     def api_key_id(self) -> int | None: ...
+
+
+class Interruptions(Protocol):
+    """The server's shutdown as an answer sees it (``server.shutdown.Drain`` is one)."""
+
+    stopping: bool
+
+    def answering(self) -> AbstractContextManager[None]:
+        """While entered, the shutdown may cancel the current task."""
+
+    def interrupted(self) -> bool:
+        """On ``CancelledError``: whether the shutdown cancelled the current task (the
+        cancellation is then consumed)."""
+
+
+class _NoShutdown:
+    stopping = False
+
+    def answering(self) -> AbstractContextManager[None]:
+        return nullcontext()
+
+    def interrupted(self) -> bool:
+        return False
 
 
 class Recorder(Protocol):
@@ -176,10 +208,12 @@ class ChatService:
         durable: bool,
         attachments: Callable[[], Attachments],
         sources: Callable[[], Retriever | None] = lambda: None,
+        interruptions: Interruptions | None = None,
     ) -> None:
         self.store = store
         self._gateway = gateway
         self._recorder = recorder
+        self._interruptions = interruptions or _NoShutdown()
         self._durable = durable
         self._attachments = attachments
         self._sources = sources
@@ -328,24 +362,39 @@ class ChatService:
         stream = self._gateway.stream(chat, exchange)
         failure: ParleyError | None = None
         try:
-            chunk = await anext(stream)
+            # Only waits on the upstream may be interrupted: never the commit, nor a write
+            # to a client too slow to read (it could not read an error event either).
+            with self._interruptions.answering():
+                chunk = await anext(stream)
             while True:
                 text = _text(chunk)
                 if text:
                     yield Delta(text)
                 if chunk.final:
                     break
-                chunk = await anext(stream)
+                with self._interruptions.answering():
+                    chunk = await anext(stream)
         except ModelNotFound as exc:
             # The conversation's model left the configuration: the body's fault (400),
             # not a missing conversation (404).
             failure = InvalidRequest(exc.message, "model")
         except ParleyError as exc:
             failure = exc
-        except BaseException:
-            # The consumer stopped (client gone) or the task was cancelled: closing the
-            # stream cancels the upstream call; the partial answer is still recorded.
+        except asyncio.CancelledError:
             await stream.aclose()
+            if not self._interruptions.interrupted():
+                self._recorder.record_in_background(exchange)
+                raise
+            # The shutdown's grace ran out while the upstream was answering.
+            mark_interrupted(exchange)
+            failure = ServerShuttingDown(INTERRUPTED_MESSAGE)
+        except BaseException:
+            # The consumer stopped (client gone, or cancelled by the server's last resort
+            # after the grace): closing the stream cancels the upstream call; the partial
+            # answer is still recorded.
+            await stream.aclose()
+            if self._interruptions.stopping:
+                mark_interrupted(exchange)
             self._recorder.record_in_background(exchange)
             raise
         # From here on the exchange is recorded once, whatever the consumer does.

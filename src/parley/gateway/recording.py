@@ -31,6 +31,13 @@ from parley.gateway.pricing import PriceBook
 # An attempt's error message is kept to this many characters.
 ERROR_MESSAGE_CHARS = 2000
 
+# What an answer cut off by the server's shutdown records: distinct from a client that
+# left ("cancelled", "client_disconnected") and from an upstream that broke ("interrupted",
+# "error").
+INTERRUPTED_ERROR_TYPE = "interrupted"
+INTERRUPTED_FINISH_REASON = "server_shutdown"
+INTERRUPTED_MESSAGE = "the server shut down before the answer was complete"
+
 
 @dataclass(slots=True)
 class _ToolCallParts:
@@ -229,3 +236,23 @@ class Fold:
 
 def _tokens(characters: int) -> int:
     return (characters + 3) // 4
+
+
+def mark_interrupted(exchange: Exchange) -> None:
+    """Record the last attempt as cut off by the shutdown rather than by its client.
+
+    The gateway closes an abandoned stream as ``cancelled`` / ``client_disconnected``: it
+    cannot tell why its consumer stopped. Only an attempt that ended that way is changed.
+    """
+    if not exchange.attempts:
+        return
+    attempt = exchange.attempts[-1]
+    if attempt.error_type != "cancelled":
+        return
+    cancelled_reason = attempt.finish_reason
+    attempt.error_type = INTERRUPTED_ERROR_TYPE
+    attempt.finish_reason = INTERRUPTED_FINISH_REASON
+    attempt.error_message = INTERRUPTED_MESSAGE
+    for choice in exchange.choices:
+        if choice.finish_reason == cancelled_reason:
+            choice.finish_reason = INTERRUPTED_FINISH_REASON

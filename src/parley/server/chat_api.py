@@ -54,6 +54,7 @@ from parley.server.documents_api import DOCUMENTS
 from parley.server.files_api import FILES
 from parley.server.params import page_size
 from parley.server.relay import SSE_HEADERS
+from parley.server.shutdown import DRAIN
 from parley.server.state import SERVICES
 from parley.store.conversations import (
     ACTIVE_LEAF,
@@ -114,6 +115,7 @@ async def _chat_service(app: web.Application) -> AsyncIterator[None]:
         attachments=lambda: app[FILES].attachments,
         # documents_api's lifespan runs after this one too.
         sources=lambda: app[DOCUMENTS].retriever if DOCUMENTS in app else None,
+        interruptions=app.get(DRAIN),
     )
     app[CHAT] = chat
     try:

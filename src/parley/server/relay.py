@@ -37,16 +37,10 @@ from parley.domain.events import Chunk
 from parley.domain.exchange import Exchange
 from parley.domain.messages import ChatRequest
 from parley.errors import ParleyError, ServerShuttingDown, StoreError
-from parley.gateway.recording import ERROR_MESSAGE_CHARS
+from parley.gateway.recording import ERROR_MESSAGE_CHARS, INTERRUPTED_MESSAGE, mark_interrupted
 from parley.gateway.service import finish
 from parley.server import identity
-from parley.server.shutdown import (
-    INTERRUPTED_ERROR_TYPE,
-    INTERRUPTED_FINISH_REASON,
-    INTERRUPTED_MESSAGE,
-    Drain,
-    drain_of,
-)
+from parley.server.shutdown import Drain, drain_of
 from parley.server.state import Services
 
 log = logging.getLogger(__name__)
@@ -229,26 +223,6 @@ async def _stream(
     await _write_quietly(response, b"".join(pending) + final)
     await finish(chunks)
     return response
-
-
-def mark_interrupted(exchange: Exchange) -> None:
-    """Record the last attempt as cut off by the shutdown rather than by its client.
-
-    The gateway closes an abandoned stream as ``cancelled`` / ``client_disconnected``: it
-    cannot tell why its consumer stopped. Only an attempt that ended that way is changed.
-    """
-    if not exchange.attempts:
-        return
-    attempt = exchange.attempts[-1]
-    if attempt.error_type != "cancelled":
-        return
-    cancelled_reason = attempt.finish_reason
-    attempt.error_type = INTERRUPTED_ERROR_TYPE
-    attempt.finish_reason = INTERRUPTED_FINISH_REASON
-    attempt.error_message = INTERRUPTED_MESSAGE
-    for choice in exchange.choices:
-        if choice.finish_reason == cancelled_reason:
-            choice.finish_reason = INTERRUPTED_FINISH_REASON
 
 
 def mark_failed(exchange: Exchange, error: ParleyError) -> None:

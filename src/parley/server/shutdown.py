@@ -2,22 +2,23 @@
 the upstream answers still open.
 
 One ``Drain`` per application (``app[DRAIN]``). Every request is counted while it runs
-(the error middleware wraps it in ``Drain.request``); a chat answer registers its task
-with ``Drain.answering`` while it waits on the upstream. On SIGTERM aiohttp first closes
-the listening sockets (nothing new is accepted) and then runs ``on_shutdown``, where
-``Drain.drain`` waits until nothing is in flight or the grace period is over. It then
-cancels the tasks still answering and remembers them; the relay sees the cancellation,
-asks ``Drain.interrupted`` whether it is the shutdown's, and if so records the exchange as
-interrupted by the shutdown and ends the stream with an error event, so no client mistakes
-a cut-off answer for a complete one. Only after that does the lifespan stop the writer.
+(the error middleware wraps it in ``Drain.request``); an answer (``/v1``, and the chat
+API's in ``chat.service``) registers its task with ``Drain.answering`` while it waits on
+the upstream. On SIGTERM aiohttp first closes the listening sockets (nothing new is
+accepted) and then runs ``on_shutdown``, where ``Drain.drain`` waits until nothing is in
+flight or the grace period is over. It then cancels the tasks still answering and
+remembers them; the relay (or the chat service) sees the cancellation, asks
+``Drain.interrupted`` whether it is the shutdown's, and if so records the exchange as
+interrupted by the shutdown and ends the answer with an error, so no client mistakes a
+cut-off answer for a complete one. Only after that does the lifespan stop the writer.
 
 Invariants:
 - a task is interrupted at most once, and only while it is registered as answering: the
   relay leaves ``answering`` before it commits a record and acknowledges, so an
   acknowledgement is never cut off half-way;
 - ``drain`` never waits longer than ``grace`` plus ``after``;
-- requests that are not chat answers (the chat API, uploads) are given the same grace and
-  are then cancelled by aiohttp itself (its ``shutdown_timeout``).
+- other requests (uploads, the rest of the chat API) are given the same grace and are
+  then cancelled by aiohttp itself (its ``shutdown_timeout``).
 """
 
 from __future__ import annotations
@@ -34,12 +35,6 @@ log = logging.getLogger(__name__)
 # Seconds interrupted answers get to record themselves and send their error event; also
 # what aiohttp gives other requests still running after the grace before cancelling them.
 AFTER_GRACE = 5.0
-
-# What an interrupted answer records: distinct from a client that left ("cancelled",
-# "client_disconnected") and from an upstream that broke ("interrupted", "error").
-INTERRUPTED_ERROR_TYPE = "interrupted"
-INTERRUPTED_FINISH_REASON = "server_shutdown"
-INTERRUPTED_MESSAGE = "the server shut down before the answer was complete"
 
 
 class Drain:
