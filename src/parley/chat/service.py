@@ -381,8 +381,11 @@ class ChatService:
         except ParleyError as exc:
             failure = exc
         except asyncio.CancelledError:
+            # Asked first, as the relay does: it consumes the shutdown's cancellation, so
+            # closing the stream runs in a task that is no longer being cancelled.
+            interrupted = self._interruptions.interrupted()
             await stream.aclose()
-            if not self._interruptions.interrupted():
+            if not interrupted:
                 self._recorder.record_in_background(exchange)
                 raise
             # The shutdown's grace ran out while the upstream was answering.
