@@ -31,6 +31,7 @@ WRITES: list[tuple[str, ...]] = [
     ("users", "disable", "gail"),
     ("users", "enable", "gail"),
     ("users", "reset-password", "gail", "--password-stdin"),
+    ("users", "unlock", "gail"),
     ("import", "in.json"),
     ("reindex",),
 ]

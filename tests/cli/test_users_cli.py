@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -12,12 +13,14 @@ from click.testing import CliRunner, Result
 from parley.cli.main import cli
 from parley.ops.migrate import upgrade
 from parley.security import tokens
+from parley.server.login_throttle import MAX_FAILURES, WINDOW, subject_of
 from parley.settings import Settings, load_settings
 from parley.store.engine import create_engine
+from parley.store.limits import LimitStore
 from parley.store.users import Users
 from tests.harness import rows
 
-COMMANDS = ("create", "list", "set-role", "disable", "enable", "reset-password")
+COMMANDS = ("create", "list", "set-role", "disable", "enable", "reset-password", "unlock")
 PASSWORD = "the admin's password"
 
 
@@ -143,6 +146,46 @@ def check_reset_password(tmp_path: Path, database_url: str, repo: Users) -> None
         tmp_path, database_url, "reset-password", "a@example.org", "--password-stdin", stdin="x" * 9
     )
     assert by_stdin.exit_code == 0 and repo.check_login("ann", "x" * 9) is not None
+
+
+def test_unlock_and_reset_password_forget_failed_logins(
+    tmp_path: Path, database_url: str, settings: Settings
+) -> None:
+    upgrade(settings)
+    args = ("create", "--email", "Cy@Example.org", "--username", "cyd", "--password-stdin")
+    assert run(tmp_path, database_url, *args, stdin="cy's password\n").exit_code == 0
+    engine = create_engine(settings)
+    store = LimitStore(engine)
+    minute = datetime.now(UTC).replace(second=0, microsecond=0)
+    since = minute - WINDOW
+
+    def count_failures() -> None:
+        for name in ("cyd", "CY@example.org ", "someone-else"):
+            for _ in range(MAX_FAILURES + 1):
+                store.count_request(subject_of(name), minute)
+
+    def held(name: str) -> bool:
+        return store.counted_since(subject_of(name), since)[0] > MAX_FAILURES
+
+    try:
+        for command in (
+            ("unlock", "cy@example.org"),
+            ("reset-password", "cyd", "--password-stdin"),
+        ):
+            count_failures()
+            assert held("cyd") and held("cy@example.org") and held("someone-else")
+            result = run(tmp_path, database_url, *command, stdin="a new password\n")
+            assert result.exit_code == 0, result.output
+            assert not held("cyd") and not held("cy@example.org"), command
+            assert held("someone-else")
+        assert "cyd may log in again" in run(tmp_path, database_url, "unlock", "cyd").output
+        missing = run(tmp_path, database_url, "unlock", "nobody")
+        assert (missing.exit_code, missing.stderr) == (
+            1,
+            "error: no user 'nobody' (give a username or an email)\n",
+        )
+    finally:
+        engine.dispose()
 
 
 def test_errors_are_one_line_without_traceback(

@@ -17,10 +17,13 @@ from contextlib import contextmanager
 from datetime import datetime
 
 import click
+import sqlalchemy
 
 from parley.cli.common import engine_at_head
 from parley.cli.common import run as _run
 from parley.domain.users import User
+from parley.server.login_throttle import subject_of
+from parley.store.limits import LimitStore
 from parley.store.users import Users
 
 
@@ -28,6 +31,13 @@ from parley.store.users import Users
 def _repository() -> Iterator[Users]:
     with engine_at_head() as engine:
         yield Users(engine)
+
+
+def _unlock(engine: sqlalchemy.Engine, user: User) -> None:
+    """Forget the login attempts counted against the user's names (the login throttle)."""
+    store = LimitStore(engine)
+    for name in (user.username, user.email):
+        store.forget(subject_of(name))
 
 
 def _find(users: Users, ref: str) -> User:
@@ -48,7 +58,8 @@ def _password(from_stdin: bool) -> str:
 
 @click.group()
 def users() -> None:
-    """Users: create them, list them, change roles, disable them, reset passwords."""
+    """Users: create them, list them, change roles, disable them, reset passwords, let
+    them log in again after failed logins."""
 
 
 @users.command()
@@ -146,12 +157,25 @@ def enable(user: str) -> None:
     "--password-stdin", is_flag=True, help="Read the password from stdin instead of a prompt."
 )
 def reset_password(user: str, password_stdin: bool) -> None:
-    """Set a new password for USER; their web sessions end (API keys keep working)."""
-    with _repository() as repo:
+    """Set a new password for USER; their web sessions end (API keys keep working) and
+    failed logins no longer hold them back."""
+    with engine_at_head() as engine:
+        repo = Users(engine)
         found = _find(repo, user)
         password = _password(password_stdin)
         _run(lambda: repo.update_user(found.id, password=password, end_sessions=True))
+        _run(lambda: _unlock(engine, found))
     click.echo(f"password of {found.username} changed; their sessions are ended")
+
+
+@users.command()
+@click.argument("user")
+def unlock(user: str) -> None:
+    """Let USER log in now, though failed logins made the login throttle refuse them."""
+    with engine_at_head() as engine:
+        found = _find(Users(engine), user)
+        _run(lambda: _unlock(engine, found))
+    click.echo(f"{found.username} may log in again")
 
 
 def _when(moment: datetime | None) -> str:
