@@ -119,6 +119,11 @@ class InvalidRequest(ClientError):
     pass
 
 
+class Unsupported(InvalidRequest):
+    """A valid request this provider family cannot serve (a field it cannot honour, a
+    content type it does not take, an API it lacks): another candidate may serve it."""
+
+
 class AuthenticationFailed(ClientError):
     status = 401
     openai_type = "invalid_request_error"

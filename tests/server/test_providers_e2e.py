@@ -104,6 +104,7 @@ def server(tmp_path: Path, database_url: str, fakes: Fakes) -> Iterator[ParleySe
             "no-logprobs": ["ge/gemini-2.0-flash", "ol/llama3.2:latest"],
             # Anthropic has no embeddings API.
             "embedder": ["an/claude-fake-opus", "oa/text-embedding-3-small"],
+            "anthropic-first": ["an/claude-fake-opus", "oa/gpt-4o-mini"],
         },
         extra=(
             "[retry]\nattempts = 2\nbackoff_base = 0.01\nmax_retry_after = 0.5\n"
@@ -403,6 +404,22 @@ def test_a_request_every_candidate_refuses_gets_the_first_refusal(
     assert fakes.gemini.received == [] and fakes.ollama.received == []
     logged = rows(database_url, "SELECT provider, status_code FROM request_log ORDER BY attempt")
     assert [(r["provider"], r["status_code"]) for r in logged] == [("ge", 400), ("ol", 400)]
+
+
+def test_a_request_no_provider_would_take_is_not_sent_to_the_next_candidate(
+    server: ParleyServer, oa: openai.OpenAI, fakes: Fakes, database_url: str
+) -> None:
+    # Not base64: Anthropic's adapter refuses it, and so would any upstream.
+    image = {"type": "image_url", "image_url": {"url": "data:image/png,not-base64"}}
+    with pytest.raises(openai.BadRequestError) as caught:
+        oa.chat.completions.create(
+            model="anthropic-first",
+            messages=[{"role": "user", "content": [{"type": "text", "text": "what?"}, image]}],
+        )
+    assert "must be base64" in caught.value.message
+    assert fakes.anthropic.received == [] and fakes.openai.received == []
+    logged = rows(database_url, "SELECT provider, status_code FROM request_log")
+    assert [(r["provider"], r["status_code"]) for r in logged] == [("an", 400)]
 
 
 def test_embeddings_go_past_a_family_without_an_embeddings_api(

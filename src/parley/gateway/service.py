@@ -9,10 +9,12 @@ attempt (failed ones included) on the ``Exchange`` it is given. Invariants:
   is no longer than ``RetryPolicy.max_retry_after`` (longer: go to the next candidate);
 - errors that are the client's (a 400 from upstream, a content filter) are not retried
   or sent to another candidate: another model would refuse the same request;
-- a request an adapter refuses before sending it (``ClientError``: a field its provider
-  family cannot honour, such as ``logprobs`` for Gemini) goes to the next candidate,
-  which may be of another family; when every candidate refuses, the first refusal is
-  the answer. A candidate that was tried and failed upstream outranks a refusal;
+- a request an adapter refuses before sending it because its provider family cannot
+  serve it (``Unsupported``: ``logprobs`` for Gemini, embeddings for Anthropic) goes to
+  the next candidate, which may be of another family; when every candidate refuses, the
+  first refusal is the answer, and a candidate that was tried and failed upstream
+  outranks a refusal. Any other refusal (``ClientError``: a malformed request no provider
+  would take) ends the request, as a 400 from upstream does;
 - when the consumer stops early (client disconnect), the upstream call is closed and the
   attempt is recorded as cancelled with finish reason ``client_disconnected``;
 - candidates come from ``candidates``: the router's, after the directory of database
@@ -39,6 +41,7 @@ from parley.errors import (
     InvalidRequest,
     ModelNotFound,
     ParleyError,
+    Unsupported,
     UpstreamError,
     UpstreamHTTPError,
     UpstreamInterrupted,
@@ -88,7 +91,7 @@ class Gateway:
         """Yield the chunks of the first attempt that starts; record every attempt."""
         candidates = self.capable(request, await self.candidates(request.model, exchange.user_id))
         last_error: UpstreamError | None = None
-        refusal: ClientError | None = None
+        refusal: Unsupported | None = None
         for candidate in candidates:
             for try_number in range(max(1, self.retry.attempts)):
                 fold = self._begin(exchange, candidate)
@@ -103,7 +106,7 @@ class Gateway:
                 except BaseException as exc:
                     await upstream.aclose()
                     failure = self._failed(fold, candidate, exc)
-                    if isinstance(failure, ClientError):
+                    if isinstance(failure, Unsupported):
                         refusal = refusal or failure
                         break
                     last_error = failure
@@ -177,15 +180,19 @@ class Gateway:
     @staticmethod
     def _failed(
         fold: Fold, candidate: Candidate, exc: BaseException
-    ) -> UpstreamError | ClientError:
+    ) -> UpstreamError | Unsupported:
         """Record the attempt ``exc`` ended before it answered. An upstream's error is
-        returned (another try may do better), and so is the adapter's refusal of the
-        request (``ClientError``: another candidate may take it); any other is raised: a
-        bug or an answer of an unexpected shape (an error of this attempt, never a
-        traceback for the client), or a cancellation (the client went away meanwhile)."""
-        if isinstance(exc, UpstreamError | ClientError):
+        returned (another try may do better), and so is a refusal by the adapter's
+        provider family (``Unsupported``: another candidate may take it); any other is
+        raised: the client's own (``ClientError``: no other attempt would take it), a bug
+        or an answer of an unexpected shape (an error of this attempt, never a traceback
+        for the client), or a cancellation (the client went away meanwhile)."""
+        if isinstance(exc, Unsupported | UpstreamError):
             fold.fail(exc)
             return exc
+        if isinstance(exc, ClientError):
+            fold.fail(exc)
+            raise exc
         if isinstance(exc, Exception):
             error = _unreadable(candidate, exc)
             fold.fail(error)
@@ -229,7 +236,7 @@ class Gateway:
     ) -> EmbeddingsResult:
         """Create embeddings through the candidates of ``model``, recording each attempt."""
         last_error: UpstreamError | None = None
-        refusal: ClientError | None = None
+        refusal: Unsupported | None = None
         for candidate in await self.candidates(model, exchange.user_id):
             for try_number in range(max(1, self.retry.attempts)):
                 fold = self._begin(exchange, candidate)
@@ -237,7 +244,7 @@ class Gateway:
                     result = await candidate.provider.embeddings(body, candidate.model)
                 except BaseException as exc:
                     failure = self._failed(fold, candidate, exc)
-                    if isinstance(failure, ClientError):
+                    if isinstance(failure, Unsupported):
                         refusal = refusal or failure
                         break
                     last_error = failure
@@ -256,7 +263,7 @@ class Gateway:
 
 
 def _outcome(
-    last_error: UpstreamError | None, refusal: ClientError | None, model: str
+    last_error: UpstreamError | None, refusal: Unsupported | None, model: str
 ) -> ParleyError:
     """The error of a request no candidate answered: the last upstream failure (a
     candidate that could take the request but failed is what the client may retry), else

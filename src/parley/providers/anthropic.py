@@ -50,7 +50,7 @@ import aiohttp
 
 from parley.domain.events import Chunk
 from parley.domain.messages import ChatRequest
-from parley.errors import InvalidRequest, UpstreamError, UpstreamProtocolError
+from parley.errors import Unsupported, UpstreamError, UpstreamProtocolError
 from parley.providers import anthropic_wire as wire
 from parley.providers.base import EmbeddingsResult
 from parley.providers.http import UpstreamHTTP, finish
@@ -95,7 +95,7 @@ class AnthropicProvider:
         return self._stream(request, model) if request.stream else self._complete(request, model)
 
     async def embeddings(self, body: Mapping[str, Any], model: str) -> EmbeddingsResult:
-        raise InvalidRequest(f"provider {self.config.name} (anthropic) has no embeddings API")
+        raise Unsupported(f"provider {self.config.name} (anthropic) has no embeddings API")
 
     async def list_models(self) -> list[str]:
         """``GET /v1/models``, following ``has_more`` / ``last_id`` for a few pages."""

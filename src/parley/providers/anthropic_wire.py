@@ -46,6 +46,7 @@ from parley.domain.messages import ChatRequest, Message, ToolCall, arguments_obj
 from parley.domain.usage import Usage
 from parley.errors import (
     InvalidRequest,
+    Unsupported,
     UpstreamError,
     UpstreamHTTPError,
     UpstreamInterrupted,
@@ -106,10 +107,10 @@ ERRORS: dict[str, tuple[int, str | None]] = {
 def messages_body(request: ChatRequest, model: str) -> dict[str, Any]:
     """The ``/v1/messages`` body for a neutral request (``stream`` set by the caller)."""
     if request.n is not None and request.n > 1:
-        raise InvalidRequest("Anthropic models return one choice: n must be 1", param="n")
+        raise Unsupported("Anthropic models return one choice: n must be 1", param="n")
     if (refused := openai_only(request.extra)) is not None:
         field, why = refused
-        raise InvalidRequest(f"'{field}' cannot be sent to Anthropic: {why}", param=field)
+        raise Unsupported(f"'{field}' cannot be sent to Anthropic: {why}", param=field)
     extra = request.extra
     max_tokens = request.max_tokens or extra.get("max_completion_tokens") or DEFAULT_MAX_TOKENS
     body: dict[str, Any] = {"model": model, "max_tokens": max_tokens}
@@ -152,7 +153,7 @@ def turns(messages: Sequence[Message]) -> list[dict[str, Any]]:
         elif role == "tool":
             role, blocks = "user", [tool_result(message)]
         else:
-            raise InvalidRequest(f"messages with role {role!r} cannot be sent to Anthropic")
+            raise Unsupported(f"messages with role {role!r} cannot be sent to Anthropic")
         if not blocks:
             continue  # Anthropic refuses empty content; an empty turn says nothing.
         if out and out[-1]["role"] == role:
@@ -179,7 +180,7 @@ def content_blocks(content: str | Sequence[Mapping[str, Any]] | None) -> list[di
         elif kind == "image_url":
             blocks.append(image_block(part.get("image_url")))
         else:
-            raise InvalidRequest(f"content parts of type {kind!r} cannot be sent to Anthropic")
+            raise Unsupported(f"content parts of type {kind!r} cannot be sent to Anthropic")
     return blocks
 
 

@@ -32,7 +32,7 @@ import orjson
 
 from parley.domain.capabilities import openai_only
 from parley.domain.messages import ChatRequest, Message, arguments_object
-from parley.errors import InvalidRequest
+from parley.errors import InvalidRequest, Unsupported
 
 # No client speaks Gemini today; a body in its own format would pass through as is.
 PROTOCOL = "gemini"
@@ -79,7 +79,7 @@ def request_body(request: ChatRequest, model: str) -> dict[str, Any]:
         return dict(request.raw)
     if (refused := openai_only(request.extra)) is not None:
         field, why = refused
-        raise InvalidRequest(f"'{field}' cannot be sent to Gemini: {why}", field)
+        raise Unsupported(f"'{field}' cannot be sent to Gemini: {why}", field)
     version = _version(model)
     system, contents = _contents(request.messages, version is not None and version >= (3, 0))
     body: dict[str, Any] = {"contents": contents}
@@ -160,7 +160,7 @@ def _user_parts(message: Message, position: int) -> list[dict[str, Any]]:
                 raise InvalidRequest("Gemini takes files only as inline data", param)
             parts.append(_media(file["file_data"], param))
         else:
-            raise InvalidRequest(f"content parts of type {kind!r} cannot be sent to Gemini", param)
+            raise Unsupported(f"content parts of type {kind!r} cannot be sent to Gemini", param)
     return parts
 
 

@@ -53,6 +53,7 @@ from parley.domain.messages import ChatRequest, Message, arguments_object
 from parley.domain.usage import Usage
 from parley.errors import (
     InvalidRequest,
+    Unsupported,
     UpstreamError,
     UpstreamHTTPError,
     UpstreamInterrupted,
@@ -80,10 +81,10 @@ def chat_body(request: ChatRequest, model: str) -> dict[str, Any]:
         body["stream"] = request.stream
         return body
     if request.n is not None and request.n > 1:
-        raise InvalidRequest("Ollama models return one choice: n must be 1", "n")
+        raise Unsupported("Ollama models return one choice: n must be 1", "n")
     if (refused := openai_only(request.extra)) is not None:
         field, why = refused
-        raise InvalidRequest(f"'{field}' cannot be sent to Ollama: {why}", field)
+        raise Unsupported(f"'{field}' cannot be sent to Ollama: {why}", field)
     extra = request.extra
     body = {"model": model, "messages": messages(request.messages), "stream": request.stream}
     tools = _tools(request.tools, request.tool_choice)
