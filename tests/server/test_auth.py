@@ -27,7 +27,7 @@ from aiohttp.test_utils import make_mocked_request
 
 from parley.server.auth import set_session_cookie
 from parley.server.login_throttle import MAX_FAILURES
-from parley.store.schema import api_keys, metadata, web_sessions
+from parley.store.schema import api_keys, metadata, rate_windows, web_sessions
 from tests.fakes.openai_upstream import FakeOpenAI
 from tests.harness import ParleyServer, rows, settings_for, wait_for, write_config
 
@@ -439,18 +439,33 @@ def test_a_name_that_keeps_failing_is_refused_for_a_while(
     assert right.status_code == 429 and "set-cookie" not in right.headers
     # Other names are not affected, known or not.
     assert httpx.post(url, json={"login": "nobody", "password": "x"}).status_code == 401
-    # The counter's key names no login.
-    subjects = [r["subject"] for r in rows(database_url, "SELECT subject FROM rate_windows")]
-    assert len(subjects) == 2 and all("alice" not in s and "nobody" not in s for s in subjects)
+    # The counter's key names no login, and refused attempts are not counted.
+    counted = rows(database_url, "SELECT subject, requests FROM rate_windows")
+    assert all("alice" not in r["subject"] and "nobody" not in r["subject"] for r in counted)
+    assert sum(r["requests"] for r in counted) == MAX_FAILURES + 1
+
+    def move_counts_back(minutes: int) -> None:
+        engine = sa.create_engine(database_url)
+        with engine.begin() as conn:
+            found = [dict(r._mapping) for r in conn.execute(sa.select(rate_windows))]
+            conn.execute(sa.delete(rate_windows))
+            for row in found:
+                row["window_start"] -= timedelta(minutes=minutes)
+            conn.execute(sa.insert(rate_windows), found)
+        engine.dispose()
+
+    # Fourteen minutes on, the failures leave the window in a minute or two, and retrying
+    # meanwhile does not push that back.
+    move_counts_back(14)
+    for _ in range(5):
+        retried = httpx.post(url, json={"login": "alice", "password": PASSWORD})
+        assert retried.status_code == 429 and 1 <= int(retried.headers["Retry-After"]) <= 120
+    assert sum(r["requests"] for r in rows(database_url, "SELECT requests FROM rate_windows")) == (
+        MAX_FAILURES + 1
+    )
     # A quiet window later (the counts moved back 16 minutes), the name logs in, and
     # that success forgets its failures.
-    engine = sa.create_engine(database_url)
-    with engine.begin() as conn:
-        conn.execute(
-            sa.text("UPDATE rate_windows SET window_start = :then"),
-            {"then": datetime.now(UTC).replace(second=0, microsecond=0) - timedelta(minutes=16)},
-        )
-    engine.dispose()
+    move_counts_back(16)
     for _ in range(MAX_FAILURES - 1):
         httpx.post(url, json={"login": "alice", "password": "wrong"})
     assert httpx.post(url, json={"login": "alice", "password": PASSWORD}).status_code == 200

@@ -185,16 +185,27 @@ class LimitStore:
         assert count is not None
         return count
 
-    def counted_since(self, subject: str, since: datetime) -> tuple[int, datetime | None]:
-        """The sum of ``subject``'s counts over the minutes starting at or after ``since``,
-        and the start of the oldest of those minutes (None when there is none)."""
+    def counts_since(self, subject: str, since: datetime) -> list[tuple[datetime, int]]:
+        """``subject``'s counts of the minutes starting at or after ``since``, oldest first."""
         with self._engine.connect() as conn:
-            total, oldest = conn.execute(
-                select(func.sum(rate_windows.c.requests), func.min(rate_windows.c.window_start))
+            found = conn.execute(
+                select(rate_windows.c.window_start, rate_windows.c.requests)
                 .where(rate_windows.c.subject == subject)
                 .where(rate_windows.c.window_start >= since)
-            ).one()
-        return int(total or 0), utc_or_none(oldest)
+                .order_by(rate_windows.c.window_start)
+            ).all()
+        return [(utc(start), int(count)) for start, count in found]
+
+    def uncount(self, subject: str, window_start: datetime) -> None:
+        """Take back one count of ``subject``'s minute (one that ``count_request`` added)."""
+        with self._engine.begin() as conn:
+            conn.execute(
+                update(rate_windows)
+                .where(rate_windows.c.subject == subject)
+                .where(rate_windows.c.window_start == window_start)
+                .where(rate_windows.c.requests > 0)
+                .values(requests=rate_windows.c.requests - 1)
+            )
 
     def forget(self, subject: str) -> None:
         """Delete every count of ``subject``."""
