@@ -27,8 +27,8 @@ Invariants:
   answer only while it waits on the upstream, never while it commits or a client reads:
   the partial answer is recorded as interrupted by the shutdown and the answer ends in
   ``Failed`` (``ServerShuttingDown``), so no client takes a cut-off answer for a complete
-  one. An answer still open when the server's last resort cancels it (its client too
-  slow to read) is recorded as interrupted too;
+  one. An answer aiohttp cancels later (its client too slow to read) is recorded as a
+  client disconnect, as on ``/v1``;
 - documents (RAG): when the conversation has documents, or the message names
   collections (``Options.collections``), the chunks nearest the message answered
   (``search.rag.Retriever``: the conversation's owner's documents, the caller's own
@@ -118,8 +118,6 @@ class Caller(Viewer, Protocol):
 class Interruptions(Protocol):
     """The server's shutdown as an answer sees it (``server.shutdown.Drain`` is one)."""
 
-    stopping: bool
-
     def answering(self) -> AbstractContextManager[None]:
         """While entered, the shutdown may cancel the current task."""
 
@@ -129,8 +127,6 @@ class Interruptions(Protocol):
 
 
 class _NoShutdown:
-    stopping = False
-
     def answering(self) -> AbstractContextManager[None]:
         return nullcontext()
 
@@ -392,12 +388,9 @@ class ChatService:
             mark_interrupted(exchange)
             failure = ServerShuttingDown(INTERRUPTED_MESSAGE)
         except BaseException:
-            # The consumer stopped (client gone, or cancelled by the server's last resort
-            # after the grace): closing the stream cancels the upstream call; the partial
-            # answer is still recorded.
+            # The consumer stopped (client gone): closing the stream cancels the upstream
+            # call; the partial answer is still recorded.
             await stream.aclose()
-            if self._interruptions.stopping:
-                mark_interrupted(exchange)
             self._recorder.record_in_background(exchange)
             raise
         # From here on the exchange is recorded once, whatever the consumer does.
