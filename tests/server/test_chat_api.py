@@ -25,7 +25,7 @@ import pytest
 import sqlalchemy as sa
 from aiohttp import web
 
-from parley.chat.service import clean_title
+from parley.chat.titles import clean_title
 from parley.server.app import create_app
 from parley.server.identity import IDENTITY_KEY, Identity
 from parley.store.schema import conversations, messages

@@ -41,24 +41,36 @@ Invariants:
   cut-short one does not count), a background task asks the conversation's model for a
   short title of the message answered (of its files' names when it has no text),
   recorded as an exchange of its own (endpoint ``title``, outside the conversation), and
-  stored only if nobody set a title meanwhile.
+  stored only if nobody set a title meanwhile (``chat.titles``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import uuid
 from collections.abc import AsyncGenerator, Callable, Coroutine, Mapping, Sequence
-from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any
 
 import orjson
 
 from parley.chat.attachments import Attachments
+from parley.chat.interface import (
+    PROTOCOL,
+    Caller,
+    ChatEvent,
+    Delta,
+    Done,
+    Failed,
+    Interruptions,
+    NoShutdown,
+    Options,
+    Recorder,
+    Reply,
+)
+from parley.chat.titles import make_title, title_source
 from parley.domain.events import Chunk, TextDelta
 from parley.domain.exchange import Exchange, ReplyTo
 from parley.domain.messages import ChatRequest, Message
@@ -78,116 +90,21 @@ from parley.store.attachments import AttachmentRow
 from parley.store.bulk import new_public_id
 from parley.store.conversations import (
     ACTIVE_LEAF,
-    Conversation,
     Conversations,
     Parent,
     StoredMessage,
     Turn,
-    Viewer,
 )
 from parley.store.documents import CitationRow
 
 log = logging.getLogger(__name__)
 
-# What the chat API's exchanges are recorded as (request_log.client_protocol).
-PROTOCOL = "parley"
-TITLE_PROMPT = (
-    "Write a short title (at most six words) for the conversation that begins with the "
-    "user's message below. Answer with the title only: no quotes, no final period."
-)
-MAX_TITLE = 80
-# Quotes and markup models wrap titles in (typographic quotes by code point).
-_QUOTES = "\"'`*# \u201c\u201d\u2018\u2019"
-# How much of the first message the title model reads.
-_TITLE_INPUT = 2000
+Part = dict[str, Any]
+
 # How long shutdown waits for titles being made before it cancels them.
 _TITLE_GRACE_SECONDS = 5.0
 # Async recording: how long citations wait for their answer to be committed.
 _CITE_WAIT_SECONDS = 30.0
-
-Part = dict[str, Any]
-
-
-class Caller(Viewer, Protocol):
-    """Who sends (``server.identity.Identity`` is one)."""
-
-    @property
-    def api_key_id(self) -> int | None: ...
-
-
-class Interruptions(Protocol):
-    """The server's shutdown as an answer sees it (``server.shutdown.Drain`` is one)."""
-
-    def answering(self) -> AbstractContextManager[None]:
-        """While entered, the shutdown may cancel the current task."""
-
-    def interrupted(self) -> bool:
-        """On ``CancelledError``: whether the shutdown cancelled the current task (the
-        cancellation is then consumed)."""
-
-
-class _NoShutdown:
-    def answering(self) -> AbstractContextManager[None]:
-        return nullcontext()
-
-    def interrupted(self) -> bool:
-        return False
-
-
-class Recorder(Protocol):
-    """How exchanges are recorded (``server.state.Services`` is one)."""
-
-    async def admit(self, caller: Caller) -> None:
-        """Refuse (before anything is stored or sent upstream) when the exchange could not
-        be recorded or the caller is over a limit."""
-
-    async def record(self, exchange: Exchange) -> None: ...
-
-    async def record_quietly(self, exchange: Exchange) -> None: ...
-
-    def record_in_background(self, exchange: Exchange) -> None: ...
-
-
-@dataclass(frozen=True, slots=True)
-class Options:
-    """Per-request choices; ``model`` None: the conversation's default model."""
-
-    model: str | None = None
-    stream: bool = True
-    temperature: float | None = None
-    max_tokens: int | None = None
-    origin: str | None = None
-    # Document collections (of the caller's) to answer from, besides the conversation's.
-    collections: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class Delta:
-    text: str
-
-
-@dataclass(frozen=True, slots=True)
-class Done:
-    """The answer, as stored (committed, in durable mode)."""
-
-    message: StoredMessage
-
-
-@dataclass(frozen=True, slots=True)
-class Failed:
-    """No (complete) answer; what was received is recorded."""
-
-    error: ParleyError
-
-
-ChatEvent = Delta | Done | Failed
-
-
-@dataclass(frozen=True, slots=True)
-class Reply:
-    # The message answered: the new user message (send), or the one answered again.
-    message: StoredMessage
-    events: AsyncGenerator[ChatEvent, None]
 
 
 class ChatService:
@@ -209,7 +126,7 @@ class ChatService:
         self.store = store
         self._gateway = gateway
         self._recorder = recorder
-        self._interruptions = interruptions or _NoShutdown()
+        self._interruptions = interruptions or NoShutdown()
         self._durable = durable
         self._attachments = attachments
         self._sources = sources
@@ -407,7 +324,10 @@ class ChatService:
             return
         await finish(stream)
         if turn.needs_title:
-            self._spawn(self._make_title(caller, conversation, _title_source(turn.message)))
+            first = title_source(turn.message)
+            self._spawn(
+                make_title(self._gateway, self._recorder, self.store, caller, conversation, first)
+            )
         answer = await self._stored_answer(turn, exchange, answer_id)
         if sources:
             await self._cite(turn, answer, sources)
@@ -532,36 +452,6 @@ class ChatService:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _make_title(self, caller: Caller, conversation: Conversation, first: str) -> None:
-        model = conversation.default_model
-        if model is None or not first.strip():
-            return
-        messages = (Message("system", TITLE_PROMPT), Message("user", first[:_TITLE_INPUT]))
-        exchange = Exchange(
-            model_requested=model,
-            messages=messages,
-            started_at=datetime.now(UTC),
-            endpoint="title",
-            client_protocol=PROTOCOL,
-            user_id=caller.user_id,
-            api_key_id=caller.api_key_id,
-        )
-        request = ChatRequest(model=model, messages=messages, client_protocol=PROTOCOL)
-        try:
-            async for _ in self._gateway.stream(request, exchange):
-                pass
-        except ParleyError as exc:
-            log.info("no title for a conversation: %s", exc.message)
-            await self._recorder.record_quietly(exchange)
-            return
-        try:
-            await self._recorder.record(exchange)
-        except StoreError:
-            log.error("could not record a title exchange (model %s)", model)
-        title = clean_title(exchange.choices[0].text) if exchange.choices else None
-        if title is not None:
-            await asyncio.to_thread(self.store.set_generated_title, conversation.id, title)
-
 
 async def _logged(work: Coroutine[Any, Any, None]) -> None:
     """A background task: nobody awaits it, so its failure is logged here."""
@@ -569,14 +459,6 @@ async def _logged(work: Coroutine[Any, Any, None]) -> None:
         await work
     except Exception:
         log.exception("a background task of the chat service failed")
-
-
-def _title_source(message: StoredMessage) -> str:
-    """What a title is made from: the message's text, else (a message of files alone)
-    the names of its files, so that such a conversation is titled too."""
-    if message.content.strip():
-        return message.content
-    return "\n".join(f"[file: {a.filename}]" for a in message.attachments)
 
 
 def _parts(files: Attachments, rows: Sequence[AttachmentRow]) -> list[Part]:
@@ -599,15 +481,6 @@ def _parts(files: Attachments, rows: Sequence[AttachmentRow]) -> list[Part]:
                 "a file attached to this conversation cannot be read from the blob store"
             ) from None
     return parts
-
-
-def clean_title(text: str) -> str | None:
-    """A model's title as a sidebar shows it: first line, no quotes, no "Title:", no final
-    period, single spaces, at most ``MAX_TITLE`` characters; None when nothing is left."""
-    line = next((part for part in text.splitlines() if part.strip()), "")
-    line = re.sub(r"^\s*title\s*:\s*", "", line, flags=re.IGNORECASE)
-    line = re.sub(r"\s+", " ", line).strip().strip(_QUOTES).rstrip(".").strip()
-    return line[:MAX_TITLE].rstrip() or None
 
 
 def carrying(message: Message, parts: Sequence[Part]) -> Message:

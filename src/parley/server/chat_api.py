@@ -42,7 +42,8 @@ import orjson
 from aiohttp import web
 
 from parley.chat import fields
-from parley.chat.service import ChatEvent, ChatService, Delta, Done, Failed, Options, Reply
+from parley.chat.interface import ChatEvent, Delta, Done, Failed, Options, Reply
+from parley.chat.service import ChatService
 from parley.domain.messages import Message
 from parley.errors import InvalidRequest, NotFound, ParleyError
 from parley.search.documents_library import collection_name
