@@ -41,6 +41,7 @@ bodies are reduced to their ``error.message`` and scrubbed by the caller's redac
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 from typing import Any
 
 # The error taxonomy recorded in request_log.error_type. Later provider families map their
@@ -117,6 +118,20 @@ class ClientError(ParleyError):
 
 class InvalidRequest(ClientError):
     pass
+
+
+def refuse_unknown(given: Collection[str], allowed: Collection[str], where: str = "") -> None:
+    """``InvalidRequest`` naming every field of ``given`` outside ``allowed``, and what is
+    expected (``where``: the place in the body, also the error's ``param``): every API
+    that takes a closed set of fields refuses a typo in these same words."""
+    unknown = sorted(set(given) - set(allowed))
+    if unknown:
+        place = f" in {where}" if where else ""
+        raise InvalidRequest(
+            f"unknown field(s){place}: {', '.join(repr(f) for f in unknown)}; "
+            f"expected: {', '.join(sorted(allowed))}",
+            where or None,
+        )
 
 
 class Unsupported(InvalidRequest):

@@ -238,7 +238,7 @@ def test_a_parley_conversations_fields_are_checked_as_create_checks_them(
 
 def test_an_import_refuses_unknown_fields_and_nul_characters() -> None:
     typo = orjson.dumps(doc({**BRANCHED, "pined": True}))
-    with pytest.raises(InvalidRequest, match=r"unknown field\(s\) in conversations\[0\]: pined"):
+    with pytest.raises(InvalidRequest, match=r"unknown field\(s\) in conversations\[0\]: 'pined'"):
         transfer.import_trees(transfer.parse_json(typo))
     for conversation in (
         {**BRANCHED, "system_prompt": "a\u0000b"},

@@ -9,8 +9,10 @@ from pathlib import Path
 import httpx
 import pytest
 
+from parley.chat.fields import known_fields
 from parley.errors import InvalidRequest
 from parley.server.api_body import only_fields
+from parley.store.limits import check_values
 from tests.harness import ParleyServer, rows, settings_for
 
 MASTER = "mk-0123456789abcdef"
@@ -25,6 +27,24 @@ def test_every_unknown_field_is_named_in_one_refusal() -> None:
     )
     assert refused.value.param is None
     assert only_fields({"name": "x"}, {"name", "expires_at"}) == {"name": "x"}
+
+
+def test_every_closed_field_set_refuses_a_typo_in_the_same_words() -> None:
+    """The identity and admin bodies, the chat API's and the limits all name an unknown
+    field, quoted, then what they expect."""
+    refusals = (
+        lambda: only_fields({"colour": 1}, {"name"}),
+        lambda: known_fields({"colour": 1}, {"name"}),
+        lambda: check_values({"colour": 1}),
+    )
+    for refuse in refusals:
+        with pytest.raises(InvalidRequest) as refused:
+            refuse()
+        assert refused.value.message.startswith("unknown field(s): 'colour'; expected: ")
+    with pytest.raises(InvalidRequest) as placed:
+        known_fields({"colour": 1}, {"name"}, "messages[0]")
+    assert placed.value.message == "unknown field(s) in messages[0]: 'colour'; expected: name"
+    assert placed.value.param == "messages[0]"
 
 
 @pytest.fixture

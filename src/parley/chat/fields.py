@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping
 from typing import Any
 
-from parley.errors import InvalidRequest
+from parley.errors import InvalidRequest, refuse_unknown
 
 MAX_TITLE = 500
 # The width of the columns that hold a model id (conversations.default_model and the
@@ -40,14 +40,7 @@ def holds_nul(value: Any) -> bool:
 
 def known_fields(data: Mapping[str, Any], allowed: Collection[str], where: str = "") -> None:
     """Refuse any key of ``data`` outside ``allowed``: a typo never passes silently."""
-    unknown = set(data) - set(allowed)
-    if unknown:
-        place = f" in {where}" if where else ""
-        raise InvalidRequest(
-            f"unknown field(s){place}: {', '.join(sorted(unknown))}; "
-            f"expected {', '.join(sorted(allowed))}",
-            where or None,
-        )
+    refuse_unknown(data, allowed, where)
 
 
 def text(value: Any, param: str, *, required: bool = False, empty_ok: bool = False) -> str | None:

@@ -14,7 +14,7 @@ from typing import Any
 
 from aiohttp import web
 
-from parley.errors import InvalidRequest
+from parley.errors import refuse_unknown
 from parley.server.openai_parse import parse_api_object
 from parley.server.state import SERVICES, read_body
 
@@ -35,10 +35,5 @@ async def read_fields(request: web.Request, allowed: Collection[str]) -> dict[st
 
 def only_fields(data: Mapping[str, Any], allowed: Collection[str]) -> dict[str, Any]:
     """``data`` as a dict; ``InvalidRequest`` naming every field not in ``allowed``."""
-    unknown = sorted(set(data) - set(allowed))
-    if unknown:
-        raise InvalidRequest(
-            f"unknown field(s): {', '.join(repr(f) for f in unknown)}; "
-            f"expected: {', '.join(sorted(allowed))}"
-        )
+    refuse_unknown(data, allowed)
     return dict(data)

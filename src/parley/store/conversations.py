@@ -39,7 +39,7 @@ import sqlalchemy
 from sqlalchemy import Connection, delete, insert, select, tuple_, update
 
 from parley.domain.messages import Message, chain_hash
-from parley.errors import InvalidRequest
+from parley.errors import InvalidRequest, refuse_unknown
 from parley.store import attachments as files
 from parley.store import documents
 from parley.store.attachments import AttachmentRow, ConversationRef
@@ -220,9 +220,7 @@ class Conversations:
         """Apply ``changes`` (keys of ``FIELDS``, values already validated by type); None
         when the conversation is missing or not visible. ``active_leaf_id`` must name a
         message of this conversation (None: back to the newest message)."""
-        unknown = set(changes) - FIELDS
-        if unknown:
-            raise InvalidRequest(f"unknown field(s): {', '.join(sorted(unknown))}")
+        refuse_unknown(changes, FIELDS)
         with self._writing() as conn:
             row = visible_row(conn, viewer, public_id)
             if row is None:

@@ -36,7 +36,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from parley.domain.rollup import DAY
 from parley.domain.times import utc, utc_or_none
-from parley.errors import InvalidRequest
+from parley.errors import InvalidRequest, refuse_unknown
 from parley.store.schema import api_keys, limits, metric_rollups, rate_windows, request_log, users
 
 LIMIT_FIELDS = ("requests_per_minute", "tokens_per_minute", "usd_per_day", "usd_per_month")
@@ -240,11 +240,7 @@ class LimitStore:
 def check_values(values: Mapping[str, object]) -> dict[str, Any]:
     """The limits given in ``values`` (None: no limit), checked; ``InvalidRequest`` naming
     the field for an unknown field or a value a limit column cannot hold."""
-    unknown = sorted(set(values) - set(LIMIT_FIELDS))
-    if unknown:
-        raise InvalidRequest(
-            f"unknown field(s): {', '.join(unknown)}; expected: {', '.join(LIMIT_FIELDS)}"
-        )
+    refuse_unknown(values, LIMIT_FIELDS)
     out: dict[str, Any] = {}
     for name in LIMIT_FIELDS:
         value = values.get(name)
