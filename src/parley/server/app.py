@@ -283,24 +283,51 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
 async def _answer_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
-    except ParleyError as exc:
+    except Exception as exc:
+        if request.writer.output_size > 0:
+            return _broken_off(request, exc)
+        return _error_answer(request, exc)
+
+
+def _error_answer(request: web.Request, exc: Exception) -> web.Response:
+    """``exc``, which ended ``request`` before any of its answer went out, answered in the
+    endpoint's protocol (called while ``exc`` is being handled, for the log's traceback)."""
+    if isinstance(exc, ParleyError):
         return _error_response(request, exc)
-    except web.HTTPNotFound:
+    if isinstance(exc, web.HTTPNotFound):
         return _error_response(
             request, NotFound(f"no such endpoint: {request.method} {request.path}")
         )
-    except web.HTTPException as exc:
+    if isinstance(exc, web.HTTPException):
         return _error_response(request, _HTTPError(exc.status, exc.reason))
-    except Exception as exc:
-        if is_disk_full(exc):
-            # Outside the writer (chat API, uploads): the same clear 507, no traceback.
-            log.error("%s %s: the disk is full: %s", request.method, request.path, exc)
-            return _error_response(
-                request, StoreFull("the disk is full: nothing was saved; try again later")
-            )
-        # The traceback goes to the log, never to the client.
-        log.exception("unhandled error on %s %s", request.method, request.path)
-        return _error_response(request, ParleyError("internal server error"))
+    if is_disk_full(exc):
+        # Outside the writer (chat API, uploads): the same clear 507, no traceback.
+        log.error("%s %s: the disk is full: %s", request.method, request.path, exc)
+        return _error_response(
+            request, StoreFull("the disk is full: nothing was saved; try again later")
+        )
+    # The traceback goes to the log, never to the client.
+    log.exception("unhandled error on %s %s", request.method, request.path)
+    return _error_response(request, ParleyError("internal server error"))
+
+
+def _broken_off(request: web.Request, exc: Exception) -> web.Response:
+    """``exc`` ended ``request`` after part of its answer went out (a download cut by a
+    read error, a client that left): an error response now would be spliced into that
+    body. The connection is closed instead, so the client sees a broken answer, never a
+    wrong one; the error answer returned is only what the HTTP metrics record (writing it
+    to the closed connection fails quietly in aiohttp)."""
+    if request.transport is not None:
+        request.transport.close()
+    if isinstance(exc, ConnectionError):
+        return _error_response(request, _HTTPError(499, "the client closed the connection"))
+    log.error(
+        "%s %s failed after its answer began (connection closed)",
+        request.method,
+        request.path,
+        exc_info=exc,
+    )
+    return _error_response(request, ParleyError("the answer broke off: internal server error"))
 
 
 class _HTTPError(ClientError):
