@@ -449,6 +449,16 @@ def test_a_chatgpt_cycle_is_refused() -> None:
         transfer.from_chatgpt([looped])
 
 
+def test_a_chatgpt_role_that_is_not_a_string_is_left_out_like_an_unknown_one() -> None:
+    [conversation, _] = chatgpt_export()
+    odd, unknown = copy.deepcopy(conversation), copy.deepcopy(conversation)
+    odd["mapping"]["a1b"]["message"]["author"]["role"] = ["assistant"]
+    unknown["mapping"]["a1b"]["message"]["author"]["role"] = "critic"
+    [kept] = transfer.from_chatgpt([odd])
+    assert kept == transfer.from_chatgpt([unknown])[0]
+    assert len(kept.messages) == 4
+
+
 def test_chatgpt_titles_and_kept_text_are_checked_as_create_checks_them() -> None:
     [conversation, _] = chatgpt_export()
     with pytest.raises(InvalidRequest, match="longer than 500") as refused:

@@ -402,6 +402,29 @@ def test_client_leaving_before_the_first_byte_is_recorded(
     ]
 
 
+def test_client_leaving_an_embeddings_request_is_recorded(
+    server: ParleyServer, database_url: str
+) -> None:
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(
+            f"{server.base_url}/embeddings",
+            json={"model": "up/stall-first-byte", "input": "are you there?"},
+            timeout=0.2,
+        )
+    [req] = wait_for(
+        lambda: rows(
+            database_url,
+            "SELECT endpoint, success, error_type, finish_reason FROM request_log",
+        )
+    )
+    assert req == {
+        "endpoint": "embeddings",
+        "success": False,
+        "error_type": "cancelled",
+        "finish_reason": "client_disconnected",
+    }
+
+
 @pytest.mark.parametrize(
     ("model", "error_type"),
     [

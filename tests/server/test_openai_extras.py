@@ -142,6 +142,8 @@ def _embed(server: ParleyServer, body: dict[str, Any]) -> httpx.Response:
         ({"dimensions": True}, "dimensions"),
         ({"encoding_format": "hex"}, "encoding_format"),
         ({"encoding_format": 1}, "encoding_format"),
+        ({"encoding_format": ["float"]}, "encoding_format"),
+        ({"encoding_format": {"float": True}}, "encoding_format"),
         ({"user": 5}, "user"),
     ],
 )

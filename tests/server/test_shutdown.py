@@ -15,6 +15,7 @@ import httpx
 import orjson
 import pytest
 
+from tests.fakes.openai_upstream import FakeOpenAI
 from tests.harness import ParleyServer, free_port, rows, serve_subprocess, settings_for
 from tests.server.crash_support import (
     DripOpenAI,
@@ -215,11 +216,12 @@ def _stopped_while_answering(
     open_client: Callable[[ParleyServer], Client],
     *,
     first_line: bool,
+    upstream_kind: Callable[[], DripOpenAI | FakeOpenAI] = DripOpenAI,
 ) -> Client:
     """Run ``open_client``'s request against a server (grace 0.5 s) whose upstream stalls,
     and stop the server once the upstream has the request (and, with ``first_line``, the
     client its first line); return the client once it is done."""
-    with DripOpenAI() as upstream:
+    with upstream_kind() as upstream:
         server_env(tmp_path, database_url, upstream.base_url)
         settings = settings_for(
             tmp_path, database_url, PARLEY_SHUTDOWN_GRACE="0.5", **backup_env(tmp_path)
@@ -264,6 +266,27 @@ def test_an_anthropic_stream_cut_by_the_shutdown_ends_in_an_error_event(
         "error_type": "interrupted",
         "finish_reason": "server_shutdown",
         "client_protocol": "anthropic",
+    }
+
+
+def test_an_embeddings_request_cut_by_the_shutdown_is_a_recorded_503(
+    tmp_path: Path, database_url: str
+) -> None:
+    body = {"model": "up/stall-first-byte", "input": "x"}
+    client = _stopped_while_answering(
+        tmp_path,
+        database_url,
+        lambda server: Client(server.root, "", False, path="/v1/embeddings", body=body),
+        first_line=False,
+        upstream_kind=FakeOpenAI,
+    )
+    assert client.status == 503
+    assert client.body["error"]["code"] == "server_shutting_down"
+    (row,) = rows(database_url, "SELECT endpoint, error_type, finish_reason FROM request_log")
+    assert row == {
+        "endpoint": "embeddings",
+        "error_type": "interrupted",
+        "finish_reason": "server_shutdown",
     }
 
 

@@ -282,6 +282,8 @@ def _chatgpt_message(
         return None
     author = message.get("author")
     role = author.get("role") if isinstance(author, dict) else None
+    if not isinstance(role, str):
+        return None
     metadata = message.get("metadata")
     metadata = metadata if isinstance(metadata, dict) else {}
     if role not in _CHATGPT_ROLES or metadata.get("is_visually_hidden_from_conversation"):

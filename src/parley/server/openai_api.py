@@ -10,6 +10,7 @@ embeddings answer.
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime
 from typing import Any
 
@@ -17,8 +18,9 @@ import orjson
 from aiohttp import web
 
 from parley.domain.exchange import Exchange
-from parley.errors import ModelNotFound, ParleyError, StoreError
+from parley.errors import ModelNotFound, ParleyError, ServerShuttingDown, StoreError
 from parley.gateway.catalog import ModelEntry
+from parley.gateway.recording import INTERRUPTED_MESSAGE
 from parley.server import identity
 from parley.server.openai_encode import OpenAIEncoder, sse_error
 from parley.server.openai_parse import (
@@ -26,7 +28,8 @@ from parley.server.openai_parse import (
     parse_embeddings_request,
     parse_json_object,
 )
-from parley.server.relay import Front, answer, exchange_for
+from parley.server.relay import Front, answer, answering, exchange_for, shutdown_cut_off
+from parley.server.shutdown import drain_of
 from parley.server.state import SERVICES, read_body
 
 
@@ -102,11 +105,17 @@ async def embeddings(request: web.Request) -> web.Response:
         user_id=caller.user_id,
         api_key_id=caller.api_key_id,
     )
+    drain = drain_of(request)
     try:
-        result = await services.gateway.embeddings(data, model, exchange)
+        with answering(drain):
+            result = await services.gateway.embeddings(data, model, exchange)
     except ParleyError as exc:
         await services.record_quietly(exchange)
         return error_response(exc)
+    except asyncio.CancelledError:
+        if await shutdown_cut_off(services, exchange, drain):
+            return error_response(ServerShuttingDown(INTERRUPTED_MESSAGE))
+        raise
     try:
         await services.record(exchange)
     except StoreError as exc:

@@ -120,7 +120,9 @@ def parse_embeddings_request(data: Mapping[str, Any]) -> str:
         )
     _int(data, "dimensions", minimum=1)
     encoding_format = data.get("encoding_format")
-    if encoding_format is not None and encoding_format not in _ENCODING_FORMATS:
+    if encoding_format is not None and (
+        not isinstance(encoding_format, str) or encoding_format not in _ENCODING_FORMATS
+    ):
         raise InvalidRequest("'encoding_format' must be 'float' or 'base64'", "encoding_format")
     _user(data)
     return model

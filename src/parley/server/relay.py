@@ -104,20 +104,15 @@ async def answer(
     await services.admit(identity.current(request))
     stream = services.gateway.stream(chat, exchange)
     try:
-        with _answering(drain):
+        with answering(drain):
             first = await anext(stream)
     except ParleyError as exc:
         # Every upstream candidate failed before answering: the attempts are still facts.
         await services.record_quietly(exchange)
         return front.error_response(exc)
     except asyncio.CancelledError:
-        if drain is not None and drain.interrupted():
-            # The grace period ran out while the upstream was thinking.
-            mark_interrupted(exchange)
-            await services.record_quietly(exchange)
+        if await shutdown_cut_off(services, exchange, drain):
             return front.error_response(ServerShuttingDown(INTERRUPTED_MESSAGE))
-        # The client left while the upstream was thinking; the gateway cancelled it.
-        services.record_in_background(exchange)
         raise
 
     if not chat.stream:
@@ -160,7 +155,7 @@ async def _stream(
     pending: list[bytes] = []
     try:
         # Left before the record is committed: a shutdown never cuts an acknowledgement.
-        with _answering(drain):
+        with answering(drain):
             await response.prepare(request)
             while not chunk.final:
                 raw = chunk.raw
@@ -251,8 +246,22 @@ def _internal(doing: str, exc: Exception) -> ParleyError:
     return ParleyError(f"internal error while {doing}")
 
 
-def _answering(drain: Drain | None) -> AbstractContextManager[None]:
+def answering(drain: Drain | None) -> AbstractContextManager[None]:
+    """Mark the current task as waiting on an upstream (see ``Drain.answering``)."""
     return nullcontext() if drain is None else drain.answering()
+
+
+async def shutdown_cut_off(services: Services, exchange: Exchange, drain: Drain | None) -> bool:
+    """After a ``CancelledError`` while the upstream was thinking: True when the
+    shutdown's grace ran out (the exchange is recorded as interrupted; the caller answers
+    ``ServerShuttingDown``), False when the client left (the gateway cancelled the upstream
+    call; the attempts are recorded in the background and the caller re-raises)."""
+    if drain is not None and drain.interrupted():
+        mark_interrupted(exchange)
+        await services.record_quietly(exchange)
+        return True
+    services.record_in_background(exchange)
+    return False
 
 
 async def _write_quietly(response: web.StreamResponse, data: bytes) -> None:
