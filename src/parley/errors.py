@@ -202,6 +202,7 @@ class UpstreamTimeout(UpstreamError):
 
 _STATUS_ERROR_TYPES = {
     400: "bad_request",
+    408: "timeout",
     401: "authentication",
     403: "permission",
     404: "not_found",
@@ -210,6 +211,14 @@ _STATUS_ERROR_TYPES = {
     503: "overloaded",
     529: "overloaded",
 }
+
+
+def _status_error_type(status_code: int) -> str:
+    if status_code in _STATUS_ERROR_TYPES:
+        return _STATUS_ERROR_TYPES[status_code]
+    if status_code >= 500:
+        return "server_error"
+    return "bad_request" if status_code >= 400 else "protocol"
 
 
 class UpstreamHTTPError(UpstreamError):
@@ -227,12 +236,15 @@ class UpstreamHTTPError(UpstreamError):
     ) -> None:
         """``error_type``, when the adapter knows it (one of ``ERROR_TYPES``), overrides
         the one derived from the status and the OpenAI-style ``upstream_code``."""
+        if status_code < 400:
+            # parley follows no redirect: a 3xx (or a stray 1xx / 2xx) is a misconfigured
+            # or misbehaving upstream, never the client's bad request.
+            message = f"{message} (not an answer: check the provider's base_url)"
         super().__init__(message, status_code=status_code)
         self.retry_after = retry_after
-        self.retryable = status_code == 429 or status_code >= 500
-        self.error_type = _STATUS_ERROR_TYPES.get(
-            status_code, "server_error" if status_code >= 500 else "bad_request"
-        )
+        # 408: the upstream (or a proxy before it) gave up waiting; it may not next time.
+        self.retryable = status_code in (408, 429) or status_code >= 500
+        self.error_type = _status_error_type(status_code)
         if upstream_code == "context_length_exceeded":
             self.error_type = "context_length"
         elif upstream_code == "content_filter":
@@ -241,8 +253,8 @@ class UpstreamHTTPError(UpstreamError):
             self.error_type = error_type
         # A client-side problem upstream (400, 404, 422) is the client's to see as such;
         # a refused key (401, 403) is parley's configuration, never the caller's key.
-        client_side = 400 <= status_code < 500 and status_code not in (401, 403)
-        self.status = status_code if client_side else 502
+        client_side = 400 <= status_code < 500 and status_code not in (401, 403, 408)
+        self.status = status_code if client_side else 504 if status_code == 408 else 502
         if status_code in (401, 403):
             self.message = f"the upstream rejected parley's credentials: {message}"
             self.args = (self.message,)

@@ -13,7 +13,8 @@ Behaviour is chosen by the requested model name, so it works across processes:
 - ``tool-call``: one ``get_weather {"city": "Paris"}`` call (arguments streamed in two
   fragments); after a ``tool`` message, ``"tool said: <its content>"``;
   ``tool-call-garbled``: the same call with arguments cut short (not a JSON object);
-- ``fail-400|401|429|500|503``: that status with an OpenAI error body (429: Retry-After 1);
+- ``fail-400|401|408|429|500|503``: that status with an OpenAI error body (429:
+  Retry-After 1); ``redirect``: a 307 to another address, as a moved server answers;
 - ``flaky-<N>``: 500 for the first N requests of each ``user``, then a normal answer;
 - ``stall-first-byte``: 30 s before the headers; ``stall-mid``: 2 content chunks, then
   30 s; ``reset-mid``: 2 content chunks, then a TCP reset; ``malformed``: one chunk, then
@@ -58,6 +59,7 @@ FAILURES = MappingProxyType(
     {
         400: ("invalid_request_error", "invalid_value", "Invalid value for 'messages'.", ()),
         401: ("invalid_request_error", "invalid_api_key", "Incorrect API key provided.", ()),
+        408: ("timeout", None, "Request timed out.", ()),
         429: (
             "rate_limit_error",
             "rate_limit_exceeded",
@@ -180,6 +182,8 @@ class _Upstream:
             return denied
         if model.startswith("fail-"):
             return _error(int(model.removeprefix("fail-")))
+        if model == "redirect":
+            return web.Response(status=307, headers={"Location": "http://127.0.0.1:9/v1"})
         if model.startswith("flaky-"):
             key = (model, body.get("user"))
             seen = self.flaky.get(key, 0)

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 
 from tests.fakes.openai_upstream import FakeOpenAI
 from tests.harness import (
@@ -49,6 +50,8 @@ def server(tmp_path: Path, database_url: str, upstream: FakeOpenAI) -> Iterator[
         aliases={
             "fast": ["up/fail-500", "up/gpt-4o-mini"],
             "never": ["up/fail-503"],
+            "moved": ["up/redirect", "up/gpt-4o-mini"],
+            "proxied": ["up/fail-408", "up/gpt-4o-mini"],
         },
         extra=(
             "[retry]\nattempts = 2\nbackoff_base = 0.01\n"
@@ -332,6 +335,46 @@ def test_alias_falls_back_and_links_the_chain(server: ParleyServer, database_url
     assert {a["model_requested"] for a in attempts} == {"fast"}
     [response] = rows(database_url, "SELECT request_id FROM responses")
     assert response["request_id"] == attempts[2]["id"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_redirect_or_a_408_upstream_is_its_failure_not_the_clients(
+    server: ParleyServer, database_url: str, stream: bool
+) -> None:
+    # parley follows no redirect: a 307 is a misconfigured candidate (not retried, the
+    # next one serves); a 408 is the upstream giving up waiting (retried, then the next).
+    question: Iterable[ChatCompletionMessageParam] = [{"role": "user", "content": "x"}]
+    with client(server) as sdk:
+        for alias in ("moved", "proxied"):
+            if stream:
+                with sdk.chat.completions.create(
+                    model=alias, messages=question, stream=True
+                ) as chunks:
+                    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+            else:
+                reply = sdk.chat.completions.create(model=alias, messages=question)
+                text = reply.choices[0].message.content or ""
+            assert text == "echo: x"
+        with pytest.raises(openai.APIStatusError) as moved:
+            sdk.chat.completions.create(model="up/redirect", messages=question)
+        assert moved.value.status_code == 502 and "base_url" in moved.value.message
+        with pytest.raises(openai.APIStatusError) as timed_out:
+            sdk.chat.completions.create(model="up/fail-408", messages=question)
+        assert timed_out.value.status_code == 504
+    attempts = rows(
+        database_url,
+        "SELECT model_requested, model, status_code, error_type FROM request_log ORDER BY id",
+    )
+    assert [tuple(a.values()) for a in attempts] == [
+        ("moved", "redirect", 307, "protocol"),
+        ("moved", "gpt-4o-mini", 200, None),
+        ("proxied", "fail-408", 408, "timeout"),
+        ("proxied", "fail-408", 408, "timeout"),
+        ("proxied", "gpt-4o-mini", 200, None),
+        ("up/redirect", "redirect", 307, "protocol"),
+        ("up/fail-408", "fail-408", 408, "timeout"),
+        ("up/fail-408", "fail-408", 408, "timeout"),
+    ]
 
 
 def test_all_candidates_failing_gives_a_502(server: ParleyServer, database_url: str) -> None:
