@@ -490,13 +490,19 @@ async def test_the_api_key_never_appears_in_errors(session: aiohttp.ClientSessio
 
 
 def test_retry_after_forms() -> None:
-    from parley.providers.wire import retry_after
+    from parley.providers.wire import MAX_RETRY_AFTER, retry_after
 
     assert retry_after({"Retry-After": "2"}) == 2.0
     assert retry_after({"retry-after-ms": "1500", "Retry-After": "9"}) == 1.5
     later = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(time.time() + 30))
     assert 25 < (retry_after({"Retry-After": later}) or 0) <= 30
     assert retry_after({"Retry-After": "soon"}) is None and retry_after({}) is None
+    # Too large for a float, or far off, is still "not soon", never "no wait given".
+    for huge in ("9" * 400, "1e400", "Fri, 31 Dec 9999 23:59:59 GMT"):
+        assert retry_after({"Retry-After": huge}) == MAX_RETRY_AFTER, huge
+    assert retry_after({"retry-after-ms": "9" * 400}) == MAX_RETRY_AFTER
+    assert retry_after({"Retry-After": "nan"}) is None
+    assert retry_after({"Retry-After": "-5"}) == 0.0
 
 
 def test_error_bodies_of_other_servers() -> None:

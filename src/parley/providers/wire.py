@@ -74,24 +74,30 @@ def opt_str(value: Any) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
+# Longer waits read as this: a number of seconds too large for a float is still "do not
+# retry soon", never "no wait given".
+MAX_RETRY_AFTER = 366 * 86400.0
+
+
 def retry_after(headers: Mapping[str, str]) -> float | None:
-    """Seconds to wait, from ``retry-after-ms`` or ``Retry-After`` (seconds or HTTP date)."""
+    """Seconds to wait, from ``retry-after-ms`` or ``Retry-After`` (seconds or HTTP date),
+    at most ``MAX_RETRY_AFTER``."""
     millis = headers.get("retry-after-ms")
     if millis:
         with contextlib.suppress(ValueError):
             value = float(millis) / 1000
-            if math.isfinite(value):
-                return max(0.0, value)
+            if not math.isnan(value):
+                return min(max(0.0, value), MAX_RETRY_AFTER)
     text = headers.get("Retry-After")
     if not text:
         return None
     with contextlib.suppress(ValueError):
         value = float(text)
-        return max(0.0, value) if math.isfinite(value) else None
+        return None if math.isnan(value) else min(max(0.0, value), MAX_RETRY_AFTER)
     try:
         when = parsedate_to_datetime(text)
     except (TypeError, ValueError, IndexError):
         return None
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)
-    return max(0.0, when.timestamp() - time.time())
+    return min(max(0.0, when.timestamp() - time.time()), MAX_RETRY_AFTER)
