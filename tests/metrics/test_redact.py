@@ -42,6 +42,41 @@ def test_credentials_are_redacted_by_shape_and_named_secrets_by_value() -> None:
     assert CANARY not in (redact_body(broken, "application/json", secrets=[CANARY]) or "")
 
 
+def test_a_body_is_read_as_json_whatever_its_content_type_says() -> None:
+    body = orjson.dumps({"username": "gina", "password": CANARY, "role": "user"})
+    for content_type in ("application/x-www-form-urlencoded", "text/plain", ""):
+        out = redact_body(body, content_type)
+        assert out is not None and CANARY not in out, content_type
+        assert orjson.loads(out) == {"username": "gina", "password": REDACTED, "role": "user"}
+
+
+def test_names_in_camel_case_and_pwd_are_secret_names_and_words_ending_in_key_are_not() -> None:
+    fields = {"accessKey": CANARY, "masterKey": CANARY, "privateKey": CANARY, "pwd": CANARY}
+    out = redact_body(orjson.dumps({**fields, "monkey": "banana", "hockey": 1}), "")
+    assert out is not None and orjson.loads(out) == {
+        **dict.fromkeys(fields, REDACTED),
+        "monkey": "banana",
+        "hockey": 1,
+    }
+
+
+def test_text_that_does_not_parse_loses_every_value_named_like_a_secret() -> None:
+    bodies = [
+        f'{{"login": "frank", "password": "{CANARY}",}}',  # a trailing comma
+        f'{{"password": "{CANARY}',  # cut short, no closing quote
+        f'{{"password": "a \\" b {CANARY}", "x": 1',  # an escaped quote inside
+        f"{{'api_key': '{CANARY}', 'n': 2",
+        f"password={CANARY}&user=x",
+        f"token: {CANARY}\nAuthorization: Bearer {CANARY}\nkeep: this",
+    ]
+    for body in bodies:
+        out = redact_body(body.encode(), "text/plain")
+        assert out is not None and CANARY not in out, out
+    assert redact_body(b'{"login": "frank", "keep": "this",}', "application/json") == (
+        '{"login": "frank", "keep": "this",}'
+    )
+
+
 def test_large_bodies_are_cut_after_redaction() -> None:
     body = orjson.dumps({"content": "x" * 10_000, "password": CANARY})
     out = redact_body(body, "application/json", limit=100)

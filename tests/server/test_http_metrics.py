@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import orjson
 import pytest
 
 from tests.fakes.openai_upstream import FakeOpenAI
@@ -15,6 +16,7 @@ from tests.harness import ParleyServer, rows, settings_for, wait_for, write_conf
 from tests.server.test_auth import MASTER, bearer, make_user
 
 CANARY = "canary-5e1d0c9b7a3f"
+JSON_TYPE = {"Content-Type": "application/json"}
 
 
 @pytest.fixture
@@ -72,7 +74,19 @@ def test_every_request_is_measured_by_route_template_and_secrets_never_stored(
         httpx.post(f"{root}/api/auth/login", json={"login": "frank", "password": CANARY})
         httpx.get(f"{root}/api/admin/users/{user['id']}", headers=bearer(CANARY))
         httpx.get(f"{root}/api/admin/users/{user['id']}?password={CANARY}", headers=bearer(MASTER))
-        stored = _stored(database_url, 5)
+        # JSON sent as a form (curl -d) or as text is read as JSON by the API, and is
+        # redacted as JSON; malformed JSON by the names in its text.
+        for name, content_type in (("gina", "application/x-www-form-urlencoded"), ("hank", "")):
+            body = {"email": f"{name}@example.org", "username": name, "password": CANARY}
+            created = httpx.post(
+                f"{root}/api/admin/users",
+                content=orjson.dumps(body),
+                headers={**bearer(MASTER), "Content-Type": content_type or "text/plain"},
+            )
+            assert created.status_code == 201, created.text
+        malformed = f'{{"login": "frank", "masterKey": "{CANARY}", "pwd": "{CANARY}",}}'
+        httpx.post(f"{root}/api/auth/login", content=malformed, headers=JSON_TYPE)
+        stored = _stored(database_url, 8)
     finally:
         server.stop()
     assert CANARY not in repr(stored)

@@ -3,7 +3,10 @@
 Invariants:
 - in a JSON or form body, the value of every field named like a secret (key, secret,
   token, password, authorization, credential, cookie, signature...) is replaced, at any
-  depth;
+  depth. A body is read as JSON whatever its Content-Type says (parley's APIs take JSON
+  sent as a form or as text: ``curl -d`` does that), and a body that is neither JSON nor
+  a form (malformed JSON, text) has every ``name: value`` or ``name=value`` pair whose
+  name looks like a secret replaced as it is spelled in the text;
 - anywhere in the text, values shaped like credentials (``Bearer ...``, ``sk-...`` and
   Google ``AIza...`` keys) and every secret the caller names (a ``SecretSet``: the master
   key, provider keys, the vault's master secret) are replaced, spelled as they are, as a
@@ -14,7 +17,6 @@ Invariants:
 
 from __future__ import annotations
 
-import contextlib
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -27,9 +29,16 @@ REDACTED = "[redacted]"
 # Shorter named secrets are ignored: replacing them would blot out ordinary words.
 MIN_SECRET = 4
 SECRET_NAME = re.compile(
-    r"(pass(word|wd|phrase)?|secret|token(?!s)|api[-_]?key|^key$|[-_]key$|authori[sz]ation"
-    r"|^auth$|[-_]auth$|credential|cookie|session[-_]?id|signature|private)",
+    r"(pass(word|wd|phrase)?|secret|token(?!s)|api[-_]?key|^key$|[-_]key$|(?-i:[a-z0-9]Key$)"
+    r"|authori[sz]ation|^auth$|[-_]auth$|^pwd$|[-_]pwd$|credential|cookie|session[-_]?id"
+    r"|signature|private)",
     re.IGNORECASE,
+)
+# A name and its value in text that did not parse: "name": "value" (the closing quote may
+# be missing), 'name': 'value', name=value, name: value.
+_NAMED_VALUE = re.compile(
+    r"""(?P<head>(?P<q>["']?)(?P<name>[A-Za-z0-9_.$-]+)(?P=q)\s*[:=]\s*)"""
+    r"""(?P<value>"(?:[^"\\]|\\.)*"?|'[^']*'?|[^\s&,;}\]]+)"""
 )
 _SHAPES = re.compile(
     r"(?i)(bearer\s+)[A-Za-z0-9._~+/=-]+|\b(sk|pk|rk|pl|hf|gsk|xai)[-_][A-Za-z0-9_-]{8,}"
@@ -74,17 +83,19 @@ def redact_body(
 ) -> str | None:
     if not body:
         return None
+    if "multipart/" in content_type:
+        return f"[multipart body, {len(body)} bytes]"
     secrets = as_secret_set(secrets)
     text = body.decode("utf-8", "replace")
-    if "json" in content_type:
-        # A body that is not JSON is still redacted as text below.
-        with contextlib.suppress(orjson.JSONDecodeError):
-            text = orjson.dumps(_redact_value(orjson.loads(body))).decode()
-    elif "x-www-form-urlencoded" in content_type:
-        pairs = parse_qsl(text, keep_blank_values=True)
-        text = urlencode([(k, REDACTED if SECRET_NAME.search(k) else v) for k, v in pairs])
-    elif "multipart/" in content_type:
-        return f"[multipart body, {len(body)} bytes]"
+    try:
+        text = orjson.dumps(_redact_value(orjson.loads(body))).decode()
+    except orjson.JSONDecodeError:
+        if "x-www-form-urlencoded" in content_type:
+            pairs = parse_qsl(text, keep_blank_values=True)
+            text = urlencode([(k, REDACTED if SECRET_NAME.search(k) else v) for k, v in pairs])
+        else:
+            # Shapes first: "Authorization: Bearer sk-..." keeps its "Bearer " to be found.
+            text = _NAMED_VALUE.sub(_named_value, redact_text(text, secrets))
     text = redact_text(text, secrets)
     if len(text) > limit:
         text = text[:limit] + f"...[truncated, {len(body)} bytes]"
@@ -106,6 +117,13 @@ def _spellings(secret: str) -> set[str]:
     # As stored: JSON bodies are re-serialised (a quote or backslash escaped), form
     # bodies re-encoded (the "=" of base64 padding is "%3D").
     return {secret, orjson.dumps(secret).decode()[1:-1], quote_plus(secret, safe="")}
+
+
+def _named_value(match: re.Match[str]) -> str:
+    if not SECRET_NAME.search(match["name"]):
+        return match[0]
+    quote = match["value"][0] if match["value"][0] in "\"'" else ""
+    return f"{match['head']}{quote}{REDACTED}{quote}"
 
 
 def _shape(match: re.Match[str]) -> str:
