@@ -12,7 +12,14 @@ import orjson
 import pytest
 
 from tests.fakes.openai_upstream import FakeOpenAI
-from tests.harness import ParleyServer, rows, settings_for, wait_for, write_config
+from tests.harness import (
+    ParleyServer,
+    leave_after_first_chunk,
+    rows,
+    settings_for,
+    wait_for,
+    write_config,
+)
 from tests.server.test_auth import MASTER, bearer, make_user
 
 CANARY = "canary-5e1d0c9b7a3f"
@@ -210,3 +217,44 @@ def test_sampling_zero_records_nothing_but_prometheus_still_counts(
     assert rows(database_url, "SELECT id FROM http_metrics") == []
     labels = 'endpoint="/healthz",method="GET",status="2xx"'
     assert f"parley_http_request_duration_seconds_count{{{labels}}} 3.0" in text
+
+
+def test_a_client_that_hangs_up_is_a_499_not_a_server_error(
+    tmp_path: Path, database_url: str, upstream: FakeOpenAI
+) -> None:
+    server = _server(tmp_path, database_url, upstream)
+    try:
+        # One leaves a stream after its first chunk, one gives up on a stalled answer.
+        leave_after_first_chunk(server, "hi", headers=bearer(MASTER))
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(
+                f"{server.base_url}/chat/completions",
+                json={
+                    "model": "up/stall-first-byte",
+                    "messages": [{"role": "user", "content": "x"}],
+                },
+                headers=bearer(MASTER),
+                timeout=0.3,
+            )
+        stored = _stored(database_url, 2, "endpoint, status_code, error_message")
+        report = httpx.get(
+            f"{server.root}/api/metrics/http", params={"window": "1h"}, headers=bearer(MASTER)
+        ).json()
+        text = httpx.get(f"{server.root}/metrics", headers=bearer(MASTER)).text
+    finally:
+        server.stop()
+    assert (
+        stored
+        == [
+            {
+                "endpoint": "/v1/chat/completions",
+                "status_code": 499,
+                "error_message": "the client closed the connection",
+            }
+        ]
+        * 2
+    )
+    [chat] = [r for r in report["data"] if r["endpoint"] == "/v1/chat/completions"]
+    assert chat["requests"] == 2 and chat["server_errors"] == 0
+    labels = 'endpoint="/v1/chat/completions",method="POST",status="4xx"'
+    assert f"parley_http_request_duration_seconds_count{{{labels}}} 2.0" in text

@@ -320,7 +320,8 @@ def _broken_off(request: web.Request, exc: Exception) -> web.Response:
     if request.transport is not None:
         request.transport.close()
     if isinstance(exc, ConnectionError):
-        return _error_response(request, _HTTPError(499, "the client closed the connection"))
+        error = _HTTPError(http_metrics.CLIENT_CLOSED, http_metrics.CLIENT_CLOSED_MESSAGE)
+        return _error_response(request, error)
     log.error(
         "%s %s failed after its answer began (connection closed)",
         request.method,

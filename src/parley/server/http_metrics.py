@@ -19,6 +19,7 @@ agent; Prometheus counts every request whatever the sampling.
 
 from __future__ import annotations
 
+import asyncio
 import random
 import time
 from collections.abc import Awaitable, Callable
@@ -36,6 +37,9 @@ from parley.settings import Settings
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # Set by the error middleware: the message the client got (already free of secrets).
 ERROR_KEY = web.RequestKey("parley.error_message", str)
+# What a request its client abandoned is recorded with (nginx's "client closed request").
+CLIENT_CLOSED = 499
+CLIENT_CLOSED_MESSAGE = "the client closed the connection"
 TAGS_HEADER = "X-Parley-Tags"
 
 
@@ -78,6 +82,11 @@ def middleware(settings: Settings) -> Middleware:
             response = await handler(request)
             status = response.status
             return response
+        except asyncio.CancelledError:
+            # aiohttp cancels the handler of a client that hung up: not a server error.
+            status = CLIENT_CLOSED
+            request[ERROR_KEY] = CLIENT_CLOSED_MESSAGE
+            raise
         finally:
             elapsed = time.perf_counter() - started
             services = request.app.get(SERVICES)
