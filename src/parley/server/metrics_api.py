@@ -10,7 +10,7 @@ Routes (JSON; errors are OpenAI error JSON). Every report takes a window (``sinc
   tokens and cost;
 - ``GET /api/metrics/timeseries``: the same per ``bucket`` (``1h`` default; whole hours
   and days come from rollups, finer buckets from the raw log for windows up to 6 hours);
-- ``GET /api/metrics/requests``: the raw request log, newest first, ``limit`` and
+- ``GET /api/metrics/requests``: the raw request log, last recorded first, ``limit`` and
   ``cursor`` pagination;
 - ``GET /api/metrics/anomalies``: episodes where a model's error rate or p90 latency left
   its trailing baseline (``metrics.anomalies``);
@@ -128,7 +128,8 @@ async def timeseries(request: web.Request) -> web.Response:
 
 
 async def requests(request: web.Request) -> web.Response:
-    """The raw request log, newest first: ``limit`` (1-500, default 50) and ``cursor``."""
+    """The raw request log, last recorded (committed) first: ``limit`` (1-500, default 50)
+    and ``cursor``."""
     store, caller = _store(request), identity.current(request)
     filters = await q.filters(request, caller, store)
     start = q.moment(request.query["since"], "since") if request.query.get("since") else None
