@@ -138,7 +138,10 @@ class Fold:
             return
         self.attempt.success = False
         if isinstance(error, UpstreamError):
-            self.attempt.status_code = error.status_code
+            # A stream that broke after its first events was answered with a 200, as a
+            # cancelled one records; the error says how it ended.
+            fed = 200 if self._fed else None
+            self.attempt.status_code = error.status_code or fed
         elif isinstance(error, ClientError):
             # Refused by parley before it was sent: the status parley answers for it.
             self.attempt.status_code = error.status
