@@ -4,6 +4,7 @@ safety backup first, refusals that leave the current data untouched."""
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import sqlite3
 import uuid
@@ -197,6 +198,36 @@ def test_an_archive_of_the_other_database_kind_is_refused(tmp_path: Path) -> Non
         with pytest.raises(BackupError, match=r"holds a postgresql database .* `parley export`"):
             restore_backup(lite, pg_archive)
         assert contents(lite) == lite_before and contents(pg) == pg_before
+
+
+def test_a_pg_restore_that_dies_midway_leaves_the_database_as_it_was(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """pg_restore dies after its first complete statements (killed, out of memory...):
+    psql must not commit the emptied schema it was given so far."""
+    real = shutil.which("pg_restore")
+    assert real is not None
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    fake = tools / "pg_restore"
+    fake.write_text(
+        "#!/bin/sh\n"
+        f'for a in "$@"; do [ "$a" = --list ] && exec {real} "$@"; done\n'
+        f"{real} \"$@\" | awk '/^CREATE TABLE/ {{ exit }} {{ print }}'\n"
+        "echo 'pg_restore: error: could not read input file: Input/output error' >&2\n"
+        "exit 1\n"
+    )
+    fake.chmod(0o755)
+    with contextmanager(_postgres_database)() as url:
+        settings = backup_settings(tmp_path / "pg", url)
+        seed(settings, count=3)
+        archive = create_backup(settings).path
+        record(settings, 500, 2)
+        before = contents(settings)
+        monkeypatch.setenv("PATH", f"{tools}:{os.environ['PATH']}")
+        with pytest.raises(BackupError, match="pg_restore failed, the database was left as"):
+            restore_backup(settings, archive)
+        assert contents(settings) == before
 
 
 def test_stale_wal_and_shm_files_are_removed_before_the_swap(tmp_path: Path) -> None:

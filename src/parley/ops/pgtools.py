@@ -8,17 +8,21 @@ Invariants:
   computed in;
 - a restore runs in one ``psql`` transaction (``--single-transaction`` with
   ``ON_ERROR_STOP``) that first empties the ``public`` schema, then replays the dump: the
-  database ends with exactly the archive's contents, or, on any error, as it was. The dump
-  is piped from ``pg_restore`` to ``psql``, so its rows are never written out as text.
+  database ends with exactly the archive's contents, or, on any error (in ``pg_restore``
+  too), as it was. The dump's SQL is relayed from ``pg_restore`` to ``psql`` in memory, so
+  its rows are never written out as text.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
+from typing import IO
 
 from sqlalchemy.engine import make_url
 
@@ -26,6 +30,7 @@ from parley.errors import BackupError
 from parley.store.snapshot import RESET_SCHEMA_SQL
 
 _BIN_DIRS = ("/usr/bin", "/usr/local/bin")
+_RELAY_CHUNK = 1 << 20
 
 
 def _tool(name: str) -> str:
@@ -88,17 +93,22 @@ def check_dump(path: Path) -> None:
 
 
 def restore(database_url: str, dump_file: Path) -> None:
-    """Replace the ``public`` schema's contents with ``dump_file``, in one transaction."""
+    """Replace the ``public`` schema's contents with ``dump_file``, in one transaction.
+
+    ``pg_restore``'s SQL is relayed to ``psql`` here, not piped straight: at the end of a
+    pipe ``psql`` commits whatever it got, so a ``pg_restore`` that died midway (killed,
+    out of memory, a read error) would commit an emptied schema. The relay closes
+    ``psql``'s input only once ``pg_restore`` exited 0; otherwise it kills ``psql``, whose
+    dropped connection rolls the transaction back."""
     url, env, password = _connection(database_url)
-    producer = subprocess.Popen(
-        [_tool("pg_restore"), "--no-owner", "--no-privileges", "--file=-", str(dump_file)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=env,
-    )
-    assert producer.stdout is not None
-    try:
-        consumer = subprocess.run(
+    with tempfile.TemporaryFile() as producer_err, tempfile.TemporaryFile() as consumer_err:
+        producer = subprocess.Popen(
+            [_tool("pg_restore"), "--no-owner", "--no-privileges", "--file=-", str(dump_file)],
+            stdout=subprocess.PIPE,
+            stderr=producer_err,
+            env=env,
+        )
+        consumer = subprocess.Popen(
             [
                 _tool("psql"),
                 "--no-psqlrc",
@@ -109,20 +119,50 @@ def restore(database_url: str, dump_file: Path) -> None:
                 "--file=-",
                 f"--dbname={url}",
             ],
-            stdin=producer.stdout,
-            capture_output=True,
-            text=True,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=consumer_err,
             env=env,
-            check=False,
         )
-    finally:
-        producer.stdout.close()
-        _, producer_err = producer.communicate()
-    if producer.returncode != 0:
-        raise BackupError(
-            f"pg_restore failed: {_scrub(producer_err.decode(errors='replace'), password)}"
-        )
-    if consumer.returncode != 0:
-        raise BackupError(
-            "psql failed, the database was left as it was: " + _scrub(consumer.stderr, password)
-        )
+        relayed = _relay(producer, consumer)
+        if not relayed or producer.returncode != 0:
+            consumer.kill()
+        consumer.wait()
+        assert consumer.stdin is not None
+        with contextlib.suppress(OSError):
+            consumer.stdin.close()
+        if relayed and producer.returncode != 0:
+            raise BackupError(
+                "pg_restore failed, the database was left as it was: "
+                + _scrub(_read(producer_err), password)
+            )
+        if consumer.returncode != 0:
+            raise BackupError(
+                "psql failed, the database was left as it was: "
+                + _scrub(_read(consumer_err), password)
+            )
+
+
+def _relay(producer: subprocess.Popen[bytes], consumer: subprocess.Popen[bytes]) -> bool:
+    """Copy ``producer``'s output into ``consumer`` and wait for ``producer``; close
+    ``consumer``'s input (its end of input: ``psql`` commits) only when ``producer``
+    exited 0. False when ``consumer`` stopped reading first (its error says why)."""
+    assert producer.stdout is not None and consumer.stdin is not None
+    relayed = True
+    try:
+        while chunk := producer.stdout.read(_RELAY_CHUNK):
+            consumer.stdin.write(chunk)
+    except BrokenPipeError:
+        relayed = False
+        producer.kill()
+    producer.stdout.close()
+    producer.wait()
+    if relayed and producer.returncode == 0:
+        with contextlib.suppress(BrokenPipeError):
+            consumer.stdin.close()
+    return relayed
+
+
+def _read(file: IO[bytes]) -> str:
+    file.seek(0)
+    return file.read().decode(errors="replace")
