@@ -8,6 +8,7 @@ import dataclasses
 import logging
 import threading
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
@@ -19,6 +20,7 @@ from parley.ops.schedule import HOUR, Job, Scheduler, server_jobs
 from parley.settings import Backups, Retention, Settings
 from tests.conftest import MakeSettings
 from tests.harness import ParleyServer, settings_for, write_config
+from tests.ops.test_retention import exchange, prepared, query, with_retention, write
 from tests.server.crash_support import DripOpenAI, backup_env
 
 
@@ -137,6 +139,37 @@ async def test_stop_gives_up_on_a_run_that_outlasts_its_wait(
         assert any("still running" in r.getMessage() for r in caplog.records)
     finally:
         release.set()
+
+
+async def test_a_stopping_scheduler_ends_a_retention_pass_after_its_batch(
+    tmp_path: Path, make_settings: MakeSettings
+) -> None:
+    # 600 request-log rows past a 30-day age, deleted 10 at a time (a pause after each):
+    # the pass is still going when the scheduler stops, and must end with it.
+    settings = with_retention(
+        make_settings(tmp_path), request_log_days=30, batch_size=10, interval_hours=0.05 / HOUR
+    )
+    engine = prepared(settings)
+    old = datetime.now(UTC) - timedelta(days=100)
+    write(engine, *(exchange(old + timedelta(minutes=n), n) for n in range(300)))
+
+    def left() -> int:
+        return int(query(engine, "SELECT count(*) AS n FROM request_log")[0]["n"])
+
+    stopping = threading.Event()
+    [job] = [j for j in server_jobs(settings, stopping) if j.name == "retention"]
+    scheduler = Scheduler([job], stopping)
+    scheduler.start()
+    for _ in range(1000):  # until its first batches are gone
+        if left() < 600:
+            break
+        await asyncio.sleep(0.02)
+    await scheduler.stop(10)
+    stopped_at = left()
+    assert scheduler.runs["retention"] == 1 and scheduler.failures["retention"] == 0
+    await asyncio.sleep(0.5)
+    assert left() == stopped_at and 0 < stopped_at < 600
+    engine.dispose()
 
 
 def test_server_jobs_follow_the_settings(tmp_path: Path, make_settings: MakeSettings) -> None:

@@ -52,19 +52,26 @@ class Job:
     run: Callable[[], object]
 
 
-def server_jobs(settings: Settings) -> list[Job]:
+def server_jobs(settings: Settings, stopping: threading.Event | None = None) -> list[Job]:
     """The jobs ``settings`` schedule: backups, retention and maintenance, each when its
-    interval is above zero (retention also only when it has something to delete)."""
+    interval is above zero (retention also only when it has something to delete).
+    ``stopping`` (the ``Scheduler``'s) ends a retention pass after its batch in progress."""
     retention = settings.retention
     prunes = retention.request_log_days > 0 or retention.http_metrics_days > 0
-    wanted = (
-        ("backup", settings.backup.interval_hours, scheduled_backup),
-        ("retention", retention.interval_hours if prunes else 0.0, scheduled_retention),
-        ("maintenance", settings.maintenance_interval_hours, scheduled_maintenance),
+    wanted: tuple[tuple[str, float, Callable[[], object]], ...] = (
+        ("backup", settings.backup.interval_hours, partial(scheduled_backup, settings)),
+        (
+            "retention",
+            retention.interval_hours if prunes else 0.0,
+            partial(scheduled_retention, settings, stopping),
+        ),
+        (
+            "maintenance",
+            settings.maintenance_interval_hours,
+            partial(scheduled_maintenance, settings),
+        ),
     )
-    jobs = [
-        Job(name, hours * HOUR, partial(run, settings)) for name, hours, run in wanted if hours > 0
-    ]
+    jobs = [Job(name, hours * HOUR, run) for name, hours, run in wanted if hours > 0]
     # Always on: one small read of the model-level rollups every few minutes.
     jobs.append(Job("anomalies", watch.INTERVAL, watch.AnomalyWatch(settings)))
     return jobs
@@ -77,8 +84,8 @@ def scheduled_backup(settings: Settings) -> None:
     log.info("scheduled backup written to %s (%d old one(s) pruned)", info.path, len(removed))
 
 
-def scheduled_retention(settings: Settings) -> None:
-    report = run_retention(settings)
+def scheduled_retention(settings: Settings, stopping: threading.Event | None = None) -> None:
+    report = run_retention(settings, stop=stopping)
     log.info("scheduled retention: %s", report)
 
 
@@ -90,7 +97,10 @@ def scheduled_maintenance(settings: Settings) -> None:
 class Scheduler:
     """Runs ``jobs`` on the current event loop between ``start`` and ``stop``."""
 
-    def __init__(self, jobs: Sequence[Job]) -> None:
+    def __init__(self, jobs: Sequence[Job], stopping: threading.Event | None = None) -> None:
+        """``stopping`` is set when the scheduler stops, for jobs that can end early
+        (``server_jobs`` gives it to retention)."""
+        self.stopping = stopping or threading.Event()
         for job in jobs:
             if job.interval <= 0:
                 raise ValueError(f"job {job.name}: the interval must be above zero")
@@ -112,6 +122,7 @@ class Scheduler:
     async def stop(self, wait: float) -> None:
         """Run nothing more; wait up to ``wait`` seconds for runs in progress. Calling it
         again waits again for what is still running."""
+        self.stopping.set()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

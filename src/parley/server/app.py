@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -180,7 +181,8 @@ async def _serving(
         # Upstream bodies are passed through byte for byte, so they are not re-encoded.
         auto_decompress=True,
     )
-    scheduler = app[SCHEDULER] = Scheduler(server_jobs(settings))
+    stopping = threading.Event()
+    scheduler = app[SCHEDULER] = Scheduler(server_jobs(settings, stopping), stopping)
     try:
         # What a server in journal mode acknowledged and did not commit before it died
         # (whatever this server's own mode): committed before anything is answered.
