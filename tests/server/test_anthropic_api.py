@@ -496,6 +496,7 @@ BAD_REQUESTS: list[tuple[dict[str, Any], str]] = [
     ({"model": None}, "model"),
     ({"messages": []}, "messages"),
     ({"max_tokens": "5"}, "max_tokens"),
+    ({"max_tokens": 2**31}, "max_tokens: must be an integer from 1 to 2147483647"),
     ({"messages": [{"role": "system", "content": "x"}]}, "role"),
     ({"messages": [{"role": "user", "content": 5}]}, "content"),
     ({"messages": [{"role": "user", "content": [{"type": "hologram"}]}]}, "hologram"),

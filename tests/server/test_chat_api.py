@@ -659,6 +659,25 @@ def test_text_with_a_nul_character_is_a_400_on_both_databases(server: Server) ->
     assert api.get(cid)["message_count"] == 0
 
 
+def test_a_max_tokens_the_request_log_cannot_hold_is_a_400_before_any_upstream_call(
+    server: Server, upstream: FakeOpenAI
+) -> None:
+    api = Api(server)
+    cid = api.create()["id"]
+    for max_tokens in (2**31, 3_000_000_000, 2**63):
+        reply = api.http.post(
+            f"/conversations/{cid}/messages",
+            json={"content": "hi", "stream": False, "max_tokens": max_tokens},
+        )
+        assert reply.status_code == 400, reply.text
+        assert reply.json()["error"]["param"] == "max_tokens"
+    assert api.get(cid)["message_count"] == 0
+    assert upstream.received == []
+    # The largest value passes the check; this model's context window then refuses it.
+    events = api.send(cid, "hi", max_tokens=2**31 - 1)
+    assert "context window" in last(events, "error")["message"]
+
+
 def test_content_parts_an_upstream_would_refuse_are_a_400(server: Server) -> None:
     api = Api(server)
     cid = api.create()["id"]

@@ -94,6 +94,18 @@ def post(server: ParleyServer, content: bytes | str, **headers: str) -> httpx.Re
             "max_tokens",
         ),
         (
+            b'{"model": "up/gpt-4o-mini", "max_tokens": 2147483648, '
+            b'"messages": [{"role": "user", "content": "x"}]}',
+            400,
+            "max_tokens",
+        ),
+        (
+            b'{"model": "up/gpt-4o-mini", "max_completion_tokens": 9223372036854775808, '
+            b'"messages": [{"role": "user", "content": "x"}]}',
+            400,
+            "max_completion_tokens",
+        ),
+        (
             b'{"model": "up/gpt-4o-mini", "stream": "yes", '
             b'"messages": [{"role": "user", "content": "x"}]}',
             400,

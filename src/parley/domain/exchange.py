@@ -18,6 +18,11 @@ from datetime import datetime
 from parley.domain.messages import Message, ToolCall
 from parley.domain.usage import Usage
 
+# The largest max_tokens a request may ask for: the request log keeps it in an INTEGER
+# column (32 bits on PostgreSQL), and a value it cannot hold must be refused before any
+# upstream call, never found out when the answer is recorded.
+MAX_TOKENS_LIMIT = 2**31 - 1
+
 
 @dataclass(slots=True)
 class Attempt:
@@ -94,7 +99,7 @@ class Exchange:
     endpoint: str = "chat"
     client_protocol: str = "openai"
     origin: str | None = None
-    max_tokens: int | None = None
+    max_tokens: int | None = None  # at most MAX_TOKENS_LIMIT
     temperature: float | None = None
     top_p: float | None = None
     attempts: list[Attempt] = field(default_factory=list)

@@ -23,6 +23,7 @@ from typing import Any
 
 import orjson
 
+from parley.domain.exchange import MAX_TOKENS_LIMIT
 from parley.domain.messages import ChatRequest, Message, ToolCall
 from parley.errors import InvalidRequest
 
@@ -53,7 +54,7 @@ def parse_messages_request(data: dict[str, Any], *, require_max_tokens: bool = T
     model = data.get("model")
     if not isinstance(model, str) or not model.strip():
         raise InvalidRequest("model: field required (a non-empty string)", "model")
-    max_tokens = _int(data, "max_tokens", minimum=1)
+    max_tokens = _int(data, "max_tokens", minimum=1, maximum=MAX_TOKENS_LIMIT)
     if max_tokens is None and require_max_tokens:
         raise InvalidRequest("max_tokens: field required", "max_tokens")
     raw_messages = data.get("messages")
@@ -319,12 +320,16 @@ def _str(obj: Mapping[str, Any], key: str, where: str) -> str:
     return value
 
 
-def _int(data: Mapping[str, Any], key: str, minimum: int = 0) -> int | None:
+def _int(
+    data: Mapping[str, Any], key: str, minimum: int = 0, maximum: int | None = None
+) -> int | None:
     value = data.get(key)
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise InvalidRequest(f"{key}: must be an integer >= {minimum}", key)
+    if maximum is not None and value > maximum:
+        raise InvalidRequest(f"{key}: must be an integer from {minimum} to {maximum}", key)
     return value
 
 

@@ -44,6 +44,7 @@ from aiohttp import web
 from parley.chat import fields
 from parley.chat.interface import ChatEvent, Delta, Done, Failed, Options, Reply
 from parley.chat.service import ChatService
+from parley.domain.exchange import MAX_TOKENS_LIMIT
 from parley.domain.messages import Message
 from parley.errors import InvalidRequest, NotFound, ParleyError
 from parley.search.documents_library import collection_name
@@ -531,9 +532,13 @@ def _options(request: web.Request, body: Mapping[str, Any]) -> Options:
         raise InvalidRequest("'temperature' must be a number between 0 and 2", "temperature")
     max_tokens = body.get("max_tokens")
     if max_tokens is not None and (
-        isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1
+        isinstance(max_tokens, bool)
+        or not isinstance(max_tokens, int)
+        or not 1 <= max_tokens <= MAX_TOKENS_LIMIT
     ):
-        raise InvalidRequest("'max_tokens' must be an integer >= 1", "max_tokens")
+        raise InvalidRequest(
+            f"'max_tokens' must be an integer from 1 to {MAX_TOKENS_LIMIT}", "max_tokens"
+        )
     return Options(
         model=model,
         stream=stream,

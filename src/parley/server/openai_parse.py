@@ -16,6 +16,7 @@ from typing import Any
 import orjson
 
 from parley.chat.fields import NUL_REFUSED, holds_nul
+from parley.domain.exchange import MAX_TOKENS_LIMIT
 from parley.domain.messages import ROLES, ChatRequest, Message, ToolCall
 from parley.errors import InvalidRequest
 
@@ -75,9 +76,9 @@ def parse_chat_request(data: dict[str, Any]) -> ChatRequest:
     stream_options = data.get("stream_options")
     if stream_options is not None and not isinstance(stream_options, dict):
         raise InvalidRequest("'stream_options' must be an object", "stream_options")
-    max_tokens = _int(data, "max_completion_tokens")
+    max_tokens = _int(data, "max_completion_tokens", maximum=MAX_TOKENS_LIMIT)
     if max_tokens is None:
-        max_tokens = _int(data, "max_tokens")
+        max_tokens = _int(data, "max_tokens", maximum=MAX_TOKENS_LIMIT)
     tools = data.get("tools")
     if tools is not None and (
         not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools)
@@ -227,12 +228,16 @@ def _tool_calls(raw: Any, param: str) -> tuple[ToolCall, ...]:
     return tuple(calls)
 
 
-def _int(data: Mapping[str, Any], key: str, minimum: int = 0) -> int | None:
+def _int(
+    data: Mapping[str, Any], key: str, minimum: int = 0, maximum: int | None = None
+) -> int | None:
     value = data.get(key)
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise InvalidRequest(f"'{key}' must be an integer >= {minimum}", key)
+    if maximum is not None and value > maximum:
+        raise InvalidRequest(f"'{key}' must be an integer from {minimum} to {maximum}", key)
     return value
 
 

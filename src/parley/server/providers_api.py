@@ -25,6 +25,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from parley.domain.exchange import MAX_TOKENS_LIMIT
 from parley.errors import InvalidRequest, NotFound, StoreUnavailable
 from parley.gateway.directory import ProviderDirectory, effective_base_url
 from parley.server import identity
@@ -236,8 +237,11 @@ def _columns(data: dict[str, Any], directory: ProviderDirectory) -> dict[str, An
             out[name] = _number(data[name], name, low, high)
     if "max_tokens" in data:
         value = data["max_tokens"]
-        if value is not None and (type(value) is not int or value < 1):
-            raise InvalidRequest("'max_tokens' must be a positive integer or null", "max_tokens")
+        if value is not None and (type(value) is not int or not 1 <= value <= MAX_TOKENS_LIMIT):
+            raise InvalidRequest(
+                f"'max_tokens' must be an integer from 1 to {MAX_TOKENS_LIMIT}, or null",
+                "max_tokens",
+            )
         out["max_tokens"] = value
     if "is_active" in data:
         if not isinstance(data["is_active"], bool):
