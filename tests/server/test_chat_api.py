@@ -8,6 +8,7 @@ whichever channel made it.
 
 from __future__ import annotations
 
+import base64
 import os
 import socket
 import tempfile
@@ -227,6 +228,16 @@ def test_pages_have_no_duplicates_or_gaps_newest_activity_first(server: Server) 
     top = api.http.get("/conversations", params={"limit": 1}).json()["data"][0]
     assert top["message_count"] == 2 and top["last_message_at"] is not None
     assert api.http.get("/conversations", params={"cursor": "garbage"}).status_code == 400
+    # Well-formed base64 JSON of the wrong shape, or a time out of range, is no cursor.
+    for forged in (
+        [True, "2020-01-01T00:00:00", 5],
+        [True, "2020-01-01T00:00:00", [1]],
+        [False, "0001-01-01T00:00:00+14:00", str(uuid.uuid4())],
+    ):
+        cursor = base64.urlsafe_b64encode(orjson.dumps(forged)).decode().rstrip("=")
+        reply = api.http.get("/conversations", params={"cursor": cursor})
+        assert reply.status_code == 400, (forged, reply.text)
+        assert reply.json()["error"]["param"] == "cursor"
 
 
 def test_streaming_chat_end_to_end(server: Server, database_url: str, upstream: FakeOpenAI) -> None:
@@ -727,6 +738,14 @@ def test_an_import_refuses_what_create_refuses_with_the_same_error(server: Serve
         assert import_error["message"] == create_error["message"].replace(
             f"'{field}'", f"'{where}'"
         )
+    # A time that leaves the calendar once in UTC is refused like any bad time.
+    for conversation in (
+        {"created_at": "0001-01-01T00:00:00+14:00"},
+        {"messages": [{**_entry("u", "hi"), "created_at": "9999-12-31T23:59:59-14:00"}]},
+    ):
+        imported = _import(api, conversation)
+        assert imported.status_code == 400, imported.text
+        assert "ISO 8601" in imported.json()["error"]["message"]
     # NUL: a 400 on both databases (PostgreSQL cannot store it), before anything is stored.
     for conversation in (
         {"title": "a\u0000b"},
@@ -750,6 +769,23 @@ def _entry(key: str, content: str) -> dict[str, Any]:
         "created_at": "2024-05-01T10:00:01Z",
         "message": {"role": "user", "content": content},
     }
+
+
+def test_a_nul_in_a_path_or_a_query_is_a_400_on_both_databases(server: Server) -> None:
+    api = Api(server)
+    for method, path, param in (
+        ("GET", "/conversations?q=a%00b", "q"),
+        ("GET", "/admin/keys?user=a%00b", "user"),
+        ("PUT", "/me/provider-keys/up%00x", None),
+        ("DELETE", "/me/provider-keys/up%00x", None),
+    ):
+        reply = api.http.request(method, path, json={"api_key": "sk-test-0123456789"})
+        assert reply.status_code == 400, (path, reply.text)
+        error = reply.json()["error"]
+        assert "NUL" in error["message"] and error["param"] == param, (path, error)
+    # The same on /v1, in OpenAI's error shape.
+    reply = httpx.get(f"{server.base_url}/models/a%00b")
+    assert reply.status_code == 400 and reply.json()["error"]["type"] == "invalid_request_error"
 
 
 def test_a_malformed_message_id_to_regenerate_is_a_400_naming_it(server: Server) -> None:

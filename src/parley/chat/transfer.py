@@ -364,10 +364,10 @@ def _time(value: Any, where: str) -> datetime:
     if not isinstance(value, str):
         raise InvalidRequest(f"{where} must be an ISO 8601 time")
     try:
-        moment = datetime.fromisoformat(value)
-    except ValueError:
+        # Out of range once in UTC (0001-01-01T00:00:00+14:00): OverflowError.
+        return utc(datetime.fromisoformat(value))
+    except (ValueError, OverflowError):
         raise InvalidRequest(f"{where} must be an ISO 8601 time, got {value!r}") from None
-    return utc(moment)
 
 
 def _epoch(value: Any) -> datetime | None:

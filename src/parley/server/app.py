@@ -29,7 +29,14 @@ import sqlalchemy
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
-from parley.errors import ClientError, NotFound, ParleyError, StoreError, StoreFull
+from parley.errors import (
+    ClientError,
+    InvalidRequest,
+    NotFound,
+    ParleyError,
+    StoreError,
+    StoreFull,
+)
 from parley.gateway.capabilities import CapabilityBook, shipped_capabilities
 from parley.gateway.catalog import ModelCatalog
 from parley.gateway.directory import open_directory
@@ -284,11 +291,23 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 async def _answer_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
+        _refuse_nul(request)
         return await handler(request)
     except Exception as exc:
         if request.writer.output_size > 0:
             return _broken_off(request, exc)
         return _error_answer(request, exc)
+
+
+def _refuse_nul(request: web.Request) -> None:
+    """A NUL in the path or the query is a 400 on every route: PostgreSQL text cannot hold
+    one, and SQLite would take it, so the two databases would answer it differently."""
+    if "\x00" in request.path:
+        raise InvalidRequest("the path may not contain a NUL character")
+    if request.query_string:
+        for key, value in request.query.items():
+            if "\x00" in key or "\x00" in value:
+                raise InvalidRequest(f"'{key}' may not contain a NUL character", key)
 
 
 def _error_answer(request: web.Request, exc: Exception) -> web.Response:

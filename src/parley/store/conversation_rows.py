@@ -415,8 +415,8 @@ def decode_cursor(cursor: str) -> tuple[bool, datetime, uuid.UUID]:
     try:
         packed = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         pinned, updated_at, public_id = orjson.loads(packed)
-        if not isinstance(pinned, bool):
+        if not isinstance(pinned, bool) or not isinstance(public_id, str):
             raise ValueError(pinned)
         return pinned, utc(datetime.fromisoformat(updated_at)), uuid.UUID(hex=public_id)
-    except (binascii.Error, orjson.JSONDecodeError, TypeError, ValueError):
+    except (binascii.Error, orjson.JSONDecodeError, TypeError, ValueError, OverflowError):
         raise InvalidRequest("'cursor' is not a cursor this API returned", "cursor") from None
