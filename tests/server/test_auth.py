@@ -388,6 +388,27 @@ def test_login_cookie_logout(server: ParleyServer, alice: Browser) -> None:
     assert stale.status_code == 401
 
 
+def test_a_key_is_answered_for_its_own_user_whatever_cookie_comes_with_it(
+    server: ParleyServer, alice: Browser
+) -> None:
+    make_user(server, "bob")
+    bob = Browser(server, "bob@example.org")
+    try:
+        bob_key = bob.new_key()["key"]
+    finally:
+        bob.close()
+    # Alice's browser (her cookie in the jar) calls with Bob's key: Bob is the caller.
+    with_key = {"Authorization": f"Bearer {bob_key}"}
+    me = alice.http.get("/api/me", headers=with_key).json()
+    assert (me["user"]["username"], me["via"]) == ("bob", "api_key")
+    state = alice.http.get("/api/auth/session", headers=with_key).json()
+    assert (state["user"]["username"], state["via"]) == ("bob", "api_key")
+    assert state["csrf_token"] is None and state["expires_at"] is None
+    # Her own session is still described to her.
+    mine = alice.http.get("/api/auth/session").json()
+    assert (mine["user"]["username"], mine["csrf_token"]) == ("alice", alice.csrf)
+
+
 def test_logging_in_again_ends_the_session_the_cookie_named(
     server: ParleyServer, alice: Browser
 ) -> None:

@@ -99,9 +99,10 @@ async def logout(request: web.Request) -> web.Response:
 
 async def session(request: web.Request) -> web.Response:
     """Who is calling and, for a cookie session, the CSRF token writes must carry (the
-    cookie itself is HttpOnly, so a page learns the token here)."""
+    cookie itself is HttpOnly, so a page learns the token here). A request authenticated
+    otherwise (a key) is described as that, whatever cookie it also carries."""
     caller = identity.current(request)
-    found = await auth.session_of(request)
+    found = await auth.session_of(request) if caller.via == "session" else None
     if found is not None:
         user = await _user_or_401(request, found.user_id)
         return _json(
@@ -153,7 +154,8 @@ async def update_me(request: web.Request) -> web.Response:
         if not await auth.hashing(request, lambda: users.check_password(user_id, current)):
             raise InvalidRequest("'current_password' is not correct", "current_password")
         changes["password"] = data["password"]
-        found = await auth.session_of(request)
+        # The caller's own session stays, never a cookie it merely carries.
+        found = await auth.session_of(request) if caller.via == "session" else None
         changes["end_sessions"] = True
         changes["keep_session"] = found.session_id if found is not None else None
     elif "current_password" in data:
