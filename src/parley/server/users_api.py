@@ -25,10 +25,11 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from parley.domain.users import MAX_KEY_DAYS, ApiKey, User, check_key_expiry
+from parley.domain.users import MAX_KEY_DAYS, ApiKey, Principal, User, check_key_expiry
 from parley.errors import AuthenticationFailed, InvalidRequest, NotFound
 from parley.server import auth, identity
 from parley.server.api_body import read_fields
+from parley.server.identity import Identity
 from parley.server.params import page_size
 from parley.server.state import SERVICES
 from parley.store.users import KEEP, Users
@@ -100,9 +101,9 @@ async def logout(request: web.Request) -> web.Response:
 async def session(request: web.Request) -> web.Response:
     """Who is calling and, for a cookie session, the CSRF token writes must carry (the
     cookie itself is HttpOnly, so a page learns the token here). A request authenticated
-    otherwise (a key) is described as that, whatever cookie it also carries."""
+    with a key is described as that key's caller, whatever cookie it also carries."""
     caller = identity.current(request)
-    found = await auth.session_of(request) if caller.via == "session" else None
+    found = await _own_session(request, caller)
     if found is not None:
         user = await _user_or_401(request, found.user_id)
         return _json(
@@ -117,6 +118,14 @@ async def session(request: web.Request) -> web.Response:
     if caller.user_id is not None:
         user_body = user_json(await _user_or_401(request, caller.user_id))
     return _json({"user": user_body, "csrf_token": None, "expires_at": None, "via": caller.via})
+
+
+async def _own_session(request: web.Request, caller: Identity) -> Principal | None:
+    """The cookie's session, unless the request was authenticated with a key (in local
+    mode, where no credentials are needed, a logged-in browser still has its session)."""
+    if caller.via not in ("session", "local"):
+        return None
+    return await auth.session_of(request)
 
 
 # -- the caller ----------------------------------------------------------------------------
@@ -155,7 +164,7 @@ async def update_me(request: web.Request) -> web.Response:
             raise InvalidRequest("'current_password' is not correct", "current_password")
         changes["password"] = data["password"]
         # The caller's own session stays, never a cookie it merely carries.
-        found = await auth.session_of(request) if caller.via == "session" else None
+        found = await _own_session(request, caller)
         changes["end_sessions"] = True
         changes["keep_session"] = found.session_id if found is not None else None
     elif "current_password" in data:
