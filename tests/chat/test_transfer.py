@@ -240,6 +240,17 @@ def test_an_import_refuses_unknown_fields_and_nul_characters() -> None:
     typo = orjson.dumps(doc({**BRANCHED, "pined": True}))
     with pytest.raises(InvalidRequest, match=r"unknown field\(s\) in conversations\[0\]: 'pined'"):
         transfer.import_trees(transfer.parse_json(typo))
+    # Inside a message entry, and inside its message, too.
+    entry = {**msg("u", None, "user", "hi", 0), "extra": 1}
+    message = msg("u", None, "user", "hi", 0)
+    message["message"] = {**message["message"], "colour": "blue"}
+    for node, where, name in (
+        (entry, r"conversations\[0\]\.messages\[0\]", "extra"),
+        (message, r"conversations\[0\]\.messages\[0\]\.message", "colour"),
+    ):
+        extra = {**BRANCHED, "messages": [node], "active_leaf_id": "u"}
+        with pytest.raises(InvalidRequest, match=rf"unknown field\(s\) in {where}: '{name}'"):
+            transfer.import_trees(transfer.parse_json(orjson.dumps(doc(extra))))
     for conversation in (
         {**BRANCHED, "system_prompt": "a\u0000b"},
         {**BRANCHED, "messages": [msg("u", None, "user", "a\u0000b", 0)], "active_leaf_id": "u"},

@@ -334,6 +334,11 @@ def test_a_key_expiry_more_than_ten_years_ahead_is_a_400(
         error = reply.json()["error"]
         assert error["type"] == "invalid_request_error" and error["param"] == param
         assert "at most 3650" in error["message"]
+    # Too soon to outlive the request: refused under the field that was sent.
+    for days in (1e-9, 0.0006):
+        reply = alice.write("POST", "/api/keys", json={"name": "soon", "expires_in_days": days})
+        assert reply.status_code == 400, reply.text
+        assert reply.json()["error"]["param"] == "expires_in_days"
     assert rows(database_url, "SELECT id FROM api_keys") == []
     near = alice.new_key(expires_at=(now + timedelta(days=3649)).isoformat())
     assert datetime.fromisoformat(near["expires_at"]) - now > timedelta(days=3648)

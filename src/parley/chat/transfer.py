@@ -147,6 +147,16 @@ def from_parley(data: Any) -> list[ConversationTree]:
     return [_parley_tree(c, f"conversations[{i}]") for i, c in enumerate(conversations)]
 
 
+# A parley export's message entries, and the messages in them (``Message.canonical`` and
+# the reasoning): anything else in a parley document is refused, as at its top level.
+_PARLEY_ENTRY_FIELDS = frozenset(
+    {"id", "parent_id", "created_at", "model", "finish_reason", "message"}
+)
+_PARLEY_MESSAGE_FIELDS = frozenset(
+    {"role", "content", "name", "tool_calls", "tool_call_id", "reasoning_content"}
+)
+
+
 def _parley_tree(raw: Any, where: str) -> ConversationTree:
     if not isinstance(raw, dict):
         raise InvalidRequest(f"{where} must be an object")
@@ -161,6 +171,9 @@ def _parley_tree(raw: Any, where: str) -> ConversationTree:
         at = f"{where}.messages[{i}]"
         if not isinstance(entry, dict):
             raise InvalidRequest(f"{at} must be an object")
+        fields.known_fields(entry, _PARLEY_ENTRY_FIELDS, at)
+        if isinstance(entry.get("message"), dict):
+            fields.known_fields(entry["message"], _PARLEY_MESSAGE_FIELDS, f"{at}.message")
         key = entry.get("id")
         if not isinstance(key, str) or not key or key in seen:
             raise InvalidRequest(f"{at}.id must be a string unique in its conversation")

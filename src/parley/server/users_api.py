@@ -375,6 +375,9 @@ def _page(request: web.Request) -> tuple[int, uuid.UUID | None]:
         raise InvalidRequest("'after' must be an id from a previous page", "after") from None
 
 
+_MIN_KEY_SECONDS = 60
+
+
 def _expiry(data: dict[str, Any]) -> datetime | None:
     """The key's expiry from ``expires_at`` (ISO 8601) or ``expires_in_days``; None: never.
     Either way at most ``MAX_KEY_DAYS`` ahead (``domain.users.check_key_expiry``)."""
@@ -388,6 +391,12 @@ def _expiry(data: dict[str, Any]) -> datetime | None:
         if days > MAX_KEY_DAYS:
             raise InvalidRequest(
                 f"'expires_in_days' must be at most {MAX_KEY_DAYS}", "expires_in_days"
+            )
+        if days * 86400 < _MIN_KEY_SECONDS:
+            # Else the key would expire before the store checks it, refused under the
+            # name of a field the caller did not send.
+            raise InvalidRequest(
+                "'expires_in_days' must be at least one minute (0.0007 days)", "expires_in_days"
             )
         return now + timedelta(days=days)
     if at is None:
