@@ -845,6 +845,31 @@ def test_final_usage_prefers_the_counts_message_delta_repeats() -> None:
     )
 
 
+def test_a_streamed_tool_call_without_arguments_has_an_empty_object() -> None:
+    """As a whole answer gives it ("{}"), never "": clients json.loads the arguments."""
+    parse = frames()
+
+    def events(event: dict[str, Any]) -> tuple[Any, ...]:
+        return parse.chunk(orjson.dumps(event), True).events
+
+    none = {"type": "tool_use", "id": "toolu_1", "name": "get_time", "input": {}}
+    some = {"type": "tool_use", "id": "toolu_2", "name": "w", "input": {}}
+    assert events({"type": "content_block_start", "index": 0, "content_block": none}) == (
+        ToolCallDelta(0, 0, "toolu_1", "get_time", ""),
+    )
+    empty = {"type": "input_json_delta", "partial_json": ""}
+    assert events({"type": "content_block_delta", "index": 0, "delta": empty}) == ()
+    assert events({"type": "content_block_stop", "index": 0}) == (
+        ToolCallDelta(0, 0, None, None, "{}"),
+    )
+    events({"type": "content_block_start", "index": 1, "content_block": some})
+    json_delta = {"type": "input_json_delta", "partial_json": '{"a": 1}'}
+    assert events({"type": "content_block_delta", "index": 1, "delta": json_delta}) == (
+        ToolCallDelta(0, 1, None, None, '{"a": 1}'),
+    )
+    assert events({"type": "content_block_stop", "index": 1}) == ()
+
+
 def test_unknown_events_pass_through_and_multi_line_data_is_one_line() -> None:
     chunk = frames().chunk(b'{"type": "future_event",\n"x": 1}', True)
     assert chunk.events == () and not chunk.final

@@ -625,3 +625,47 @@ def test_registry_builds_configured_providers_and_refuses_unsupported_kinds() ->
         build_providers(
             Settings(data_dir=Path("."), database_url="sqlite://", providers=(bogus,)), session
         )
+
+
+def test_parallel_tool_calls_streamed_without_an_index_stay_apart() -> None:
+    """Google's OpenAI-compatible API streams parallel calls with ids and no ``index``: a
+    new id is the next call; a delta without an id continues the current one."""
+    from parley.providers.openai_wire import StreamFrames
+
+    frames = StreamFrames("m", hide_usage=False, scrub=lambda s: s)
+
+    def call(call_id: str | None, arguments: str, name: str | None = "w") -> bytes:
+        function: dict[str, Any] = {"arguments": arguments}
+        if name is not None:
+            function["name"] = name
+        delta: dict[str, Any] = {"type": "function", "function": function}
+        if call_id is not None:
+            delta["id"] = call_id
+        choice = {"index": 0, "delta": {"tool_calls": [delta]}}
+        return orjson.dumps({"id": "c", "model": "m", "choices": [choice]})
+
+    sent = [
+        call("function-call-1", '{"city":'),
+        call(None, ' "Paris"}', name=None),
+        call("function-call-2", '{"city": "Rome"}'),
+        call("function-call-2", "", name=None),
+    ]
+    deltas = [
+        event
+        for payload in sent
+        for event in frames.chunk(payload, yielded=False).events
+        if isinstance(event, ToolCallDelta)
+    ]
+    assert [(d.index, d.id, d.arguments) for d in deltas] == [
+        (0, "function-call-1", '{"city":'),
+        (0, None, ' "Paris"}'),
+        (1, "function-call-2", '{"city": "Rome"}'),
+        (1, "function-call-2", ""),
+    ]
+    # Indices given by the upstream are kept as they are.
+    indexed = StreamFrames("m", hide_usage=False, scrub=lambda s: s)
+    payload = orjson.dumps(
+        {"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 3, "id": "x"}]}}]}
+    )
+    [event] = indexed.chunk(payload, yielded=False).events
+    assert isinstance(event, ToolCallDelta) and event.index == 3

@@ -335,7 +335,7 @@ def usage_from(raw: Mapping[str, Any], start: Mapping[str, Any] | None = None) -
 class StreamFrames:
     """What one stream has seen so far, and the parse of each of its frames."""
 
-    __slots__ = ("created", "model", "scrub", "start_usage", "started", "tool_blocks")
+    __slots__ = ("argued", "created", "model", "scrub", "start_usage", "started", "tool_blocks")
 
     def __init__(self, model: str, created: int, scrub: Scrub) -> None:
         self.model = model
@@ -345,6 +345,8 @@ class StreamFrames:
         self.start_usage: dict[str, Any] | None = None
         # content block index -> index of the tool call among this answer's tool calls
         self.tool_blocks: dict[int, int] = {}
+        # The tool blocks that got any arguments (one that got none stops with "{}").
+        self.argued: set[int] = set()
 
     def chunk(self, payload: bytes, yielded: bool, more: bool = False) -> Chunk:
         """The chunk for one SSE event's data; ``final`` for ``message_stop``."""
@@ -403,7 +405,14 @@ class StreamFrames:
             if isinstance(usage, dict):
                 events.append(UsageReport(usage_from(usage, self.start_usage)))
             return tuple(events)
-        # ping, content_block_stop, message_stop and event types added later: no events.
+        if kind == "content_block_stop":
+            index = whole(obj["index"])
+            position = self.tool_blocks.get(index)
+            if position is not None and index not in self.argued:
+                # A call without arguments: "{}" as a whole answer has it, never "".
+                return (ToolCallDelta(0, position, None, None, "{}"),)
+            return ()
+        # ping, message_stop and event types added later: no events.
         return ()
 
     def _block_start(self, index: int, block: dict[str, Any]) -> tuple[Event, ...]:
@@ -417,7 +426,11 @@ class StreamFrames:
         if kind == "tool_use":
             position = self.tool_blocks[index] = len(self.tool_blocks)
             call_id, name = text_of(block.get("id")), text_of(block.get("name"))
-            return (ToolCallDelta(0, position, call_id, name, ""),)
+            given = block.get("input")
+            arguments = orjson.dumps(given).decode() if isinstance(given, dict) and given else ""
+            if arguments:
+                self.argued.add(index)
+            return (ToolCallDelta(0, position, call_id, name, arguments),)
         return ()
 
     def _delta(self, index: int, delta: dict[str, Any]) -> tuple[Event, ...]:
@@ -432,6 +445,7 @@ class StreamFrames:
             # A server tool's input (web search...) is not a call the client must answer.
             if position is None or not fragment:
                 return ()
+            self.argued.add(index)
             return (ToolCallDelta(0, position, None, None, fragment),)
         return ()  # signature_delta, citations_delta: nothing a neutral client sees
 

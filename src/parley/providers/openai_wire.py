@@ -54,7 +54,7 @@ DONE_CHUNK = Chunk(events=(), raw=DONE, protocol=PROTOCOL, final=True)
 class StreamFrames:
     """What one stream has seen so far, and the parse of each of its frames."""
 
-    __slots__ = ("finished", "hide_usage", "model", "scrub", "started")
+    __slots__ = ("_calls", "finished", "hide_usage", "model", "scrub", "started")
 
     def __init__(self, model: str, hide_usage: bool, scrub: Scrub) -> None:
         self.model = model
@@ -63,6 +63,8 @@ class StreamFrames:
         self.scrub = scrub
         self.started = False
         self.finished: set[int] = set()
+        # Per choice, the tool call being streamed: (its position, its id).
+        self._calls: dict[int, tuple[int, str | None]] = {}
 
     def chunk(self, payload: bytes, yielded: bool, more: bool = False) -> Chunk:
         """The chunk for one ``data`` payload (not ``[DONE]``)."""
@@ -111,11 +113,29 @@ class StreamFrames:
                 events.append(ReasoningDelta(index, reasoning))
             calls = delta.get("tool_calls")
             if calls:
-                events.extend(tool_call(index, call, 0) for call in calls)
+                events.extend(tool_call(index, call, self._position(index, call)) for call in calls)
         reason = choice.get("finish_reason")
         if reason:
             self.finished.add(index)
             events.append(Finish(index, text_of(reason)))
+
+    def _position(self, choice: int, call: dict[str, Any]) -> int:
+        """Where a streamed tool-call delta goes when it has no ``index`` (Google's
+        OpenAI-compatible API sends parallel calls so): a new ``id`` starts the next call,
+        a delta without one (or with the same) continues the current call."""
+        current = self._calls.get(choice)
+        call_id = call.get("id")
+        if "index" in call:
+            position = whole(call["index"])
+        elif current is None:
+            position = 0
+        elif call_id is None or call_id == current[1]:
+            position = current[0]
+        else:
+            position = current[0] + 1
+        if current is None or current[0] != position or call_id is not None:
+            self._calls[choice] = (position, call_id)
+        return position
 
 
 def completion_events(obj: dict[str, Any], model: str) -> tuple[Event, ...]:
