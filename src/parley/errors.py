@@ -277,6 +277,16 @@ class UpstreamInterrupted(UpstreamError):
     error_type = "interrupted"
 
 
+def interrupted(message: str, *, overloaded: bool = False) -> UpstreamInterrupted:
+    """A stream the upstream broke off with an error of its own; ``overloaded`` when it
+    said it was overloaded, recorded and answered as such (Anthropic's
+    ``overloaded_error``), not as a plain interruption."""
+    error = UpstreamInterrupted(message)
+    if overloaded:
+        error.error_type = "overloaded"
+    return error
+
+
 class StoreError(ParleyError):
     status = 500
     openai_type = "server_error"

@@ -681,7 +681,11 @@ async def test_broken_streams_raise_after_their_first_chunks(
     if model != "malformed":
         assert len(events(got, TextDelta)) == 2
     if model == "error-mid":
+        # Its overloaded_error stays overloaded (an Anthropic client is told so).
         assert "Overloaded mid-stream" in str(caught.value)
+        assert getattr(caught.value, "error_type", None) == "overloaded"
+    elif model != "malformed":
+        assert getattr(caught.value, "error_type", None) == "interrupted"
     if model == "eof-mid":
         assert "message_stop" in str(caught.value)
 

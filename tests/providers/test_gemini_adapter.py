@@ -752,7 +752,11 @@ async def test_broken_streams_raise_after_their_first_chunks(
     assert not any(c.final for c in got) and not events(got, Finish)
     assert not getattr(caught.value, "retryable", True)
     if model == "error-mid":
+        # UNAVAILABLE mid-stream stays overloaded (an Anthropic client is told so).
         assert "overloaded" in str(caught.value)
+        assert getattr(caught.value, "error_type", None) == "overloaded"
+    elif model != "malformed":
+        assert getattr(caught.value, "error_type", None) == "interrupted"
 
 
 @pytest.mark.parametrize(

@@ -49,8 +49,8 @@ from parley.errors import (
     Unsupported,
     UpstreamError,
     UpstreamHTTPError,
-    UpstreamInterrupted,
     UpstreamProtocolError,
+    interrupted,
 )
 from parley.providers.wire import (
     MAX_MESSAGE,
@@ -468,7 +468,9 @@ def error_object(error: Any, yielded: bool, scrub: Scrub) -> UpstreamError:
     message, error_type = error_fields(orjson.dumps({"type": "error", "error": error}))
     message = scrub(message or "upstream reported an error")
     if yielded:
-        return UpstreamInterrupted(f"upstream error mid-stream: {message}")
+        # Overloaded stays overloaded: an Anthropic client is told overloaded_error.
+        overloaded = error_type == "overloaded_error"
+        return interrupted(f"upstream error mid-stream: {message}", overloaded=overloaded)
     status = ERRORS.get(error_type or "", (500, None))[0]
     return _error(status, error_type, message, {})
 

@@ -42,6 +42,7 @@ from parley.errors import (
     UpstreamHTTPError,
     UpstreamInterrupted,
     UpstreamProtocolError,
+    interrupted,
 )
 from parley.providers.wire import MAX_MESSAGE, Scrub, count, opt_str, retry_after, short, text_of
 
@@ -293,7 +294,8 @@ def error_object(error: Any, yielded: bool, scrub: Scrub) -> UpstreamError:
     error = error if isinstance(error, dict) else {"message": short(error)}
     if yielded:
         message = scrub(short(error.get("message")) or "upstream reported an error")
-        return UpstreamInterrupted(f"upstream error mid-stream: {message}")
+        overloaded = error.get("status") == "UNAVAILABLE" or error.get("code") == 503
+        return interrupted(f"upstream error mid-stream: {message}", overloaded=overloaded)
     code = error.get("code")
     status = (
         code
