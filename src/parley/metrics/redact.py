@@ -85,18 +85,20 @@ def redact_body(
         return None
     if "multipart/" in content_type:
         return f"[multipart body, {len(body)} bytes]"
-    secrets = as_secret_set(secrets)
-    text = body.decode("utf-8", "replace")
+    named = False
     try:
         text = orjson.dumps(_redact_value(orjson.loads(body))).decode()
     except orjson.JSONDecodeError:
+        text = body.decode("utf-8", "replace")
         if "x-www-form-urlencoded" in content_type:
             pairs = parse_qsl(text, keep_blank_values=True)
             text = urlencode([(k, REDACTED if SECRET_NAME.search(k) else v) for k, v in pairs])
         else:
-            # Shapes first: "Authorization: Bearer sk-..." keeps its "Bearer " to be found.
-            text = _NAMED_VALUE.sub(_named_value, redact_text(text, secrets))
+            named = True
     text = redact_text(text, secrets)
+    if named:
+        # After the shapes: "Authorization: Bearer sk-..." kept its "Bearer " to be found.
+        text = _NAMED_VALUE.sub(_named_value, text)
     if len(text) > limit:
         text = text[:limit] + f"...[truncated, {len(body)} bytes]"
     return text

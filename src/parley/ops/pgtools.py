@@ -125,10 +125,13 @@ def restore(database_url: str, dump_file: Path) -> None:
             env=env,
         )
         relayed = _relay(producer, consumer)
-        if not relayed or producer.returncode != 0:
-            consumer.kill()
-        consumer.wait()
         assert consumer.stdin is not None
+        if relayed and producer.returncode == 0:
+            with contextlib.suppress(BrokenPipeError):
+                consumer.stdin.close()  # the end of its input: psql commits
+        else:
+            consumer.kill()  # no end of input: the dropped connection rolls back
+        consumer.wait()
         with contextlib.suppress(OSError):
             consumer.stdin.close()
         if relayed and producer.returncode != 0:
@@ -144,9 +147,8 @@ def restore(database_url: str, dump_file: Path) -> None:
 
 
 def _relay(producer: subprocess.Popen[bytes], consumer: subprocess.Popen[bytes]) -> bool:
-    """Copy ``producer``'s output into ``consumer`` and wait for ``producer``; close
-    ``consumer``'s input (its end of input: ``psql`` commits) only when ``producer``
-    exited 0. False when ``consumer`` stopped reading first (its error says why)."""
+    """Copy ``producer``'s output into ``consumer`` (whose input stays open) and wait for
+    ``producer``. False when ``consumer`` stopped reading first (its error says why)."""
     assert producer.stdout is not None and consumer.stdin is not None
     relayed = True
     try:
@@ -157,9 +159,6 @@ def _relay(producer: subprocess.Popen[bytes], consumer: subprocess.Popen[bytes])
         producer.kill()
     producer.stdout.close()
     producer.wait()
-    if relayed and producer.returncode == 0:
-        with contextlib.suppress(BrokenPipeError):
-            consumer.stdin.close()
     return relayed
 
 
