@@ -106,6 +106,18 @@ def post(server: ParleyServer, content: bytes | str, **headers: str) -> httpx.Re
             "max_completion_tokens",
         ),
         (
+            b'{"model": "up/gpt-4o-mini", "seed": 100000000000000000000, '
+            b'"messages": [{"role": "user", "content": "x"}]}',
+            400,
+            "integer 100000000000000000000, outside the 64-bit range",
+        ),
+        (
+            b'{"model": "up/gpt-4o-mini", "metadata": {"n": [-9223372036854775809]}, '
+            b'"messages": [{"role": "user", "content": "x"}]}',
+            400,
+            "outside the 64-bit range",
+        ),
+        (
             b'{"model": "up/gpt-4o-mini", "stream": "yes", '
             b'"messages": [{"role": "user", "content": "x"}]}',
             400,
@@ -134,6 +146,23 @@ def test_bad_input_gets_openai_errors_and_stores_nothing(
     assert "Traceback" not in response.text
     assert rows(database_url, "SELECT id FROM request_log") == []
     assert rows(database_url, "SELECT id FROM messages") == []
+
+
+def test_integers_at_the_64_bit_edges_and_long_digit_strings_pass_unchanged(
+    server: ParleyServer, upstream: FakeOpenAI
+) -> None:
+    """The re-read that catches integers orjson would turn into floats refuses nothing
+    else: the edges of its range and 19 digits inside a string reach the upstream as sent."""
+    body = (
+        b'{"model": "up/gpt-4o-mini", "seed": 18446744073709551615, '
+        b'"metadata": {"low": -9223372036854775808, "order": "1234567890123456789012"}, '
+        b'"messages": [{"role": "user", "content": "x"}]}'
+    )
+    response = post(server, body)
+    assert response.status_code == 200, response.text
+    sent = upstream.received[-1][2]
+    assert sent["seed"] == 2**64 - 1
+    assert sent["metadata"] == {"low": -(2**63), "order": "1234567890123456789012"}
 
 
 def test_body_over_the_limit_is_413(server: ParleyServer, database_url: str) -> None:

@@ -10,6 +10,8 @@ trace in the request log.
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -39,6 +41,10 @@ _MODELLED = frozenset(
     }
 )
 _ENCODING_FORMATS = frozenset({"float", "base64"})
+# orjson reads an integer outside [-2**63, 2**64 - 1] as a float, silently changing it (a
+# ``seed`` of 10**20 would go upstream as 1e+20). Such an integer has at least 19 digits.
+_LONG_DIGITS = re.compile(rb"[0-9]{19}")
+_INT_MIN, _INT_MAX = -(2**63), 2**64 - 1
 
 
 def parse_json_object(body: bytes) -> dict[str, Any]:
@@ -50,7 +56,21 @@ def parse_json_object(body: bytes) -> dict[str, Any]:
         raise InvalidRequest(f"request body is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
         raise InvalidRequest("request body must be a JSON object")
+    if _LONG_DIGITS.search(body) is not None:
+        # Rare (a long number, or 19 digits in a row inside some string): read the body
+        # again with the standard library, which sees each integer's own digits.
+        json.loads(body, parse_int=_integer)
     return data
+
+
+def _integer(digits: str) -> int:
+    value = int(digits)
+    if not _INT_MIN <= value <= _INT_MAX:
+        raise InvalidRequest(
+            f"request body holds the integer {digits[:40]}, outside the 64-bit range "
+            f"({_INT_MIN} to {_INT_MAX})"
+        )
+    return value
 
 
 def parse_api_object(body: bytes) -> dict[str, Any]:
