@@ -282,6 +282,25 @@ async def test_sampling_fields_are_mapped(
     assert sent(fake)["max_tokens"] == 77
 
 
+async def test_a_json_schema_response_format_is_structured_output(
+    fake: FakeAnthropic, session: aiohttp.ClientSession
+) -> None:
+    """OpenAI's ``response_format`` json_schema goes out as Anthropic's
+    ``output_config.format``, the schema unchanged; ``text`` asks for nothing."""
+    schema = {
+        "type": "object",
+        "properties": {"city": {"type": "string"}},
+        "required": ["city"],
+        "additionalProperties": False,
+    }
+    provider = make_provider(session, fake.base_url)
+    response_format = {"type": "json_schema", "json_schema": {"name": "c", "schema": schema}}
+    await collect(provider.chat(request(extra={"response_format": response_format}), "m"))
+    assert sent(fake)["output_config"] == {"format": {"type": "json_schema", "schema": schema}}
+    await collect(provider.chat(request(extra={"response_format": {"type": "text"}}), "m"))
+    assert "output_config" not in sent(fake)
+
+
 async def test_images_data_url_and_http_url(
     fake: FakeAnthropic, session: aiohttp.ClientSession
 ) -> None:
@@ -482,6 +501,15 @@ async def test_parallel_tool_calls_are_indexed_among_calls_and_results_share_a_t
         (request(extra={"top_logprobs": 3}), "'top_logprobs' cannot be sent to Anthropic"),
         (request(extra={"logit_bias": {"9": 1}}), "'logit_bias' cannot be sent to Anthropic"),
         (request(messages=(Message("tool", "x"),)), "tool_call_id"),
+        (
+            request(extra={"response_format": {"type": "json_object"}}),
+            "json_object cannot be sent to Anthropic",
+        ),
+        (
+            request(extra={"response_format": {"type": "json_schema", "json_schema": {}}}),
+            "'response_format.json_schema.schema' must be an object",
+        ),
+        (request(extra={"response_format": {"type": "yaml"}}), "'response_format.type'"),
     ],
 )
 async def test_requests_anthropic_cannot_take_are_refused(

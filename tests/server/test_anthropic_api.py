@@ -355,6 +355,27 @@ def test_anthropic_only_fields_are_translated_or_kept_out(
     assert "metadata" not in body and "stop_sequences" not in body
 
 
+@pytest.mark.parametrize("field", ["output_config", "output_format"])
+def test_structured_output_reaches_an_openai_upstream_as_response_format(
+    server: ParleyServer, upstream: FakeOpenAI, sdk: anthropic.Anthropic, field: str
+) -> None:
+    """Anthropic's structured output (``output_config.format``, or the beta's
+    ``output_format``) asks an OpenAI upstream for the same schema."""
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+    spec = {"type": "json_schema", "schema": schema}
+    sdk.messages.create(
+        model="up/gpt-4o-mini",
+        max_tokens=50,
+        messages=[{"role": "user", "content": "q"}],
+        extra_body={field: {"format": spec} if field == "output_config" else spec},
+    )
+    assert sent(upstream)["response_format"] == {
+        "type": "json_schema",
+        "json_schema": {"name": "output", "schema": schema},
+    }
+    assert "output_config" not in sent(upstream)
+
+
 # -- errors ----------------------------------------------------------------------------
 
 
@@ -521,6 +542,9 @@ BAD_REQUESTS: list[tuple[dict[str, Any], str]] = [
         {"messages": [*USER_X, {"role": "assistant", "content": []}, *USER_X]},
         "messages.1: all messages must have non-empty content",
     ),
+    ({"output_config": "json"}, "output_config: must be an object"),
+    ({"output_config": {"format": {"type": "xml"}}}, "output_config.format: must be"),
+    ({"output_format": {"type": "json_schema"}}, "output_format.schema: must be an object"),
 ]
 
 

@@ -10,7 +10,8 @@ Invariants:
 - A neutral request is translated whole or refused with ``InvalidRequest`` (before any
   HTTP call): an image form Anthropic cannot take, a content part it has no block for,
   tool-call arguments that are not a JSON object, ``n`` > 1, ``logprobs``,
-  ``top_logprobs`` or ``logit_bias`` asking for anything.
+  ``top_logprobs`` or ``logit_bias`` asking for anything, a ``response_format`` of
+  ``json_object`` (a ``json_schema`` one becomes ``output_config.format``).
 - ``reasoning_effort`` is not mapped to ``thinking``: with thinking on, Anthropic wants the
   signed thinking blocks of a tool-using turn sent back, which an OpenAI client cannot do.
   A client that wants thinking sends Anthropic's ``thinking`` object, passed on as is.
@@ -132,9 +133,44 @@ def messages_body(request: ChatRequest, model: str) -> dict[str, Any]:
     for key in EXTRA_FIELDS:
         if extra.get(key) is not None:
             body[key] = extra[key]
+    output = output_config(extra.get("response_format"))
+    if output is not None:
+        body["output_config"] = output
     if request.user:
         body["metadata"] = {"user_id": request.user}
     return body
+
+
+def output_config(response_format: Any) -> dict[str, Any] | None:
+    """Anthropic's ``output_config`` for an OpenAI ``response_format``: a JSON schema
+    becomes its ``format`` (Anthropic's structured outputs); ``text`` (or no type) asks
+    for nothing. JSON mode without a schema (``json_object``) has no Anthropic form: it is
+    refused, so another candidate may take it, never silently dropped."""
+    if response_format is None:
+        return None
+    if not isinstance(response_format, Mapping):
+        raise InvalidRequest("'response_format' must be an object", param="response_format")
+    kind = response_format.get("type")
+    if kind is None or kind == "text":
+        return None
+    if kind == "json_object":
+        raise Unsupported(
+            "'response_format' json_object cannot be sent to Anthropic: it has no JSON mode "
+            "without a schema (send a json_schema)",
+            param="response_format",
+        )
+    if kind != "json_schema":
+        raise InvalidRequest(
+            "'response_format.type' must be 'text', 'json_object' or 'json_schema'",
+            param="response_format",
+        )
+    spec = response_format.get("json_schema")
+    schema = spec.get("schema") if isinstance(spec, Mapping) else None
+    if not isinstance(schema, Mapping):
+        raise InvalidRequest(
+            "'response_format.json_schema.schema' must be an object", param="response_format"
+        )
+    return {"format": {"type": "json_schema", "schema": dict(schema)}}
 
 
 def turns(messages: Sequence[Message]) -> list[dict[str, Any]]:

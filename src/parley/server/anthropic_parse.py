@@ -10,10 +10,12 @@ body as sent, so an Anthropic upstream receives every block and field untouched.
 
 What the neutral form cannot carry is left out of it (and so out of the store), never
 refused: ``thinking`` / ``redacted_thinking`` blocks, the blocks of Anthropic-hosted
-(server) tools, and server tool definitions. Unknown content block types are refused,
-because dropping what a user wrote would silently change the conversation; so is an
-empty message (``""`` or ``[]``) other than a final assistant one, as Anthropic refuses it.
-Every refusal is an ``InvalidRequest``, which the server answers as Anthropic error JSON.
+(server) tools, and server tool definitions. Structured output (``output_config.format``,
+or the beta's ``output_format``) becomes OpenAI's ``response_format`` with its schema.
+Unknown content block types are refused, because dropping what a user wrote would
+silently change the conversation; so is an empty message (``""`` or ``[]``) other than a
+final assistant one, as Anthropic refuses it. Every refusal is an ``InvalidRequest``,
+which the server answers as Anthropic error JSON.
 """
 
 from __future__ import annotations
@@ -82,6 +84,9 @@ def parse_messages_request(data: dict[str, Any], *, require_max_tokens: bool = T
         if not isinstance(thinking, dict) or not isinstance(thinking.get("type"), str):
             raise InvalidRequest("thinking: must be an object with a 'type'", "thinking")
         extra["thinking"] = thinking
+    response_format = _response_format(data)
+    if response_format is not None:
+        extra["response_format"] = response_format
     return ChatRequest(
         model=model,
         messages=tuple(messages),
@@ -99,6 +104,27 @@ def parse_messages_request(data: dict[str, Any], *, require_max_tokens: bool = T
         client_protocol=PROTOCOL,
         user=_user(data.get("metadata")),
     )
+
+
+def _response_format(data: Mapping[str, Any]) -> dict[str, Any] | None:
+    """OpenAI's ``response_format`` for Anthropic's structured output: ``output_config``'s
+    ``format``, or the beta's ``output_format``. Not ``strict``: OpenAI's strict mode
+    refuses schemas Anthropic takes (an optional property), and a looser answer beats a
+    400 from the upstream of another protocol."""
+    config = data.get("output_config")
+    if config is not None and not isinstance(config, dict):
+        raise InvalidRequest("output_config: must be an object", "output_config")
+    place, spec = "output_config.format", (config or {}).get("format")
+    if spec is None:
+        place, spec = "output_format", data.get("output_format")
+    if spec is None:
+        return None
+    if not isinstance(spec, dict) or spec.get("type") != "json_schema":
+        raise InvalidRequest(f"{place}: must be an object of type 'json_schema'", place)
+    schema = spec.get("schema")
+    if not isinstance(schema, dict):
+        raise InvalidRequest(f"{place}.schema: must be an object", f"{place}.schema")
+    return {"type": "json_schema", "json_schema": {"name": "output", "schema": schema}}
 
 
 def _system(system: Any) -> list[Message]:
