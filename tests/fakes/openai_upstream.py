@@ -15,6 +15,8 @@ Behaviour is chosen by the requested model name, so it works across processes:
   ``tool-call-garbled``: the same call with arguments cut short (not a JSON object);
 - ``fail-400|401|408|429|500|503``: that status with an OpenAI error body (429:
   Retry-After 1); ``redirect``: a 307 to another address, as a moved server answers;
+- ``refuse``: a refusal (``refusal`` in place of ``content``, finish ``stop``), as OpenAI
+  answers what it will not do; streamed in two ``refusal`` deltas;
 - ``flaky-<N>``: 500 for the first N requests of each ``user``, then a normal answer;
 - ``stall-first-byte``: 30 s before the headers; ``stall-mid``: 2 content chunks, then
   30 s; ``reset-mid``: 2 content chunks, then a TCP reset; ``malformed``: one chunk, then
@@ -70,6 +72,7 @@ FAILURES = MappingProxyType(
         503: ("server_error", None, "The engine is currently overloaded.", ()),
     }
 )
+REFUSAL = "I'm sorry, I can't help with that."
 TOOL_ARGUMENTS = ('{"city": ', '"Paris"}')
 GARBLED_ARGUMENTS = ('{"city": ', '"Par')
 # model -> index of the stream frame sent in place of the rest of the answer
@@ -245,7 +248,10 @@ class _Answer:
         tools = ("tool-call", "tool-call-garbled")
         self.tool_call = self.model in tools and last.get("role") != "tool"
         self.arguments = GARBLED_ARGUMENTS if self.model == "tool-call-garbled" else TOOL_ARGUMENTS
-        if self.model == "tool-call" and not self.tool_call:
+        self.refusal = self.model == "refuse"
+        if self.refusal:
+            self.text = REFUSAL
+        elif self.model == "tool-call" and not self.tool_call:
             self.text = f"tool said: {_text(last)}"
         else:
             users = [m for m in messages if m.get("role") == "user"]
@@ -267,6 +273,8 @@ class _Answer:
 
     def completion(self) -> dict[str, Any]:
         message: dict[str, Any] = {"role": "assistant", "content": self.text}
+        if self.refusal:
+            message = {"role": "assistant", "content": None, "refusal": self.text}
         if self.tool_call:
             message = {
                 "role": "assistant",
@@ -308,6 +316,9 @@ class _Answer:
                 {"tool_calls": [{"index": 0, "function": {"arguments": fragment}}]}
                 for fragment in self.arguments
             ]
+        elif self.refusal:
+            deltas = [{"refusal": piece} for piece in _split(self.text, 2)]
+            deltas[0] = {"role": "assistant", "content": None, **deltas[0]}
         else:
             deltas = [{"content": piece} for piece in _split(self.text, pieces)]
             deltas[0] = {"role": "assistant", **deltas[0]}

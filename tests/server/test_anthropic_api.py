@@ -39,7 +39,7 @@ from parley.domain.events import (
 from parley.domain.usage import Usage
 from parley.server.anthropic_encode import AnthropicEncoder, stop_reason
 from tests.fakes.anthropic_upstream import FakeAnthropic
-from tests.fakes.openai_upstream import FakeOpenAI
+from tests.fakes.openai_upstream import REFUSAL, FakeOpenAI
 from tests.harness import ParleyServer, rows, settings_for, write_config
 
 MASTER = "parley-master-test-key"
@@ -134,6 +134,26 @@ def test_non_streaming_answer_is_recorded(
     assert (req["prompt_tokens"], req["completion_tokens"], req["total_tokens"]) == (3, 2, 5)
     assert (req["model"], req["model_requested"]) == ("gpt-4o-mini", "up/gpt-4o-mini")
     assert req["max_tokens"] == 50 and req["temperature"] == 0.5 and req["message_count"] == 2
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_openai_refusal_is_an_anthropic_refusal(
+    server: ParleyServer, sdk: anthropic.Anthropic, stream: bool
+) -> None:
+    ask: Any = {
+        "model": "up/refuse",
+        "max_tokens": 50,
+        "messages": [{"role": "user", "content": "x"}],
+    }
+    if stream:
+        with sdk.messages.stream(**ask) as events:
+            text = "".join(events.text_stream)
+            reply = events.get_final_message()
+        assert text == REFUSAL
+    else:
+        reply = sdk.messages.create(**ask)
+    assert [(b.type, getattr(b, "text", None)) for b in reply.content] == [("text", REFUSAL)]
+    assert reply.stop_reason == "refusal"
 
 
 def test_stream_helper_gives_text_usage_and_timings(

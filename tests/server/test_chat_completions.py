@@ -16,7 +16,7 @@ import openai
 import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
-from tests.fakes.openai_upstream import FakeOpenAI
+from tests.fakes.openai_upstream import REFUSAL, FakeOpenAI
 from tests.harness import (
     ParleyServer,
     as_datetime,
@@ -96,6 +96,31 @@ def test_non_streaming_answer_is_recorded(server: ParleyServer, database_url: st
     assert messages[2]["content"] == "echo: hi"
     [response] = rows(database_url, "SELECT * FROM responses")
     assert response["message_id"] == messages[2]["id"] and response["request_id"] == req["id"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_refusal_reaches_the_client_as_sent_and_is_stored_as_the_answer(
+    server: ParleyServer, database_url: str, stream: bool
+) -> None:
+    """OpenAI's ``refusal`` (in place of ``content``) passes through untouched; the store
+    keeps its text as the assistant's message, finished ``content_filter``."""
+    sdk = client(server)
+    ask: list[ChatCompletionMessageParam] = [{"role": "user", "content": "do wrong"}]
+    if stream:
+        chunks = list(sdk.chat.completions.create(model="up/refuse", messages=ask, stream=True))
+        deltas = [c.choices[0].delta for c in chunks if c.choices]
+        assert "".join(d.refusal or "" for d in deltas) == REFUSAL
+        assert all(not d.content for d in deltas)
+    else:
+        message = sdk.chat.completions.create(model="up/refuse", messages=ask).choices[0].message
+        assert (message.refusal, message.content) == (REFUSAL, None)
+    [req] = rows(database_url, "SELECT * FROM request_log")
+    assert req["success"] and req["finish_reason"] == "content_filter"
+    stored = rows(database_url, "SELECT role, content FROM messages ORDER BY id")
+    assert [(m["role"], m["content"]) for m in stored] == [
+        ("user", "do wrong"),
+        ("assistant", REFUSAL),
+    ]
 
 
 def test_streaming_with_usage_and_timings(server: ParleyServer, database_url: str) -> None:

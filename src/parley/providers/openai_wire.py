@@ -7,6 +7,9 @@ parsed once with orjson, raw bytes are never re-serialised, and no regex is used
 Invariants:
 
 - ``StreamFrames.chunk`` forwards a frame as ``data: <the JSON bytes as received>\\n\\n``.
+- A refusal (``message.refusal`` / ``delta.refusal``) is the choice's text, and its
+  ``stop`` is ``content_filter`` (``refused``); an OpenAI client still gets the bytes as
+  sent.
 - Error messages built here are cut to 500 characters and pass through the caller's
   ``scrub`` (which removes keys an upstream might echo); they never hold request headers.
 """
@@ -54,7 +57,7 @@ DONE_CHUNK = Chunk(events=(), raw=DONE, protocol=PROTOCOL, final=True)
 class StreamFrames:
     """What one stream has seen so far, and the parse of each of its frames."""
 
-    __slots__ = ("_calls", "finished", "hide_usage", "model", "scrub", "started")
+    __slots__ = ("_calls", "_refused", "finished", "hide_usage", "model", "scrub", "started")
 
     def __init__(self, model: str, hide_usage: bool, scrub: Scrub) -> None:
         self.model = model
@@ -65,6 +68,8 @@ class StreamFrames:
         self.finished: set[int] = set()
         # Per choice, the tool call being streamed: (its position, its id).
         self._calls: dict[int, tuple[int, str | None]] = {}
+        # Choices whose answer is a refusal (see ``refused``).
+        self._refused: set[int] = set()
 
     def chunk(self, payload: bytes, yielded: bool, more: bool = False) -> Chunk:
         """The chunk for one ``data`` payload (not ``[DONE]``)."""
@@ -108,6 +113,10 @@ class StreamFrames:
             text = delta.get("content")
             if text:
                 events.append(TextDelta(index, text_of(text)))
+            refusal = delta.get("refusal")
+            if refusal and isinstance(refusal, str):
+                self._refused.add(index)
+                events.append(TextDelta(index, refusal))
             reasoning = delta.get("reasoning_content") or delta.get("reasoning")
             if reasoning and isinstance(reasoning, str):
                 events.append(ReasoningDelta(index, reasoning))
@@ -117,7 +126,7 @@ class StreamFrames:
         reason = choice.get("finish_reason")
         if reason:
             self.finished.add(index)
-            events.append(Finish(index, text_of(reason)))
+            events.append(Finish(index, refused(text_of(reason), index in self._refused)))
 
     def _position(self, choice: int, call: dict[str, Any]) -> int:
         """Where a streamed tool-call delta goes when it has no ``index`` (Google's
@@ -149,15 +158,27 @@ def completion_events(obj: dict[str, Any], model: str) -> tuple[Event, ...]:
             content = "".join(str(p.get("text", "")) for p in content if p.get("type") == "text")
         if content:
             events.append(TextDelta(index, text_of(content)))
+        refusal = message.get("refusal")
+        if refusal and isinstance(refusal, str):
+            events.append(TextDelta(index, refusal))
         reasoning = message.get("reasoning_content") or message.get("reasoning")
         if reasoning and isinstance(reasoning, str):
             events.append(ReasoningDelta(index, reasoning))
         for n, call in enumerate(message.get("tool_calls") or ()):
             events.append(tool_call(index, call, n))
-        events.append(Finish(index, text_of(choice.get("finish_reason") or "stop")))
+        reason = text_of(choice.get("finish_reason") or "stop")
+        events.append(Finish(index, refused(reason, bool(refusal))))
     if obj.get("usage"):
         events.append(UsageReport(usage_from(obj["usage"])))
     return tuple(events)
+
+
+def refused(reason: str, refusal: bool) -> str:
+    """The neutral finish reason of a choice. OpenAI answers a refusal (``refusal`` in
+    place of ``content``, structured outputs) with ``stop``: for the record and for
+    clients of other protocols it is ``content_filter``, as Anthropic's ``refusal`` is;
+    its text is the answer's text, so the store keeps what the model said."""
+    return "content_filter" if refusal and reason == "stop" else reason
 
 
 def response_start(obj: dict[str, Any], model: str) -> ResponseStart:
