@@ -17,6 +17,8 @@ Behaviour is chosen by the requested model name, so it works across processes:
   Retry-After 1); ``redirect``: a 307 to another address, as a moved server answers;
 - ``refuse``: a refusal (``refusal`` in place of ``content``, finish ``stop``), as OpenAI
   answers what it will not do; streamed in two ``refusal`` deltas;
+- ``usage-huge``: the usual answer with counts no model could have (2**63 - 1 prompt
+  tokens, -1 completion tokens);
 - ``flaky-<N>``: 500 for the first N requests of each ``user``, then a normal answer;
 - ``stall-first-byte``: 30 s before the headers; ``stall-mid``: 2 content chunks, then
   30 s; ``reset-mid``: 2 content chunks, then a TCP reset; ``malformed``: one chunk, then
@@ -267,6 +269,8 @@ class _Answer:
             "prompt_tokens_details": {"cached_tokens": 0},
             "completion_tokens_details": {"reasoning_tokens": 0},
         }
+        if self.model == "usage-huge":
+            self.usage.update(prompt_tokens=2**63 - 1, completion_tokens=-1, total_tokens=None)
 
     def _head(self, kind: str) -> dict[str, Any]:
         return {"id": self.id, "object": kind, "created": CREATED, "model": self.model}

@@ -123,6 +123,30 @@ def test_a_refusal_reaches_the_client_as_sent_and_is_stored_as_the_answer(
     ]
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_usage_counts_no_model_could_have_are_not_stored_and_block_nothing(
+    server: ParleyServer, database_url: str, stream: bool
+) -> None:
+    """Before, a prompt count of 2**63 - 1 went into the rollups, whose next sum on the
+    same series overflowed: every later exchange of that model failed to commit (a 500
+    after the upstream answered). On PostgreSQL the first one already failed."""
+    sdk = client(server)
+    ask: list[ChatCompletionMessageParam] = [{"role": "user", "content": "count"}]
+    for model in ("up/usage-huge", "up/usage-huge", "up/usage-huge", "up/gpt-4o-mini"):
+        if stream:
+            list(sdk.chat.completions.create(model=model, messages=ask, stream=True))
+        else:
+            sdk.chat.completions.create(model=model, messages=ask)
+    logged = rows(
+        database_url,
+        "SELECT model, prompt_tokens, completion_tokens, total_tokens, success "
+        "FROM request_log ORDER BY id",
+    )
+    assert [tuple(r.values()) for r in logged] == [("usage-huge", None, None, None, 1)] * 3 + [
+        ("gpt-4o-mini", 1, 2, 3, 1)
+    ]
+
+
 def test_streaming_with_usage_and_timings(server: ParleyServer, database_url: str) -> None:
     stream = client(server).chat.completions.create(
         model="up/gpt-4o-mini",

@@ -22,6 +22,10 @@ from parley.errors import UpstreamProtocolError
 # Upstream error messages are cut to this many characters.
 MAX_MESSAGE = 500
 
+# The largest token count taken from an upstream (see ``count``): four of them add up to
+# less than 2**31, and it is far beyond any model's context.
+MAX_USAGE_COUNT = 500_000_000
+
 # Removes secrets (keys an upstream might echo) from a message.
 Scrub = Callable[[str], str]
 
@@ -41,7 +45,12 @@ def text_of(value: Any) -> str:
 
 
 def count(value: Any) -> int | None:
-    return value if type(value) is int else None
+    """A token count from the upstream; None (not reported) unless an integer from 0 to
+    ``MAX_USAGE_COUNT``. A larger one is no real count: stored, it would not fit the
+    request log's 32-bit columns on PostgreSQL once added to others (a prompt is up to
+    three counts, a total four), and summed into the rollups it would overflow their
+    64-bit totals and fail every later commit of its series."""
+    return value if type(value) is int and 0 <= value <= MAX_USAGE_COUNT else None
 
 
 def dumps(body: Mapping[str, Any]) -> bytes:
