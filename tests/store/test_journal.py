@@ -126,6 +126,7 @@ async def test_a_record_that_cannot_be_committed_is_kept_for_the_next_start(
     log = Journal(directory)
     await record(log, writer, exchange(0))
     await record(log, writer, exchange(1, model_used=None))  # the store refuses this one
+    assert (log.pending, log.kept) == (0, 1)
     log.close()
     assert len(segments(directory)) == 1  # kept: a commit failed
     assert count(migrated_engine) == 1
@@ -152,6 +153,44 @@ async def test_records_of_another_format_go_to_failed_once_the_rest_is_stored(
     assert await replay(directory, migrated_engine, writer) == 1
     assert segments(directory) == [] and segments(directory / "failed") == [name]
     assert count(migrated_engine) == 1
+
+
+async def test_a_zero_filled_tail_is_a_torn_tail(
+    tmp_path: Path, writer: Writer, migrated_engine: sa.Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A crash can leave a file's end as zeros: no record, not another version's."""
+    directory = tmp_path / "journal"
+    dead = Journal(directory)
+    for i in range(3):
+        dead.append(exchange(i))
+    dead.close()
+    [name] = segments(directory)
+    with (directory / name).open("ab") as tail:
+        tail.write(bytes(4096))
+    with caplog.at_level(logging.WARNING, logger="parley.store.journal"):
+        assert await replay(directory, migrated_engine, writer) == 3
+    assert segments(directory) == [] and not (directory / "failed").exists()
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+async def test_a_damaged_record_with_records_after_it_sends_the_segment_to_failed(
+    tmp_path: Path, writer: Writer, migrated_engine: sa.Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Only the last record can be torn (a short write ends its segment): one damaged
+    before others is a damaged file, kept for a person, not deleted as a torn tail."""
+    directory = tmp_path / "journal"
+    dead = Journal(directory)
+    for i in range(5):
+        dead.append(exchange(i))
+    dead.close()
+    [name] = segments(directory)
+    data = bytearray((directory / name).read_bytes())
+    data[len(data) // 2] ^= 0xFF  # inside the third record's payload
+    (directory / name).write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING, logger="parley.store.journal"):
+        assert await replay(directory, migrated_engine, writer) == 2
+    assert segments(directory) == [] and segments(directory / "failed") == [name]
+    assert any("damaged record" in r.message for r in caplog.records)
 
 
 async def test_segments_stay_while_the_owner_lock_is_held(

@@ -390,9 +390,10 @@ async def _healthz(request: web.Request) -> web.Response:
             "batches": writer.batches,
         },
     }
-    if services.journal is not None:
-        # Acknowledged on the journal and not yet committed.
-        body["journal"] = {"pending": services.journal.pending}
+    if journaled := services.journal:
+        # Acknowledged on the journal and not yet committed; of those, the ones whose
+        # commit failed (replayed at the next start).
+        body["journal"] = {"pending": journaled.pending + journaled.kept, "kept": journaled.kept}
     return web.Response(
         body=orjson.dumps(body), status=200 if alive else 503, content_type="application/json"
     )

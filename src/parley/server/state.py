@@ -9,6 +9,7 @@ in ``journal`` mode once it is written to the journal (``store.journal``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 from dataclasses import dataclass, field
@@ -59,7 +60,7 @@ class Services:
 
     def check_recording(self) -> None:
         """Refuse before any upstream call when the answer could not be recorded."""
-        if self.settings.recording != "async" and not self.writer.is_alive():
+        if not self.writer.is_alive():
             raise StoreUnavailable("the store writer is not running; try again later")
 
     async def admit(self, caller: Caller) -> None:
@@ -72,25 +73,15 @@ class Services:
     async def record(self, exchange: Exchange) -> None:
         """Commit ``exchange`` (durable mode), write it to the journal and queue it
         (journal mode), or queue it (async mode); in the last two, with the writer four
-        batches behind, wait for its commit as durable mode does (a failed commit then
-        reaches the client as durable mode's would)."""
+        batches behind, wait for its commit as durable mode does. A failed commit reaches
+        the client as durable mode's would, except for a journaled exchange: that one is
+        acknowledged, and the next start's replay commits it."""
         limit = ASYNC_BACKLOG_BATCHES * self.settings.writer_batch_max
         pending: asyncio.Future[Any] | None
         if self.journal is not None and self.journal.takes(exchange):
-            # Acknowledged once on the journal, unless the writer is a few batches behind.
-            segment = self.journal.append(exchange)
-            try:
-                pending = self.writer.submit(exchange)
-            except BaseException:
-                self.journal.failed(segment)  # kept for the next start's replay
-                raise
-            pending.add_done_callback(functools.partial(self.journal.settled, segment))
-            if self.journal.pending <= limit:
-                return
-            # A client that leaves while waiting must not cancel the commit's future: the
-            # journal would take the record for failed.
-            pending = asyncio.shield(pending)
-        elif self.settings.recording == "async":
+            await self._journal(self.journal, exchange, limit)
+            return
+        if self.settings.recording == "async":
             # Acknowledged before the commit, unless the writer is a few batches behind.
             pending = self.writer.submit_unless_behind(exchange, limit)
             if pending is None:
@@ -104,6 +95,23 @@ class Services:
         except Exception as exc:
             log.exception("recording failed")
             raise StoreError("the exchange could not be recorded") from exc
+
+    async def _journal(self, journal: Journal, exchange: Exchange, limit: int) -> None:
+        """Append ``exchange`` to the journal (acknowledged from then on) and queue its
+        commit; wait for that commit only while the writer is a few batches behind."""
+        segment = journal.append(exchange)
+        try:
+            pending = self.writer.submit(exchange)
+        except Exception:
+            journal.failed(segment)  # logged there; kept for the next start's replay
+            return
+        pending.add_done_callback(functools.partial(journal.settled, segment))
+        if journal.pending <= limit:
+            return
+        # A client that leaves while waiting must not cancel the commit's future: the
+        # journal would take the record for failed.
+        with contextlib.suppress(Exception):
+            await asyncio.shield(pending)
 
     async def record_quietly(self, exchange: Exchange) -> None:
         """Record an exchange whose client already gets an error; a store failure is logged.

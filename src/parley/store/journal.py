@@ -14,15 +14,19 @@ mode with ``FULL`` (or PostgreSQL) is the choice for that.
 Invariants:
 - a record is acknowledged only after its ``write`` returned whole; a crash during the
   write leaves a torn tail, which replay recognises by its length or checksum and skips
-  (it was never acknowledged);
+  (it was never acknowledged), as it does a zero-filled tail. A damaged record with more
+  records after it is no torn tail: the records before it are committed and the segment
+  goes to ``failed/``;
 - records carry their exchange's chain id (assigned here when it has none): replay skips
   every exchange whose chain id the request log already holds, so nothing is stored
   twice, whatever the writer committed before the crash;
 - a segment is deleted only once all its records' commits succeeded; one whose commit
   failed stays for the next start's replay, and so does one whose replay could not
   commit (the database failed: the next start tries again). Only records no parley here
-  can decode (another version's) send a segment to ``failed/``, once the rest of it is
-  committed;
+  can decode (another version's, or damaged ones) send a segment to ``failed/``, once
+  the rest of it is committed;
+- ``pending`` counts the records appended and not yet committed; ``kept``, those whose
+  commit failed, which wait for the next start's replay (``/healthz`` reports both);
 - each server holds an exclusive ``flock`` on the segments it writes, until it deletes
   them, and one on its owner file for its whole life, shared with its process writer's
   child: replay takes a segment only when it gets both locks, so never one whose server,
@@ -117,7 +121,10 @@ class Journal:
         self._current: _Segment | None = None
         self._closed: list[_Segment] = []  # full segments waiting for their commits
         self._ids = PublicIds()
+        # Records appended whose commit is still to come (the writer's backlog)...
         self.pending = 0
+        # ...and those whose commit failed: they wait for the next start's replay.
+        self.kept = 0
 
     @staticmethod
     def takes(exchange: Exchange) -> bool:
@@ -158,7 +165,9 @@ class Journal:
             self._done(segment)
 
     def failed(self, segment: _Segment) -> None:
-        """A record of ``segment`` was not committed (or not even queued)."""
+        """A record of ``segment`` was not committed (or not even queued): it counts as
+        ``kept`` until the next start replays it."""
+        self.kept += 1
         if not segment.keep:
             log.error(
                 "an acknowledged exchange could not be committed; its journal segment %s "
@@ -312,8 +321,21 @@ def _read(fd: int, path: Path) -> tuple[list[Exchange], int]:
     at = 0
     while at + _HEAD.size <= len(data):
         version, length, crc = _HEAD.unpack_from(data, at)
-        payload = data[at + _HEAD.size : at + _HEAD.size + length]
-        if len(payload) < length or zlib.crc32(payload) != crc:
+        end = at + _HEAD.size + length
+        payload = data[at + _HEAD.size : end]
+        if length == 0 or len(payload) < length or zlib.crc32(payload) != crc:
+            # No record is empty: a zero length is a tail the crash left zero-filled.
+            if length and len(payload) == length and data[end:].strip(b"\0"):
+                # A whole record, damaged, with more after it: parley writes nothing
+                # after a short write, so this is no torn tail but a damaged file. The
+                # segment goes to ``failed/`` (after the records before it are committed).
+                log.error(
+                    "journal segment %s: a damaged record at byte %d, %d byte(s) after it not read",
+                    path.name,
+                    at,
+                    len(data) - end,
+                )
+                return exchanges, unreadable + 1
             break
         at += _HEAD.size + length
         if version != _FORMAT:
