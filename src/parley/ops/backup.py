@@ -40,6 +40,7 @@ from sqlalchemy.exc import DBAPIError
 import parley
 from parley.errors import BackupError
 from parley.ops import archive, pgtools
+from parley.search import vectors
 from parley.settings import Settings
 from parley.store import snapshot
 from parley.store.engine import create_engine, sqlite_path
@@ -249,19 +250,24 @@ def _write(settings: Settings, directory: Path, staging: Path, reason: str | Non
         head["reason"] = reason
     partial = staging / "archive.partial"
     with archive.new_file(partial) as raw, _snapshot_dir(settings, staging) as snapshots:
-        database, dumped = _snapshot_database(settings, snapshots)
-        head["database_kind"] = database["kind"]
-        head["schema_revision"] = database.pop("schema_revision")
-        writer = archive.ArchiveWriter(raw, head, secret)
-        writer.add(database["member"], dumped)
-        dumped.unlink()  # the archive holds it now; free the space before the blobs
-        skipped = 0
-        for prefix, root in (("blobs", settings.blob_dir), ("vectors", vector_dir(settings))):
-            for relative, file in archive.walk_files(
-                root, skip_top={"tmp"} if prefix == "blobs" else set()
-            ):
-                if writer.add(f"{prefix}/{relative}", file) is None:
-                    skipped += 1
+        # No vector is written from before the database snapshot until the vectors are
+        # copied: they are one version of the store, and every change after it is still
+        # in the snapshot's search outbox, which the indexer drains after a restore.
+        with vectors.frozen(settings.vector_uri) as vector_root:
+            database, dumped = _snapshot_database(settings, snapshots)
+            head["database_kind"] = database["kind"]
+            head["schema_revision"] = database.pop("schema_revision")
+            writer = archive.ArchiveWriter(raw, head, secret)
+            writer.add(database["member"], dumped)
+            dumped.unlink()  # the archive holds it now; free the space before the rest
+            skipped = _add_tree(writer, "vectors", vector_root)
+        if vector_root is None:
+            log.warning(
+                "the vector store (%s) is not on this machine: it is not in the backup; "
+                "after a restore, 'parley reindex' rebuilds it",
+                settings.vector_uri,
+            )
+        skipped += _add_tree(writer, "blobs", settings.blob_dir, skip_top=frozenset({"tmp"}))
         if skipped:
             log.warning("%d file(s) vanished or were not regular files during the backup", skipped)
         manifest = writer.finish({"database": database})
@@ -290,8 +296,25 @@ def driver_message(exc: DBAPIError) -> str:
     return " ".join(str(exc.orig).split())
 
 
-def vector_dir(settings: Settings) -> Path:
-    return settings.data_dir / "vectors"
+def _add_tree(
+    writer: archive.ArchiveWriter,
+    prefix: str,
+    root: Path | None,
+    skip_top: frozenset[str] = frozenset(),
+) -> int:
+    """Add every file under ``root`` as ``prefix/...``; how many vanished meanwhile."""
+    skipped = 0
+    if root is not None:
+        for relative, file in archive.walk_files(root, skip_top=set(skip_top)):
+            if writer.add(f"{prefix}/{relative}", file) is None:
+                skipped += 1
+    return skipped
+
+
+def vector_dir(settings: Settings) -> Path | None:
+    """The vector store's directory when it is on this machine (the default, under the
+    data directory, or a ``PARLEY_VECTOR_URI`` path), else None."""
+    return vectors.local_path(settings.vector_uri)
 
 
 def _snapshot_database(settings: Settings, staging: Path) -> tuple[dict[str, Any], Path]:

@@ -27,6 +27,7 @@ deleted before a verified backup of it exists.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shutil
@@ -136,6 +137,13 @@ def _restore(
         else:
             _restore_postgres(settings, db_stage / PG_MEMBER, tables, report)
         for name, target in (("blobs", settings.blob_dir), ("vectors", vector_dir(settings))):
+            if target is None:
+                log.warning(
+                    "the vector store (%s) is not on this machine: it is left as it is; "
+                    "run 'parley reindex --full' to rebuild it from the restored history",
+                    settings.vector_uri,
+                )
+                continue
             _swap_directory(data_stage / name, target, report, stamp)
     except OSError as exc:
         before = report.safety_backup or ", ".join(map(str, report.kept_aside)) or "nowhere"
@@ -249,7 +257,15 @@ def _swap_directory(staged: Path, target: Path, report: RestoreReport, stamp: st
         os.replace(target, old)
     if staged.exists():
         staged.chmod(0o700)
-        os.replace(staged, target)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.replace(staged, target)
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:
+                raise
+            # A vector store on another file system than the data directory.
+            shutil.copytree(staged, target, symlinks=True)
+            shutil.rmtree(staged)
     fsync_directory(target.parent)
     if old is not None:
         if report.safety_backup is None and _count(old):

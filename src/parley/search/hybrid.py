@@ -135,6 +135,13 @@ class SemanticSearch:
                 "the semantic index is being rebuilt for a new embedding model; "
                 "try again later or use mode=keyword"
             ) from None
+        except (RuntimeError, OSError) as exc:
+            # LanceDB's own errors: a damaged store (a file missing, unreadable...).
+            log.error("the vector store could not be searched: %s", exc)
+            raise SearchUnavailable(
+                "the semantic index could not be read; an administrator can rebuild it "
+                "with 'parley reindex --full'; use mode=keyword meanwhile"
+            ) from None
         with self.engine.connect() as conn:
             found = outbox.found_messages(
                 conn, [n.message_id for n in nearest], scope.user_id, scope.everyone

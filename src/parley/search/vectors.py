@@ -24,7 +24,10 @@ Invariants:
   the search is exact. ``optimize`` (the maintenance hook) compacts, folds new rows into
   the index and drops old versions;
 - writes are idempotent (``merge_insert`` on ``id``; deleting an absent id is a no-op),
-  so an outbox batch replayed after a crash changes nothing.
+  so an outbox batch replayed after a crash changes nothing;
+- every write of a local store holds a shared ``flock`` on ``<store>.lock`` (beside its
+  directory), and ``frozen`` an exclusive one: a backup copies one version of the files,
+  never a manifest naming a deletion or index file written after the copy passed it.
 
 Opening is free: LanceDB (seconds to import) is imported and connected on first use, and
 a local store that was never created reads as empty without either, so a process that
@@ -35,9 +38,12 @@ Every method blocks: call it through ``asyncio.to_thread`` from the event loop.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import math
+import os
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -141,7 +147,7 @@ class VectorStore:
     def prepare(self, model: str, dimension: int) -> bool:
         """Make the store hold ``model``'s vectors; return True when it was emptied for it
         (a new store, or one that held another model's: every row must be embedded)."""
-        with self._lock:
+        with self._writing():
             self._read_meta()
             if self.model == model and self.dimension == dimension and self._complete():
                 return False
@@ -185,7 +191,7 @@ class VectorStore:
         self._delete(CHUNKS, ids)
 
     def _merge(self, name: str, data: pa.Table) -> None:
-        with self._lock:
+        with self._writing():
             table = self._table(name)
             merge = table.merge_insert("id").when_matched_update_all()
             merge.when_not_matched_insert_all().execute(data)
@@ -194,7 +200,7 @@ class VectorStore:
         wanted = sorted({int(i) for i in ids})
         if not wanted or self.model is None:
             return
-        with self._lock:
+        with self._writing():
             table = self._table(name)
             for start in range(0, len(wanted), 1000):
                 part = wanted[start : start + 1000]
@@ -320,7 +326,7 @@ class VectorStore:
             return "empty vector store"
         done: list[str] = []
         for name in (MESSAGES, CHUNKS):
-            with self._lock:
+            with self._writing():
                 table = self._table(name)
                 rows = int(table.count_rows())
                 if self.ensure_index(name, ann_min_rows, rows):
@@ -354,6 +360,13 @@ class VectorStore:
         return any("vector" in getattr(index, "columns", ()) for index in table.list_indices())
 
     # -- internals -----------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        """One writer of this object at a time, and none while a backup copies the store
+        (``frozen``): writers of all processes share the lock file's lock."""
+        with self._lock, _flocked(local_path(self.uri), fcntl.LOCK_SH):
+            yield
 
     def _connection(self) -> Any:
         with self._connecting:
@@ -407,6 +420,41 @@ class VectorStore:
         if name == MESSAGES:
             return _message_schema(self.dimension)
         return _chunk_schema(self.dimension)
+
+
+def local_path(uri: str) -> Path | None:
+    """The directory of a store on this machine's disk (a path, or a ``file://`` URI);
+    None for a remote one (``s3://``...)."""
+    if uri.startswith("file://"):
+        return Path(uri.removeprefix("file://"))
+    return None if "://" in uri else Path(uri)
+
+
+@contextlib.contextmanager
+def frozen(uri: str) -> Iterator[Path | None]:
+    """No vector written, in any process, while the block runs: the store's files are one
+    version (a backup copies them so). Waits for the writes under way. Yields the local
+    directory (None for a remote store, which nothing here can hold still)."""
+    path = local_path(uri)
+    with _flocked(path, fcntl.LOCK_EX):
+        yield path
+
+
+@contextlib.contextmanager
+def _flocked(store: Path | None, kind: int) -> Iterator[None]:
+    """``kind`` (shared or exclusive) on the lock file beside a local store's directory
+    (beside, not in it: LanceDB owns the directory, and a backup copies it whole)."""
+    if store is None:
+        yield
+        return
+    lock = store.with_name(store.name + ".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, kind)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def _arrow(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:
