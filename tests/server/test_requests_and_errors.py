@@ -109,7 +109,7 @@ def post(server: ParleyServer, content: bytes | str, **headers: str) -> httpx.Re
             b'{"model": "up/gpt-4o-mini", "seed": 100000000000000000000, '
             b'"messages": [{"role": "user", "content": "x"}]}',
             400,
-            "integer 100000000000000000000, outside the 64-bit range",
+            "'seed' holds the integer 100000000000000000000, outside the 64-bit range",
         ),
         (
             b'{"model": "up/gpt-4o-mini", "metadata": {"n": [-9223372036854775809]}, '

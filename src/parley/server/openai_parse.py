@@ -58,19 +58,31 @@ def parse_json_object(body: bytes) -> dict[str, Any]:
         raise InvalidRequest("request body must be a JSON object")
     if _LONG_DIGITS.search(body) is not None:
         # Rare (a long number, or 19 digits in a row inside some string): read the body
-        # again with the standard library, which sees each integer's own digits.
-        json.loads(body, parse_int=_integer)
+        # again with the standard library, which keeps each integer whole.
+        for key, value in json.loads(body).items():
+            wide = _wide_integer(value)
+            if wide is not None:
+                raise InvalidRequest(
+                    f"'{key}' holds the integer {str(wide)[:40]}, outside the 64-bit range "
+                    f"({_INT_MIN} to {_INT_MAX})",
+                    key,
+                )
     return data
 
 
-def _integer(digits: str) -> int:
-    value = int(digits)
-    if not _INT_MIN <= value <= _INT_MAX:
-        raise InvalidRequest(
-            f"request body holds the integer {digits[:40]}, outside the 64-bit range "
-            f"({_INT_MIN} to {_INT_MAX})"
-        )
-    return value
+def _wide_integer(value: Any) -> int | None:
+    """The first integer in ``value`` (at any depth) outside orjson's range, else None."""
+    if type(value) is int:
+        return None if _INT_MIN <= value <= _INT_MAX else value
+    if isinstance(value, dict):
+        value = value.values()
+    elif not isinstance(value, list):
+        return None
+    for item in value:
+        wide = _wide_integer(item)
+        if wide is not None:
+            return wide
+    return None
 
 
 def parse_api_object(body: bytes) -> dict[str, Any]:
