@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import shutil
 import stat
+import uuid
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,7 @@ from parley.ops import migrate, revisions
 from parley.ops.backup import list_backups
 from parley.settings import Settings
 from parley.store.engine import create_engine, writer_connection
+from parley.store.history_rows import insert_conversations
 from tests.harness import settings_for
 
 MakeSettings = Callable[..., Settings]
@@ -227,6 +230,38 @@ def test_sqlite_insert_triggers_go_at_0006_and_come_back_on_downgrade(
     migrate.upgrade(settings)
     assert not inserts & triggers()
     assert migrate.check(settings) == []
+
+
+def test_sqlite_rows_without_search_entries_can_be_deleted_after_a_downgrade_to_0005(
+    sqlite_settings: Settings,
+) -> None:
+    """Since 0006 an untitled conversation (most gateway ones) has no full-text entry;
+    0005's unguarded delete trigger then made its delete fail as a corrupt database."""
+    settings = sqlite_settings
+    migrate.upgrade(settings)
+    engine = create_engine(settings)
+    now = datetime.now(UTC)
+    try:
+        with engine.begin() as conn:
+            insert_conversations(
+                conn,
+                [
+                    {"id": i, "public_id": uuid.uuid4(), "created_at": now, "updated_at": now,
+                     "title": title, "source": "gateway", "default_model": "up/m",
+                     "archived": False, "pinned": False, "is_active": True}
+                    for i, title in ((1, None), (2, "named"))
+                ],
+            )  # fmt: skip
+    finally:
+        engine.dispose()
+    migrate.downgrade(settings, "0005")
+    engine = create_engine(settings)
+    try:
+        with engine.begin() as conn:
+            conn.exec_driver_sql("DELETE FROM conversations")
+            assert conn.exec_driver_sql("PRAGMA integrity_check").scalar() == "ok"
+    finally:
+        engine.dispose()
 
 
 def test_downgrade_from_full_text_search_removes_its_objects(settings: Settings) -> None:

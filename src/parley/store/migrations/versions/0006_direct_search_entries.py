@@ -14,7 +14,8 @@ such a row indexes it.
 
 No data changes: existing rows keep their entries. PostgreSQL is untouched (its index is
 a generated column and its outbox trigger is cheap). Downgrade re-creates the triggers
-exactly as migrations 0004 and 0005 made them.
+exactly as migrations 0004 and 0005 made them, and rebuilds both full-text indexes so
+that every row has its entry again, as those triggers require.
 
 Revision ID: 0006
 Revises: 0005
@@ -88,3 +89,8 @@ def downgrade() -> None:
         )
     op.execute(_OUTBOX_INSERT)
     _edit_triggers(guarded=False)
+    for fts, _base, _column in _FTS:
+        # Since this revision a row may have no entry (an untitled conversation has none):
+        # 0004's unguarded delete trigger would corrupt the index at such a row's delete.
+        # Every row gets its entry again, as 0004 and 0005 had it.
+        op.execute(f"INSERT INTO {fts}({fts}) VALUES ('rebuild')")
