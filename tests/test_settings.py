@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -99,3 +100,66 @@ def test_retention_ages_up_to_a_century_are_read(tmp_path: Path) -> None:
 def test_intervals_must_be_finite_and_not_negative(tmp_path: Path, value: str) -> None:
     with pytest.raises(ConfigError, match="interval_hours"):
         _load(tmp_path, f'[retention]\ninterval_hours = "{value}"\n')
+
+
+PROVIDER = '[[providers]]\nname = "a"\nbase_url = "http://127.0.0.1:9/v1"\n'
+
+
+@pytest.mark.parametrize(
+    ("toml", "complaint"),
+    [
+        # Misspelt settings: a provider would go upstream without its key.
+        (PROVIDER + 'api_kye = "sk-live-123"\n', "provider a: unknown setting(s) api_kye"),
+        ("[server]\nprot = 9000\n", "[server]: unknown setting(s) prot"),
+        ("[sever]\nport = 9000\n", "config: unknown setting(s) sever"),
+        # Types that were coerced: port 1, a 1 s timeout, any string taken for true.
+        ("[server]\nport = true\n", "port must be an integer"),
+        ("[timeouts]\ntotal = true\n", "timeouts.total must be a number"),
+        (PROVIDER + 'stream_usage = "sometimes"\n', "stream_usage must be true or false"),
+        ('[search]\nreconcile_on_start = "maybe"\n', "reconcile_on_start must be true or false"),
+        # Values that started a server failing every request, or listening elsewhere.
+        ("[timeouts]\ntotal = -1\n", "timeouts.total must be a positive number"),
+        ("[timeouts]\nconnect = 0\n", "timeouts.connect must be a positive number"),
+        ('[[providers]]\nname = "a"\nbase_url = "http://"\n', "base_url must name a host"),
+        (
+            '[[providers]]\nname = "a"\nbase_url = "http://127.0.0.1:99999/v1"\n',
+            "base_url has an invalid port",
+        ),
+        (
+            '[[providers]]\nname = "a"\nbase_url = "http://u:secret-pw@host/v1"\n',
+            "base_url must not hold a user or password",
+        ),
+        ("[server]\nport = 99999\n", "port must be from 0 to 65535"),
+        ("[server]\nmax_body_bytes = -1\n", "max_body_bytes must be at least 1"),
+        ('[server]\nlog_level = "verbose"\n', "log_level must be one of"),
+        ('[server]\ndatabase_url = "not a url"\n', "DATABASE_URL is not a database URL"),
+        (
+            '[server]\ndatabase_url = "postgresql://app:pw@db:54x2/parley"\n',
+            "DATABASE_URL is not a database URL",
+        ),
+        (
+            '[server]\ndatabase_url = "postgresql://app:Sup3r@Secret@127.0.0.1/db"\n',
+            "write an '@' in the password as %40",
+        ),
+    ],
+)
+def test_settings_that_would_misbehave_later_are_refused_at_load(
+    tmp_path: Path, toml: str, complaint: str
+) -> None:
+    with pytest.raises(ConfigError, match=re.escape(complaint)) as caught:
+        _load(tmp_path, toml)
+    for secret in ("secret-pw", "Sup3r", "pw@db", "sk-live"):
+        assert secret not in str(caught.value)
+
+
+def test_booleans_as_written_and_a_non_utf8_file(tmp_path: Path) -> None:
+    """``"false"`` and ``"no"`` were true (``bool`` of a non-empty string)."""
+    settings = _load(tmp_path, PROVIDER + 'stream_usage = "false"\nlist_models = "no"\n')
+    [provider] = settings.providers  # type: ignore[attr-defined]
+    assert (provider.stream_usage, provider.list_models) == (False, False)
+    settings = _load(tmp_path, PROVIDER + "stream_usage = false\nlist_models = true\n")
+    [provider] = settings.providers  # type: ignore[attr-defined]
+    assert (provider.stream_usage, provider.list_models) == (False, True)
+    (tmp_path / "parley.toml").write_bytes(b'[[providers]]\nname = "caf\xe9"\n')
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        load_settings(env={"PARLEY_CONFIG": str(tmp_path / "parley.toml")}, cwd=tmp_path)

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import httpx
+import pytest
 
 from tests.harness import free_port, serve_subprocess
 
@@ -76,3 +77,24 @@ def test_a_taken_port_is_a_clear_error(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
     # The store it opened is left clean: no marker of an unclean stop for the next start.
     assert not (tmp_path / "data" / "parley.db.running").exists()
+
+
+@pytest.mark.parametrize(
+    ("setting", "value", "complaint"),
+    [
+        ("DATABASE_URL", "sqlite:///:memory:", "in memory keeps nothing"),
+        ("DATABASE_URL", "postgresql://nobody:pw-canary@127.0.0.1:1/x", "cannot connect"),
+        ("PARLEY_DATA_DIR", "/dev/null/data", "cannot use the database's directory"),
+        ("PARLEY_LOG_LEVEL", "verbose", "log_level must be one of"),
+    ],
+)
+def test_unusable_settings_are_one_line_at_start(
+    tmp_path: Path, setting: str, value: str, complaint: str
+) -> None:
+    """Each was a traceback (or, in memory, a server failing every request)."""
+    env = {**os.environ, "PARLEY_DATA_DIR": str(tmp_path / "data"), "DATABASE_URL": ""}
+    env[setting] = value
+    result = run_serve(tmp_path, env, "--port", str(free_port()))
+    assert result.returncode == 1, result.stderr
+    assert complaint in result.stderr and "Traceback" not in result.stderr
+    assert "canary" not in result.stderr

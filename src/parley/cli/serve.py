@@ -14,7 +14,7 @@ from aiohttp import web
 
 from parley.collector import tune_for_serving
 from parley.errors import ConfigError
-from parley.settings import Settings, load_settings
+from parley.settings import Settings, in_memory, load_settings
 
 # Errors of binding the listening socket that come from the operator's choice of address.
 _LISTEN_ERRORS = frozenset({errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES})
@@ -60,6 +60,11 @@ def serve(host: str | None, port: int | None) -> None:
             overrides["port"] = port
         settings = load_settings(**overrides)
         check_exposure(settings)
+        if in_memory(settings):
+            raise ConfigError(
+                "DATABASE_URL: an SQLite database in memory keeps nothing (and each "
+                "connection would see its own); give a file: sqlite:///<path>"
+            )
     except ConfigError as exc:
         click.echo(f"parley: {exc.message}", err=True)
         sys.exit(1)

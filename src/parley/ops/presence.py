@@ -66,9 +66,21 @@ class ServerPresence:
 
     def __enter__(self) -> ServerPresence:
         if self._database is not None:
-            self._enter_sqlite(self._database)
+            try:
+                self._enter_sqlite(self._database)
+            except OSError as exc:
+                raise ConfigError(
+                    f"cannot use the database's directory {self._database.parent}: "
+                    f"{exc.strerror or exc}"
+                ) from None
         elif not self._settings.is_sqlite:
-            self._enter_postgres()
+            try:
+                self._enter_postgres()
+            except sqlalchemy.exc.DBAPIError as exc:
+                self.__exit__(None, None, None)
+                raise ConfigError(
+                    "cannot connect to the database: " + " ".join(str(exc.orig).split())
+                ) from None
         return self
 
     def mark_clean(self) -> None:

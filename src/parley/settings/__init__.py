@@ -94,7 +94,9 @@ def load_settings(
     cwd = cwd or Path.cwd()
     config_path = _config_path(env, cwd)
     config = _read_toml(config_path) if config_path else {}
+    s.unknown_keys(config, _TABLES, "config")
     server = s.section(config, "server")
+    s.unknown_keys(server, _SERVER_FIELDS, "config: [server]")
 
     data_dir = Path(env.get("PARLEY_DATA_DIR") or server.get("data_dir") or cwd / "data")
     if not data_dir.is_absolute():
@@ -177,7 +179,65 @@ def load_settings(
     values.update(overrides)
     settings = Settings(**values)
     _check_names(settings)
+    _check_server(settings)
     return settings
+
+
+# The config file's tables, and the [server] table's settings: anything else is a typo.
+_TABLES = {
+    "server", "timeouts", "providers", "aliases", "pricing", "retry", "capabilities",
+    "backup", "retention", "maintenance", "http_metrics", "search",
+}  # fmt: skip
+_SERVER_FIELDS = {
+    "data_dir", "database_url", "master_key", "host", "port", "max_body_bytes",
+    "sqlite_synchronous", "recording", "writer", "log_level", "models_ttl", "secret_key",
+    "session_hours", "max_upload_bytes", "environment", "shutdown_grace",
+}  # fmt: skip
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def _check_server(settings: Settings) -> None:
+    """Values that would start a server that fails every request or listens elsewhere."""
+    if not 0 <= settings.port <= 65535:
+        raise ConfigError(f"port must be from 0 to 65535, got {settings.port}")
+    for name in ("max_body_bytes", "max_upload_bytes"):
+        if getattr(settings, name) < 1:
+            raise ConfigError(f"{name} must be at least 1, got {getattr(settings, name)}")
+    if settings.log_level not in _LOG_LEVELS:
+        raise ConfigError(
+            f"log_level must be one of {', '.join(_LOG_LEVELS)}, got {settings.log_level!r}"
+        )
+    _check_database_url(settings.database_url)
+
+
+def _check_database_url(url: str) -> None:
+    """A URL SQLAlchemy can use, for a database parley can keep. The message never
+    repeats the URL: it may hold a password."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        parsed = make_url(url)
+        parsed.port  # noqa: B018 - a port that is not a number raises here
+    except (ArgumentError, ValueError):
+        raise ConfigError(
+            "DATABASE_URL is not a database URL: expected sqlite:///<path> or "
+            "postgresql://<user>@<host>:<port>/<database>"
+        ) from None
+    if parsed.host is not None and "@" in parsed.host:
+        raise ConfigError(
+            "DATABASE_URL: the part after the first '@' holds another '@'; write an '@' "
+            "in the password as %40"
+        )
+
+
+def in_memory(settings: Settings) -> bool:
+    """Whether the database is SQLite in memory: fine for a one-off command, never for a
+    server (each of its connections would see a database of its own)."""
+    from sqlalchemy.engine import make_url
+
+    url = make_url(settings.database_url)
+    return url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:")
 
 
 def _config_path(env: Mapping[str, str], cwd: Path) -> Path | None:
@@ -197,6 +257,10 @@ def _read_toml(path: Path) -> dict[str, Any]:
             return tomllib.load(f)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: invalid TOML: {exc}") from exc
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text (TOML files are UTF-8)") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read it: {exc.strerror}") from None
 
 
 def _normalise_db_url(url: str) -> str:

@@ -9,6 +9,7 @@ import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from parley.domain.usage import Price
 from parley.errors import ConfigError
@@ -93,17 +94,43 @@ def section_list(config: Mapping[str, Any], key: str) -> list[dict[str, Any]]:
 
 
 def integer(value: Any, name: str) -> int:
+    """An integer from the config file, or the text of one from the environment; a
+    boolean or a fraction is refused, not rounded (``port = true`` is no port 1)."""
+    if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+        raise ConfigError(f"{name} must be an integer, got {value!r}")
     try:
         return int(value)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, OverflowError) as exc:
         raise ConfigError(f"{name} must be an integer, got {value!r}") from exc
 
 
 def number(value: Any, name: str) -> float:
+    if isinstance(value, bool):
+        raise ConfigError(f"{name} must be a number, got {value!r}")
     try:
         return float(value)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{name} must be a number, got {value!r}") from exc
+
+
+def flag(value: Any, name: str) -> bool:
+    """A boolean: ``true`` / ``false`` in the config file; in the environment also 1, 0,
+    yes, no, on, off. ``"false"`` is never true."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name} must be true or false, got {value!r}")
+
+
+def unknown_keys(table: Mapping[str, Any], known: set[str], where: str) -> None:
+    """Refuse a misspelt setting (``api_kye``) rather than run without it."""
+    unknown = set(table) - known
+    if unknown:
+        raise ConfigError(f"{where}: unknown setting(s) {', '.join(sorted(unknown))}")
 
 
 def choice(value: Any, choices: tuple[str, ...], name: str) -> str:
@@ -118,9 +145,11 @@ def read_timeouts(table: Mapping[str, Any], base: Timeouts) -> Timeouts:
     unknown = set(table) - known
     if unknown:
         raise ConfigError(f"unknown timeout setting(s): {', '.join(sorted(unknown))}")
-    return Timeouts(
-        **{k: number(table.get(k, getattr(base, k)), f"timeouts.{k}") for k in sorted(known)}
-    )
+    values = {k: number(table.get(k, getattr(base, k)), f"timeouts.{k}") for k in sorted(known)}
+    for key, value in values.items():
+        if not math.isfinite(value) or value <= 0:
+            raise ConfigError(f"timeouts.{key} must be a positive number of seconds, got {value}")
+    return Timeouts(**values)
 
 
 def read_retry(table: Mapping[str, Any]) -> RetryPolicy:
@@ -141,6 +170,7 @@ def read_provider(
     name = table.get("name")
     if not isinstance(name, str) or not name or "/" in name:
         raise ConfigError(f"provider name must be a non-empty string without '/': {name!r}")
+    unknown_keys(table, PROVIDER_FIELDS, f"provider {name}")
     kind = table.get("kind", "openai")
     if kind not in PROVIDER_KINDS:
         raise ConfigError(
@@ -148,8 +178,7 @@ def read_provider(
         )
     default_url, default_key_env = KIND_DEFAULTS[kind]
     base_url = table.get("base_url", default_url)
-    if not isinstance(base_url, str) or not base_url.startswith(("http://", "https://")):
-        raise ConfigError(f"provider {name}: base_url must be an http(s) URL")
+    _check_url(base_url, f"provider {name}: base_url")
     key: str | None = None
     if "api_key_env" in table:
         key = env.get(str(table["api_key_env"]))
@@ -175,9 +204,31 @@ def read_provider(
         models=tuple(models),
         headers={str(k): str(v) for k, v in headers.items()},
         timeouts=read_timeouts(table.get("timeouts", {}), timeouts),
-        stream_usage=bool(table.get("stream_usage", True)),
-        list_models=bool(table.get("list_models", True)),
+        stream_usage=flag(table.get("stream_usage", True), f"provider {name}: stream_usage"),
+        list_models=flag(table.get("list_models", True), f"provider {name}: list_models"),
     )
+
+
+PROVIDER_FIELDS = {
+    "name", "kind", "base_url", "api_key", "api_key_env", "models", "headers", "timeouts",
+    "stream_usage", "list_models",
+}  # fmt: skip
+
+
+def _check_url(url: Any, name: str) -> None:
+    """An http(s) URL with a host, a valid port and no user or password in it (aiohttp
+    refuses those on every request; put a key in api_key or headers)."""
+    if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+        raise ConfigError(f"{name} must be an http(s) URL")
+    parts = urlsplit(url)
+    try:
+        parts.port  # noqa: B018 - raises on a port out of range or not a number
+    except ValueError:
+        raise ConfigError(f"{name} has an invalid port") from None
+    if not parts.hostname:
+        raise ConfigError(f"{name} must name a host")
+    if parts.username is not None or parts.password is not None:
+        raise ConfigError(f"{name} must not hold a user or password: use api_key or headers")
 
 
 def read_aliases(table: Mapping[str, Any]) -> dict[str, tuple[str, ...]]:
@@ -296,5 +347,7 @@ def read_search(table: Mapping[str, Any], env: Mapping[str, str], cwd: Path) -> 
             "search.poll_seconds",
         ),
         ann_min_rows=integer(table.get("ann_min_rows", base.ann_min_rows), "search.ann_min_rows"),
-        reconcile_on_start=bool(table.get("reconcile_on_start", base.reconcile_on_start)),
+        reconcile_on_start=flag(
+            table.get("reconcile_on_start", base.reconcile_on_start), "search.reconcile_on_start"
+        ),
     )
