@@ -46,14 +46,20 @@ def kill_child(pid: int) -> None:
         time.sleep(0.05)
 
 
+def process_writer_env(
+    tmp_path: Path, database_url: str, upstream: DripOpenAI, recording: str
+) -> dict[str, str]:
+    return server_env(
+        tmp_path, database_url, upstream.base_url, PARLEY_WRITER="process",
+        PARLEY_RECORDING=recording,
+    )  # fmt: skip
+
+
 def test_async_recording_refuses_before_the_upstream_when_the_writer_is_gone(
     tmp_path: Path, database_url: str
 ) -> None:
     with DripOpenAI() as upstream:
-        env = server_env(
-            tmp_path, database_url, upstream.base_url, PARLEY_WRITER="process",
-            PARLEY_RECORDING="async",
-        )  # fmt: skip
+        env = process_writer_env(tmp_path, database_url, upstream, "async")
         port = free_port()
         with serve_subprocess(tmp_path, env, port) as server:
             assert chat(port, "before").status_code == 200
@@ -69,10 +75,7 @@ def test_a_journaled_exchange_whose_writer_died_is_acknowledged_and_stored_at_re
     tmp_path: Path, database_url: str
 ) -> None:
     with DripOpenAI() as upstream:
-        env = server_env(
-            tmp_path, database_url, upstream.base_url, PARLEY_WRITER="process",
-            PARLEY_RECORDING="journal",
-        )  # fmt: skip
+        env = process_writer_env(tmp_path, database_url, upstream, "journal")
         port = free_port()
         with serve_subprocess(tmp_path, env, port) as server:
             assert chat(port, "warm").status_code == 200

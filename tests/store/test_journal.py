@@ -155,16 +155,22 @@ async def test_records_of_another_format_go_to_failed_once_the_rest_is_stored(
     assert count(migrated_engine) == 1
 
 
+def dead_segment(directory: Path, records: int) -> str:
+    """The one segment a server that died left in ``directory``, with ``records`` records."""
+    dead = Journal(directory)
+    for i in range(records):
+        dead.append(exchange(i))
+    dead.close()
+    [name] = segments(directory)
+    return name
+
+
 async def test_a_zero_filled_tail_is_a_torn_tail(
     tmp_path: Path, writer: Writer, migrated_engine: sa.Engine, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A crash can leave a file's end as zeros: no record, not another version's."""
     directory = tmp_path / "journal"
-    dead = Journal(directory)
-    for i in range(3):
-        dead.append(exchange(i))
-    dead.close()
-    [name] = segments(directory)
+    name = dead_segment(directory, 3)
     with (directory / name).open("ab") as tail:
         tail.write(bytes(4096))
     with caplog.at_level(logging.WARNING, logger="parley.store.journal"):
@@ -179,11 +185,7 @@ async def test_a_damaged_record_with_records_after_it_sends_the_segment_to_faile
     """Only the last record can be torn (a short write ends its segment): one damaged
     before others is a damaged file, kept for a person, not deleted as a torn tail."""
     directory = tmp_path / "journal"
-    dead = Journal(directory)
-    for i in range(5):
-        dead.append(exchange(i))
-    dead.close()
-    [name] = segments(directory)
+    name = dead_segment(directory, 5)
     data = bytearray((directory / name).read_bytes())
     data[len(data) // 2] ^= 0xFF  # inside the third record's payload
     (directory / name).write_bytes(bytes(data))

@@ -34,7 +34,7 @@ import stat
 import tarfile
 import tempfile
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -362,7 +362,7 @@ def fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
-def walk_files(root: Path, skip_top: set[str]) -> Iterator[tuple[str, Path]]:
+def walk_files(root: Path, skip_top: Collection[str]) -> Iterator[tuple[str, Path]]:
     """(relative posix path, path) of every regular file under ``root``, never following
     a symlink; nothing when ``root`` is missing."""
     if not root.is_dir() or root.is_symlink():

@@ -28,7 +28,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -267,7 +267,7 @@ def _write(settings: Settings, directory: Path, staging: Path, reason: str | Non
                 "after a restore, 'parley reindex' rebuilds it",
                 settings.vector_uri,
             )
-        skipped += _add_tree(writer, "blobs", settings.blob_dir, skip_top=frozenset({"tmp"}))
+        skipped += _add_tree(writer, "blobs", settings.blob_dir, skip_top={"tmp"})
         if skipped:
             log.warning("%d file(s) vanished or were not regular files during the backup", skipped)
         manifest = writer.finish({"database": database})
@@ -300,12 +300,12 @@ def _add_tree(
     writer: archive.ArchiveWriter,
     prefix: str,
     root: Path | None,
-    skip_top: frozenset[str] = frozenset(),
+    skip_top: Collection[str] = (),
 ) -> int:
     """Add every file under ``root`` as ``prefix/...``; how many vanished meanwhile."""
     skipped = 0
     if root is not None:
-        for relative, file in archive.walk_files(root, skip_top=set(skip_top)):
+        for relative, file in archive.walk_files(root, skip_top):
             if writer.add(f"{prefix}/{relative}", file) is None:
                 skipped += 1
     return skipped

@@ -32,6 +32,7 @@ import sqlalchemy
 from sqlalchemy.pool import NullPool
 
 from parley.errors import ConfigError
+from parley.ops.backup import driver_message
 from parley.settings import Settings
 from parley.store.engine import sqlite_path
 
@@ -78,9 +79,8 @@ class ServerPresence:
                 self._enter_postgres()
             except sqlalchemy.exc.DBAPIError as exc:
                 self.__exit__(None, None, None)
-                raise ConfigError(
-                    "cannot connect to the database: " + " ".join(str(exc.orig).split())
-                ) from None
+                message = driver_message(exc)
+                raise ConfigError(f"cannot connect to the database: {message}") from None
         return self
 
     def mark_clean(self) -> None:

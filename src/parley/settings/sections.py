@@ -142,9 +142,7 @@ def choice(value: Any, choices: tuple[str, ...], name: str) -> str:
 
 def read_timeouts(table: Mapping[str, Any], base: Timeouts) -> Timeouts:
     known = {"connect", "first_byte", "idle", "total"}
-    unknown = set(table) - known
-    if unknown:
-        raise ConfigError(f"unknown timeout setting(s): {', '.join(sorted(unknown))}")
+    unknown_keys(table, known, "timeouts")
     values = {k: number(table.get(k, getattr(base, k)), f"timeouts.{k}") for k in sorted(known)}
     for key, value in values.items():
         if not math.isfinite(value) or value <= 0:
@@ -263,9 +261,8 @@ def read_pricing(table: Mapping[str, Any]) -> dict[str, Price]:
 def read_backups(
     table: Mapping[str, Any], env: Mapping[str, str], data_dir: Path, cwd: Path
 ) -> Backups:
-    unknown = set(table) - {"dir", "fallback_dir", "interval_hours", "keep", "encryption_key"}
-    if unknown:
-        raise ConfigError(f"unknown backup setting(s): {', '.join(sorted(unknown))}")
+    known = {"dir", "fallback_dir", "interval_hours", "keep", "encryption_key"}
+    unknown_keys(table, known, "backup")
     directory = env.get("PARLEY_BACKUP_DIR") or table.get("dir")
     fallback = env.get("PARLEY_BACKUP_FALLBACK_DIR") or table.get("fallback_dir")
     keep = integer(env.get("PARLEY_BACKUP_KEEP") or table.get("keep", 7), "backup.keep")
@@ -288,9 +285,7 @@ def read_backups(
 
 def read_retention(table: Mapping[str, Any], env: Mapping[str, str]) -> Retention:
     known = {"request_log_days", "http_metrics_days", "batch_size", "interval_hours"}
-    unknown = set(table) - known
-    if unknown:
-        raise ConfigError(f"unknown retention setting(s): {', '.join(sorted(unknown))}")
+    unknown_keys(table, known, "retention")
     base = Retention()
     batch = integer(table.get("batch_size", base.batch_size), "retention.batch_size")
     if batch < 1:
@@ -319,9 +314,7 @@ def read_search(table: Mapping[str, Any], env: Mapping[str, str], cwd: Path) -> 
         "embedder", "model", "vector_uri", "batch_size", "poll_seconds", "ann_min_rows",
         "reconcile_on_start",
     }  # fmt: skip
-    unknown = set(table) - known
-    if unknown:
-        raise ConfigError(f"unknown search setting(s): {', '.join(sorted(unknown))}")
+    unknown_keys(table, known, "search")
     base = SearchSettings()
     embedder = choice(
         env.get("PARLEY_SEARCH_EMBEDDER") or table.get("embedder", base.embedder),
