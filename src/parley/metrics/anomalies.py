@@ -19,7 +19,7 @@ from __future__ import annotations
 import statistics
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from parley.domain import histogram
@@ -49,8 +49,9 @@ class Episode:
             "provider": self.provider,
             "model": self.model,
             "metric": self.metric,
-            "start": self.start.isoformat(),
-            "end": self.end.isoformat(),
+            # As every report writes times: UTC, with a Z.
+            "start": self.start.astimezone(UTC).isoformat().replace("+00:00", "Z"),
+            "end": self.end.astimezone(UTC).isoformat().replace("+00:00", "Z"),
             "peak": self.peak,
             "baseline": self.baseline,
         }

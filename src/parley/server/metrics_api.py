@@ -115,6 +115,7 @@ async def timeseries(request: web.Request) -> web.Response:
                 "span at most 6 hours",
                 "bucket",
             )
+        _check_raw_kept(request, start)
         period = ""
     if (end - start) / bucket > 2000:
         raise InvalidRequest("too many buckets: at most 2000 per series", "bucket")
@@ -124,7 +125,9 @@ async def timeseries(request: web.Request) -> web.Response:
         rows = await asyncio.to_thread(_raw_rows, store, start, end, filters)
     series = report.timeseries(rows, start, end, bucket, group_by)
     data = await q.publish(series, store)
-    return _json({"since": _iso(start), "until": _iso(end), "bucket": str(bucket), "data": data})
+    return _json(
+        {"since": _iso(start), "until": _iso(end), "bucket": q.duration_text(bucket), "data": data}
+    )
 
 
 async def requests(request: web.Request) -> web.Response:
@@ -137,6 +140,8 @@ async def requests(request: web.Request) -> web.Response:
     if start is None and request.query.get("window"):
         # As the reports take it; without since, until or window the listing is unbounded.
         start, end = q.window(request, _now())
+    if start is not None and end is not None and start >= end:
+        raise InvalidRequest("'since' must be before 'until'", "since")
     limit = page_size(request.query.get("limit"), _MAX_PAGE)
     cursor = q.cursor(request)
     page = await asyncio.to_thread(
@@ -209,6 +214,19 @@ async def http_report(request: web.Request) -> web.Response:
         )
     ]
     return _json({"since": _iso(start), "until": _iso(end), "data": data})
+
+
+def _check_raw_kept(request: web.Request, start: datetime) -> None:
+    """Refuse raw-log buckets where retention may have pruned the raw rows: counted from
+    what is left, they would show a busy hour as a quiet one."""
+    days = request.app[SERVICES].settings.retention.request_log_days
+    if days > 0 and start < _now() - timedelta(days=days):
+        raise InvalidRequest(
+            f"buckets finer than an hour are counted from the raw log, which retention "
+            f"keeps {days:g} day{'s' if days != 1 else ''}: this window starts before that; "
+            f"use buckets of whole hours (from the rollups, kept forever)",
+            "bucket",
+        )
 
 
 def _raw_rows(

@@ -2,7 +2,8 @@
 
 Names in the API are public: ``user`` and ``api_key`` take and show public ids; inside,
 they are the rollup dimensions ``user_id`` and ``api_key_id``. A caller who is not an
-admin is always filtered to their own user, whatever the query says.
+admin is always filtered to their own user: a ``user`` filter naming anyone else matches
+nothing.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from aiohttp import web
 
 from parley.errors import InvalidRequest
 from parley.server.identity import Identity
-from parley.server.params import bounded_int
 from parley.store.metrics import MetricsStore
 
 DEFAULT_WINDOW = timedelta(hours=24)
@@ -41,11 +41,13 @@ _UNITS = {
     "h": timedelta(hours=1),
     "d": timedelta(days=1),
 }
+# A time of day, then a space where its offset's '+' was: "2026-11-24T10:00:00 05:30".
+_SPACED_OFFSET = re.compile(
+    r"^(.*\d[T ]\d{2}(?::?\d{2}(?::?\d{2}(?:\.\d+)?)?)?) (\d{2}(?::?\d{2})?)$"
+)
 # Moments outside these years are refused: a ten-year window, a day's baseline or a bucket
 # around them would step past datetime.min or datetime.max.
 FIRST_YEAR, LAST_YEAR = 1000, 9998
-# request_log.id is a 32-bit INTEGER on PostgreSQL.
-MAX_CURSOR = 2**31 - 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,7 +71,19 @@ def duration(text: str, name: str) -> timedelta:
     return amount * unit
 
 
+def duration_text(span: timedelta) -> str:
+    """``span`` as ``duration`` reads it: the largest unit that divides it (``90m``)."""
+    for suffix, unit in sorted(_UNITS.items(), key=lambda kv: -kv[1]):
+        if span % unit == timedelta(0):
+            return f"{span // unit}{suffix}"
+    return f"{span.total_seconds():g}s"  # unreachable: durations are whole seconds
+
+
 def moment(text: str, name: str) -> datetime:
+    spaced = _SPACED_OFFSET.match(text)
+    if spaced:
+        # A '+' sent unencoded in a URL (curl, a browser's address bar) reads as a space.
+        text = f"{spaced[1]}+{spaced[2]}"
     try:
         parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
@@ -96,15 +110,16 @@ def window(request: web.Request, now: datetime) -> tuple[datetime, datetime]:
     return start, end
 
 
-def cursor(request: web.Request) -> int | None:
-    """The ``cursor`` of ``/requests``: a row id from a previous page, or None."""
-    return bounded_int(
-        request.query.get("cursor"),
-        "cursor",
-        1,
-        MAX_CURSOR,
-        refusal="'cursor' must come from a previous page",
-    )
+def cursor(request: web.Request) -> uuid.UUID | None:
+    """The ``cursor`` of ``/requests``: the public id of the row that ended a previous
+    page (its ``next_cursor``), or None."""
+    raw = request.query.get("cursor")
+    if not raw:
+        return None
+    try:
+        return uuid.UUID(raw)
+    except ValueError:
+        raise InvalidRequest("'cursor' must be a page's next_cursor", "cursor") from None
 
 
 def group_by(request: web.Request) -> tuple[str, ...]:
@@ -142,8 +157,10 @@ async def filters(request: web.Request, caller: Identity, store: MetricsStore) -
         if raw:
             out[column] = await _internal(store, table, raw, name)
     if not caller.is_admin:
-        # Users see their own traffic only.
-        out["user_id"] = caller.user_id
+        # Users see their own traffic only: asked for someone else's, they get none (as
+        # for an unknown id), never their own in its place.
+        asked = out.get("user_id", caller.user_id)
+        out["user_id"] = caller.user_id if asked == caller.user_id else -1
     return out
 
 

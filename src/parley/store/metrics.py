@@ -4,8 +4,9 @@ metrics, and the public ids reports show instead of internal ones.
 Invariants:
 - a window is read from day rollups for the whole days inside it and hour rollups for the
   hours at its edges, so a 30-day report reads ~30 rows per series, never the raw log;
-- the request log is paged by ``id`` descending with an opaque cursor (the last id seen),
-  so pages are stable while new rows arrive;
+- the request log is paged by ``id`` descending (commit order); a cursor is the public id
+  of the row that ended the previous page, so pages are stable while new rows arrive and
+  no internal id, which would tell how many requests everyone made, ever leaves;
 - callers that are not admins are always filtered to their own user id by the API; this
   module applies whatever filters it is given.
 """
@@ -22,6 +23,7 @@ import sqlalchemy
 from sqlalchemy import Row, select
 
 from parley.domain.rollup import DAY, HOUR, Dims, Tally, by_model, model_level
+from parley.errors import InvalidRequest
 from parley.store import rollups
 from parley.store.schema import api_keys, http_metrics, request_log, users
 
@@ -98,22 +100,33 @@ class MetricsStore:
         *,
         start: datetime | None,
         end: datetime | None,
-        cursor: int | None,
+        cursor: uuid.UUID | None,
         limit: int,
     ) -> LogPage:
+        """A page of rows, last committed first; ``cursor``: the public id of the row
+        that ended the previous page (``InvalidRequest`` when no row has it)."""
         query = _filtered(select(request_log), filters)
         if start is not None:
             query = query.where(request_log.c.created_at >= start)
         if end is not None:
             query = query.where(request_log.c.created_at < end)
-        if cursor is not None:
-            query = query.where(request_log.c.id < cursor)
-        query = query.order_by(request_log.c.id.desc()).limit(limit + 1)
         with self._engine.connect() as conn:
+            if cursor is not None:
+                last = conn.execute(
+                    select(request_log.c.id).where(request_log.c.public_id == cursor)
+                ).scalar()
+                if last is None:
+                    raise InvalidRequest(
+                        "'cursor' must be a page's next_cursor (or its request was pruned "
+                        "by retention since: start again from the first page)",
+                        "cursor",
+                    )
+                query = query.where(request_log.c.id < last)
+            query = query.order_by(request_log.c.id.desc()).limit(limit + 1)
             found = [dict(r._mapping) for r in conn.execute(query)]
         more = len(found) > limit
         found = found[:limit]
-        return LogPage(found, str(found[-1]["id"]) if more and found else None)
+        return LogPage(found, str(found[-1]["public_id"]) if more and found else None)
 
     def http_rows(
         self, start: datetime, end: datetime, user_id: int | None
