@@ -4,6 +4,7 @@ The tree::
 
     ParleyError                      status, OpenAI ``type`` / ``code``, recorded ``error_type``
     ├── ConfigError                  bad settings or config file (raised at start)
+    │   └── DataWouldBeLost          a downgrade would drop tables / columns holding data
     ├── ClientError                  the caller sent something we refuse (4xx, never retried)
     │   ├── InvalidRequest           400 malformed JSON, wrong types, missing fields
     │   ├── AuthenticationFailed     401 missing or wrong credentials
@@ -41,7 +42,7 @@ bodies are reduced to their ``error.message`` and scrubbed by the caller's redac
 from __future__ import annotations
 
 import math
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from typing import Any
 
 # The error taxonomy recorded in request_log.error_type. Later provider families map their
@@ -97,6 +98,16 @@ class ConfigError(ParleyError):
     """Settings or the config file are wrong; raised at start."""
 
     error_type = "internal"
+
+
+class DataWouldBeLost(ConfigError):
+    """A downgrade was refused: it drops tables or columns that hold data. ``losses``
+    has one line per item ("attachments: 56 rows"), and so does the message, after its
+    first line."""
+
+    def __init__(self, message: str, losses: Sequence[str]) -> None:
+        super().__init__("\n  ".join((message, *losses)))
+        self.losses = tuple(losses)
 
 
 class ClientError(ParleyError):

@@ -12,10 +12,15 @@ Invariants:
   ``BEGIN IMMEDIATE``, retried for as long as another process migrates; a PostgreSQL
   advisory lock), and the revision is read under it, so processes starting together
   agree through the database: one backs up and migrates, the others wait and find head;
+- a downgrade that drops tables or columns holding data (rows, non-null values) is
+  refused with a list of them, before any backup, unless the caller passes
+  ``discard_data``: ``ops.data_loss`` finds them by rehearsing the downgrade in a
+  savepoint of the same transaction and rolling it back;
 - a database that holds a parley schema is backed up (``ops.backup.create_backup``,
   verified, with its fallback location) under the lock before any revision runs. When no
   backup can be made, ``production`` refuses to migrate and ``development`` warns and
-  goes on. An empty database needs no backup;
+  goes on, except for a downgrade that discards data: that needs the backup in any
+  environment. An empty database needs no backup;
 - on failure the transaction rolls back, and a fresh connection confirms the revision is
   the one found; the error says what failed, that state, and where the backup is. The
   backup is never restored behind the operator's back (see ``_failed``);
@@ -46,9 +51,10 @@ from alembic.util.exc import CommandError
 from sqlalchemy import Connection, Engine, event, inspect
 from sqlalchemy.exc import DatabaseError, OperationalError
 
-from parley.errors import BackupError, ConfigError, ParleyError
+from parley.errors import BackupError, ConfigError, DataWouldBeLost, ParleyError
 from parley.ops import presence
 from parley.ops.backup import create_backup
+from parley.ops.data_loss import Loss, rehearse
 from parley.ops.dbfile import check_database_file
 from parley.ops.drift import drift
 from parley.ops.revisions import (
@@ -88,13 +94,14 @@ _SQLITE_BUSY = 5
 
 @dataclass(frozen=True, slots=True)
 class MigrationReport:
-    """What one ``upgrade`` / ``downgrade`` / start did: revisions (None: base) and the
+    """What one ``upgrade`` / ``downgrade`` / start did: revisions (None: base), the
     backup taken first (None: nothing to migrate, an empty database, or development
-    without a backup location)."""
+    without a backup location) and what a downgrade discarded (``discard_data``)."""
 
     before: str | None
     after: str | None
     backup: Path | None = None
+    discarded: tuple[Loss, ...] = ()
 
     @property
     def migrated(self) -> bool:
@@ -156,11 +163,21 @@ def upgrade(
 
 
 def downgrade(
-    settings: Settings, revision: str, *, previous_run_unclean: bool | None = None
+    settings: Settings,
+    revision: str,
+    *,
+    discard_data: bool = False,
+    previous_run_unclean: bool | None = None,
 ) -> MigrationReport:
     """Migrate down to ``revision`` (``base`` drops every table parley created), after a
-    backup, like ``upgrade``."""
-    return _migrate(settings, "downgrade", revision, previous_run_unclean)
+    backup, like ``upgrade``.
+
+    A downgrade that would drop tables or columns holding data is refused
+    (``DataWouldBeLost``, listing them with their counts) and changes nothing, unless
+    ``discard_data``; then it needs a verified backup even in development, and the report
+    lists what went.
+    """
+    return _migrate(settings, "downgrade", revision, previous_run_unclean, discard_data)
 
 
 def prepare_on_start(settings: Settings, previous_run_unclean: bool = False) -> str:
@@ -185,7 +202,11 @@ class _Attempt:
 
 
 def _migrate(
-    settings: Settings, direction: str, target: str, previous_run_unclean: bool | None
+    settings: Settings,
+    direction: str,
+    target: str,
+    previous_run_unclean: bool | None,
+    discard_data: bool = False,
 ) -> MigrationReport:
     if previous_run_unclean is None:
         previous_run_unclean = presence.previous_run_unclean(settings)
@@ -203,11 +224,27 @@ def _migrate(
                     _refuse_drift(conn)
                 return MigrationReport(attempt.before, attempt.before)
             attempt.target = to
+            run = getattr(command, direction)
+            discarded: tuple[Loss, ...] = ()
+            if direction == "downgrade":
+                log.info("rehearsing the downgrade to %s to see what it drops", to)
+                attempt.running = True  # a failing rehearsal is a failed downgrade
+                discarded = rehearse(conn, lambda: _alembic(run, settings, conn, target))
+                attempt.running = False
+                if discarded and not discard_data:
+                    raise DataWouldBeLost(
+                        f"refusing to downgrade from {_name(attempt.before)} to {to}: it "
+                        "drops these tables and columns, and their data with them (pass "
+                        "--discard-data to discard it, after a verified backup)",
+                        [str(loss) for loss in discarded],
+                    )
             if attempt.before is not None:
-                attempt.backup = _backup_first(settings, attempt.before)
+                attempt.backup = _backup_first(settings, attempt.before, bool(discarded))
             log.info("migrating the database from %s to %s", _name(attempt.before), to)
+            for loss in discarded:
+                log.warning("downgrading discards %s", loss)
             attempt.running = True
-            _alembic(getattr(command, direction), settings, conn, target)
+            _alembic(run, settings, conn, target)
             after = current_on(conn)
             if after in heads():
                 _refuse_drift(conn)
@@ -218,21 +255,30 @@ def _migrate(
             raise _as_config_error(exc) from exc
         raise _failed(settings, direction, attempt, exc) from exc
     log.info("database migrated to %s", _name(after))
-    return MigrationReport(attempt.before, after, attempt.backup)
+    return MigrationReport(attempt.before, after, attempt.backup, discarded)
 
 
-def _backup_first(settings: Settings, revision: str) -> Path | None:
-    """A verified backup of the database, or None in development when none can be made."""
+def _backup_first(settings: Settings, revision: str, discarding: bool) -> Path | None:
+    """A verified backup of the database, or None in development when none can be made
+    (unless ``discarding`` data: then the backup is its only copy)."""
     try:
         archive = create_backup(settings, reason=f"before migrating from {revision}").path
     except BackupError as exc:
+        writable = (
+            f"Make the backup directory {settings.backup.dir} or the fallback "
+            f"{settings.backup.fallback_dir} writable (PARLEY_BACKUP_DIR, "
+            "PARLEY_BACKUP_FALLBACK_DIR)"
+        )
+        if discarding:
+            raise ConfigError(
+                f"refusing to discard data by downgrading the database (at {revision}) "
+                f"without a verified backup: {exc.message}. {writable}"
+            ) from exc
         if settings.environment != "development":
             raise ConfigError(
                 f"refusing to migrate the database (at {revision}) without a verified "
-                f"backup: {exc.message}. Make the backup directory {settings.backup.dir} "
-                f"or the fallback {settings.backup.fallback_dir} writable (PARLEY_BACKUP_DIR, "
-                "PARLEY_BACKUP_FALLBACK_DIR), or set PARLEY_ENV=development to migrate "
-                "without a backup"
+                f"backup: {exc.message}. {writable}, or set PARLEY_ENV=development to "
+                "migrate without a backup"
             ) from exc
         log.warning("migrating without a backup (PARLEY_ENV=development): %s", exc.message)
         return None
