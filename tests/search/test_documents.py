@@ -7,11 +7,14 @@ PDFs are made by the test (``tests.search.pdfs``); nothing is downloaded.
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 
+from parley.chat.attachments import Attachments
 from parley.domain.messages import Message
+from parley.errors import NotFound
 from parley.search.documents import (
     CHUNK_CHARS,
     HTML,
@@ -25,11 +28,15 @@ from parley.search.documents import (
     extract,
     html_text,
 )
+from parley.search.documents_library import DocumentLibrary
+from parley.server.identity import LOCAL
 from parley.store import attachments as files
 from parley.store import documents as repo
+from parley.store.blobs import BlobStore, PendingBlob
 from parley.store.conversations import Conversations
 from parley.store.documents import NewCitation, Place
 from parley.store.engine import writer_connection
+from parley.store.schema import attachments as files_table
 from parley.store.schema import document_chunks, documents, search_outbox
 from tests.search.pdfs import make_pdf
 
@@ -254,3 +261,82 @@ def test_citations_keep_their_source_when_the_document_goes(
         (None, "prose.txt", 1),
         (None, "prose.txt", 0),
     ]
+
+
+def test_an_answer_keeps_the_citations_of_a_document_deleted_while_it_was_made(
+    migrated_engine: sa.Engine,
+) -> None:
+    """The document goes between retrieval and the answer's commit: its citation is
+    stored like that of a deleted document, and the answer's other citations with it
+    (they used to be refused all together by the foreign keys)."""
+    engine = migrated_engine
+    store = Conversations(engine)
+    conversation = store.create(user_id=None, api_key_id=None, default_model="up/m")
+    turn = store.add_user_message(
+        LOCAL, conversation.public_id, Message("user", "hi"), user_id=None, api_key_id=None
+    )
+    assert turn is not None
+    place = Place(None, conversation.id, conversation.public_id)
+    gone, kept = _insert(engine, place), _insert(engine, place)
+
+    def first_chunk(doc: repo.DocumentRow) -> repo.ChunkRow:
+        with engine.connect() as conn:
+            ids = conn.execute(
+                sa.select(document_chunks.c.id).where(document_chunks.c.document_id == doc.id)
+            ).scalars()
+            return min(repo.chunks_by_id(conn, list(ids)).values(), key=lambda r: r.ordinal)
+
+    cited = [first_chunk(gone), first_chunk(kept)]
+    with writer_connection(engine) as conn, conn.begin():
+        repo.delete_document(conn, gone.id)
+    with writer_connection(engine) as conn, conn.begin():
+        alive = repo.insert_citations(
+            conn,
+            turn.message.id,
+            [NewCitation(c.document_id, c.id, c.filename, None, c.ordinal, 0.5) for c in cited],
+        )
+    assert alive == {kept.id}
+    found = store.get_message(conversation.id, turn.message.public_id)
+    assert found is not None
+    assert [(c.ordinal, c.document_public_id, c.filename) for c in found.citations] == [
+        (1, None, "prose.txt"),
+        (2, kept.public_id, "prose.txt"),
+    ]
+
+
+def test_an_upload_into_a_conversation_deleted_meanwhile_is_a_404_and_leaves_nothing(
+    migrated_engine: sa.Engine, tmp_path: Path
+) -> None:
+    """The conversation is looked up when the form arrives and deleted before the upload
+    is recorded (a large document takes seconds to read): the same 404 as when it was
+    deleted before, not a foreign-key error (a 500); no row, no blob."""
+    engine = migrated_engine
+    blobs = BlobStore(tmp_path / "blobs")
+    blobs.ensure()
+    store = Conversations(engine)
+    conversation = store.create(user_id=None, api_key_id=None, default_model="up/m")
+    library, uploads = DocumentLibrary(engine, blobs), Attachments(engine, blobs)
+    place = library.place(
+        conversation=conversation.public_id, collection=None, user_id=None, may_see=_anyone
+    )
+    ref = uploads.conversation(conversation.public_id, _anyone)
+    assert store.delete(LOCAL, conversation.public_id) == set()
+    text = extract(PROSE.encode(), TEXT)
+
+    def pending() -> PendingBlob:
+        blob = blobs.begin()
+        blob.write(PROSE.encode())
+        return blob
+
+    with pytest.raises(NotFound, match="no such conversation"):
+        library.record(pending(), place, filename="p.txt", extracted=text, chunks=chunk(text))
+    with pytest.raises(NotFound, match="no such conversation"):
+        uploads.record(pending(), user_id=None, conversation=ref, filename="p.txt", mime_type=TEXT)
+    for table in (documents, document_chunks, files_table):
+        with engine.connect() as conn:
+            assert conn.execute(sa.select(sa.func.count()).select_from(table)).scalar() == 0
+    assert [p for p in blobs.root.rglob("*") if p.is_file()] == []
+
+
+def _anyone(owner: int | None) -> bool:
+    return True

@@ -191,3 +191,20 @@ def test_the_form_must_say_where_the_document_goes(server: ParleyServer) -> None
         assert upload(a, "n.txt", b"text", collection="x" * 129).status_code == 400
         assert a.get("/documents", params={"status": "done"}).status_code == 400
         assert counts(server) == (0, 0) and blob_files(server) == set()
+
+
+def test_a_pdf_whose_text_holds_nul_characters_is_read_without_them(
+    server: ParleyServer,
+) -> None:
+    """pypdf gives NUL for glyphs a font cannot map; PostgreSQL text cannot hold one (the
+    upload was a 500 there) and SQLite would keep it (sent to the embedder and upstream)."""
+    pdf = make_pdf([["Heron\x00 code 7731", "\x00\x00"]])
+    with client(server, "alpha") as a:
+        reply = upload(a, "glyphs.pdf", pdf, collection="inbox")
+        assert reply.status_code == 201, reply.text
+        assert reply.json()["chunk_count"] == 1
+        [stored] = rows(server.settings.database_url, "SELECT content FROM document_chunks")
+        assert stored["content"] == "Heron code 7731"
+        # A PDF with nothing but NUL for text has no text.
+        blank = upload(a, "blank.pdf", make_pdf([["\x00 \x00"]]), collection="inbox")
+        assert blank.status_code == 400 and blank.json()["error"]["code"] == "no_text"

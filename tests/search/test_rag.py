@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import orjson
 import pytest
 from aiohttp import web
 
@@ -227,3 +228,36 @@ def test_b_never_retrieves_a_s_documents(server: ParleyServer, upstream: FakeOpe
             f"/conversations/{a_cid}/messages", json={"content": question, "stream": False}
         )
         assert sent.status_code == 404
+
+
+def test_a_document_deleted_while_its_answer_streams_keeps_every_citation(
+    server: ParleyServer,
+) -> None:
+    """Deleted after retrieval, before the answer is committed: the answer still has all
+    of its citations, the deleted document's without its id, in ``done`` as in ``GET``
+    (the foreign keys used to refuse them all, with only a traceback in the log)."""
+    with client(server, "alpha") as a:
+        cid = a.post(
+            "/conversations", json={"default_model": "up/slow-stream", "title": "docs"}
+        ).json()["id"]
+        doomed = indexed(a, upload(a, "vault.txt", VAULT.encode(), conversation_id=cid))
+        kept = indexed(a, upload(a, "notes.txt", A_NOTE.encode(), conversation_id=cid))
+        done: dict[str, Any] = {}
+        body = {"content": "What is the code of the north vault?"}
+        with a.stream("POST", f"/conversations/{cid}/messages", json=body) as reply:
+            assert reply.status_code == 200
+            event = None
+            for line in reply.iter_lines():
+                if line.startswith("event: "):
+                    event = line.removeprefix("event: ")
+                    if event == "delta" and doomed:
+                        # The upstream is answering: retrieval is over.
+                        assert a.delete(f"/documents/{doomed['id']}").status_code == 200
+                        doomed = {}
+                elif line.startswith("data: ") and event == "done":
+                    done = orjson.loads(line.removeprefix("data: "))
+        assert not doomed and done, "the answer never streamed"
+        cited = {c["filename"]: c["document_id"] for c in done["citations"]}
+        assert cited == {"vault.txt": None, "notes.txt": kept["id"]}
+        [stored] = [m for m in a.get(f"/conversations/{cid}").json()["messages"] if m["citations"]]
+        assert stored["id"] == done["id"] and stored["citations"] == done["citations"]

@@ -3,7 +3,9 @@ branches, and the writer's answers to chat-API turns."""
 
 from __future__ import annotations
 
+import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -15,6 +17,7 @@ from parley.domain.messages import Message, chain_hashes
 from parley.domain.usage import Usage
 from parley.errors import InvalidRequest
 from parley.server.identity import LOCAL, Identity
+from parley.store import attachments as files
 from parley.store.conversations import Conversations, Turn
 from parley.store.engine import writer_connection
 from parley.store.exchanges import Recorded, write_batch
@@ -375,6 +378,38 @@ def test_delete_cascades_and_keeps_the_request_log(
         assert rows(migrated_engine, f"SELECT * FROM {table}") == [], table
     [req] = rows(migrated_engine, "SELECT conversation_id, success FROM request_log")
     assert req["conversation_id"] is None and req["success"]
+
+
+def test_a_delete_names_the_blob_of_an_upload_committed_while_it_waited(
+    store: Conversations, migrated_engine: sa.Engine
+) -> None:
+    """An upload into the conversation, in its transaction when the delete begins: the
+    delete waits for it, and the hashes it hands back for sweeping include its blob (on
+    PostgreSQL they were read before the upload committed: its file stayed on disk)."""
+    conv = new(store, LOCAL)
+    upload = writer_connection(migrated_engine)
+    transaction = upload.begin()
+    try:
+        files.insert_attachment(
+            upload,
+            user_id=None,
+            conversation=files.ConversationRef(conv.id, conv.public_id, None),
+            filename="late.txt",
+            mime_type="text/plain",
+            size=4,
+            sha256="cd" * 32,
+        )
+        with ThreadPoolExecutor(1) as pool:
+            deleting = pool.submit(store.delete, LOCAL, conv.public_id)
+            time.sleep(0.5)  # the delete is waiting for the upload's transaction
+            assert not deleting.done()
+            transaction.commit()
+            assert deleting.result(timeout=30) == {"cd" * 32}
+    finally:
+        if transaction.is_active:
+            transaction.rollback()
+        upload.close()
+    assert rows(migrated_engine, "SELECT * FROM attachments") == []
 
 
 def test_generated_title_never_replaces_one_set_meanwhile(store: Conversations) -> None:

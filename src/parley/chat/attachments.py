@@ -54,10 +54,13 @@ class Attachments:
         mime_type: str,
     ) -> AttachmentRow:
         """Publish the upload's blob, then commit its row; the blob goes again if the row
-        cannot be committed (unless another row names the same bytes)."""
+        cannot be committed (unless another row names the same bytes). ``NotFound`` when
+        ``conversation`` was deleted since it was looked up."""
         sha256 = pending.finish()
         try:
             with writer_connection(self.engine) as conn, conn.begin():
+                if conversation is not None and not repo.hold_conversation(conn, conversation.id):
+                    raise NotFound(f"no such conversation: {conversation.public_id}")
                 row = repo.insert_attachment(
                     conn,
                     user_id=user_id,

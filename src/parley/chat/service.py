@@ -365,10 +365,21 @@ class ChatService:
         retriever = self._sources()
         if retriever is None:
             return
+        kept = {s.chunk.document_id for s in sources}
+        if answer.id:
+            try:
+                kept = await asyncio.to_thread(retriever.cite, answer.id, sources)
+            except Exception:
+                log.exception("the citations of an answer could not be stored")
+        else:
+            self._spawn(self._cite_later(retriever, turn, answer.public_id, sources))
+        # As ``GET`` shows them: a document deleted meanwhile has no id any more.
         answer.citations = tuple(
             CitationRow(
                 ordinal=rank,
-                document_public_id=s.chunk.document_public_id,
+                document_public_id=(
+                    s.chunk.document_public_id if s.chunk.document_id in kept else None
+                ),
                 filename=s.chunk.filename,
                 page=s.chunk.page,
                 chunk_ordinal=s.chunk.ordinal,
@@ -376,13 +387,6 @@ class ChatService:
             )
             for rank, s in enumerate(sources, start=1)
         )
-        if answer.id:
-            try:
-                await asyncio.to_thread(retriever.cite, answer.id, sources)
-            except Exception:
-                log.exception("the citations of an answer could not be stored")
-            return
-        self._spawn(self._cite_later(retriever, turn, answer.public_id, sources))
 
     async def _cite_later(
         self,

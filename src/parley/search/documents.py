@@ -209,7 +209,10 @@ class _TextOfHTML(HTMLParser):
 
 
 def _clean(text: str) -> str:
-    """Runs of spaces as one, blank-line runs as one paragraph break, lines trimmed."""
+    """Runs of spaces as one, blank-line runs as one paragraph break, lines trimmed, no
+    NUL: a PDF's text may hold some (a font without a usable encoding), and PostgreSQL
+    text cannot (SQLite would keep them: the databases would differ)."""
+    text = text.replace("\x00", "")
     text = "\n".join(line.strip() for line in _SPACES.sub(" ", text).split("\n"))
     return _BLANK_LINES.sub("\n\n", text).strip()
 

@@ -73,10 +73,14 @@ class DocumentLibrary:
         extracted: Extracted,
         chunks: list[ChunkText],
     ) -> DocumentRow:
-        """Publish the blob, then commit the document and its chunks (``pending``)."""
+        """Publish the blob, then commit the document and its chunks (``pending``);
+        ``NotFound`` when the conversation of ``place`` was deleted since ``place``."""
         sha256 = pending.finish()
         try:
             with writer_connection(self.engine) as conn, conn.begin():
+                held = place.conversation_id
+                if held is not None and not files.hold_conversation(conn, held):
+                    raise NotFound(f"no such conversation: {place.conversation_public_id}")
                 row = repo.insert_document(
                     conn,
                     place,

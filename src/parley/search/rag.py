@@ -145,10 +145,12 @@ class Retriever:
         sources.sort(key=lambda s: (-s.score, s.chunk.id))
         return sources[: self._limit]
 
-    def cite(self, message_id: int, sources: Sequence[Source]) -> None:
-        """Store the sources of answer ``message_id`` (committed), in prompt order."""
+    def cite(self, message_id: int, sources: Sequence[Source]) -> set[int]:
+        """Store the sources of answer ``message_id`` (committed), in prompt order; the
+        ids of their documents that still exist (one deleted meanwhile is cited as a
+        deleted document is, see ``store.documents.insert_citations``)."""
         with writer_connection(self._engine) as conn, conn.begin():
-            repo.insert_citations(conn, message_id, [s.citation() for s in sources])
+            return repo.insert_citations(conn, message_id, [s.citation() for s in sources])
 
     def has_documents(self, conversation_id: int) -> bool:
         with self._engine.connect() as conn:

@@ -70,6 +70,20 @@ def conversation_ref(conn: Connection, public_id: uuid.UUID) -> ConversationRef 
     return None if row is None else ConversationRef(row.id, public_id, row.user_id)
 
 
+def hold_conversation(conn: Connection, conversation_id: int) -> bool:
+    """Whether the conversation still exists, kept so until the caller's transaction ends
+    (``FOR KEY SHARE`` on PostgreSQL; SQLite's write transaction serialises): an upload
+    checked against it before its bytes were read is refused, not a foreign-key error,
+    when the conversation was deleted meanwhile; and a delete that began after this waits,
+    and then sees the new row (and its blob) among those it removes."""
+    query = (
+        select(conversations.c.id)
+        .where(conversations.c.id == conversation_id)
+        .with_for_update(read=True, key_share=True)
+    )
+    return conn.execute(query).first() is not None
+
+
 def insert_attachment(
     conn: Connection,
     *,

@@ -243,7 +243,9 @@ class Conversations:
         attachments and documents named, for the caller to sweep once this is committed,
         or None when it is missing or not visible."""
         with self._writing() as conn:
-            row = visible_row(conn, viewer, public_id)
+            # Locked before the hashes are read: an upload into the conversation commits
+            # before (its blob is named here) or finds it gone (``hold_conversation``).
+            row = visible_row(conn, viewer, public_id, lock=True)
             if row is None:
                 return None
             named = select(attachments.c.sha256).where(attachments.c.conversation_id == row.id)

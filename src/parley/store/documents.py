@@ -333,18 +333,32 @@ def document_chunks_of(conn: Connection, document_id: int) -> list[tuple[int, in
 # -- citations ----------------------------------------------------------------------------
 
 
-def insert_citations(conn: Connection, message_id: int, cited: Sequence[NewCitation]) -> None:
-    """The sources of answer ``message_id``, in rank order (ordinal 1 first)."""
+def insert_citations(conn: Connection, message_id: int, cited: Sequence[NewCitation]) -> set[int]:
+    """The sources of answer ``message_id``, in rank order (ordinal 1 first); the ids of
+    their documents that still exist.
+
+    A document may be deleted while its answer is being made: its citations are stored as
+    those of a deleted one are (file name, page and chunk kept, ids NULL), never refused
+    by the foreign keys with every other citation of the answer. The documents still there
+    are locked (``FOR KEY SHARE`` on PostgreSQL; SQLite's write transaction serialises) so
+    that none of them goes before this commits."""
     if not cited:
-        return
+        return set()
+    wanted = sorted({c.document_id for c in cited})
+    kept = set(
+        conn.execute(
+            select(_D.id).where(_D.id.in_(wanted)).with_for_update(read=True, key_share=True)
+        ).scalars()
+    )
     conn.execute(
         insert(citations),
         [
             {
                 "message_id": message_id,
                 "ordinal": rank,
-                "document_id": c.document_id,
-                "chunk_id": c.chunk_id,
+                "document_id": c.document_id if c.document_id in kept else None,
+                # A chunk goes only with its document (foreign key cascade).
+                "chunk_id": c.chunk_id if c.document_id in kept else None,
                 "filename": c.filename,
                 "page": c.page,
                 "chunk_ordinal": c.chunk_ordinal,
@@ -353,6 +367,7 @@ def insert_citations(conn: Connection, message_id: int, cited: Sequence[NewCitat
             for rank, c in enumerate(cited, start=1)
         ],
     )
+    return kept
 
 
 def citations_of(conn: Connection, message_ids: Sequence[int]) -> dict[int, list[CitationRow]]:
