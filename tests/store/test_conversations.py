@@ -18,10 +18,12 @@ from parley.domain.usage import Usage
 from parley.errors import InvalidRequest
 from parley.server.identity import LOCAL, Identity
 from parley.store import attachments as files
+from parley.store.bulk import assign_ids
 from parley.store.conversations import Conversations, Turn
 from parley.store.engine import writer_connection
 from parley.store.exchanges import Recorded, write_batch
-from parley.store.schema import conversations
+from parley.store.history_rows import insert_messages
+from parley.store.schema import conversations, messages
 
 ALICE = Identity(user_id=1, api_key_id=10, role="user", via="api_key")
 BOB = Identity(user_id=2, api_key_id=20, role="user", via="api_key")
@@ -410,6 +412,43 @@ def test_a_delete_names_the_blob_of_an_upload_committed_while_it_waited(
             transaction.rollback()
         upload.close()
     assert rows(migrated_engine, "SELECT * FROM attachments") == []
+
+
+def test_a_branch_over_a_thousand_messages_deep_is_deleted(
+    store: Conversations, migrated_engine: sa.Engine
+) -> None:
+    """A long chat (or an agent's /v1 session) is one deep branch. On SQLite the
+    ``parent_id`` cascade ran as nested triggers, one level per message: 13 s for 800
+    messages with the write lock held, and past 1,000 a 500 ("too many levels of trigger
+    recursion"), so the conversation could never be deleted."""
+    conv = new(store, LOCAL)
+    depth = 1100
+    texts = [Message("user", f"turn {i} about herons") for i in range(depth)]
+    chains = chain_hashes(texts)
+    now = datetime.now(UTC)
+    rows_ = [
+        {
+            "public_id": uuid.uuid4(),
+            "conversation_id": conv.id,
+            "role": "user",
+            "content": m.text(),
+            "payload": m.canonical_json().decode(),
+            "content_hash": m.content_hash(),
+            "chain_hash": chain,
+            "chain_key": 0,
+            "created_at": now,
+        }
+        for m, chain in zip(texts, chains, strict=True)
+    ]
+    with writer_connection(migrated_engine) as conn, conn.begin():
+        assign_ids(conn, [(messages, rows_)])
+        for parent, row in zip([None, *rows_], rows_, strict=False):
+            row["parent_id"] = None if parent is None else parent["id"]
+        insert_messages(conn, rows_)
+    tree = store.load(LOCAL, conv.public_id)
+    assert tree is not None and len(tree.active_path) == depth
+    assert store.delete(LOCAL, conv.public_id) == set()
+    assert rows(migrated_engine, "SELECT id FROM messages") == []
 
 
 def test_generated_title_never_replaces_one_set_meanwhile(store: Conversations) -> None:

@@ -251,6 +251,16 @@ class Conversations:
             named = select(attachments.c.sha256).where(attachments.c.conversation_id == row.id)
             blobs = set(conn.execute(named.distinct()).scalars())
             blobs |= documents.conversation_hashes(conn, row.id)
+            if conn.dialect.name == "sqlite":
+                # Unlinked first: else each message's ``parent_id`` cascade deletes its
+                # child, recursively down the branch, which SQLite runs as nested
+                # triggers: quadratic (13 s for 800 messages, the write lock held) and
+                # refused past 1,000 levels ("too many levels of trigger recursion").
+                conn.execute(
+                    update(messages)
+                    .where(_M.conversation_id == row.id, _M.parent_id.is_not(None))
+                    .values(parent_id=None)
+                )
             conn.execute(delete(conversations).where(_C.id == row.id))
             return blobs
 
