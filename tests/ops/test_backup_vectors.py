@@ -19,7 +19,8 @@ from parley.ops import archive
 from parley.ops.backup import create_backup, verify_backup
 from parley.ops.migrate import upgrade
 from parley.ops.restore import restore_backup
-from parley.search.vectors import MessageVector, VectorStore
+from parley.search.vector_rows import MessageVector
+from parley.search.vectors import VectorStore
 from tests.ops.backup_support import backup_settings
 
 MODEL, DIMENSION = "test/unit-4", 4

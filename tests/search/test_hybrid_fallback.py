@@ -12,7 +12,8 @@ import sqlalchemy as sa
 
 from parley.errors import SearchUnavailable, UpstreamConnectError
 from parley.search.hybrid import SemanticSearch
-from parley.search.vectors import MessageVector, VectorStore
+from parley.search.vector_rows import MessageVector
+from parley.search.vectors import VectorStore
 from parley.settings import Settings
 from parley.store.conversations import Conversations
 from parley.store.search import Scope

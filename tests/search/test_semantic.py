@@ -19,7 +19,8 @@ from parley.ops.maintenance import run_maintenance
 from parley.search.embedders import LocalEmbedder
 from parley.search.hybrid import SemanticSearch
 from parley.search.indexer import Indexer
-from parley.search.vectors import MessageVector, VectorStore
+from parley.search.vector_rows import MessageVector
+from parley.search.vectors import VectorStore
 from parley.settings import Settings
 from parley.store import outbox
 from parley.store.conversations import Conversations

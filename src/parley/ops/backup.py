@@ -40,7 +40,7 @@ from sqlalchemy.exc import DBAPIError
 import parley
 from parley.errors import BackupError
 from parley.ops import archive, pgtools
-from parley.search import vectors
+from parley.search import vector_lock
 from parley.settings import Settings
 from parley.store import snapshot
 from parley.store.engine import create_engine, sqlite_path
@@ -253,7 +253,7 @@ def _write(settings: Settings, directory: Path, staging: Path, reason: str | Non
         # No vector is written from before the database snapshot until the vectors are
         # copied: they are one version of the store, and every change after it is still
         # in the snapshot's search outbox, which the indexer drains after a restore.
-        with vectors.frozen(settings.vector_uri) as vector_root:
+        with vector_lock.frozen(settings.vector_uri) as vector_root:
             database, dumped = _snapshot_database(settings, snapshots)
             head["database_kind"] = database["kind"]
             head["schema_revision"] = database.pop("schema_revision")
@@ -314,7 +314,7 @@ def _add_tree(
 def vector_dir(settings: Settings) -> Path | None:
     """The vector store's directory when it is on this machine (the default, under the
     data directory, or a ``PARLEY_VECTOR_URI`` path), else None."""
-    return vectors.local_path(settings.vector_uri)
+    return vector_lock.local_path(settings.vector_uri)
 
 
 def _snapshot_database(settings: Settings, staging: Path) -> tuple[dict[str, Any], Path]:

@@ -324,11 +324,12 @@ class _Run:
 
 
 def _vector_store(settings: Settings) -> str | Step:
-    """Compact the vector store, fold new vectors into (or build) its ANN index, and drop
-    old versions (LanceDB ``optimize``); online-safe: searches keep their snapshot.
+    """Compact the vector store, fold new vectors into (or build) its ANN index, rewrite
+    a table whose deleted rows are still in its files, and drop old versions with their
+    files (``VectorStore.optimize``); online-safe: searches keep their snapshot.
 
-    ``search.vectors`` is a storage adapter with no parley imports of its own, hence
-    imported here from below the ``search`` layer."""
+    ``search.vectors`` (with ``vector_rows`` and ``vector_lock``) is a storage adapter that
+    imports nothing else of parley, hence imported here from below the ``search`` layer."""
     from parley.search.vectors import VectorStore
 
     uri = settings.vector_uri

@@ -41,7 +41,8 @@ import orjson
 import sqlalchemy
 
 from parley.search.embedders import Embedder
-from parley.search.vectors import ChunkVector, MessageVector, VectorStore
+from parley.search.vector_rows import ChunkVector, MessageVector
+from parley.search.vectors import VectorStore
 from parley.store import outbox
 from parley.store.documents import mark_failed, mark_indexed
 from parley.store.engine import writer_connection

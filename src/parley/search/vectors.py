@@ -16,18 +16,23 @@ Invariants:
   (or none yet) drops both tables and starts empty, and writes or searches for a model
   other than the prepared one are refused (``reconcile`` then re-embeds every row);
 - the owner filter is inside the vector query (a LanceDB prefilter ``where``), never
-  applied to its results: a search ranks only the rows its caller may see. LanceDB has
-  no NULL-friendly equality, so "no owner" (the local admin, the master key) is stored
-  as ``LOCAL_OWNER`` (-1), "no conversation" as -1, "no collection" as "", "no page" as -1;
+  applied to its results: a search ranks only the rows its caller may see ("no owner",
+  the local admin's, is stored as ``LOCAL_OWNER``: see ``vector_rows``);
 - distances are cosine; a hit's ``score`` is the cosine similarity (1 - distance);
 - an ANN index (IVF-PQ) is built once a table holds ``ann_min_rows`` vectors; below that
   the search is exact. ``optimize`` (the maintenance hook) compacts, folds new rows into
   the index and drops old versions;
+- a deleted row is only marked deleted until ``optimize``; after it, no file under the
+  store holds it (nor the old copy of a row written again): a table still marking
+  deleted rows is written anew, and every version but the latest is removed with its
+  files;
 - writes are idempotent (``merge_insert`` on ``id``; deleting an absent id is a no-op),
   so an outbox batch replayed after a crash changes nothing;
 - every write of a local store holds a shared ``flock`` on ``<store>.lock`` (beside its
-  directory), and ``frozen`` an exclusive one: a backup copies one version of the files,
-  never a manifest naming a deletion or index file written after the copy passed it.
+  directory), and ``vector_lock.frozen`` an exclusive one: a backup copies one version
+  of the files, never a manifest naming a deletion or index file written after the copy
+  passed it. ``optimize`` holds the exclusive one too while it rewrites a table or
+  removes files.
 
 Opening is free: LanceDB (seconds to import) is imported and connected on first use, and
 a local store that was never created reads as empty without either, so a process that
@@ -39,21 +44,32 @@ Every method blocks: call it through ``asyncio.to_thread`` from the event loop.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import math
-import os
 import threading
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from parley.search.vector_lock import local_path, store_lock
+from parley.search.vector_rows import (
+    NONE,
+    ChunkVector,
+    MessageVector,
+    arrow,
+    chunk_row,
+    chunk_schema,
+    message_row,
+    message_schema,
+    meta_schema,
+    owner,
+)
+
 if TYPE_CHECKING:
     import pyarrow as pa
 
-LOCAL_OWNER = -1
-NONE = -1
 MESSAGES = "messages"
 CHUNKS = "chunks"
 META = "meta"
@@ -62,33 +78,13 @@ _REFINE = 4
 # Another process (``parley reindex``, a second server) may write: reads look for a newer
 # version at most this often.
 _CONSISTENCY = timedelta(seconds=1)
-
-
-@dataclass(frozen=True, slots=True)
-class MessageVector:
-    id: int
-    user_id: int | None
-    conversation_id: int
-    role: str
-    text: str
-    created_at: datetime
-    metadata: str
-    vector: Sequence[float]
-
-
-@dataclass(frozen=True, slots=True)
-class ChunkVector:
-    id: int
-    document_id: int
-    user_id: int | None
-    conversation_id: int | None
-    collection: str | None
-    page: int | None
-    ordinal: int
-    text: str
-    created_at: datetime
-    metadata: str
-    vector: Sequence[float]
+# How long ``optimize`` waits before it removes old versions: a reader may use one for up
+# to ``_CONSISTENCY`` after it stopped being the latest, plus its query's time.
+_SETTLE = _CONSISTENCY + timedelta(seconds=0.5)
+# Old versions a maintenance run keeps while other writers may still commit.
+_KEEP = timedelta(minutes=1)
+# Rows ``_rewrite`` writes per commit (read into memory at once).
+_PURGE_ROWS = 50_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,11 +152,11 @@ class VectorStore:
                     self._connection().drop_table(name)
             self._tables.clear()
             db = self._connection()
-            db.create_table(MESSAGES, schema=_message_schema(dimension))
-            db.create_table(CHUNKS, schema=_chunk_schema(dimension))
+            db.create_table(MESSAGES, schema=message_schema(dimension))
+            db.create_table(CHUNKS, schema=chunk_schema(dimension))
             # Last: a crash before it leaves no meta, and the next start drops again.
-            meta = db.create_table(META, schema=_meta_schema())
-            meta.add(_arrow([{"model": model, "dimension": dimension}], _meta_schema()))
+            meta = db.create_table(META, schema=meta_schema())
+            meta.add(arrow([{"model": model, "dimension": dimension}], meta_schema()))
             self._meta = (model, dimension)
             return True
 
@@ -175,14 +171,14 @@ class VectorStore:
     def upsert_messages(self, model: str, rows: Sequence[MessageVector]) -> None:
         self.check(model)
         if rows:
-            data = [_message_row(row) for row in rows]
-            self._merge(MESSAGES, _arrow(data, self._schema(MESSAGES)))
+            data = [message_row(row) for row in rows]
+            self._merge(MESSAGES, arrow(data, self._schema(MESSAGES)))
 
     def upsert_chunks(self, model: str, rows: Sequence[ChunkVector]) -> None:
         self.check(model)
         if rows:
-            data = [_chunk_row(row) for row in rows]
-            self._merge(CHUNKS, _arrow(data, self._schema(CHUNKS)))
+            data = [chunk_row(row) for row in rows]
+            self._merge(CHUNKS, arrow(data, self._schema(CHUNKS)))
 
     def delete_messages(self, ids: Iterable[int]) -> None:
         self._delete(MESSAGES, ids)
@@ -209,20 +205,24 @@ class VectorStore:
     # -- reads ---------------------------------------------------------------------------
 
     def message_ids(self) -> set[int]:
-        return self._ids(MESSAGES)
+        return self._ids_of(MESSAGES)
 
     def chunk_ids(self) -> set[int]:
-        return self._ids(CHUNKS)
+        return self._ids_of(CHUNKS)
 
     def count(self, name: str) -> int:
         if self.model is None:
             return 0
         return int(self._table(name).count_rows())
 
-    def _ids(self, name: str) -> set[int]:
+    def _ids_of(self, name: str) -> set[int]:
         if self.model is None:
             return set()
-        scan = self._table(name).search().select(["id"]).limit(None).to_arrow()
+        return self._ids(self._table(name))
+
+    @staticmethod
+    def _ids(table: Any) -> set[int]:
+        scan = table.search().select(["id"]).limit(None).to_arrow()
         return {int(i) for i in scan.column("id").to_pylist()}
 
     def search_messages(
@@ -238,7 +238,7 @@ class VectorStore:
         """The ``limit`` messages nearest ``vector`` among ``user_id``'s (None: the local
         admin's; ``everyone``: all users'), optionally in one conversation."""
         self.check(model)
-        clauses = [] if everyone else [f"user_id = {_owner(user_id)}"]
+        clauses = [] if everyone else [f"user_id = {owner(user_id)}"]
         if conversation_id is not None:
             clauses.append(f"conversation_id = {int(conversation_id)}")
         columns = ["id", "conversation_id", "role", "text", "created_at", "_distance"]
@@ -270,7 +270,7 @@ class VectorStore:
         caller embeds with the same embedder)."""
         if self.model is None:
             return []
-        clauses = [f"user_id = {_owner(user_id)}"]
+        clauses = [f"user_id = {owner(user_id)}"]
         scope = []
         if conversation_id is not None:
             scope.append(f"conversation_id = {int(conversation_id)}")
@@ -320,25 +320,78 @@ class VectorStore:
 
     def optimize(self, ann_min_rows: int) -> str:
         """Compact both tables, build the ANN index of a table that reached
-        ``ann_min_rows`` vectors (and fold new rows into an existing one), drop the
-        versions older than a minute. Online-safe: readers keep their snapshot."""
+        ``ann_min_rows`` vectors (and fold new rows into an existing one), rewrite a table
+        whose deleted rows are still in its files, then remove every older version with its
+        files: after it, no file under the store holds a deleted row.
+
+        A delete (or an upsert's replaced row) only marks rows deleted, and LanceDB's
+        compaction rewrites a fragment only once a tenth of its rows are marked: hence
+        ``_rewrite``. It holds the exclusive lock, so that it cannot undo a newer write;
+        the index build and fold (minutes on a large table) hold the shared one, so that
+        the indexer goes on. Online-safe: see ``_remove_old_versions``."""
         if self.model is None:
             return "empty vector store"
         done: list[str] = []
         for name in (MESSAGES, CHUNKS):
+            table = self._table(name)
             with self._writing():
-                table = self._table(name)
                 rows = int(table.count_rows())
-                if self.ensure_index(name, ann_min_rows, rows):
+                if self._index(table, ann_min_rows, rows):
                     done.append(f"{name}: ANN index built over {rows} vectors")
-                table.optimize(cleanup_older_than=timedelta(minutes=1))
+                table.optimize(cleanup_older_than=_KEEP)
                 done.append(f"{name}: {rows} vectors compacted")
+            with self._writing(exclusive=True):
+                table.checkout_latest()  # a rewrite must read the newest rows
+                marked = _marked_deleted(table)
+                if marked != 0:
+                    self._rewrite(table)
+                    done.append(f"{name}: rewritten without {marked or 'its'} deleted vectors")
+            if marked != 0:
+                with self._writing():
+                    table.optimize(cleanup_older_than=_KEEP)  # folds the rewrite into the index
+        self._remove_old_versions()
         return "; ".join(done)
 
-    def ensure_index(self, name: str, ann_min_rows: int, rows: int | None = None) -> bool:
+    def _remove_old_versions(self) -> None:
+        """Remove every version but the latest, with the files only they name, under the
+        exclusive lock: no writer of any process commits meanwhile, nor is halfway through
+        a file that the removal would take for a failed write's litter. What was written
+        since ``optimize`` compacted is compacted first (the last commit), then the removal
+        waits ``_SETTLE``: a reader uses a version for at most ``_CONSISTENCY`` after it
+        stopped being the latest."""
+        # A remote store has no lock: there, a file no version names yet may be a write's
+        # under way, and only LanceDB's own age limit (a week) removes it.
+        locked = local_path(self.uri) is not None
+        with self._writing(exclusive=True):
+            tables = [self._table(name) for name in (MESSAGES, CHUNKS)]
+            for table in tables:
+                table.optimize(cleanup_older_than=_KEEP)
+            time.sleep(_SETTLE.total_seconds())
+            for table in tables:
+                table.optimize(cleanup_older_than=_CONSISTENCY, delete_unverified=locked)
+
+    def _rewrite(self, table: Any) -> None:
+        """Write every row of ``table`` anew (``_PURGE_ROWS`` at a time, for memory): a
+        fragment none of whose rows is left is dropped whole, so no data file of the new
+        version holds a deleted row. The indexes stay (the new rows join them when the table
+        is optimized next). A row whose text changed since it was read, by a writer the lock
+        cannot hold (a remote store's), is not put back."""
+        ids = sorted(self._ids(table))
+        for start in range(0, len(ids), _PURGE_ROWS):
+            part = ids[start : start + _PURGE_ROWS]
+            scan = table.search().where(f"id >= {part[0]} AND id <= {part[-1]}").limit(None)
+            merge = table.merge_insert("id").when_matched_update_all(
+                where="target.text = source.text"
+            )
+            merge.execute(scan.to_arrow())
+
+    def ensure_index(self, name: str, ann_min_rows: int) -> bool:
         """Build the table's ANN index (and the owner's scalar index) once it is large
         enough; return whether it was built now."""
-        table = self._table(name)
+        with self._writing():
+            return self._index(self._table(name), ann_min_rows)
+
+    def _index(self, table: Any, ann_min_rows: int, rows: int | None = None) -> bool:
         if self._indexed(table):
             return False
         rows = int(table.count_rows()) if rows is None else rows
@@ -362,10 +415,11 @@ class VectorStore:
     # -- internals -----------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def _writing(self) -> Iterator[None]:
+    def _writing(self, exclusive: bool = False) -> Iterator[None]:
         """One writer of this object at a time, and none while a backup copies the store
-        (``frozen``): writers of all processes share the lock file's lock."""
-        with self._lock, _flocked(local_path(self.uri), fcntl.LOCK_SH):
+        (``frozen``) or ``optimize`` rewrites a table or removes files (``exclusive``):
+        writers of all processes share the lock file's lock."""
+        with self._lock, store_lock(self.uri, exclusive=exclusive):
             yield
 
     def _connection(self) -> Any:
@@ -418,129 +472,20 @@ class VectorStore:
     def _schema(self, name: str) -> pa.Schema:
         assert self.dimension is not None
         if name == MESSAGES:
-            return _message_schema(self.dimension)
-        return _chunk_schema(self.dimension)
-
-
-def local_path(uri: str) -> Path | None:
-    """The directory of a store on this machine's disk (a path, or a ``file://`` URI);
-    None for a remote one (``s3://``...)."""
-    if uri.startswith("file://"):
-        return Path(uri.removeprefix("file://"))
-    return None if "://" in uri else Path(uri)
-
-
-@contextlib.contextmanager
-def frozen(uri: str) -> Iterator[Path | None]:
-    """No vector written, in any process, while the block runs: the store's files are one
-    version (a backup copies them so). Waits for the writes under way. Yields the local
-    directory (None for a remote store, which nothing here can hold still)."""
-    path = local_path(uri)
-    with _flocked(path, fcntl.LOCK_EX):
-        yield path
-
-
-@contextlib.contextmanager
-def _flocked(store: Path | None, kind: int) -> Iterator[None]:
-    """``kind`` (shared or exclusive) on the lock file beside a local store's directory
-    (beside, not in it: LanceDB owns the directory, and a backup copies it whole)."""
-    if store is None:
-        yield
-        return
-    lock = store.with_name(store.name + ".lock")
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, kind)
-        yield
-    finally:
-        os.close(fd)  # releases the lock
-
-
-def _arrow(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:
-    import pyarrow as pa
-
-    return pa.Table.from_pylist(rows, schema)
-
-
-def _meta_schema() -> pa.Schema:
-    import pyarrow as pa
-
-    return pa.schema([pa.field("model", pa.string()), pa.field("dimension", pa.int64())])
-
-
-def _message_schema(dimension: int) -> pa.Schema:
-    import pyarrow as pa
-
-    return pa.schema(
-        [
-            pa.field("id", pa.int64(), nullable=False),
-            pa.field("user_id", pa.int64(), nullable=False),
-            pa.field("conversation_id", pa.int64(), nullable=False),
-            pa.field("role", pa.string()),
-            pa.field("text", pa.string()),
-            pa.field("created_at", pa.timestamp("us", tz="UTC")),
-            pa.field("metadata", pa.string()),
-            pa.field("vector", pa.list_(pa.float32(), dimension)),
-        ]
-    )
-
-
-def _chunk_schema(dimension: int) -> pa.Schema:
-    import pyarrow as pa
-
-    return pa.schema(
-        [
-            pa.field("id", pa.int64(), nullable=False),
-            pa.field("document_id", pa.int64(), nullable=False),
-            pa.field("user_id", pa.int64(), nullable=False),
-            pa.field("conversation_id", pa.int64(), nullable=False),
-            pa.field("collection", pa.string()),
-            pa.field("page", pa.int64()),
-            pa.field("ordinal", pa.int64()),
-            pa.field("text", pa.string()),
-            pa.field("created_at", pa.timestamp("us", tz="UTC")),
-            pa.field("metadata", pa.string()),
-            pa.field("vector", pa.list_(pa.float32(), dimension)),
-        ]
-    )
-
-
-def _message_row(row: MessageVector) -> dict[str, Any]:
-    return {
-        "id": row.id,
-        "user_id": _owner(row.user_id),
-        "conversation_id": row.conversation_id,
-        "role": row.role,
-        "text": row.text,
-        "created_at": row.created_at,
-        "metadata": row.metadata,
-        "vector": list(row.vector),
-    }
-
-
-def _chunk_row(row: ChunkVector) -> dict[str, Any]:
-    return {
-        "id": row.id,
-        "document_id": row.document_id,
-        "user_id": _owner(row.user_id),
-        "conversation_id": NONE if row.conversation_id is None else row.conversation_id,
-        "collection": row.collection or "",
-        "page": NONE if row.page is None else row.page,
-        "ordinal": row.ordinal,
-        "text": row.text,
-        "created_at": row.created_at,
-        "metadata": row.metadata,
-        "vector": list(row.vector),
-    }
-
-
-def _owner(user_id: int | None) -> int:
-    return LOCAL_OWNER if user_id is None else int(user_id)
+            return message_schema(self.dimension)
+        return chunk_schema(self.dimension)
 
 
 def _literal(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
+
+
+def _marked_deleted(table: Any) -> int | None:
+    """Rows the table's latest version marks deleted (its data files still hold them);
+    None when LanceDB does not say."""
+    latest = max(table.list_versions(), key=lambda version: version["version"])
+    count = latest.get("metadata", {}).get("total_deletion_file_rows")
+    return None if count is None else int(count)
 
 
 def _sub_vectors(dimension: int) -> int:
