@@ -29,8 +29,9 @@ Behaviour is chosen by the requested model name, so it works across processes:
 
 Embeddings are derived from the text (equal texts, equal vectors) with 8 dimensions, or N
 for a model named ``embed-<N>``, or ``dimensions`` when the request gives it; a request
-with an input containing ``REFUSE_EMBEDDING`` is refused (400), whatever the model;
-``stall-first-byte`` and ``fail-<status>`` behave as for chat.
+with an input containing ``REFUSE_EMBEDDING`` is refused (400), whatever the model, and
+one containing ``STALL_EMBEDDING`` waits 30 s before its headers (an embedder busy on a
+batch); ``stall-first-byte`` and ``fail-<status>`` behave as for chat.
 
 Stalls are cancelled on ``stop()``, so they never hold up shutdown. Answers are
 deterministic (ids hash the request, ``created`` is fixed): a test can compare the bytes
@@ -56,6 +57,8 @@ from tests.fakes.runner import FakeServer, reset, serve_main
 STALL_SECONDS = 30.0
 # An embeddings input containing this is refused with a 400 (an input the model rejects).
 REFUSE_EMBEDDING = "REFUSE_EMBEDDING"
+# An embeddings input containing this is answered after STALL_SECONDS.
+STALL_EMBEDDING = "STALL_EMBEDDING"
 CREATED = 1_700_000_000
 MODELS = ("gpt-4o-mini", "tool-call", "text-embedding-3-small", "bench")
 # status -> (type, code, message, extra headers)
@@ -160,6 +163,8 @@ class _Upstream:
             inputs = [inputs]
         if any(REFUSE_EMBEDDING in str(item) for item in inputs):
             return _error(400, "Invalid value for 'input': the text cannot be embedded.")
+        if any(STALL_EMBEDDING in str(item) for item in inputs):
+            await self.sleep(STALL_SECONDS)
         sized = model.removeprefix("embed-")
         dimensions = int(body.get("dimensions") or (sized if sized.isdigit() else 8))
         vectors: list[Any] = [_vector(str(item), dimensions) for item in inputs]

@@ -1,7 +1,8 @@
 """The server's local embedder runs the model in a child process (``IsolatedEmbedder``).
 
 It must give the vectors the in-process model gives, keep working for several callers,
-come back when the child dies, and go away when closed or when the server is killed.
+outlive the stop signals meant for the server, come back when the child dies, and go away
+when closed or when the server is killed.
 """
 
 from __future__ import annotations
@@ -39,6 +40,14 @@ def test_the_child_gives_the_in_process_vectors_and_stops_when_closed(
             cosine = sum(g * w for g, w in zip(got, want, strict=True))
             assert math.isclose(cosine, 1.0, abs_tol=1e-4)
         assert isolated.embed_sync([]) == []
+
+        # Ctrl-C and systemd's stop reach every process of the server: the server stops
+        # the child itself, so they leave it running (it used to die of SIGTERM).
+        for number in (signal.SIGINT, signal.SIGTERM):
+            os.kill(process.pid, number)
+        process.join(timeout=1)
+        assert process.is_alive() and asyncio.run(isolated.embed(TEXTS[:1]))
+        assert list(isolated._executor._processes.values()) == [process]
 
         process.kill()  # as the kernel's OOM killer would
         process.join(timeout=10)

@@ -221,6 +221,17 @@ def integrity(database_url: str) -> str:
         engine.dispose()
 
 
+def refuses_connections(port: int) -> bool:
+    """Whether a server on ``port`` refuses connections (its stop has begun)."""
+    try:
+        httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1)
+    except httpx.ConnectError:
+        return True
+    except httpx.HTTPError:
+        return False
+    return False
+
+
 def wal_size(database_url: str) -> int | None:
     """The size of the SQLite database's ``-wal`` file, None when there is none."""
     path = Path(sa.make_url(database_url).database or "")

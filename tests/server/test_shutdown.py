@@ -21,6 +21,7 @@ from tests.server.crash_support import (
     DripOpenAI,
     backup_env,
     integrity,
+    refuses_connections,
     server_env,
     wal_size,
 )
@@ -85,16 +86,6 @@ class Client(threading.Thread):
         return data[-1] if data[-1] == "[DONE]" else orjson.loads(data[-1])
 
 
-def _refused(port: int) -> bool:
-    try:
-        httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1)
-    except httpx.ConnectError:
-        return True
-    except httpx.HTTPError:
-        return False
-    return False
-
-
 @pytest.mark.slow
 def test_sigterm_with_50_open_streams(tmp_path: Path, database_url: str) -> None:
     with DripOpenAI() as upstream:
@@ -125,7 +116,7 @@ def test_sigterm_with_50_open_streams(tmp_path: Path, database_url: str) -> None
             # Nothing new is accepted while the open streams carry on.
             refused_at = None
             while time.monotonic() - signalled < GRACE - 1:
-                if _refused(port):
+                if refuses_connections(port):
                     refused_at = time.monotonic()
                     break
                 time.sleep(0.05)

@@ -47,10 +47,12 @@ def serve(host: str | None, port: int | None) -> None:
     SIGTERM or Ctrl-C stops it gracefully: no new connections, open requests get
     shutdown_grace seconds (PARLEY_SHUTDOWN_GRACE, default 30) to finish, answers still
     streaming are then recorded as interrupted, everything is committed and the exit
-    status is 0.
+    status is 0. A second SIGTERM or Ctrl-C interrupts the open answers at once; the
+    stop still commits everything.
     """
     from parley.server.app import create_app
-    from parley.server.shutdown import AFTER_GRACE
+    from parley.server.shutdown import AFTER_GRACE, DRAIN
+    from parley.server.signals import StopSignals, ignore_stop_signals
 
     try:
         overrides: dict[str, Any] = {}
@@ -80,9 +82,15 @@ def serve(host: str | None, port: int | None) -> None:
     except ImportError:
         pass
     tune_for_serving()
+    loop = asyncio.new_event_loop()
     try:
+        app = create_app(settings)
+        # Ours, not aiohttp's handle_signals: a second signal must not break off the stop.
+        StopSignals(app[DRAIN]).install(loop)
         web.run_app(
-            create_app(settings),
+            app,
+            loop=loop,
+            handle_signals=False,
             host=settings.host,
             port=settings.port,
             access_log=None,
@@ -107,3 +115,7 @@ def serve(host: str | None, port: int | None) -> None:
             err=True,
         )
         sys.exit(1)
+    finally:
+        ignore_stop_signals()
+        if not loop.is_closed():  # run_app closes it; not when it was never called
+            loop.close()

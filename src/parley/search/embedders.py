@@ -236,9 +236,12 @@ _child: LocalEmbedder | ImportError | None = None
 
 def _child_start() -> None:
     global _child
-    # The server handles Ctrl-C and SIGTERM; the child ends when the server closes it,
-    # or when the server is gone (killed -9: nobody closes it).
+    # Ctrl-C in a terminal, and systemd's stop, signal every process of the server: the
+    # server handles the stop, and the child ends when the server closes it, or when the
+    # server is gone (killed -9: nobody closes it). A child ended by SIGTERM was started
+    # again by the indexer, in the middle of the server's stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     threading.Thread(
         target=_exit_with_parent, args=(os.getppid(),), name="parley-parent-watch", daemon=True
     ).start()

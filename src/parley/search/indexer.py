@@ -9,6 +9,10 @@ Invariants:
 
 - a crash anywhere leaves the outbox rows in place: the batch runs again and, writes being
   idempotent, changes nothing twice; rows queued meanwhile are never removed unread;
+- ``stop`` does not wait for embeddings (the local model's batch took up to its 10 s
+  grace, and the server's stop with it): a batch still being embedded is given up and its
+  rows stay queued for the next start, while one writing its vectors and removing its
+  rows (threads, which a cancellation would not stop) finishes first;
 - nothing waits on it: requests commit messages (and their outbox rows) and return;
 - a poison item never blocks the outbox: when a batch fails to embed, its items are
   embedded one by one. If every one fails the failure is taken as transient (the upstream
@@ -34,8 +38,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import orjson
 import sqlalchemy
@@ -48,6 +53,7 @@ from parley.store.documents import mark_failed, mark_indexed
 from parley.store.engine import writer_connection
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # After a failed batch (an upstream embedder down...), the pause doubles up to this.
 MAX_BACKOFF = 60.0
@@ -87,6 +93,8 @@ class Indexer:
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._stopping = False
+        # Set by ``stop``: a batch waiting on its embeddings gives up.
+        self._halt = asyncio.Event()
 
     # -- the background task ---------------------------------------------------------------
 
@@ -98,8 +106,10 @@ class Indexer:
         self._wake.set()
 
     async def stop(self, grace: float = 10.0) -> None:
-        """Stop after the batch in progress (or at once when idle)."""
+        """Stop now: a batch being embedded is given up (its rows stay queued), one being
+        written finishes; after ``grace`` seconds the task is cancelled whatever it does."""
         self._stopping = True
+        self._halt.set()
         self._wake.set()
         if self._task is None:
             return
@@ -117,6 +127,8 @@ class Indexer:
             try:
                 if not ready:
                     await self.prepare()
+                    if self._stopping:
+                        break
                     if self.reconcile_on_start:
                         done = await self.reconcile()
                         log.info("search reconcile on start: %s", done)
@@ -147,7 +159,9 @@ class Indexer:
         if self.embedder is None:
             return False
         if self.embedder.dimension is None:
-            await self.embedder.embed(["dimension"])
+            probed = await self._unless_halted(self.embedder.embed(["dimension"]))
+            if probed is None:
+                return False  # stopping
         dimension = self.embedder.dimension
         assert dimension is not None
         model = self.embedder.model
@@ -195,7 +209,9 @@ class Indexer:
             if self.vectors.model != self.embedder.model:
                 await self.prepare()
             texts = [m.content for m in messages] + [c.content for c in chunks]
-            embedded = await _embed(self.embedder, texts)
+            embedded = await self._unless_halted(_embed(self.embedder, texts))
+            if embedded is None:
+                return 0  # stopping: the batch stays queued
             model = self.embedder.model
             message_vectors: list[MessageVector] = []
             for m, vector in zip(messages, embedded, strict=False):
@@ -261,6 +277,26 @@ class Indexer:
             )
         self.indexed += written
         return len(queued)
+
+    async def _unless_halted(self, work: Coroutine[Any, Any, T]) -> T | None:
+        """``work``'s result, or None when ``stop`` comes first (``work`` is then cancelled
+        and waited for: a remote call still records its attempt)."""
+        task = asyncio.ensure_future(work)
+        halted = asyncio.ensure_future(self._halt.wait())
+        try:
+            await asyncio.wait({task, halted}, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            task.cancel()
+            raise
+        finally:
+            halted.cancel()
+        if task.done():
+            return task.result()
+        task.cancel()
+        await asyncio.wait({task})  # its end, not its outcome: the batch is given up
+        if not task.cancelled():
+            task.exception()  # retrieved, so that asyncio does not log it as forgotten
+        return None
 
     async def reconcile(self) -> Reconciled:
         """Queue the rows without vectors, delete the vectors without rows."""

@@ -11,6 +11,8 @@ remembers them; the relay (or the chat service) sees the cancellation, asks
 ``Drain.interrupted`` whether it is the shutdown's, and if so records the exchange as
 interrupted by the shutdown and ends the answer with an error, so no client mistakes a
 cut-off answer for a complete one. Only after that does the lifespan stop the writer.
+``Drain.hurry`` (a second SIGINT or SIGTERM, see ``server.signals``) ends the grace
+period early: the answers still open are interrupted at once, the same way.
 
 Invariants:
 - a task is interrupted at most once, and only while it is registered as answering: the
@@ -44,7 +46,10 @@ class Drain:
         # Set once the shutdown began (the listening sockets are closed by then).
         self.stopping = False
         self._in_flight = 0
-        self._idle: asyncio.Event | None = None
+        self._hurried = False
+        # Set when the grace need not be waited for any more: nothing is in flight, or
+        # ``hurry`` was called.
+        self._enough: asyncio.Event | None = None
         self._answering: set[asyncio.Task[Any]] = set()
         self._interrupted: set[asyncio.Task[Any]] = set()
 
@@ -64,8 +69,14 @@ class Drain:
 
     def _left(self) -> None:
         self._in_flight -= 1
-        if self._in_flight == 0 and self._idle is not None:
-            self._idle.set()
+        if self._in_flight == 0 and self._enough is not None:
+            self._enough.set()
+
+    def hurry(self) -> None:
+        """End the grace period now (or skip it, when ``drain`` has not begun)."""
+        self._hurried = True
+        if self._enough is not None:
+            self._enough.set()
 
     def interrupted(self) -> bool:
         """Called on ``CancelledError``: whether the shutdown cancelled the current task.
@@ -85,10 +96,10 @@ class Drain:
         answers still open and give them ``after`` seconds to end; return how many were
         interrupted."""
         self.stopping = True
-        if self._in_flight:
-            self._idle = asyncio.Event()
+        if self._in_flight and not self._hurried:
+            self._enough = asyncio.Event()
             with suppress(TimeoutError):
-                await asyncio.wait_for(self._idle.wait(), timeout=grace)
+                await asyncio.wait_for(self._enough.wait(), timeout=grace)
         tasks = [task for task in self._answering if not task.done()]
         self._answering.clear()
         for task in tasks:
@@ -96,10 +107,11 @@ class Drain:
             task.cancel()
         if tasks:
             log.warning(
-                "shutdown: %d answer(s) still streaming after the %gs grace period were "
-                "interrupted",
+                "shutdown: %d answer(s) still streaming %s were interrupted",
                 len(tasks),
-                grace,
+                "when the stop was signalled again"
+                if self._hurried
+                else f"after the {grace:g}s grace period",
             )
             _, late = await asyncio.wait(tasks, timeout=after)
             if late:
