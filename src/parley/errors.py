@@ -3,8 +3,9 @@
 The tree::
 
     ParleyError                      status, OpenAI ``type`` / ``code``, recorded ``error_type``
-    ├── ConfigError                  bad settings or config file (raised at start)
-    │   └── DataWouldBeLost          a downgrade would drop tables / columns holding data
+    ├── ConfigError                  bad settings or config file, or an unusable database
+    │   ├── DataWouldBeLost          a downgrade would drop tables / columns holding data
+    │   └── DatabaseInUse            a server or another parley command holds the database
     ├── ClientError                  the caller sent something we refuse (4xx, never retried)
     │   ├── InvalidRequest           400 malformed JSON, wrong types, missing fields
     │   ├── AuthenticationFailed     401 missing or wrong credentials
@@ -108,6 +109,10 @@ class DataWouldBeLost(ConfigError):
     def __init__(self, message: str, losses: Sequence[str]) -> None:
         super().__init__("\n  ".join((message, *losses)))
         self.losses = tuple(losses)
+
+
+class DatabaseInUse(ConfigError):
+    """A server (or a restore, offline maintenance) holds the database: nothing was done."""
 
 
 class ClientError(ParleyError):

@@ -1,6 +1,14 @@
 """What every ``parley`` command shares: one-line errors and the database at head.
 
-A ``ParleyError`` becomes one line on stderr and exit status 1, never a traceback.
+An error of the environment is one line on stderr and exit status 1, never a traceback:
+parley's own refusals (``ParleyError``), a path the system refuses (``OSError``: a data
+directory that is a file, or may not be written), and a database that cannot be reached,
+opened or read (SQLAlchemy's ``OperationalError``, ``InterfaceError`` and plain
+``DatabaseError``, SQLite's likewise), said in the driver's words, which name host and
+user but never a password. ``Commands``, the root group, turns them into that line for
+every command; ``run`` does for one action, so that a command invoked on its own (as tests
+do) says the same. Anything else is a bug in parley and keeps its traceback.
+
 ``engine_at_head`` reads settings the way the server does and opens the database only if
 it is at the schema head and matches the models, then disposes of the engine. It never
 migrates: only server start and ``parley db upgrade`` do, so a command run beside a
@@ -11,26 +19,61 @@ saying what to run.
 
 from __future__ import annotations
 
+import errno
+import sqlite3
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import NoReturn, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import click
 import sqlalchemy
+from sqlalchemy.exc import DatabaseError, InterfaceError, OperationalError
 
-from parley.errors import ParleyError
+from parley.errors import DataWouldBeLost, ParleyError
 from parley.ops.migrate import require_head
 from parley.settings import load_settings
-from parley.store.engine import create_engine
+from parley.store.engine import create_engine, driver_message
 
 T = TypeVar("T")
 
+# Database errors of the environment: unreachable, locked, full, not a database or damaged
+# (the bases themselves). Their other subclasses (ProgrammingError, IntegrityError...)
+# are parley's own mistakes and keep their traceback.
+_DATABASE_ERRORS = (OperationalError, InterfaceError, sqlite3.OperationalError)
+_DATABASE_ERROR_BASES = (DatabaseError, sqlite3.DatabaseError)
+
+
+def problem(exc: Exception) -> str | None:
+    """The one line for an error of the environment (see the module docstring); None for
+    anything else, whose traceback must show."""
+    if isinstance(exc, DataWouldBeLost):
+        return exc.message  # its first line, then one line per table or column lost
+    if isinstance(exc, ParleyError):
+        return " ".join(line.strip() for line in exc.message.splitlines())
+    if isinstance(exc, OSError) and exc.errno != errno.EPIPE:  # click's, for `| head`
+        reason = exc.strerror or str(exc)
+        return f"cannot use {exc.filename}: {reason}" if exc.filename else reason
+    if isinstance(exc, _DATABASE_ERRORS) or type(exc) in _DATABASE_ERROR_BASES:
+        return f"database error: {driver_message(exc)}"
+    return None
+
+
+class Commands(click.Group):
+    """The root ``parley`` group: every command's environment errors are one line."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        return run(lambda: click.Group.invoke(self, ctx))
+
 
 def run(action: Callable[[], T]) -> T:
+    """``action()``, its environment errors one line (for commands invoked on their own)."""
     try:
         return action()
-    except ParleyError as exc:
-        fail(exc.message)
+    except Exception as exc:
+        message = problem(exc)
+        if message is None:
+            raise
+        fail(message)
 
 
 def fail(message: str) -> NoReturn:

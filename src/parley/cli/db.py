@@ -3,31 +3,18 @@
 Every command reads settings the way the server does (``DATABASE_URL``, the config file),
 so it acts on the database the server would use, and applies the server's checks: a
 corrupt or foreign SQLite file is refused untouched, and ``upgrade`` / ``downgrade`` back
-the database up first (``parley.ops.migrate``). A ``ConfigError`` or ``BackupError`` is
-one line on stderr and exit status 1, never a traceback; a downgrade refused because it
-would discard data adds one line per table or column it would drop.
+the database up first (``parley.ops.migrate``). Errors are one line on stderr and exit
+status 1, never a traceback (``cli.common``); a downgrade refused because it would
+discard data adds one line per table or column it would drop.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TypeVar
-
 import click
 
-from parley.errors import BackupError, ConfigError
+from parley.cli.common import run as _run
 from parley.ops import migrate
 from parley.settings import Settings, load_settings
-
-T = TypeVar("T")
-
-
-def _run(action: Callable[[], T]) -> T:
-    try:
-        return action()
-    except (ConfigError, BackupError) as exc:
-        click.echo(f"error: {exc.message}", err=True)
-        raise SystemExit(1) from None
 
 
 def _settings() -> Settings:

@@ -1,4 +1,9 @@
-"""``parley``: the command group; each subcommand lives in its own module."""
+"""``parley``: the command group; each subcommand lives in its own module.
+
+The group is ``cli.common.Commands``: whatever command fails for a reason of its
+environment (an unusable data directory, an unreachable or damaged database) says so in
+one line and exits 1, never with a traceback.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,7 @@ import click
 
 from parley import __version__
 from parley.cli.backup import backup, restore_command
+from parley.cli.common import Commands
 from parley.cli.db import db
 from parley.cli.maintenance import maintenance, retention
 from parley.cli.search import reindex, search
@@ -15,7 +21,7 @@ from parley.cli.transfer import export_command, import_command
 from parley.cli.users import users
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="parley")
 def cli() -> None:
     """parley: a multi-LLM gateway and chat server that keeps every conversation."""

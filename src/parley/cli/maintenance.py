@@ -8,33 +8,16 @@ problem (2 stays click's, for a wrong command line).
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TypeVar
-
 import click
 import orjson
-from sqlalchemy.exc import SQLAlchemyError
 
-from parley.errors import ConfigError, StoreError
+from parley.cli.common import run as _run
 from parley.ops.maintenance import MaintenanceReport, run_maintenance
 from parley.ops.retention import RetentionReport, run_retention
 from parley.settings import load_settings
 
-T = TypeVar("T")
-
 EXIT_FAILED = 1
 EXIT_PROBLEMS = 3
-
-
-def _run(action: Callable[[], T]) -> T:
-    try:
-        return action()
-    except (ConfigError, StoreError) as exc:
-        click.echo(f"error: {exc.message}", err=True)
-    except SQLAlchemyError as exc:
-        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
-        click.echo(f"error: database: {reason}", err=True)
-    raise SystemExit(EXIT_FAILED)
 
 
 def _json(value: object) -> str:

@@ -43,7 +43,7 @@ from parley.ops import archive, pgtools
 from parley.search import vector_lock
 from parley.settings import Settings
 from parley.store import snapshot
-from parley.store.engine import create_engine, sqlite_path
+from parley.store.engine import create_engine, driver_message, sqlite_path
 
 log = logging.getLogger(__name__)
 
@@ -288,12 +288,6 @@ def _snapshot_dir(settings: Settings, staging: Path) -> Iterator[Path]:
     database = sqlite_path(settings)
     with archive.private_dir(database.parent if database else settings.data_dir) as path:
         yield path
-
-
-def driver_message(exc: DBAPIError) -> str:
-    """The driver's own message on one line (it names host and user, never a password;
-    SQLAlchemy's text would add the statement)."""
-    return " ".join(str(exc.orig).split())
 
 
 def _add_tree(

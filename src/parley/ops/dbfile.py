@@ -31,7 +31,7 @@ from pathlib import Path
 from parley.errors import ConfigError
 from parley.ops.presence import marker_path
 from parley.settings import Settings
-from parley.store.engine import sqlite_path
+from parley.store.engine import sqlite_path, unusable_directory
 
 MAGIC = b"SQLite format 3\x00"
 HEADER_BYTES = 100
@@ -185,3 +185,5 @@ def _size(path: Path) -> int:
         return path.stat().st_size
     except FileNotFoundError:
         return 0
+    except OSError as exc:  # the directory is a file, or may not be searched
+        raise unusable_directory(path.parent, exc) from None

@@ -51,7 +51,7 @@ from parley.ops.presence import exclusive
 from parley.settings import Settings
 from parley.store import maintenance as store
 from parley.store.blobs import BlobStore
-from parley.store.engine import create_engine, sqlite_path
+from parley.store.engine import create_engine, driver_message, sqlite_path
 from parley.store.schema import metadata
 
 log = logging.getLogger(__name__)
@@ -141,7 +141,7 @@ def run_maintenance(
         try:
             run.all(remove_orphan_blobs, swap_threshold)
         except SQLAlchemyError as exc:
-            raise StoreError(f"maintenance failed: {_reason(exc)}") from exc
+            raise StoreError(f"maintenance failed: {driver_message(exc)}") from exc
         finally:
             run.close()
     report.seconds = time.monotonic() - clock
@@ -222,7 +222,7 @@ class _Run:
             self._fail(name, exc.message, time.monotonic() - clock)
             return
         except SQLAlchemyError as exc:
-            self._fail(name, _reason(exc), time.monotonic() - clock)
+            self._fail(name, driver_message(exc), time.monotonic() - clock)
             return
         if isinstance(outcome, Step):
             self.report.steps.append(outcome)
@@ -354,8 +354,3 @@ def _fsync(path: Path) -> None:
 
 def _mib(size: int) -> str:
     return f"{size / 1024 / 1024:.1f} MiB"
-
-
-def _reason(exc: SQLAlchemyError) -> str:
-    """The driver's message (never the statement or its values)."""
-    return str(getattr(exc, "orig", None) or exc).strip()

@@ -15,6 +15,9 @@ Checks, on either database unless noted:
   is not queued in the outbox (``parley reindex`` deletes them); skipped when there is
   no vector store yet.
 
+A database a newer parley migrated is refused before any check: its tables may name
+blobs and rows this code does not know of.
+
 Invariants:
 - read-only, except ``remove_orphan_blobs``, which goes through ``BlobStore.sweep``
   (moves the file aside, then asks the database again), so an upload of the same bytes
@@ -37,6 +40,7 @@ import sqlalchemy
 from sqlalchemy.exc import SQLAlchemyError
 
 from parley.errors import ConfigError, StoreError
+from parley.ops.revisions import current_on, refuse_unknown
 from parley.settings import Settings
 from parley.store import maintenance as store
 from parley.store.attachments import referenced, unreferenced
@@ -71,6 +75,7 @@ def integrity_checks(
     present = store.existing_tables(engine)
     if not {"messages", "conversations", "attachments"} <= present:
         raise ConfigError("the database has no parley schema: run `parley db upgrade` first")
+    _refuse_newer(engine)
     sqlite = engine.dialect.name == "sqlite"
     checks = [
         _guard("database", lambda: _database(engine, quick))
@@ -112,6 +117,18 @@ def _vectors(settings: Settings, engine: sqlalchemy.Engine) -> Check:
         "run parley reindex",
         items=tuple(items[:SAMPLE]),
     )
+
+
+def _refuse_newer(engine: sqlalchemy.Engine) -> None:
+    """A newer parley's tables may name blobs and rows this code does not know of: its
+    orphans may not be ours to report or delete. A revision that cannot be read (a
+    damaged file) is left to the ``database`` check to report."""
+    try:
+        with engine.connect() as conn:
+            revision = current_on(conn)
+    except SQLAlchemyError:
+        return
+    refuse_unknown(revision)
 
 
 def _guard(name: str, check: Callable[[], Check]) -> Check:

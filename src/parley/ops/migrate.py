@@ -31,7 +31,9 @@ Invariants:
 ``prepare_on_start`` is server start: it creates an empty database at head, migrates one
 behind head as above, and refuses drift, newer and foreign databases. ``require_head`` is
 every other command that uses the schema: it refuses the same databases, and an empty one
-or one behind head too, without writing anything.
+or one behind head too, without writing anything. ``require_known`` is for the commands
+that work at any revision this code knows (retention, ``parley db check``): it refuses
+empty, foreign and newer databases.
 """
 
 from __future__ import annotations
@@ -68,7 +70,13 @@ from parley.ops.revisions import (
     single_head,
 )
 from parley.settings import Settings
-from parley.store.engine import create_engine, migration_transaction
+from parley.store.engine import (
+    cannot_connect,
+    create_engine,
+    driver_message,
+    migration_transaction,
+    sqlite_path,
+)
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +90,7 @@ __all__ = [
     "history",
     "prepare_on_start",
     "require_head",
+    "require_known",
     "script_location",
     "upgrade",
 ]
@@ -118,10 +127,11 @@ def check(settings: Settings) -> list[str]:
     """Every difference between the database's schema and the models (empty: none).
 
     A database with no parley schema revision is refused (``ConfigError``): compared with
-    the models, an empty one would list every table as missing.
+    the models, an empty one would list every table as missing; so is one at a revision
+    this parley does not know, whose differences would be the newer parley's changes.
     """
     with _connection(settings) as conn:
-        _require_revision(conn)
+        require_known(conn)
         return drift(conn)
 
 
@@ -132,8 +142,7 @@ def require_head(settings: Settings) -> str:
     db`` and ``parley restore``), which may run beside a server on the same database.
     """
     with _connection(settings) as conn:
-        revision = _require_revision(conn)
-        refuse_unknown(revision)
+        revision = require_known(conn)
         if revision not in heads():
             raise ConfigError(
                 f"the database is at {revision}, not at the schema head: "
@@ -141,6 +150,15 @@ def require_head(settings: Settings) -> str:
             )
         _refuse_drift(conn)
         return revision
+
+
+def require_known(conn: Connection) -> str:
+    """The revision of the database on ``conn``, when it has one this parley knows;
+    otherwise a ``ConfigError`` that says what to run. For the commands that work at any
+    known revision (``parley retention``, ``parley db check``)."""
+    revision = _require_revision(conn)
+    refuse_unknown(revision)
+    return revision
 
 
 def _require_revision(conn: Connection) -> str:
@@ -326,7 +344,7 @@ def _as_config_error(exc: Exception) -> ParleyError:
     if isinstance(exc, ParleyError):
         return exc
     if isinstance(exc, DatabaseError):
-        return ConfigError(f"database error: {exc.orig or exc}")
+        return ConfigError(f"database error: {driver_message(exc)}")
     return ConfigError(f"{type(exc).__name__}: {exc}")
 
 
@@ -406,7 +424,7 @@ def _connection(settings: Settings) -> Iterator[Connection]:
     check_database_file(settings)
     engine = create_engine(settings)
     try:
-        with _connect(engine.connect) as conn:
+        with _connect(settings, engine) as conn:
             yield conn
     finally:
         engine.dispose()
@@ -417,7 +435,7 @@ def _migrating(settings: Settings) -> Iterator[Connection]:
     """One transaction holding the migration lock; commits only if the body returns."""
     engine = create_engine(settings)
     try:
-        _connect(engine.connect).close()  # an unreachable database: one clear error
+        _connect(settings, engine).close()  # an unreachable database: one clear error
         with _locked(engine) as conn:
             yield conn
     finally:
@@ -458,8 +476,8 @@ def _busy(exc: OperationalError) -> bool:
     return isinstance(code, int) and code & 0xFF == _SQLITE_BUSY
 
 
-def _connect(connect: Callable[[], Connection]) -> Connection:
+def _connect(settings: Settings, engine: Engine) -> Connection:
     try:
-        return connect()
+        return engine.connect()
     except DatabaseError as exc:
-        raise ConfigError(f"cannot connect to the database: {exc.orig or exc}") from exc
+        raise cannot_connect(exc, sqlite_path(settings)) from exc

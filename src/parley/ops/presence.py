@@ -31,10 +31,9 @@ from types import TracebackType
 import sqlalchemy
 from sqlalchemy.pool import NullPool
 
-from parley.errors import ConfigError
-from parley.ops.backup import driver_message
+from parley.errors import DatabaseInUse
 from parley.settings import Settings
-from parley.store.engine import sqlite_path
+from parley.store.engine import cannot_connect, sqlite_path, unusable_directory
 
 # pg_advisory_lock key: "parley-s" (distinct from the migration lock's key).
 PRESENCE_LOCK = 0x7061726C65792D73
@@ -70,17 +69,13 @@ class ServerPresence:
             try:
                 self._enter_sqlite(self._database)
             except OSError as exc:
-                raise ConfigError(
-                    f"cannot use the database's directory {self._database.parent}: "
-                    f"{exc.strerror or exc}"
-                ) from None
+                raise unusable_directory(self._database.parent, exc) from None
         elif not self._settings.is_sqlite:
             try:
                 self._enter_postgres()
             except sqlalchemy.exc.DBAPIError as exc:
                 self.__exit__(None, None, None)
-                message = driver_message(exc)
-                raise ConfigError(f"cannot connect to the database: {message}") from None
+                raise cannot_connect(exc) from None
         return self
 
     def mark_clean(self) -> None:
@@ -120,7 +115,7 @@ class ServerPresence:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise ConfigError(
+            raise DatabaseInUse(
                 f"{database} is being restored or maintained by another parley command "
                 f"(it holds {lock_path(database)}): start the server once that finishes"
             ) from None
@@ -132,7 +127,7 @@ class ServerPresence:
         except BlockingIOError:
             self._fd = None
             os.close(fd)
-            raise ConfigError(
+            raise DatabaseInUse(
                 f"{database} is being restored or maintained by another parley command "
                 f"(it holds {lock_path(database)}): start the server once that finishes"
             ) from None
@@ -150,7 +145,7 @@ class ServerPresence:
         self._conn.commit()
         if not got:
             self.__exit__(None, None, None)
-            raise ConfigError(
+            raise DatabaseInUse(
                 "the database is being restored or maintained by another parley command: "
                 "start the server once that finishes"
             )
@@ -183,7 +178,7 @@ def server_running(settings: Settings) -> bool:
     try:
         with exclusive(settings):
             return False
-    except ConfigError:
+    except DatabaseInUse:
         return True
 
 
@@ -191,18 +186,21 @@ def server_running(settings: Settings) -> bool:
 def exclusive(settings: Settings) -> Iterator[None]:
     """Hold the database against servers (restore, offline maintenance); never waits.
 
-    Raises ``ConfigError`` naming the reason when a server (or another such command)
-    holds it.
+    Raises ``DatabaseInUse`` when a server (or another such command) holds it, and
+    ``ConfigError`` when the database's directory cannot be used or its server reached.
     """
     database = sqlite_path(settings)
     if database is not None:
-        database.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd = os.open(lock_path(database), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            database.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            fd = os.open(lock_path(database), os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise unusable_directory(database.parent, exc) from None
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                raise ConfigError(
+                raise DatabaseInUse(
                     f"a parley server (or another parley command) is using {database}: "
                     "stop it first"
                 ) from None
@@ -217,11 +215,15 @@ def exclusive(settings: Settings) -> Iterator[None]:
         settings.database_url, poolclass=NullPool, hide_parameters=True
     )
     try:
-        with engine.connect() as conn:
+        try:
+            connection = engine.connect()
+        except sqlalchemy.exc.DBAPIError as exc:
+            raise cannot_connect(exc) from None
+        with connection as conn:
             got = conn.exec_driver_sql(f"SELECT pg_try_advisory_lock({PRESENCE_LOCK})").scalar()
             conn.commit()
             if not got:
-                raise ConfigError(
+                raise DatabaseInUse(
                     "a parley server (or another parley command) is using the database: "
                     "stop it first"
                 )

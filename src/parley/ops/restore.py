@@ -46,13 +46,12 @@ from parley.ops.backup import (
     SQLITE_MEMBER,
     check_database,
     create_backup,
-    driver_message,
     vector_dir,
 )
 from parley.ops.presence import exclusive, marker_path
 from parley.settings import Settings
 from parley.store import snapshot
-from parley.store.engine import create_engine, sqlite_path
+from parley.store.engine import create_engine, driver_message, sqlite_path
 
 log = logging.getLogger(__name__)
 

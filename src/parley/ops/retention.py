@@ -5,6 +5,9 @@ holding its age in days). A table listed there that does not exist yet is skippe
 later schema adds its table and retention picks it up with no other change.
 
 Invariants:
+- a database without parley's schema, or at a revision a newer parley made (whose tables
+  may point at the rows deleted here in ways this code does not know), is refused
+  before anything is deleted;
 - only the tables in ``TARGETS`` are touched, and the rate-limit counters of minutes
   past (``rate_windows``, kept an hour). Conversations, messages, responses, users,
   attachments and rollups never are: a message or response that pointed at a deleted
@@ -34,6 +37,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import sqlalchemy
@@ -41,9 +45,16 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from parley.domain.times import utc
 from parley.errors import ConfigError, StoreError
+from parley.ops.migrate import require_known
 from parley.settings import Settings
 from parley.store import retention as store
-from parley.store.engine import IMMEDIATE, create_engine, sqlite_path
+from parley.store.engine import (
+    IMMEDIATE,
+    cannot_connect,
+    create_engine,
+    driver_message,
+    sqlite_path,
+)
 from parley.store.limits import LimitStore
 
 log = logging.getLogger(__name__)
@@ -145,8 +156,9 @@ def run_retention(
     after the batch in progress. ``pause`` and ``pause_ratio`` set the wait after each
     batch (at least ``pause`` seconds and ``pause_ratio`` times the batch's duration);
     ``checkpoint`` folds SQLite's log in after each batch (see ``store.retention``).
-    Raises ``ConfigError`` when there is no database, and ``StoreError`` when the
-    database fails part-way (batches already committed stay).
+    Raises ``ConfigError`` when there is no database, or no parley schema, or one a newer
+    parley migrated; and ``StoreError`` when the database fails part-way (batches already
+    committed stay).
     """
     started_at = utc(now) if now is not None else datetime.now(UTC)
     clock = time.monotonic()
@@ -157,6 +169,7 @@ def run_retention(
     reports: list[TableReport] = []
     pacing = _Pacing(settings.retention.batch_size, pause, pause_ratio, stop, checkpoint)
     try:
+        _require_schema(engine, path)
         for target in targets:
             reports.append(_prune(engine, settings, target, started_at, dry_run, pacing))
         if not dry_run:
@@ -173,13 +186,23 @@ def run_retention(
     return report
 
 
+def _require_schema(engine: sqlalchemy.Engine, path: Path | None) -> None:
+    """Refuse a database without parley's schema, or migrated by a newer parley (whose
+    tables may hold links to the rows this one would delete)."""
+    try:
+        with engine.connect() as conn:
+            require_known(conn)
+    except SQLAlchemyError as exc:
+        raise cannot_connect(exc, path) from exc
+
+
 def _prune_rate_windows(engine: sqlalchemy.Engine, now: datetime) -> None:
     """Drop the request counters of past minutes: limits read only the current one. One
     short statement (a row per limited key or user and minute since the last run)."""
     try:
         deleted = LimitStore(engine).prune_windows(now - RATE_WINDOWS_KEPT)
     except SQLAlchemyError as exc:
-        raise StoreError(f"retention could not prune rate_windows: {_reason(exc)}") from exc
+        raise StoreError(f"retention could not prune rate_windows: {driver_message(exc)}") from exc
     if deleted:
         log.info("retention: %s past rate-limit counters deleted", deleted)
 
@@ -216,7 +239,7 @@ def _prune(
                 count = store.count_older(conn, target.table, target.column, cutoff)
                 return TableReport(target.table, days, cutoff, "dry run", count, 0, 0.0, indexed)
     except SQLAlchemyError as exc:
-        raise StoreError(f"retention could not read {target.table}: {_reason(exc)}") from exc
+        raise StoreError(f"retention could not read {target.table}: {driver_message(exc)}") from exc
     if not indexed:
         log.warning(
             "retention: no index on %s.%s, walking primary-key windows instead",
@@ -229,7 +252,7 @@ def _prune(
     except SQLAlchemyError as exc:
         raise StoreError(
             f"retention of {target.table} failed after {batches.deleted} rows in "
-            f"{batches.count} batches (those stay deleted): {_reason(exc)}"
+            f"{batches.count} batches (those stay deleted): {driver_message(exc)}"
         ) from exc
     return TableReport(
         target.table,
@@ -321,8 +344,3 @@ class _Batches:
             time.sleep(pause)
             return True
         return not self._pacing.stop.wait(pause)
-
-
-def _reason(exc: SQLAlchemyError) -> str:
-    """The driver's message (never the statement or its values)."""
-    return str(getattr(exc, "orig", None) or exc).strip()

@@ -31,6 +31,10 @@ this, or by hand, is 0644 under the usual umask). The first connection creates a
 database file with mode 0600 before SQLite opens it; SQLite gives the ``-wal``, ``-shm``
 and ``-journal`` files it makes later the database file's own mode. Nothing else touches
 the file system, and nothing connects until first use.
+
+A database that cannot be reached or opened (``cannot_connect``) and a database directory
+the system refuses (``unusable_directory``) are a ``ConfigError`` of one line, in the
+driver's or the system's words, worded here once for server start and every command.
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ from typing import Any
 import sqlalchemy
 from sqlalchemy import event
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.pool import QueuePool
 
 from parley.errors import ConfigError
@@ -80,6 +85,37 @@ def sqlite_path(settings: Settings) -> Path | None:
         return None
     path = Path(database)
     return path if path.is_absolute() else Path.cwd() / path
+
+
+def driver_message(exc: Exception) -> str:
+    """The driver's own message on one line (it names host and user, never a password;
+    SQLAlchemy's text would add the statement, psycopg's spreads over several lines)."""
+    return " ".join(str(getattr(exc, "orig", None) or exc).split())
+
+
+def cannot_connect(exc: SQLAlchemyError, database: Path | None = None) -> ConfigError:
+    """The one line for a database that cannot be reached or opened (``database``: the
+    SQLite file), said the same by server start and every command."""
+    if database is not None:
+        return ConfigError(f"cannot open the database file {database}: {driver_message(exc)}")
+    return ConfigError(f"cannot connect to the database: {driver_message(exc)}")
+
+
+def unusable_directory(directory: Path, exc: OSError) -> ConfigError:
+    """The one line for the database's directory when the system refuses it (a file where
+    a directory must be, no permission...): server start, ``ops.presence`` and every
+    command say it in these words, never with a traceback."""
+    reason = exc.strerror or str(exc)
+    if exc.errno in (errno.EEXIST, errno.ENOTDIR):
+        # mkdir says "File exists" and open "Not a directory": name the file in the way.
+        culprit = next(
+            (p for p in (directory, *directory.parents) if p.exists() and not p.is_dir()), None
+        )
+        if culprit == directory:
+            reason = "it is a file, not a directory"
+        elif culprit is not None:
+            reason = f"{culprit} is a file, not a directory"
+    return ConfigError(f"cannot use the database's directory {directory}: {reason}")
 
 
 def create_engine(settings: Settings, **kwargs: Any) -> sqlalchemy.Engine:
@@ -329,7 +365,10 @@ def _sqlite_engine(settings: Settings, **kwargs: Any) -> sqlalchemy.Engine:
     path = sqlite_path(settings)
     if path is not None:
         if not path.parent.exists():
-            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            try:
+                path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            except OSError as exc:
+                raise unusable_directory(path.parent, exc) from None
         owner_only(path)
     engine = sqlalchemy.create_engine(settings.database_url, **kwargs)
 
