@@ -9,7 +9,6 @@ file.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,7 @@ from click.testing import CliRunner, Result
 
 from parley.cli.db import db
 from parley.errors import ConfigError
-from parley.ops import migrate, revisions
+from parley.ops import migrate
 from parley.ops.backup import list_backups
 from parley.ops.data_loss import Loss
 from parley.settings import Settings
@@ -61,17 +60,6 @@ def downgrade() -> None:
 @pytest.fixture
 def settings(tmp_path: Path, database_url: str) -> Settings:
     return settings_for(tmp_path, database_url, **backup_env(tmp_path))
-
-
-@pytest.fixture
-def migrations(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A copy of the shipped migrations that tests add revisions to."""
-    location = tmp_path / "migrations"
-    shutil.copytree(
-        revisions.script_location(), location, ignore=shutil.ignore_patterns("__pycache__")
-    )
-    monkeypatch.setattr(revisions, "script_location", lambda: str(location))
-    return location
 
 
 def run_db(settings: Settings, tmp_path: Path, *args: str) -> Result:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import sqlite3
 import subprocess
 import sys
@@ -30,7 +29,7 @@ from click.testing import CliRunner
 
 from parley.cli.db import db
 from parley.errors import ConfigError
-from parley.ops import migrate, revisions
+from parley.ops import migrate
 from parley.ops.backup import list_backups, verify_backup
 from parley.settings import Settings
 from parley.store import engine as engine_module
@@ -105,17 +104,6 @@ def backup_env(tmp_path: Path) -> dict[str, str]:
 @pytest.fixture
 def settings(tmp_path: Path, database_url: str) -> Settings:
     return settings_for(tmp_path, database_url, **backup_env(tmp_path))
-
-
-@pytest.fixture
-def migrations(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A copy of the shipped migrations that tests add revisions to."""
-    location = tmp_path / "migrations"
-    shutil.copytree(
-        revisions.script_location(), location, ignore=shutil.ignore_patterns("__pycache__")
-    )
-    monkeypatch.setattr(revisions, "script_location", lambda: str(location))
-    return location
 
 
 def add_revision(location: Path, template: str, **values: str) -> str:
