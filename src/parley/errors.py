@@ -14,6 +14,7 @@ The tree::
     │   ├── NotFound                 404 no such endpoint or object
     │   │   └── ModelNotFound        404 unknown model, alias or provider
     │   ├── BodyTooLarge             413 request body over the configured limit
+    │   ├── UnsupportedMediaType     415 a body or file of a type the route does not take
     │   └── RateLimited              429 over a requests per minute limit
     │       ├── TokensRateLimited    429 over a tokens per minute limit (OpenAI's ``tokens``)
     │       └── BudgetExceeded       429 a daily or monthly spend budget is used up
@@ -185,6 +186,14 @@ class ModelNotFound(NotFound):
 class BodyTooLarge(ClientError):
     status = 413
     code = "request_too_large"
+
+
+class UnsupportedMediaType(ClientError):
+    """``param`` names what had the wrong type: the ``Content-Type`` header, or the
+    ``file`` whose bytes were sniffed."""
+
+    status = 415
+    code = "unsupported_media_type"
 
 
 class UpstreamError(ParleyError):

@@ -171,6 +171,7 @@ def test_bad_files_get_clear_errors_and_leave_nothing(
         assert reply.status_code == status, reply.text
         error = reply.json()["error"]
         assert error["code"] == code and len(error["message"]) > 10
+        assert error["param"] == "file"
         assert counts(server) == (0, 0)
         assert blob_files(server) == set()
         assert (
@@ -189,6 +190,10 @@ def test_the_form_must_say_where_the_document_goes(server: ParleyServer) -> None
             reply = upload(a, "n.txt", b"text", **fields)
             assert reply.status_code == 400, reply.text
         assert upload(a, "n.txt", b"text", collection="x" * 129).status_code == 400
+        # Not a form at all: the Content-Type header is what is wrong.
+        refused = a.post("/documents", json={"collection": "a"})
+        assert refused.status_code == 415, refused.text
+        assert refused.json()["error"]["param"] == "Content-Type"
         assert a.get("/documents", params={"status": "done"}).status_code == 400
         assert counts(server) == (0, 0) and blob_files(server) == set()
 

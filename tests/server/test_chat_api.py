@@ -932,3 +932,22 @@ def test_line_separators_in_a_message_never_cut_an_event(server: Server) -> None
     assert text_of(events) == last(events, "done")["content"] == f"echo: {text}"
     assert last(events, "done")["payload"]["content"] == f"echo: {text}"
     assert [m["content"] for m in api.get(cid)["messages"]] == [text, f"echo: {text}"]
+
+
+# The route once left its default_model check unawaited when another field was refused
+# (a "coroutine ... was never awaited" RuntimeWarning): made an error here, whatever the
+# suite's configuration says.
+@pytest.mark.filterwarnings("error::RuntimeWarning")
+def test_a_refused_patch_leaves_no_check_unawaited(server: Server) -> None:
+    api = Api(server)
+    cid = api.create(title="t")["id"]
+    for body in (
+        {"default_model": "fast", "pinned": "yes"},
+        {"default_model": "up/gpt-4o-mini", "title": 5},
+        {"default_model": "nope/x", "archived": 1},
+    ):
+        reply = api.http.patch(f"/conversations/{cid}", json=body)
+        assert reply.status_code == 400, (body, reply.text)
+    reply = api.http.patch(f"/conversations/{cid}", json={"default_model": "nope/x"})
+    assert reply.status_code == 400 and reply.json()["error"]["param"] == "default_model"
+    assert api.get(cid)["default_model"] == "up/gpt-4o-mini"

@@ -178,6 +178,9 @@ def test_types_outside_the_allowlist_are_415(
     for data, detected in REFUSED:
         refused = upload(http, data, "harmless.txt", "text/plain")
         assert refused.status_code == 415, refused.text
+        # The file's detected type was wrong (not the Content-Type its part announced).
+        assert refused.json()["error"]["param"] == "file"
+        assert refused.json()["error"]["code"] == "unsupported_media_type"
         message = error_message(refused)
         assert ALLOWED_HINT in message
         assert (detected or "binary files of unknown type") in message
@@ -227,10 +230,22 @@ def test_empty_missing_and_malformed_uploads_are_400(
     assert (empty.status_code, error_message(empty)) == (400, "the file is empty")
     no_file = http.post("/api/attachments", files={"other": ("x.txt", b"x")})
     assert no_file.status_code == 400 and "unknown form field" in error_message(no_file)
-    not_multipart = http.post("/api/attachments", content=b"hello")
-    assert not_multipart.status_code == 400 and "multipart/form-data" in error_message(
-        not_multipart
-    )
+    assert blob_files(server) == []
+
+
+def test_a_body_that_is_not_a_form_is_415_naming_the_content_type(
+    http: httpx.Client, server: ParleyServer
+) -> None:
+    for headers in ({}, {"Content-Type": "application/json"}, {"Content-Type": "text/plain"}):
+        refused = http.post("/api/attachments", content=b"hello", headers=headers)
+        assert refused.status_code == 415, refused.text
+        error = refused.json()["error"]
+        assert (error["param"], error["code"]) == ("Content-Type", "unsupported_media_type")
+        assert "multipart/form-data" in error["message"]
+    assert blob_files(server) == []
+
+
+def test_two_files_are_400(http: httpx.Client, server: ParleyServer) -> None:
     two = http.post(
         "/api/attachments", files=[("file", ("a.txt", b"a")), ("file", ("b.txt", b"b"))]
     )

@@ -35,7 +35,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from typing import Any
 
 import orjson
@@ -213,11 +213,13 @@ async def update_conversation(request: web.Request) -> web.Response:
     """
     caller = identity.current(request)
     chat = request.app[CHAT]
-    body = await _body(request, frozenset(_PATCHERS))
-    changes = {name: _PATCHERS[name](chat, body) for name in body}
-    if "default_model" in changes:
-        # The only check that may consult the provider directory, hence async.
-        changes["default_model"] = await changes["default_model"]
+    body = await _body(request, frozenset(_PATCHERS) | {"default_model"})
+    changes = {name: _PATCHERS[name](body) for name in body if name in _PATCHERS}
+    if "default_model" in body:
+        # The only check that may consult the provider directory, hence async; made only
+        # once the others passed (a coroutine made before one of them raised was left
+        # unawaited).
+        changes["default_model"] = await _patch_model(chat, body)
     conversation = await asyncio.to_thread(chat.store.update, caller, _path_id(request), changes)
     if conversation is None:
         raise _missing()
@@ -479,18 +481,18 @@ async def _patch_model(chat: ChatService, body: Mapping[str, Any]) -> str:
     return await chat.check_model(model, "default_model")
 
 
-def _patch_leaf(_chat: ChatService, body: Mapping[str, Any]) -> uuid.UUID | None:
+def _patch_leaf(body: Mapping[str, Any]) -> uuid.UUID | None:
     value = body.get("active_leaf_id")
     return None if value is None else _body_id(value, "active_leaf_id")
 
 
-_PATCHERS: dict[str, Any] = {
-    "title": lambda _chat, body: fields.title(body.get("title")),
-    "default_model": _patch_model,
-    "archived": lambda _chat, body: fields.flag(body.get("archived"), "archived"),
-    "pinned": lambda _chat, body: fields.flag(body.get("pinned"), "pinned"),
-    "is_active": lambda _chat, body: fields.flag(body.get("is_active"), "is_active"),
-    "system_prompt": lambda _chat, body: fields.text(
+# The fields checked without the provider directory (default_model is, by _patch_model).
+_PATCHERS: dict[str, Callable[[Mapping[str, Any]], Any]] = {
+    "title": lambda body: fields.title(body.get("title")),
+    "archived": lambda body: fields.flag(body.get("archived"), "archived"),
+    "pinned": lambda body: fields.flag(body.get("pinned"), "pinned"),
+    "is_active": lambda body: fields.flag(body.get("is_active"), "is_active"),
+    "system_prompt": lambda body: fields.text(
         body.get("system_prompt"), "system_prompt", empty_ok=True
     ),
     "active_leaf_id": _patch_leaf,

@@ -28,12 +28,12 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from parley.errors import BodyTooLarge, InvalidRequest, NotFound
+from parley.errors import InvalidRequest, NotFound
 from parley.search.documents import DocumentRefused, chunk, document_type, extract
 from parley.search.documents_library import DocumentLibrary, collection_name
 from parley.search.rag import Retriever
 from parley.server import identity
-from parley.server.multipart import FRAMING_SLACK, receive_form
+from parley.server.multipart import check_form, receive_form
 from parley.server.params import page_size
 from parley.server.state import SERVICES
 from parley.store.blobs import BlobStore
@@ -84,10 +84,7 @@ async def upload(request: web.Request) -> web.Response:
     caller = identity.current(request)
     library = request.app[DOCUMENTS].library
     limit = request.app[SERVICES].settings.max_upload_bytes
-    if request.content_type != "multipart/form-data":
-        raise InvalidRequest("send the file as multipart/form-data, in a field named 'file'")
-    if request.content_length is not None and request.content_length > limit + FRAMING_SLACK:
-        raise BodyTooLarge(f"the file is larger than the upload limit of {limit} bytes", "file")
+    check_form(request, limit)
     # receive_form discards the file it was writing when it refuses the form.
     upload = await receive_form(
         request,

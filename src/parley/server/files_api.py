@@ -32,9 +32,9 @@ from aiohttp import web
 from parley.chat import history
 from parley.chat.attachments import Attachments
 from parley.chat.uploads import TEXT_TYPES, Sniffer
-from parley.errors import BodyTooLarge, ClientError, InvalidRequest, NotFound
+from parley.errors import BodyTooLarge, InvalidRequest, NotFound, UnsupportedMediaType
 from parley.server import identity
-from parley.server.multipart import CHUNK, FRAMING_SLACK, receive_form
+from parley.server.multipart import CHUNK, check_form, receive_form
 from parley.server.state import SERVICES
 from parley.store.attachments import AttachmentRow, ConversationRef
 from parley.store.blobs import BlobStore, PendingBlob
@@ -47,11 +47,6 @@ class Files:
 
 
 FILES = web.AppKey("parley.files", Files)
-
-
-class UnsupportedMediaType(ClientError):
-    status = 415
-    code = "unsupported_media_type"
 
 
 def add_routes(app: web.Application) -> None:
@@ -85,10 +80,7 @@ async def upload(request: web.Request) -> web.Response:
     caller = identity.current(request)
     files = request.app[FILES].attachments
     limit = request.app[SERVICES].settings.max_upload_bytes
-    if request.content_type != "multipart/form-data":
-        raise InvalidRequest("send the file as multipart/form-data, in a field named 'file'")
-    if request.content_length is not None and request.content_length > limit + FRAMING_SLACK:
-        raise BodyTooLarge(f"the file is larger than the upload limit of {limit} bytes", "file")
+    check_form(request, limit)
     pending: PendingBlob | None = None
     try:
         upload = await receive_form(
@@ -129,7 +121,8 @@ def _unsupported(sniffer: Sniffer) -> UnsupportedMediaType:
     what = f"files of type {detected}" if detected else "binary files of unknown type"
     return UnsupportedMediaType(
         f"{what} are not accepted: upload PNG, JPEG, GIF or WebP images, PDF, or UTF-8 "
-        "text (plain, Markdown, CSV, JSON)"
+        "text (plain, Markdown, CSV, JSON)",
+        "file",
     )
 
 

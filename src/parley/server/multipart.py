@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from aiohttp import BodyPartReader, web
 
 from parley.chat.uploads import Sniffer, display_name
-from parley.errors import BodyTooLarge, InvalidRequest
+from parley.errors import BodyTooLarge, InvalidRequest, UnsupportedMediaType
 from parley.store.blobs import PendingBlob
 
 CHUNK = 64 * 1024
@@ -37,6 +37,20 @@ class Upload:
     fields: dict[str, str]
     # The file's bytes, when ``receive_form`` was asked to keep them.
     data: bytes
+
+
+def check_form(request: web.Request, limit: int) -> None:
+    """Refuse an upload from its headers, before a byte of it is read: 415 naming the
+    ``Content-Type`` header when it is not a form, 413 when its announced length cannot
+    hold a file within ``limit``."""
+    if request.content_type != "multipart/form-data":
+        raise UnsupportedMediaType(
+            f"Content-Type {request.content_type!r} is not accepted: send the file as "
+            "multipart/form-data, in a field named 'file'",
+            "Content-Type",
+        )
+    if request.content_length is not None and request.content_length > limit + FRAMING_SLACK:
+        raise BodyTooLarge(f"the file is larger than the upload limit of {limit} bytes", "file")
 
 
 async def receive_form(
