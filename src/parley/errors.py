@@ -34,6 +34,8 @@ The tree::
     │                                configured or installed
     ├── ServerShuttingDown           503 the server is stopping: refused, or cut off after
     │                                the shutdown grace
+    ├── StopRequested                not an error: SIGINT / SIGTERM while the server was
+    │                                starting; the startup unwinds and the exit is clean
     └── BackupError                  a backup, verify or restore failed (nothing was swapped)
 
 ``error_type`` is the stable string stored in the request log; the OpenAI error JSON
@@ -382,6 +384,12 @@ class BudgetExceeded(RateLimited):
 
     openai_type = "insufficient_quota"
     code = "insufficient_quota"
+
+
+class StopRequested(ParleyError):
+    """SIGINT or SIGTERM arrived while the server was starting (``server.shutdown``'s
+    ``StopRequest``): the startup unwinds, stopping what it had started, and the process
+    exits as after a normal stop. Never answered to a client."""
 
 
 class ServerShuttingDown(ParleyError):

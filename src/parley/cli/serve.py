@@ -10,7 +10,6 @@ import sys
 from typing import Any
 
 import click
-from aiohttp import web
 
 from parley.collector import tune_for_serving
 from parley.errors import ConfigError
@@ -48,11 +47,16 @@ def serve(host: str | None, port: int | None) -> None:
     shutdown_grace seconds (PARLEY_SHUTDOWN_GRACE, default 30) to finish, answers still
     streaming are then recorded as interrupted, everything is committed and the exit
     status is 0. A second SIGTERM or Ctrl-C interrupts the open answers at once; the
-    stop still commits everything.
+    stop still commits everything. Either one while the server starts (migrating the
+    database, starting the writer or the indexer) ends the startup at its next step,
+    with what it had started stopped, and the exit status is 0 too.
     """
+    from parley.server.signals import StopSignals, exit_on_stop_signals, ignore_stop_signals
+
+    exit_on_stop_signals()
     from parley.server.app import create_app
-    from parley.server.shutdown import AFTER_GRACE, DRAIN
-    from parley.server.signals import StopSignals, ignore_stop_signals
+    from parley.server.runner import serve_until_stopped
+    from parley.server.shutdown import DRAIN, STOP
 
     try:
         overrides: dict[str, Any] = {}
@@ -85,22 +89,16 @@ def serve(host: str | None, port: int | None) -> None:
     loop = asyncio.new_event_loop()
     try:
         app = create_app(settings)
-        # Ours, not aiohttp's handle_signals: a second signal must not break off the stop.
-        StopSignals(app[DRAIN]).install(loop)
-        web.run_app(
-            app,
-            loop=loop,
-            handle_signals=False,
-            host=settings.host,
-            port=settings.port,
-            access_log=None,
-            print=lambda line: click.echo(f"parley: {line.strip()}", err=True),
-            # In-flight requests already had settings.shutdown_grace in on_shutdown (see
-            # server.shutdown); what is still running then gets this long to end before
-            # aiohttp cancels it.
-            shutdown_timeout=AFTER_GRACE,
-            # A client that hangs up cancels its handler, and so its upstream call.
-            handler_cancellation=True,
+        # Ours, not aiohttp's handle_signals: a signal must not break off the startup or
+        # the stop (see server.signals).
+        StopSignals(app[DRAIN], app[STOP]).install(loop)
+        loop.run_until_complete(
+            serve_until_stopped(
+                app,
+                settings.host,
+                settings.port,
+                lambda line: click.echo(f"parley: {line}", err=True),
+            )
         )
     except ConfigError as exc:
         click.echo(f"parley: {exc.message}", err=True)
@@ -117,5 +115,15 @@ def serve(host: str | None, port: int | None) -> None:
         sys.exit(1)
     finally:
         ignore_stop_signals()
-        if not loop.is_closed():  # run_app closes it; not when it was never called
-            loop.close()
+        _close(loop)
+
+
+def _close(loop: asyncio.AbstractEventLoop) -> None:
+    """End what is left on ``loop`` (as ``asyncio.run`` does) and close it."""
+    left = asyncio.all_tasks(loop)
+    for task in left:
+        task.cancel()
+    if left:
+        loop.run_until_complete(asyncio.gather(*left, return_exceptions=True))
+    loop.run_until_complete(loop.shutdown_asyncgens())
+    loop.close()

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -53,7 +54,7 @@ from alembic.util.exc import CommandError
 from sqlalchemy import Connection, Engine, event, inspect
 from sqlalchemy.exc import DatabaseError, OperationalError
 
-from parley.errors import BackupError, ConfigError, DataWouldBeLost, ParleyError
+from parley.errors import BackupError, ConfigError, DataWouldBeLost, ParleyError, StopRequested
 from parley.ops import presence
 from parley.ops.backup import create_backup
 from parley.ops.data_loss import Loss, rehearse
@@ -198,14 +199,21 @@ def downgrade(
     return _migrate(settings, "downgrade", revision, previous_run_unclean, discard_data)
 
 
-def prepare_on_start(settings: Settings, previous_run_unclean: bool = False) -> str:
+def prepare_on_start(
+    settings: Settings,
+    previous_run_unclean: bool = False,
+    stop: threading.Event | None = None,
+) -> str:
     """Bring the database to head and check it matches the models; return the revision.
 
     ``previous_run_unclean``: the previous server did not stop cleanly
-    (``ServerPresence.previous_run_unclean``).
+    (``ServerPresence.previous_run_unclean``). ``stop``: set when the server is asked to
+    stop while it starts; waiting for another process's migration lock then ends with
+    ``StopRequested`` (a migration under way is never broken off: it commits or rolls
+    back as one transaction).
     """
     head = single_head()
-    _migrate(settings, "upgrade", head, previous_run_unclean)
+    _migrate(settings, "upgrade", head, previous_run_unclean, stop=stop)
     return head
 
 
@@ -225,13 +233,14 @@ def _migrate(
     target: str,
     previous_run_unclean: bool | None,
     discard_data: bool = False,
+    stop: threading.Event | None = None,
 ) -> MigrationReport:
     if previous_run_unclean is None:
         previous_run_unclean = presence.previous_run_unclean(settings)
     check_database_file(settings, previous_run_unclean=previous_run_unclean)
     attempt = _Attempt()
     try:
-        with _migrating(settings) as conn:
+        with _migrating(settings, stop) as conn:
             attempt.before = current_on(conn)
             refuse_unknown(attempt.before)
             if attempt.before is None:
@@ -431,20 +440,21 @@ def _connection(settings: Settings) -> Iterator[Connection]:
 
 
 @contextmanager
-def _migrating(settings: Settings) -> Iterator[Connection]:
+def _migrating(settings: Settings, stop: threading.Event | None = None) -> Iterator[Connection]:
     """One transaction holding the migration lock; commits only if the body returns."""
     engine = create_engine(settings)
     try:
         _connect(settings, engine).close()  # an unreachable database: one clear error
-        with _locked(engine) as conn:
+        with _locked(engine, stop) as conn:
             yield conn
     finally:
         engine.dispose()
 
 
 @contextmanager
-def _locked(engine: Engine) -> Iterator[Connection]:
-    """``migration_transaction``, waiting as long as another process holds the lock."""
+def _locked(engine: Engine, stop: threading.Event | None = None) -> Iterator[Connection]:
+    """``migration_transaction``, waiting as long as another process holds the lock (or
+    until ``stop`` is set: ``StopRequested``)."""
     deadline = time.monotonic() + LOCK_WAIT_SECONDS
     waiting = False
     while True:
@@ -463,7 +473,9 @@ def _locked(engine: Engine) -> Iterator[Connection]:
             if not waiting:
                 log.info("waiting for another process to finish migrating the database")
                 waiting = True
-            time.sleep(0.1)
+            # A tenth of a second, or less when the server is asked to stop meanwhile.
+            if (stop or threading.Event()).wait(0.1):
+                raise StopRequested("stopped while waiting for the migration lock") from None
             continue
         with stack:
             yield conn

@@ -69,7 +69,7 @@ from parley.server import (
 )
 from parley.server.identity import LOCAL_MODE
 from parley.server.local_guard import local_guard
-from parley.server.shutdown import DRAIN, Drain
+from parley.server.shutdown import DRAIN, STOP, Drain, StopRequest
 from parley.server.state import SERVICES, Services
 from parley.settings import Settings
 from parley.store import journal
@@ -109,6 +109,7 @@ def create_app(settings: Settings, *, embedder: Embedder | None = None) -> web.A
     app[SETTINGS] = settings
     app[LOCAL_MODE] = settings.master_key is None
     app[DRAIN] = Drain()
+    app[STOP] = StopRequest()
     if embedder is not None:
         app[EMBEDDER] = embedder
     app.cleanup_ctx.append(_lifespan)
@@ -142,12 +143,18 @@ def create_app(settings: Settings, *, embedder: Embedder | None = None) -> web.A
 
 async def _lifespan(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
+    stop = app[STOP]
     presence = ServerPresence(settings)
     await asyncio.to_thread(presence.__enter__)
     try:
+        stop.check()
         await asyncio.to_thread(
-            prepare_on_start, settings, previous_run_unclean=presence.previous_run_unclean
+            prepare_on_start,
+            settings,
+            previous_run_unclean=presence.previous_run_unclean,
+            stop=stop.asked,
         )
+        stop.check()
     except BaseException:
         # Nothing was written: a clean previous run stays clean, a crashed one stays so.
         if not presence.previous_run_unclean:
@@ -171,6 +178,7 @@ async def _serving(
     # lock too (a start must not replay what a surviving child still commits).
     journaled = journal.Journal(settings.journal_dir) if settings.recording == "journal" else None
     writer: RecordWriter
+    stop = app[STOP]
     if settings.writer == "process":
         writer = ProcessWriter(
             settings,
@@ -181,7 +189,6 @@ async def _serving(
         writer = Writer(
             engine, batch_max=settings.writer_batch_max, on_commit=prometheus.observe_rows
         )
-    await asyncio.to_thread(writer.start)
     session = aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=0, limit_per_host=0, ttl_dns_cache=300),
         timeout=aiohttp.ClientTimeout(total=None),
@@ -190,13 +197,18 @@ async def _serving(
     )
     stopping = threading.Event()
     scheduler = app[SCHEDULER] = Scheduler(server_jobs(settings, stopping), stopping)
+    # A stop asked for while starting (stop.check: StopRequested) unwinds from the next
+    # step on: the finally below stops whatever was started, the writer first of all.
     try:
+        await asyncio.to_thread(writer.start)
+        stop.check()
         # What a server in journal mode acknowledged and did not commit before it died
         # (whatever this server's own mode): committed before anything is answered.
         await journal.replay(settings.journal_dir, engine, writer)
         providers = build_providers(settings, session)
         # Provider configurations in the database, and users' own keys (issue 4).
         directory, user_keys = await open_directory(settings, engine, session)
+        stop.check()
         capabilities = CapabilityBook(settings.capabilities, shipped_capabilities())
         gateway = Gateway(
             Router(providers, settings.aliases, directory),
@@ -231,6 +243,7 @@ async def _serving(
             embedder=app.get(EMBEDDER),
             isolated=True,
         )
+        stop.check()
         search.indexer.start()
         # -- end search
         scheduler.start()

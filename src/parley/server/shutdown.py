@@ -27,10 +27,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from contextlib import AbstractContextManager, nullcontext, suppress
 from typing import Any
 
 from aiohttp import web
+
+from parley.errors import StopRequested
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +124,38 @@ class Drain:
 
 
 DRAIN = web.AppKey("drain", Drain)
+
+
+class StopRequest:
+    """Whether the process was asked to stop (the first SIGINT or SIGTERM, see
+    ``server.signals``), for the steps of the startup and for the serving loop.
+
+    The startup checks it between its steps (``check``), so a stop asked for while the
+    database is migrated, the writer or the indexer starts, ends the startup at the next
+    step, which unwinds what the earlier ones started; a step that could wait without end
+    (the migration lock) reads ``asked`` from its thread. Once the server is up,
+    ``server.runner`` waits for it (``wait``) and then stops the server.
+    """
+
+    def __init__(self) -> None:
+        self.asked = threading.Event()
+        self._asked_here = asyncio.Event()
+
+    def ask(self) -> None:
+        """On the event loop's thread (a signal handler)."""
+        self.asked.set()
+        self._asked_here.set()
+
+    def check(self) -> None:
+        """Raise ``StopRequested`` if a stop was asked for."""
+        if self.asked.is_set():
+            raise StopRequested("stopped while starting")
+
+    async def wait(self) -> None:
+        await self._asked_here.wait()
+
+
+STOP = web.AppKey("stop", StopRequest)
 
 
 class _Counted:

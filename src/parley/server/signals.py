@@ -9,10 +9,17 @@ not stopped, the run was left marked as running (the next start took it for a cr
 the exit status was 1. Once aiohttp had removed its handlers, one more Ctrl-C was a
 ``KeyboardInterrupt`` wherever the main thread was.
 
+Raised during the startup, ``GracefulExit`` cancelled it wherever it was: a migration
+waiting for its lock went on in its thread (for up to an hour) after the process had
+"stopped", a writer being started was never stopped, and a startup step other than the
+lifespan's left the lifespan's writer running and the run marked as running.
+
 ``StopSignals`` handles both signals the same way for the whole life of the process:
 
-- the first starts the stop (``GracefulExit``, as aiohttp does): the listening sockets
-  close and the stop of ``server.shutdown`` and the lifespan runs;
+- the first asks for the stop (``shutdown.StopRequest``): while the server starts, the
+  startup ends at its next step and unwinds what it had started (see ``server.app``);
+  once it serves, the listening sockets close and the stop of ``server.shutdown`` and the
+  lifespan runs (``server.runner``). Either way the exit status is 0;
 - another during the stop cuts the grace of open answers short (``Drain.hurry``): they
   are interrupted now and recorded as such, and the stop still commits everything and
   marks the run clean;
@@ -26,9 +33,7 @@ import asyncio
 import logging
 import signal
 
-from aiohttp.web import GracefulExit
-
-from parley.server.shutdown import Drain
+from parley.server.shutdown import Drain, StopRequest
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +41,9 @@ SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class StopSignals:
-    def __init__(self, drain: Drain) -> None:
+    def __init__(self, drain: Drain, stop: StopRequest) -> None:
         self._drain = drain
+        self._stop = stop
         self._received = 0
 
     def install(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -50,10 +56,23 @@ class StopSignals:
         name = signal.Signals(number).name
         if self._received == 1:
             log.info("%s: stopping (open answers get the shutdown grace)", name)
-            raise GracefulExit()
+            self._stop.ask()
+            return
         if self._received == 2:
             log.warning("%s again: open answers are interrupted now; the stop goes on", name)
         self._drain.hurry()
+
+
+def exit_on_stop_signals() -> None:
+    """Before the server is built (settings, configuration): nothing is held yet, so a
+    signal ends the process at once, quietly and with status 0 (``StopSignals`` takes
+    over once the event loop exists)."""
+    for number in SIGNALS:
+        signal.signal(number, _exit)
+
+
+def _exit(number: int, _frame: object) -> None:
+    raise SystemExit(0)
 
 
 def ignore_stop_signals() -> None:
