@@ -4,13 +4,16 @@ that keeps the list of acknowledged exchanges, and checks of what the store kept
 ``DripOpenAI`` is an OpenAI-compatible fake whose pace is chosen by the model name:
 ``drip-<chunks>-<ms>[-<tag>]`` streams the echo of the last user message in ``chunks``
 pieces ``ms`` apart (non-streaming: answers after ``chunks * ms``); ``stall[-<tag>]``
-sends two pieces and then nothing until the fake stops. Everything else answers at once.
+sends two pieces and then nothing until the fake stops; ``endless[-<tag>]`` streams
+64 KiB pieces until the fake stops or its client stops reading. Everything else answers
+at once.
 The tag only makes a request's model unique, so its request-log row can be found.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import threading
@@ -81,6 +84,12 @@ class _Drip:
             return web.json_response(answer)
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
+        if parts[0] == "endless":
+            frame = _frame(model, {"content": "x" * 65536}, None)
+            with contextlib.suppress(ConnectionError, OSError):
+                while not self.stopping.is_set():
+                    await response.write(frame)
+            return response
         size = -(-len(text) // pieces)
         for index in range(pieces):
             piece = text[index * size : (index + 1) * size]

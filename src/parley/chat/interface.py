@@ -37,6 +37,10 @@ class Interruptions(Protocol):
         """On ``CancelledError``: whether the shutdown cancelled the current task (the
         cancellation is then consumed)."""
 
+    def drained(self) -> bool:
+        """On a cancellation ``interrupted`` did not claim: whether the shutdown's drain
+        is over, so that the shutdown cut the answer off all the same."""
+
 
 class NoShutdown:
     """No server around: nothing is ever interrupted."""
@@ -45,6 +49,9 @@ class NoShutdown:
         return nullcontext()
 
     def interrupted(self) -> bool:
+        return False
+
+    def drained(self) -> bool:
         return False
 
 

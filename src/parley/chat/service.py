@@ -299,16 +299,16 @@ class ChatService:
             interrupted = self._interruptions.interrupted()
             await stream.aclose()
             if not interrupted:
-                self._recorder.record_in_background(exchange)
+                self._abandoned(exchange)
                 raise
             # The shutdown's grace ran out while the upstream was answering.
             mark_interrupted(exchange)
             failure = ServerShuttingDown(INTERRUPTED_MESSAGE)
         except BaseException:
-            # The consumer stopped (client gone): closing the stream cancels the upstream
-            # call; the partial answer is still recorded.
+            # The consumer stopped (client gone, or the server past its drain): closing
+            # the stream cancels the upstream call; the partial answer is still recorded.
             await stream.aclose()
-            self._recorder.record_in_background(exchange)
+            self._abandoned(exchange)
             raise
         # From here on the exchange is recorded once, whatever the consumer does.
         if failure is not None:
@@ -332,6 +332,14 @@ class ChatService:
         if sources:
             await self._cite(turn, answer, sources)
         yield Done(answer)
+
+    def _abandoned(self, exchange: Exchange) -> None:
+        """Record, without waiting, an answer whose consumer stopped: a client that left,
+        or the shutdown cancelling what still ran after its drain (recorded as
+        interrupted by it, not as a client disconnect)."""
+        if self._interruptions.drained():
+            mark_interrupted(exchange)
+        self._recorder.record_in_background(exchange)
 
     def _check_sources(self, options: Options) -> None:
         if options.collections and self._sources() is None:

@@ -18,7 +18,8 @@ the application's ``Drain``. When the grace period runs out the drain cancels it
 exchange is then recorded with error type ``interrupted`` and finish reason
 ``server_shutdown`` (distinct from a client that left, ``cancelled`` /
 ``client_disconnected``), and the client gets a 503, or an error event if its stream had
-begun.
+begun. An answer that aiohttp cancels after the drain (its client read too slowly to take
+that error event) is recorded the same way: the shutdown cut it off, not its client.
 """
 
 from __future__ import annotations
@@ -203,11 +204,11 @@ async def _stream(
                 return front.error_response(error)
             await _write_quietly(response, b"".join(pending) + front.sse_error(error))
             return response
-        services.record_in_background(exchange)
+        _abandoned(services, exchange, drain)
         raise
     except BaseException:
         await chunks.aclose()
-        services.record_in_background(exchange)
+        _abandoned(services, exchange, drain)
         raise
     try:
         await services.record(exchange)
@@ -260,8 +261,17 @@ async def shutdown_cut_off(services: Services, exchange: Exchange, drain: Drain 
         mark_interrupted(exchange)
         await services.record_quietly(exchange)
         return True
-    services.record_in_background(exchange)
+    _abandoned(services, exchange, drain)
     return False
+
+
+def _abandoned(services: Services, exchange: Exchange, drain: Drain | None) -> None:
+    """Record, without waiting, an answer cancelled without the drain's interruption: its
+    client left, or aiohttp cancelled it after the drain (``Drain.drained``), which is the
+    shutdown's doing and recorded as such."""
+    if drain is not None and drain.drained():
+        mark_interrupted(exchange)
+    services.record_in_background(exchange)
 
 
 async def _write_quietly(response: web.StreamResponse, data: bytes) -> None:

@@ -20,7 +20,8 @@ Invariants:
   acknowledgement is never cut off half-way;
 - ``drain`` never waits longer than ``grace`` plus ``after``;
 - other requests (uploads, the rest of the chat API) are given the same grace and are
-  then cancelled by aiohttp itself (its ``shutdown_timeout``).
+  then cancelled by aiohttp itself (its ``shutdown_timeout``); an answer cancelled so,
+  after the drain (``drained``), is recorded as cut off by the shutdown too.
 """
 
 from __future__ import annotations
@@ -55,6 +56,8 @@ class Drain:
         self._enough: asyncio.Event | None = None
         self._answering: set[asyncio.Task[Any]] = set()
         self._interrupted: set[asyncio.Task[Any]] = set()
+        # Set once ``drain`` returned: aiohttp cancels what still runs AFTER_GRACE later.
+        self._over = False
 
     @property
     def in_flight(self) -> int:
@@ -94,6 +97,16 @@ class Drain:
         task.uncancel()
         return True
 
+    def drained(self) -> bool:
+        """Called on a ``CancelledError`` that ``interrupted`` did not claim: whether the
+        drain is over, so that the cancellation is the shutdown's all the same. aiohttp
+        cancels the requests still running ``AFTER_GRACE`` seconds after the drain (an
+        answer whose client read too slowly to take its error event, a chat API answer
+        caught writing to such a client when the grace ended): they were cut off by the
+        server, not by their client. The cancellation is not consumed: the connection is
+        being closed."""
+        return self._over
+
     async def drain(self, grace: float, after: float = AFTER_GRACE) -> int:
         """Wait up to ``grace`` seconds for in-flight requests, then interrupt the upstream
         answers still open and give them ``after`` seconds to end; return how many were
@@ -120,6 +133,7 @@ class Drain:
             if late:
                 log.error("shutdown: %d interrupted answer(s) did not end in time", len(late))
         self._interrupted.clear()
+        self._over = True
         return len(tasks)
 
 
