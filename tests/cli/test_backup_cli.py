@@ -111,7 +111,7 @@ def test_errors_are_one_line_without_a_traceback(tmp_path: Path, database_url: s
     unwritable.write_text("")
     result = run(tmp_path, database_url, "backup", "--to", str(unwritable / "sub"))
     assert result.exit_code == 1 and result.stderr.count("\n") == 1
-    assert result.stderr.startswith("error: no backup directory could be written: ")
+    assert result.stderr.startswith(f"error: cannot write the backup into {unwritable / 'sub'}: ")
     assert run(tmp_path, database_url, "backup", "prune", "--keep", "0").exit_code == 2
 
     made = run(tmp_path, database_url, "backup").output.split(" (")[0]

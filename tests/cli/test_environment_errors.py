@@ -168,7 +168,7 @@ ENVIRONMENTS = {
     "not a database": Environment(_not_a_database, list(COMMANDS)),
     "no schema yet": Environment(_no_schema, AT_HEAD + ANY_KNOWN),
     "newer schema": Environment(
-        _newer_schema, [*AT_HEAD, *ANY_KNOWN, "db upgrade", "db downgrade"]
+        _newer_schema, [*AT_HEAD, *ANY_KNOWN, "db upgrade", "db downgrade", "db current"]
     ),
 }
 
@@ -252,10 +252,19 @@ def test_retention_maintenance_and_check_refuse_what_they_cannot_know(
 def _parley(tmp_path: Path, env: dict[str, str], *args: str, as_user: bool = False) -> str:
     """``python -m parley *args``'s stderr; it must fail with status 1. ``as_user``: as a
     user the permission bits stop (root drops the capability that lets it pass them)."""
+    done = _process(tmp_path, env, *args, as_user=as_user)
+    assert done.returncode == 1, done.stderr
+    return done.stderr
+
+
+def _process(
+    tmp_path: Path, env: dict[str, str], *args: str, as_user: bool = False, reads: bool = False
+) -> subprocess.CompletedProcess[str]:
+    """``reads``: as a user the permission bits stop from reading too."""
     command = [sys.executable, "-m", "parley", *args]
     if as_user and os.geteuid() == 0:
-        command = [*DROP_OVERRIDE, *command]
-    done = subprocess.run(
+        command = [*(DROP_READ if reads else DROP_OVERRIDE), *command]
+    return subprocess.run(
         command,
         cwd=tmp_path,
         env={**os.environ, **env},
@@ -264,11 +273,10 @@ def _parley(tmp_path: Path, env: dict[str, str], *args: str, as_user: bool = Fal
         timeout=120,
         stdin=subprocess.DEVNULL,
     )
-    assert done.returncode == 1, done.stderr
-    return done.stderr
 
 
 DROP_OVERRIDE = ["setpriv", "--inh-caps=-all", "--bounding-set=-dac_override", "--"]
+DROP_READ = [*DROP_OVERRIDE[:2], "--bounding-set=-dac_override,-dac_read_search", "--"]
 
 
 def test_the_real_stderr_has_no_traceback(tmp_path: Path) -> None:
@@ -311,3 +319,141 @@ def test_a_data_directory_without_write_permission(tmp_path: Path, templates: Te
     assert listing == (
         f"error: cannot open the database file {data / 'parley.db'}: unable to open database file\n"
     )
+
+
+def test_db_current_says_a_newer_revision_is_not_this_parleys(
+    tmp_path: Path, database_url: str
+) -> None:
+    """The revision found is printed, and on stderr that this parley does not know it;
+    upgrade and downgrade refuse that database; history lists this parley's revisions."""
+    env = base_env(tmp_path, "") | {"DATABASE_URL": database_url}
+    settings = load_settings(env=env, cwd=tmp_path)
+    upgrade(settings)
+    engine = create_engine(settings)
+    with engine.begin() as conn:
+        conn.execute(sa.text("UPDATE alembic_version SET version_num = :v"), {"v": NEWER})
+    engine.dispose()
+    result = CliRunner().invoke(cli, ["db", "current"], env=env)
+    assert (result.exit_code, result.stdout) == (1, f"{NEWER}\n")
+    assert result.stderr == (
+        f"error: database schema is at revision {NEWER}, which this version of parley does "
+        "not know (a newer parley migrated it): refusing to use it; run that newer parley, "
+        "or restore a backup taken before it\n"
+    )
+    for argv in (["db", "upgrade"], ["db", "downgrade", "base"]):
+        result = CliRunner().invoke(cli, argv, env=env)
+        assert (result.exit_code, result.stdout) == (1, ""), argv
+        assert result.stderr.startswith(f"error: database schema is at revision {NEWER},")
+    history = CliRunner().invoke(cli, ["db", "history"], env=env)
+    assert history.exit_code == 0 and NEWER not in history.output
+
+
+def test_backup_says_which_destination_failed_and_why(tmp_path: Path, database_url: str) -> None:
+    """Each destination with the system's reason, in one line; the fallback's warning only
+    once the backup is in it (as a real process prints them: the log included)."""
+    env = base_env(tmp_path, "") | {"DATABASE_URL": database_url}
+    upgrade(load_settings(env=env, cwd=tmp_path))
+    file = tmp_path / "file"
+    file.write_text("not a directory")
+    stderr = _parley(tmp_path, env, "backup", "--to", str(file / "sub"))
+    assert stderr == (
+        f"error: cannot write the backup into {file / 'sub'}: {file} is a file, not a directory\n"
+    )
+    both = env | {"PARLEY_BACKUP_DIR": str(file), "PARLEY_BACKUP_FALLBACK_DIR": str(file / "x")}
+    assert _parley(tmp_path, both, "backup") == (
+        f"error: no backup directory could be written: {file}: it is a file, not a directory; "
+        f"{file / 'x'}: {file} is a file, not a directory\n"
+    )
+    done = _process(tmp_path, env | {"PARLEY_BACKUP_DIR": str(file)}, "backup")
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == (
+        f"warning: backup directory {file} is not writable (it is a file, not a directory); "
+        f"the backup went to {tmp_path / 'fallback'}\n"
+    )
+    if _permission_bits_apply(tmp_path):
+        closed = tmp_path / "closed"
+        closed.mkdir(mode=0o500)
+        stderr = _parley(tmp_path, env, "backup", "--to", str(closed / "x"), as_user=True)
+        assert stderr == f"error: cannot write the backup into {closed / 'x'}: Permission denied\n"
+
+
+def test_archives_and_directories_named_with_the_reason(tmp_path: Path) -> None:
+    file = tmp_path / "file"
+    file.write_text("not a directory")
+    env = base_env(tmp_path, "")
+    cases = {
+        ("restore", str(file / "a.tar.gz"), "--yes"): (
+            f"cannot read the backup archive {file / 'a.tar.gz'}: {file} is a file, not a directory"
+        ),
+        ("backup", "verify", str(file / "a.tar.gz")): (
+            f"cannot read {file / 'a.tar.gz'}: {file} is a file, not a directory"
+        ),
+        ("backup", "list", "--dir", str(tmp_path / "missing")): (
+            f"cannot list {tmp_path / 'missing'}: No such file or directory"
+        ),
+        ("backup", "prune", "--dir", str(file / "x")): (
+            f"cannot list {file / 'x'}: {file} is a file, not a directory"
+        ),
+    }
+    upgrade(load_settings(env=env, cwd=tmp_path))  # export and import need the schema
+    cases |= {
+        ("export", "--out", str(file / "out.json")): (
+            f"cannot write {file / 'out.json'}: {file} is a file, not a directory"
+        ),
+        ("import", str(file / "in.json")): (
+            f"cannot read {file / 'in.json'}: {file} is a file, not a directory"
+        ),
+    }
+    for argv, message in cases.items():
+        result = CliRunner().invoke(cli, list(argv), env=env)
+        assert (result.exit_code, result.stdout, result.stderr) == (1, "", f"error: {message}\n")
+
+
+@pytest.mark.parametrize("mode", ["semantic", "hybrid"])
+def test_search_names_a_vector_store_that_cannot_be_a_directory(tmp_path: Path, mode: str) -> None:
+    env = base_env(tmp_path, "reindex")
+    upgrade(load_settings(env=env, cwd=tmp_path))
+    (tmp_path / "file").write_text("not a directory")
+    store = tmp_path / "file" / "vectors"
+    result = CliRunner().invoke(
+        cli, ["search", "hello", "--mode", mode], env=env | {"PARLEY_VECTOR_URI": str(store)}
+    )
+    assert (result.exit_code, result.stdout, result.stderr) == (
+        1,
+        "",
+        f"error: cannot use the vector store {store}: {tmp_path / 'file'} is a file, "
+        "not a directory\n",
+    )
+
+
+def test_search_names_a_vector_store_it_may_not_read(tmp_path: Path) -> None:
+    if not _permission_bits_apply(tmp_path):
+        pytest.skip("permission bits do not stop this user, and setpriv cannot drop that")
+    store = tmp_path / "vectors"
+    store.mkdir(mode=0o000)
+    env = base_env(tmp_path, "reindex") | {"PARLEY_VECTOR_URI": str(store)}
+    upgrade(load_settings(env=env, cwd=tmp_path))
+    try:
+        for args in (("search", "hello", "--mode", "semantic"), ("reindex",)):
+            done = _process(tmp_path, env, *args, as_user=True, reads=True)
+            assert (done.returncode, done.stdout, done.stderr) == (
+                1,
+                "",
+                f"error: cannot use the vector store {store}: Permission denied\n",
+            ), args
+    finally:
+        store.chmod(0o700)
+
+
+@pytest.mark.parametrize("command", ["maintenance", "retention"])
+def test_no_warning_or_log_line_before_the_error(tmp_path: Path, command: str) -> None:
+    """A file that is not a database, readable by others: refused before it is opened (so
+    its mode is left alone) and before any step logs its own failure: one line."""
+    (tmp_path / "data").mkdir()
+    junk = tmp_path / "data" / "parley.db"
+    junk.write_bytes(os.urandom(8192))
+    junk.chmod(0o644)
+    stderr = _parley(tmp_path, base_env(tmp_path, ""), command)
+    assert stderr.count("\n") == 1, stderr
+    assert stderr.startswith(f"error: the database file {junk} is not an SQLite database")
+    assert junk.stat().st_mode & 0o777 == 0o644

@@ -73,14 +73,19 @@ def _report(report: migrate.MigrationReport) -> None:
 
 @db.command()
 def current() -> None:
-    """Print the database's schema revision ("none" for an empty database)."""
+    """Print the database's schema revision ("none" for an empty database).
+
+    A revision this parley does not know (a newer parley migrated the database) is
+    printed too, then said on stderr with exit status 1: this parley cannot use it.
+    """
     settings = _settings()
     revision = _run(lambda: migrate.current(settings))
     heads = migrate.heads()
     if revision is None:
         click.echo("none")
-    else:
-        click.echo(f"{revision} (head)" if revision in heads else revision)
+        return
+    click.echo(f"{revision} (head)" if revision in heads else revision)
+    _run(lambda: migrate.refuse_unknown(revision))
 
 
 @db.command()

@@ -15,10 +15,12 @@ A remote embedder is reached through a provider of the config file named in
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
+from pathlib import Path
 from typing import TypeVar
 
 import aiohttp
@@ -28,11 +30,13 @@ import sqlalchemy
 
 from parley.cli.common import engine_at_head, fail, run
 from parley.errors import ParleyError
+from parley.paths import not_a_directory, reason
 from parley.providers.registry import build_providers
 from parley.search.embedders import RemoteCall, vectors_of
 from parley.search.hybrid import Results
 from parley.search.indexer import Reconciled
 from parley.search.services import SearchServices, open_search
+from parley.search.vector_lock import local_path
 from parley.settings import Settings, load_settings
 from parley.store.search import MARK_END, MARK_START, MAX_LIMIT, Hit, Scope
 from parley.store.users import Users
@@ -141,6 +145,12 @@ def _with_search(
     engine: sqlalchemy.Engine,
     work: Callable[[SearchServices], Awaitable[T]],
 ) -> T:
+    store = local_path(settings.vector_uri)
+    if store is not None and settings.search.embedder != "none":
+        blocked = _unusable(store)
+        if blocked is not None:  # before LanceDB, whose own words would not name the path
+            fail(f"cannot use the vector store {store}: {blocked}")
+
     async def main() -> T:
         async with aiohttp.ClientSession() as session:
             remote = _remote(settings, session)
@@ -148,6 +158,18 @@ def _with_search(
             return await work(services)
 
     return run(lambda: asyncio.run(main()))
+
+
+def _unusable(store: Path) -> str | None:
+    """Why the local vector store's directory cannot be used (None: it can, or it is not
+    made yet)."""
+    blocked = not_a_directory(store)
+    if blocked is None and store.is_dir():
+        try:
+            os.listdir(store)
+        except OSError as exc:
+            blocked = reason(exc, store)
+    return blocked
 
 
 def _remote(settings: Settings, session: aiohttp.ClientSession) -> RemoteCall | None:

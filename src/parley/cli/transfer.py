@@ -25,6 +25,7 @@ from parley.chat import history
 from parley.cli.common import engine_at_head, fail
 from parley.cli.common import run as _run
 from parley.errors import InvalidRequest, NotFound
+from parley.paths import reason
 
 
 @click.command("export")
@@ -85,14 +86,14 @@ def _write_private(out: Path, body: bytes) -> None:
     try:
         fd = os.open(out, os.O_WRONLY | os.O_CREAT, 0o600)
     except OSError as exc:
-        fail(f"cannot write {out}: {_reason(exc)}")
+        fail(f"cannot write {out}: {reason(exc, out)}")
     try:
         regular = stat.S_ISREG(os.fstat(fd).st_mode)
         if regular:
             try:
                 os.fchmod(fd, 0o600)
             except OSError as exc:
-                fail(f"cannot make {out} private (mode 0600), left unchanged: {_reason(exc)}")
+                fail(f"cannot make {out} private (mode 0600), left unchanged: {reason(exc, out)}")
         try:
             if regular:
                 os.ftruncate(fd, 0)
@@ -100,7 +101,7 @@ def _write_private(out: Path, body: bytes) -> None:
             while view:
                 view = view[os.write(fd, view) :]
         except OSError as exc:
-            fail(f"cannot write {out}: {_reason(exc)}")
+            fail(f"cannot write {out}: {reason(exc, out)}")
     finally:
         os.close(fd)
 
@@ -111,11 +112,7 @@ def _read(file: Path) -> bytes:
     try:
         return file.read_bytes()
     except OSError as exc:
-        fail(f"cannot read {file}: {_reason(exc)}")
-
-
-def _reason(exc: OSError) -> str:
-    return exc.strerror or str(exc)
+        fail(f"cannot read {file}: {reason(exc, file)}")
 
 
 @click.command("import")

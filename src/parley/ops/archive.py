@@ -43,6 +43,7 @@ from typing import Any, BinaryIO
 
 from parley.errors import BackupError
 from parley.ops.encryption import SealedReader, SealedWriter, is_sealed, read_header
+from parley.paths import make_directory
 from parley.settings import Secret
 
 FORMAT = 1
@@ -331,7 +332,7 @@ def private_dir(near: Path | None) -> Iterator[Path]:
     """A new temporary directory (mode 0700) in ``near`` (the system's when None), removed
     with everything in it afterwards. Its name starts with ``TMP_PREFIX``."""
     if near is not None:
-        near.mkdir(mode=0o700, parents=True, exist_ok=True)
+        make_directory(near)
     path = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=near))
     try:
         yield path

@@ -38,6 +38,7 @@ from typing import Any
 from sqlalchemy.exc import DBAPIError
 
 import parley
+from parley import paths
 from parley.errors import BackupError
 from parley.ops import archive, pgtools
 from parley.search import vector_lock
@@ -87,24 +88,30 @@ def create_backup(
     ``reason`` (e.g. "before restoring ...") is kept in the summary. Raises
     ``BackupError`` when the database cannot be read or no directory can take it.
     """
-    candidates = [to] if to is not None else [settings.backup.dir, settings.backup.fallback_dir]
-    failures: list[str] = []
-    for index, directory in enumerate(candidates):
+    if to is not None:
+        try:
+            return _backup_into(settings, to, reason)
+        except _TargetFailed as exc:
+            raise BackupError(f"cannot write the backup into {to}: {exc}") from None
+    failures: list[tuple[Path, str]] = []
+    for directory in (settings.backup.dir, settings.backup.fallback_dir):
         try:
             info = _backup_into(settings, directory, reason)
         except _TargetFailed as exc:
-            failures.append(f"{directory}: {exc}")
-            if index + 1 < len(candidates):
-                log.warning(
-                    "backup directory %s is not writable (%s); using %s",
-                    directory,
-                    exc,
-                    candidates[index + 1],
-                )
+            failures.append((directory, str(exc)))
             continue
-        log.info("backup written to %s (%d bytes)", info.path, info.size)
+        # Said once it is known where the backup went: when the fallback fails too, the
+        # error names both directories and nothing else is printed.
+        for failed, why in failures:
+            log.warning(
+                "backup directory %s is not writable (%s); the backup went to %s",
+                *(failed, why, directory),
+            )
         return info
-    raise BackupError("no backup directory could be written: " + "; ".join(failures))
+    raise BackupError(
+        "no backup directory could be written: "
+        + "; ".join(f"{failed}: {why}" for failed, why in failures)
+    )
 
 
 def verify_backup(path: Path, settings: Settings) -> dict[str, Any]:
@@ -115,6 +122,9 @@ def verify_backup(path: Path, settings: Settings) -> dict[str, Any]:
     manifest; PostgreSQL: the dump is readable by ``pg_restore``).
     """
     path = Path(path)
+    why = paths.unreadable(path)
+    if why is not None:
+        raise BackupError(f"cannot read {path}: {why}")
     # The database copy can be large: beside the archive, unless that is read-only.
     near = path.parent if os.access(path.parent, os.W_OK) else None
     with archive.private_dir(near) as scratch:
@@ -169,13 +179,15 @@ def inspect_sqlite(path: Path, name: str) -> dict[str, Any]:
 
 def list_backups(settings: Settings, directory: Path | None = None) -> list[BackupInfo]:
     """parley's archives in ``directory`` (default: the backup and fallback directories),
-    newest first. An unreadable archive is listed with ``{"error": ...}`` as manifest."""
+    newest first. An unreadable archive is listed with ``{"error": ...}`` as manifest.
+    A configured directory not made yet holds none; a ``directory`` given must exist."""
     found: list[BackupInfo] = []
     for folder in _directories(settings, directory):
         try:
-            entries = sorted(folder.iterdir()) if folder.is_dir() else []
+            # Only a given directory is listed when missing, for the system's reason.
+            entries = sorted(folder.iterdir()) if directory or folder.is_dir() else []
         except OSError as exc:
-            raise BackupError(f"cannot list {folder}: {exc.strerror or exc}") from exc
+            raise BackupError(f"cannot list {folder}: {paths.reason(exc, folder)}") from exc
         for path in entries:
             created = archive.created_from_name(path.name)
             if created is None or not path.is_file() or path.is_symlink():
@@ -223,17 +235,30 @@ def _directories(settings: Settings, directory: Path | None) -> list[Path]:
 def _backup_into(settings: Settings, directory: Path, reason: str | None) -> BackupInfo:
     with ExitStack() as stack:
         try:
-            _ensure_directory(directory)
+            shared = _ensure_directory(directory)
             staging = stack.enter_context(archive.private_dir(directory))
         except OSError as exc:
-            raise _TargetFailed(exc.strerror or str(exc)) from exc
+            raise _TargetFailed(paths.reason(exc)) from exc
         try:
-            return _write(settings, directory, staging, reason)
+            info = _write(settings, directory, staging, reason)
         except OSError as exc:
-            if exc.errno in _TARGET_ERRNOS:
-                raise _TargetFailed(exc.strerror or str(exc)) from exc
-            raise BackupError(f"backup failed: {exc.strerror or exc}") from exc
-    raise AssertionError("unreachable")
+            if exc.errno in _TARGET_ERRNOS and _within(exc, directory):
+                raise _TargetFailed(paths.reason(exc)) from exc
+            # Another path failed (the database's directory, the blobs...): name it.
+            where = f"cannot use {exc.filename}: " if exc.filename else ""
+            raise BackupError(f"backup failed: {where}{paths.reason(exc)}") from exc
+    if shared is not None:
+        log.warning("backup directory %s is readable by other users (mode %o)", directory, shared)
+    log.info("backup written to %s (%d bytes)", info.path, info.size)
+    return info
+
+
+def _within(exc: OSError, directory: Path) -> bool:
+    """Whether ``exc`` is about ``directory`` or a path in it (or names no path)."""
+    if exc.filename is None:
+        return True
+    path = Path(os.fsdecode(exc.filename))
+    return path == directory or directory in path.parents
 
 
 def _write(settings: Settings, directory: Path, staging: Path, reason: str | None) -> BackupInfo:
@@ -323,7 +348,7 @@ def _snapshot_database(settings: Settings, staging: Path) -> tuple[dict[str, Any
         except FileNotFoundError:
             raise BackupError(f"there is no database at {source} to back up") from None
         except Exception as exc:  # sqlite3.Error: the source or the target failed
-            _raise_sqlite_copy_error(exc, source)
+            _raise_sqlite_copy_error(exc, source, target)
         target.chmod(0o600)
         archive.fsync_file(target)
         found = inspect_sqlite(target, str(source))
@@ -351,26 +376,25 @@ def _snapshot_database(settings: Settings, staging: Path) -> tuple[dict[str, Any
     return entry, target
 
 
-def _raise_sqlite_copy_error(exc: Exception, source: Path) -> None:
+def _raise_sqlite_copy_error(exc: Exception, source: Path, target: Path) -> None:
     text = str(exc)
-    if "full" in text or "disk I/O" in text or "unable to open" in text:
-        # The target file is the one being written: this directory cannot take it.
-        raise OSError(errno.ENOSPC if "full" in text else errno.EACCES, text) from exc
+    if "full" in text:
+        # The target file is the one being written: its directory cannot take it.
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), os.fspath(target)) from exc
+    if "disk I/O" in text or "unable to open" in text:
+        raise OSError(errno.EACCES, text, os.fspath(target)) from exc
     raise BackupError(f"cannot copy the database {source}: {text}") from exc
 
 
-def _ensure_directory(directory: Path) -> None:
-    if directory.exists() and not directory.is_dir():
-        raise NotADirectoryError(errno.ENOTDIR, "exists and is not a directory")
-    if not directory.exists():
-        directory.mkdir(mode=0o700, parents=True)
+def _ensure_directory(directory: Path) -> int | None:
+    """Make ``directory`` (mode 0700) if it is missing; the mode of an existing one that
+    others may read, to be said once the backup is in it (None: private)."""
+    if not directory.is_dir():
+        paths.make_directory(directory)
         directory.chmod(0o700)  # mkdir's mode is masked by the umask
-    elif directory.stat().st_mode & 0o077:
-        log.warning(
-            "backup directory %s is readable by other users (mode %o)",
-            directory,
-            directory.stat().st_mode & 0o777,
-        )
+        return None
+    mode = directory.stat().st_mode & 0o777
+    return mode if mode & 0o077 else None
 
 
 def _publish(partial: Path, directory: Path, created: datetime, *, encrypted: bool) -> Path:

@@ -30,6 +30,7 @@ from pathlib import Path
 
 from parley.errors import ConfigError
 from parley.ops.presence import marker_path
+from parley.paths import reason
 from parley.settings import Settings
 from parley.store.engine import sqlite_path, unusable_directory
 
@@ -85,7 +86,7 @@ def check_sqlite_file(database: Path, *, previous_run_unclean: bool = False) -> 
             ) from None
         return  # a new install: SQLite creates the file on first use
     except OSError as exc:
-        raise ConfigError(f"cannot read the database file {database}: {exc}") from exc
+        raise ConfigError(f"cannot read the database file {database}: {reason(exc)}") from exc
     if not stat.S_ISREG(info.st_mode):
         raise ConfigError(f"the database path {database} is not a regular file")
     head = _read_header(database)
@@ -176,7 +177,7 @@ def _read_header(database: Path) -> bytes:
         with database.open("rb") as file:
             return file.read(HEADER_BYTES)
     except OSError as exc:
-        raise ConfigError(f"cannot read the database file {database}: {exc}") from exc
+        raise ConfigError(f"cannot read the database file {database}: {reason(exc)}") from exc
 
 
 def _size(path: Path) -> int:

@@ -46,6 +46,7 @@ import sqlalchemy
 from sqlalchemy.exc import SQLAlchemyError
 
 from parley.errors import ConfigError, StoreError
+from parley.ops.dbfile import check_database_file
 from parley.ops.maintenance_checks import Check, integrity_checks
 from parley.ops.presence import exclusive
 from parley.settings import Settings
@@ -131,6 +132,7 @@ def run_maintenance(
     path = sqlite_path(settings)
     if settings.is_sqlite and (path is None or not path.exists()):
         raise ConfigError(f"no database at {path or settings.database_url}")
+    check_database_file(settings)  # a file that is not SQLite's: refused, not "maintained"
     offline = vacuum and not scheduled
     backend = "sqlite" if settings.is_sqlite else "postgresql"
     report = MaintenanceReport(backend, "offline" if offline else "online")
@@ -233,7 +235,8 @@ class _Run:
         self.report.steps.append(Step(name, "skipped", detail))
 
     def _fail(self, name: str, detail: str, seconds: float = 0.0) -> None:
-        log.error("maintenance step %s failed: %s", name, detail)
+        if self.scheduled:  # `parley maintenance` prints it in its report, once
+            log.error("maintenance step %s failed: %s", name, detail)
         self.report.steps.append(Step(name, "failed", detail, seconds))
 
     def _size(self) -> int | None:

@@ -90,6 +90,7 @@ __all__ = [
     "heads",
     "history",
     "prepare_on_start",
+    "refuse_unknown",
     "require_head",
     "require_known",
     "script_location",

@@ -38,6 +38,7 @@ from typing import Any
 
 from sqlalchemy.exc import DBAPIError
 
+from parley import paths
 from parley.errors import BackupError
 from parley.ops import migrate, pgtools
 from parley.ops.archive import fsync_directory, private_dir, unpack
@@ -80,8 +81,9 @@ def restore_backup(
     swapped, unless the message says otherwise) or ``ConfigError`` (a server is running).
     """
     archive = Path(archive).resolve()
-    if not archive.is_file():
-        raise BackupError(f"no backup archive at {archive}")
+    why = paths.unreadable(archive)
+    if why is not None:
+        raise BackupError(f"cannot read the backup archive {archive}: {why}")
     try:
         return _exclusively(settings, archive, safety_backup)
     except DBAPIError as exc:  # the driver's message names host and user, never a password

@@ -45,6 +45,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from parley.domain.times import utc
 from parley.errors import ConfigError, StoreError
+from parley.ops.dbfile import check_database_file
 from parley.ops.migrate import require_known
 from parley.settings import Settings
 from parley.store import retention as store
@@ -165,6 +166,7 @@ def run_retention(
     path = sqlite_path(settings)
     if settings.is_sqlite and (path is None or not path.exists()):
         raise ConfigError(f"no database at {path or settings.database_url}: nothing to prune")
+    check_database_file(settings)  # a file that is not SQLite's: refused before it is opened
     engine = create_engine(settings)
     reports: list[TableReport] = []
     pacing = _Pacing(settings.retention.batch_size, pause, pause_ratio, stop, checkpoint)

@@ -95,7 +95,8 @@ class SemanticSearch:
         except ParleyError as exc:
             # The query was checked above: whatever fails here is the embedder's or the
             # vector store's, and the words can still answer.
-            log.warning("hybrid search answered by words only: %s", exc.message)
+            # Said to the caller (``notice``); the reason, if the store failed, is logged.
+            log.info("hybrid search answered by words only: %s", exc.message)
             notice = f"semantic search failed ({exc.message}): keyword results only"
             return Results(by_words[:limit], "keyword", notice)
         return Results(fuse([by_words, by_meaning])[:limit], "hybrid")
@@ -131,9 +132,10 @@ class SemanticSearch:
                 limit=limit,
             )
         except ModelMismatch:
+            # No model yet: a new store (or one emptied for a model) is being filled.
+            what = "built" if self.vectors.model is None else "rebuilt for a new embedding model"
             raise SearchUnavailable(
-                "the semantic index is being rebuilt for a new embedding model; "
-                "try again later or use mode=keyword"
+                f"the semantic index is being {what}; try again later or use mode=keyword"
             ) from None
         except (RuntimeError, OSError) as exc:
             # LanceDB's own errors: a damaged store (a file missing, unreadable...).

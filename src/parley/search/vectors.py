@@ -53,7 +53,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from parley.search.vector_lock import local_path, store_lock
+from parley.search.vector_lock import local_path, store_lock, system_refusal
 from parley.search.vector_rows import (
     NONE,
     ChunkVector,
@@ -420,7 +420,13 @@ class VectorStore:
         (``frozen``) or ``optimize`` rewrites a table or removes files (``exclusive``):
         writers of all processes share the lock file's lock."""
         with self._lock, store_lock(self.uri, exclusive=exclusive):
-            yield
+            try:
+                yield
+            except RuntimeError as exc:
+                refused = system_refusal(exc, self.uri)
+                if refused is None:
+                    raise
+                raise refused from exc
 
     def _connection(self) -> Any:
         with self._connecting:

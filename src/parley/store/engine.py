@@ -58,6 +58,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.pool import QueuePool
 
 from parley.errors import ConfigError
+from parley.paths import reason
 from parley.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -105,17 +106,7 @@ def unusable_directory(directory: Path, exc: OSError) -> ConfigError:
     """The one line for the database's directory when the system refuses it (a file where
     a directory must be, no permission...): server start, ``ops.presence`` and every
     command say it in these words, never with a traceback."""
-    reason = exc.strerror or str(exc)
-    if exc.errno in (errno.EEXIST, errno.ENOTDIR):
-        # mkdir says "File exists" and open "Not a directory": name the file in the way.
-        culprit = next(
-            (p for p in (directory, *directory.parents) if p.exists() and not p.is_dir()), None
-        )
-        if culprit == directory:
-            reason = "it is a file, not a directory"
-        elif culprit is not None:
-            reason = f"{culprit} is a file, not a directory"
-    return ConfigError(f"cannot use the database's directory {directory}: {reason}")
+    return ConfigError(f"cannot use the database's directory {directory}: {reason(exc, directory)}")
 
 
 def create_engine(settings: Settings, **kwargs: Any) -> sqlalchemy.Engine:
