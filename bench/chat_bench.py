@@ -1,4 +1,5 @@
-"""Chat API reads: the sidebar's first page and loading one long conversation.
+"""Chat API: the sidebar's first page, loading one long conversation, and sending a
+message at the end of a long branch.
 
 Seeds a SQLite database in a temporary directory with 10,000 conversations for one user
 (through the exchange writer's ``write_batch``, in batches, with activity times spread
@@ -9,13 +10,23 @@ the repository calls the routes make (``Conversations.list_page``, ``Conversatio
 each on a pooled connection, and the JSON body of the load (``server.chat_api``), and
 prints p50 and p99.
 
+Sends: the store's share of ``POST /api/conversations/{id}/messages``, everything but the
+upstream call. The user message is committed with the branch read back for the model's
+context (``Conversations.add_user_message``), the context is decoded as the chat service
+does (``StoredMessage.message``), and the answer is recorded the way the writer records a
+chat-API turn (``write_batch`` of an exchange with ``ReplyTo``, committed). Each send
+goes under the same message, so the branch keeps its length however many are timed: at
+the end of a short conversation's (2 messages) and of a long single branch (``--branch``,
+2,000 messages by default, seeded like the long conversation), so the two rows show what
+a long branch adds to a send.
+
 Goals (issue 4): first page < 5 ms, loading the 1,000-message conversation < 10 ms. The
 timings run twice: as is, then after ``gc.freeze()`` (what a server can do once started),
 since a full garbage collection of a process full of long-lived objects is what makes the
 slowest 1 % slow.
 
-    python bench/chat_bench.py [--conversations 10000] [--messages 1000] [--iterations 1000]
-                               [--database-url URL]
+    python bench/chat_bench.py [--conversations 10000] [--messages 1000] [--branch 2000]
+                               [--iterations 1000] [--database-url URL]
 """
 
 from __future__ import annotations
@@ -25,20 +36,22 @@ import gc
 import statistics
 import tempfile
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import orjson
-from sqlalchemy import bindparam, update
+from sqlalchemy import Connection, Engine, bindparam, update
 
-from parley.domain.exchange import Attempt, Choice, Exchange
+from parley.domain.exchange import Attempt, Choice, Exchange, ReplyTo
 from parley.domain.messages import Message
 from parley.domain.usage import Usage
 from parley.ops.migrate import upgrade
 from parley.server.chat_api import tree_json
 from parley.settings import load_settings
+from parley.store.bulk import new_public_id
 from parley.store.conversations import Conversations
 from parley.store.engine import create_engine, writer_connection
 from parley.store.exchanges import write_batch
@@ -85,7 +98,27 @@ def exchange(i: int, history: tuple[Message, ...] = ()) -> Exchange:
     )
 
 
-def seed(engine_url: str, data_dir: Path, n_conversations: int, n_messages: int) -> None:
+def thread(conn: Connection, first: int, n_messages: int) -> uuid.UUID:
+    """A conversation of ``n_messages`` in one branch, as a client re-sending its history
+    makes it: each round adds a question and its answer (with its response row)."""
+    history: tuple[Message, ...] = ()
+    rounds = n_messages // 2
+    public_id = None
+    for start in range(0, rounds, 50):
+        batch = []
+        for i in range(start, min(start + 50, rounds)):
+            batch.append(exchange(first + i, history))
+            history = (*batch[-1].messages, batch[-1].choices[0].message())
+        with conn.begin():
+            public_id = write_batch(conn, batch)[-1].conversation_public_id
+    assert public_id is not None
+    return public_id
+
+
+def seed(
+    engine_url: str, data_dir: Path, n_conversations: int, n_messages: int, n_branch: int
+) -> tuple[uuid.UUID, uuid.UUID]:
+    """Seed the database; the public ids of the long conversation and the long branch."""
     settings = load_settings(env={"PARLEY_DATA_DIR": str(data_dir), "DATABASE_URL": engine_url})
     upgrade(settings)
     engine = create_engine(settings)
@@ -117,17 +150,17 @@ def seed(engine_url: str, data_dir: Path, n_conversations: int, n_messages: int)
                         for k, conv_id in enumerate(ids)
                     ],
                 )
-            # One long conversation, as a client re-sending its history makes it: each
-            # round adds a question and its answer (with its response row).
-            history: tuple[Message, ...] = ()
-            rounds = n_messages // 2
-            for start in range(0, rounds, 50):
-                batch = []
-                for i in range(start, min(start + 50, rounds)):
-                    batch.append(exchange(n_conversations + i, history))
-                    history = (*batch[-1].messages, batch[-1].choices[0].message())
-                with conn.begin():
-                    write_batch(conn, batch)
+            # One long conversation, as a client re-sending its history makes it.
+            long_id = thread(conn, n_conversations, n_messages)
+            # The long branch the sends go to the end of: the oldest activity, so the
+            # sidebar's first page is the same with or without it.
+            branch_id = thread(conn, n_conversations + n_messages, n_branch)
+            with conn.begin():
+                conn.execute(
+                    update(conversations)
+                    .where(conversations.c.public_id == branch_id)
+                    .values(updated_at=base - timedelta(days=1), pinned=False, archived=False)
+                )
         if engine.dialect.name == "postgresql":
             # What autovacuum does to a table in use; a fresh one has no statistics and
             # the planner guesses the user owns 7 conversations, not 10,000.
@@ -135,6 +168,31 @@ def seed(engine_url: str, data_dir: Path, n_conversations: int, n_messages: int)
                 conn.exec_driver_sql("ANALYZE")
     finally:
         engine.dispose()
+    return long_id, branch_id
+
+
+def send(store: Conversations, engine: Engine, conversation: uuid.UUID, parent: uuid.UUID) -> None:
+    """What a chat-API send asks of the store (see the module docstring)."""
+    viewer = Viewer()
+    question = Message("user", f"One more question: {FILLER}")
+    turn = store.add_user_message(
+        viewer, conversation, question, parent=parent, user_id=USER, api_key_id=None
+    )
+    assert turn is not None
+    context = tuple(stored.message() for stored in turn.path)
+    answer = exchange(0)
+    answer.messages = context
+    answer.client_protocol = "parley"
+    answer.reply_to = ReplyTo(
+        turn.conversation.id,
+        turn.conversation.public_id,
+        turn.message.id,
+        turn.chain_hash,
+        (new_public_id(),),
+        turn.leaf_at_start,
+    )
+    with writer_connection(engine) as conn, conn.begin():
+        write_batch(conn, [answer])
 
 
 def timed(fn: Callable[[], object], iterations: int) -> list[float]:
@@ -157,6 +215,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--conversations", type=int, default=10_000)
     parser.add_argument("--messages", type=int, default=1_000)
+    parser.add_argument("--branch", type=int, default=2_000, help="messages of the long branch")
     parser.add_argument("--iterations", type=int, default=1_000)
     parser.add_argument("--database-url", help="an empty database (default: SQLite in a temp dir)")
     args = parser.parse_args(argv)
@@ -165,7 +224,7 @@ def main(argv: list[str] | None = None) -> None:
         data_dir = Path(tmp) / "data"
         url = args.database_url or f"sqlite:///{data_dir / 'parley.db'}"
         started = time.perf_counter()
-        seed(url, data_dir, args.conversations, args.messages)
+        long_id, branch_id = seed(url, data_dir, args.conversations, args.messages, args.branch)
         print(f"seeded in {time.perf_counter() - started:.1f} s ({url.split(':')[0]})")
 
         settings = load_settings(env={"PARLEY_DATA_DIR": str(data_dir), "DATABASE_URL": url})
@@ -175,8 +234,9 @@ def main(argv: list[str] | None = None) -> None:
             viewer = Viewer()
             first = store.list_page(viewer, limit=PAGE)
             assert len(first.items) == PAGE and first.next_cursor is not None
-            longest = max(first.items, key=lambda c: c.message_count)
+            (longest,) = [c for c in first.items if c.public_id == long_id]
             assert longest.message_count == args.messages, longest.message_count
+            short = next(c for c in first.items if c.message_count == 2)
             cursor = first.next_cursor
             tree = store.load(viewer, longest.public_id)
             assert tree is not None and len(tree.active_path) == args.messages
@@ -213,6 +273,20 @@ def main(argv: list[str] | None = None) -> None:
             gc.collect()
             gc.freeze()
             rows += measure(", gc.freeze()")
+
+            # Last: a send moves its conversation to the top of the sidebar.
+            sends = max(50, n // 10)
+            for conv_id, length in ((short.public_id, 2), (branch_id, args.branch)):
+                shown = store.load(viewer, conv_id)
+                assert shown is not None and len(shown.active_path) == length
+                leaf = shown.messages[-1].public_id
+                rows.append(
+                    (
+                        f"send after {length} messages",
+                        timed(lambda c=conv_id, p=leaf: send(store, engine, c, p), sends),
+                        None,
+                    )
+                )
         finally:
             engine.dispose()
 
