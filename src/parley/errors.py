@@ -31,7 +31,7 @@ The tree::
     │   └── StoreFull                507 the database's disk is full; writes resume once
     │                                space is freed
     ├── SearchUnavailable            503 semantic search needs an embedder: none is
-    │                                configured or installed
+    │                                configured or installed, or it failed
     ├── ServerShuttingDown           503 the server is stopping: refused, or cut off after
     │                                the shutdown grace
     ├── StopRequested                not an error: SIGINT / SIGTERM while the server was
@@ -342,7 +342,8 @@ class StoreFull(StoreError):
 
 
 class SearchUnavailable(ParleyError):
-    """Semantic search (or RAG) was asked for and no embedder is configured or installed."""
+    """Semantic search (or RAG) was asked for and no embedder is configured or installed,
+    or the embedder failed (its provider errors or is down, its process died)."""
 
     status = 503
     openai_type = "service_unavailable"

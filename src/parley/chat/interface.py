@@ -89,9 +89,11 @@ class Delta:
 
 @dataclass(frozen=True, slots=True)
 class Done:
-    """The answer, as stored (committed, in durable mode)."""
+    """The answer, as stored (committed, in durable mode); ``notice``: why it was given
+    without the conversation's documents (their search failed), else None."""
 
     message: StoredMessage
+    notice: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -34,9 +34,13 @@ Invariants:
   (``search.rag.Retriever``: the conversation's owner's documents, the caller's own
   collections) go upstream in the system message, numbered; the answer's message keeps
   them as its citations, written once the answer is committed (durable mode: before
-  ``Done``; async mode: by a background task once the writer has committed it). Naming
-  collections with no embedder configured is refused before anything is stored; a
-  conversation's documents without an embedder are left out of the answer;
+  ``Done``; async mode: by a background task once the writer has committed it). Copies of
+  one text take one slot (``Retriever``). Named collections are searched before anything
+  is stored: no embedder, or one that fails, refuses the send (``SearchUnavailable``, 503)
+  and the message is not kept, since an answer without the sources asked for would
+  mislead. A conversation's own documents are searched once the message is stored:
+  without an embedder they are left out; when the embedder fails the message is still
+  answered without them, ``Done.notice`` says so and a warning is logged;
 - titles: after the first complete answer of an untitled conversation (a failed or
   cut-short one does not count), a background task asks the conversation's model for a
   short title of the message answered (of its files' names when it has no text),
@@ -50,13 +54,13 @@ import asyncio
 import logging
 import uuid
 from collections.abc import AsyncGenerator, Callable, Coroutine, Mapping, Sequence
-from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
 import orjson
 
 from parley.chat.attachments import Attachments
+from parley.chat.context import Part, carrying, parts_of, with_sources
 from parley.chat.interface import (
     PROTOCOL,
     Caller,
@@ -90,6 +94,7 @@ from parley.store.attachments import AttachmentRow
 from parley.store.bulk import new_public_id
 from parley.store.conversations import (
     ACTIVE_LEAF,
+    Conversation,
     Conversations,
     Parent,
     StoredMessage,
@@ -99,7 +104,6 @@ from parley.store.documents import CitationRow
 
 log = logging.getLogger(__name__)
 
-Part = dict[str, Any]
 
 # How long shutdown waits for titles being made before it cancels them.
 _TITLE_GRACE_SECONDS = 5.0
@@ -158,6 +162,12 @@ class ChatService:
         self._check_sources(options)
         # Refused before the message is stored: the caller knows nothing was kept.
         await self._recorder.admit(caller)
+        named: list[Source] | None = None
+        if options.collections:
+            conversation = await asyncio.to_thread(self.store.get, caller, conversation_id)
+            if conversation is None:
+                raise NotFound("no such conversation")
+            named = await self._retrieve(caller, conversation, message.text(), options)
         rows: list[AttachmentRow] = []
         parts: list[Part] = []
         if attachments:
@@ -167,7 +177,7 @@ class ChatService:
             rows = await asyncio.to_thread(
                 files.for_message, attachments, lambda owner: owner == caller.user_id
             )
-            parts = await asyncio.to_thread(_parts, files, rows)
+            parts = await asyncio.to_thread(parts_of, files, rows)
         turn = await asyncio.to_thread(
             self.store.add_user_message,
             caller,
@@ -181,7 +191,8 @@ class ChatService:
         )
         if turn is None:
             raise NotFound("no such conversation")
-        return Reply(turn.message, self._answer(caller, turn, options, {turn.message.id: parts}))
+        known = {turn.message.id: parts}
+        return Reply(turn.message, self._answer(caller, turn, options, known, named))
 
     async def regenerate(
         self, caller: Caller, conversation_id: uuid.UUID, message_id: uuid.UUID, options: Options
@@ -194,7 +205,10 @@ class ChatService:
         turn = await asyncio.to_thread(self.store.answer_again, caller, conversation_id, message_id)
         if turn is None:
             raise NotFound("no such conversation")
-        return Reply(turn.message, self._answer(caller, turn, options))
+        named: list[Source] | None = None
+        if options.collections:
+            named = await self._retrieve(caller, turn.conversation, turn.message.content, options)
+        return Reply(turn.message, self._answer(caller, turn, options, named=named))
 
     async def _check_answerable(
         self, caller: Caller, conversation_id: uuid.UUID, options: Options
@@ -227,8 +241,10 @@ class ChatService:
         turn: Turn,
         options: Options,
         known: Mapping[int, list[Part]] | None = None,
+        named: list[Source] | None = None,
     ) -> AsyncGenerator[ChatEvent, None]:
-        """``known``: content parts already read, by message id."""
+        """``known``: content parts already read, by message id; ``named``: the sources
+        already found when the message names collections."""
         conversation = turn.conversation
         model = options.model or conversation.default_model
         if model is None:
@@ -236,10 +252,13 @@ class ChatService:
             return
         try:
             context = await self._context(turn, known or {})
-            sources = await self._retrieve(caller, turn, options)
         except ParleyError as exc:
             yield Failed(exc)
             return
+        sources: list[Source] = named or []
+        notice: str | None = None
+        if named is None:
+            sources, notice = await self._own_documents(caller, turn, options)
         if sources:
             context = with_sources(context, prompt(sources))
         chat = ChatRequest(
@@ -331,7 +350,7 @@ class ChatService:
         answer = await self._stored_answer(turn, exchange, answer_id)
         if sources:
             await self._cite(turn, answer, sources)
-        yield Done(answer)
+        yield Done(answer, notice)
 
     def _abandoned(self, exchange: Exchange) -> None:
         """Record, without waiting, an answer whose consumer stopped: a client that left,
@@ -348,13 +367,26 @@ class ChatService:
                 "or installed"
             )
 
-    async def _retrieve(self, caller: Caller, turn: Turn, options: Options) -> list[Source]:
-        """The document chunks for the message answered (see the module docstring)."""
+    async def _own_documents(
+        self, caller: Caller, turn: Turn, options: Options
+    ) -> tuple[list[Source], str | None]:
+        """The conversation's own documents for the message answered, and the notice of an
+        answer given without them because the embedder failed (logged once, here)."""
+        try:
+            found = await self._retrieve(caller, turn.conversation, turn.message.content, options)
+        except SearchUnavailable as exc:
+            log.warning("an answer is given without its conversation's documents: %s", exc.message)
+            return [], f"{exc.message} (answered without your documents)"
+        return found, None
+
+    async def _retrieve(
+        self, caller: Caller, conversation: Conversation, query: str, options: Options
+    ) -> list[Source]:
+        """The document chunks for ``query`` (see the module docstring); a failing
+        embedder is ``SearchUnavailable``."""
         retriever = self._sources()
-        conversation = turn.conversation
         if retriever is None:
-            if options.collections:
-                self._check_sources(options)
+            self._check_sources(options)
             return []
         if not options.collections and not await asyncio.to_thread(
             retriever.has_documents, conversation.id
@@ -366,7 +398,7 @@ class ChatService:
             caller_id=caller.user_id,
             collections=options.collections,
         )
-        return await retriever.retrieve(turn.message.content, scope)
+        return await retriever.retrieve(query, scope)
 
     async def _cite(self, turn: Turn, answer: StoredMessage, sources: Sequence[Source]) -> None:
         """Keep the answer's sources: now when it is committed, else once it is."""
@@ -428,7 +460,7 @@ class ChatService:
 
     def _read_parts(self, messages: Sequence[StoredMessage]) -> dict[int, list[Part]]:
         files = self._attachments()
-        return {stored.id: _parts(files, stored.attachments) for stored in messages}
+        return {stored.id: parts_of(files, stored.attachments) for stored in messages}
 
     async def _stored_answer(
         self, turn: Turn, exchange: Exchange, answer_id: uuid.UUID
@@ -471,52 +503,6 @@ async def _logged(work: Coroutine[Any, Any, None]) -> None:
         await work
     except Exception:
         log.exception("a background task of the chat service failed")
-
-
-def _parts(files: Attachments, rows: Sequence[AttachmentRow]) -> list[Part]:
-    """The content parts of ``rows``; a blob that is gone or cannot be read (a disk
-    error, bytes that are no longer what was uploaded) is the store's fault, not the
-    caller's: a ``StoreError`` that says so, never an unexplained 500."""
-    parts: list[Part] = []
-    for row in rows:
-        try:
-            parts.extend(files.parts([row]))
-        except NotFound:
-            raise StoreError(
-                "a file attached to this conversation is missing from the blob store"
-            ) from None
-        except (OSError, ValueError) as exc:
-            # The reason only: a decoding error's text holds the file's bytes.
-            reason = exc.strerror if isinstance(exc, OSError) else type(exc).__name__
-            log.error("blob %s of an attachment cannot be read: %s", row.sha256, reason)
-            raise StoreError(
-                "a file attached to this conversation cannot be read from the blob store"
-            ) from None
-    return parts
-
-
-def carrying(message: Message, parts: Sequence[Part]) -> Message:
-    """``message`` with the content parts of its files after its text (an empty text
-    is left out: a message may be its files alone)."""
-    if not parts:
-        return message
-    content = message.content
-    if isinstance(content, str):
-        head: tuple[Any, ...] = ({"type": "text", "text": content},) if content else ()
-    else:
-        head = tuple(content or ())
-    return replace(message, content=(*head, *parts))
-
-
-def with_sources(context: tuple[Message, ...], text: str) -> tuple[Message, ...]:
-    """``context`` with ``text`` (the retrieved sources) at the end of its system message,
-    or in a system message of its own when it has none (or one that is not plain text)."""
-    if context and context[0].role == "system" and isinstance(context[0].content, str):
-        head = context[0]
-        return (replace(head, content=f"{head.content}\n\n{text}"), *context[1:])
-    if context and context[0].role == "system":
-        return (context[0], Message("system", text), *context[1:])
-    return (Message("system", text), *context)
 
 
 def _text(chunk: Chunk) -> str:

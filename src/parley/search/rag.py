@@ -13,7 +13,13 @@ the citations the answer keeps.
   on the request path waits for embeddings);
 - the text sent upstream is the chunk's row (``document_chunks.content``), not the copy in
   the vector store; the citations name the same chunks, in the same order, numbered as
-  the prompt numbers them.
+  the prompt numbers them;
+- distinct passages: chunks with the same text (a file uploaded twice, to the same
+  conversation or to a collection and a conversation) take one slot, the best-ranked copy
+  (on a tie, the oldest chunk), so the top ``limit`` hold different text;
+- a failing embedder (its provider errors or is down, the local embedding process died
+  or hangs past ``EMBED_TIMEOUT_SECONDS``) is one error, ``SearchUnavailable``, whose
+  message names the cause with secrets redacted; what to do with it is the caller's.
 """
 
 from __future__ import annotations
@@ -25,14 +31,19 @@ from typing import Protocol
 
 import sqlalchemy
 
+from parley.errors import ParleyError, SearchUnavailable
+from parley.metrics.redact import redact_text
 from parley.store import documents as repo
 from parley.store.documents import ChunkRow, NewCitation
 from parley.store.engine import writer_connection
 
 # How many chunks go into a prompt.
 TOP_CHUNKS = 4
-# Asked of the vector store per scope, before the store's rows are checked.
-_CANDIDATES = 8
+# Asked of the vector store per scope, before the store's rows are checked and copies of
+# the same text dropped.
+_CANDIDATES = 16
+# How long a query's embedding may take before retrieval gives up (a hung embedder).
+EMBED_TIMEOUT_SECONDS = 15.0
 MAX_COLLECTIONS = 20
 PROMPT_HEAD = (
     "Excerpts from the user's documents follow, numbered. Use them when they help to "
@@ -110,7 +121,23 @@ class Retriever:
         """The best ``limit`` chunks for ``query`` in ``scope``, best first."""
         if not query.strip():
             return []
-        vector = await self._embedder.embed_query(query)
+        try:
+            vector = await asyncio.wait_for(
+                self._embedder.embed_query(query), timeout=EMBED_TIMEOUT_SECONDS
+            )
+        except ParleyError as exc:
+            raise SearchUnavailable(f"document search failed: {redact_text(exc.message)}") from None
+        except TimeoutError:
+            seconds = f"{EMBED_TIMEOUT_SECONDS:g}"
+            raise SearchUnavailable(
+                f"document search failed: the embedder did not answer in {seconds} s"
+            ) from None
+        except Exception as exc:
+            # A crashed local embedding process (``BrokenProcessPool``, a failed restart):
+            # its class only, the text may hold paths and arguments.
+            raise SearchUnavailable(
+                f"document search failed: the embedder failed ({type(exc).__name__})"
+            ) from None
         return await asyncio.to_thread(self._search, vector, scope)
 
     def _search(self, vector: Sequence[float], scope: Scope) -> list[Source]:
@@ -129,7 +156,7 @@ class Retriever:
                 user_id=user_id,
                 conversation_id=conversation_id,
                 collections=collections,
-                limit=max(_CANDIDATES, self._limit * 2),
+                limit=max(_CANDIDATES, self._limit * 4),
             )
             for hit in hits:
                 scores[hit.chunk_id] = max(hit.score, scores.get(hit.chunk_id, -1.0))
@@ -143,7 +170,7 @@ class Retriever:
             if chunk_id in rows and _in_scope(rows[chunk_id], scope)
         ]
         sources.sort(key=lambda s: (-s.score, s.chunk.id))
-        return sources[: self._limit]
+        return _distinct(sources)[: self._limit]
 
     def cite(self, message_id: int, sources: Sequence[Source]) -> set[int]:
         """Store the sources of answer ``message_id`` (committed), in prompt order; the
@@ -166,6 +193,19 @@ def _in_scope(chunk: ChunkRow, scope: Scope) -> bool:
         and chunk.collection in scope.collections
         and chunk.user_id == scope.caller_id
     )
+
+
+def _distinct(sources: Sequence[Source]) -> list[Source]:
+    """``sources`` (best first) with each text kept once, at its best rank; texts that
+    differ only in spacing are the same passage."""
+    seen: set[str] = set()
+    kept: list[Source] = []
+    for source in sources:
+        text = " ".join(source.chunk.content.split())
+        if text not in seen:
+            seen.add(text)
+            kept.append(source)
+    return kept
 
 
 def prompt(sources: Sequence[Source]) -> str:
