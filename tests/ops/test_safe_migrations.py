@@ -560,3 +560,26 @@ def test_start_gives_up_waiting_for_the_lock_with_a_clear_message(
     finally:
         holder.join()
     assert migrate.current(settings) == OLDER[-1]
+
+
+def test_start_gives_up_waiting_for_postgresqls_migration_lock_with_a_clear_message(
+    settings: Settings, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not database_url.startswith("postgresql"):
+        pytest.skip("PostgreSQL's advisory lock; SQLite's write lock is tested above")
+    migrate.upgrade(settings, OLDER[-1])
+    monkeypatch.setattr(migrate, "LOCK_WAIT_SECONDS", 0.3)
+    holder = sa.create_engine(database_url, poolclass=sa.NullPool)
+    try:
+        # Another process migrating holds the lock until its transaction ends.
+        with holder.connect() as conn, conn.begin():
+            conn.exec_driver_sql(
+                f"SELECT pg_advisory_xact_lock({engine_module._PG_MIGRATION_LOCK})"
+            )
+            started = time.monotonic()
+            with pytest.raises(ConfigError, match=r"database's migration lock for over 0\.3 s"):
+                migrate.prepare_on_start(settings)
+            assert time.monotonic() - started < 5
+    finally:
+        holder.dispose()
+    assert migrate.current(settings) == OLDER[-1]

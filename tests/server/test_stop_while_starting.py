@@ -12,7 +12,8 @@ time the exit is prompt and clean: status 0, no traceback, the run marked clean 
 ``parley.db.running``), the write-ahead log checkpointed away, no half-applied migration
 and no writer child left.
 
-SQLite only: the run marker and the write lock held from outside are SQLite's.
+The same wait on PostgreSQL, where the test holds the migration's advisory lock: the
+wait was one blocking ``pg_advisory_xact_lock`` that no stop could end.
 """
 
 from __future__ import annotations
@@ -28,7 +29,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 
+from parley.store.engine import _PG_MIGRATION_LOCK
+from tests.conftest import _postgres_database
 from tests.harness import free_port, rows
 from tests.server.crash_support import integrity, server_env, wal_size
 
@@ -101,6 +105,49 @@ def test_a_signal_while_the_migration_waits_for_the_lock_ends_the_start_cleanly(
     # Nothing of the migration was applied; the next start migrates from scratch.
     assert integrity(database_url) == "ok"
     assert rows(database_url, "SELECT name FROM sqlite_master") == []
+
+
+def test_a_signal_while_waiting_for_postgresqls_migration_lock_ends_the_start_cleanly(
+    tmp_path: Path,
+) -> None:
+    with contextmanager(_postgres_database)() as database_url:
+        holder = sa.create_engine(database_url, poolclass=sa.NullPool)
+        try:
+            # Another process migrating: it holds the lock until its transaction ends.
+            with holder.connect() as conn, conn.begin():
+                conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_PG_MIGRATION_LOCK})")
+                env = server_env(
+                    tmp_path, database_url, "http://127.0.0.1:9/v1", PARLEY_LOG_LEVEL="INFO"
+                )
+                log_file = tmp_path / "server.log"
+                with starting(tmp_path, env, free_port()) as process:
+                    wait_until(
+                        lambda: (
+                            "waiting for another process to finish migrating"
+                            in log_file.read_text()
+                        ),
+                        "the migration never waited for the lock",
+                    )
+                    signalled = time.monotonic()
+                    process.send_signal(signal.SIGTERM)
+                    try:
+                        returncode = process.wait(20)
+                    except subprocess.TimeoutExpired:
+                        pytest.fail(f"still running 20 s after SIGTERM:\n{log_file.read_text()}")
+                    took = time.monotonic() - signalled
+            log = log_file.read_text()
+            assert returncode == 0, log
+            assert "Traceback" not in log and "Error" not in log, log
+            assert "stopped while starting" in log, log
+            assert took < 5, f"the stop took {took:.1f}s"
+            # Nothing of the migration was applied.
+            tables = rows(
+                database_url,
+                "SELECT tablename FROM pg_tables WHERE schemaname = current_schema()",
+            )
+            assert tables == []
+        finally:
+            holder.dispose()
 
 
 def test_a_signal_while_the_writer_process_starts_stops_and_reaps_it(tmp_path: Path) -> None:

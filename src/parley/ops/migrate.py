@@ -72,6 +72,7 @@ from parley.ops.revisions import (
 )
 from parley.settings import Settings
 from parley.store.engine import (
+    MigrationLockBusy,
     cannot_connect,
     create_engine,
     driver_message,
@@ -97,8 +98,8 @@ __all__ = [
     "upgrade",
 ]
 
-# How long a process waits for another one's migration (backup included) on SQLite, where
-# each BEGIN IMMEDIATE waits only the busy timeout; PostgreSQL's advisory lock just waits.
+# How long a process waits for another one's migration (backup included), trying again
+# every tenth of a second (SQLite's BEGIN IMMEDIATE first waits its busy timeout).
 LOCK_WAIT_SECONDS = 3600.0
 _SQLITE_BUSY = 5
 
@@ -461,13 +462,15 @@ def _locked(engine: Engine, stop: threading.Event | None = None) -> Iterator[Con
     while True:
         stack = ExitStack()
         try:
-            conn = stack.enter_context(migration_transaction(engine))
-        except OperationalError as exc:
-            if not _busy(exc):
+            conn = stack.enter_context(migration_transaction(engine, wait=False))
+        except (OperationalError, MigrationLockBusy) as exc:
+            if isinstance(exc, OperationalError) and not _busy(exc):
                 raise
             if time.monotonic() > deadline:
+                # SQLite serialises migrations with its write lock, PostgreSQL with ours.
+                lock = "migration lock" if isinstance(exc, MigrationLockBusy) else "write lock"
                 raise ConfigError(
-                    f"another connection has held the database's write lock for over "
+                    f"another connection has held the database's {lock} for over "
                     f"{LOCK_WAIT_SECONDS:g} s (another process migrating, or a long "
                     "write): try again once it has finished"
                 ) from exc

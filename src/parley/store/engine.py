@@ -313,9 +313,20 @@ def _says_full(exc: BaseException) -> bool:
 _PG_MIGRATION_LOCK = 0x7061726C6579  # "parley"
 
 
+class MigrationLockBusy(Exception):
+    """Another process holds PostgreSQL's migration lock (``migration_transaction`` with
+    ``wait=False``): nothing was done, try again."""
+
+
 @contextmanager
-def migration_transaction(engine: sqlalchemy.Engine) -> Iterator[sqlalchemy.Connection]:
+def migration_transaction(
+    engine: sqlalchemy.Engine, *, wait: bool = True
+) -> Iterator[sqlalchemy.Connection]:
     """One write transaction for a schema change; commits only if the body returns.
+
+    On PostgreSQL, ``wait=False`` raises ``MigrationLockBusy`` instead of waiting for
+    another process's migration (on SQLite, ``BEGIN IMMEDIATE`` waits only the busy
+    timeout either way), so that a caller can look at other things between tries.
 
     SQLite changes a table by copying it to a new one and dropping the old, and with
     foreign keys on, that drop deletes (or cascades into) every referencing row. So, as
@@ -334,7 +345,10 @@ def migration_transaction(engine: sqlalchemy.Engine) -> Iterator[sqlalchemy.Conn
                 if not sqlite:
                     # One migrator at a time across processes: the others wait here (on
                     # SQLite, BEGIN IMMEDIATE already serialises them).
-                    conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_PG_MIGRATION_LOCK})")
+                    lock = "pg_advisory_xact_lock" if wait else "pg_try_advisory_xact_lock"
+                    got = conn.exec_driver_sql(f"SELECT {lock}({_PG_MIGRATION_LOCK})").scalar()
+                    if got is False:
+                        raise MigrationLockBusy
                 yield conn
                 if sqlite:
                     broken = conn.exec_driver_sql("PRAGMA foreign_key_check").all()
