@@ -563,13 +563,12 @@ def test_start_gives_up_waiting_for_the_lock_with_a_clear_message(
 
 
 def test_start_gives_up_waiting_for_postgresqls_migration_lock_with_a_clear_message(
-    settings: Settings, database_url: str, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, postgres_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    if not database_url.startswith("postgresql"):
-        pytest.skip("PostgreSQL's advisory lock; SQLite's write lock is tested above")
+    settings = settings_for(tmp_path, postgres_url, **backup_env(tmp_path))
     migrate.upgrade(settings, OLDER[-1])
     monkeypatch.setattr(migrate, "LOCK_WAIT_SECONDS", 0.3)
-    holder = sa.create_engine(database_url, poolclass=sa.NullPool)
+    holder = sa.create_engine(postgres_url, poolclass=sa.NullPool)
     try:
         # Another process migrating holds the lock until its transaction ends.
         with holder.connect() as conn, conn.begin():
