@@ -29,18 +29,9 @@ Invariants:
   ``Failed`` (``ServerShuttingDown``), so no client takes a cut-off answer for a complete
   one. An answer aiohttp cancels later (its client too slow to read) is recorded as a
   client disconnect, as on ``/v1``;
-- documents (RAG): when the conversation has documents, or the message names
-  collections (``Options.collections``), the chunks nearest the message answered
-  (``search.rag.Retriever``: the conversation's owner's documents, the caller's own
-  collections) go upstream in the system message, numbered; the answer's message keeps
-  them as its citations, written once the answer is committed (durable mode: before
-  ``Done``; async mode: by a background task once the writer has committed it). Copies of
-  one text take one slot (``Retriever``). Named collections are searched before anything
-  is stored: no embedder, or one that fails, refuses the send (``SearchUnavailable``, 503)
-  and the message is not kept, since an answer without the sources asked for would
-  mislead. A conversation's own documents are searched once the message is stored:
-  without an embedder they are left out; when the embedder fails the message is still
-  answered without them, ``Done.notice`` says so and a warning is logged;
+- documents (RAG): the chunks of the conversation's documents, or of the collections the
+  message names, go upstream in the system message and become the answer's citations
+  (``chat.sources``: when each is searched, and what a failing embedder does);
 - titles: after the first complete answer of an untitled conversation (a failed or
   cut-short one does not count), a background task asks the conversation's model for a
   short title of the message answered (of its files' names when it has no text),
@@ -74,6 +65,7 @@ from parley.chat.interface import (
     Recorder,
     Reply,
 )
+from parley.chat.sources import Sources
 from parley.chat.titles import make_title, title_source
 from parley.domain.events import Chunk, TextDelta
 from parley.domain.exchange import Exchange, ReplyTo
@@ -83,32 +75,27 @@ from parley.errors import (
     ModelNotFound,
     NotFound,
     ParleyError,
-    SearchUnavailable,
     ServerShuttingDown,
     StoreError,
 )
 from parley.gateway.recording import INTERRUPTED_MESSAGE, mark_interrupted
 from parley.gateway.service import Gateway, finish
-from parley.search.rag import Retriever, Scope, Source, prompt
+from parley.search.rag import Retriever, Source, prompt
 from parley.store.attachments import AttachmentRow
 from parley.store.bulk import new_public_id
 from parley.store.conversations import (
     ACTIVE_LEAF,
-    Conversation,
     Conversations,
     Parent,
     StoredMessage,
     Turn,
 )
-from parley.store.documents import CitationRow
 
 log = logging.getLogger(__name__)
 
 
 # How long shutdown waits for titles being made before it cancels them.
 _TITLE_GRACE_SECONDS = 5.0
-# Async recording: how long citations wait for their answer to be committed.
-_CITE_WAIT_SECONDS = 30.0
 
 
 class ChatService:
@@ -133,7 +120,7 @@ class ChatService:
         self._interruptions = interruptions or NoShutdown()
         self._durable = durable
         self._attachments = attachments
-        self._sources = sources
+        self._sources = Sources(store, sources, self._spawn)
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def check_model(self, model: str, param: str = "model") -> str:
@@ -159,7 +146,7 @@ class ChatService:
         with the uploads ``attachments`` (the caller's own: any other is ``NotFound``),
         then answer it."""
         await self._check_answerable(caller, conversation_id, options)
-        self._check_sources(options)
+        self._sources.check(options)
         # Refused before the message is stored: the caller knows nothing was kept.
         await self._recorder.admit(caller)
         named: list[Source] | None = None
@@ -167,7 +154,7 @@ class ChatService:
             conversation = await asyncio.to_thread(self.store.get, caller, conversation_id)
             if conversation is None:
                 raise NotFound("no such conversation")
-            named = await self._retrieve(caller, conversation, message.text(), options)
+            named = await self._sources.retrieve(caller, conversation, message.text(), options)
         rows: list[AttachmentRow] = []
         parts: list[Part] = []
         if attachments:
@@ -200,14 +187,16 @@ class ChatService:
         """A new answer to what ``message_id`` answered (or to ``message_id`` itself, a
         user message): a sibling branch; the old answer stays."""
         await self._check_answerable(caller, conversation_id, options)
-        self._check_sources(options)
+        self._sources.check(options)
         await self._recorder.admit(caller)
         turn = await asyncio.to_thread(self.store.answer_again, caller, conversation_id, message_id)
         if turn is None:
             raise NotFound("no such conversation")
         named: list[Source] | None = None
         if options.collections:
-            named = await self._retrieve(caller, turn.conversation, turn.message.content, options)
+            named = await self._sources.retrieve(
+                caller, turn.conversation, turn.message.content, options
+            )
         return Reply(turn.message, self._answer(caller, turn, options, named=named))
 
     async def _check_answerable(
@@ -258,7 +247,7 @@ class ChatService:
         sources: list[Source] = named or []
         notice: str | None = None
         if named is None:
-            sources, notice = await self._own_documents(caller, turn, options)
+            sources, notice = await self._sources.own_documents(caller, turn, options)
         if sources:
             context = with_sources(context, prompt(sources))
         chat = ChatRequest(
@@ -349,7 +338,7 @@ class ChatService:
             )
         answer = await self._stored_answer(turn, exchange, answer_id)
         if sources:
-            await self._cite(turn, answer, sources)
+            await self._sources.cite(turn, answer, sources)
         yield Done(answer, notice)
 
     def _abandoned(self, exchange: Exchange) -> None:
@@ -359,92 +348,6 @@ class ChatService:
         if self._interruptions.drained():
             mark_interrupted(exchange)
         self._recorder.record_in_background(exchange)
-
-    def _check_sources(self, options: Options) -> None:
-        if options.collections and self._sources() is None:
-            raise SearchUnavailable(
-                "answering from document collections needs an embedder: none is configured "
-                "or installed"
-            )
-
-    async def _own_documents(
-        self, caller: Caller, turn: Turn, options: Options
-    ) -> tuple[list[Source], str | None]:
-        """The conversation's own documents for the message answered, and the notice of an
-        answer given without them because the embedder failed (logged once, here)."""
-        try:
-            found = await self._retrieve(caller, turn.conversation, turn.message.content, options)
-        except SearchUnavailable as exc:
-            log.warning("an answer is given without its conversation's documents: %s", exc.message)
-            return [], f"{exc.message} (answered without your documents)"
-        return found, None
-
-    async def _retrieve(
-        self, caller: Caller, conversation: Conversation, query: str, options: Options
-    ) -> list[Source]:
-        """The document chunks for ``query`` (see the module docstring); a failing
-        embedder is ``SearchUnavailable``."""
-        retriever = self._sources()
-        if retriever is None:
-            self._check_sources(options)
-            return []
-        if not options.collections and not await asyncio.to_thread(
-            retriever.has_documents, conversation.id
-        ):
-            return []
-        scope = Scope(
-            conversation_id=conversation.id,
-            owner_id=conversation.user_id,
-            caller_id=caller.user_id,
-            collections=options.collections,
-        )
-        return await retriever.retrieve(query, scope)
-
-    async def _cite(self, turn: Turn, answer: StoredMessage, sources: Sequence[Source]) -> None:
-        """Keep the answer's sources: now when it is committed, else once it is."""
-        retriever = self._sources()
-        if retriever is None:
-            return
-        kept = {s.chunk.document_id for s in sources}
-        if answer.id:
-            try:
-                kept = await asyncio.to_thread(retriever.cite, answer.id, sources)
-            except Exception:
-                log.exception("the citations of an answer could not be stored")
-        else:
-            self._spawn(self._cite_later(retriever, turn, answer.public_id, sources))
-        # As ``GET`` shows them: a document deleted meanwhile has no id any more.
-        answer.citations = tuple(
-            CitationRow(
-                ordinal=rank,
-                document_public_id=(
-                    s.chunk.document_public_id if s.chunk.document_id in kept else None
-                ),
-                filename=s.chunk.filename,
-                page=s.chunk.page,
-                chunk_ordinal=s.chunk.ordinal,
-                score=s.score,
-            )
-            for rank, s in enumerate(sources, start=1)
-        )
-
-    async def _cite_later(
-        self,
-        retriever: Retriever,
-        turn: Turn,
-        answer_id: uuid.UUID,
-        sources: Sequence[Source],
-    ) -> None:
-        """Async recording: wait for the writer to commit the answer, then cite."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + _CITE_WAIT_SECONDS
-        while loop.time() < deadline:
-            found = await asyncio.to_thread(self.store.get_message, turn.conversation.id, answer_id)
-            if found is not None:
-                await asyncio.to_thread(retriever.cite, found.id, sources)
-                return
-            await asyncio.sleep(0.1)
-        log.warning("an answer was not committed in time: its citations are not stored")
 
     async def _context(self, turn: Turn, known: Mapping[int, list[Part]]) -> tuple[Message, ...]:
         """The system prompt, then the branch, each message with its files as content
