@@ -164,12 +164,23 @@ def test_a_crashed_local_embedder_answers_without_the_documents_and_says_so(
         ]
         assert len(warnings) == 1 and "/secret/path" not in warnings[0].getMessage()
 
-        # Streamed: the notice is in ``done``; GET shows the answer (no notice: not stored).
+        # Streamed: the notice is in ``done``. Both answers keep theirs: GET shows them
+        # later, so an answer given without the documents never passes for one given
+        # from them; the user messages have none.
         done = _streamed(a, cid, "And the code of the south vault?")
         assert done["notice"] == notice and done["citations"] == []
         stored = _messages(a, cid)
         assert [m["role"] for m in stored] == ["user", "assistant"] * 2
-        assert done["id"] == stored[-1]["id"] and "notice" not in stored[-1]
+        assert done["id"] == stored[-1]["id"] and done == stored[-1]
+        assert [m["notice"] for m in stored] == [None, notice, None, notice]
+
+        # A regenerate while it is down is answered the same way, its notice kept too.
+        again = a.post(
+            f"/conversations/{cid}/messages/{done['id']}/regenerate", json={"stream": False}
+        ).json()["assistant_message"]
+        assert again["notice"] == notice and again["citations"] == []
+        assert [m for m in _messages(a, cid) if m["id"] == again["id"]] == [again]
+        a.patch(f"/conversations/{cid}", json={"active_leaf_id": done["id"]})
 
         # Collections named while it is down: a 503 naming the cause, nothing stored;
         # regenerating with them is refused the same way.
@@ -179,13 +190,14 @@ def test_a_crashed_local_embedder_answers_without_the_documents_and_says_so(
             f"/conversations/{cid}/messages/{done['id']}/regenerate",
             json={"stream": False, "collections": ["notes"]},
         )
-        assert again.status_code == 503 and len(_messages(a, cid)) == 4
+        assert again.status_code == 503 and len(_messages(a, cid)) == 5
 
         # Back: the next message finds the document again.
         faulty.broken = False
         answer = ask(a, cid, QUESTION, collections=["notes"])["assistant_message"]
-        assert "notice" not in answer
+        assert answer["notice"] is None
         assert {c["document_id"] for c in answer["citations"]} >= {vault["id"]}
+        assert _messages(a, cid)[-1] == answer
         assert VAULT in sent_upstream(upstream, QUESTION)
 
 
@@ -216,13 +228,14 @@ def test_a_remote_embedder_that_errors_leaves_the_documents_out(
         assert answer["citations"] == [] and answer["content"]
         assert "document search failed" in answer["notice"]
         assert "cannot be embedded" in answer["notice"]
+        assert _messages(a, cid)[-1] == answer
         assert VAULT not in sent_upstream(upstream, question)
 
         error = _refused(a, cid, f"Where is the spare key? {REFUSE_EMBEDDING}", "notes")
         assert "cannot be embedded" in error["message"]
         # The conversation goes on: a message the embedder takes finds the document.
         answer = ask(a, cid, QUESTION, collections=["notes"])["assistant_message"]
-        assert "notice" not in answer and answer["citations"]
+        assert answer["notice"] is None and answer["citations"]
         assert VAULT in sent_upstream(upstream, QUESTION)
 
 

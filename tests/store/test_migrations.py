@@ -155,6 +155,7 @@ def test_heads_and_history_name_every_revision() -> None:
     assert migrate.heads() == [HEAD]
     history = migrate.history()
     assert [(revision, down) for revision, down, _doc in history] == [
+        ("0011", "0010"),
         ("0010", "0009"),
         ("0009", "0008"),
         ("0008", "0007"),
@@ -177,6 +178,7 @@ def test_heads_and_history_name_every_revision() -> None:
     assert docs["0008"].startswith("The request log says when each attempt finished")
     assert docs["0009"].startswith("Anomaly episodes logged, shared by every process")
     assert docs["0010"].startswith("The chain-key index holds only messages a request can")
+    assert docs["0011"].startswith("An answer keeps the notice it was given with")
 
 
 def test_check_names_a_missing_outbox_trigger(settings: Settings) -> None:

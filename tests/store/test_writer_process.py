@@ -73,7 +73,9 @@ def every_field_set() -> Exchange:
         user_id=7,
         api_key_id=8,
         chain_id=uuid.uuid4(),
-        reply_to=ReplyTo(1, uuid.uuid4(), 2, "hash", (uuid.uuid4(),), leaf_at_start=3),
+        reply_to=ReplyTo(
+            1, uuid.uuid4(), 2, "hash", (uuid.uuid4(),), leaf_at_start=3, notice="no documents"
+        ),
     )
 
 

@@ -89,11 +89,9 @@ class Delta:
 
 @dataclass(frozen=True, slots=True)
 class Done:
-    """The answer, as stored (committed, in durable mode); ``notice``: why it was given
-    without the conversation's documents (their search failed), else None."""
+    """The answer, as stored (committed, in durable mode), its ``notice`` included."""
 
     message: StoredMessage
-    notice: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -278,6 +278,7 @@ class ChatService:
                 parent_chain_hash=turn.chain_hash,
                 answer_public_ids=(answer_id,),
                 leaf_at_start=turn.leaf_at_start,
+                notice=notice,
             ),
         )
         stream = self._gateway.stream(chat, exchange)
@@ -339,7 +340,7 @@ class ChatService:
         answer = await self._stored_answer(turn, exchange, answer_id)
         if sources:
             await self._sources.cite(turn, answer, sources)
-        yield Done(answer, notice)
+        yield Done(answer)
 
     def _abandoned(self, exchange: Exchange) -> None:
         """Record, without waiting, an answer whose consumer stopped: a client that left,
@@ -392,6 +393,7 @@ class ChatService:
             completion_tokens=usage.completion_tokens if usage else None,
             total_tokens=usage.total_tokens if usage else None,
             finish_reason=choice.finish_reason if choice is not None else None,
+            notice=exchange.reply_to.notice if exchange.reply_to is not None else None,
         )
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:

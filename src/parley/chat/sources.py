@@ -14,7 +14,8 @@ Invariants:
   an answer without the sources asked for would mislead;
 - a conversation's own documents are searched once the message is stored: without an
   embedder they are left out; when the embedder fails the message is still answered
-  without them, with a notice that says so, and a warning is logged.
+  without them, with a notice that says so, stored with the answer (``ReplyTo.notice``:
+  ``GET`` shows it later too), and a warning is logged.
 """
 
 from __future__ import annotations

@@ -86,6 +86,8 @@ class ReplyTo:
     parent_chain_hash: str | None
     answer_public_ids: tuple[uuid.UUID, ...] = ()
     leaf_at_start: int | None = None
+    # Stored with each answer: why it was given without the conversation's documents.
+    notice: str | None = None
 
 
 @dataclass(slots=True)

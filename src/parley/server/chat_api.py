@@ -256,7 +256,8 @@ async def send_message(request: web.Request) -> web.StreamResponse:
     answer from, besides the conversation's documents; the answer lists its
     ``citations``; a 503 before anything is stored when they cannot be searched). The
     user message is stored, with its attachments, before the model is called; the
-    answer has a ``notice`` when the conversation's documents could not be searched.
+    answer has a ``notice`` (stored with it) when the conversation's documents could not
+    be searched.
     Events: ``message``, ``delta``..., then ``done`` or ``error``; with ``stream`` false,
     ``{user_message, assistant_message}``.
     """
@@ -302,7 +303,7 @@ async def _answer(request: web.Request, reply: Reply, stream: bool) -> web.Strea
                     return _json(
                         {
                             "user_message": message_json(reply.message),
-                            "assistant_message": answer_json(event),
+                            "assistant_message": message_json(event.message),
                         }
                     )
                 if isinstance(event, Failed):
@@ -320,7 +321,7 @@ async def _answer(request: web.Request, reply: Reply, stream: bool) -> web.Strea
             if isinstance(event, Delta):
                 await response.write(_frame("delta", {"text": event.text}))
             elif isinstance(event, Done):
-                await response.write(_frame("done", answer_json(event)))
+                await response.write(_frame("done", message_json(event.message)))
             else:
                 await response.write(_frame("error", _error_json(event.error)))
         await response.write_eof()
@@ -402,16 +403,9 @@ def message_json(message: StoredMessage) -> dict[str, Any]:
             }
             for c in m.citations
         ],
+        # Why an answer was given without the conversation's documents, else null.
+        "notice": m.notice,
     }
-
-
-def answer_json(done: Done) -> dict[str, Any]:
-    """The answer as ``done`` gives it: the message, with a ``notice`` when it was given
-    without the conversation's documents (their search failed; not stored)."""
-    body = message_json(done.message)
-    if done.notice is not None:
-        body["notice"] = done.notice
-    return body
 
 
 def tree_json(tree: Tree) -> dict[str, Any]:

@@ -120,6 +120,8 @@ class StoredMessage:
     attachments: tuple[AttachmentRow, ...] = ()
     # An answer's sources (``store.documents``), in rank order.
     citations: tuple[CitationRow, ...] = ()
+    # Why an answer was given without the conversation's documents (their search failed).
+    notice: str | None = None
 
     def message(self) -> Message:
         """The message as stored, without its files (``chat.service`` adds them as content
@@ -202,7 +204,7 @@ MESSAGES = select(
     _M.id, raw(_M.public_id), _M.parent_id, _M.role, _M.content, _M.payload, raw(_M.created_at)
 ).order_by(_M.id)
 # Positions: 0 message_id, 1 model_used, 2-4 prompt, completion and total tokens,
-# 5 finish_reason.
+# 5 finish_reason, 6 notice.
 _RESPONSE_COLUMNS = (
     _R.message_id,
     _R.model_used,
@@ -210,6 +212,7 @@ _RESPONSE_COLUMNS = (
     _R.completion_tokens,
     _R.total_tokens,
     _R.finish_reason,
+    _R.notice,
 )
 # Answers only: separate from MESSAGES, since most messages have no response row.
 RESPONSES = select(*_RESPONSE_COLUMNS).join(messages, _M.id == _R.message_id)
@@ -270,9 +273,9 @@ def path_to(conn: Connection, leaf: int) -> list[StoredMessage]:
     """The messages from the root to ``leaf``, inclusive, with their files: one query
     (``_BRANCH``), and a second for the files only when a message of the branch has any."""
     rows = conn.execute(_BRANCH, {"leaf": leaf}).all()
-    answers = {row[0]: row[7:13] for row in rows if row[7] is not None}
+    answers = {row[0]: row[7:14] for row in rows if row[7] is not None}
     path = messages_of([row[:7] for row in rows], answers)
-    with_files(path, files.of_messages(conn, [row[0] for row in rows if row[13]]))
+    with_files(path, files.of_messages(conn, [row[0] for row in rows if row[14]]))
     return path
 
 
@@ -430,6 +433,7 @@ def messages_of(
                     answer[3],
                     answer[4],
                     answer[5],
+                    notice=answer[6],
                 )
             )
     return out

@@ -302,6 +302,7 @@ class _Planner:
                 target.parent_chain_hash,
                 lookups.owner(exchange.user_id, exchange.api_key_id),
                 target.answer_public_ids,
+                target.notice,
             )
             return plan
         if hashed is None:
@@ -373,9 +374,11 @@ class _Planner:
         parent_chain: str | None,
         owner: Owner,
         public_ids: Sequence[uuid.UUID] = (),
+        notice: str | None = None,
     ) -> None:
         """An assistant message and a response row per answer, children of ``parent``;
-        ``public_ids`` (by choice index) name them when the caller chose their ids."""
+        ``public_ids`` (by choice index) name them when the caller chose their ids;
+        ``notice`` is stored with each (``ReplyTo.notice``)."""
         exchange = plan.exchange
         attempt = None if plan.answer_attempt is None else exchange.attempts[plan.answer_attempt]
         success = attempt is not None and attempt.success
@@ -424,6 +427,7 @@ class _Planner:
                         "completion_time_ms": attempt.response_time_ms if attempt else None,
                         "finish_reason": _clip(choice.finish_reason, 64),
                         "created_at": self.now,
+                        "notice": notice,
                     },
                 )
             )

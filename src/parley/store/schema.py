@@ -207,6 +207,9 @@ responses = Table(
     Column("completion_time_ms", Float),
     Column("finish_reason", String(64)),
     Column("created_at", TS, nullable=False),
+    # Migration 0011: why the answer was given without the conversation's documents
+    # (their search failed), as the chat API told its client; NULL for any other answer.
+    Column("notice", Text),
 )
 
 users = Table(

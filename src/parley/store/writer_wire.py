@@ -182,6 +182,7 @@ def pack_exchange(ex: Exchange) -> tuple[Any, ...]:
             reply.parent_chain_hash,
             tuple(u.int for u in reply.answer_public_ids),
             reply.leaf_at_start,
+            reply.notice,
         ),
     )
 
@@ -234,5 +235,6 @@ def unpack_exchange(v: tuple[Any, ...]) -> Exchange:
             reply[3],
             tuple(uuid.UUID(int=u) for u in reply[4]),
             reply[5],
+            reply[6],
         ),
     )
