@@ -162,3 +162,54 @@ async def test_maintenance_leaves_no_deleted_text_in_the_store_or_a_later_backup
     in_backup = files_holding(copy, gone + kept)
     assert {mark: in_backup[mark] for mark in gone} == {mark: [] for mark in gone}
     assert all(in_backup[mark] for mark in kept)
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_a_deleted_message_and_its_replies_leave_the_vector_store(
+    setup: tuple[Settings, sa.Engine], local_embedder: LocalEmbedder
+) -> None:
+    """``DELETE /api/conversations/{id}/messages/{message_id}``'s repository call: the
+    deleted subtree's vectors are deleted by the indexer, and maintenance takes their
+    text off the store's disk; the rest of the conversation stays found by meaning."""
+    settings, engine = setup
+    store = Conversations(engine)
+    vectors = VectorStore.open(settings.vector_uri)
+    indexer = Indexer(engine, vectors, local_embedder)
+    for n, topic in enumerate(TOPICS[:6]):  # other conversations share the fragment
+        say(store, new(store), f"{canary('other', n)}: notes about {topic}")
+    conv = new(store)
+    kept = canary("kept", 0)
+    say(store, conv, f"{kept}: {TOPICS[6]}")
+    gone = [canary("gone", 0), canary("gone", 1)]
+    doomed = say(store, conv, f"{gone[0]}: {TOPICS[7]}")
+    reply = say(store, conv, f"{gone[1]}: {TOPICS[8]}")  # a reply below it
+    deleted = {doomed.message.public_id, reply.message.public_id}
+    while await indexer.run_once():
+        pass
+    assert run_maintenance(settings, vacuum=False).failed_steps == []
+    root = Path(settings.vector_uri)
+    assert all(files_holding(root, [kept, *gone]).values())
+    scope = Scope(ALICE.user_id)
+    search = SemanticSearch(engine, vectors, local_embedder)
+    hits = (await search.search(TOPICS[8], scope, mode="semantic", limit=1)).hits
+    assert hits[0].message_id == reply.message.public_id  # found by meaning, before
+
+    store.delete_message(ALICE, conv.public_id, doomed.message.public_id)
+    while await indexer.run_once():
+        pass
+    # The vectors themselves are gone (not only hidden by a missing row).
+    for topic in TOPICS[7:9]:
+        query = await local_embedder.embed_query(topic)
+        near = vectors.search_messages(
+            query, model=local_embedder.model, user_id=ALICE.user_id, limit=20
+        )
+        assert doomed.message.id not in {v.message_id for v in near}
+        assert reply.message.id not in {v.message_id for v in near}
+        hits = (await search.search(topic, scope, mode="semantic", limit=10)).hits
+        assert deleted.isdisjoint(h.message_id for h in hits)
+    [best, *_] = (await search.search(TOPICS[6], scope, mode="semantic", limit=2)).hits
+    assert best.conversation_id == conv.public_id
+
+    assert run_maintenance(settings, vacuum=False).failed_steps == []
+    left = files_holding(root, [kept, *gone])
+    assert left[gone[0]] == [] and left[gone[1]] == [] and left[kept]

@@ -156,6 +156,16 @@ def regenerate(w: World, c: Caller, target: str, allowed: bool) -> Req:
     return Req(path, {"json": {"stream": False}})
 
 
+def delete_message(w: World, c: Caller, target: str, allowed: bool) -> Req:
+    """A's answer in A's chat (a fresh one, for the callers who may delete it)."""
+    cid, mid = target_id(w, target), target_id(w, "answer" if target == "chat" else target)
+    if allowed and target != "missing":
+        fresh, answer = w.fresh_conversation(answered=True)
+        assert answer is not None
+        cid, mid = fresh, answer
+    return Req(f"/api/conversations/{cid}/messages/{mid}")
+
+
 def by_id(template: str, body: Any = None, fresh: Callable[[World], str] | None = None) -> Build:
     def build(w: World, c: Caller, target: str, allowed: bool) -> Req:
         if fresh is not None and allowed and target != "missing":
@@ -460,6 +470,7 @@ def finds_own(w: World, c: Caller, responses: dict[str, httpx.Response]) -> None
 
 CONV = "/api/conversations/{id}"
 REGEN = "/api/conversations/{id}/messages/{message_id}/regenerate"
+MESSAGE = "/api/conversations/{id}/messages/{message_id}"
 CONV_TARGETS = ("chat", "api", "missing")
 
 
@@ -672,6 +683,25 @@ ROUTES: tuple[Route, ...] = (
         ("answer", "missing"),
         (400, 400, 400),
         variant="own conversation, A's message as parent",
+        protects=("conversation",),
+    ),
+    Route(
+        "DELETE",
+        MESSAGE,
+        OWNED,
+        delete_message,
+        ("chat", "missing"),
+        (204, 204, 204),
+        protects=("conversation",),
+    ),
+    Route(
+        "DELETE",
+        MESSAGE,
+        FOREIGN,
+        foreign("/messages/{message}", lambda mid: None),
+        ("answer", "missing"),
+        (404, 404, 404),
+        variant="own conversation, A's message",
         protects=("conversation",),
     ),
     Route(

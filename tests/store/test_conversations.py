@@ -97,6 +97,32 @@ def answer(engine: sa.Engine, turn: Turn, text: str | None, who: Identity = ALIC
     return recorded
 
 
+def deep_branch(engine: sa.Engine, conversation_id: int, depth: int) -> list[dict[str, Any]]:
+    """One branch of ``depth`` user messages in the conversation, root first: its rows."""
+    texts = [Message("user", f"turn {i} about herons") for i in range(depth)]
+    now = datetime.now(UTC)
+    rows_ = [
+        {
+            "public_id": uuid.uuid4(),
+            "conversation_id": conversation_id,
+            "role": "user",
+            "content": m.text(),
+            "payload": m.canonical_json().decode(),
+            "content_hash": m.content_hash(),
+            "chain_hash": chain,
+            "chain_key": 0,
+            "created_at": now,
+        }
+        for m, chain in zip(texts, chain_hashes(texts), strict=True)
+    ]
+    with writer_connection(engine) as conn, conn.begin():
+        assign_ids(conn, [(messages, rows_)])
+        for parent, row in zip([None, *rows_], rows_, strict=False):
+            row["parent_id"] = None if parent is None else parent["id"]
+        insert_messages(conn, rows_)
+    return rows_
+
+
 def rows(engine: sa.Engine, sql: str, **params: Any) -> list[dict[str, Any]]:
     with engine.connect() as conn:
         return [dict(r._mapping) for r in conn.execute(sa.text(sql), params)]
@@ -423,28 +449,7 @@ def test_a_branch_over_a_thousand_messages_deep_is_deleted(
     recursion"), so the conversation could never be deleted."""
     conv = new(store, LOCAL)
     depth = 1100
-    texts = [Message("user", f"turn {i} about herons") for i in range(depth)]
-    chains = chain_hashes(texts)
-    now = datetime.now(UTC)
-    rows_ = [
-        {
-            "public_id": uuid.uuid4(),
-            "conversation_id": conv.id,
-            "role": "user",
-            "content": m.text(),
-            "payload": m.canonical_json().decode(),
-            "content_hash": m.content_hash(),
-            "chain_hash": chain,
-            "chain_key": 0,
-            "created_at": now,
-        }
-        for m, chain in zip(texts, chains, strict=True)
-    ]
-    with writer_connection(migrated_engine) as conn, conn.begin():
-        assign_ids(conn, [(messages, rows_)])
-        for parent, row in zip([None, *rows_], rows_, strict=False):
-            row["parent_id"] = None if parent is None else parent["id"]
-        insert_messages(conn, rows_)
+    deep_branch(migrated_engine, conv.id, depth)
     tree = store.load(LOCAL, conv.public_id)
     assert tree is not None and len(tree.active_path) == depth
     assert store.delete(LOCAL, conv.public_id) == set()

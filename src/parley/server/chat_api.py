@@ -6,8 +6,8 @@ is called with anything a handler has not validated. Invariants:
 
 - every id in a URL or a body is a public UUID; a malformed, unknown or not-yours
   conversation id is the same 404 (``Viewer.may_see`` decides, in the repository); a
-  message id (``message_id`` in a URL, ``parent_id``, ``active_leaf_id``) that is
-  malformed or not of the conversation is a 400 naming it;
+  message id (``message_id`` in a regenerate URL, ``parent_id``, ``active_leaf_id``) that
+  is malformed or not of the conversation is a 400 naming it;
 - the conversation's own fields are checked by ``chat.fields``, as an import checks them;
 - a message send answers as SSE (``event: message`` with the stored message answered,
   ``event: delta`` per text piece, then ``event: done`` with the stored answer or
@@ -23,8 +23,10 @@ is called with anything a handler has not validated. Invariants:
 - a send may carry ``attachments``: ids of the caller's own uploads (any other id is the
   404 of a missing one, before anything is stored); messages show their files as
   metadata (id, file name, MIME type, size), never their bytes;
-- deleting a conversation sweeps, after the commit, the blobs its attachments named that
-  no other attachment names (``files_api``'s attachment store).
+- deleting a conversation, or a message with its replies, sweeps, after the commit, the
+  blobs its attachments named that no other attachment names (``files_api``'s
+  attachment store). The message id in a message's DELETE URL names the resource
+  deleted: malformed or not of the conversation, it is a 404.
 
 The service is built in a cleanup context that runs after the app's lifespan has made
 ``Services`` (whose engine it shares).
@@ -99,6 +101,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_patch("/api/conversations/{id}", update_conversation)
     app.router.add_delete("/api/conversations/{id}", delete_conversation)
     app.router.add_post("/api/conversations/{id}/messages", send_message)
+    app.router.add_delete("/api/conversations/{id}/messages/{message_id}", delete_message)
     app.router.add_post(
         "/api/conversations/{id}/messages/{message_id}/regenerate", regenerate_message
     )
@@ -235,11 +238,15 @@ async def delete_conversation(request: web.Request) -> web.Response:
     blobs = await asyncio.to_thread(request.app[CHAT].store.delete, caller, _path_id(request))
     if blobs is None:
         raise _missing()
+    await _sweep(request, blobs)
+    return web.Response(status=204)
+
+
+async def _sweep(request: web.Request, blobs: set[str]) -> None:
     files = request.app.get(FILES)
     if blobs and files is not None:
         # After the commit: a blob goes once no attachment row names it any more.
         await asyncio.to_thread(files.attachments.sweep, blobs)
-    return web.Response(status=204)
 
 
 # -- messages ----------------------------------------------------------------------------
@@ -292,6 +299,28 @@ async def regenerate_message(request: web.Request) -> web.StreamResponse:
     options = _options(request, body)
     reply = await request.app[CHAT].regenerate(caller, conversation_id, message_id, options)
     return await _answer(request, reply, options.stream)
+
+
+async def delete_message(request: web.Request) -> web.Response:
+    """Delete a message with every reply below it, their files and search entries (204).
+
+    When the active branch ran through it, its parent becomes the active leaf. The
+    request log keeps its rows. An unknown, malformed or not-yours message id is a 404.
+    """
+    caller = identity.current(request)
+    conversation_id = _path_id(request)
+    try:
+        message_id = uuid.UUID(request.match_info["message_id"])
+    except ValueError:
+        # The message is the resource here: a malformed id is as missing as an unknown one.
+        raise NotFound(f"no such message: {request.match_info['message_id'][:64]}") from None
+    blobs = await asyncio.to_thread(
+        request.app[CHAT].store.delete_message, caller, conversation_id, message_id
+    )
+    if blobs is None:
+        raise _missing()
+    await _sweep(request, blobs)
+    return web.Response(status=204)
 
 
 async def _answer(request: web.Request, reply: Reply, stream: bool) -> web.StreamResponse:

@@ -222,7 +222,7 @@ def visible_row(
     conn: Connection, viewer: Viewer, public_id: uuid.UUID, *, lock: bool = False
 ) -> Row[Any] | None:
     """The conversation if ``viewer`` may see it; ``lock``: ``FOR UPDATE`` (PostgreSQL;
-    SQLite's write transaction serialises), for a delete."""
+    SQLite's write transaction serialises), for a delete or a send."""
     query = select(conversations).where(_C.public_id == public_id)
     row = conn.execute(query.with_for_update() if lock else query).first()
     if row is None or not viewer.may_see(row.user_id):

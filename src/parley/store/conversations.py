@@ -22,7 +22,8 @@ Invariants:
   re-sending that history threads onto it;
 - deleting a conversation goes by foreign keys: its messages, responses and attachments
   rows cascade; request-log rows stay, with ``conversation_id`` NULL. The attachments'
-  blobs are the caller's to sweep after the commit (``delete`` names them).
+  blobs are the caller's to sweep after the commit (``delete`` names them). Deleting a
+  message deletes its subtree (``delete_message``, ``store.message_delete``) the same way.
 
 Every method blocks: call it through ``asyncio.to_thread`` from the event loop.
 """
@@ -39,7 +40,7 @@ import sqlalchemy
 from sqlalchemy import Connection, delete, insert, select, tuple_, update
 
 from parley.domain.messages import Message, chain_hash
-from parley.errors import InvalidRequest, refuse_unknown
+from parley.errors import InvalidRequest, NotFound, refuse_unknown
 from parley.store import attachments as files
 from parley.store import documents
 from parley.store.attachments import AttachmentRow, ConversationRef
@@ -73,7 +74,9 @@ from parley.store.conversation_rows import (
 )
 from parley.store.engine import IMMEDIATE
 from parley.store.exchange_lookups import chain_key
+from parley.store.exchanges import WRITER_LOCK
 from parley.store.history_rows import index_conversations, index_messages
+from parley.store.message_delete import delete_messages, subtree, unlink_parents
 from parley.store.schema import attachments, conversations, messages, responses
 
 __all__ = [
@@ -251,18 +254,43 @@ class Conversations:
             named = select(attachments.c.sha256).where(attachments.c.conversation_id == row.id)
             blobs = set(conn.execute(named.distinct()).scalars())
             blobs |= documents.conversation_hashes(conn, row.id)
-            if conn.dialect.name == "sqlite":
-                # Unlinked first: else each message's ``parent_id`` cascade deletes its
-                # child, recursively down the branch, which SQLite runs as nested
-                # triggers: quadratic (13 s for 800 messages, the write lock held) and
-                # refused past 1,000 levels ("too many levels of trigger recursion").
-                conn.execute(
-                    update(messages)
-                    .where(_M.conversation_id == row.id, _M.parent_id.is_not(None))
-                    .values(parent_id=None)
-                )
+            unlink_parents(conn, _M.conversation_id == row.id)
             conn.execute(delete(conversations).where(_C.id == row.id))
             return blobs
+
+    def delete_message(
+        self, viewer: Viewer, public_id: uuid.UUID, message_id: uuid.UUID
+    ) -> set[str] | None:
+        """Delete the message ``message_id`` with every reply below it, their files and
+        search entries (``store.message_delete``); the blob hashes their files named, for
+        the caller to sweep once this is committed. None when the conversation is missing
+        or not visible; ``NotFound`` when it holds no such message.
+
+        When the active branch ran through a deleted message, the deleted message's
+        parent becomes the active leaf (None for a root: the newest message left, if
+        any). Serialised with the exchange writer, so an answer being made to a deleted
+        message finds it gone and is not stored (``exchange_lookups.unanswerable``), and
+        with sends to the conversation (``add_user_message``), so none is stored under a
+        message deleted meanwhile."""
+        with self._writing() as conn:
+            if conn.dialect.name != "sqlite":
+                # Before the conversation's row: the writer takes this lock, then the row.
+                conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({WRITER_LOCK})")
+            row = visible_row(conn, viewer, public_id, lock=True)
+            if row is None:
+                return None
+            target = anchor(conn, row.id, _M.public_id == message_id)
+            if target is None:
+                raise NotFound(f"no such message: {message_id}")
+            doomed = subtree(conn, target.id)
+            shown = active_leaf(conn, row.id, row.active_leaf_id)
+            if shown is not None and shown.id in set(doomed):
+                conn.execute(
+                    update(conversations)
+                    .where(_C.id == row.id)
+                    .values(active_leaf_id=target.parent_id)
+                )
+            return delete_messages(conn, doomed)
 
     def set_generated_title(self, conversation_id: int, title: str) -> bool:
         """Store a generated title unless somebody set one meanwhile."""
@@ -297,7 +325,8 @@ class Conversations:
         another message is copied); ``hashed_as``: the message as the model gets it, with
         its files as content parts, for the content hash (default: ``message``)."""
         with self._writing() as conn:
-            row = visible_row(conn, viewer, public_id)
+            # Locked: a message deleted meanwhile (``delete_message``) is never a parent.
+            row = visible_row(conn, viewer, public_id, lock=True)
             if row is None:
                 return None
             above: Anchor | None
