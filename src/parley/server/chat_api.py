@@ -9,17 +9,8 @@ is called with anything a handler has not validated. Invariants:
   message id (``message_id`` in a regenerate URL, ``parent_id``, ``active_leaf_id``) that
   is malformed or not of the conversation is a 400 naming it;
 - the conversation's own fields are checked by ``chat.fields``, as an import checks them;
-- a message send answers as SSE (``event: message`` with the stored message answered,
-  ``event: delta`` per text piece, then ``event: done`` with the stored answer or
-  ``event: error``; each event's data one line, even for a client that splits lines as
-  ``str.splitlines`` does) or, with ``"stream": false``, as one JSON body. ``done`` is
-  sent only once the answer is committed (durable recording), as on ``/v1``;
-- a client that goes away mid-stream cancels the upstream call (closing the event
-  stream does it, see ``chat.service``); what was received is recorded;
-- an answer always ends with ``done`` or ``error``: a failure that is not a
-  ``ParleyError`` (parley's own fault) is logged and answered as an internal error, as
-  an event once the stream began, since headers already sent leave the error middleware
-  nothing to answer with;
+- a message send or regenerate answers as SSE or one JSON body (``chat_replies``, which
+  also holds the JSON shapes of conversations and messages);
 - a send may carry ``attachments``: ids of the caller's own uploads (any other id is the
   404 of a missing one, before anything is stored); messages show their files as
   metadata (id, file name, MIME type, size), never their bytes;
@@ -35,43 +26,36 @@ The service is built in a cleanup context that runs after the app's lifespan has
 from __future__ import annotations
 
 import asyncio
-import logging
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
-import orjson
 from aiohttp import web
 
 from parley.chat import fields
-from parley.chat.interface import ChatEvent, Delta, Done, Failed, Options, Reply
+from parley.chat.interface import Options
 from parley.chat.service import ChatService
 from parley.domain.exchange import MAX_TOKENS_LIMIT
 from parley.domain.messages import Message
-from parley.errors import InvalidRequest, NotFound, ParleyError
+from parley.errors import InvalidRequest, NotFound
 from parley.search.documents_library import collection_name
 from parley.search.rag import MAX_COLLECTIONS
 from parley.server import identity
 from parley.server.api_body import read_object
 from parley.server.chat_content import message_content
+from parley.server.chat_replies import answer, conversation_json, json_response, tree_json
 from parley.server.documents_api import DOCUMENTS
 from parley.server.files_api import FILES
 from parley.server.params import page_size
-from parley.server.relay import SSE_HEADERS
 from parley.server.shutdown import DRAIN
 from parley.server.state import SERVICES
 from parley.store.conversations import (
     ACTIVE_LEAF,
     MAX_PAGE,
-    Conversation,
     Conversations,
     Parent,
-    StoredMessage,
-    Tree,
 )
 from parley.store.provider_configs import ProviderConfigStore
-
-log = logging.getLogger(__name__)
 
 CHAT = web.AppKey("parley.chat", ChatService)
 
@@ -168,7 +152,7 @@ async def create_conversation(request: web.Request) -> web.Response:
         system_prompt=fields.text(body.get("system_prompt"), "system_prompt", empty_ok=True),
         provider_config_id=config_id,
     )
-    return _json(conversation_json(conversation), status=201)
+    return json_response(conversation_json(conversation), status=201)
 
 
 async def list_conversations(request: web.Request) -> web.Response:
@@ -190,7 +174,7 @@ async def list_conversations(request: web.Request) -> web.Response:
         pinned=_flag(query, "pinned", default=None),
         q=query.get("q") or None,
     )
-    return _json(
+    return json_response(
         {"data": [conversation_json(c) for c in page.items], "next_cursor": page.next_cursor}
     )
 
@@ -205,7 +189,7 @@ async def get_conversation(request: web.Request) -> web.Response:
     tree = await asyncio.to_thread(request.app[CHAT].store.load, caller, _path_id(request))
     if tree is None:
         raise _missing()
-    return _json(tree_json(tree))
+    return json_response(tree_json(tree))
 
 
 async def update_conversation(request: web.Request) -> web.Response:
@@ -226,7 +210,7 @@ async def update_conversation(request: web.Request) -> web.Response:
     conversation = await asyncio.to_thread(chat.store.update, caller, _path_id(request), changes)
     if conversation is None:
         raise _missing()
-    return _json(conversation_json(conversation))
+    return json_response(conversation_json(conversation))
 
 
 async def delete_conversation(request: web.Request) -> web.Response:
@@ -281,7 +265,7 @@ async def send_message(request: web.Request) -> web.StreamResponse:
     reply = await request.app[CHAT].send(
         caller, conversation_id, message, options, parent, attachments
     )
-    return await _answer(request, reply, options.stream)
+    return await answer(request, reply, options.stream)
 
 
 async def regenerate_message(request: web.Request) -> web.StreamResponse:
@@ -298,7 +282,7 @@ async def regenerate_message(request: web.Request) -> web.StreamResponse:
     body = await _body(request, _REGENERATE_FIELDS, allow_empty=True)
     options = _options(request, body)
     reply = await request.app[CHAT].regenerate(caller, conversation_id, message_id, options)
-    return await _answer(request, reply, options.stream)
+    return await answer(request, reply, options.stream)
 
 
 async def delete_message(request: web.Request) -> web.Response:
@@ -321,161 +305,6 @@ async def delete_message(request: web.Request) -> web.Response:
         raise _missing()
     await _sweep(request, blobs)
     return web.Response(status=204)
-
-
-async def _answer(request: web.Request, reply: Reply, stream: bool) -> web.StreamResponse:
-    events = _guarded(reply.events)
-    if not stream:
-        try:
-            async for event in events:
-                if isinstance(event, Done):
-                    return _json(
-                        {
-                            "user_message": message_json(reply.message),
-                            "assistant_message": message_json(event.message),
-                        }
-                    )
-                if isinstance(event, Failed):
-                    body = event.error.to_openai()
-                    body["user_message"] = message_json(reply.message)
-                    return _json(body, status=event.error.status, headers=event.error.headers())
-        finally:
-            await events.aclose()
-        raise ParleyError("the answer ended without a result")
-    response = web.StreamResponse(headers=SSE_HEADERS)
-    try:
-        await response.prepare(request)
-        await response.write(_frame("message", message_json(reply.message)))
-        async for event in events:
-            if isinstance(event, Delta):
-                await response.write(_frame("delta", {"text": event.text}))
-            elif isinstance(event, Done):
-                await response.write(_frame("done", message_json(event.message)))
-            else:
-                await response.write(_frame("error", _error_json(event.error)))
-        await response.write_eof()
-    except (ConnectionError, OSError):
-        # Only writes raise these here (``_guarded`` turns the answer's own failures into
-        # ``Failed``): the client left; closing the events below cancels the upstream call.
-        pass
-    finally:
-        await events.aclose()
-    return response
-
-
-async def _guarded(events: AsyncGenerator[ChatEvent, None]) -> AsyncGenerator[ChatEvent, None]:
-    """``events``, with a failure that is not a ``ParleyError`` (a bug, a fault of the
-    disk or the database) logged and ended as ``Failed``: never a silent end."""
-    try:
-        async for event in events:
-            yield event
-    except Exception:
-        log.exception("an answer of the chat API failed")
-        yield Failed(ParleyError("internal error while answering"))
-    finally:
-        await events.aclose()
-
-
-# -- JSON shapes -------------------------------------------------------------------------
-
-
-def conversation_json(conversation: Conversation) -> dict[str, Any]:
-    c = conversation
-    return {
-        "id": c.public_id,
-        "title": c.title,
-        "default_model": c.default_model,
-        "source": c.source,
-        "archived": c.archived,
-        "pinned": c.pinned,
-        "is_active": c.is_active,
-        "system_prompt": c.system_prompt,
-        "message_count": c.message_count,
-        "last_message_at": c.last_message_at,
-        "created_at": c.created_at,
-        "updated_at": c.updated_at,
-    }
-
-
-def message_json(message: StoredMessage) -> dict[str, Any]:
-    m = message
-    usage = None
-    if m.prompt_tokens is not None or m.completion_tokens is not None:
-        usage = {
-            "prompt_tokens": m.prompt_tokens,
-            "completion_tokens": m.completion_tokens,
-            "total_tokens": m.total_tokens,
-        }
-    return {
-        "id": m.public_id,
-        "parent_id": m.parent_public_id,
-        "role": m.role,
-        "content": m.content,
-        # Stored as JSON text; embedded as it is rather than parsed and written again.
-        "payload": orjson.Fragment(m.payload),
-        "created_at": m.created_at,
-        "model_used": m.model_used,
-        "usage": usage,
-        "finish_reason": m.finish_reason,
-        "attachments": [
-            {"id": a.public_id, "filename": a.filename, "mime_type": a.mime_type, "size": a.size}
-            for a in m.attachments
-        ],
-        "citations": [
-            {
-                "index": c.ordinal,
-                "document_id": c.document_public_id,
-                "filename": c.filename,
-                "page": c.page,
-                "chunk": c.chunk_ordinal,
-                "score": round(c.score, 4),
-            }
-            for c in m.citations
-        ],
-        # Why an answer was given without the conversation's documents, else null.
-        "notice": m.notice,
-    }
-
-
-def tree_json(tree: Tree) -> dict[str, Any]:
-    public_of = {m.id: m.public_id for m in tree.messages}
-    path = [public_of[key] for key in tree.active_path]
-    body = conversation_json(tree.conversation)
-    body["active_leaf_id"] = path[-1] if path else None
-    body["active_path"] = path
-    body["messages"] = [message_json(m) for m in tree.messages]
-    return body
-
-
-# Characters that end a line for ``str.splitlines`` (so for httpx's ``iter_lines`` and
-# the SSE readers built on it) but that orjson writes raw: escaped in a frame, so that a
-# message holding one never cuts its event in two. (UTF-8 is self-synchronizing: these
-# bytes are always those characters.)
-_LINE_BREAKS = (
-    (b"\xc2\x85", b"\\u0085"),
-    (b"\xe2\x80\xa8", b"\\u2028"),
-    (b"\xe2\x80\xa9", b"\\u2029"),
-)
-
-
-def _frame(event: str, data: Mapping[str, Any]) -> bytes:
-    body = orjson.dumps(data)
-    if b"\xc2\x85" in body or b"\xe2\x80" in body:
-        for raw, escaped in _LINE_BREAKS:
-            body = body.replace(raw, escaped)
-    return b"event: " + event.encode() + b"\ndata: " + body + b"\n\n"
-
-
-def _error_json(error: ParleyError) -> dict[str, Any]:
-    return {"message": error.message, "type": error.error_type, "status": error.status}
-
-
-def _json(
-    body: Any, *, status: int = 200, headers: Mapping[str, str] | None = None
-) -> web.Response:
-    return web.Response(
-        body=orjson.dumps(body), status=status, content_type="application/json", headers=headers
-    )
 
 
 # -- input -------------------------------------------------------------------------------
