@@ -3,8 +3,10 @@ branches, and the writer's answers to chat-API turns."""
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -18,6 +20,7 @@ from parley.domain.usage import Usage
 from parley.errors import InvalidRequest
 from parley.server.identity import LOCAL, Identity
 from parley.store import attachments as files
+from parley.store import exchange_lookups as lookups
 from parley.store.bulk import assign_ids
 from parley.store.conversations import Conversations, Turn
 from parley.store.engine import writer_connection
@@ -121,6 +124,30 @@ def deep_branch(engine: sa.Engine, conversation_id: int, depth: int) -> list[dic
             row["parent_id"] = None if parent is None else parent["id"]
         insert_messages(conn, rows_)
     return rows_
+
+
+def answer_racing(
+    engine: sa.Engine, turn: Turn, delete: Callable[[], object], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Record an answer to ``turn`` with ``delete`` run while the exchange writer is
+    between its check that the message answered still exists and its insert of the
+    answer: a delete committed there failed the writer's batch on a foreign key (on
+    PostgreSQL; SQLite's write lock already kept them apart)."""
+    checked = threading.Event()
+    real = lookups.unanswerable
+
+    def slow_check(conn: sa.Connection, batch: Any) -> set[int]:
+        found = real(conn, batch)
+        checked.set()
+        time.sleep(0.5)  # the delete comes now
+        return found
+
+    monkeypatch.setattr(lookups, "unanswerable", slow_check)
+    with ThreadPoolExecutor(1) as pool:
+        writing = pool.submit(answer, engine, turn, "stored just in time")
+        assert checked.wait(10)
+        delete()
+        writing.result(timeout=30)  # no foreign-key error
 
 
 def rows(engine: sa.Engine, sql: str, **params: Any) -> list[dict[str, Any]]:
@@ -454,6 +481,20 @@ def test_a_branch_over_a_thousand_messages_deep_is_deleted(
     assert tree is not None and len(tree.active_path) == depth
     assert store.delete(LOCAL, conv.public_id) == set()
     assert rows(migrated_engine, "SELECT id FROM messages") == []
+
+
+def test_a_delete_while_the_writer_stores_an_answer_in_it_waits_for_the_writer(
+    store: Conversations, migrated_engine: sa.Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Else the answer's exchange failed alone, its request-log rows lost with it."""
+    conv = new(store)
+    turn = say(store, conv, "answer me")
+    answer_racing(migrated_engine, turn, lambda: store.delete(ALICE, conv.public_id), monkeypatch)
+    # The delete went after the writer: the answer went with the conversation, its
+    # request row stays, unlinked.
+    assert rows(migrated_engine, "SELECT id FROM messages") == []
+    [logged] = rows(migrated_engine, "SELECT conversation_id, success FROM request_log")
+    assert logged["conversation_id"] is None and logged["success"]
 
 
 def test_generated_title_never_replaces_one_set_meanwhile(store: Conversations) -> None:

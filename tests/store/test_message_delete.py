@@ -6,9 +6,7 @@ an answer racing the delete leaves no orphan row."""
 from __future__ import annotations
 
 import threading
-import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
@@ -17,7 +15,6 @@ import sqlalchemy as sa
 from parley.errors import InvalidRequest, NotFound
 from parley.server.identity import LOCAL
 from parley.store import attachments as files
-from parley.store import exchange_lookups as lookups
 from parley.store.conversations import Conversations, Turn
 from parley.store.engine import writer_connection
 from parley.store.schema import conversations, messages
@@ -27,6 +24,7 @@ from tests.store.test_conversations import (
     ALICE,
     BOB,
     answer,
+    answer_racing,
     deep_branch,
     new,
     rows,
@@ -254,26 +252,15 @@ def test_a_send_under_a_message_being_deleted_waits_and_is_refused(
 def test_a_delete_while_the_writer_stores_an_answer_under_it_waits_for_the_writer(
     store: Conversations, migrated_engine: sa.Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The exchange writer checks that the message answered still exists, then inserts
-    the answer under it. A delete committed between the two (PostgreSQL, before the delete
-    took the writer's lock) failed the writer's whole batch on the foreign key."""
     conv = new(store)
     turn = say(store, conv, "answer me")
-    checked = threading.Event()
-    real = lookups.unanswerable
-
-    def slow_check(conn: sa.Connection, batch: Any) -> set[int]:
-        found = real(conn, batch)
-        checked.set()
-        time.sleep(0.5)  # the delete comes now
-        return found
-
-    monkeypatch.setattr(lookups, "unanswerable", slow_check)
-    with ThreadPoolExecutor(1) as pool:
-        writing = pool.submit(answer, migrated_engine, turn, "stored just in time")
-        assert checked.wait(10)
-        store.delete_message(ALICE, conv.public_id, turn.message.public_id)
-        writing.result(timeout=30)  # no foreign-key error
+    message = turn.message.public_id
+    answer_racing(
+        migrated_engine,
+        turn,
+        lambda: store.delete_message(ALICE, conv.public_id, message),
+        monkeypatch,
+    )
     # The delete went after the writer: the answer it stored went with the message.
     assert rows(migrated_engine, "SELECT id FROM messages") == []
     assert rows(migrated_engine, "SELECT id FROM responses") == []

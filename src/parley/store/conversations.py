@@ -24,6 +24,8 @@ Invariants:
   rows cascade; request-log rows stay, with ``conversation_id`` NULL. The attachments'
   blobs are the caller's to sweep after the commit (``delete`` names them). Deleting a
   message deletes its subtree (``delete_message``, ``store.message_delete``) the same way.
+  Both wait for the exchange writer's batch under way (``_wait_for_the_writer``): an
+  answer to what they delete is then not stored, and never fails the batch.
 
 Every method blocks: call it through ``asyncio.to_thread`` from the event loop.
 """
@@ -246,6 +248,7 @@ class Conversations:
         attachments and documents named, for the caller to sweep once this is committed,
         or None when it is missing or not visible."""
         with self._writing() as conn:
+            _wait_for_the_writer(conn)
             # Locked before the hashes are read: an upload into the conversation commits
             # before (its blob is named here) or finds it gone (``hold_conversation``).
             row = visible_row(conn, viewer, public_id, lock=True)
@@ -268,14 +271,11 @@ class Conversations:
 
         When the active branch ran through a deleted message, the deleted message's
         parent becomes the active leaf (None for a root: the newest message left, if
-        any). Serialised with the exchange writer, so an answer being made to a deleted
-        message finds it gone and is not stored (``exchange_lookups.unanswerable``), and
-        with sends to the conversation (``add_user_message``), so none is stored under a
-        message deleted meanwhile."""
+        any). Serialised with the exchange writer (``_wait_for_the_writer``) and with
+        sends to the conversation (``add_user_message``), so no answer or message is
+        stored under a message deleted meanwhile."""
         with self._writing() as conn:
-            if conn.dialect.name != "sqlite":
-                # Before the conversation's row: the writer takes this lock, then the row.
-                conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({WRITER_LOCK})")
+            _wait_for_the_writer(conn)
             row = visible_row(conn, viewer, public_id, lock=True)
             if row is None:
                 return None
@@ -459,3 +459,14 @@ class Conversations:
             conn.begin(),
         ):
             yield conn
+
+
+def _wait_for_the_writer(conn: Connection) -> None:
+    """Take the exchange writer's lock for this transaction (PostgreSQL; on SQLite the
+    write transaction already excludes it), before the conversation's row, as the writer
+    takes them. A delete then never falls between the writer's check that what it answers
+    still exists (``exchange_lookups.unanswerable``) and its insert of the answer, which
+    failed the writer's batch on a foreign key and lost that exchange's request-log rows;
+    the answer finds its conversation or message gone and is not stored."""
+    if conn.dialect.name != "sqlite":
+        conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({WRITER_LOCK})")
