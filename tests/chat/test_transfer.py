@@ -30,7 +30,7 @@ def msg(
     key: str, parent: str | None, role: str, content: Any, second: int, **extra: Any
 ) -> dict[str, Any]:
     message = {"role": role, "content": content, **extra.pop("wire", {})}
-    return {
+    entry = {
         "id": key,
         "parent_id": parent,
         "created_at": f"2024-05-01T10:00:{second:02d}.123456Z",
@@ -38,6 +38,9 @@ def msg(
         "finish_reason": extra.get("finish_reason"),
         "message": message,
     }
+    if "notice" in extra:
+        entry["notice"] = extra["notice"]
+    return entry
 
 
 BRANCHED = {
@@ -63,7 +66,16 @@ BRANCHED = {
             ],
             1,
         ),
-        msg("a1", "u1", "assistant", "A dot.", 2, model="gpt-4o-mini", finish_reason="stop"),
+        msg(
+            "a1",
+            "u1",
+            "assistant",
+            "A dot.",
+            2,
+            model="gpt-4o-mini",
+            finish_reason="stop",
+            notice="document search failed: timeout (answered without your documents)",
+        ),
         # Regenerated: a sibling answer, the newer one.
         msg(
             "a2",
@@ -149,9 +161,17 @@ def test_parley_export_imports_back_to_the_same_tree(
     assert [r["chain_hash"] for r in stored[:3]] == chain_of(hashes)
     assert [r["content"] for r in stored[:3]] == ["You are terse.", "What is this?", "A dot."]
     [response] = rows(
-        database_url, "SELECT model_used, request_id FROM responses ORDER BY id LIMIT 1"
+        database_url, "SELECT model_used, request_id, notice FROM responses ORDER BY id LIMIT 1"
     )
-    assert response == {"model_used": "gpt-4o-mini", "request_id": None}
+    assert response == {
+        "model_used": "gpt-4o-mini",
+        "request_id": None,
+        # An answer's notice (given without its documents) is kept through the round trip.
+        "notice": "document search failed: timeout (answered without your documents)",
+    }
+    # Only answers that have one carry the field.
+    [a1, a2] = [m for m in conv["messages"] if m["message"]["role"] == "assistant"]
+    assert "notice" in a1 and "notice" not in a2
 
 
 def test_an_import_is_owned_by_the_importer_and_lands_whole(

@@ -126,7 +126,7 @@ def _message_json(node: TreeMessage) -> dict[str, Any]:
     wire = node.message.canonical()
     if node.reasoning:
         wire["reasoning_content"] = node.reasoning
-    return {
+    entry = {
         "id": node.key,
         "parent_id": node.parent,
         "created_at": _iso(node.created_at),
@@ -134,6 +134,10 @@ def _message_json(node: TreeMessage) -> dict[str, Any]:
         "finish_reason": node.finish_reason,
         "message": wire,
     }
+    if node.notice is not None:
+        # Only when set: an export without notices stays what older versions import.
+        entry["notice"] = node.notice
+    return entry
 
 
 def from_parley(data: Any) -> list[ConversationTree]:
@@ -150,7 +154,7 @@ def from_parley(data: Any) -> list[ConversationTree]:
 # A parley export's message entries, and the messages in them (``Message.canonical`` and
 # the reasoning): anything else in a parley document is refused, as at its top level.
 _PARLEY_ENTRY_FIELDS = frozenset(
-    {"id", "parent_id", "created_at", "model", "finish_reason", "message"}
+    {"id", "parent_id", "created_at", "model", "finish_reason", "notice", "message"}
 )
 _PARLEY_MESSAGE_FIELDS = frozenset(
     {"role", "content", "name", "tool_calls", "tool_call_id", "reasoning_content"}
@@ -193,6 +197,7 @@ def _parley_tree(raw: Any, where: str) -> ConversationTree:
                 model=_opt_str(entry, "model", at),
                 finish_reason=_opt_str(entry, "finish_reason", at),
                 reasoning=reasoning,
+                notice=_opt_str(entry, "notice", at),
             )
         )
     leaf = raw.get("active_leaf_id")

@@ -31,6 +31,8 @@ class TreeMessage:
     finish_reason: str | None = None
     # A reasoning model's thoughts: kept, never part of the message's hash.
     reasoning: str | None = None
+    # Why an answer was given without its conversation's documents (``responses.notice``).
+    notice: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

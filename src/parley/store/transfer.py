@@ -70,6 +70,7 @@ def _read_chunk(conn: Connection, ids: Sequence[int]) -> list[ConversationTree]:
             messages.c.created_at,
             responses.c.model_used,
             responses.c.finish_reason,
+            responses.c.notice,
         )
         .outerjoin(responses, responses.c.message_id == messages.c.id)
         .where(messages.c.conversation_id.in_(ids))
@@ -90,6 +91,7 @@ def _read_chunk(conn: Connection, ids: Sequence[int]) -> list[ConversationTree]:
                 model=row.model_used,
                 finish_reason=row.finish_reason,
                 reasoning=reasoning,
+                notice=row.notice,
             )
         )
     out = []
@@ -180,6 +182,7 @@ def import_trees(
                 "completion_time_ms": None,
                 "finish_reason": _clip(node.finish_reason, 64),
                 "created_at": row["created_at"],
+                "notice": node.notice,
             }
             for row, node in answers
         ],
