@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import orjson
@@ -140,6 +141,31 @@ def test_limits_set_refuses_values_the_database_cannot_hold(
     largest = run(tmp_path, database_url, "limits", "set", "--user", "hank", "--rpm", "2147483647")
     assert largest.exit_code == 0, largest.output
     assert "requests_per_minute=2147483647" in run(tmp_path, database_url, "limits", "list").output
+
+
+def test_stats_counts_exactly_its_window_and_prints_it(tmp_path: Path, database_url: str) -> None:
+    now = datetime.now(UTC)
+    with _database(tmp_path, database_url) as engine:
+        write(
+            engine,
+            *[
+                chat([Message("user", f"q{minutes}")], attempts=[attempt(started_at=at)])
+                for minutes in (100, 80, 10)
+                for at in [now - timedelta(minutes=minutes)]
+            ],
+        )
+    result = run(tmp_path, database_url, "stats", "--window", "90m", "--group-by", "")
+    assert result.exit_code == 0, result.output
+    first, _header, total = result.output.splitlines()
+    since, _to, until = first.split()
+    counted = datetime.fromisoformat(until) - datetime.fromisoformat(since)
+    assert abs(counted - timedelta(minutes=90)) <= timedelta(seconds=1), first
+    # Before: rounded out to whole hours, the request 100 minutes ago was counted too.
+    assert total.split()[1] == "2", result.output
+    data = orjson.loads(run(tmp_path, database_url, "stats", "--window", "90m", "--json").output)
+    assert data["data"][0]["requests"] == 2
+    span = datetime.fromisoformat(data["until"]) - datetime.fromisoformat(data["since"])
+    assert span == timedelta(minutes=90)
 
 
 def test_stats_refuses_a_window_the_api_would_refuse(tmp_path: Path, database_url: str) -> None:

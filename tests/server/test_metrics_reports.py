@@ -229,5 +229,111 @@ def test_report_answers_write_buckets_and_times_as_the_api_reads_them(site: Site
         assert answer["bucket"] == echoed, (asked, answer["bucket"])
 
 
+MINUTE = timedelta(minutes=1)
+# (minute from the first hour, user, requests, model): three hours of two users' traffic.
+TRAFFIC = [
+    (5, "alice", 3, "m"),
+    (5, "bob", 1, "m"),
+    (25, "alice", 2, "m2"),
+    (50, "bob", 4, "m"),
+    (70, "alice", 5, "m"),
+    (100, "bob", 2, "m2"),
+    (135, "alice", 1, "m"),
+    (135, "bob", 3, "m"),
+    (165, "bob", 2, "m2"),
+    (170, "alice", 4, "m"),
+]
+
+
+def _traffic(site: Site) -> datetime:
+    """Record ``TRAFFIC`` from three hours before this hour; its first hour."""
+    hour = NOW.replace(minute=0, second=0, microsecond=0) - timedelta(hours=3)
+    for minute, user, n, model in TRAFFIC:
+        site.record(user, hour + minute * MINUTE, model=model, n=n)
+    return hour
+
+
+def _in(lo: int, hi: int, user: str | None = None, model: str | None = None) -> int:
+    """Requests of ``TRAFFIC`` from minute ``lo`` to before ``hi``."""
+    return sum(
+        n for m, u, n, mod in TRAFFIC if lo <= m < hi and user in (None, u) and model in (None, mod)
+    )
+
+
+# Windows (minutes from the first hour) starting and ending inside hours, either side of
+# half past (so both ways of reading an edge hour), and inside a single hour.
+WINDOWS = [(20, 140), (45, 160), (55, 168), (10, 75), (30, 50), (62, 118)]
+
+
+def test_a_window_inside_hours_counts_exactly_its_requests_for_admins_and_users(
+    site: Site,
+) -> None:
+    hour = _traffic(site)
+    bob_key = site.users["bob"][1]
+    ids = {site.users[name][0]: name for name in ("alice", "bob")}
+    for lo, hi in WINDOWS:
+        window = {"since": _iso(hour + lo * MINUTE), "until": _iso(hour + hi * MINUTE)}
+        # Before: rounded out to whole hours, (20, 140) counted from minute 0 to 180.
+        body = site.ok("/api/metrics/summary", group_by="user,model", **window)
+        assert (body["since"], body["until"]) == (window["since"], window["until"])
+        got = {(ids[e["group"]["user"]], e["group"]["model"]): e["requests"] for e in body["data"]}
+        expected = {
+            (user, model): _in(lo, hi, user, model)
+            for user in ("alice", "bob")
+            for model in ("m", "m2")
+            if _in(lo, hi, user, model)
+        }
+        assert got == expected, (lo, hi)
+        # A user sees their own requests of the window, none of alice's at its edges.
+        [mine] = site.ok("/api/metrics/summary", bob_key, **window)["data"]
+        assert mine["requests"] == _in(lo, hi, "bob"), (lo, hi)
+        filtered = site.ok("/api/metrics/summary", bob_key, model="m2", **window)["data"]
+        assert filtered[0]["requests"] == _in(lo, hi, "bob", "m2"), (lo, hi)
+
+
+def test_time_series_buckets_at_the_window_s_edges_count_only_its_part(site: Site) -> None:
+    hour = _traffic(site)
+    window = {"since": _iso(hour + 20 * MINUTE), "until": _iso(hour + 140 * MINUTE)}
+    body = site.ok("/api/metrics/timeseries", bucket="1h", **window)
+    assert (body["since"], body["until"]) == (window["since"], window["until"])
+    # Buckets stay on whole hours; the first and last count the window's part of them.
+    assert [b["start"] for b in body["data"]] == [_iso(hour + h * 60 * MINUTE) for h in range(3)]
+    got = [b["groups"][0]["requests"] for b in body["data"]]
+    assert got == [_in(20, 60), _in(60, 120), _in(120, 140)]  # before: [10, 7, 4]
+    mine = site.ok("/api/metrics/timeseries", site.users["bob"][1], bucket="1h", **window)
+    assert [b["groups"][0]["requests"] for b in mine["data"]] == [
+        _in(20, 60, "bob"),
+        _in(60, 120, "bob"),
+        _in(120, 140, "bob"),
+    ]
+    # Day buckets: before, the first day was counted from its midnight.
+    daily = site.ok("/api/metrics/timeseries", bucket="1d", **window)["data"]
+    assert sum(b["groups"][0]["requests"] for b in daily) == _in(20, 140)
+
+
+def test_an_edge_in_the_pruned_raw_log_is_rounded_out_and_says_so(site: Site) -> None:
+    # Retention keeps the raw log one day here; 40 hours ago is in the rollups only.
+    hour = (NOW - timedelta(hours=40)).replace(minute=0, second=0, microsecond=0)
+    site.record(None, hour + 10 * MINUTE, n=4)
+    site.record(None, hour + 50 * MINUTE, n=3)
+    site.record(None, NOW - timedelta(minutes=20), n=2)
+    site.record(None, NOW - timedelta(minutes=5), n=1)
+    with site.engine.begin() as conn:
+        conn.execute(
+            sa.delete(request_log).where(request_log.c.created_at < NOW - timedelta(days=1))
+        )
+    until = NOW - timedelta(minutes=10)
+    body = site.ok("/api/metrics/summary", since=_iso(hour + 30 * MINUTE), until=_iso(until))
+    # The first hour counted whole, as its rollup has it, and the window says so; the
+    # end, whose raw rows are kept, is exact.
+    assert (body["since"], body["until"]) == (_iso(hour), _iso(until))
+    assert body["data"][0]["requests"] == 4 + 3 + 2
+    series = site.ok(
+        "/api/metrics/timeseries", bucket="1d", since=_iso(hour + 30 * MINUTE), until=_iso(until)
+    )
+    assert series["since"] == _iso(hour)
+    assert sum(b["groups"][0]["requests"] for b in series["data"]) == 9
+
+
 def _iso(moment: datetime) -> str:
     return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")

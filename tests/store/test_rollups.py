@@ -90,7 +90,7 @@ def test_percentiles_from_rollups_match_the_raw_rows_within_the_bin_error(
         "SELECT model, success, response_time_ms, total_tokens, cost_usd FROM request_log",
     )
     store = MetricsStore(migrated_engine)
-    window = store.window(NOW - timedelta(days=4), NOW + timedelta(hours=1), {})
+    window = store.window(NOW - timedelta(days=4), NOW + timedelta(hours=1), {}).rows
     summary = {e["group"]["model"]: e for e in report.summary(window, ["model"])}
     for model in ("m-fast", "m-slow"):
         mine = [r for r in raw if r["model"] == model]
@@ -116,7 +116,7 @@ def test_hour_and_day_rollups_agree_and_filters_apply(migrated_engine: sa.Engine
     attempts = len(rows(migrated_engine, "SELECT id FROM request_log"))
     assert attempts > 300  # some exchanges fell back: one row per attempt
     assert report.summary(hours)[0]["requests"] == report.summary(days)[0]["requests"] == attempts
-    keyed = report.summary(store.window(start, end, {"api_key_id": 1}))[0]
+    keyed = report.summary(store.window(start, end, {"api_key_id": 1}).rows)[0]
     assert keyed["requests"] == len(
         rows(migrated_engine, "SELECT id FROM request_log WHERE api_key_id = 1")
     )
@@ -201,10 +201,10 @@ def test_deleting_raw_rows_leaves_rollup_totals_unchanged(migrated_engine: sa.En
     write(migrated_engine, *_traffic(200, 3))
     store = MetricsStore(migrated_engine)
     start, end = NOW - timedelta(days=4), NOW + timedelta(hours=1)
-    before = report.summary(store.window(start, end, {}), ["model"])
+    before = report.summary(store.window(start, end, {}).rows, ["model"])
     with migrated_engine.begin() as conn:
         conn.exec_driver_sql("DELETE FROM request_log")
-    assert report.summary(store.window(start, end, {}), ["model"]) == before
+    assert report.summary(store.window(start, end, {}).rows, ["model"]) == before
 
 
 def test_upgrading_tallies_rows_recorded_before_rollups_existed(
@@ -235,7 +235,7 @@ def test_upgrading_tallies_rows_recorded_before_rollups_existed(
                 )
         migrate.upgrade(settings)
         got = report.summary(
-            MetricsStore(engine).window(NOW - timedelta(days=1), NOW + timedelta(hours=1), {})
+            MetricsStore(engine).window(NOW - timedelta(days=1), NOW + timedelta(hours=1), {}).rows
         )[0]
         assert (got["requests"], got["errors"], got["total_tokens"]) == (3, 1, 30)
         assert got["errors_by_type"] == {"server_error": 1}

@@ -47,8 +47,9 @@ _GROUPS = {
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def stats(window: str, group_by: str, as_json: bool) -> None:
-    """Requests, errors, latency percentiles, tokens and cost over a window, from the
-    rollups (the same figures as GET /api/metrics/summary)."""
+    """Requests, errors, latency percentiles, tokens and cost over the window that ends
+    now (the same figures as GET /api/metrics/summary): its first line is the window
+    counted, rounded out to whole hours where the raw log was pruned."""
     try:
         # The API's rules: positive, at most ten years.
         span = duration(window, "--window")
@@ -62,13 +63,19 @@ def stats(window: str, group_by: str, as_json: bool) -> None:
     with engine_at_head() as engine:
         grouping = [_GROUPS[n] for n in names]
         store = MetricsStore(engine)
+        counted = store.window(end - span, end, {}, grouping)
         # Users and keys by their public ids, as the API and `parley limits` name them.
-        entries = published(
-            report.summary(store.window(end - span, end, {}, grouping), grouping), store
-        )
+        entries = published(report.summary(counted.rows, grouping), store)
     if as_json:
-        click.echo(orjson.dumps({"window": window, "data": entries}, default=str).decode())
+        since, until = _iso(counted.start), _iso(counted.end)
+        body = {"window": window, "since": since, "until": until, "data": entries}
+        click.echo(orjson.dumps(body, default=str).decode())
         return
+    rounded = counted.start != end - span or counted.end != end
+    click.echo(
+        f"{_iso(counted.start, 'seconds')} to {_iso(counted.end, 'seconds')}"
+        + (" (rounded out to whole hours: the raw log there was pruned)" if rounded else "")
+    )
     labels = [", ".join(f"{k}={v}" for k, v in e["group"].items()) or "(all)" for e in entries]
     # Wide enough for every label: a public id cut short names nobody.
     width = max([40, *map(len, labels)])
@@ -86,6 +93,10 @@ def stats(window: str, group_by: str, as_json: bool) -> None:
             f"{_ms(lat['p90']):>8} {_ms(lat['p99']):>8} {_ms(ttft['p50']):>8} "
             f"{e['total_tokens']:>10} {cost:>10}"
         )
+
+
+def _iso(moment: datetime, timespec: str = "auto") -> str:
+    return moment.astimezone(UTC).isoformat(timespec=timespec).replace("+00:00", "Z")
 
 
 def _ms(value: float | None) -> str:

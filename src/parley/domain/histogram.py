@@ -6,6 +6,13 @@ geometric midpoint. So a percentile read from a histogram is within ``RELATIVE_E
 (about 4.4%) of the exact nearest-rank percentile of the same values: both fall in the
 same bin. Values at or below ``FLOOR`` (including zero) share the lowest bin.
 
+The database computes the same bins for raw rows (``store.edges``): SQLite with the C
+library's ``log2``, as here, PostgreSQL as ``ln(v) / ln(2)``, which can be an ulp or two
+off. ``GUARD`` is added before the floor on both sides, so that a value whose
+``log2(v) * BINS_PER_DOUBLING`` is a whole number (a power of two, such as 128 ms)
+falls in the same bin whichever way it was computed: only a value within about one part
+in 10^10 below a bin's edge can move up a bin.
+
 Histograms are sparse ``{bin: count}`` maps, so merging two is adding counts: hours merge
 into days and rollups of any grouping merge into one, with no loss beyond the bin width.
 They are stored as compact JSON text (``encode`` / ``decode``): an object of bin to count,
@@ -24,20 +31,22 @@ BINS_PER_DOUBLING = 8
 RELATIVE_ERROR = 2 ** (1 / (2 * BINS_PER_DOUBLING)) - 1
 # Smallest value told apart from zero: a microsecond, a thousandth of a token per second.
 FLOOR = 0.001
-_FLOOR_BIN = math.floor(math.log2(FLOOR) * BINS_PER_DOUBLING)
+FLOOR_BIN = math.floor(math.log2(FLOOR) * BINS_PER_DOUBLING)
+# Added before the floor, here and in SQL (see the module docstring).
+GUARD = 1e-9
 
 Histogram = dict[int, int]
 
 
 def bin_of(value: float) -> int:
     if value <= FLOOR or math.isnan(value):
-        return _FLOOR_BIN
-    return math.floor(math.log2(value) * BINS_PER_DOUBLING)
+        return FLOOR_BIN
+    return math.floor(math.log2(value) * BINS_PER_DOUBLING + GUARD)
 
 
 def value_of(bin_: int) -> float:
     """The bin's geometric midpoint: what a percentile falling in it reports."""
-    if bin_ <= _FLOOR_BIN:
+    if bin_ <= FLOOR_BIN:
         return 0.0
     return float(2 ** ((bin_ + 0.5) / BINS_PER_DOUBLING))
 
@@ -50,6 +59,17 @@ def add(histogram: Histogram, value: float, count: int = 1) -> None:
 def merge(into: Histogram, other: Mapping[int, int]) -> Histogram:
     for key, count in other.items():
         into[key] = into.get(key, 0) + count
+    return into
+
+
+def take(into: Histogram, other: Mapping[int, int]) -> Histogram:
+    """Subtract ``other``'s counts from ``into``, dropping the bins that reach zero."""
+    for key, count in other.items():
+        left = into.get(key, 0) - count
+        if left:
+            into[key] = left
+        else:
+            into.pop(key, None)
     return into
 
 

@@ -120,6 +120,24 @@ class Tally:
         histogram.merge(self.tps, other.tps)
         return self
 
+    def subtract(self, other: Tally) -> Tally:
+        """Take ``other`` (a part of this tally's requests) out of this tally, which must
+        be one's own: an hour's rollup less the rows of that hour outside a window.
+        Counts and histogram bins subtract exactly; a bin left empty is dropped."""
+        self.requests -= other.requests
+        self.prompt_tokens -= other.prompt_tokens
+        self.completion_tokens -= other.completion_tokens
+        self.total_tokens -= other.total_tokens
+        self.cost_usd -= other.cost_usd
+        self.priced -= other.priced
+        self.latency_ms_sum -= other.latency_ms_sum
+        self.ttft_ms_sum -= other.ttft_ms_sum
+        self.tps_sum -= other.tps_sum
+        histogram.take(self.latency_ms, other.latency_ms)
+        histogram.take(self.ttft_ms, other.ttft_ms)
+        histogram.take(self.tps, other.tps)
+        return self
+
     def plus(self, other: Tally) -> Tally:
         """A new tally of both; neither changes. A histogram that only one of them has
         is shared, not copied (the writer adds a few rows to large stored histograms

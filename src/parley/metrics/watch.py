@@ -23,8 +23,9 @@ from parley.metrics import anomalies
 from parley.settings import Settings
 from parley.store import anomaly_log
 from parley.store.anomaly_log import Seen
+from parley.store.edges import floor_hour
 from parley.store.engine import create_engine
-from parley.store.metrics import MetricsStore, floor_hour
+from parley.store.metrics import MetricsStore
 
 log = logging.getLogger(__name__)
 

@@ -8,8 +8,10 @@ Routes (JSON; errors are OpenAI error JSON). Every report takes a window (``sinc
 - ``GET /api/metrics/summary``: per group, request and error counts (by error type),
   error rate, avg / p50 / p90 / p99 of latency, time to first token and tokens per second,
   tokens and cost;
-- ``GET /api/metrics/timeseries``: the same per ``bucket`` (``1h`` default; whole hours
-  and days come from rollups, finer buckets from the raw log for windows up to 6 hours);
+- ``GET /api/metrics/timeseries``: the same per ``bucket`` (``1h`` default; buckets of
+  whole hours or days lie on whole hours or days, from rollups, the first and last
+  counting only the window's part of them; finer buckets from the raw log for windows up
+  to 6 hours);
 - ``GET /api/metrics/requests``: the raw request log, last recorded first, ``limit`` and
   ``cursor`` pagination;
 - ``GET /api/metrics/anomalies``: episodes where a model's error rate or p90 latency left
@@ -17,8 +19,11 @@ Routes (JSON; errors are OpenAI error JSON). Every report takes a window (``sinc
 - ``GET /api/metrics/http``: parley's own endpoints: count, error rate and latency
   percentiles per route template and method.
 
-Users see their own traffic; admins see everyone's. Reports read rollups, never the raw
-log (see ``store.metrics``), and every repository call leaves the event loop.
+Users see their own traffic; admins see everyone's. Reports count exactly the requests
+in [since, until): whole hours and days from rollups, the parts of hours at the window's
+edges from the raw log (``store.edges``); where retention pruned an edge's raw rows that
+edge is rounded out to its whole hour, and ``since`` / ``until`` in the answer say the
+window counted. Every repository call leaves the event loop.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ import orjson
 from aiohttp import web
 
 from parley.domain import histogram
-from parley.domain.rollup import DAY, HOUR, Dims, Tally, dims_of
+from parley.domain.rollup import HOUR, Dims, Tally, dims_of
 from parley.domain.times import utc
 from parley.errors import InvalidRequest
 from parley.metrics import anomalies, report
@@ -39,7 +44,8 @@ from parley.server import identity
 from parley.server import metrics_query as q
 from parley.server.params import page_size
 from parley.server.state import SERVICES
-from parley.store.metrics import MetricsStore, floor_day, floor_hour
+from parley.store.edges import floor_hour
+from parley.store.metrics import MetricsStore, floor_day
 
 _MAX_PAGE = 500
 # Finer buckets than an hour are counted from raw rows: only over short windows.
@@ -92,9 +98,9 @@ async def summary(request: web.Request) -> web.Response:
     start, end = q.window(request, _now())
     group_by = q.group_by(request)
     filters = await q.filters(request, caller, store)
-    rows = await asyncio.to_thread(store.window, start, end, filters, group_by)
-    data = await q.publish(report.summary(rows, group_by), store)
-    return _json({"since": _iso(start), "until": _iso(end), "data": data})
+    counted = await asyncio.to_thread(store.window, start, end, filters, group_by)
+    data = await q.publish(report.summary(counted.rows, group_by), store)
+    return _json({"since": _iso(counted.start), "until": _iso(counted.end), "data": data})
 
 
 async def timeseries(request: web.Request) -> web.Response:
@@ -104,10 +110,16 @@ async def timeseries(request: web.Request) -> web.Response:
     bucket = q.duration(request.query.get("bucket", "1h"), "bucket")
     group_by = q.group_by(request)
     filters = await q.filters(request, caller, store)
-    if bucket % timedelta(days=1) == timedelta(0):
-        start, period = floor_day(start), DAY
-    elif bucket % timedelta(hours=1) == timedelta(0):
-        start, period = floor_hour(start), HOUR
+    if (end - start) / bucket > 2000:
+        raise InvalidRequest("too many buckets: at most 2000 per series", "bucket")
+    if bucket % timedelta(hours=1) == timedelta(0):
+        days = bucket % timedelta(days=1) == timedelta(0)
+        counted = await asyncio.to_thread(
+            lambda: store.window(start, end, filters, group_by, days=days)
+        )
+        # Buckets on whole days or hours; the first and last count only the window's part.
+        start, end = counted.start, counted.end
+        grid, rows = (floor_day(start) if days else floor_hour(start)), counted.rows
     else:
         if end - start > _RAW_WINDOW:
             raise InvalidRequest(
@@ -116,14 +128,9 @@ async def timeseries(request: web.Request) -> web.Response:
                 "bucket",
             )
         _check_raw_kept(request, start)
-        period = ""
-    if (end - start) / bucket > 2000:
-        raise InvalidRequest("too many buckets: at most 2000 per series", "bucket")
-    if period:
-        rows = await asyncio.to_thread(store.period, period, start, end, filters, group_by)
-    else:
+        grid = start
         rows = await asyncio.to_thread(_raw_rows, store, start, end, filters)
-    series = report.timeseries(rows, start, end, bucket, group_by)
+    series = report.timeseries(rows, grid, end, bucket, group_by)
     data = await q.publish(series, store)
     return _json(
         {"since": _iso(start), "until": _iso(end), "bucket": q.duration_text(bucket), "data": data}

@@ -2,8 +2,10 @@
 metrics, and the public ids reports show instead of internal ones.
 
 Invariants:
-- a window is read from day rollups for the whole days inside it and hour rollups for the
-  hours at its edges, so a 30-day report reads ~30 rows per series, never the raw log;
+- a window is read from day rollups for the whole days inside it, hour rollups for the
+  whole hours at its edges, and the raw log only for the parts of hours it starts and
+  ends in (``store.edges``), so a 30-day report reads ~30 rows per series and at most
+  half an hour of raw rows at each end;
 - the request log is paged by ``id`` descending (commit order); a cursor is the public id
   of the row that ended the previous page, so pages are stable while new rows arrive and
   no internal id, which would tell how many requests everyone made, ever leaves;
@@ -24,13 +26,23 @@ from sqlalchemy import Row, select
 
 from parley.domain.rollup import DAY, HOUR, Dims, Tally, by_model, model_level
 from parley.errors import InvalidRequest
-from parley.store import rollups
+from parley.store import edges, rollups
+from parley.store.edges import floor_hour
 from parley.store.schema import api_keys, http_metrics, request_log, users
 
 HOUR_DELTA = timedelta(hours=1)
 DAY_DELTA = timedelta(days=1)
 # Request-log columns a listing may filter on (rollup dimensions have the same names).
 LOG_FILTERS = ("user_id", "api_key_id", "provider", "model", "origin", "success", "error_type")
+
+
+@dataclass(frozen=True, slots=True)
+class Counted:
+    """Rollup-shaped rows counting exactly [start, end), the window that was counted."""
+
+    start: datetime
+    end: datetime
+    rows: list[edges.Row]
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,22 +61,36 @@ class MetricsStore:
         end: datetime,
         filters: Mapping[str, Any],
         group_by: Sequence[str] = (),
-    ) -> list[tuple[datetime, Dims, Tally]]:
-        """Rollup rows covering [start, end) rounded out to whole hours; model-level rows
-        when the grouping and filters need nothing finer."""
-        lo, hi = floor_hour(start), ceil_hour(end)
-        first_day, last_day = ceil_day(lo), floor_day(hi)
-        hour, day = HOUR, DAY
-        if model_level([*filters, *group_by]):
-            hour, day = by_model(HOUR), by_model(DAY)
-        with self._engine.connect() as conn:
-            if first_day >= last_day:
-                return list(rollups.rows_between(conn, hour, lo, hi, filters))
-            return [
-                *rollups.rows_between(conn, hour, lo, first_day, filters),
-                *rollups.rows_between(conn, day, first_day, last_day, filters),
-                *rollups.rows_between(conn, hour, last_day, hi, filters),
-            ]
+        *,
+        days: bool = True,
+    ) -> Counted:
+        """Tallies of exactly [start, end): rollups for whole hours (and, with ``days``,
+        whole days), the raw log for the parts of hours at its edges (``store.edges``);
+        model-level rows when the grouping and filters need nothing finer. Each row is
+        at the start of its hour or day. An edge whose raw rows retention pruned is
+        rounded out to its whole hour: ``Counted`` says which window was counted."""
+        level = model_level([*filters, *group_by])
+        hour, day = (by_model(HOUR), by_model(DAY)) if level else (HOUR, DAY)
+        with edges.snapshot(self._engine) as conn:
+            span = None
+            if floor_hour(start) != start or floor_hour(end) != end:
+                span = edges.raw_span(conn)
+            chosen = edges.plan(start, end, span, lambda h: edges.complete(conn, h, span))
+            lo, hi = chosen.rollup_start, chosen.rollup_end
+            first_day, last_day = ceil_day(lo), floor_day(hi)
+            day_rows: list[edges.Row] = []
+            if lo >= hi:
+                hour_rows: list[edges.Row] = []
+            elif not days or first_day >= last_day:
+                hour_rows = list(rollups.rows_between(conn, hour, lo, hi, filters))
+            else:
+                hour_rows = [
+                    *rollups.rows_between(conn, hour, lo, first_day, filters),
+                    *rollups.rows_between(conn, hour, last_day, hi, filters),
+                ]
+                day_rows = list(rollups.rows_between(conn, day, first_day, last_day, filters))
+            rows = edges.counted_rows(conn, chosen, hour_rows, filters, level)
+        return Counted(chosen.start, chosen.end, day_rows + rows)
 
     def period(
         self,
@@ -186,15 +212,6 @@ def _filtered(query: Any, filters: Mapping[str, Any]) -> Any:
             column.in_(value) if isinstance(value, list | tuple) else column == value
         )
     return query
-
-
-def floor_hour(moment: datetime) -> datetime:
-    return moment.replace(minute=0, second=0, microsecond=0)
-
-
-def ceil_hour(moment: datetime) -> datetime:
-    floor = floor_hour(moment)
-    return floor if floor == moment else floor + HOUR_DELTA
 
 
 def floor_day(moment: datetime) -> datetime:

@@ -1,0 +1,278 @@
+"""Exact window edges: the part of an hour a window covers, counted from the raw log in SQL.
+
+Rollups count whole hours and days. A window ``[start, end)`` that starts or ends inside an
+hour (a "last 30 days" from now always does) counts the part of that hour inside it from
+the raw request log, added up by the database into the same tallies as the rollups
+(``Dims`` and ``Tally``), so reports merge them as they merge rollup rows.
+
+Invariants:
+- whole hours and days come from the rollups only, never from a scan of the raw log;
+- an edge hour reads its shorter side (``plan``): the raw rows inside the window or, when
+  fewer minutes of raw rows lie outside it, the hour's rollup less the raw rows outside
+  (counts, sums and histogram bins subtract exactly). Minutes before the oldest or after
+  the newest raw row hold no rows, so they cost nothing: the hour a "last N days" window
+  ends in is its rollup less nothing;
+- an edge hour of which retention pruned any raw row is counted whole from its rollup,
+  and the window reported as counted is rounded out to it;
+- rollups and raw rows are read in one snapshot (``snapshot``): a commit between two reads
+  could otherwise make a subtraction take out rows its rollup never counted;
+- raw values are binned in SQL with ``histogram.bin_of``'s formula and ``GUARD``; the
+  reads go through the index on ``request_log.created_at`` (or a user's or key's index
+  on (id, created_at) when the report is filtered by one).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+import sqlalchemy
+from sqlalchemy import Float, Integer, and_, case, cast, func, literal, null, or_, select, union_all
+
+from parley.domain import histogram
+from parley.domain.rollup import MODEL_HOUR, Dims, Tally
+from parley.domain.times import utc
+from parley.store.schema import metric_rollups, request_log
+
+HOUR = timedelta(hours=1)
+
+Row = tuple[datetime, Dims, Tally]
+# A raw part of an edge hour, [lo, hi), and whether it is added (1) or taken out (-1).
+Piece = tuple[datetime, datetime, int]
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """How to count a window: rollups of [rollup_start, rollup_end), less or plus pieces."""
+
+    start: datetime  # the window counted (rounded out where the raw rows were pruned)
+    end: datetime
+    rollup_start: datetime
+    rollup_end: datetime
+    # Edge hours read whole from the rollups, less their raw rows outside the window.
+    net_hours: frozenset[datetime]
+    pieces: tuple[Piece, ...]
+
+
+@contextmanager
+def snapshot(engine: sqlalchemy.Engine) -> Iterator[sqlalchemy.Connection]:
+    """A connection whose reads all see one state of the database: on SQLite the engine's
+    ``BEGIN`` (WAL: fixed at the first read), on PostgreSQL a REPEATABLE READ transaction."""
+    with engine.connect() as conn:
+        if conn.dialect.name == "postgresql":
+            conn = conn.execution_options(isolation_level="REPEATABLE READ")
+        with conn.begin():
+            yield conn
+
+
+def plan(
+    start: datetime,
+    end: datetime,
+    span: tuple[datetime, datetime] | None,
+    kept: Callable[[datetime], bool],
+) -> Plan:
+    """The reads that count [start, end) exactly. ``span``: the oldest and newest raw
+    row (None: none); ``kept(hour)``: whether every raw row of ``hour`` is still stored."""
+    first, last = floor_hour(start), floor_hour(end)
+    if start != first and not kept(first):
+        start = first
+    if end != last and not kept(last):
+        end = last = last + HOUR
+    edge_hours = sorted({h for h, moment in ((first, start), (last, end)) if h != moment})
+    rollup_start, rollup_end = ceil_hour(start), last
+    net: set[datetime] = set()
+    pieces: list[Piece] = []
+    for hour in edge_hours:
+        inside = (max(start, hour), min(end, hour + HOUR))
+        outside = [(lo, hi) for lo, hi in ((hour, inside[0]), (inside[1], hour + HOUR)) if lo < hi]
+        if sum(_cost(part, span) for part in outside) < _cost(inside, span):
+            net.add(hour)
+            pieces += [(lo, hi, -1) for lo, hi in outside]
+            rollup_start, rollup_end = min(rollup_start, hour), max(rollup_end, hour + HOUR)
+        else:
+            pieces.append((*inside, 1))
+    return Plan(start, end, rollup_start, rollup_end, frozenset(net), tuple(pieces))
+
+
+def _cost(part: tuple[datetime, datetime], span: tuple[datetime, datetime] | None) -> float:
+    """Seconds of ``part`` that may hold raw rows (between the oldest and newest)."""
+    if span is None:
+        return 0.0
+    lo, hi = max(part[0], span[0]), min(part[1], span[1])
+    return max(0.0, (hi - lo).total_seconds())
+
+
+def raw_span(conn: sqlalchemy.Connection) -> tuple[datetime, datetime] | None:
+    """The oldest and newest raw row's time (two index lookups), or None when none."""
+    t = request_log.c.created_at
+    found = conn.execute(
+        select(select(func.min(t)).scalar_subquery(), select(func.max(t)).scalar_subquery())
+    ).one()
+    return None if found[0] is None else (utc(found[0]), utc(found[1]))
+
+
+def complete(
+    conn: sqlalchemy.Connection, hour: datetime, span: tuple[datetime, datetime] | None
+) -> bool:
+    """Whether every request of ``hour`` still has its raw row. Retention deletes the
+    oldest rows first, so an hour from the oldest row on is whole; an older one (only a
+    window reaching back to retention's edge asks) is whole if its raw rows are as many
+    as its rollups count."""
+    if span is not None and hour >= span[0]:
+        return True
+    t = request_log.c.created_at
+    raw = conn.execute(select(func.count()).where(t >= hour, t < hour + HOUR)).scalar() or 0
+    r = metric_rollups.c
+    counted = conn.execute(
+        select(func.coalesce(func.sum(r.requests), 0)).where(
+            r.period == MODEL_HOUR, r.bucket_start == hour
+        )
+    ).scalar()
+    return int(raw) == int(counted or 0)
+
+
+def counted_rows(
+    conn: sqlalchemy.Connection,
+    chosen: Plan,
+    hour_rows: Sequence[Row],
+    filters: Mapping[str, Any],
+    model_level: bool,
+) -> list[Row]:
+    """``hour_rows`` (the rollups' hours of the plan) with the edges applied: the net
+    hours less their outside pieces, and the inside pieces added as rows of their hour."""
+    out = [row for row in hour_rows if row[0] not in chosen.net_hours]
+    net = {(at, dims): tally for at, dims, tally in hour_rows if at in chosen.net_hours}
+    for lo, hi, sign in chosen.pieces:
+        hour = floor_hour(lo)
+        for dims, tally in raw_tallies(conn, lo, hi, filters, model_level):
+            if sign > 0:
+                out.append((hour, dims, tally))
+                continue
+            found = net.get((hour, dims))
+            if found is not None:  # always, in one snapshot: the rollup counted the rows
+                found.subtract(tally)
+    out += [(at, dims, tally) for (at, dims), tally in net.items() if tally.requests]
+    return out
+
+
+_MODEL_DIMS = ("provider", "model", "success", "error_type")
+# Histogram of the Tally -> the request-log column it bins.
+_BINNED = {
+    "latency_ms": "response_time_ms",
+    "ttft_ms": "time_to_first_token_ms",
+    "tps": "tokens_per_second",
+}
+# Columns summed (the binned ones for the Tally's ``*_sum``).
+_VALUES = ("prompt_tokens", "completion_tokens", "total_tokens", "cost_usd", *_BINNED.values())
+
+
+def raw_tallies(
+    conn: sqlalchemy.Connection,
+    lo: datetime,
+    hi: datetime,
+    filters: Mapping[str, Any],
+    model_level: bool,
+) -> Iterator[tuple[Dims, Tally]]:
+    """The raw rows of [lo, hi) matching ``filters``, added up by the database per series
+    (every dimension, or by model alone as the model-level rollups are): one statement,
+    which reads the rows once and returns one row of totals and one per histogram bin."""
+    names = _MODEL_DIMS if model_level else Dims._fields
+    dims = [request_log.c[name] for name in names]
+    t = request_log.c
+    where = [t.created_at >= lo, t.created_at < hi]
+    for name, value in filters.items():
+        column = t[name]
+        where.append(column.in_(value) if isinstance(value, list | tuple) else column == value)
+    postgres = conn.dialect.name == "postgresql"
+    rows = (
+        select(
+            *dims,
+            *(t[name] for name in _VALUES),
+            *(_bin(t[column], postgres).label(f"b_{hist}") for hist, column in _BINNED.items()),
+        )
+        .where(and_(*where))
+        .cte("edge")
+    )
+    keys = [rows.c[name] for name in names]
+    totals = select(
+        *keys,
+        literal("").label("hist"),
+        cast(null(), Integer).label("bin"),
+        func.count().label("n"),
+        *(func.sum(rows.c[name]).label(name) for name in _VALUES),
+        func.count(rows.c.cost_usd).label("priced"),
+    ).group_by(*keys)
+    bins = [
+        select(
+            *keys,
+            literal(hist),
+            rows.c[f"b_{hist}"],
+            func.count(),
+            *(cast(null(), Float) for _ in _VALUES),
+            literal(0),
+        )
+        .where(rows.c[f"b_{hist}"].is_not(None))
+        .group_by(*keys, rows.c[f"b_{hist}"])
+        for hist in _BINNED
+    ]
+    found: dict[tuple[Any, ...], Tally] = {}
+    for row in conn.execute(union_all(totals, *bins)):
+        key = tuple(row[: len(names)])
+        tally = found.get(key)
+        if tally is None:
+            tally = found[key] = Tally()
+        hist, bin_, n = row.hist, row.bin, int(row.n)
+        if hist:
+            getattr(tally, hist)[int(bin_)] = n
+            continue
+        m = row._mapping
+        tally.requests = n
+        tally.prompt_tokens = int(m["prompt_tokens"] or 0)
+        tally.completion_tokens = int(m["completion_tokens"] or 0)
+        tally.total_tokens = int(m["total_tokens"] or 0)
+        tally.cost_usd = float(m["cost_usd"] or 0.0)
+        tally.priced = int(m["priced"])
+        tally.latency_ms_sum = float(m["response_time_ms"] or 0.0)
+        tally.ttft_ms_sum = float(m["time_to_first_token_ms"] or 0.0)
+        tally.tps_sum = float(m["tokens_per_second"] or 0.0)
+    for key, tally in found.items():
+        values = dict(zip(names, key, strict=True))
+        yield (
+            Dims(
+                values.get("user_id"),
+                values.get("api_key_id"),
+                values["provider"],
+                values["model"],
+                values.get("origin"),
+                bool(values["success"]),
+                values["error_type"],
+            ),
+            tally,
+        )
+
+
+def _bin(column: Any, postgres: bool) -> Any:
+    """``histogram.bin_of`` in SQL: NULL for NULL, the floor bin at or below ``FLOOR``."""
+    floor_bin = literal(histogram.FLOOR_BIN)
+    low = column <= literal(histogram.FLOOR, Float)
+    if postgres:
+        # PostgreSQL has no log2 for double precision; NaN is the floor bin, as in Python.
+        log2 = func.ln(column) / literal(math.log(2), Float)
+        low = or_(low, column == literal(math.nan, Float))
+    else:
+        log2 = func.log2(column)
+    scaled = log2 * literal(histogram.BINS_PER_DOUBLING) + literal(histogram.GUARD, Float)
+    return case((column.is_(None), null()), (low, floor_bin), else_=func.floor(scaled))
+
+
+def floor_hour(moment: datetime) -> datetime:
+    return moment.replace(minute=0, second=0, microsecond=0)
+
+
+def ceil_hour(moment: datetime) -> datetime:
+    floor = floor_hour(moment)
+    return floor if floor == moment else floor + HOUR
