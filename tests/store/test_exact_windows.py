@@ -236,6 +236,22 @@ def test_a_window_of_whole_days_and_hours_reads_no_raw_rows_and_edges_read_the_s
     )
 
 
+def test_an_edge_hour_read_less_its_outside_rows_at_midnight_is_not_taken_from_a_day(
+    migrated_engine: sa.Engine,
+) -> None:
+    midnight = BASE.replace(hour=0) - timedelta(days=1)
+    _fill(migrated_engine, _traffic(5, start=midnight - timedelta(hours=2), hours=52, n=600))
+    # Starting ten minutes after midnight and ending ten before: both edge hours are read
+    # as their rollup less ten minutes, and their days must not count them whole.
+    start, end = midnight + 10 * MINUTE, midnight + timedelta(days=2) - 10 * MINUTE
+    chosen = _plan(migrated_engine, start, end)
+    assert chosen.net_hours == {midnight, end.replace(minute=0)}
+    raw = _raw(migrated_engine, start, end)
+    store = MetricsStore(migrated_engine)
+    for group_by in ((), ("model",), ("user_id",)):
+        _check(_summary(store, start, end, group_by=group_by), raw, group_by)
+
+
 def _never(_hour: datetime) -> bool:
     raise AssertionError("an aligned window asks nothing about the raw rows")
 

@@ -77,7 +77,11 @@ class MetricsStore:
                 span = edges.raw_span(conn)
             chosen = edges.plan(start, end, span, lambda h: edges.complete(conn, h, span))
             lo, hi = chosen.rollup_start, chosen.rollup_end
-            first_day, last_day = ceil_day(lo), floor_day(hi)
+            # Days of whole hours only: an edge hour read less its outside rows is read
+            # from the hour rows (it is netted there), even when it starts or ends a day.
+            net = chosen.net_hours
+            first_day = ceil_day(lo + HOUR_DELTA if lo in net else lo)
+            last_day = floor_day(hi - HOUR_DELTA if hi - HOUR_DELTA in net else hi)
             day_rows: list[edges.Row] = []
             if lo >= hi:
                 hour_rows: list[edges.Row] = []
