@@ -22,6 +22,7 @@ from parley.domain import histogram
 from parley.domain.exchange import Exchange
 from parley.domain.messages import Message
 from parley.domain.rollup import Tally
+from parley.domain.times import utc
 from parley.domain.usage import Usage
 from parley.metrics import report
 from parley.store import edges
@@ -250,6 +251,39 @@ def test_an_edge_hour_read_less_its_outside_rows_at_midnight_is_not_taken_from_a
     store = MetricsStore(migrated_engine)
     for group_by in ((), ("model",), ("user_id",)):
         _check(_summary(store, start, end, group_by=group_by), raw, group_by)
+
+
+def test_days_a_window_covers_in_part_are_read_by_their_shorter_side(
+    migrated_engine: sa.Engine,
+) -> None:
+    midnight = BASE.replace(hour=0) - timedelta(days=3)
+    _fill(migrated_engine, _traffic(6, start=midnight - timedelta(hours=2), hours=100, n=700))
+    store = MetricsStore(migrated_engine)
+    day = timedelta(days=1)
+    for first, last, net in (
+        # 03:10 to 20:50 two days later: each end day less its three hours outside.
+        (3 * 60 + 10, 2 * 24 * 60 + 20 * 60 + 50, {midnight, midnight + 2 * day}),
+        # 20:10 to 04:50 two days later: the hours inside each end day.
+        (20 * 60 + 10, 2 * 24 * 60 + 4 * 60 + 50, set()),
+        # Inside one day: all but its first and last two hours, or just three of them.
+        (2 * 60 + 30, 21 * 60 + 45, {midnight}),
+        (9 * 60 + 30, 12 * 60 + 15, set()),
+    ):
+        start, end = midnight + first * MINUTE, midnight + last * MINUTE
+        chosen = _plan(migrated_engine, start, end)
+        lo, hi = chosen.rollup_start, chosen.rollup_end
+        now = (datetime.min.replace(tzinfo=UTC), datetime.now(UTC))
+        assert edges.sides(lo, hi, day, edges.floor_day, now)[0] == net
+        raw = _raw(migrated_engine, start, end)
+        for group_by in ((), ("model", "success"), ("user_id",)):
+            _check(_summary(store, start, end, group_by=group_by), raw, group_by)
+        # Day buckets: each day's part of the window in its day.
+        counted = store.window(start, end, {})
+        series = report.timeseries(counted.rows, edges.floor_day(start), end, day)
+        for bucket in series:
+            at = datetime.fromisoformat(bucket["start"])
+            inside = [r for r in raw if at <= utc(r["created_at"]) < at + day]
+            assert bucket["groups"][0]["requests"] == len(inside), bucket["start"]
 
 
 def _never(_hour: datetime) -> bool:

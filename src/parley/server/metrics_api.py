@@ -44,8 +44,8 @@ from parley.server import identity
 from parley.server import metrics_query as q
 from parley.server.params import page_size
 from parley.server.state import SERVICES
-from parley.store.edges import floor_hour
-from parley.store.metrics import MetricsStore, floor_day
+from parley.store.edges import floor_day, floor_hour
+from parley.store.metrics import MetricsStore
 
 _MAX_PAGE = 500
 # Finer buckets than an hour are counted from raw rows: only over short windows.

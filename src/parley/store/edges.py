@@ -41,6 +41,7 @@ from parley.domain.times import utc
 from parley.store.schema import metric_rollups, request_log
 
 HOUR = timedelta(hours=1)
+DAY = timedelta(days=1)
 
 Row = tuple[datetime, Dims, Tally]
 # A raw part of an edge hour, [lo, hi), and whether it is added (1) or taken out (-1).
@@ -83,21 +84,38 @@ def plan(
     if start != first and not kept(first):
         start = first
     if end != last and not kept(last):
-        end = last = last + HOUR
-    edge_hours = sorted({h for h, moment in ((first, start), (last, end)) if h != moment})
-    rollup_start, rollup_end = ceil_hour(start), last
+        end = last + HOUR
+    net, pieces = sides(start, end, HOUR, floor_hour, span)
+    rollup_start, rollup_end = ceil_hour(start), floor_hour(end)
+    if net:
+        rollup_start = min(rollup_start, *net)
+        rollup_end = max(rollup_end, *(hour + HOUR for hour in net))
+    return Plan(start, end, rollup_start, rollup_end, frozenset(net), tuple(pieces))
+
+
+def sides(
+    start: datetime,
+    end: datetime,
+    unit: timedelta,
+    floor: Callable[[datetime], datetime],
+    span: tuple[datetime, datetime] | None,
+) -> tuple[set[datetime], list[Piece]]:
+    """The units (hours or days) that [start, end) covers only in part, read by their
+    shorter side: the part inside (a piece added), or the whole unit, which is then in
+    the returned set, less the parts outside (pieces taken out). Costs are the time
+    between the oldest and newest of ``span``."""
     net: set[datetime] = set()
     pieces: list[Piece] = []
-    for hour in edge_hours:
-        inside = (max(start, hour), min(end, hour + HOUR))
-        outside = [(lo, hi) for lo, hi in ((hour, inside[0]), (inside[1], hour + HOUR)) if lo < hi]
+    for first in sorted({floor(moment) for moment in (start, end) if floor(moment) != moment}):
+        inside = (max(start, first), min(end, first + unit))
+        around = ((first, inside[0]), (inside[1], first + unit))
+        outside = [(lo, hi) for lo, hi in around if lo < hi]
         if sum(_cost(part, span) for part in outside) < _cost(inside, span):
-            net.add(hour)
+            net.add(first)
             pieces += [(lo, hi, -1) for lo, hi in outside]
-            rollup_start, rollup_end = min(rollup_start, hour), max(rollup_end, hour + HOUR)
         else:
             pieces.append((*inside, 1))
-    return Plan(start, end, rollup_start, rollup_end, frozenset(net), tuple(pieces))
+    return net, pieces
 
 
 def _cost(part: tuple[datetime, datetime], span: tuple[datetime, datetime] | None) -> float:
@@ -140,24 +158,35 @@ def complete(
 def counted_rows(
     conn: sqlalchemy.Connection,
     chosen: Plan,
-    hour_rows: Sequence[Row],
+    rows: Sequence[Row],
+    less: Sequence[Row],
+    days: tuple[datetime, datetime] | None,
     filters: Mapping[str, Any],
     model_level: bool,
 ) -> list[Row]:
-    """``hour_rows`` (the rollups' hours of the plan) with the edges applied: the net
-    hours less their outside pieces, and the inside pieces added as rows of their hour."""
-    out = [row for row in hour_rows if row[0] not in chosen.net_hours]
-    net = {(at, dims): tally for at, dims, tally in hour_rows if at in chosen.net_hours}
+    """The rollup ``rows`` of the plan with its edges applied: the raw pieces inside the
+    window added as rows of their hour, and the raw pieces outside it, and the hour rows
+    ``less``, taken out of the row that holds them (its day's, when ``rows`` has the day
+    rows of ``days``' range, else its hour's)."""
+    held = {(at, dims): tally for at, dims, tally in rows}
+    out: list[Row] = []
+
+    def take(at: datetime, dims: Dims, tally: Tally) -> None:
+        day = floor_day(at)
+        holder = day if days is not None and days[0] <= day < days[1] else floor_hour(at)
+        found = held.get((holder, dims))
+        if found is not None:  # always, in one snapshot: the rollup counted the rows
+            found.subtract(tally)
+
+    for at, dims, tally in less:
+        take(at, dims, tally)
     for lo, hi, sign in chosen.pieces:
-        hour = floor_hour(lo)
         for dims, tally in raw_tallies(conn, lo, hi, filters, model_level):
             if sign > 0:
-                out.append((hour, dims, tally))
-                continue
-            found = net.get((hour, dims))
-            if found is not None:  # always, in one snapshot: the rollup counted the rows
-                found.subtract(tally)
-    out += [(at, dims, tally) for (at, dims), tally in net.items() if tally.requests]
+                out.append((floor_hour(lo), dims, tally))
+            else:
+                take(lo, dims, tally)
+    out += [(at, dims, tally) for (at, dims), tally in held.items() if tally.requests]
     return out
 
 
@@ -268,6 +297,15 @@ def _bin(column: Any, postgres: bool) -> Any:
 
 def floor_hour(moment: datetime) -> datetime:
     return moment.replace(minute=0, second=0, microsecond=0)
+
+
+def floor_day(moment: datetime) -> datetime:
+    return moment.replace(hour=0, minute=0, second=0, microsecond=0)
+
+
+def ceil_day(moment: datetime) -> datetime:
+    floor = floor_day(moment)
+    return floor if floor == moment else floor + DAY
 
 
 def ceil_hour(moment: datetime) -> datetime:

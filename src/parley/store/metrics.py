@@ -18,7 +18,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import sqlalchemy
@@ -27,7 +27,7 @@ from sqlalchemy import Row, select
 from parley.domain.rollup import DAY, HOUR, Dims, Tally, by_model, model_level
 from parley.errors import InvalidRequest
 from parley.store import edges, rollups
-from parley.store.edges import floor_hour
+from parley.store.edges import ceil_day, floor_day
 from parley.store.schema import api_keys, http_metrics, request_log, users
 
 HOUR_DELTA = timedelta(hours=1)
@@ -72,29 +72,27 @@ class MetricsStore:
         level = model_level([*filters, *group_by])
         hour, day = (by_model(HOUR), by_model(DAY)) if level else (HOUR, DAY)
         with edges.snapshot(self._engine) as conn:
-            span = None
-            if floor_hour(start) != start or floor_hour(end) != end:
-                span = edges.raw_span(conn)
+            span = edges.raw_span(conn)
             chosen = edges.plan(start, end, span, lambda h: edges.complete(conn, h, span))
             lo, hi = chosen.rollup_start, chosen.rollup_end
-            # Days of whole hours only: an edge hour read less its outside rows is read
-            # from the hour rows (it is netted there), even when it starts or ends a day.
-            net = chosen.net_hours
-            first_day = ceil_day(lo + HOUR_DELTA if lo in net else lo)
-            last_day = floor_day(hi - HOUR_DELTA if hi - HOUR_DELTA in net else hi)
-            day_rows: list[edges.Row] = []
-            if lo >= hi:
-                hour_rows: list[edges.Row] = []
-            elif not days or first_day >= last_day:
-                hour_rows = list(rollups.rows_between(conn, hour, lo, hi, filters))
-            else:
-                hour_rows = [
-                    *rollups.rows_between(conn, hour, lo, first_day, filters),
-                    *rollups.rows_between(conn, hour, last_day, hi, filters),
-                ]
-                day_rows = list(rollups.rows_between(conn, day, first_day, last_day, filters))
-            rows = edges.counted_rows(conn, chosen, hour_rows, filters, level)
-        return Counted(chosen.start, chosen.end, day_rows + rows)
+            rows: list[edges.Row] = []
+            less: list[edges.Row] = []
+            hours = [(lo, hi, 1)] if lo < hi else []
+            read_days = None
+            if days and lo < hi:
+                # Whole days from day rows; a day the window covers in part, by its shorter
+                # side too: its hours inside, or the day less its hours outside.
+                net_days, hours = edges.sides(lo, hi, DAY_DELTA, floor_day, _rollup_hours())
+                first = min([ceil_day(lo), *net_days])
+                last = max([floor_day(hi), *(d + DAY_DELTA for d in net_days)])
+                if first < last:
+                    read_days = (first, last)
+                    rows += rollups.rows_between(conn, day, first, last, filters)
+            for a, b, sign in hours:
+                found = rollups.rows_between(conn, hour, a, b, filters)
+                (rows if sign > 0 else less).extend(found)
+            rows = edges.counted_rows(conn, chosen, rows, less, read_days, filters, level)
+        return Counted(chosen.start, chosen.end, rows)
 
     def period(
         self,
@@ -209,6 +207,12 @@ class MetricsStore:
         return int(found) if found is not None else None
 
 
+def _rollup_hours() -> tuple[datetime, datetime]:
+    """The hours that may hold rollup rows: any before now (rollups are kept forever; the
+    raw log's span would not do, as retention prunes it)."""
+    return datetime.min.replace(tzinfo=UTC), datetime.now(UTC)
+
+
 def _filtered(query: Any, filters: Mapping[str, Any]) -> Any:
     for name, value in filters.items():
         column = request_log.c[name]
@@ -216,12 +220,3 @@ def _filtered(query: Any, filters: Mapping[str, Any]) -> Any:
             column.in_(value) if isinstance(value, list | tuple) else column == value
         )
     return query
-
-
-def floor_day(moment: datetime) -> datetime:
-    return moment.replace(hour=0, minute=0, second=0, microsecond=0)
-
-
-def ceil_day(moment: datetime) -> datetime:
-    floor = floor_day(moment)
-    return floor if floor == moment else floor + DAY_DELTA
