@@ -3,9 +3,10 @@ metrics, and the public ids reports show instead of internal ones.
 
 Invariants:
 - a window is read from day rollups for the whole days inside it, hour rollups for the
-  whole hours at its edges, and the raw log only for the parts of hours it starts and
-  ends in (``store.edges``), so a 30-day report reads ~30 rows per series and at most
-  half an hour of raw rows at each end;
+  whole hours at its edges (or a day row less the fewer hours outside the window), and
+  the raw log only for the parts of hours it starts and ends in (``store.edges``), so a
+  30-day report reads ~30 day rows and at most 24 hour rows per series, and at most half
+  an hour of raw rows at each end;
 - the request log is paged by ``id`` descending (commit order); a cursor is the public id
   of the row that ended the previous page, so pages are stable while new rows arrive and
   no internal id, which would tell how many requests everyone made, ever leaves;
