@@ -31,7 +31,9 @@ The tree::
     │   └── StoreFull                507 the database's disk is full; writes resume once
     │                                space is freed
     ├── SearchUnavailable            503 semantic search needs an embedder: none is
-    │                                configured or installed, or it failed
+    │   │                            configured or installed, or it failed
+    │   └── VectorStoreUnusable      503 the vector store cannot be read or written
+    │                                (damaged or missing files, a file in the way...)
     ├── ServerShuttingDown           503 the server is stopping: refused, or cut off after
     │                                the shutdown grace
     ├── StopRequested                not an error: SIGINT / SIGTERM while the server was
@@ -349,6 +351,27 @@ class SearchUnavailable(ParleyError):
     openai_type = "service_unavailable"
     code = "search_unavailable"
     error_type = "internal"
+
+
+class VectorStoreUnusable(SearchUnavailable):
+    """LanceDB could not read or write the vector store: a file damaged or missing, a
+    table gone, a file where its directory should be, a disk that refuses. The message
+    names the store (for the operator: commands and the log); ``cause`` says what is wrong
+    without the store's location, for an API's answer. ``damaged``: its files are (rather
+    than a disk or permission refusing them), and ``parley reindex --full`` rebuilds it
+    from the database. Keyword search is unaffected either way."""
+
+    def __init__(self, store: str, cause: str, *, damaged: bool) -> None:
+        remedy = "; 'parley reindex --full' rebuilds it from the database" if damaged else ""
+        super().__init__(f"cannot use the vector store {store}: {cause}{remedy}")
+        self.cause = cause
+        self.damaged = damaged
+
+    def public(self, what: str) -> str:
+        """The message for a client of the API: ``what`` failed, and why, without the
+        store's location."""
+        remedy = "; an administrator can rebuild it with 'parley reindex --full'"
+        return f"{what} ({self.cause}){remedy if self.damaged else ''}"
 
 
 class BackupError(ParleyError):

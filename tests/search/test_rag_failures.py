@@ -68,7 +68,7 @@ def upstream() -> Iterator[FakeOpenAI]:
         yield fake
 
 
-def _config(tmp_path: Path, upstream: FakeOpenAI, search: str) -> None:
+def configure(tmp_path: Path, upstream: FakeOpenAI, search: str) -> None:
     provider = {
         "name": "up",
         "kind": "openai",
@@ -89,7 +89,7 @@ def faulty(local_embedder: LocalEmbedder) -> Faulty:
 def server(
     tmp_path: Path, database_url: str, upstream: FakeOpenAI, faulty: Faulty
 ) -> Iterator[ParleyServer]:
-    _config(tmp_path, upstream, "")
+    configure(tmp_path, upstream, "")
     settings = settings_for(
         tmp_path, database_url, PARLEY_MASTER_KEY=MASTER, PARLEY_SEARCH_EMBEDDER="local"
     )
@@ -100,7 +100,7 @@ def server(
 @pytest.fixture
 def remote(tmp_path: Path, database_url: str, upstream: FakeOpenAI) -> Iterator[ParleyServer]:
     """A server whose embedder is the fake upstream's ``embed-8`` model."""
-    _config(tmp_path, upstream, 'embedder = "remote"\nmodel = "up/embed-8"\n')
+    configure(tmp_path, upstream, 'embedder = "remote"\nmodel = "up/embed-8"\n')
     settings = settings_for(
         tmp_path, database_url, PARLEY_MASTER_KEY=MASTER, PARLEY_SEARCH_EMBEDDER=""
     )

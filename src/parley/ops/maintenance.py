@@ -45,7 +45,7 @@ from typing import Any
 import sqlalchemy
 from sqlalchemy.exc import SQLAlchemyError
 
-from parley.errors import ConfigError, StoreError
+from parley.errors import ConfigError, StoreError, VectorStoreUnusable
 from parley.ops.dbfile import check_database_file
 from parley.ops.maintenance_checks import Check, integrity_checks
 from parley.ops.presence import exclusive
@@ -343,8 +343,8 @@ def _vector_store(settings: Settings) -> str | Step:
         if vectors.model is None:
             return Step("vector store", "skipped", "the vector store is empty")
         return vectors.optimize(settings.search.ann_min_rows)
-    except (OSError, RuntimeError, ValueError) as exc:
-        raise StoreError(f"vector store: {exc}") from exc
+    except VectorStoreUnusable as exc:
+        raise StoreError(exc.message) from exc
 
 
 def _fsync(path: Path) -> None:

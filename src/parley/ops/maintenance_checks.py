@@ -39,7 +39,7 @@ from pathlib import Path
 import sqlalchemy
 from sqlalchemy.exc import SQLAlchemyError
 
-from parley.errors import ConfigError, StoreError
+from parley.errors import ConfigError, StoreError, VectorStoreUnusable
 from parley.ops.revisions import current_on, refuse_unknown
 from parley.settings import Settings
 from parley.store import maintenance as store
@@ -134,12 +134,12 @@ def _refuse_newer(engine: sqlalchemy.Engine) -> None:
 def _guard(name: str, check: Callable[[], Check]) -> Check:
     try:
         return check()
-    except (StoreError, SQLAlchemyError) as exc:
+    except (StoreError, VectorStoreUnusable, SQLAlchemyError) as exc:
         return Check(name, False, "could not run", items=(_reason(exc),))
 
 
 def _reason(exc: Exception) -> str:
-    if isinstance(exc, StoreError):
+    if isinstance(exc, StoreError | VectorStoreUnusable):
         return exc.message
     return str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
 

@@ -8,8 +8,11 @@
   lists, ``score = sum(1 / (RRF_K + rank))`` over the lists an item appears in (rank from
   1). A message found by both ranks above one found by either alone at the same ranks.
   Without an embedder hybrid is keyword search, and says so (``mode`` "keyword"); so it
-  is when the embedder fails (a remote one unreachable, the index being rebuilt): the
+  is when the embedder fails (a remote one unreachable, the index being rebuilt) or the
+  vector store cannot be used (``VectorStoreUnusable``: files damaged or missing...): the
   words still answer, with a ``notice`` saying why, where ``semantic`` mode is the error.
+  That error names the store's location, for the operator (``parley search``); a client
+  of the API is told ``public_reason``.
 
 The query rules are keyword search's (``store.search.words``): an empty or over-long query
 is a 400 whatever the mode.
@@ -24,7 +27,7 @@ from dataclasses import dataclass, replace
 
 import sqlalchemy
 
-from parley.errors import InvalidRequest, ParleyError, SearchUnavailable
+from parley.errors import InvalidRequest, ParleyError, SearchUnavailable, VectorStoreUnusable
 from parley.search.embedders import Embedder
 from parley.search.vectors import ModelMismatch, VectorStore
 from parley.store import outbox
@@ -94,10 +97,11 @@ class SemanticSearch:
             by_meaning = await self.semantic(query, scope, conversation, min(size, MAX_LIMIT))
         except ParleyError as exc:
             # The query was checked above: whatever fails here is the embedder's or the
-            # vector store's, and the words can still answer.
-            # Said to the caller (``notice``); the reason, if the store failed, is logged.
-            log.info("hybrid search answered by words only: %s", exc.message)
-            notice = f"semantic search failed ({exc.message}): keyword results only"
+            # vector store's, and the words can still answer. Said to the caller
+            # (``notice``, without the store's location); logged with it.
+            level = logging.WARNING if isinstance(exc, VectorStoreUnusable) else logging.INFO
+            log.log(level, "hybrid search answered by words only: %s", exc.message)
+            notice = f"semantic search failed ({public_reason(exc)}): keyword results only"
             return Results(by_words[:limit], "keyword", notice)
         return Results(fuse([by_words, by_meaning])[:limit], "hybrid")
 
@@ -137,13 +141,6 @@ class SemanticSearch:
             raise SearchUnavailable(
                 f"the semantic index is being {what}; try again later or use mode=keyword"
             ) from None
-        except (RuntimeError, OSError) as exc:
-            # LanceDB's own errors: a damaged store (a file missing, unreadable...).
-            log.error("the vector store could not be searched: %s", exc)
-            raise SearchUnavailable(
-                "the semantic index could not be read; an administrator can rebuild it "
-                "with 'parley reindex --full'; use mode=keyword meanwhile"
-            ) from None
         with self.engine.connect() as conn:
             found = outbox.found_messages(
                 conn, [n.message_id for n in nearest], scope.user_id, scope.everyone
@@ -166,6 +163,14 @@ class SemanticSearch:
                 )
             )
         return hits
+
+
+def public_reason(exc: ParleyError) -> str:
+    """Why semantic search failed, for a client: a vector store that cannot be used is
+    named without its location (``VectorStoreUnusable.public``)."""
+    if isinstance(exc, VectorStoreUnusable):
+        return exc.public("the semantic index could not be read")
+    return exc.message
 
 
 def fuse(lists: list[list[Hit]]) -> list[Hit]:

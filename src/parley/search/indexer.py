@@ -9,6 +9,10 @@ Invariants:
 
 - a crash anywhere leaves the outbox rows in place: the batch runs again and, writes being
   idempotent, changes nothing twice; rows queued meanwhile are never removed unread;
+- so does a vector store that cannot be read or written (``VectorStoreUnusable``: files
+  damaged or missing, a disk or permission refusing): the indexer logs it in one line,
+  without a traceback, at each retry (the pause growing to ``MAX_BACKOFF``), and never
+  empties a store it could not read; ``parley reindex --full`` rebuilds it;
 - ``stop`` does not wait for embeddings (the local model's batch took up to its 10 s
   grace, and the server's stop with it): a batch still being embedded is given up and its
   rows stay queued for the next start, while one writing its vectors and removing its
@@ -45,6 +49,7 @@ from typing import Any, TypeVar
 import orjson
 import sqlalchemy
 
+from parley.errors import VectorStoreUnusable
 from parley.search.embedders import Embedder
 from parley.search.vector_rows import ChunkVector, MessageVector
 from parley.search.vectors import VectorStore
@@ -135,9 +140,14 @@ class Indexer:
                     ready = True
                 handled = await self.batch()
                 backoff = self.poll_seconds
-            except Exception:
+            except Exception as exc:
                 self.failures += 1
-                log.exception("search indexer: batch failed; retrying in %.0f s", backoff)
+                if isinstance(exc, VectorStoreUnusable):
+                    # The operator's to fix (or ``reindex --full``), said in one line; the
+                    # outbox keeps its rows.
+                    log.error("search indexer: %s; retrying in %.0f s", exc.message, backoff)
+                else:
+                    log.exception("search indexer: batch failed; retrying in %.0f s", backoff)
                 handled = 0
                 await self._pause(backoff)
                 backoff = min(MAX_BACKOFF, max(backoff, 0.5) * 2)
@@ -154,8 +164,8 @@ class Indexer:
 
     async def prepare(self, *, full: bool = False) -> bool:
         """Make the vector store hold the embedder's model (emptied when it held another's,
-        or when ``full``); return whether it was emptied. A remote model's dimension is
-        learnt from one small request."""
+        or when ``full``, even one whose files are damaged); return whether it was emptied.
+        A remote model's dimension is learnt from one small request."""
         if self.embedder is None:
             return False
         if self.embedder.dimension is None:
@@ -166,7 +176,7 @@ class Indexer:
         assert dimension is not None
         model = self.embedder.model
         if full:
-            await asyncio.to_thread(self.vectors.prepare, "(reindex)", dimension)
+            await asyncio.to_thread(self.vectors.clear)
         emptied = await asyncio.to_thread(self.vectors.prepare, model, dimension)
         if emptied:
             log.info("vector store prepared for %s (%d dimensions)", model, dimension)

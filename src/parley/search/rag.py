@@ -19,7 +19,9 @@ the citations the answer keeps.
   (on a tie, the oldest chunk), so the top ``limit`` hold different text;
 - a failing embedder (its provider errors or is down, the local embedding process died
   or hangs past ``EMBED_TIMEOUT_SECONDS``) is one error, ``SearchUnavailable``, whose
-  message names the cause with secrets redacted; what to do with it is the caller's.
+  message names the cause with secrets redacted; so is a vector store that cannot be used
+  (its files damaged or missing...), named without its location. What to do with it is
+  the caller's.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from typing import Protocol
 
 import sqlalchemy
 
-from parley.errors import ParleyError, SearchUnavailable
+from parley.errors import ParleyError, SearchUnavailable, VectorStoreUnusable
 from parley.metrics.redact import redact_text
 from parley.store import documents as repo
 from parley.store.documents import ChunkRow, NewCitation
@@ -151,13 +153,17 @@ class Retriever:
             asks[scope.caller_id] = (conversation, scope.collections)
         scores: dict[int, float] = {}
         for user_id, (conversation_id, collections) in asks.items():
-            hits = self._index.search_chunks(
-                vector,
-                user_id=user_id,
-                conversation_id=conversation_id,
-                collections=collections,
-                limit=max(_CANDIDATES, self._limit * 4),
-            )
+            try:
+                hits = self._index.search_chunks(
+                    vector,
+                    user_id=user_id,
+                    conversation_id=conversation_id,
+                    collections=collections,
+                    limit=max(_CANDIDATES, self._limit * 4),
+                )
+            except VectorStoreUnusable as exc:
+                what = "document search failed: the vector store could not be read"
+                raise SearchUnavailable(exc.public(what)) from None
             for hit in hits:
                 scores[hit.chunk_id] = max(hit.score, scores.get(hit.chunk_id, -1.0))
         if not scores:

@@ -4,7 +4,6 @@ directory (beside, not in it: LanceDB owns the directory, and a backup copies it
 Every write of ``VectorStore`` holds it shared; ``frozen`` (a backup copying the store)
 and ``VectorStore.optimize`` while it rewrites a table or removes files hold it
 exclusive. A remote store (``s3://``...) has no lock: nothing here can hold it still.
-``system_refusal`` recovers the ``OSError`` inside LanceDB's errors about a local store.
 """
 
 from __future__ import annotations
@@ -12,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -53,18 +51,3 @@ def store_lock(uri: str, *, exclusive: bool) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # releases the lock
-
-
-_OS_ERROR = re.compile(r"\(os error (\d+)\)")
-
-
-def system_refusal(exc: RuntimeError, uri: str) -> OSError | None:
-    """LanceDB's error for what the file system refused ("... (os error 30) ..."), as
-    the ``OSError`` it was, naming the store: a read-only or full disk is the operator's
-    to fix, and says so in one line (``cli.common``), not a traceback."""
-    found = _OS_ERROR.search(str(exc))
-    store = local_path(uri)
-    if found is None or store is None:
-        return None
-    number = int(found.group(1))
-    return OSError(number, os.strerror(number), os.fspath(store))

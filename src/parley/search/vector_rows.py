@@ -1,5 +1,6 @@
 """The rows of the vector store's tables: what a caller writes (``MessageVector``,
-``ChunkVector``), their Arrow schemas, and the values stored for "none".
+``ChunkVector``), what a search finds (``MessageHit``, ``ChunkHit``), their Arrow schemas,
+and the values stored for "none".
 
 LanceDB has no NULL-friendly equality, so "no owner" (the local admin, the master key) is
 stored as ``LOCAL_OWNER`` (-1), "no conversation" as ``NONE`` (-1), "no collection" as "",
@@ -46,6 +47,28 @@ class ChunkVector:
     created_at: datetime
     metadata: str
     vector: Sequence[float]
+
+
+@dataclass(frozen=True, slots=True)
+class MessageHit:
+    message_id: int  # messages.id
+    conversation_id: int  # conversations.id
+    score: float  # cosine similarity, higher is better
+    role: str
+    text: str
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkHit:
+    chunk_id: int  # document_chunks.id
+    document_id: int  # documents.id
+    score: float  # cosine similarity, higher is better
+    text: str
+    page: int | None
+    ordinal: int
+    conversation_id: int | None
+    collection: str | None
 
 
 def arrow(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:

@@ -15,6 +15,11 @@ Invariants:
 - never mixed vectors: ``prepare(model, dimension)`` compares with ``meta``; another model
   (or none yet) drops both tables and starts empty, and writes or searches for a model
   other than the prepared one are refused (``reconcile`` then re-embeds every row);
+- a store that cannot be read is never taken for an empty one: every public method raises
+  LanceDB's (and the system's) errors about it as ``VectorStoreUnusable``
+  (``vector_errors``), ``meta`` without both other tables is one, and ``prepare`` empties
+  nothing it could not read; only ``clear`` (``parley reindex --full``) drops tables whose
+  files are damaged;
 - the owner filter is inside the vector query (a LanceDB prefilter ``where``), never
   applied to its results: a search ranks only the rows its caller may see ("no owner",
   the local admin's, is stored as ``LOCAL_OWNER``: see ``vector_rows``);
@@ -48,15 +53,17 @@ import math
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from parley.search.vector_lock import local_path, store_lock, system_refusal
+from parley.search.vector_errors import missing_table, translated
+from parley.search.vector_lock import local_path, store_lock
 from parley.search.vector_rows import (
     NONE,
+    ChunkHit,
     ChunkVector,
+    MessageHit,
     MessageVector,
     arrow,
     chunk_row,
@@ -87,28 +94,6 @@ _KEEP = timedelta(minutes=1)
 _PURGE_ROWS = 50_000
 
 
-@dataclass(frozen=True, slots=True)
-class MessageHit:
-    message_id: int  # messages.id
-    conversation_id: int  # conversations.id
-    score: float  # cosine similarity, higher is better
-    role: str
-    text: str
-    created_at: datetime
-
-
-@dataclass(frozen=True, slots=True)
-class ChunkHit:
-    chunk_id: int  # document_chunks.id
-    document_id: int  # documents.id
-    score: float  # cosine similarity, higher is better
-    text: str
-    page: int | None
-    ordinal: int
-    conversation_id: int | None
-    collection: str | None
-
-
 class ModelMismatch(Exception):
     """A write or search for a model the store was not prepared for."""
 
@@ -131,26 +116,26 @@ class VectorStore:
         return cls(uri)
 
     @property
+    @translated
     def model(self) -> str | None:
         return self._known()[0]
 
     @property
+    @translated
     def dimension(self) -> int | None:
         return self._known()[1]
 
     # -- model ---------------------------------------------------------------------------
 
+    @translated
     def prepare(self, model: str, dimension: int) -> bool:
         """Make the store hold ``model``'s vectors; return True when it was emptied for it
         (a new store, or one that held another model's: every row must be embedded)."""
         with self._writing():
             self._read_meta()
-            if self.model == model and self.dimension == dimension and self._complete():
+            if self.model == model and self.dimension == dimension:
                 return False
-            for name in (MESSAGES, CHUNKS, META):
-                if name in self._names():
-                    self._connection().drop_table(name)
-            self._tables.clear()
+            self._drop()
             db = self._connection()
             db.create_table(MESSAGES, schema=message_schema(dimension))
             db.create_table(CHUNKS, schema=chunk_schema(dimension))
@@ -160,6 +145,23 @@ class VectorStore:
             self._meta = (model, dimension)
             return True
 
+    @translated
+    def clear(self) -> None:
+        """Drop the store's tables, whatever state their files are in (``parley reindex
+        --full``: a damaged store is rebuilt); the next ``prepare`` creates them anew."""
+        with self._writing():
+            self._drop()
+
+    def _drop(self) -> None:
+        # ``meta`` first: a store with ``meta`` but not both other tables is damaged (see
+        # ``_read_meta``), never one that a crash stopped halfway through a drop.
+        names = self._names()
+        for name in (META, MESSAGES, CHUNKS):
+            if name in names:
+                self._connection().drop_table(name)
+        self._tables.clear()
+        self._meta = (None, None)
+
     def check(self, model: str) -> None:
         if self.model != model:
             raise ModelMismatch(
@@ -168,21 +170,25 @@ class VectorStore:
 
     # -- writes --------------------------------------------------------------------------
 
+    @translated
     def upsert_messages(self, model: str, rows: Sequence[MessageVector]) -> None:
         self.check(model)
         if rows:
             data = [message_row(row) for row in rows]
             self._merge(MESSAGES, arrow(data, self._schema(MESSAGES)))
 
+    @translated
     def upsert_chunks(self, model: str, rows: Sequence[ChunkVector]) -> None:
         self.check(model)
         if rows:
             data = [chunk_row(row) for row in rows]
             self._merge(CHUNKS, arrow(data, self._schema(CHUNKS)))
 
+    @translated
     def delete_messages(self, ids: Iterable[int]) -> None:
         self._delete(MESSAGES, ids)
 
+    @translated
     def delete_chunks(self, ids: Iterable[int]) -> None:
         self._delete(CHUNKS, ids)
 
@@ -204,12 +210,15 @@ class VectorStore:
 
     # -- reads ---------------------------------------------------------------------------
 
+    @translated
     def message_ids(self) -> set[int]:
         return self._ids_of(MESSAGES)
 
+    @translated
     def chunk_ids(self) -> set[int]:
         return self._ids_of(CHUNKS)
 
+    @translated
     def count(self, name: str) -> int:
         if self.model is None:
             return 0
@@ -225,6 +234,7 @@ class VectorStore:
         scan = table.search().select(["id"]).limit(None).to_arrow()
         return {int(i) for i in scan.column("id").to_pylist()}
 
+    @translated
     def search_messages(
         self,
         vector: Sequence[float],
@@ -255,6 +265,7 @@ class VectorStore:
             for row in rows
         ]
 
+    @translated
     def search_chunks(
         self,
         vector: Sequence[float],
@@ -318,6 +329,7 @@ class VectorStore:
 
     # -- maintenance ---------------------------------------------------------------------
 
+    @translated
     def optimize(self, ann_min_rows: int) -> str:
         """Compact both tables, build the ANN index of a table that reached
         ``ann_min_rows`` vectors (and fold new rows into an existing one), rewrite a table
@@ -385,6 +397,7 @@ class VectorStore:
             )
             merge.execute(scan.to_arrow())
 
+    @translated
     def ensure_index(self, name: str, ann_min_rows: int) -> bool:
         """Build the table's ANN index (and the owner's scalar index) once it is large
         enough; return whether it was built now."""
@@ -420,13 +433,7 @@ class VectorStore:
         (``frozen``) or ``optimize`` rewrites a table or removes files (``exclusive``):
         writers of all processes share the lock file's lock."""
         with self._lock, store_lock(self.uri, exclusive=exclusive):
-            try:
-                yield
-            except RuntimeError as exc:
-                refused = system_refusal(exc, self.uri)
-                if refused is None:
-                    raise
-                raise refused from exc
+            yield
 
     def _connection(self) -> Any:
         with self._connecting:
@@ -446,10 +453,6 @@ class VectorStore:
             return []
         return list(self._connection().list_tables().tables)
 
-    def _complete(self) -> bool:
-        names = set(self._names())
-        return {MESSAGES, CHUNKS, META} <= names
-
     def _known(self) -> tuple[str | None, int | None]:
         if self._meta is None:
             self._read_meta()
@@ -457,17 +460,27 @@ class VectorStore:
         return self._meta
 
     def _read_meta(self) -> None:
-        self._meta = (None, None)
-        if META not in self._names():
+        """Read ``meta``; kept only once read (a store that could not be read is not
+        taken for an empty one). No ``meta`` (or no row in it): a new store, or one that
+        a crash stopped while it was prepared, which holds no model. ``meta`` without both
+        other tables: they were lost (``_drop`` drops ``meta`` first)."""
+        names = set(self._names())
+        rows: list[dict[str, Any]] = []
+        if META in names:
+            try:
+                rows = self._connection().open_table(META).to_arrow().to_pylist()
+            except ValueError as exc:
+                if "was not found" not in str(exc):
+                    raise
+                # Dropped since it was listed, by another process preparing the store for
+                # another model. It holds no model until that ends.
+        if len(rows) != 1:
+            self._meta = (None, None)
             return
-        try:
-            rows = self._connection().open_table(META).to_arrow().to_pylist()
-        except ValueError:
-            # LanceDB's "table not found": dropped since it was listed, by another process
-            # preparing the store for another model. It holds no model until that ends.
-            return
-        if len(rows) == 1 and self._complete():
-            self._meta = (str(rows[0]["model"]), int(rows[0]["dimension"]))
+        for name in (MESSAGES, CHUNKS):
+            if name not in names:
+                raise missing_table(name, self.uri)
+        self._meta = (str(rows[0]["model"]), int(rows[0]["dimension"]))
 
     def _table(self, name: str) -> Any:
         table = self._tables.get(name)

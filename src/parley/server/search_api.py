@@ -10,13 +10,16 @@ store applies the scope inside its SQL. Invariants:
 - ``mode``: ``keyword`` (the database's full-text index), ``semantic`` (nearest message
   vectors, ``search.hybrid``) or ``hybrid`` (the default: reciprocal rank fusion of both).
   Without an embedder ``semantic`` is a 503 that says so, and ``hybrid`` answers keyword
-  results with ``"mode": "keyword"`` and a ``notice``;
+  results with ``"mode": "keyword"`` and a ``notice``; so with a vector store that cannot
+  be used (files damaged or missing, a disk refusing): a 503 ``search_unavailable`` that
+  says why without the store's location (logged with it), never a 500;
 - snippets are HTML: the message text escaped, matched words in ``<mark>`` elements.
 """
 
 from __future__ import annotations
 
 import html
+import logging
 import uuid
 from datetime import UTC, datetime
 from typing import Any
@@ -25,9 +28,9 @@ import orjson
 from aiohttp import web
 
 from parley.domain.exchange import Exchange
-from parley.errors import InvalidRequest
+from parley.errors import InvalidRequest, SearchUnavailable, VectorStoreUnusable
 from parley.search.embedders import RemoteCall, vectors_of
-from parley.search.hybrid import SemanticSearch
+from parley.search.hybrid import SemanticSearch, public_reason
 from parley.server import identity
 from parley.server.params import page_size
 from parley.server.state import SERVICES, Services
@@ -36,6 +39,8 @@ from parley.store.search import MARK_END, MARK_START, MAX_LIMIT, Hit, Scope
 MODES = ("keyword", "semantic", "hybrid")
 DEFAULT_MODE = "hybrid"
 DEFAULT_LIMIT = 20
+
+log = logging.getLogger(__name__)
 
 
 def add_routes(app: web.Application) -> None:
@@ -72,13 +77,18 @@ async def search(request: web.Request) -> web.Response:
     searcher = (
         search.searcher if search is not None else SemanticSearch(services.engine, None, None)
     )
-    results = await searcher.search(
-        query.get("q", ""),
-        Scope(caller.user_id, everyone=scope_name == "all"),
-        mode=mode,
-        conversation=_conversation(query.get("conversation")),
-        limit=page_size(query.get("limit"), MAX_LIMIT, DEFAULT_LIMIT),
-    )
+    try:
+        results = await searcher.search(
+            query.get("q", ""),
+            Scope(caller.user_id, everyone=scope_name == "all"),
+            mode=mode,
+            conversation=_conversation(query.get("conversation")),
+            limit=page_size(query.get("limit"), MAX_LIMIT, DEFAULT_LIMIT),
+        )
+    except VectorStoreUnusable as exc:
+        # The operator reads where the store is in the log; the caller, only what failed.
+        log.warning("semantic search failed: %s", exc.message)
+        raise SearchUnavailable(f"{public_reason(exc)}; use mode=keyword meanwhile") from None
     body: dict[str, Any] = {"data": [hit_json(hit) for hit in results.hits], "mode": results.mode}
     if results.notice is not None:
         body["notice"] = results.notice
