@@ -76,7 +76,9 @@ def current() -> None:
     """Print the database's schema revision ("none" for an empty database).
 
     A revision this parley does not know (a newer parley migrated the database) is
-    printed too, then said on stderr with exit status 1: this parley cannot use it.
+    printed too, then said on stderr with exit status 1: this parley cannot use it. A
+    database that is not parley's (tables but no parley revision, or another
+    application's revision) is said on stderr with exit status 1, nothing printed.
     """
     settings = _settings()
     revision = _run(lambda: migrate.current(settings))

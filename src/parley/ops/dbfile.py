@@ -14,7 +14,14 @@ anything SQLite would silently "fix":
 - a hot write-ahead log gone missing: the previous server did not stop cleanly
   (``ops.presence``), the header says WAL mode, and the ``-wal`` file is not there. The
   committed transactions it held are lost to anyone who opens the file now, and the first
-  open would make that permanent.
+  open would make that permanent;
+- another application's database: tables but no parley revision, or a revision that is
+  not parley's (``revisions.refuse_foreign``). Opening it as parley does would switch it
+  to WAL mode and take its group and other permissions away before the refusal, so its
+  schema is read here with SQLite's ``immutable`` flag, which takes no lock and makes no
+  file. Only when no ``-wal`` or ``-journal`` beside it holds anything: then the file
+  alone may not hold the last commits, and the check after opening (``ops.migrate``)
+  refuses it instead.
 
 Invariants: nothing here writes, creates or locks a file; a missing database (a new
 install) passes; PostgreSQL and in-memory databases pass untouched. The size checks are
@@ -24,12 +31,18 @@ from it may legitimately complete a file that a crash left short.
 
 from __future__ import annotations
 
+import sqlite3
 import stat
 from dataclasses import dataclass
 from pathlib import Path
 
+import sqlalchemy
+from sqlalchemy.exc import DatabaseError
+from sqlalchemy.pool import NullPool
+
 from parley.errors import ConfigError
 from parley.ops.presence import marker_path
+from parley.ops.revisions import current_on, refuse_foreign
 from parley.paths import reason
 from parley.settings import Settings
 from parley.store.engine import sqlite_path, unusable_directory
@@ -120,6 +133,7 @@ def check_sqlite_file(database: Path, *, previous_run_unclean: bool = False) -> 
         )
     if not (wal or journal):
         _check_size(database, info.st_size, header)
+        refuse_foreign_file(database)
     # A crash leaves -wal and -shm behind. Whoever opens the database next and closes it
     # cleanly (sqlite3, a script) checkpoints the log into the file and removes both:
     # nothing is lost then. A -shm without its -wal is a log deleted by hand.
@@ -136,6 +150,23 @@ def check_sqlite_file(database: Path, *, previous_run_unclean: bool = False) -> 
             f"{database.name}, or {RESTORE_HINT}. If you know the log held nothing, remove "
             f"{marker_path(database)} to start anyway"
         )
+
+
+def refuse_foreign_file(database: Path) -> None:
+    """``revisions.refuse_foreign`` on the file as it is, read without a lock or a new
+    file (see the module docstring); a file SQLite cannot read is left to the checks that
+    open it (or to a restore, which replaces it)."""
+    uri = database.absolute().as_uri() + "?mode=ro&immutable=1"
+    engine = sqlalchemy.create_engine(
+        "sqlite://", creator=lambda: sqlite3.connect(uri, uri=True), poolclass=NullPool
+    )
+    try:
+        with engine.connect() as conn:
+            refuse_foreign(conn, current_on(conn))
+    except DatabaseError:
+        return
+    finally:
+        engine.dispose()
 
 
 def parse_header(head: bytes) -> Header | None:

@@ -40,7 +40,7 @@ import sqlalchemy
 from sqlalchemy.exc import SQLAlchemyError
 
 from parley.errors import ConfigError, StoreError, VectorStoreUnusable
-from parley.ops.revisions import current_on, refuse_unknown
+from parley.ops.revisions import current_on, refuse_foreign, refuse_unknown
 from parley.settings import Settings
 from parley.store import maintenance as store
 from parley.store.attachments import referenced, unreferenced
@@ -72,10 +72,10 @@ def integrity_checks(
 ) -> list[Check]:
     """Every check of the module docstring, in that order. A check the database cannot
     answer (a damaged file) is a failed check naming the error, not an exception."""
+    _refuse_not_ours(engine)
     present = store.existing_tables(engine)
     if not {"messages", "conversations", "attachments"} <= present:
         raise ConfigError("the database has no parley schema: run `parley db upgrade` first")
-    _refuse_newer(engine)
     sqlite = engine.dialect.name == "sqlite"
     checks = [
         _guard("database", lambda: _database(engine, quick))
@@ -119,13 +119,15 @@ def _vectors(settings: Settings, engine: sqlalchemy.Engine) -> Check:
     )
 
 
-def _refuse_newer(engine: sqlalchemy.Engine) -> None:
-    """A newer parley's tables may name blobs and rows this code does not know of: its
-    orphans may not be ours to report or delete. A revision that cannot be read (a
-    damaged file) is left to the ``database`` check to report."""
+def _refuse_not_ours(engine: sqlalchemy.Engine) -> None:
+    """Another application's database is not parley's to check (nor to be told to
+    upgrade); a newer parley's tables may name blobs and rows this code does not know
+    of: its orphans may not be ours to report or delete. A revision that cannot be read
+    (a damaged file) is left to the ``database`` check to report."""
     try:
         with engine.connect() as conn:
             revision = current_on(conn)
+            refuse_foreign(conn, revision)
     except SQLAlchemyError:
         return
     refuse_unknown(revision)

@@ -51,14 +51,14 @@ from typing import Any
 from alembic import command
 from alembic.script.revision import RevisionError
 from alembic.util.exc import CommandError
-from sqlalchemy import Connection, Engine, event, inspect
+from sqlalchemy import Connection, Engine, event
 from sqlalchemy.exc import DatabaseError, OperationalError
 
 from parley.errors import BackupError, ConfigError, DataWouldBeLost, ParleyError, StopRequested
 from parley.ops import presence
 from parley.ops.backup import create_backup
 from parley.ops.data_loss import Loss, rehearse
-from parley.ops.dbfile import check_database_file
+from parley.ops.dbfile import check_database_file, refuse_foreign_file
 from parley.ops.drift import drift
 from parley.ops.revisions import (
     alembic_config,
@@ -66,6 +66,7 @@ from parley.ops.revisions import (
     heads,
     history,
     pending,
+    refuse_foreign,
     refuse_unknown,
     script_location,
     single_head,
@@ -91,6 +92,7 @@ __all__ = [
     "heads",
     "history",
     "prepare_on_start",
+    "refuse_not_parleys",
     "refuse_unknown",
     "require_head",
     "require_known",
@@ -121,9 +123,26 @@ class MigrationReport:
 
 
 def current(settings: Settings) -> str | None:
-    """The database's revision, or None when it has none (empty or not parley's)."""
+    """The database's revision, or None for an empty database; one that is not parley's
+    (tables but no revision, or another application's revision) is a ``ConfigError``."""
     with _connection(settings) as conn:
-        return current_on(conn)
+        revision = current_on(conn)
+        refuse_foreign(conn, revision)
+        return revision
+
+
+def refuse_not_parleys(settings: Settings) -> None:
+    """Refuse a database that is not parley's (``revisions.refuse_foreign``), reading
+    only: for ``parley restore``, which replaces the database and must not replace another
+    application's. A SQLite file that is missing, or that SQLite cannot read (a restore is
+    how a damaged one is replaced), passes; so does an empty database."""
+    path = sqlite_path(settings)
+    if path is not None:
+        if path.is_file():
+            refuse_foreign_file(path)
+        return
+    with _connection(settings) as conn:
+        refuse_foreign(conn, current_on(conn))
 
 
 def check(settings: Settings) -> list[str]:
@@ -166,8 +185,8 @@ def require_known(conn: Connection) -> str:
 
 def _require_revision(conn: Connection) -> str:
     revision = current_on(conn)
+    refuse_foreign(conn, revision)
     if revision is None:
-        _refuse_foreign(conn)
         raise ConfigError("the database has no parley schema yet: run `parley db upgrade` first")
     return revision
 
@@ -244,9 +263,8 @@ def _migrate(
     try:
         with _migrating(settings, stop) as conn:
             attempt.before = current_on(conn)
+            refuse_foreign(conn, attempt.before)
             refuse_unknown(attempt.before)
-            if attempt.before is None:
-                _refuse_foreign(conn)
             to = pending(direction, target, attempt.before)
             if to is None:
                 if attempt.before in heads():
@@ -361,16 +379,6 @@ def _as_config_error(exc: Exception) -> ParleyError:
 
 def _name(revision: str | None) -> str:
     return revision or "base"
-
-
-def _refuse_foreign(conn: Connection) -> None:
-    tables = sorted(set(inspect(conn).get_table_names()) - {"alembic_version"})
-    if tables:
-        raise ConfigError(
-            f"the database has tables ({', '.join(tables)}) but no parley schema "
-            "revision: refusing to use it; point DATABASE_URL at a parley database "
-            "or an empty one"
-        )
 
 
 def _alembic(run: Callable[..., Any], settings: Settings, conn: Connection, *args: str) -> None:

@@ -2,6 +2,9 @@
 
 The order, each step refusing before anything is changed:
 
+0. refuse a database that is not parley's (another application's: ``ops.migrate.
+   refuse_not_parleys``), read only; a damaged SQLite file is not refused (a restore is
+   how it is replaced);
 1. hold the database exclusively (``ops.presence.exclusive``) for the whole restore: a
    running server (or another restore or offline maintenance) makes it refuse at once;
 2. unpack the archive into staging directories beside their targets (same file system,
@@ -84,6 +87,9 @@ def restore_backup(
     why = paths.unreadable(archive)
     if why is not None:
         raise BackupError(f"cannot read the backup archive {archive}: {why}")
+    # Before the lock file is made beside it: another application's database is not
+    # parley's to replace (DATABASE_URL pointed at the wrong one).
+    migrate.refuse_not_parleys(settings)
     try:
         return _exclusively(settings, archive, safety_backup)
     except DBAPIError as exc:  # the driver's message names host and user, never a password

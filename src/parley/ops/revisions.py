@@ -14,7 +14,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from alembic.script.revision import RevisionError
 from alembic.util.exc import CommandError
-from sqlalchemy import Connection
+from sqlalchemy import Connection, inspect
 
 from parley.errors import ConfigError
 from parley.settings import Settings
@@ -71,6 +71,48 @@ def current_on(conn: Connection) -> str | None:
     context = MigrationContext.configure(conn, opts={"transactional_ddl": True})
     revisions = context.get_current_heads()
     return ",".join(revisions) if revisions else None
+
+
+# Tables of parley's first revision, kept by every later one: a database at a revision this
+# code does not know, without any of them, is another application's (with its own Alembic
+# history), not a newer parley's. ("messages" is left out: other applications have one.)
+_PARLEY_TABLES = frozenset({"conversations", "request_log", "responses"})
+# Table names a refusal lists at most.
+_NAMED = 5
+
+
+def refuse_foreign(conn: Connection, revision: str | None) -> None:
+    """Refuse a database that is not parley's: tables but no revision (an empty or
+    missing ``alembic_version``), or a revision unknown here and none of parley's tables.
+    An empty database, and one a newer parley migrated, pass (``refuse_unknown``)."""
+    tables = sorted(set(inspect(conn).get_table_names()) - {"alembic_version"})
+    if revision is None and tables:
+        found = f"tables ({_names(tables)}) but no parley schema revision"
+    elif revision is not None and not _known(revision) and not _PARLEY_TABLES & set(tables):
+        held = f"tables ({_names(tables)}), none of them parley's" if tables else "no tables"
+        found = f"revision {revision}, which is not parley's, and {held}"
+    else:
+        return
+    raise ConfigError(
+        f"the database has {found}: it is not a parley database (another application's?), "
+        "refusing to use it; point DATABASE_URL at a parley database or an empty one"
+    )
+
+
+def _names(tables: list[str]) -> str:
+    more = len(tables) - _NAMED
+    return ", ".join(tables[:_NAMED]) + (f" and {more} more" if more > 0 else "")
+
+
+def _known(revision: str) -> bool:
+    scripts = script()
+    for rev in revision.split(","):
+        try:
+            if scripts.get_revision(rev) is None:
+                return False
+        except (CommandError, RevisionError):
+            return False
+    return True
 
 
 def refuse_unknown(revision: str | None) -> None:

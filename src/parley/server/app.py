@@ -45,6 +45,7 @@ from parley.gateway.pricing import PriceBook, shipped_prices
 from parley.gateway.router import Router
 from parley.gateway.service import Gateway
 from parley.metrics.prometheus import CONTENT_TYPE, PrometheusMetrics
+from parley.ops.dbfile import check_database_file
 from parley.ops.migrate import prepare_on_start
 from parley.ops.presence import ServerPresence
 from parley.ops.schedule import Scheduler, server_jobs
@@ -144,6 +145,9 @@ def create_app(settings: Settings, *, embedder: Embedder | None = None) -> web.A
 async def _lifespan(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     stop = app[STOP]
+    # A file that is not a parley database (another application's...) is refused before
+    # the presence lock makes a file beside it; ``prepare_on_start`` checks it again.
+    await asyncio.to_thread(check_database_file, settings)
     presence = ServerPresence(settings)
     await asyncio.to_thread(presence.__enter__)
     try:
