@@ -7,7 +7,9 @@ history's revision "a newer parley's"), and on SQLite every command, ``serve`` i
 switched the file to WAL mode and took its group and other permissions away before it
 refused. Now each says in one line that it is not a parley database, exits 1, and leaves
 the database as it was: its tables and rows, and a SQLite file's bytes, mode and
-journal mode, with no file made beside it. ``parley restore`` replaced it."""
+journal mode, with no file made beside it. ``parley restore`` replaced it, ``parley
+backup`` archived it as a parley backup, and restoring such an archive put it in the place
+of a parley database."""
 
 from __future__ import annotations
 
@@ -43,6 +45,7 @@ COMMANDS = [
     ("stats",),
     ("maintenance",),
     ("retention",),
+    ("backup",),
 ]
 REFUSAL = "it is not a parley database (another application's?), refusing to use it"
 
@@ -67,10 +70,10 @@ def _foreign(database_url: str, kind: str) -> None:
     if database_url.startswith("sqlite"):
         path = Path(database_url.removeprefix("sqlite:///"))
         path.parent.mkdir(parents=True, exist_ok=True)
-        with sqlite3.connect(path) as conn:  # rollback journal, as most applications
+        with sqlite3.connect(path) as db:  # rollback journal, as most applications
             for statement in statements:
-                conn.execute(statement)
-        conn.close()
+                db.execute(statement)
+        db.close()
         path.chmod(0o644)
         return
     engine = sa.create_engine(database_url, poolclass=sa.NullPool)
@@ -80,7 +83,7 @@ def _foreign(database_url: str, kind: str) -> None:
     engine.dispose()
 
 
-def _state(database_url: str) -> object:
+def _state(database_url: str) -> tuple[object, ...]:
     """Everything a refusal must leave as it was."""
     if database_url.startswith("sqlite"):
         path = Path(database_url.removeprefix("sqlite:///"))
@@ -155,4 +158,36 @@ def test_restore_does_not_replace_a_foreign_database(tmp_path: Path, database_ur
     assert result.stderr.startswith("error: the database has tables (invoices) but no parley")
     assert REFUSAL in result.stderr and result.stderr.count("\n") == 1
     assert _state(database_url) == before
+    assert [p.name for p in archive.parent.iterdir()] == [archive.name]  # no safety backup
+
+
+def test_restore_refuses_an_archive_of_a_foreign_database(
+    tmp_path: Path, database_url: str
+) -> None:
+    """An archive an older ``parley backup`` made of another application's database."""
+    env = _env(tmp_path, database_url)
+    settings = load_settings(env=env, cwd=tmp_path)
+    _foreign(database_url, "no alembic_version")
+    archive = create_backup(settings).path
+    if settings.is_sqlite:
+        for path in (tmp_path / "data").glob("parley.db*"):
+            path.unlink()
+    else:
+        engine = sa.create_engine(database_url, poolclass=sa.NullPool)
+        with engine.begin() as conn:
+            conn.exec_driver_sql("DROP TABLE invoices")
+        engine.dispose()
+    upgrade(settings)
+    before = _state(database_url)
+    result = CliRunner().invoke(cli, ["restore", str(archive), "--yes"], env=env)
+    assert isinstance(result.exception, SystemExit), result.exc_info
+    assert (result.exit_code, result.stdout) == (1, ""), result.output
+    assert result.stderr == (
+        f"error: {archive.name} holds tables (invoices) but no parley schema revision: it is "
+        "not a backup of a parley database; refusing to restore it\n"
+    )
+    after = _state(database_url)
+    if settings.is_sqlite:  # the restore's lock file is left beside the parley database
+        after, before = after[:2], before[:2]
+    assert after == before
     assert [p.name for p in archive.parent.iterdir()] == [archive.name]  # no safety backup

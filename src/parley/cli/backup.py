@@ -19,6 +19,7 @@ from typing import Any
 import click
 
 from parley.cli.common import run as _run
+from parley.ops import migrate
 from parley.ops.backup import BackupInfo, create_backup, list_backups, prune_backups
 from parley.ops.backup import verify_backup as verify_archive
 from parley.ops.restore import restore_backup
@@ -74,13 +75,17 @@ def backup(ctx: click.Context, to: Path | None) -> None:
     The backup is online: the server may keep serving. The archive goes to
     PARLEY_BACKUP_DIR (default <data dir>/backups), or to PARLEY_BACKUP_FALLBACK_DIR when
     that is not writable, named parley-<UTC time>.tar.gz (.tar.gz.enc when
-    PARLEY_BACKUP_KEY is set). Prints the archive's path and its row counts.
+    PARLEY_BACKUP_KEY is set). Prints the archive's path and its row counts. A database
+    that is not parley's (another application's) is refused.
     """
     if ctx.invoked_subcommand is not None:
         if to is not None:
             raise click.UsageError("--to applies to `parley backup` itself")
         return
     settings = _settings()
+    # Another application's database (DATABASE_URL pointed at the wrong one) would make an
+    # archive that ``parley restore`` takes for parley's.
+    _run(lambda: migrate.refuse_not_parleys(settings))
     info = _run(lambda: create_backup(settings, to))
     extra = ", encrypted" if info.encrypted else ""
     click.echo(f"{info.path} ({_size(info.size)}{extra})")

@@ -126,7 +126,7 @@ def _restore(
 ) -> RestoreReport:
     manifest = _unpack(settings, archive, db_stage, data_stage)
     tables = check_database(manifest, db_stage, archive.name)
-    revision = _check_revision(manifest, archive.name)
+    revision = _check_revision(manifest, archive.name, tables)
     report = RestoreReport(
         archive,
         manifest["database"]["kind"],
@@ -176,9 +176,18 @@ def _unpack(settings: Settings, archive: Path, db_stage: Path, data_stage: Path)
     return manifest
 
 
-def _check_revision(manifest: dict[str, Any], name: str) -> str | None:
+def _check_revision(manifest: dict[str, Any], name: str, tables: dict[str, Any]) -> str | None:
     revision = manifest.get("schema_revision")
     if revision is None:
+        held = sorted(set(tables) - {"alembic_version"})
+        if held:
+            # A backup of another application's database (made before `parley backup`
+            # refused one): restoring it would put that database in parley's place.
+            raise BackupError(
+                f"{name} holds tables ({', '.join(held[:5])}{' ...' if len(held) > 5 else ''}) "
+                "but no parley schema revision: it is not a backup of a parley database; "
+                "refusing to restore it"
+            )
         return None
     known = {rev for rev, _down, _doc in migrate.history()}
     unknown = [rev for rev in str(revision).split(",") if rev not in known]
