@@ -26,7 +26,7 @@ from click.testing import CliRunner
 from parley.cli.main import cli
 from parley.ops.backup import create_backup
 from parley.ops.migrate import upgrade
-from parley.settings import load_settings
+from parley.settings import Settings, load_settings
 from tests.cli.test_backup_cli import env
 
 KINDS = {
@@ -135,30 +135,43 @@ def test_every_command_refuses_a_foreign_database_and_changes_nothing(
     assert not (tmp_path / "backups").exists() and not (tmp_path / "fallback").exists()
 
 
+def _archive_then_empty(settings: Settings) -> Path:
+    """A backup of the database, then the database gone (SQLite) or emptied."""
+    archive = create_backup(settings).path
+    if settings.is_sqlite:
+        for path in settings.data_dir.glob("parley.db*"):
+            path.unlink()
+    else:
+        engine = sa.create_engine(settings.database_url, poolclass=sa.NullPool)
+        with engine.begin() as conn:
+            conn.exec_driver_sql("DROP SCHEMA public CASCADE; CREATE SCHEMA public")
+        engine.dispose()
+    return archive
+
+
+def _restore_refused(env: dict[str, str], archive: Path) -> str:
+    """``parley restore``'s one line: exit 1, nothing on stdout, no safety backup."""
+    result = CliRunner().invoke(cli, ["restore", str(archive), "--yes"], env=env)
+    assert isinstance(result.exception, SystemExit), result.exc_info
+    assert (result.exit_code, result.stdout) == (1, ""), result.output
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert [p.name for p in archive.parent.iterdir()] == [archive.name]
+    return result.stderr
+
+
 def test_restore_does_not_replace_a_foreign_database(tmp_path: Path, database_url: str) -> None:
     """A parley backup restored with DATABASE_URL pointed at another application's
     database used to replace it (on PostgreSQL: its ``public`` schema emptied)."""
     env = _env(tmp_path, database_url)
     settings = load_settings(env=env, cwd=tmp_path)
     upgrade(settings)
-    archive = create_backup(settings).path
-    if settings.is_sqlite:
-        for path in (tmp_path / "data").glob("parley.db*"):
-            path.unlink()
-    else:
-        engine = sa.create_engine(database_url, poolclass=sa.NullPool)
-        with engine.begin() as conn:
-            conn.exec_driver_sql("DROP SCHEMA public CASCADE; CREATE SCHEMA public")
-        engine.dispose()
+    archive = _archive_then_empty(settings)
     _foreign(database_url, "no alembic_version")
     before = _state(database_url)
-    result = CliRunner().invoke(cli, ["restore", str(archive), "--yes"], env=env)
-    assert isinstance(result.exception, SystemExit), result.exc_info
-    assert (result.exit_code, result.stdout) == (1, ""), result.output
-    assert result.stderr.startswith("error: the database has tables (invoices) but no parley")
-    assert REFUSAL in result.stderr and result.stderr.count("\n") == 1
+    refused = _restore_refused(env, archive)
+    assert refused.startswith("error: the database has tables (invoices) but no parley")
+    assert REFUSAL in refused
     assert _state(database_url) == before
-    assert [p.name for p in archive.parent.iterdir()] == [archive.name]  # no safety backup
 
 
 def test_restore_refuses_an_archive_of_a_foreign_database(
@@ -168,21 +181,10 @@ def test_restore_refuses_an_archive_of_a_foreign_database(
     env = _env(tmp_path, database_url)
     settings = load_settings(env=env, cwd=tmp_path)
     _foreign(database_url, "no alembic_version")
-    archive = create_backup(settings).path
-    if settings.is_sqlite:
-        for path in (tmp_path / "data").glob("parley.db*"):
-            path.unlink()
-    else:
-        engine = sa.create_engine(database_url, poolclass=sa.NullPool)
-        with engine.begin() as conn:
-            conn.exec_driver_sql("DROP TABLE invoices")
-        engine.dispose()
+    archive = _archive_then_empty(settings)
     upgrade(settings)
     before = _state(database_url)
-    result = CliRunner().invoke(cli, ["restore", str(archive), "--yes"], env=env)
-    assert isinstance(result.exception, SystemExit), result.exc_info
-    assert (result.exit_code, result.stdout) == (1, ""), result.output
-    assert result.stderr == (
+    assert _restore_refused(env, archive) == (
         f"error: {archive.name} holds tables (invoices) but no parley schema revision: it is "
         "not a backup of a parley database; refusing to restore it\n"
     )
@@ -190,4 +192,3 @@ def test_restore_refuses_an_archive_of_a_foreign_database(
     if settings.is_sqlite:  # the restore's lock file is left beside the parley database
         after, before = after[:2], before[:2]
     assert after == before
-    assert [p.name for p in archive.parent.iterdir()] == [archive.name]  # no safety backup
