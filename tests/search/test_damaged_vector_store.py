@@ -15,7 +15,10 @@ commands print one line and exit 1, and ``parley reindex --full`` rebuilds the s
 from __future__ import annotations
 
 import logging
+import os
 import shutil
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -30,8 +33,9 @@ from parley.ops.migrate import upgrade
 from parley.search.vectors import VectorStore
 from parley.server.state import SERVICES
 from parley.settings import Settings
+from tests.cli.test_environment_errors import DROP_READ, _permission_bits_apply
 from tests.fakes.openai_upstream import FakeOpenAI
-from tests.harness import ParleyServer, rows, settings_for, wait_for
+from tests.harness import ParleyServer, free_port, rows, settings_for, wait_for
 from tests.search.test_rag import MASTER, VAULT, client, conversation, indexed, upload
 from tests.search.test_rag_failures import configure
 
@@ -226,3 +230,66 @@ def test_maintenance_reports_a_damaged_vector_store(settings: Settings) -> None:
     assert f"FAILED   vector store: {failed}" in report.stdout
     assert "PROBLEM  vectors without rows: could not run" in report.stdout
     assert "DONE     vacuum" in report.stdout and "OK       foreign keys" in report.stdout
+
+
+def test_a_vector_store_the_server_may_not_read(
+    tmp_path: Path, database_url: str, settings: Settings
+) -> None:
+    """Permissions taken away from the store's directory: as root, the server runs without
+    the capabilities that pass permission bits (``setpriv``), or the test is skipped."""
+    if not _permission_bits_apply(tmp_path):
+        pytest.skip("permission bits do not stop this user, and setpriv cannot drop that")
+    store = Path(settings.vector_uri)
+    with ParleyServer(settings) as server, client(server, "alpha") as alpha:
+        headers = dict(alpha.headers)
+        _ask(alpha, conversation(alpha))
+        wait_for(lambda: rows(database_url, QUEUED)[0]["n"] == 0, timeout=30)
+    store.chmod(0o000)
+    port = free_port()
+    env = {
+        "PARLEY_CONFIG": str(settings.config_path),
+        "PARLEY_DATA_DIR": str(settings.data_dir),
+        "DATABASE_URL": settings.database_url,
+        "PARLEY_SEARCH_EMBEDDER": "",
+        "PARLEY_MASTER_KEY": MASTER,
+        "PARLEY_LOG_LEVEL": "WARNING",
+    }
+    log = tmp_path / "server.log"
+    command = [sys.executable, "-m", "parley", "serve", "--port", str(port)]
+    if os.geteuid() == 0:
+        command = [*DROP_READ, *command]
+    try:
+        with log.open("wb") as out:
+            process = subprocess.Popen(
+                command, cwd=tmp_path, env={**os.environ, **env}, stdout=out, stderr=out
+            )
+        try:
+            root = f"http://127.0.0.1:{port}"
+            wait_for(lambda: _healthy(root), timeout=60)
+            with httpx.Client(base_url=f"{root}/api", headers=headers, timeout=60) as alpha:
+                semantic = _search(alpha, "semantic")
+                assert semantic.status_code == 503, semantic.text
+                assert semantic.json()["error"] == {
+                    "message": "the semantic index could not be read (Permission denied); "
+                    "use mode=keyword meanwhile",
+                    "type": "service_unavailable",
+                    "param": None,
+                    "code": "search_unavailable",
+                }
+                assert _search(alpha, "hybrid").json()["mode"] == "keyword"
+                assert _search(alpha, "keyword").json()["data"]
+        finally:
+            process.terminate()
+            process.wait(30)
+    finally:
+        store.chmod(0o700)
+    logged = log.read_text()
+    assert "Traceback" not in logged, logged
+    assert f"cannot use the vector store {store}: Permission denied" in logged
+
+
+def _healthy(root: str) -> bool:
+    try:
+        return httpx.get(f"{root}/healthz", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False

@@ -5,9 +5,11 @@ LanceDB says that a file is damaged or missing with a ``RuntimeError`` whose tex
 wrapped in Rust error names and source locations ("lance error: LanceError(IO): file size
 is too small, /root/.cargo/...rs:172:20"), that a table's directory is empty or gone with
 ``ValueError("Table 'messages' was not found")``, and what the file system refuses with an
-``OSError`` or a ``RuntimeError`` holding "(os error N)". ``unusable`` keeps the words
-that say what is wrong, with the paths inside the store written relative to it, so that
-the error's ``cause`` may be shown to an API client (it shows no file system layout).
+``OSError``, or a ``RuntimeError`` or ``ValueError`` whose text holds the system's error
+number ("(os error 13)", "Os { code: 13, ... }": a directory it may not list).
+``unusable`` keeps the words that say what is wrong, with the paths inside the store
+written relative to it, so that the error's ``cause`` may be shown to an API client (it
+shows no file system layout).
 Any other exception is parley's own mistake: it is not translated and keeps its traceback.
 ``translated`` applies this to every public method of ``VectorStore``.
 """
@@ -30,7 +32,8 @@ from parley.search.vector_lock import local_path
 P = ParamSpec("P")
 R = TypeVar("R")
 
-_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+# "... (os error 13) ...", or Rust's debug form "... Os { code: 13, kind: ... } ...".
+_OS_ERROR = re.compile(r"\(os error (\d+)\)|\bOs \{ code: (\d+),")
 # ", /root/.cargo/registry/src/.../utils.rs:172:20", ", /rustc/<hash>/library/....rs:250:5"
 _LOCATION = re.compile(r",\s*/\S+?\.rs:\d+:\d+")
 _WRAPPER = re.compile(
@@ -67,7 +70,7 @@ def unusable(exc: Exception, uri: str) -> VectorStoreUnusable | None:
     """``exc`` as ``VectorStoreUnusable`` when it is LanceDB's (or the system's) word on the
     store at ``uri``; None for anything else."""
     store = local_path(uri)
-    if isinstance(exc, RuntimeError):
+    if isinstance(exc, RuntimeError | ValueError):
         exc = system_refusal(exc, uri) or exc
     if isinstance(exc, OSError):
         where = Path(os.fsdecode(exc.filename)) if exc.filename else store
@@ -88,7 +91,7 @@ def missing_table(name: str, uri: str) -> VectorStoreUnusable:
     return VectorStoreUnusable(_shown(uri), f"its table '{name}' is missing", damaged=True)
 
 
-def system_refusal(exc: RuntimeError, uri: str) -> OSError | None:
+def system_refusal(exc: Exception, uri: str) -> OSError | None:
     """LanceDB's error for what the file system refused ("... (os error 30) ..."), as
     the ``OSError`` it was, naming the store: a read-only or full disk is the operator's
     to fix, not a damaged store."""
@@ -96,7 +99,7 @@ def system_refusal(exc: RuntimeError, uri: str) -> OSError | None:
     store = local_path(uri)
     if found is None or store is None:
         return None
-    number = int(found.group(1))
+    number = int(found.group(1) or found.group(2))
     return OSError(number, os.strerror(number), os.fspath(store))
 
 
