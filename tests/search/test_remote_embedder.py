@@ -18,6 +18,7 @@ import httpx
 import lancedb
 import pytest
 
+from parley.errors import VectorStoreUnusable
 from parley.ops.migrate import upgrade
 from parley.search.documents import ChunkText
 from parley.search.embedders import RemoteEmbedder
@@ -160,10 +161,10 @@ def test_changing_the_remote_model_empties_the_store_and_embeds_everything_again
             store = VectorStore.open(settings.vector_uri)
             try:
                 return store.model == "remote/wide" and store.message_ids() == everything
-            except RuntimeError as exc:
-                # This process read the meta table while the server was replacing it
-                # (LanceDB: a data file "Not found"); the next poll reads the new one.
-                if "Not found" in str(exc):
+            except VectorStoreUnusable as exc:
+                # This process read a table while the server was replacing it (LanceDB:
+                # a data file "Not found"); the next poll reads the new one.
+                if "Not found" in exc.cause:
                     return False
                 raise
 

@@ -469,11 +469,14 @@ class VectorStore:
         if META in names:
             try:
                 rows = self._connection().open_table(META).to_arrow().to_pylist()
-            except ValueError as exc:
-                if "was not found" not in str(exc):
+            except (ValueError, RuntimeError) as exc:
+                if "not found" not in str(exc).lower():
                     raise
-                # Dropped since it was listed, by another process preparing the store for
-                # another model. It holds no model until that ends.
+                # Dropped since it was listed ("Table 'meta' was not found"), or its data
+                # file since its manifest was read ("Not found: meta.lance/data/..."), by
+                # another process preparing the store for another model. It holds no model
+                # until that ends (a lost data file of ``meta`` reads the same: ``prepare``
+                # then rebuilds the store, and the reconcile on start queues every row).
         if len(rows) != 1:
             self._meta = (None, None)
             return
