@@ -18,10 +18,11 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
+from parley.domain import histogram
 from parley.domain.messages import Message
 from parley.ops.migrate import upgrade
 from parley.store.engine import create_engine
-from parley.store.schema import request_log
+from parley.store.schema import http_metrics, request_log
 from parley.store.users import Users
 from tests.harness import ParleyServer, settings_for, write_config
 from tests.server.test_auth import MASTER, bearer
@@ -337,3 +338,60 @@ def test_an_edge_in_the_pruned_raw_log_is_rounded_out_and_says_so(site: Site) ->
 
 def _iso(moment: datetime) -> str:
     return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def test_the_http_report_adds_up_in_the_database_what_the_rows_hold(site: Site) -> None:
+    """Counts, 5xx, averages and percentiles of ``/api/metrics/http`` against the rows
+    themselves (percentiles by ``histogram.bin_of``: the database's bins must be
+    Python's, on bin edges too); a user sees only their own requests."""
+    start = (NOW - timedelta(days=2)).replace(minute=0, second=0, microsecond=0)
+    alice, bob = site.users["alice"][2], site.users["bob"][2]
+    # Values on bin edges (powers of two), at the floor and below it, and in between.
+    times = [0.0, 0.0005, 0.001, 1.0, 2.0, 3.7, 128.0, 128.5, 250.0, 1024.0, 4096.0]
+    rows = [
+        {
+            "created_at": start + timedelta(minutes=i),
+            "endpoint": endpoint,
+            "method": method,
+            "status_code": 503 if i % 4 == 0 else 200,
+            "response_time_ms": ms * (1 + i % 3),
+            "user_id": alice if i % 2 else bob,
+        }
+        for i, ms in enumerate(times * 3)
+        for endpoint, method in (("/v1/chat/completions", "POST"), ("/api/conversations", "GET"))
+    ]
+    outside = {**rows[0], "created_at": start + timedelta(hours=1), "endpoint": "/late"}
+    with site.engine.begin() as conn:
+        conn.execute(sa.insert(http_metrics), [*rows, outside])
+
+    def expected(user_id: int | None) -> list[dict[str, Any]]:
+        groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        for row in rows:
+            if user_id is None or row["user_id"] == user_id:
+                groups.setdefault((row["endpoint"], row["method"]), []).append(row)
+        out = []
+        for (endpoint, method), found in groups.items():
+            values = [r["response_time_ms"] for r in found]
+            bins: histogram.Histogram = {}
+            for value in values:
+                histogram.add(bins, value)
+            errors = sum(r["status_code"] >= 500 for r in found)
+            out.append(
+                {
+                    "endpoint": endpoint,
+                    "method": method,
+                    "requests": len(found),
+                    "server_errors": errors,
+                    "error_rate": errors / len(found),
+                    "latency_ms": {
+                        "avg": pytest.approx(sum(values) / len(values)),
+                        **{f"p{p}": histogram.percentile(bins, p) for p in (50, 90, 99)},
+                    },
+                }
+            )
+        return sorted(out, key=lambda g: (g["endpoint"], g["method"]))
+
+    window = {"since": start.isoformat(), "until": (start + timedelta(hours=1)).isoformat()}
+    for key, user_id in ((MASTER, None), (site.users["alice"][1], alice)):
+        data = site.ok("/api/metrics/http", key, **window)["data"]
+        assert sorted(data, key=lambda g: (g["endpoint"], g["method"])) == expected(user_id)

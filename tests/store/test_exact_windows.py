@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import math
 import random
+import sqlite3
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from sqlalchemy.dialects import sqlite as sqlite_dialect
 
 from parley.domain import histogram
 from parley.domain.exchange import Exchange
@@ -26,6 +28,7 @@ from parley.domain.times import utc
 from parley.domain.usage import Usage
 from parley.metrics import report
 from parley.store import edges
+from parley.store import engine as engine_module
 from parley.store.metrics import MetricsStore
 from parley.store.schema import request_log
 from tests.store.test_exchanges import attempt, chat, write
@@ -346,3 +349,26 @@ def test_sql_bins_are_python_s_bins_on_and_around_every_edge(migrated_engine: sa
     assert got.latency_ms == expected.latency_ms
     assert got.ttft_ms == expected.ttft_ms == got.tps
     assert got.requests == len(values)
+
+
+def test_an_sqlite_without_math_functions_bins_as_python_does_with_parley_s_log2() -> None:
+    """Some SQLite builds lack ``log2`` (no ``SQLITE_ENABLE_MATH_FUNCTIONS``): the engine
+    then supplies its own, which must give the C library's bins. Here it replaces the
+    built-in on a plain connection, as it would stand in for a missing one."""
+    values = [*EDGY, *(2.0 ** (k / 8) for k in range(-90, 160)), -1.0]
+    values += [math.nextafter(v, math.inf) for v in values] + [math.nextafter(v, 0) for v in values]
+    column = sa.column("v", sa.Float)
+    statement = sa.select(edges.sql_bin(column, postgres=False)).select_from(sa.table("t", column))
+    sql = str(
+        statement.compile(dialect=sqlite_dialect.dialect(), compile_kwargs={"literal_binds": True})
+    )
+    conn = sqlite3.connect(":memory:")
+    try:
+        conn.execute("CREATE TABLE t (v REAL)")
+        conn.executemany("INSERT INTO t VALUES (?)", [(v,) for v in values])
+        built_in = [b for (b,) in conn.execute(sql)]
+        conn.create_function("log2", 1, engine_module._log2, deterministic=True)
+        supplied = [b for (b,) in conn.execute(sql)]
+    finally:
+        conn.close()
+    assert supplied == built_in == [histogram.bin_of(v) for v in values]

@@ -196,14 +196,14 @@ async def http_report(request: web.Request) -> web.Response:
     store, caller = _store(request), identity.current(request)
     start, end = q.window(request, _now())
     user_id = None if caller.is_admin else caller.user_id
-    rows = await asyncio.to_thread(store.http_rows, start, end, user_id)
+    rows = await asyncio.to_thread(store.http_tallies, start, end, user_id)
     groups: dict[tuple[str, str], list[Any]] = {}
     for row in rows:
         entry = groups.setdefault((row.endpoint, row.method), [0, 0, 0.0, {}])
-        entry[0] += 1
-        entry[1] += row.status_code >= 500
-        entry[2] += row.response_time_ms
-        histogram.add(entry[3], row.response_time_ms)
+        entry[0] += row.n
+        entry[1] += row.server_errors
+        entry[2] += row.total_ms
+        entry[3][row.bin] = entry[3].get(row.bin, 0) + row.n
     data = [
         {
             "endpoint": endpoint,

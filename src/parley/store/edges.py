@@ -268,7 +268,7 @@ def edge_query(
             *(func.sum(t[name]).label(name) for name in _VALUES),
             func.count(t.cost_usd).label("priced"),
             *(
-                func.aggregate_strings(cast(_bin(t[column], postgres), String), ",").label(
+                func.aggregate_strings(cast(sql_bin(t[column], postgres), String), ",").label(
                     f"b_{hist}"
                 )
                 for hist, column in _BINNED.items()
@@ -279,8 +279,9 @@ def edge_query(
     )
 
 
-def _bin(column: Any, postgres: bool) -> Any:
-    """``histogram.bin_of`` in SQL: NULL for NULL, the floor bin at or below ``FLOOR``."""
+def sql_bin(column: Any, postgres: bool) -> Any:
+    """``histogram.bin_of`` in SQL: NULL for NULL, the floor bin at or below ``FLOOR``
+    (also used by the HTTP report, ``store.metrics``)."""
     floor_bin = literal(histogram.FLOOR_BIN)
     low = column <= literal(histogram.FLOOR, Float)
     if postgres:

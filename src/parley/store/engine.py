@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 import os
 import sqlite3
 import stat
@@ -397,6 +398,7 @@ def _sqlite_engine(settings: Settings, **kwargs: Any) -> sqlalchemy.Engine:
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
             cursor.execute(f"PRAGMA synchronous={synchronous}")
+            provide_log2(dbapi_connection)
         finally:
             cursor.close()
 
@@ -406,6 +408,21 @@ def _sqlite_engine(settings: Settings, **kwargs: Any) -> sqlalchemy.Engine:
         conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
     return engine
+
+
+def provide_log2(dbapi_connection: Any) -> None:
+    """Give the connection ``log2`` if its SQLite was built without its math functions
+    (``SQLITE_ENABLE_MATH_FUNCTIONS``, on by default since 3.35 but not in every build):
+    the metrics reports bin raw values with it (``store.edges.sql_bin``)."""
+    try:
+        dbapi_connection.execute("SELECT log2(2.0)").fetchone()
+    except sqlite3.OperationalError:
+        dbapi_connection.create_function("log2", 1, _log2, deterministic=True)
+
+
+def _log2(value: float | None) -> float | None:
+    # As SQLite's own: NULL for NULL and for what has no logarithm.
+    return math.log2(value) if value is not None and value > 0 else None
 
 
 # Owner read and write: the database holds every conversation and the encrypted keys.

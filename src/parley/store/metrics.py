@@ -23,7 +23,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import sqlalchemy
-from sqlalchemy import Row, select
+from sqlalchemy import Row, case, func, select
 
 from parley.domain.rollup import DAY, HOUR, Dims, Tally, by_model, model_level
 from parley.errors import InvalidRequest
@@ -157,18 +157,25 @@ class MetricsStore:
         found = found[:limit]
         return LogPage(found, str(found[-1]["public_id"]) if more and found else None)
 
-    def http_rows(
+    def http_tallies(
         self, start: datetime, end: datetime, user_id: int | None
-    ) -> Sequence[Row[Any, Any, Any, Any, Any]]:
+    ) -> Sequence[Row[str, str, int, int, int, float]]:
+        """The HTTP metrics of [start, end) added up by the database: per route template,
+        method and latency bin (``histogram.bin_of``'s), the request count, the 5xx count
+        and the summed response time, so the report never loads the rows themselves."""
+        t = http_metrics.c
+        latency_bin = edges.sql_bin(t.response_time_ms, self._engine.dialect.name != "sqlite")
         query = select(
-            http_metrics.c.created_at,
-            http_metrics.c.endpoint,
-            http_metrics.c.method,
-            http_metrics.c.status_code,
-            http_metrics.c.response_time_ms,
-        ).where(http_metrics.c.created_at >= start, http_metrics.c.created_at < end)
+            t.endpoint,
+            t.method,
+            latency_bin.label("bin"),
+            func.count().label("n"),
+            func.sum(case((t.status_code >= 500, 1), else_=0)).label("server_errors"),
+            func.sum(t.response_time_ms).label("total_ms"),
+        ).where(t.created_at >= start, t.created_at < end)
         if user_id is not None:
-            query = query.where(http_metrics.c.user_id == user_id)
+            query = query.where(t.user_id == user_id)
+        query = query.group_by(t.endpoint, t.method, latency_bin)
         with self._engine.connect() as conn:
             return conn.execute(query).all()
 
