@@ -36,6 +36,11 @@ KINDS = {
         "CREATE TABLE alembic_version (version_num VARCHAR(32) NOT NULL)",
         "INSERT INTO alembic_version VALUES ('ae1027a6acf')",
     ],
+    # Numbered as parley numbers its own: `db upgrade` ran parley's 0004 onwards on it.
+    "a revision parley has too": [
+        "CREATE TABLE alembic_version (version_num VARCHAR(32) NOT NULL)",
+        "INSERT INTO alembic_version VALUES ('0003')",
+    ],
 }
 COMMANDS = [
     ("db", "current"),

@@ -73,9 +73,10 @@ def current_on(conn: Connection) -> str | None:
     return ",".join(revisions) if revisions else None
 
 
-# Tables of parley's first revision, kept by every later one: a database at a revision this
-# code does not know, without any of them, is another application's (with its own Alembic
-# history), not a newer parley's. ("messages" is left out: other applications have one.)
+# Tables of parley's first revision, kept by every later one: a database at a revision
+# (whether this code knows it or not) without any of them is another application's (with
+# its own Alembic history), not a newer parley's. ("messages" is left out: other
+# applications have one.)
 _PARLEY_TABLES = frozenset({"conversations", "request_log", "responses"})
 # Table names a refusal lists at most.
 _NAMED = 5
@@ -83,14 +84,18 @@ _NAMED = 5
 
 def refuse_foreign(conn: Connection, revision: str | None) -> None:
     """Refuse a database that is not parley's: tables but no revision (an empty or
-    missing ``alembic_version``), or a revision unknown here and none of parley's tables.
+    missing ``alembic_version``), or a revision (known here or not) and none of parley's
+    tables.
     An empty database, and one a newer parley migrated, pass (``refuse_unknown``)."""
     tables = sorted(set(inspect(conn).get_table_names()) - {"alembic_version"})
     if revision is None and tables:
         found = f"tables ({_names(tables)}) but no parley schema revision"
-    elif revision is not None and not _known(revision) and not _PARLEY_TABLES & set(tables):
+    elif revision is not None and not _PARLEY_TABLES & set(tables):
+        # Even a revision parley has ("0003": other histories number theirs too) is not
+        # parley's without parley's tables: upgrading would run parley's migrations on it.
         held = f"tables ({_names(tables)}), none of them parley's" if tables else "no tables"
-        found = f"revision {revision}, which is not parley's, and {held}"
+        whose = "which is not parley's" if not _known(revision) else "as parley numbers one"
+        found = f"revision {revision}, {whose}, and {held}"
     else:
         return
     raise ConfigError(
