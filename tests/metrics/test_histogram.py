@@ -38,6 +38,19 @@ def test_merged_histograms_equal_one_built_from_all_values() -> None:
     assert histogram.decode(histogram.encode(whole)) == whole
 
 
+def test_decode_reads_every_stored_form_as_the_histogram_written() -> None:
+    # Negative bins (below 1), the floor bin, counts past 2**31, keys in any order, and
+    # the spaced form json.dumps writes: read as int -> int, as the JSON object says.
+    written = {histogram.FLOOR_BIN: 3, -8: 1, 0: 2, 56: 7, 200: 2**40}
+    assert histogram.decode(histogram.encode(written)) == written
+    assert histogram.decode('{"56": 7, "-3": 2}') == {56: 7, -3: 2}
+    assert all(type(k) is int for k in histogram.decode('{"56":7,"-3":2}'))
+    assert histogram.decode("{}") == {} and histogram.decode("") == {}
+    assert histogram.decode(None) == {}
+    with pytest.raises(ValueError):  # not a histogram: an error, never a wrong one
+        histogram.decode('{"56":7,"3"}')
+
+
 def test_zero_and_tiny_values_share_the_lowest_bin_and_read_as_zero() -> None:
     h: histogram.Histogram = {}
     for v in (0.0, 0.0001, 0.0):

@@ -242,3 +242,43 @@ def test_upgrading_tallies_rows_recorded_before_rollups_existed(
         assert got["cost_usd"] == pytest.approx(1.5)
     finally:
         engine.dispose()
+
+
+def test_rows_between_reads_back_every_dimension_and_value_as_tallied(
+    migrated_engine: sa.Engine,
+) -> None:
+    # Every field distinct, so a column read into the wrong place cannot go unseen.
+    hour = NOW.replace(minute=0)
+    logged = [
+        {
+            "created_at": hour + timedelta(minutes=minute),
+            "user_id": 7,
+            "api_key_id": 11,
+            "provider": "openai",
+            "model": "m-one",
+            "origin": "10.0.0.3",
+            "success": success,
+            "error_type": None if success else "timeout",
+            "prompt_tokens": 101 + minute,
+            "completion_tokens": 23,
+            "total_tokens": 124 + minute,
+            "cost_usd": 0.25 if success else None,
+            "response_time_ms": 640.5,
+            "time_to_first_token_ms": 80.25 if success else None,
+            "tokens_per_second": 35.5 if success else None,
+        }
+        for minute, success in ((1, True), (2, True), (3, False))
+    ]
+    with writer_connection(migrated_engine) as conn, conn.begin():
+        rollups.add(conn, logged)
+    expected = tally_rows(logged)
+    with migrated_engine.connect() as conn:
+        stored = {
+            (period, start, dims): tally
+            for period in (HOUR, DAY, MODEL_HOUR, MODEL_DAY)
+            for start, dims, tally in rollups.rows_between(
+                conn, period, hour - timedelta(days=1), hour + timedelta(days=1)
+            )
+        }
+    assert stored == expected
+    assert all(start.tzinfo is UTC for _, start, _ in stored)
