@@ -33,11 +33,12 @@ from parley.server.identity import LOCAL
 from parley.store import attachments as files
 from parley.store import documents as repo
 from parley.store.blobs import BlobStore, PendingBlob
+from parley.store.conversation_rows import Conversation, Turn
 from parley.store.conversations import Conversations
 from parley.store.documents import NewCitation, Place
 from parley.store.engine import writer_connection
 from parley.store.schema import attachments as files_table
-from parley.store.schema import document_chunks, documents, search_outbox
+from parley.store.schema import citations, document_chunks, documents, search_outbox
 from tests.search.pdfs import make_pdf
 
 PROSE = " ".join(
@@ -263,6 +264,17 @@ def test_citations_keep_their_source_when_the_document_goes(
     ]
 
 
+def _asked(engine: sa.Engine) -> tuple[Conversations, Conversation, Turn]:
+    """A conversation with one user message, as a send leaves it before the answer."""
+    store = Conversations(engine)
+    conversation = store.create(user_id=None, api_key_id=None, default_model="up/m")
+    turn = store.add_user_message(
+        LOCAL, conversation.public_id, Message("user", "hi"), user_id=None, api_key_id=None
+    )
+    assert turn is not None
+    return store, conversation, turn
+
+
 def test_an_answer_keeps_the_citations_of_a_document_deleted_while_it_was_made(
     migrated_engine: sa.Engine,
 ) -> None:
@@ -270,12 +282,7 @@ def test_an_answer_keeps_the_citations_of_a_document_deleted_while_it_was_made(
     stored like that of a deleted document, and the answer's other citations with it
     (they used to be refused all together by the foreign keys)."""
     engine = migrated_engine
-    store = Conversations(engine)
-    conversation = store.create(user_id=None, api_key_id=None, default_model="up/m")
-    turn = store.add_user_message(
-        LOCAL, conversation.public_id, Message("user", "hi"), user_id=None, api_key_id=None
-    )
-    assert turn is not None
+    store, conversation, turn = _asked(engine)
     place = Place(None, conversation.id, conversation.public_id)
     gone, kept = _insert(engine, place), _insert(engine, place)
 
@@ -302,6 +309,32 @@ def test_an_answer_keeps_the_citations_of_a_document_deleted_while_it_was_made(
         (1, None, "prose.txt"),
         (2, kept.public_id, "prose.txt"),
     ]
+
+
+def test_an_answer_deleted_before_its_citations_are_stored_gets_none_without_an_error(
+    migrated_engine: sa.Engine,
+) -> None:
+    """The message is deleted between the answer's commit and its citations (the chat
+    service stores them just after): nothing to cite, and no foreign-key error."""
+    engine = migrated_engine
+    store, conversation, turn = _asked(engine)
+    document = _insert(engine, Place(None, conversation.id, conversation.public_id))
+    with engine.connect() as conn:
+        chunk_id = conn.execute(
+            sa.select(sa.func.min(document_chunks.c.id)).where(
+                document_chunks.c.document_id == document.id
+            )
+        ).scalar_one()
+    assert store.delete_message(LOCAL, conversation.public_id, turn.message.public_id) == set()
+    with writer_connection(engine) as conn, conn.begin():
+        alive = repo.insert_citations(
+            conn,
+            turn.message.id,
+            [NewCitation(document.id, chunk_id, document.filename, None, 0, 0.5)],
+        )
+    assert alive == {document.id}
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(citations)).scalar() == 0
 
 
 def test_an_upload_into_a_conversation_deleted_meanwhile_is_a_404_and_leaves_nothing(

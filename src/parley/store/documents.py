@@ -339,9 +339,10 @@ def insert_citations(conn: Connection, message_id: int, cited: Sequence[NewCitat
 
     A document may be deleted while its answer is being made: its citations are stored as
     those of a deleted one are (file name, page and chunk kept, ids NULL), never refused
-    by the foreign keys with every other citation of the answer. The documents still there
-    are locked (``FOR KEY SHARE`` on PostgreSQL; SQLite's write transaction serialises) so
-    that none of them goes before this commits."""
+    by the foreign keys with every other citation of the answer. An answer deleted
+    meanwhile (with its branch or conversation) gets none, without an error. The
+    documents still there, and the answer, are locked (``FOR KEY SHARE`` on PostgreSQL;
+    SQLite's write transaction serialises) so that none of them goes before this commits."""
     if not cited:
         return set()
     wanted = sorted({c.document_id for c in cited})
@@ -350,6 +351,11 @@ def insert_citations(conn: Connection, message_id: int, cited: Sequence[NewCitat
             select(_D.id).where(_D.id.in_(wanted)).with_for_update(read=True, key_share=True)
         ).scalars()
     )
+    answer = select(messages.c.id).where(messages.c.id == message_id)
+    if conn.execute(answer.with_for_update(read=True, key_share=True)).first() is None:
+        # The answer was deleted (with its branch or conversation) after its commit:
+        # nothing is left to cite, and the foreign key would refuse the rows.
+        return kept
     conn.execute(
         insert(citations),
         [
