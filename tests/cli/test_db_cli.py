@@ -45,7 +45,8 @@ def test_upgrade_current_history_check_downgrade(tmp_path: Path, database_url: s
 
     result = run(tmp_path, database_url, "history")
     assert result.exit_code == 0
-    assert result.output.startswith(f"0010 -> {HEAD} (head): An answer keeps the notice it")
+    assert result.output.startswith(f"0011 -> {HEAD} (head): A generated title knows the")
+    assert "0010 -> 0011: An answer keeps the notice it" in result.output
     assert "0009 -> 0010: The chain-key index holds only" in result.output
     assert "0006 -> 0007: The request log says when its tokens" in result.output
     assert "0004 -> 0005: The search outbox" in result.output

@@ -136,6 +136,7 @@ def test_db_downgrade_with_discard_data_proceeds_after_a_backup(
     archive = only_backup(settings, HEAD)  # holds the discarded rows
     assert result.output == (
         f"discarded anomaly_log: {ROWS} rows\n"
+        f"discarded conversations.title_message_id: {ROWS} non-null values\n"
         f"discarded responses.notice: {ROWS} non-null values\n"
         f"backup taken before migrating: {archive}\n"
         "database at 0008\n"
@@ -181,8 +182,9 @@ def test_a_downgrade_over_empty_tables_and_null_columns_needs_no_flag(
     engine = create_engine(settings)
     try:
         with engine.begin() as conn:
-            # 0011, 0009 and 0008 drop responses.notice, the anomaly log and
-            # request_log.finished_at.
+            # 0012, 0011, 0009 and 0008 drop conversations.title_message_id,
+            # responses.notice, the anomaly log and request_log.finished_at.
+            conn.exec_driver_sql("UPDATE conversations SET title_message_id = NULL")
             conn.exec_driver_sql("UPDATE responses SET notice = NULL")
             conn.exec_driver_sql("DELETE FROM anomaly_log")
             conn.exec_driver_sql("UPDATE request_log SET finished_at = NULL")

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.fakes.openai_upstream import FakeOpenAI
-from tests.harness import rows, settings_for
+from tests.harness import rows, settings_for, wait_for
 from tests.server.test_chat_api import Api, Server, _config, last
 
 
@@ -152,3 +152,54 @@ def test_deleting_a_message_while_an_answer_streams_into_its_branch(
     assert len(logged) == 2 and all(r["success"] for r in logged)
     # The conversation goes on from nothing.
     assert last(api.send(cid, "hello again"), "done")["content"] == "echo: hello again"
+
+
+def _found(api: Api, word: str) -> list[str]:
+    """What keyword search finds for ``word``: "title" or "message" per hit."""
+    found = api.http.get("/search", params={"q": word, "mode": "keyword"})
+    assert found.status_code == 200, found.text
+    return [hit["type"] for hit in found.json()["data"]]
+
+
+def test_a_generated_title_goes_with_the_message_it_was_made_from(server: Server) -> None:
+    api = Api(server)
+    cid = api.create()["id"]
+    q1 = last(api.send(cid, "my zanzibar passcode"), "message")["id"]
+    assert wait_for(lambda: api.get(cid)["title"]) == "echo: my zanzibar passcode"
+    a1 = api.get(cid)["active_path"][1]
+    api.send(cid, "and a second question")
+    # The fake upstream echoes: the answer holds the word too.
+    assert sorted(_found(api, "zanzibar")) == ["message", "message", "title"]
+
+    # Deleting what came later, or only the answer, leaves the text the title was made
+    # from: the title stays.
+    assert api.http.delete(_path(cid, a1)).status_code == 204
+    assert api.get(cid)["title"] == "echo: my zanzibar passcode"
+    assert sorted(_found(api, "zanzibar")) == ["message", "title"]
+
+    # Deleting the message it was made from resets it, as a new conversation has it:
+    # nothing finds the deleted text, in messages or in the title.
+    assert api.http.delete(_path(cid, q1)).status_code == 204
+    got = api.get(cid)
+    assert got["title"] is None and got["message_count"] == 0
+    assert _found(api, "zanzibar") == []
+    # The next answer titles the conversation anew.
+    api.send(cid, "herons in winter")
+    assert wait_for(lambda: api.get(cid)["title"]) == "echo: herons in winter"
+
+
+def test_a_title_the_user_set_outlives_the_messages(server: Server) -> None:
+    api = Api(server)
+    renamed = api.create()["id"]
+    q1 = last(api.send(renamed, "my zanzibar passcode"), "message")["id"]
+    assert wait_for(lambda: api.get(renamed)["title"]) == "echo: my zanzibar passcode"
+    patched = api.http.patch(f"/conversations/{renamed}", json={"title": "Zanzibar trip"})
+    assert patched.status_code == 200
+    named = api.create(title="Zanzibar notes")["id"]
+    q2 = last(api.send(named, "zanzibar ferry times"), "message")["id"]
+
+    assert api.http.delete(_path(renamed, q1)).status_code == 204
+    assert api.http.delete(_path(named, q2)).status_code == 204
+    assert api.get(renamed)["title"] == "Zanzibar trip"
+    assert api.get(named)["title"] == "Zanzibar notes"
+    assert _found(api, "zanzibar") == ["title", "title"]

@@ -499,13 +499,26 @@ def test_a_delete_while_the_writer_stores_an_answer_in_it_waits_for_the_writer(
 
 def test_generated_title_never_replaces_one_set_meanwhile(store: Conversations) -> None:
     untitled = new(store)
-    assert store.set_generated_title(untitled.id, "Made up")
-    assert not store.set_generated_title(untitled.id, "Made up again")
+    first = say(store, untitled, "made from this").message.id
+    assert store.set_generated_title(untitled.id, "Made up", first)
+    assert not store.set_generated_title(untitled.id, "Made up again", first)
     titled = new(store)
     store.update(ALICE, titled.public_id, {"title": "Mine"})
-    assert not store.set_generated_title(titled.id, "Made up")
+    assert not store.set_generated_title(titled.id, "Made up", say(store, titled, "x").message.id)
     got = store.get(ALICE, titled.public_id)
     assert got is not None and got.title == "Mine"
+
+
+def test_a_title_made_from_a_message_deleted_meanwhile_is_not_stored(
+    store: Conversations,
+) -> None:
+    conv = new(store)
+    first = say(store, conv, "pasted by mistake").message
+    assert store.delete_message(ALICE, conv.public_id, first.public_id) == set()
+    # The title task finishes after the delete: the deleted text must not come back.
+    assert not store.set_generated_title(conv.id, "Pasted by mistake", first.id)
+    got = store.get(ALICE, conv.public_id)
+    assert got is not None and got.title is None
 
 
 def test_v1_conversations_are_listed_as_api(

@@ -155,6 +155,7 @@ def test_heads_and_history_name_every_revision() -> None:
     assert migrate.heads() == [HEAD]
     history = migrate.history()
     assert [(revision, down) for revision, down, _doc in history] == [
+        ("0012", "0011"),
         ("0011", "0010"),
         ("0010", "0009"),
         ("0009", "0008"),
@@ -179,6 +180,7 @@ def test_heads_and_history_name_every_revision() -> None:
     assert docs["0009"].startswith("Anomaly episodes logged, shared by every process")
     assert docs["0010"].startswith("The chain-key index holds only messages a request can")
     assert docs["0011"].startswith("An answer keeps the notice it was given with")
+    assert docs["0012"].startswith("A generated title knows the message it was made from")
 
 
 def test_check_names_a_missing_outbox_trigger(settings: Settings) -> None:

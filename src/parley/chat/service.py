@@ -66,7 +66,7 @@ from parley.chat.interface import (
     Reply,
 )
 from parley.chat.sources import Sources
-from parley.chat.titles import make_title, title_source
+from parley.chat.titles import make_title
 from parley.domain.events import Chunk, TextDelta
 from parley.domain.exchange import Exchange, ReplyTo
 from parley.domain.messages import ChatRequest, Message
@@ -333,9 +333,10 @@ class ChatService:
             return
         await finish(stream)
         if turn.needs_title:
-            first = title_source(turn.message)
             self._spawn(
-                make_title(self._gateway, self._recorder, self.store, caller, conversation, first)
+                make_title(
+                    self._gateway, self._recorder, self.store, caller, conversation, turn.message
+                )
             )
         answer = await self._stored_answer(turn, exchange, answer_id)
         if sources:

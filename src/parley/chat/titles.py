@@ -2,7 +2,8 @@
 
 ``make_title`` asks the model for a short title of the message answered (``title_source``:
 its text, else its files' names), records that exchange on its own (endpoint ``title``,
-outside the conversation) and stores the title only if nobody set one meanwhile;
+outside the conversation) and stores the title only if nobody set one meanwhile and that
+message was not deleted meanwhile (deleting it later resets the title: ``delete_message``);
 ``clean_title`` makes a model's answer a sidebar title.
 """
 
@@ -39,9 +40,10 @@ async def make_title(
     store: Conversations,
     caller: Caller,
     conversation: Conversation,
-    first: str,
+    source: StoredMessage,
 ) -> None:
-    """Title ``conversation`` from ``first`` (what ``title_source`` gives)."""
+    """Title ``conversation`` from the message ``source`` (what ``title_source`` gives)."""
+    first = title_source(source)
     model = conversation.default_model
     if model is None or not first.strip():
         return
@@ -69,7 +71,7 @@ async def make_title(
         log.error("could not record a title exchange (model %s)", model)
     title = clean_title(exchange.choices[0].text) if exchange.choices else None
     if title is not None:
-        await asyncio.to_thread(store.set_generated_title, conversation.id, title)
+        await asyncio.to_thread(store.set_generated_title, conversation.id, title, source.id)
 
 
 def title_source(message: StoredMessage) -> str:

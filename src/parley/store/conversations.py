@@ -239,6 +239,9 @@ class Conversations:
                         "active_leaf_id",
                     )
                 values["active_leaf_id"] = leaf.id
+            if "title" in values:
+                # A title a user sets is theirs: deleting messages never resets it.
+                values["title_message_id"] = None
             if values:
                 conn.execute(update(conversations).where(_C.id == row.id).values(values))
             return counted(conn, [one_row(conn, _C.id == row.id)])[0]
@@ -273,7 +276,10 @@ class Conversations:
         parent becomes the active leaf (None for a root: the newest message left, if
         any). Serialised with the exchange writer (``_wait_for_the_writer``) and with
         sends to the conversation (``add_user_message``), so no answer or message is
-        stored under a message deleted meanwhile."""
+        stored under a message deleted meanwhile.
+
+        A generated title made from a deleted message is reset (None, as a new
+        conversation has); a title a user set is never touched."""
         with self._writing() as conn:
             _wait_for_the_writer(conn)
             row = visible_row(conn, viewer, public_id, lock=True)
@@ -283,22 +289,33 @@ class Conversations:
             if target is None:
                 raise NotFound(f"no such message: {message_id}")
             doomed = subtree(conn, target.id)
+            gone = set(doomed)
+            changes: dict[str, Any] = {}
             shown = active_leaf(conn, row.id, row.active_leaf_id)
-            if shown is not None and shown.id in set(doomed):
-                conn.execute(
-                    update(conversations)
-                    .where(_C.id == row.id)
-                    .values(active_leaf_id=target.parent_id)
-                )
+            if shown is not None and shown.id in gone:
+                changes["active_leaf_id"] = target.parent_id
+            if row.title_message_id in gone:
+                # The generated title carries the deleted text: untitled again, as a new
+                # conversation is, so that a later answer titles it anew.
+                changes.update(title=None, title_message_id=None)
+            if changes:
+                conn.execute(update(conversations).where(_C.id == row.id).values(changes))
             return delete_messages(conn, doomed)
 
-    def set_generated_title(self, conversation_id: int, title: str) -> bool:
-        """Store a generated title unless somebody set one meanwhile."""
+    def set_generated_title(self, conversation_id: int, title: str, source_id: int) -> bool:
+        """Store ``title``, made from the message ``source_id``, unless somebody set a
+        title meanwhile or that message was deleted meanwhile (its text would outlive it)."""
         with self._writing() as conn:
+            # The conversation locked first (``delete_message`` locks it too): the check
+            # of the source below then sees a deletion that committed while this waited.
+            locked = select(_C.id).where(_C.id == conversation_id).with_for_update()
+            if conn.execute(locked).first() is None:
+                return False
+            kept = select(_M.id).where(_M.id == source_id, _M.conversation_id == conversation_id)
             done = conn.execute(
                 update(conversations)
-                .where(_C.id == conversation_id, _C.title.is_(None))
-                .values(title=title)
+                .where(_C.id == conversation_id, _C.title.is_(None), kept.exists())
+                .values(title=title, title_message_id=source_id)
             )
             return done.rowcount == 1
 

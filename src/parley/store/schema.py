@@ -145,6 +145,9 @@ conversations = Table(
     ),
     # The last message of the branch the chat continues (None: the newest leaf).
     Column("active_leaf_id", Integer),
+    # Migration 0012: the message a generated title was made from (None: no title, or one
+    # a user set). Deleting that message resets the title (``delete_message``).
+    Column("title_message_id", Integer),
     # The sidebar: a user's conversations (archived apart), pinned first, then newest
     # activity, then the public id; pages are keyed by the last three (store.conversations).
     Index("ix_conversations_sidebar", "user_id", "archived", "pinned", "updated_at", "public_id"),
