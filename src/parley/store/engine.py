@@ -40,6 +40,7 @@ driver's or the system's words, worded here once for server start and every comm
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import math
 import os
@@ -414,10 +415,21 @@ def provide_log2(dbapi_connection: Any) -> None:
     """Give the connection ``log2`` if its SQLite was built without its math functions
     (``SQLITE_ENABLE_MATH_FUNCTIONS``, on by default since 3.35 but not in every build):
     the metrics reports bin raw values with it (``store.edges.sql_bin``)."""
-    try:
-        dbapi_connection.execute("SELECT log2(2.0)").fetchone()
-    except sqlite3.OperationalError:
+    if not _sqlite_has_log2():
         dbapi_connection.create_function("log2", 1, _log2, deterministic=True)
+
+
+@functools.cache
+def _sqlite_has_log2() -> bool:
+    # One SQLite library per process: asked once, not on every connection.
+    conn = sqlite3.connect(":memory:")
+    try:
+        conn.execute("SELECT log2(2.0)")
+    except sqlite3.OperationalError:
+        return False
+    finally:
+        conn.close()
+    return True
 
 
 def _log2(value: float | None) -> float | None:

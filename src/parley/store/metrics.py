@@ -19,7 +19,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 import sqlalchemy
@@ -31,8 +31,6 @@ from parley.store import edges, rollups
 from parley.store.edges import ceil_day, floor_day
 from parley.store.schema import api_keys, http_metrics, request_log, users
 
-HOUR_DELTA = timedelta(hours=1)
-DAY_DELTA = timedelta(days=1)
 # Request-log columns a listing may filter on (rollup dimensions have the same names).
 LOG_FILTERS = ("user_id", "api_key_id", "provider", "model", "origin", "success", "error_type")
 
@@ -83,9 +81,9 @@ class MetricsStore:
             if days and lo < hi:
                 # Whole days from day rows; a day the window covers in part, by its shorter
                 # side too: its hours inside, or the day less its hours outside.
-                net_days, hours = edges.sides(lo, hi, DAY_DELTA, floor_day, _rollup_hours())
+                net_days, hours = edges.sides(lo, hi, edges.DAY, floor_day, _rollup_hours())
                 first = min([ceil_day(lo), *net_days])
-                last = max([floor_day(hi), *(d + DAY_DELTA for d in net_days)])
+                last = max([floor_day(hi), *(d + edges.DAY for d in net_days)])
                 if first < last:
                     read_days = (first, last)
                     rows += rollups.rows_between(conn, day, first, last, filters)
